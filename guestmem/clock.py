@@ -1,0 +1,84 @@
+"""Simulated time both sides of a simulated VM share: a clock and a discrete-event scheduler.
+
+Nothing in the core reads the wall clock. The guest (workloads, the driver's hint walk) and the
+host (migration sending pages) advance the same ``SimClock`` by scheduling events on one
+``Scheduler``: ``run_until(t)`` runs every event due at or before ``t`` in time order (ties in
+scheduling order), setting ``clock.now`` to each event's time, then leaves the clock at ``t``.
+So a guest write can land between two pages the host sends, as on a real machine. It lives
+beside guest memory because both the guest model and the device use it and neither may import
+the other.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class SimClock:
+    now: float = 0.0  # seconds
+
+
+@dataclass(order=True, slots=True)
+class _Event:
+    time: float
+    seq: int
+    fn: Callable[..., Any] = field(compare=False)
+    args: tuple[Any, ...] = field(compare=False, default=())
+    cancelled: bool = field(compare=False, default=False)
+
+
+class Scheduler:
+    def __init__(self, clock: SimClock | None = None) -> None:
+        self.clock = clock if clock is not None else SimClock()
+        self._heap: list[_Event] = []
+        self._seq = itertools.count()
+        self.events_run = 0
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    def at(self, t: float, fn: Callable[..., Any], *args: Any) -> _Event:
+        """Run ``fn(*args)`` at simulated time ``t`` (not before now)."""
+        ev = _Event(max(t, self.clock.now), next(self._seq), fn, args)
+        heapq.heappush(self._heap, ev)
+        return ev
+
+    def after(self, dt: float, fn: Callable[..., Any], *args: Any) -> _Event:
+        return self.at(self.clock.now + max(dt, 0.0), fn, *args)
+
+    @staticmethod
+    def cancel(ev: _Event) -> None:
+        ev.cancelled = True
+
+    def peek_time(self) -> float | None:
+        while self._heap and self._heap[0].cancelled:
+            heapq.heappop(self._heap)
+        return self._heap[0].time if self._heap else None
+
+    def run_next(self) -> bool:
+        """Run the earliest pending event; False when none is left."""
+        t = self.peek_time()
+        if t is None:
+            return False
+        ev = heapq.heappop(self._heap)
+        self.clock.now = ev.time
+        self.events_run += 1
+        ev.fn(*ev.args)
+        return True
+
+    def run_until(self, t: float) -> None:
+        while True:
+            nt = self.peek_time()
+            if nt is None or nt > t:
+                break
+            self.run_next()
+        if t > self.clock.now:
+            self.clock.now = t
+
+    def pending(self) -> int:
+        return sum(1 for e in self._heap if not e.cancelled)
