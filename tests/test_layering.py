@@ -1,0 +1,156 @@
+"""The layering rules of docs/architecture.md, enforced by walking every import (issue 2 item 9).
+
+How it works: every ``.py`` file under the checked packages is parsed with ``ast`` (never
+imported, so a broken module cannot hide a violation). Each ``import x.y``, ``from x import y``,
+relative ``from ..x import y`` (resolved against the file's own package) and literal
+``importlib.import_module("x")`` / ``__import__("x")`` call yields a top-level module name, which
+is checked against the rules:
+
+* ``guest_model`` never imports ``balloon_dev`` and ``balloon_dev`` never imports ``guest_model``
+  (a guest and a device meet only through memory, config bytes and notifications);
+* ``construct`` only inside ``protocol/`` (so construct errors cannot leak out of it);
+* ``trio`` only in ``balloon_dev/transport/``, ``vmsim/cli.py`` and ``vmsim/cmd_*.py`` (the core
+  is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything.
+
+Imports under ``if TYPE_CHECKING:`` count too: a type-only dependency between guest and device
+is still a dependency the architecture forbids.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED_PACKAGES = ("protocol", "guestmem", "balloon_dev", "guest_model", "vmsim")
+
+
+def _module_parts(path: Path, root: Path) -> list[str]:
+    """Dotted module path of ``path`` relative to ``root`` (``a/b/__init__.py`` -> ``a.b``)."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return parts
+
+
+def imported_modules(path: Path, root: Path) -> Iterator[tuple[int, str]]:
+    """(line, absolute dotted module name) for every import in the file at ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    mod = _module_parts(path, root)
+    # The package a relative import is resolved against: the module's own package.
+    package = mod if path.name == "__init__.py" else mod[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                name = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                name = node.module or ""
+            yield node.lineno, name
+            # "from . import balloon_dev" style: the imported names may be modules themselves.
+            if node.level and not node.module:
+                for alias in node.names:
+                    yield node.lineno, ".".join([*base, alias.name])
+        elif isinstance(node, ast.Call):
+            fn = node.func
+            is_dyn = (isinstance(fn, ast.Attribute) and fn.attr == "import_module") or (
+                isinstance(fn, ast.Name) and fn.id in ("__import__", "import_module"))
+            if is_dyn and node.args and isinstance(node.args[0], ast.Constant) \
+                    and isinstance(node.args[0].value, str):
+                yield node.lineno, node.args[0].value
+
+
+def _trio_allowed(rel: Path) -> bool:
+    parts = rel.parts
+    if parts[:2] == ("balloon_dev", "transport"):
+        return True
+    if parts[0] == "vmsim" and len(parts) == 2:
+        return parts[1] == "cli.py" or (parts[1].startswith("cmd_") and parts[1].endswith(".py"))
+    return False
+
+
+def layering_violations(root: Path) -> list[str]:
+    """Every rule broken by a file under ``root``'s checked packages, as readable lines."""
+    out: list[str] = []
+    for pkg in CHECKED_PACKAGES:
+        base = root / pkg
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*.py")):
+            rel = path.relative_to(root)
+            owner = rel.parts[0]
+            for line, name in imported_modules(path, root):
+                top = name.split(".")[0]
+                where = f"{rel.as_posix()}:{line}: imports {name}"
+                if owner == "guest_model" and top == "balloon_dev":
+                    out.append(f"{where} (guest_model must not import balloon_dev)")
+                elif owner == "balloon_dev" and top == "guest_model":
+                    out.append(f"{where} (balloon_dev must not import guest_model)")
+                elif top == "construct" and owner != "protocol":
+                    out.append(f"{where} (construct is imported only inside protocol/)")
+                elif top == "trio" and not _trio_allowed(rel):
+                    out.append(f"{where} (trio only in balloon_dev/transport/, vmsim/cli.py, "
+                               "vmsim/cmd_*.py)")
+    return out
+
+
+def test_repository_respects_layering() -> None:
+    assert layering_violations(ROOT) == []
+
+
+def test_checked_packages_exist() -> None:
+    # Guards against the walk silently checking nothing after a rename.
+    for pkg in CHECKED_PACKAGES:
+        assert (ROOT / pkg / "__init__.py").is_file(), pkg
+
+
+def _plant(tmp_path: Path, rel: str, source: str) -> None:
+    for pkg in CHECKED_PACKAGES:
+        (tmp_path / pkg).mkdir(exist_ok=True)
+        (tmp_path / pkg / "__init__.py").touch()
+    p = tmp_path / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.parent != tmp_path and not (p.parent / "__init__.py").exists():
+        (p.parent / "__init__.py").touch()
+    p.write_text(source, encoding="utf-8")
+
+
+@pytest.mark.parametrize(("rel", "source", "needle"), [
+    ("guest_model/bad.py", "import balloon_dev.device\n", "guest_model must not import"),
+    ("guest_model/bad.py", "from balloon_dev.effects import NotifyQueue\n",
+     "guest_model must not import"),
+    ("guest_model/sub/bad.py", "from ...balloon_dev import device\n",
+     "guest_model must not import"),
+    ("balloon_dev/bad.py", "from guest_model import driver\n", "balloon_dev must not import"),
+    ("balloon_dev/bad.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+     "    import guest_model.buddy\n", "balloon_dev must not import"),
+    ("balloon_dev/bad.py", "import importlib\nm = importlib.import_module('guest_model.walk')\n",
+     "balloon_dev must not import"),
+    ("guestmem/bad.py", "from construct import Int32ul\n", "construct is imported only"),
+    ("balloon_dev/bad.py", "import construct\n", "construct is imported only"),
+    ("balloon_dev/device.py", "import trio\n", "trio only in"),
+    ("guest_model/bad.py", "def f():\n    import trio.lowlevel\n", "trio only in"),
+    ("vmsim/runner.py", "import trio\n", "trio only in"),
+])
+def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, needle: str) -> None:
+    _plant(tmp_path, rel, source)
+    found = layering_violations(tmp_path)
+    assert len(found) == 1 and needle in found[0] and rel in found[0], found
+
+
+@pytest.mark.parametrize(("rel", "source"), [
+    ("protocol/layouts.py", "from construct import Struct\n"),
+    ("balloon_dev/transport/vfio_user.py", "import trio\n"),
+    ("vmsim/cmd_serve.py", "import trio\n"),
+    ("vmsim/cli.py", "import trio\n"),
+    ("guest_model/driver.py", "from guestmem import GuestMemory\nfrom . import vring\n"),
+    ("balloon_dev/device.py", "from protocol.balloon import config_size\n"),
+])
+def test_allowed_imports_pass(tmp_path: Path, rel: str, source: str) -> None:
+    _plant(tmp_path, rel, source)
+    assert layering_violations(tmp_path) == []
