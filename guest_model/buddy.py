@@ -1,0 +1,951 @@
+"""The page allocator of a simulated Linux x86-64 guest: a buddy allocator held in numpy arrays.
+
+Theory of operation
+-------------------
+RAM is ``[0, ram_pages)`` in 4 KiB pages, split by physical address into zones as on x86-64:
+ZONE_DMA below 16 MiB, ZONE_DMA32 below 4 GiB, ZONE_NORMAL above. Each zone has
+``free_area[order].free_list[migratetype]`` for orders ``0 .. MAX_ORDER-1`` (MAX_ORDER = 11,
+the name the 2017 seed used; newer kernels call the top order MAX_PAGE_ORDER = 10) and the five
+migratetypes below. A free block of order *k* starts at a pfn aligned to 2**k.
+
+Nothing here is a Python object per page (a 1 TiB guest has 268 M pages). Per-page state is a
+handful of small numpy arrays indexed by pfn:
+
+* ``next`` / ``prev`` (int32): the links of the doubly linked free lists, the ``lru`` field of
+  Linux's ``struct page``. Only the first page of a free block carries meaningful links. The
+  end of a list is not -1 but ``-(1 + list_id)``: a sentinel that names the list head, just as a
+  kernel list ends at the ``list_head`` embedded in ``struct zone``. Links of a block taken off a
+  list are left as they were (stale), so the seed walker's hazard of following a stale link can
+  be modelled faithfully (``guest_model.walk``).
+* ``buddy_order`` (int8): the order of a free block at its first page, -1 elsewhere
+  (``PageBuddy`` + ``page_order`` in Linux).
+* ``state`` (uint8): what each page is now: ``PG_RESERVED`` (never free: firmware, the driver
+  area), ``PG_BUDDY`` (free, on a buddy free list), ``PG_PCP`` (free, on a per-cpu list: the
+  buddy lists and the walk do not see it), ``PG_ALLOC`` (allocated by the guest: kernel,
+  workloads), ``PG_BALLOON`` (allocated by the balloon driver, ``owner=OWNER_BALLOON``).
+  ``in_use_mask()`` (state == PG_ALLOC) is what the migration verifier needs.
+* ``pageblock_mt`` (uint8, one per 2 MiB pageblock of order 9): the pageblock's migratetype.
+
+Free-list discipline follows Linux 6.9+ ("freelist migratetype hygiene"): a free block always
+sits on the list of the migratetype of the pageblock holding its first page. Allocation
+(``__rmqueue_smallest``) takes the first block of the smallest order that fits and splits it
+(``expand``: upper halves go back on the lists, at the head). When a migratetype's lists are
+empty, ``__rmqueue_fallback`` steals from the fallback types (unmovable -> reclaimable, movable;
+movable -> reclaimable, unmovable; reclaimable -> unmovable, movable), from the largest order
+down; it claims a whole pageblock (re-types it and moves its free blocks) when the block is
+large enough or the request is unmovable/reclaimable and at least half of the pageblock is free,
+else it takes a single block. Freeing merges with the buddy while the buddy is a free block of
+the same order in the same zone (never merging a pageblock of a type without fallbacks,
+highatomic or isolate, with one of another type), then puts the block at the list's tail when
+the next-higher buddy is free too (Linux's ``buddy_merge_likely``) and at the head otherwise.
+
+Order-0 allocations and frees go through per-cpu lists (``pcp``) per (cpu, zone, migratetype)
+with Linux's ``batch``/``high``: an empty list is refilled with ``batch`` pages from the buddy,
+a list reaching ``high`` gives ``batch`` of its coldest pages back. Pages there are free but not
+on the buddy lists (so ``nr_free_pages()``, Linux's NR_FREE_PAGES, does not count them).
+
+Watermarks (min/low/high) come from ``min_free_kbytes`` (``sqrt(16 * lowmem_kbytes)``), spread
+over zones by size, plus ``lowmem_reserve`` (ratio 256) protecting DMA/DMA32 from allocations
+that could use a higher zone. The zonelist of an allocation is Normal, DMA32, DMA. The fast path
+needs the low watermark; then the min watermark (reclaim and compaction are not modelled;
+``noretry`` only skips the final pcp drain-and-retry).
+
+Memory initialisation as Linux does it, written to ``PageVersions`` (so the dirty log sees it):
+``init_on_alloc`` zeroes pages on allocation (Debian's default), ``init_on_free`` zeroes them on
+free, ``page_poisoning`` writes the poison pattern on free and takes precedence over both
+(``init_mem_debugging_and_hardening`` turns them off when poisoning is on).
+
+Boot frees every non-reserved range in maximal aligned blocks (``__free_pages_memory``) with
+numpy in bulk, appended in address order (``__free_pages_core`` frees to the tail), all
+pageblocks movable. ``alloc_pages_bulk`` / ``free_pages_bulk`` do the same work as many order-0
+calls at numpy speed for the workloads: bulk allocation consumes blocks smallest-first as
+repeated ``__rmqueue_smallest`` does, bulk free recomputes the (unique) maximal-merge layout of
+each touched max-order block.
+
+Randomness: only the optional ``shuffle`` (page_alloc.shuffle) uses the seeded generator; with
+the same seed and calls every run is identical.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from guestmem.pages import PageVersions
+from guestmem.units import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+# ---- constants (Linux names) -------------------------------------------------------------
+MAX_ORDER = 11  # orders 0..10; a max-order block is 4 MiB
+pageblock_order = 9
+pageblock_nr_pages = 1 << pageblock_order
+MAX_ORDER_NR_PAGES = 1 << (MAX_ORDER - 1)
+
+MIGRATE_UNMOVABLE = 0
+MIGRATE_MOVABLE = 1
+MIGRATE_RECLAIMABLE = 2
+MIGRATE_PCPTYPES = 3  # the types with per-cpu lists
+MIGRATE_HIGHATOMIC = 3
+MIGRATE_ISOLATE = 4
+MIGRATE_TYPES = 5
+MIGRATETYPE_NAMES = ("Unmovable", "Movable", "Reclaimable", "HighAtomic", "Isolate")
+
+# Linux's fallbacks[] table: where each allocatable type may steal from, in order.
+FALLBACKS: dict[int, tuple[int, int]] = {
+    MIGRATE_UNMOVABLE: (MIGRATE_RECLAIMABLE, MIGRATE_MOVABLE),
+    MIGRATE_MOVABLE: (MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE),
+    MIGRATE_RECLAIMABLE: (MIGRATE_UNMOVABLE, MIGRATE_MOVABLE),
+}
+
+ZONE_DMA = 0
+ZONE_DMA32 = 1
+ZONE_NORMAL = 2
+NR_ZONES = 3
+ZONE_NAMES = ("DMA", "DMA32", "Normal")
+# x86-64 zone limits: 16 MiB and 4 GiB, in pfns. Both are multiples of a max-order block, so a
+# buddy block never straddles two zones.
+ZONE_END_PFN = (16 << 20 >> PAGE_SHIFT, 4 << 30 >> PAGE_SHIFT, None)
+
+# Page states (the ``state`` array).
+PG_RESERVED = 0
+PG_BUDDY = 1
+PG_PCP = 2
+PG_ALLOC = 3
+PG_BALLOON = 4
+OWNER_GUEST = PG_ALLOC
+OWNER_BALLOON = PG_BALLOON
+
+WMARK_MIN, WMARK_LOW, WMARK_HIGH = 0, 1, 2
+_LOWMEM_RESERVE_RATIO = (256, 256, 32)  # sysctl_lowmem_reserve_ratio
+_WATERMARK_SCALE_FACTOR = 10  # sysctl default, in 1/10000 of a zone
+_PAGE_ALLOC_COSTLY_ORDER = 3
+
+
+class BuddyError(ValueError):
+    """A caller misused the allocator (double free, bad order, freeing reserved memory)."""
+
+
+def list_id(zone: int, order: int, migratetype: int) -> int:
+    """Index of ``zone.free_area[order].free_list[migratetype]`` among all lists."""
+    return (zone * MAX_ORDER + order) * MIGRATE_TYPES + migratetype
+
+
+NR_LISTS = NR_ZONES * MAX_ORDER * MIGRATE_TYPES
+
+
+def list_sentinel(lid: int) -> int:
+    """The link value that means "the head of list ``lid``" (always negative)."""
+    return -1 - lid
+
+
+@dataclass
+class Zone:
+    """One zone's fixed facts and watermarks (free counts live in the allocator's arrays)."""
+
+    idx: int
+    name: str
+    start_pfn: int
+    end_pfn: int  # exclusive; spanned = end - start
+    managed_pages: int = 0
+    watermark: list[int] = field(default_factory=lambda: [0, 0, 0])  # min, low, high
+    lowmem_reserve: list[int] = field(default_factory=lambda: [0, 0, 0])
+    pcp_batch: int = 1
+    pcp_high: int = 6
+
+    @property
+    def populated(self) -> bool:
+        return self.managed_pages > 0
+
+    def contains(self, pfn: int) -> bool:
+        return self.start_pfn <= pfn < self.end_pfn
+
+
+def _blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:
+    """Maximal aligned power-of-two blocks covering [start, end), low to high (``__free_pages_memory``)."""
+    out: list[tuple[int, int]] = []
+    while start < end:
+        order = min(MAX_ORDER - 1, (start & -start).bit_length() - 1 if start else MAX_ORDER - 1)
+        while start + (1 << order) > end:
+            order -= 1
+        out.append((start, order))
+        start += 1 << order
+    return out
+
+
+class BuddyAllocator:
+    """A Linux-like zoned buddy allocator over ``ram_bytes`` of guest RAM (see module docstring)."""
+
+    def __init__(
+        self,
+        ram_bytes: int,
+        *,
+        pages: PageVersions | None = None,
+        reserved: Sequence[tuple[int, int]] = (),
+        seed: int = 0,
+        init_on_alloc: bool = True,
+        init_on_free: bool = False,
+        page_poisoning: bool = False,
+        nr_cpus: int = 2,
+        shuffle: bool = False,
+    ) -> None:
+        """``reserved``: (gpa, length) byte ranges never handed out (rounded out to whole pages).
+        ``pages``: page contents to write on init/poison (None: contents are not modelled)."""
+        if ram_bytes < (1 << PAGE_SHIFT):
+            raise BuddyError(f"ram_bytes={ram_bytes}: need at least one page")
+        if nr_cpus < 1:
+            raise BuddyError(f"nr_cpus={nr_cpus}: need at least one cpu")
+        n = ram_bytes >> PAGE_SHIFT
+        if pages is not None and pages.ram_pages < n:
+            raise BuddyError(f"pages covers {pages.ram_pages} pages, RAM has {n}")
+        self.ram_pages = n
+        self.pages = pages
+        self.nr_cpus = nr_cpus
+        self.rng = np.random.default_rng(seed)
+        self.shuffle = shuffle
+        # Linux: page poisoning takes precedence over init_on_alloc / init_on_free.
+        self.page_poisoning = page_poisoning
+        self.init_on_alloc = init_on_alloc and not page_poisoning
+        self.init_on_free = init_on_free and not page_poisoning
+
+        idx_t = np.int32 if n < (1 << 31) - NR_LISTS - 2 else np.int64
+        # Links are only meaningful at the head of a free block: np.empty leaves the rest
+        # untouched (and, for a big guest, mostly not even resident).
+        self.next = np.empty(n, dtype=idx_t)
+        self.prev = np.empty(n, dtype=idx_t)
+        self.buddy_order = np.full(n, -1, dtype=np.int8)
+        self.state = np.full(n, PG_BUDDY, dtype=np.uint8)
+        self.pageblock_mt = np.full((n + pageblock_nr_pages - 1) >> pageblock_order,
+                                    MIGRATE_MOVABLE, dtype=np.uint8)
+        # Scalar access through memoryviews is several times faster than numpy item access.
+        self._nx = memoryview(self.next)
+        self._pv = memoryview(self.prev)
+        self._bo = memoryview(self.buddy_order)
+        self._st = memoryview(self.state)
+        self._pb = memoryview(self.pageblock_mt)
+
+        self._first = [list_sentinel(i) for i in range(NR_LISTS)]
+        self._last = [list_sentinel(i) for i in range(NR_LISTS)]
+        self._count = [0] * NR_LISTS
+        self._zone_free = [0] * NR_ZONES
+
+        self.zones: list[Zone] = []
+        start = 0
+        for z in range(NR_ZONES):
+            end = ZONE_END_PFN[z]
+            end = n if end is None else min(end, n)
+            self.zones.append(Zone(z, ZONE_NAMES[z], start, max(start, end)))
+            start = max(start, end)
+        self._zone_bounds = [(zz.start_pfn, zz.end_pfn) for zz in self.zones]
+
+        # pcp[cpu][zone][mt]: deque, left = hot end (allocate and free there), right = cold.
+        self.pcp: list[list[list[deque[int]]]] = [
+            [[deque() for _ in range(MIGRATE_PCPTYPES)] for _ in range(NR_ZONES)]
+            for _ in range(nr_cpus)]
+        self._pcp_count = [[0] * NR_ZONES for _ in range(nr_cpus)]
+
+        self.counters: dict[str, int] = {
+            "alloc": 0, "alloc_fail": 0, "free": 0, "fallback_steal": 0, "pageblock_claim": 0,
+            "pcp_refill": 0, "pcp_flush": 0, "bulk_alloc_pages": 0, "bulk_free_pages": 0,
+        }
+
+        self._boot(reserved)
+
+    # ---- boot -------------------------------------------------------------------------------
+    def _boot(self, reserved: Sequence[tuple[int, int]]) -> None:
+        n = self.ram_pages
+        res: list[tuple[int, int]] = []
+        for gpa, length in reserved:
+            if length <= 0:
+                continue
+            first = max(0, gpa >> PAGE_SHIFT)
+            last = min(n, (gpa + length + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT)
+            if first < last:
+                self.state[first:last] = PG_RESERVED
+                res.append((first, last))
+        # Free ranges = RAM minus the (merged) reserved ranges; no per-page temporaries.
+        starts_l, ends_l = [], []
+        cur = 0
+        for first, last in sorted(res):
+            if first > cur:
+                starts_l.append(cur)
+                ends_l.append(first)
+            cur = max(cur, last)
+        if cur < n:
+            starts_l.append(cur)
+            ends_l.append(n)
+        starts, ends = np.array(starts_l, dtype=np.int64), np.array(ends_l, dtype=np.int64)
+        heads_by_list: dict[int, list[np.ndarray]] = {}
+        for zone in self.zones:
+            if zone.end_pfn <= zone.start_pfn:
+                continue
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                s, e = max(s, zone.start_pfn), min(e, zone.end_pfn)
+                if s >= e:
+                    continue
+                zone.managed_pages += e - s
+                # Bulk middle of max-order blocks, edge blocks by hand.
+                a = -(-s // MAX_ORDER_NR_PAGES) * MAX_ORDER_NR_PAGES
+                b = e // MAX_ORDER_NR_PAGES * MAX_ORDER_NR_PAGES
+                parts: list[tuple[int, int]] = []
+                if a < b:
+                    parts += _blocks_of_range(s, a)
+                    mid = np.arange(a, b, MAX_ORDER_NR_PAGES, dtype=np.int64)
+                    parts_after = _blocks_of_range(b, e)
+                else:
+                    mid = np.empty(0, dtype=np.int64)
+                    parts += _blocks_of_range(s, e)
+                    parts_after = []
+                for pfn, order in parts:
+                    heads_by_list.setdefault(list_id(zone.idx, order, MIGRATE_MOVABLE), []).append(
+                        np.array([pfn], dtype=np.int64))
+                if mid.size:
+                    heads_by_list.setdefault(
+                        list_id(zone.idx, MAX_ORDER - 1, MIGRATE_MOVABLE), []).append(mid)
+                for pfn, order in parts_after:
+                    heads_by_list.setdefault(list_id(zone.idx, order, MIGRATE_MOVABLE), []).append(
+                        np.array([pfn], dtype=np.int64))
+        for lid, chunks in heads_by_list.items():
+            heads = np.concatenate(chunks)
+            heads.sort()
+            self._splice_heads(lid, heads, at_tail=True)
+        self._setup_watermarks()
+        if self.page_poisoning and self.pages is not None:
+            # Boot memory goes through free_pages_prepare too: freed pages carry the poison.
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                self.pages.write_range(s, e - s, "poison")
+        # init_on_free at boot writes zeros; the simulated RAM already starts zeroed.
+
+    def _setup_watermarks(self) -> None:
+        """min_free_kbytes, per-zone min/low/high, lowmem_reserve, pcp batch/high as Linux does."""
+        lowmem_kb = sum(z.managed_pages for z in self.zones) * 4
+        min_free_kb = int(math.isqrt(lowmem_kb * 16))
+        min_free_kb = max(128, min(min_free_kb, 262144))
+        pages_min = min_free_kb >> 2
+        total = sum(z.managed_pages for z in self.zones) or 1
+        for z in self.zones:
+            zmin = pages_min * z.managed_pages // total
+            gap = max(zmin >> 2, z.managed_pages * _WATERMARK_SCALE_FACTOR // 10000)
+            z.watermark = [zmin, zmin + gap, zmin + 2 * gap]
+            # zone_batchsize(): about a thousandth of the zone, at most 1 MiB, then /4 and
+            # rounded to 2^n - 1 to avoid cache aliasing; high = 6 * batch.
+            batch = min(z.managed_pages // 1024, (1 << 20) >> PAGE_SHIFT) // 4
+            batch = max(batch, 1)
+            batch = (1 << int(math.floor(math.log2(batch + batch // 2)))) - 1 if batch > 1 else 1
+            z.pcp_batch = max(batch, 1)
+            z.pcp_high = 6 * z.pcp_batch
+        for z in self.zones:
+            for hi in range(NR_ZONES):
+                above = sum(self.zones[k].managed_pages for k in range(z.idx + 1, hi + 1))
+                z.lowmem_reserve[hi] = above // _LOWMEM_RESERVE_RATIO[z.idx] if hi > z.idx else 0
+
+    # ---- list primitives --------------------------------------------------------------------
+    def zone_of(self, pfn: int) -> int:
+        if pfn < self._zone_bounds[0][1]:
+            return ZONE_DMA
+        if pfn < self._zone_bounds[1][1]:
+            return ZONE_DMA32
+        return ZONE_NORMAL
+
+    def _lid_of_block(self, pfn: int, order: int) -> int:
+        return list_id(self.zone_of(pfn), order, self._pb[pfn >> pageblock_order])
+
+    def _list_add(self, pfn: int, order: int, lid: int, tail: bool = False) -> None:
+        nx, pv = self._nx, self._pv
+        s = list_sentinel(lid)
+        if tail:
+            last = self._last[lid]
+            pv[pfn] = last
+            nx[pfn] = s
+            if last < 0:
+                self._first[lid] = pfn
+            else:
+                nx[last] = pfn
+            self._last[lid] = pfn
+        else:
+            first = self._first[lid]
+            nx[pfn] = first
+            pv[pfn] = s
+            if first < 0:
+                self._last[lid] = pfn
+            else:
+                pv[first] = pfn
+            self._first[lid] = pfn
+        self._bo[pfn] = order
+        self._count[lid] += 1
+        self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] += 1 << order
+
+    def _list_del(self, pfn: int, order: int, lid: int) -> None:
+        """Unlink a free block. Its own links stay as they were (stale), see module docstring."""
+        nx, pv = self._nx, self._pv
+        n, p = nx[pfn], pv[pfn]
+        if p < 0:
+            self._first[lid] = n
+        else:
+            nx[p] = n
+        if n < 0:
+            self._last[lid] = p
+        else:
+            pv[n] = p
+        self._bo[pfn] = -1
+        self._count[lid] -= 1
+        self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= 1 << order
+
+    def _splice_heads(self, lid: int, heads: np.ndarray, at_tail: bool) -> None:
+        """Link many blocks of one list's order (ascending ``heads``) into list ``lid`` at once."""
+        k = int(heads.size)
+        if k == 0:
+            return
+        order = (lid // MIGRATE_TYPES) % MAX_ORDER
+        s = list_sentinel(lid)
+        self.next[heads[:-1]] = heads[1:]
+        self.prev[heads[1:]] = heads[:-1]
+        self.buddy_order[heads] = order
+        h0, h1 = int(heads[0]), int(heads[-1])
+        if at_tail:
+            last = self._last[lid]
+            self._pv[h0] = last
+            self._nx[h1] = s
+            if last < 0:
+                self._first[lid] = h0
+            else:
+                self._nx[last] = h0
+            self._last[lid] = h1
+        else:
+            first = self._first[lid]
+            self._nx[h1] = first
+            self._pv[h0] = s
+            if first < 0:
+                self._last[lid] = h1
+            else:
+                self._pv[first] = h1
+            self._first[lid] = h0
+        self._count[lid] += k
+        self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] += k << order
+
+    # ---- read-only views for the walker, tests and verifiers ---------------------------------
+    def list_first(self, lid: int) -> int:
+        """First block of list ``lid``, or its (negative) sentinel when empty."""
+        return self._first[lid]
+
+    def list_count(self, lid: int) -> int:
+        return self._count[lid]
+
+    def link_next(self, pfn: int) -> int:
+        """The raw ``lru.next`` of ``pfn``: a pfn, a list sentinel, or a stale value."""
+        return self._nx[pfn]
+
+    def page_order(self, pfn: int) -> int:
+        """Order of the free block starting at ``pfn``; -1 when ``pfn`` is no free-block head."""
+        return self._bo[pfn]
+
+    def block_list_id(self, pfn: int) -> int:
+        """The list a free block at ``pfn`` is on, -1 if ``pfn`` heads no free block."""
+        o = self._bo[pfn]
+        return -1 if o < 0 else self._lid_of_block(pfn, o)
+
+    def free_counts(self) -> np.ndarray:
+        """Free blocks per [zone, order, migratetype] (``free_area[o].nr_free`` split by type)."""
+        return np.array(self._count, dtype=np.int64).reshape(NR_ZONES, MAX_ORDER, MIGRATE_TYPES)
+
+    def nr_free_pages(self, zone: int | None = None) -> int:
+        """Pages on the buddy free lists (Linux NR_FREE_PAGES: per-cpu pages not included)."""
+        return sum(self._zone_free) if zone is None else self._zone_free[zone]
+
+    def nr_pcp_pages(self) -> int:
+        return sum(sum(c) for c in self._pcp_count)
+
+    def is_free(self, pfn: int) -> bool:
+        """Free in the guest's sense: on a buddy list or a per-cpu list."""
+        st = self._st[pfn]
+        return st == PG_BUDDY or st == PG_PCP
+
+    def in_use_mask(self) -> np.ndarray:
+        """Pages the guest uses (allocated by anyone but the balloon driver)."""
+        return self.state == PG_ALLOC
+
+    def free_mask(self) -> np.ndarray:
+        return (self.state == PG_BUDDY) | (self.state == PG_PCP)
+
+    def free_blocks(self, lid: int) -> list[int]:
+        """The blocks on list ``lid`` in list order (bounded by its count: a debug/test aid)."""
+        out = []
+        p = self._first[lid]
+        for _ in range(self._count[lid]):
+            if p < 0:
+                break
+            out.append(p)
+            p = self._nx[p]
+        return out
+
+    # ---- watermarks -------------------------------------------------------------------------
+    def zone_watermark_ok(self, z: int, order: int, mark: int, highest_zone: int = ZONE_NORMAL) -> bool:
+        zone = self.zones[z]
+        free = self._zone_free[z] - ((1 << order) - 1)
+        if free <= zone.watermark[mark] + zone.lowmem_reserve[highest_zone]:
+            return False
+        if order == 0:
+            return True
+        base = z * MAX_ORDER
+        cnt = self._count
+        for o in range(order, MAX_ORDER):
+            b = (base + o) * MIGRATE_TYPES
+            if cnt[b] or cnt[b + 1] or cnt[b + 2]:
+                return True
+        return False
+
+    def _zonelist(self) -> list[int]:
+        return [z.idx for z in reversed(self.zones) if z.populated]
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _expand(self, pfn: int, low: int, high: int) -> None:
+        """Give back the upper halves of a block of order ``high`` split down to ``low``."""
+        while high > low:
+            high -= 1
+            half = pfn + (1 << high)
+            self._list_add(half, high, self._lid_of_block(half, high))
+
+    def _rmqueue_smallest(self, z: int, order: int, mt: int) -> int | None:
+        first = self._first
+        for co in range(order, MAX_ORDER):
+            lid = list_id(z, co, mt)
+            pfn = first[lid]
+            if pfn >= 0:
+                self._list_del(pfn, co, lid)
+                self._expand(pfn, order, co)
+                return pfn
+        return None
+
+    def _can_steal(self, order: int, start_mt: int) -> bool:
+        if order >= pageblock_order:
+            return True
+        return (order >= pageblock_order // 2 or start_mt == MIGRATE_RECLAIMABLE
+                or start_mt == MIGRATE_UNMOVABLE)
+
+    def _find_fallback(self, z: int, order: int, start_mt: int) -> int:
+        for fmt in FALLBACKS[start_mt]:
+            if self._count[list_id(z, order, fmt)]:
+                return fmt
+        return -1
+
+    def _set_pageblocks(self, pfn: int, order: int, mt: int) -> None:
+        first_pb = pfn >> pageblock_order
+        n_pb = max(1, (1 << order) >> pageblock_order)
+        self.pageblock_mt[first_pb:first_pb + n_pb] = mt
+
+    def _move_freepages_block(self, pb: int, mt: int) -> int:
+        """Re-type pageblock ``pb`` to ``mt`` and move its free blocks there; pages moved."""
+        start = pb << pageblock_order
+        end = min(start + pageblock_nr_pages, self.ram_pages)
+        heads = np.flatnonzero(self.buddy_order[start:end] >= 0) + start
+        moved = []
+        for h in heads.tolist():
+            o = self._bo[h]
+            self._list_del(h, o, self._lid_of_block(h, o))
+            moved.append((h, o))
+        self._pb[pb] = mt
+        z = self.zone_of(start)
+        nr = 0
+        for h, o in moved:
+            self._list_add(h, o, list_id(z, o, mt))
+            nr += 1 << o
+        return nr
+
+    def _rmqueue_fallback(self, z: int, order: int, start_mt: int) -> int | None:
+        """Steal for ``start_mt`` from another type; returns an allocated block or None."""
+        found = -1
+        co = MAX_ORDER - 1
+        # Prefer the largest fallback block: stealing big keeps types apart (Linux's reasoning).
+        while co >= order:
+            fmt = self._find_fallback(z, co, start_mt)
+            if fmt != -1:
+                if self._can_steal(co, start_mt):
+                    found = fmt
+                break
+            co -= 1
+        if found == -1:
+            # No block worth claiming: take the smallest suitable one instead.
+            for co in range(order, MAX_ORDER):
+                fmt = self._find_fallback(z, co, start_mt)
+                if fmt != -1:
+                    found = fmt
+                    break
+            if found == -1:
+                return None
+            pfn = self._first[list_id(z, co, found)]
+            self.counters["fallback_steal"] += 1
+            self._list_del(pfn, co, list_id(z, co, found))
+            self._expand(pfn, order, co)
+            return pfn
+        pfn = self._first[list_id(z, co, found)]
+        self.counters["fallback_steal"] += 1
+        if co >= pageblock_order:
+            # The whole block changes type, with every pageblock it covers.
+            self._list_del(pfn, co, list_id(z, co, found))
+            self._set_pageblocks(pfn, co, start_mt)
+            self._list_add(pfn, co, list_id(z, co, start_mt))
+            self.counters["pageblock_claim"] += 1
+        else:
+            pb = pfn >> pageblock_order
+            start = pb << pageblock_order
+            end = min(start + pageblock_nr_pages, self.ram_pages)
+            free_in_block = int(np.count_nonzero(self.state[start:end] == PG_BUDDY))
+            if free_in_block >= pageblock_nr_pages // 2:
+                self._move_freepages_block(pb, start_mt)
+                self.counters["pageblock_claim"] += 1
+            else:
+                self._list_del(pfn, co, list_id(z, co, found))
+                self._expand(pfn, order, co)
+                return pfn
+        return self._rmqueue_smallest(z, order, start_mt)
+
+    def _rmqueue(self, z: int, order: int, mt: int) -> int | None:
+        pfn = self._rmqueue_smallest(z, order, mt)
+        if pfn is None:
+            pfn = self._rmqueue_fallback(z, order, mt)
+        return pfn
+
+    def _rmqueue_pcp(self, cpu: int, z: int, mt: int) -> int | None:
+        lst = self.pcp[cpu][z][mt]
+        if not lst:
+            batch = self.zones[z].pcp_batch
+            self.counters["pcp_refill"] += 1
+            got = 0
+            for _ in range(batch):
+                p = self._rmqueue(z, 0, mt)
+                if p is None:
+                    break
+                self._st[p] = PG_PCP
+                lst.append(p)
+                got += 1
+            self._pcp_count[cpu][z] += got
+            if not lst:
+                return None
+        self._pcp_count[cpu][z] -= 1
+        return lst.popleft()
+
+    def _try_zones(self, order: int, mt: int, cpu: int, mark: int) -> int | None:
+        for z in self._zonelist():
+            if not self.zone_watermark_ok(z, order, mark):
+                continue
+            pfn = self._rmqueue_pcp(cpu, z, mt) if order == 0 else self._rmqueue(z, order, mt)
+            if pfn is not None:
+                return pfn
+        return None
+
+    def _check_args(self, order: int, cpu: int) -> None:
+        if not 0 <= order < MAX_ORDER:
+            raise BuddyError(f"order={order}: must be 0..{MAX_ORDER - 1}")
+        if not 0 <= cpu < self.nr_cpus:
+            raise BuddyError(f"cpu={cpu}: guest has {self.nr_cpus} cpus")
+
+    def alloc_pages(self, order: int, migratetype: int = MIGRATE_MOVABLE, *, cpu: int = 0,
+                    noretry: bool = False, owner: int = OWNER_GUEST) -> int | None:
+        """Allocate 2**order pages; the first pfn, or None when no zone can satisfy it."""
+        self._check_args(order, cpu)
+        if migratetype not in FALLBACKS:
+            raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
+        if owner not in (OWNER_GUEST, OWNER_BALLOON):
+            raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
+        pfn = self._try_zones(order, migratetype, cpu, WMARK_LOW)
+        if pfn is None:
+            pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+        if pfn is None and not noretry and self.nr_pcp_pages():
+            # The slow path's last resort before OOM: drain per-cpu lists and retry.
+            self.drain_pcp()
+            pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+        if pfn is None:
+            self.counters["alloc_fail"] += 1
+            return None
+        n = 1 << order
+        self.state[pfn:pfn + n] = owner
+        self.counters["alloc"] += 1
+        if self.init_on_alloc and self.pages is not None:
+            self.pages.write_range(pfn, n, "zero")
+        return pfn
+
+    # ---- freeing ----------------------------------------------------------------------------
+    def _buddy_merge_likely(self, pfn: int, order: int, zend: int) -> bool:
+        """Whether the block just freed will probably merge soon: its parent's buddy is free."""
+        if order >= MAX_ORDER - 2:
+            return False
+        parent = pfn & ~((1 << (order + 1)) - 1)
+        higher_buddy = parent ^ (1 << (order + 1))
+        return higher_buddy < zend and self._bo[higher_buddy] == order + 1
+
+    def _free_one(self, pfn: int, order: int) -> None:
+        """Merge a freed block (pages already marked PG_BUDDY) and put it on its list."""
+        zs, ze = self._zone_bounds[self.zone_of(pfn)]
+        bo, pb = self._bo, self._pb
+        while order < MAX_ORDER - 1:
+            b = pfn ^ (1 << order)
+            if b < zs or b + (1 << order) > ze or bo[b] != order:
+                break
+            if order >= pageblock_order:
+                mt, bmt = pb[pfn >> pageblock_order], pb[b >> pageblock_order]
+                if mt != bmt and (mt >= MIGRATE_PCPTYPES or bmt >= MIGRATE_PCPTYPES):
+                    break  # never mix highatomic/isolate pageblocks with others
+            self._list_del(b, order, self._lid_of_block(b, order))
+            if order >= pageblock_order and b > pfn:
+                # The merged block's pageblocks all take the type of its first one, so that
+                # a later split puts each half on a list matching its pageblock.
+                self._set_pageblocks(b, order, pb[pfn >> pageblock_order])
+            elif order >= pageblock_order:
+                self._set_pageblocks(pfn, order, pb[b >> pageblock_order])
+            pfn &= b
+            order += 1
+        lid = self._lid_of_block(pfn, order)
+        if self.shuffle and order >= MAX_ORDER - 1:
+            tail = bool(self.rng.integers(2))  # shuffle_pick_tail()
+        else:
+            tail = self._buddy_merge_likely(pfn, order, ze)
+        self._list_add(pfn, order, lid, tail)
+
+    def _check_free(self, pfn: int, order: int) -> None:
+        n = 1 << order
+        if pfn < 0 or pfn + n > self.ram_pages:
+            raise BuddyError(f"free_pages(pfn={pfn:#x}, order={order}): outside RAM")
+        if pfn & (n - 1):
+            raise BuddyError(f"free_pages(pfn={pfn:#x}, order={order}): not aligned to the order")
+        st = self.state[pfn:pfn + n]
+        if n == 1:
+            ok = st[0] == PG_ALLOC or st[0] == PG_BALLOON
+        else:
+            ok = bool(np.all((st == PG_ALLOC) | (st == PG_BALLOON)))
+        if not ok:
+            raise BuddyError(f"free_pages(pfn={pfn:#x}, order={order}): pages not allocated "
+                             f"(states {sorted(set(st.tolist()))}): double free or reserved")
+
+    def _free_prepare(self, pfn: int, n: int) -> None:
+        if self.pages is None:
+            return
+        if self.page_poisoning:
+            self.pages.write_range(pfn, n, "poison")
+        elif self.init_on_free:
+            self.pages.write_range(pfn, n, "zero")
+
+    def free_pages(self, pfn: int, order: int, *, cpu: int = 0) -> None:
+        """Free 2**order allocated pages starting at ``pfn`` (raises BuddyError on misuse)."""
+        self._check_args(order, cpu)
+        self._check_free(pfn, order)
+        n = 1 << order
+        self._free_prepare(pfn, n)
+        self.counters["free"] += 1
+        mt = self._pb[pfn >> pageblock_order]
+        if order == 0 and mt != MIGRATE_ISOLATE:
+            if mt >= MIGRATE_PCPTYPES:
+                mt = MIGRATE_MOVABLE  # highatomic pages ride the movable pcp list
+            z = self.zone_of(pfn)
+            self._st[pfn] = PG_PCP
+            self.pcp[cpu][z][mt].appendleft(pfn)
+            self._pcp_count[cpu][z] += 1
+            if self._pcp_count[cpu][z] >= self.zones[z].pcp_high:
+                self._free_pcppages_bulk(cpu, z, self.zones[z].pcp_batch)
+            return
+        self.state[pfn:pfn + n] = PG_BUDDY
+        self._free_one(pfn, order)
+
+    def _free_pcppages_bulk(self, cpu: int, z: int, count: int) -> None:
+        """Give ``count`` cold pages of one cpu's zone lists back to the buddy, round-robin."""
+        self.counters["pcp_flush"] += 1
+        lists = self.pcp[cpu][z]
+        while count > 0 and self._pcp_count[cpu][z] > 0:
+            for lst in lists:
+                if lst and count > 0:
+                    p = lst.pop()
+                    self._pcp_count[cpu][z] -= 1
+                    count -= 1
+                    self._st[p] = PG_BUDDY
+                    self._free_one(p, 0)
+
+    def drain_pcp(self, cpu: int | None = None) -> None:
+        """Return every per-cpu page (of one cpu, or all) to the buddy lists (drain_all_pages)."""
+        cpus = range(self.nr_cpus) if cpu is None else (cpu,)
+        for c in cpus:
+            for z in range(NR_ZONES):
+                if self._pcp_count[c][z]:
+                    self._free_pcppages_bulk(c, z, self._pcp_count[c][z])
+
+    # ---- bulk operations (workloads) --------------------------------------------------------
+    def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[int, int]]) -> int:
+        """Take up to ``want`` order-0 pages from ``mt``'s lists smallest-first; pages taken.
+
+        Repeated order-0 ``__rmqueue_smallest`` eats whole small blocks first and, when it must
+        split one, ends with the low pages allocated and the rest free: so do that directly.
+        """
+        got = 0
+        first = self._first
+        for o in range(MAX_ORDER):
+            lid = list_id(z, o, mt)
+            size = 1 << o
+            while got < want and first[lid] >= 0:
+                pfn = first[lid]
+                self._list_del(pfn, o, lid)
+                take = min(size, want - got)
+                out.append((pfn, take))
+                got += take
+                if take < size:
+                    for bp, bo in _blocks_of_range(pfn + take, pfn + size):
+                        self._list_add(bp, bo, self._lid_of_block(bp, bo))
+            if got >= want:
+                break
+        return got
+
+    def alloc_pages_bulk(self, nr_pages: int, migratetype: int = MIGRATE_MOVABLE, *,
+                         owner: int = OWNER_GUEST) -> np.ndarray:
+        """Allocate up to ``nr_pages`` order-0 pages at once (fewer when memory runs out).
+
+        Same zones, watermark (min) and fallback as ``alloc_pages``; the per-cpu lists are not
+        used. Returns the pfns (int64, ascending within each block taken).
+        """
+        if migratetype not in FALLBACKS:
+            raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
+        if owner not in (OWNER_GUEST, OWNER_BALLOON):
+            raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
+        runs: list[tuple[int, int]] = []
+        remaining = max(0, int(nr_pages))
+        for z in self._zonelist():
+            zone = self.zones[z]
+            while remaining > 0:
+                budget = (self._zone_free[z] - zone.watermark[WMARK_MIN]
+                          - zone.lowmem_reserve[ZONE_NORMAL] - 1)
+                if budget <= 0:
+                    break
+                got = self._take_bulk(z, min(remaining, budget), migratetype, runs)
+                remaining -= got
+                if remaining > 0 and got < min(remaining + got, budget):
+                    # Own lists ran dry: steal (claim a pageblock or take one block) and go on.
+                    p = self._rmqueue_fallback(z, 0, migratetype)
+                    if p is None:
+                        break
+                    runs.append((p, 1))
+                    remaining -= 1
+        if not runs:
+            return np.empty(0, dtype=np.int64)
+        starts = np.array([r[0] for r in runs], dtype=np.int64)
+        lens = np.array([r[1] for r in runs], dtype=np.int64)
+        offs = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        pfns = np.repeat(starts, lens) + offs
+        self.state[pfns] = owner
+        self.counters["bulk_alloc_pages"] += int(pfns.size)
+        if self.init_on_alloc and self.pages is not None:
+            self.pages.write_pfns(pfns, "zero")
+        return pfns
+
+    def free_pages_bulk(self, pfns: np.ndarray) -> None:
+        """Free many allocated order-0 pages at once, straight to the buddy lists.
+
+        The merged layout of free memory is unique (every pair of free buddies of equal order
+        is merged), so each touched max-order block is re-laid out from its free-page mask.
+        """
+        pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+        if pfns.size == 0:
+            return
+        if pfns[0] < 0 or pfns[-1] >= self.ram_pages:
+            raise BuddyError(f"free_pages_bulk: pfn outside RAM ({int(pfns[0])}..{int(pfns[-1])})")
+        st = self.state[pfns]
+        bad = (st != PG_ALLOC) & (st != PG_BALLOON)
+        if bad.any():
+            raise BuddyError(f"free_pages_bulk: pfn {int(pfns[bad][0]):#x} not allocated "
+                             f"(state {int(st[bad][0])}): double free or reserved")
+        if self.pages is not None:
+            if self.page_poisoning:
+                self.pages.write_pfns(pfns, "poison")
+            elif self.init_on_free:
+                self.pages.write_pfns(pfns, "zero")
+        self.state[pfns] = PG_BUDDY
+        self.counters["bulk_free_pages"] += int(pfns.size)
+        self.counters["free"] += int(pfns.size)
+        self._relayout(np.unique(pfns >> (MAX_ORDER - 1)))
+
+    def _relayout(self, mblocks: np.ndarray) -> None:
+        """Rebuild the free blocks inside the given max-order blocks from ``state``."""
+        M = MAX_ORDER_NR_PAGES
+        n = self.ram_pages
+        idx = (mblocks[:, None] * M + np.arange(M, dtype=np.int64)[None, :])
+        inside = idx < n
+        idxc = np.minimum(idx, n - 1)
+        # Take the old blocks off their lists.
+        old = np.flatnonzero((self.buddy_order[idxc] >= 0) & inside)
+        for h in idx.ravel()[old].tolist():
+            o = self._bo[h]
+            self._list_del(h, o, self._lid_of_block(h, o))
+        full = (self.state[idxc] == PG_BUDDY) & inside
+        levels = [full]
+        for _ in range(MAX_ORDER - 1):
+            f = levels[-1]
+            levels.append(f[:, 0::2] & f[:, 1::2])
+        # Two pageblocks merge into a max-order block only if their types may mix.
+        pb0 = self.pageblock_mt[(mblocks * M) >> pageblock_order]
+        pb1i = np.minimum(((mblocks * M) >> pageblock_order) + 1, self.pageblock_mt.size - 1)
+        pb1 = self.pageblock_mt[pb1i]
+        mix_ok = (pb0 == pb1) | ((pb0 < MIGRATE_PCPTYPES) & (pb1 < MIGRATE_PCPTYPES))
+        levels[-1] = levels[-1] & mix_ok[:, None]
+        # A merged max-order block's second pageblock takes the first one's type.
+        merged = np.flatnonzero(levels[-1][:, 0])
+        if merged.size:
+            self.pageblock_mt[pb1i[merged]] = pb0[merged]
+        zone_of_block = np.searchsorted(
+            np.array([self._zone_bounds[0][1], self._zone_bounds[1][1]], dtype=np.int64),
+            mblocks * M, side="right")
+        new_heads: list[tuple[int, np.ndarray]] = []
+        for o in range(MAX_ORDER):
+            f = levels[o]
+            if o < MAX_ORDER - 1:
+                parent = np.repeat(levels[o + 1], 2, axis=1)
+                f = f & ~parent
+            r, c = np.nonzero(f)
+            if r.size == 0:
+                continue
+            heads = mblocks[r] * M + (c.astype(np.int64) << o)
+            new_heads.append((o, np.stack([heads, zone_of_block[r]])))
+        for o, arr in new_heads:
+            heads, zs = arr[0], arr[1]
+            mts = self.pageblock_mt[heads >> pageblock_order].astype(np.int64)
+            lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
+            for lid in np.unique(lids).tolist():
+                self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
+
+    # ---- consistency (tests, debugging) -----------------------------------------------------
+    def check(self) -> None:
+        """Walk every list and cross-check counts, orders, states; raises AssertionError."""
+        seen = np.zeros(self.ram_pages, dtype=np.bool_)
+        zone_free = [0] * NR_ZONES
+        for lid in range(NR_LISTS):
+            z, rest = divmod(lid, MAX_ORDER * MIGRATE_TYPES)
+            o, mt = divmod(rest, MIGRATE_TYPES)
+            p = self._first[lid]
+            prev = list_sentinel(lid)
+            k = 0
+            while p >= 0:
+                assert k < self._count[lid], f"list {lid} longer than its count"
+                assert self._pv[p] == prev, f"bad prev link at {p:#x}"
+                assert self._bo[p] == o, f"block {p:#x} on order-{o} list has order {self._bo[p]}"
+                assert self.zone_of(p) == z and p & ((1 << o) - 1) == 0
+                assert self._pb[p >> pageblock_order] == mt, f"block {p:#x} on wrong type list"
+                assert not seen[p:p + (1 << o)].any(), f"block {p:#x} overlaps another"
+                assert np.all(self.state[p:p + (1 << o)] == PG_BUDDY)
+                seen[p:p + (1 << o)] = True
+                zone_free[z] += 1 << o
+                prev, p = p, self._nx[p]
+                k += 1
+            assert p == list_sentinel(lid), f"list {lid} ends at {p}"
+            assert self._last[lid] == prev or (k == 0 and self._last[lid] == list_sentinel(lid))
+            assert k == self._count[lid], f"list {lid}: {k} blocks, count {self._count[lid]}"
+        assert np.array_equal(seen, self.state == PG_BUDDY), "free page not on any list"
+        assert zone_free == self._zone_free
+        pcp = np.zeros(self.ram_pages, dtype=np.bool_)
+        for c in range(self.nr_cpus):
+            for z in range(NR_ZONES):
+                tot = 0
+                for lst in self.pcp[c][z]:
+                    for p in lst:
+                        assert not pcp[p] and self.zone_of(p) == z
+                        pcp[p] = True
+                    tot += len(lst)
+                assert tot == self._pcp_count[c][z]
+        assert np.array_equal(pcp, self.state == PG_PCP)
