@@ -1,0 +1,415 @@
+"""Boot real Linux guests under a real QEMU (>= 10.1) from the cached QEMU lab.
+
+``scripts/qemu-lab setup`` builds the lab into a cache folder and describes it in ``lab.json``;
+this module reads that file (``QemuLab.find()``) and boots guests (``QemuLab.boot()``).
+
+Theory of operation
+-------------------
+* **Running QEMU.** The QEMU binary lives in a debootstrap'd Debian trixie tree with its own
+  libraries. It is started through that tree's dynamic loader (``ld-linux-x86-64.so.2
+  --library-path ROOT/lib...:ROOT/usr/lib... ROOT/usr/bin/qemu-system-x86_64``), with ``-L`` for
+  the firmware folders, so nothing of the host's libraries is used or changed. QEMU's loadable
+  modules are taken from the tree (``QEMU_MODULE_DIR``); if the host has a QEMU of its own, its
+  module folder would still be searched and makes the newer binary abort, so QEMU then runs in a
+  private mount namespace with the tree's module folder bind-mounted over the host's.
+* **The guest.** A Debian 6.1 kernel and a busybox initramfs whose ``/init`` loads the virtio
+  modules, prints ``BH_LAB_READY`` and runs a shell on the serial console (ttyS0, echo off,
+  kernel messages kept off the console). QEMU's serial port is its stdio, connected to pipes.
+  A reader thread appends everything the guest prints to ``GuestVM.console_log``.
+* **Commands** (``GuestVM.run``) use a marker protocol over that console: the command text is sent
+  base64-encoded (so no quoting or syntax in it can confuse the interactive shell), written to a
+  file and run by ``sh`` between two ``printf`` markers carrying a sequence number; the end marker
+  carries the exit status. Only whole lines equal to the markers count, so echoed input can never
+  be mistaken for them.
+* **QMP** is a unix socket in the guest's temp folder, opened after boot; ``GuestVM.qmp`` sends one
+  command and returns its ``return`` value; events seen meanwhile are kept in ``qmp_events``.
+* **Machine.** ``-accel tcg`` (the machines' /dev/kvm cannot run these guests: qemu-notes.md),
+  ``q35``, ``-nodefaults``, guest RAM from ``memory-backend-memfd,share=on`` so external device
+  servers (vfio-user, vhost-user) can map it.
+
+This module is an I/O harness for tests and benchmarks, not core code: it uses subprocesses,
+threads and the wall clock (for timeouts only).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+# Load order of the guest's virtio modules: each needs only the ones before it (qemu-notes.md).
+GUEST_MODULES = [
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci",
+    "virtio_balloon",
+]
+READY_MARKER = "BH_LAB_READY"
+SETUP_HINT = "scripts/qemu-lab setup"
+_HOST_QEMU_MODDIR = Path("/usr/lib/x86_64-linux-gnu/qemu")
+
+
+class LabMissing(Exception):
+    """The lab is not set up (or is broken): the message names the piece and the fix."""
+
+
+class GuestError(Exception):
+    """A guest failed to boot, a command timed out or failed: the message has the console tail."""
+
+
+class GuestCommandError(GuestError):
+    """A guest command exited non-zero (``GuestVM.run(..., check=True)``)."""
+
+    def __init__(self, cmd: str, status: int, output: str) -> None:
+        super().__init__(f"guest command {cmd!r} exited {status}:\n{output[-2000:]}")
+        self.cmd, self.status, self.output = cmd, status, output
+
+
+class QmpError(Exception):
+    """QMP answered a command with an error (``class`` and ``desc`` in the message)."""
+
+
+def cache_dir() -> Path:
+    """``$BALLOON_HINT_CACHE``, else ``$XDG_CACHE_HOME/balloon-hint``, else ~/.cache/balloon-hint."""
+    if os.environ.get("BALLOON_HINT_CACHE"):
+        return Path(os.environ["BALLOON_HINT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "balloon-hint"
+
+
+def qemu_argv(root: Path) -> list[str]:
+    """The argv prefix that starts the tree's qemu-system-x86_64 from the host."""
+    libs = ":".join(str(root / d) for d in (
+        "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph"))
+    argv = [str(root / "lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
+            str(root / "usr/bin/qemu-system-x86_64"),
+            "-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")]
+    if _HOST_QEMU_MODDIR.is_dir():
+        # A host QEMU's modules are from another build and abort ours: hide them (needs root).
+        argv = ["unshare", "-m", "sh", "-c",
+                'mount --bind "$0" "$1" && shift 2 && exec "$@"',
+                str(root / "usr/lib/x86_64-linux-gnu/qemu"), str(_HOST_QEMU_MODDIR), *argv]
+    return argv
+
+
+def qemu_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["QEMU_MODULE_DIR"] = str(root / "usr/lib/x86_64-linux-gnu/qemu")
+    return env
+
+
+def module_paths(moddir: Path, names: Sequence[str]) -> list[Path]:
+    """Paths of the named modules, from the kernel's modules.dep (written by depmod -b)."""
+    dep = moddir / "modules.dep"
+    if not dep.exists():
+        raise LabMissing(f"{dep} is missing (depmod not run): run {SETUP_HINT}")
+    by_name: dict[str, Path] = {}
+    for line in dep.read_text().splitlines():
+        rel = line.split(":", 1)[0]
+        base = os.path.basename(rel)
+        by_name[re.sub(r"\.ko(\.(xz|zst|gz))?$", "", base).replace("-", "_")] = moddir / rel
+    out = []
+    for n in names:
+        p = by_name.get(n)
+        if p is None:
+            raise LabMissing(f"kernel module {n} is not in {dep}: run {SETUP_HINT}")
+        if p.suffix != ".ko":
+            raise LabMissing(f"{p} is compressed; busybox insmod needs a plain .ko")
+        out.append(p)
+    return out
+
+
+def _ram_bytes(ram: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)", ram.strip().upper())
+    if not m:
+        raise ValueError(f"ram={ram!r}: expected a size like 512M or 1G")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
+class QemuLab:
+    """The cached lab: paths to QEMU, the kernel and the initramfs."""
+
+    def __init__(self, cache: Path, manifest: dict[str, Any]) -> None:
+        self.cache = cache
+        self.root = cache / manifest["qemu_root"]
+        self.kernel = cache / manifest["kernel"]
+        self.initrd = cache / manifest["initrd"]
+        self.kernel_release: str = manifest["kernel_release"]
+        self.qemu_version: str = manifest["qemu_version"]
+
+    @classmethod
+    def find(cls) -> "QemuLab":
+        cache = cache_dir()
+        mf = cache / "lab.json"
+        if not mf.exists():
+            raise LabMissing(f"no QEMU lab in {cache} (lab.json missing): run {SETUP_HINT}")
+        try:
+            manifest = json.loads(mf.read_text())
+            lab = cls(cache, manifest)
+        except (ValueError, KeyError) as e:
+            raise LabMissing(f"{mf} is unreadable ({e}): run {SETUP_HINT}") from e
+        for what, p in (("QEMU tree stamp", lab.root / ".balloon-hint-ok"),
+                        ("QEMU binary", lab.root / "usr/bin/qemu-system-x86_64"),
+                        ("QEMU's loader", lab.root / "lib64/ld-linux-x86-64.so.2"),
+                        ("guest kernel", lab.kernel), ("initramfs", lab.initrd)):
+            if not p.exists():
+                raise LabMissing(f"{what} {p} is missing: run {SETUP_HINT}")
+        return lab
+
+    def env(self) -> dict[str, str]:
+        return qemu_env(self.root)
+
+    def command_line(self, *, ram: str = "1G", devices: Sequence[str] = (),
+                     extra_args: Sequence[str] = (), append: str = "",
+                     serial: str = "stdio", qmp_path: str | None = None) -> list[str]:
+        """The full QEMU argv for a guest (``boot`` uses it; ``qemu-lab shell`` too)."""
+        size = _ram_bytes(ram)
+        cmd = [*qemu_argv(self.root),
+               "-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", str(size >> 20),
+               # Shareable guest RAM: external device servers map it by fd.
+               "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
+               "-nodefaults", "-display", "none", "-no-reboot",
+               "-serial", serial,
+               "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+               # panic=-1 + -no-reboot: a guest panic ends QEMU instead of hanging the test.
+               "-append", f"console=ttyS0 panic=-1 {append}".strip()]
+        if qmp_path:
+            cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        for d in devices:
+            cmd += ["-device", d]
+        cmd += list(extra_args)
+        return cmd
+
+    def boot(self, *, ram: str = "1G", devices: Sequence[str] = (),
+             extra_args: Sequence[str] = (), append: str = "", timeout: float = 120
+             ) -> "GuestVM":
+        """Start a guest and wait for its shell. Use as a context manager: QEMU is killed on
+        exit. Raises GuestError (with the console tail) when the guest does not come up."""
+        vm = GuestVM(self, ram=ram, devices=devices, extra_args=extra_args, append=append)
+        try:
+            vm._wait_ready(timeout)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+
+def _kill(proc: subprocess.Popen, tmpdir: str) -> None:
+    """Finalizer: never leave a QEMU behind, even if a GuestVM is dropped without close()."""
+    if proc.poll() is None:
+        proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class GuestVM:
+    """One running guest. ``console_log`` holds everything it printed (``\\r`` removed)."""
+
+    def __init__(self, lab: QemuLab, *, ram: str, devices: Sequence[str],
+                 extra_args: Sequence[str], append: str) -> None:
+        self.lab = lab
+        self.tmpdir = tempfile.mkdtemp(prefix="bh-qemu-")
+        self.qmp_path = os.path.join(self.tmpdir, "qmp.sock")
+        self.argv = lab.command_line(ram=ram, devices=devices, extra_args=extra_args,
+                                     append=append, qmp_path=self.qmp_path)
+        self._stderr_path = os.path.join(self.tmpdir, "qemu.stderr")
+        self._stderr = open(self._stderr_path, "wb")
+        log.info("starting %s", " ".join(self.argv))
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, env=lab.env())
+        self._finalizer = weakref.finalize(self, _kill, self.proc, self.tmpdir)
+        self._chunks: list[str] = []
+        self._len = 0
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read_console, daemon=True,
+                                        name=f"qemu-console-{self.proc.pid}")
+        self._reader.start()
+        self._seq = 0
+        self._qmp_sock: socket.socket | None = None
+        self._qmp_file: Any = None
+        self.qmp_events: list[dict[str, Any]] = []
+        self.last_status: int | None = None
+
+    # -- console -------------------------------------------------------------------------------
+
+    def _read_console(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            with self._cond:
+                if not data:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                text = data.decode("utf-8", errors="replace").replace("\r", "")
+                self._chunks.append(text)
+                self._len += len(text)
+                self._cond.notify_all()
+
+    @property
+    def console_log(self) -> str:
+        with self._cond:
+            if len(self._chunks) > 1:
+                self._chunks[:] = ["".join(self._chunks)]
+            return self._chunks[0] if self._chunks else ""
+
+    @property
+    def qemu_stderr(self) -> str:
+        try:
+            return Path(self._stderr_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _tail(self, n: int = 3000) -> str:
+        err = self.qemu_stderr.strip()
+        return (f"--- console tail ---\n{self.console_log[-n:]}"
+                + (f"\n--- qemu stderr ---\n{err[-n:]}" if err else ""))
+
+    def wait_console(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
+        """Wait until ``pattern`` (a regex, MULTILINE) matches the console log from ``start``."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                text = "".join(self._chunks)
+                self._chunks[:] = [text] if text else []
+                m = rx.search(text, start)
+                if m:
+                    return m
+                if self._eof:
+                    raise GuestError(f"QEMU exited (status {self.proc.poll()}) before "
+                                     f"{pattern!r}\n{self._tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GuestError(f"timed out after {timeout:.0f} s waiting for "
+                                     f"{pattern!r}\n{self._tail()}")
+                self._cond.wait(min(left, 1.0))
+
+    def _wait_ready(self, timeout: float) -> None:
+        t0 = time.monotonic()
+        self.wait_console(rf"^{READY_MARKER}$", timeout)
+        self.boot_seconds = time.monotonic() - t0
+        failed = re.findall(r"^BH_INSMOD_FAILED (\S+)", self.console_log, re.M)
+        if failed:
+            raise GuestError(f"guest could not load modules {failed}\n{self._tail()}")
+
+    def _send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise GuestError(f"QEMU's console is closed ({e})\n{self._tail()}") from e
+
+    def run(self, cmd: str, timeout: float = 60, *, check: bool = True) -> str:
+        """Run ``cmd`` with ``sh`` in the guest; returns its stdout+stderr. The exit status is
+        kept in ``last_status``; with ``check`` a non-zero status raises GuestCommandError."""
+        self._seq += 1
+        n = self._seq
+        start = self._len
+        # The tty's canonical mode caps a line at 4095 bytes: send the script in short lines.
+        b64 = base64.b64encode(cmd.encode()).decode()
+        lines = [": >/tmp/.bh_cmd.b64"]
+        lines += [f"echo {b64[i:i + 2000]} >>/tmp/.bh_cmd.b64" for i in range(0, len(b64), 2000)]
+        lines.append(f"base64 -d </tmp/.bh_cmd.b64 >/tmp/.bh_cmd; printf '\\n%s\\n' BH_BEGIN_{n}; "
+                     f"sh /tmp/.bh_cmd </dev/null 2>&1; printf '\\n%s %s\\n' BH_END_{n} $?")
+        self._send("\n".join(lines) + "\n")
+        m = self.wait_console(rf"\nBH_BEGIN_{n}\n([\s\S]*?)\nBH_END_{n} (\d+)$", timeout, start)
+        out, status = m.group(1), int(m.group(2))
+        self.last_status = status
+        if check and status != 0:
+            raise GuestCommandError(cmd, status, out)
+        return out
+
+    def dmesg(self) -> str:
+        return self.run("dmesg")
+
+    # -- QMP -----------------------------------------------------------------------------------
+
+    def _qmp_connect(self) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.qmp_path)
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise GuestError(f"cannot connect to QMP at {self.qmp_path}\n{self._tail()}")
+                time.sleep(0.1)
+        s.settimeout(60)
+        self._qmp_sock = s
+        self._qmp_file = s.makefile("rwb")
+        greeting = json.loads(self._qmp_file.readline())
+        if "QMP" not in greeting:
+            raise QmpError(f"unexpected QMP greeting {greeting}")
+        self._qmp_exchange("qmp_capabilities", {})
+
+    def _qmp_exchange(self, command: str, args: dict[str, Any]) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        self._qmp_file.write(json.dumps(msg).encode() + b"\n")
+        self._qmp_file.flush()
+        while True:
+            line = self._qmp_file.readline()
+            if not line:
+                raise GuestError(f"QMP closed during {command}\n{self._tail()}")
+            reply = json.loads(line)
+            if "event" in reply:
+                self.qmp_events.append(reply)
+                continue
+            if "error" in reply:
+                err = reply["error"]
+                raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
+            return reply.get("return")
+
+    def qmp(self, command: str, **args: Any) -> Any:
+        """Send a QMP command; returns its ``return`` value (a dict, or a list for some
+        queries). Hyphenated argument names go in as ``**{"max-bandwidth": n}``."""
+        if self._qmp_file is None:
+            self._qmp_connect()
+        return self._qmp_exchange(command, args)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill QEMU and remove the temp folder (idempotent)."""
+        if self._qmp_sock is not None:
+            try:
+                self._qmp_sock.close()
+            except OSError:
+                pass
+            self._qmp_sock = self._qmp_file = None
+        self._finalizer()
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+    def __enter__(self) -> "GuestVM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
