@@ -1,0 +1,517 @@
+"""Simulated pre-copy live migration (the host side), modelled on QEMU's RAM pre-copy.
+
+Theory of operation
+-------------------
+The engine owns three page-granular numpy arrays over guest RAM:
+
+* ``to_send`` (bool): QEMU's migration bitmap, "pages still to send in this round";
+* ``dest_version`` (uint32): what the destination holds for each page (a fresh destination's RAM
+  reads as zero, so it starts as ``ZERO``);
+* the source's content is read from ``guestmem.PageVersions`` (one version per page); pages that
+  are real bytes (the driver area holding the rings) are copied byte for byte into a destination
+  buffer, because their versions never change.
+
+Writes made by the guest while pre-copy runs are recorded by ``guestmem.DirtyLog`` (KVM's dirty
+log), which the engine only reads with ``sync()`` between rounds. So "written since the last sync"
+is a record the engine never edits: a free page hint only clears bits of ``to_send``
+(protocol.md 5.7, 4.4 rule 5). A page hinted in round *k* and written later is in the dirty log
+and the sync that closes round *k* sets its bit again.
+
+Time is the shared simulated clock: the engine sends one chunk of the bitmap (``chunk_pages``
+positions) at a time and schedules the next chunk after the chunk's cost (``CostModel``), so the
+guest's workload and its balloon driver run between chunks on the same ``Scheduler`` and a hint
+that arrives while a round runs skips the pages the cursor has not reached yet.
+
+Phases (QEMU's names, ``PRECOPY_NOTIFY_*`` go out through the ``notify`` hook exactly as QEMU's
+precopy notifier raises them, protocol.md 5.4):
+
+1. set-up: SETUP; dirty logging on; every page to send; BEFORE_BITMAP_SYNC, the set-up sync,
+   AFTER_BITMAP_SYNC (VM running: the device starts hint round 1 during the bulk pass, 5.6);
+2. rounds: walk ``to_send`` from pfn 0 upwards, sending pages; at the end, BEFORE_BITMAP_SYNC
+   (the device publishes STOP), sync (``to_send |= dirty``), AFTER_BITMAP_SYNC (new command id);
+   converge when the pages left could be sent within the downtime limit, or after ``max_rounds``;
+3. stop-and-copy: the VM stops (no guest event runs), BEFORE_BITMAP_SYNC, final sync,
+   AFTER_BITMAP_SYNC with the VM stopped (the device publishes DONE), send everything left,
+   COMPLETE; the verifier runs on the state at switchover; CLEANUP.
+
+Hints reach the engine through ``hint(cmd_id, ranges)`` (the wiring turns the device's
+``PagesHinted`` effects into calls). Applying a hint to the bitmap is work done on the host's hint
+thread (QEMU's iothread, under ``bitmap_mutex``): it is queued and applied after
+``CostModel.host_hint_s`` on the scheduler. The hints still queued when a sync starts belong to
+the round that just ended: they are dropped and counted as stale (4.4 rule 6), as are hints tagged
+with an older command id. The fault ``accept_stale_hints`` keeps them and applies them to the new
+bitmap, which is the unsafe behaviour 5.7 warns about; the verifier must catch it.
+
+Verification (``verify``): at switchover every page the guest has in use, except pages the balloon
+driver holds for hinting, must have on the destination the version (or bytes) the source has;
+with page poisoning on, every free page must read as the poison value on the destination
+(otherwise the guest's next allocation of it would report corruption).
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from guestmem.clock import Scheduler
+from guestmem.dirty import DirtyLog
+from guestmem.pages import POISON, ZERO, PageVersions
+from guestmem.units import PAGE_SHIFT, PAGE_SIZE, whole_pages_in
+
+log = logging.getLogger(__name__)
+
+# QEMU's precopy notification names (PRECOPY_NOTIFY_*); the wiring maps them to the device's enum.
+SETUP = "SETUP"
+BEFORE_BITMAP_SYNC = "BEFORE_BITMAP_SYNC"
+AFTER_BITMAP_SYNC = "AFTER_BITMAP_SYNC"
+COMPLETE = "COMPLETE"
+CLEANUP = "CLEANUP"
+
+# QEMU's RAM stream: each page record starts with a be64 "offset | flags" word; a zero page
+# (RAM_SAVE_FLAG_ZERO) adds one byte (the fill value), a normal page (RAM_SAVE_FLAG_PAGE) the page.
+PAGE_HEADER_BYTES = 8
+ZERO_PAGE_BYTES = PAGE_HEADER_BYTES + 1
+NORMAL_PAGE_BYTES = PAGE_HEADER_BYTES + PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Simulated time each piece of work costs. docs/cost-model.md derives every constant.
+
+    ``zero_page_s`` is the one calibrated constant (on the published 8 GB idle, no-hint migration
+    time); the others are estimates from first principles, documented there.
+    """
+
+    zero_page_s: float = 1.15e-6        # read a page, find it zero, queue a 9-byte record
+    copy_page_s: float = 0.40e-6        # extra CPU for a normal page: copy 4 KiB into the stream
+    bitmap_bit_s: float = 0.25e-9       # walk one bit of the migration bitmap (find_next_bit)
+    sync_page_s: float = 1.0e-9         # per RAM page: fetch and merge KVM's dirty bitmap
+    sync_dirty_page_s: float = 0.10e-6  # per dirty page: write-protect it again (KVM)
+    host_hint_s: float = 2.0e-6         # host: pop one hint element, clear its bits, push it back
+    host_hint_page_s: float = 0.25e-9   # host: per page of a hint (bitmap clear)
+    setup_s: float = 0.005              # QEMU set-up: allocate bitmaps, connect, device state
+    device_state_s: float = 0.002       # device states sent in the downtime
+
+    def page_cost(self, bandwidth_Bps: float) -> tuple[float, float]:
+        """(zero page, normal page) time: CPU work and wire time happen one after the other in
+        QEMU's single migration thread, so they add."""
+        z = self.zero_page_s + ZERO_PAGE_BYTES / bandwidth_Bps
+        n = self.zero_page_s + self.copy_page_s + NORMAL_PAGE_BYTES / bandwidth_Bps
+        return z, n
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationParams:
+    bandwidth_Bps: float = 100e9 / 8     # link speed, bytes per second
+    downtime_limit_s: float = 0.3
+    max_rounds: int = 30
+    chunk_pages: int = 16384             # bitmap positions sent between two scheduler steps
+    accept_stale_hints: bool = False     # fault: apply hints that arrive after a sync
+
+
+@dataclass(slots=True)
+class RoundRecord:
+    index: int                 # 1-based; the stop-and-copy pass is the last one
+    start_s: float
+    end_s: float = 0.0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    pages_skipped_hint: int = 0
+    dirty_at_sync: int = 0
+    stop_and_copy: bool = False
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    verified: bool
+    mismatched_pages: int
+    poison_violations: int
+    checked_pages: int
+    first_mismatches: list[int] = field(default_factory=list)   # a few pfns, for diagnosis
+    first_poison: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class MigrationStats:
+    rounds: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    pages_skipped_hint: int = 0
+    bytes_sent: int = 0
+    total_time_s: float = 0.0
+    downtime_s: float = 0.0
+    hint_rounds: int = 0
+    hints_received: int = 0
+    hinted_pages: int = 0
+    stale_hints_dropped: int = 0
+    stale_hints_applied: int = 0
+    bad_hints: int = 0
+    converged: bool = False
+
+
+class MigrationError(Exception):
+    """Misuse of the engine by its caller (never raised for guest input)."""
+
+
+NotifyHook = Callable[[str, bool], None]
+
+
+class PrecopyMigration:
+    """One pre-copy migration of one simulated VM; ``start()`` then drive the scheduler until
+    ``done`` (or call ``run()``)."""
+
+    def __init__(
+        self,
+        versions: PageVersions,
+        dirty_log: DirtyLog,
+        sched: Scheduler,
+        params: MigrationParams | None = None,
+        cost: CostModel | None = None,
+        *,
+        notify: NotifyHook | None = None,
+        byte_regions: Sequence[tuple[int, memoryview]] = (),
+        on_switchover: Callable[[PrecopyMigration], None] | None = None,
+    ) -> None:
+        """``notify(event_name, vm_running)`` is the precopy notifier (None: no hinting device).
+        ``byte_regions`` lists (first_pfn, bytes) of byte-backed pages (the driver area): their
+        content is compared byte for byte. ``on_switchover`` runs with the VM stopped, after the
+        last page is sent (the caller verifies there)."""
+        if dirty_log.ram_pages != versions.ram_pages:
+            raise MigrationError("dirty log and page versions cover different RAM sizes")
+        self.params = params or MigrationParams()
+        if self.params.bandwidth_Bps <= 0 or self.params.chunk_pages <= 0:
+            raise MigrationError("bandwidth and chunk size must be positive")
+        self.cost = cost or CostModel()
+        self.versions = versions
+        self.dirty_log = dirty_log
+        self.sched = sched
+        self.notify_hook = notify
+        self.on_switchover = on_switchover
+        self.ram_pages = versions.ram_pages
+        self.to_send = np.zeros(self.ram_pages, dtype=np.bool_)
+        self.dest_version = np.zeros(self.ram_pages, dtype=np.uint32)  # fresh RAM reads zero
+        self._byte_regions: list[tuple[int, int, memoryview, np.ndarray]] = []
+        for first_pfn, buf in byte_regions:
+            mv = memoryview(buf).cast("B")
+            npages = mv.nbytes >> PAGE_SHIFT
+            if first_pfn < 0 or first_pfn + npages > self.ram_pages or mv.nbytes % PAGE_SIZE:
+                raise MigrationError(f"byte region at pfn {first_pfn:#x} is not whole RAM pages")
+            self._byte_regions.append((first_pfn, npages, mv, np.zeros(mv.nbytes, np.uint8)))
+        self._zero_cost, self._normal_cost = self.cost.page_cost(self.params.bandwidth_Bps)
+        self.stats = MigrationStats()
+        self.rounds: list[RoundRecord] = []
+        self.verify_result: VerifyResult | None = None
+        self.phase = "idle"  # idle, precopy, syncing, stopped, done
+        self.done = False
+        self._cursor = 0
+        self._round: RoundRecord | None = None
+        self._t0 = 0.0
+        self._accepting = False      # a hint round is open (between AFTER and BEFORE sync)
+        self._round_cmd_id: int | None = None
+        self._cmd_ids_seen: set[int] = set()
+        self._retired_ids: set[int] = set()  # ids of closed rounds: their hints are stale
+        # hints waiting for the host's hint thread: (sync generation, cmd_id, first_pfn, count)
+        self._queue: deque[tuple[int, int, int, int]] = deque()
+        self._sync_gen = 0  # bumped by every bitmap sync: a hint from an older one is stale
+        self._hint_busy_until = 0.0
+        self._hint_event: object | None = None
+        self._chunk_event: object | None = None
+
+    # -- the precopy notifier ------------------------------------------------------------------
+    def _notify(self, event: str, vm_running: bool) -> None:
+        if self.notify_hook is not None:
+            self.notify_hook(event, vm_running)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.phase != "idle":
+            raise MigrationError("migration already started")
+        self._t0 = self.sched.now
+        self.phase = "precopy"
+        self._notify(SETUP, True)
+        self.dirty_log.start()
+        self.to_send[:] = True  # the bulk pass: every page is to send
+        # ram_init_bitmaps() syncs once with the notifiers around it; logging only just started,
+        # so the sync finds nothing, but AFTER_BITMAP_SYNC opens hint round 1 for the bulk pass.
+        self._sync(vm_running=True)
+        self._begin_round(self.sched.now + self.cost.setup_s + self._sync_cost(0))
+
+    def run(self, max_events: int | None = None) -> MigrationStats:
+        """Start (if needed) and run the scheduler until the migration is over."""
+        if self.phase == "idle":
+            self.start()
+        n = 0
+        while not self.done:
+            if not self.sched.run_next():
+                raise MigrationError("scheduler ran dry before the migration finished")
+            n += 1
+            if max_events is not None and n >= max_events:
+                raise MigrationError(f"migration not finished after {max_events} events")
+        return self.stats
+
+    # -- rounds --------------------------------------------------------------------------------
+    def _begin_round(self, t: float) -> None:
+        self._round = RoundRecord(index=len(self.rounds) + 1, start_s=t - self._t0)
+        self.rounds.append(self._round)
+        self._cursor = 0
+        self._chunk_event = self.sched.at(t, self._send_chunk)
+
+    def _send_chunk(self) -> None:
+        """Send the set bits of the next ``chunk_pages`` positions, then schedule the next chunk
+        after the time that took; at the end of the bitmap, close the round."""
+        rnd = self._round
+        assert rnd is not None
+        lo = self._cursor
+        hi = min(lo + self.params.chunk_pages, self.ram_pages)
+        dt = self._send_range(lo, hi, rnd)
+        self._cursor = hi
+        if hi >= self.ram_pages:
+            self._chunk_event = self.sched.after(dt, self._end_round)
+        else:
+            self._chunk_event = self.sched.after(dt, self._send_chunk)
+
+    def _send_range(self, lo: int, hi: int, rnd: RoundRecord) -> float:
+        """Send every page still marked in ``to_send[lo:hi]``; return the simulated time it takes.
+        The destination gets the content as of now; writes during the transfer are in the dirty
+        log and go again next round."""
+        window = self.to_send[lo:hi]
+        idx = np.flatnonzero(window)
+        dt = (hi - lo) * self.cost.bitmap_bit_s
+        if idx.size == 0:
+            return dt
+        pfns = idx + lo
+        window[idx] = False
+        src = self.versions.version[pfns]
+        self.dest_version[pfns] = src
+        is_zero = src == ZERO
+        for first, npages, mv, dest in self._byte_regions:
+            # Pages that are real bytes: copy them and decide zero-ness from their bytes.
+            sel = (pfns >= first) & (pfns < first + npages)
+            if sel.any():
+                pages = np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE)
+                rel = pfns[sel] - first
+                chunk = pages[rel]
+                dest.reshape(npages, PAGE_SIZE)[rel] = chunk
+                is_zero[sel] = ~chunk.any(axis=1)
+        nz = int(np.count_nonzero(is_zero))
+        nn = int(pfns.size) - nz
+        rnd.pages_sent += int(pfns.size)
+        rnd.zero_pages += nz
+        self.stats.pages_sent += int(pfns.size)
+        self.stats.zero_pages += nz
+        self.stats.bytes_sent += nz * ZERO_PAGE_BYTES + nn * NORMAL_PAGE_BYTES
+        return dt + nz * self._zero_cost + nn * self._normal_cost
+
+    def _sync_cost(self, dirty: int) -> float:
+        return self.ram_pages * self.cost.sync_page_s + dirty * self.cost.sync_dirty_page_s
+
+    def _sync(self, vm_running: bool) -> int:
+        """BEFORE_BITMAP_SYNC, merge the dirty log into ``to_send``, AFTER_BITMAP_SYNC. Returns
+        the number of pages the dirty log held."""
+        self._notify(BEFORE_BITMAP_SYNC, vm_running)
+        # protocol.md 4.4 rule 6: from here on nothing of the old round may touch the bitmap.
+        self._accepting = False
+        self._close_hint_queue()
+        dirty = self.dirty_log.sync()
+        self._sync_gen += 1
+        n = int(np.count_nonzero(dirty))
+        np.logical_or(self.to_send, dirty, out=self.to_send)
+        if self._round_cmd_id is not None:
+            self._retired_ids.add(self._round_cmd_id)
+        self._round_cmd_id = None
+        if vm_running:
+            self._accepting = True  # the device opens a new hint round in AFTER_BITMAP_SYNC
+        self._notify(AFTER_BITMAP_SYNC, vm_running)
+        if self.params.accept_stale_hints:
+            self._apply_queue_now()  # the fault: what was queued lands on the new bitmap
+        return n
+
+    def _end_round(self) -> None:
+        rnd = self._round
+        assert rnd is not None
+        rnd.end_s = self.sched.now - self._t0
+        self.stats.rounds = len(self.rounds)
+        n_dirty = self._sync(vm_running=True)
+        rnd.dirty_at_sync = n_dirty
+        t_sync = self._sync_cost(n_dirty)
+        left = int(np.count_nonzero(self.to_send))
+        # QEMU compares what is left with bandwidth x downtime limit; we price the pages as
+        # normal pages (their zero-ness is unknown until scanned), which errs on the safe side.
+        est = left * self._normal_cost + self.cost.device_state_s + self._sync_cost(left)
+        if est <= self.params.downtime_limit_s:
+            self.stats.converged = True
+            self.sched.at(self.sched.now + t_sync, self._stop_and_copy)
+        elif len(self.rounds) >= self.params.max_rounds:
+            self.sched.at(self.sched.now + t_sync, self._stop_and_copy)
+        else:
+            self._begin_round(self.sched.now + t_sync)
+
+    def _stop_and_copy(self) -> None:
+        """The VM is stopped: no scheduler event runs until the switchover is over."""
+        self.phase = "stopped"
+        t_stop = self.sched.now
+        rnd = RoundRecord(index=len(self.rounds) + 1, start_s=t_stop - self._t0,
+                          stop_and_copy=True)
+        self.rounds.append(rnd)
+        n_dirty = self._sync(vm_running=False)  # the device publishes DONE (5.4)
+        rnd.dirty_at_sync = n_dirty
+        dt = self._sync_cost(n_dirty)
+        dt += self._send_range(0, self.ram_pages, rnd)
+        dt += self.cost.device_state_s
+        rnd.end_s = rnd.start_s + dt
+        self.stats.rounds = len(self.rounds)
+        self.stats.downtime_s = dt
+        self.stats.total_time_s = (t_stop - self._t0) + dt
+        self.stats.hint_rounds = len(self._cmd_ids_seen)
+        self._notify(COMPLETE, False)
+        if self.on_switchover is not None:
+            self.on_switchover(self)
+        self._notify(CLEANUP, False)
+        self.phase = "done"
+        self.done = True
+        self.dirty_log.stop()
+        if self._hint_event is not None:
+            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
+            self._hint_event = None
+
+    # -- hints ---------------------------------------------------------------------------------
+    def hint(self, cmd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
+        """The device reports free pages ``ranges`` [(gpa, len)] under ``cmd_id``. Pages wholly
+        inside a range may be skipped in this round (QEMU ``qemu_guest_free_page_hint``)."""
+        if self.phase in ("idle", "done"):
+            # No migration running: QEMU ignores hints then (5.5).
+            return
+        for gpa, length in ranges:
+            self.stats.hints_received += 1
+            if gpa < 0 or length <= 0 or gpa + length > self.ram_pages << PAGE_SHIFT:
+                self.stats.bad_hints += 1
+                log.warning("hint outside RAM: gpa=%#x len=%#x", gpa, length)
+                continue
+            first, count = whole_pages_in(gpa, length)
+            if count == 0:
+                continue
+            self._queue.append((self._sync_gen, cmd_id, int(first), int(count)))
+            self.stats.hinted_pages += int(count)
+        self._kick_hint_thread()
+
+    def _kick_hint_thread(self) -> None:
+        if self._hint_event is None and self._queue and self.phase != "stopped":
+            count = self._queue[0][3]
+            start = max(self.sched.now, self._hint_busy_until)
+            dt = self.cost.host_hint_s + count * self.cost.host_hint_page_s
+            self._hint_event = self.sched.at(start + dt, self._apply_one)
+
+    def _apply_one(self) -> None:
+        self._hint_event = None
+        self._hint_busy_until = self.sched.now
+        if self._queue:
+            gen, cmd_id, first, count = self._queue.popleft()
+            self._apply(gen, cmd_id, first, count)
+        self._kick_hint_thread()
+
+    def _apply(self, gen: int, cmd_id: int, first: int, count: int) -> None:
+        current = (self._accepting and gen == self._sync_gen
+                   and cmd_id not in self._retired_ids)
+        if current and self._round_cmd_id is None:
+            self._round_cmd_id = cmd_id  # the first hint after AFTER_BITMAP_SYNC names the round
+        stale = not current or cmd_id != self._round_cmd_id
+        if stale and not self.params.accept_stale_hints:
+            self.stats.stale_hints_dropped += 1
+            return
+        if stale:
+            self.stats.stale_hints_applied += 1
+        self._cmd_ids_seen.add(cmd_id)
+        # 4.4 rule 5 / 5.7: only "to send in this round" is cleared, never the dirty log.
+        window = self.to_send[first:first + count]
+        cleared = int(np.count_nonzero(window))
+        if cleared:
+            window[:] = False
+            self.stats.pages_skipped_hint += cleared
+            if self._round is not None:
+                self._round.pages_skipped_hint += cleared
+
+    def _close_hint_queue(self) -> None:
+        """A sync is about to happen: hints of the ending round still waiting are stale."""
+        if self.params.accept_stale_hints:
+            return
+        self.stats.stale_hints_dropped += len(self._queue)
+        self._queue.clear()
+        if self._hint_event is not None:
+            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
+            self._hint_event = None
+
+    def _apply_queue_now(self) -> None:
+        # Only under the accept-stale-hints fault: the queued hints of the old round land on the
+        # bitmap the sync just built.
+        while self._queue:
+            self._apply(*self._queue.popleft())
+
+    # -- verification --------------------------------------------------------------------------
+    def verify(self, in_use: np.ndarray, held: np.ndarray | None = None, *,
+               page_poison: bool = False, poison_version: int = POISON) -> VerifyResult:
+        """Check the destination against the source at switchover; see ``verify_pages``."""
+        res = verify_pages(self.versions.version, self.dest_version, in_use, held,
+                           page_poison=page_poison, poison_version=poison_version,
+                           byte_regions=[(f, n, mv, d) for f, n, mv, d in self._byte_regions])
+        self.verify_result = res
+        return res
+
+    def round_series(self) -> list[int]:
+        return [r.pages_sent for r in self.rounds]
+
+
+def verify_pages(
+    src_version: np.ndarray,
+    dest_version: np.ndarray,
+    in_use: np.ndarray,
+    held: np.ndarray | None = None,
+    *,
+    page_poison: bool = False,
+    poison_version: int = POISON,
+    byte_regions: Sequence[tuple[int, int, memoryview, np.ndarray]] = (),
+) -> VerifyResult:
+    """The migration verifier.
+
+    * ``in_use``: pages the guest has allocated at switchover (bool per page); ``held``: pages the
+      balloon driver holds for hinting (their content is garbage by contract, protocol.md 4.5).
+    * A page in use and not held is *mismatched* if the destination's version differs from the
+      source's (for byte-backed pages: if their bytes differ).
+    * With page poisoning, a page neither in use nor held is a *poison violation* if the
+      destination does not hold the poison value: the guest checks the pattern when it next
+      allocates the page and would report corruption.
+    """
+    n = src_version.size
+    if in_use.shape != (n,) or dest_version.shape != (n,):
+        raise MigrationError("verifier arrays do not cover the same RAM")
+    held_mask = held if held is not None else np.zeros(n, dtype=np.bool_)
+    check = in_use & ~held_mask
+    byte_mask = np.zeros(n, dtype=np.bool_)
+    bad_bytes: list[np.ndarray] = []
+    for first, npages, mv, dest in byte_regions:
+        byte_mask[first:first + npages] = True
+        src_pages = np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE)
+        differs = (src_pages != dest.reshape(npages, PAGE_SIZE)).any(axis=1)
+        rel = np.flatnonzero(differs & check[first:first + npages])
+        bad_bytes.append(rel + first)
+    mism = check & ~byte_mask & (src_version != dest_version)
+    mism_pfns = np.flatnonzero(mism)
+    if bad_bytes:
+        mism_pfns = np.union1d(mism_pfns, np.concatenate(bad_bytes))
+    poison_pfns = np.zeros(0, dtype=np.int64)
+    if page_poison:
+        free = ~in_use & ~held_mask & ~byte_mask
+        poison_pfns = np.flatnonzero(free & (dest_version != poison_version))
+    return VerifyResult(
+        verified=mism_pfns.size == 0 and poison_pfns.size == 0,
+        mismatched_pages=int(mism_pfns.size),
+        poison_violations=int(poison_pfns.size),
+        checked_pages=int(np.count_nonzero(check)),
+        first_mismatches=[int(x) for x in mism_pfns[:8]],
+        first_poison=[int(x) for x in poison_pfns[:8]],
+    )

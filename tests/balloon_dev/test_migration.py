@@ -1,0 +1,269 @@
+"""The pre-copy engine against a synthetic guest: a page-state array the test controls, writes on
+the shared scheduler, and a fake hint source that behaves like the device + driver pair (a new
+command id after each sync, hints only while its round is open)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from balloon_dev.migration import (
+    AFTER_BITMAP_SYNC,
+    BEFORE_BITMAP_SYNC,
+    CLEANUP,
+    COMPLETE,
+    SETUP,
+    CostModel,
+    MigrationError,
+    MigrationParams,
+    PrecopyMigration,
+    verify_pages,
+)
+from guestmem import POISON, ZERO, DirtyLog, PageVersions
+from guestmem.clock import Scheduler
+from guestmem.units import PAGE_SIZE
+
+MiB = 1 << 20
+
+
+class SyntheticGuest:
+    """RAM of ``n`` pages: the first ``used`` pages hold data, the rest are free (zero or poison).
+    ``churn`` writes random used pages every ``period`` seconds while the guest runs."""
+
+    def __init__(self, n: int, used: int, sched: Scheduler, *, poison: bool = False,
+                 seed: int = 1) -> None:
+        self.log = DirtyLog(n)
+        self.pv = PageVersions(n, self.log)
+        self.sched = sched
+        self.in_use = np.zeros(n, dtype=np.bool_)
+        self.in_use[:used] = True
+        self.pv.write_range(0, used, "data")
+        if poison:
+            self.pv.write_range(used, n - used, "poison")
+        self.rng = np.random.default_rng(seed)
+        self.running = True
+
+    def churn(self, period: float, pages: int) -> None:
+        def tick() -> None:
+            if not self.running:
+                return
+            used = np.flatnonzero(self.in_use)
+            self.pv.write_pfns(self.rng.choice(used, size=min(pages, used.size), replace=False))
+            self.sched.after(period, tick)
+        self.sched.after(period, tick)
+
+
+class FakeHinter:
+    """Stands in for device + driver: on AFTER_BITMAP_SYNC with the VM running it opens a round
+    with a fresh id and hints ``blocks`` (first_pfn, npages) one every ``gap`` seconds; it stops
+    on BEFORE_BITMAP_SYNC (the device's STOP); hints are ranges in bytes as PagesHinted carries."""
+
+    def __init__(self, sched: Scheduler, blocks: list[tuple[int, int]], gap: float) -> None:
+        self.sched = sched
+        self.blocks = blocks
+        self.gap = gap
+        self.events: list[tuple[str, bool]] = []
+        self.cmd_id = 0x80000000
+        self.active = False
+        self.mig: PrecopyMigration | None = None
+        self.sent = 0
+
+    def __call__(self, event: str, running: bool) -> None:
+        self.events.append((event, running))
+        if event == BEFORE_BITMAP_SYNC:
+            self.active = False
+        elif event == AFTER_BITMAP_SYNC and running:
+            self.cmd_id += 1
+            self.active = True
+            cid = self.cmd_id
+            for i, (first, n) in enumerate(self.blocks):
+                self.sched.after(self.gap * (i + 1), self._send, cid, first, n)
+
+    def _send(self, cid: int, first: int, n: int) -> None:
+        if self.active and cid == self.cmd_id and self.mig is not None:
+            self.sent += 1
+            self.mig.hint(cid, [(first * PAGE_SIZE, n * PAGE_SIZE)])
+
+
+def make(n: int = 4096, used: int = 512, *, params: MigrationParams | None = None,
+         hinter_blocks: list[tuple[int, int]] | None = None, gap: float = 1e-5,
+         cost: CostModel | None = None, poison: bool = False):
+    sched = Scheduler()
+    g = SyntheticGuest(n, used, sched, poison=poison)
+    hinter = FakeHinter(sched, hinter_blocks, gap) if hinter_blocks is not None else None
+    mig = PrecopyMigration(g.pv, g.log, sched, params or MigrationParams(chunk_pages=256),
+                           cost, notify=hinter)
+    if hinter is not None:
+        hinter.mig = mig
+
+    def stop(m: PrecopyMigration) -> None:
+        g.running = False
+        m.verify(g.in_use, page_poison=poison)
+    mig.on_switchover = stop
+    return sched, g, hinter, mig
+
+
+def test_idle_no_hints_sends_every_page_once_and_verifies() -> None:
+    sched, g, _, mig = make()
+    st = mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+    assert st.pages_sent == 4096
+    assert st.zero_pages == 4096 - 512
+    assert st.pages_skipped_hint == 0
+    z, nrm = CostModel().page_cost(MigrationParams().bandwidth_Bps)
+    assert st.bytes_sent == (4096 - 512) * 9 + 512 * (PAGE_SIZE + 8)
+    # one pre-copy round, then a stop-and-copy with nothing left
+    assert st.rounds == 2 and mig.rounds[-1].pages_sent == 0
+    assert st.total_time_s >= 3584 * z + 512 * nrm
+    assert st.converged
+
+
+def test_precopy_events_follow_qemu_order() -> None:
+    _, _, hinter, mig = make(hinter_blocks=[])
+    mig.run()
+    assert hinter is not None
+    ev = hinter.events
+    assert ev[0] == (SETUP, True)
+    assert ev[1:3] == [(BEFORE_BITMAP_SYNC, True), (AFTER_BITMAP_SYNC, True)]
+    # the final sync happens with the VM stopped, then COMPLETE and CLEANUP
+    assert ev[-4:] == [(BEFORE_BITMAP_SYNC, False), (AFTER_BITMAP_SYNC, False),
+                       (COMPLETE, False), (CLEANUP, False)]
+
+
+def test_hints_skip_free_pages_and_still_verify() -> None:
+    free_blocks = [(p, 256) for p in range(512, 4096, 256)]
+    _, g, hinter, mig = make(hinter_blocks=free_blocks, gap=1e-7)
+    st = mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+    assert st.pages_skipped_hint > 3000
+    assert st.pages_sent < 4096 - 3000
+    assert st.hint_rounds >= 1 and st.hints_received == hinter.sent
+    assert st.hinted_pages == 256 * hinter.sent
+
+
+def test_guest_writes_during_precopy_are_resent() -> None:
+    sched, g, _, mig = make(n=8192, used=4096,
+                            params=MigrationParams(chunk_pages=256, downtime_limit_s=1e-4))
+    g.churn(period=5e-4, pages=64)
+    st = mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+    assert st.pages_sent > 8192  # the dirtied pages went again
+    assert sum(r.dirty_at_sync for r in mig.rounds[1:]) > 0
+
+
+def test_hint_never_clears_the_dirty_log() -> None:
+    sched, g, _, mig = make(hinter_blocks=None)
+    mig.start()
+    g.pv.write_range(1000, 4, "data")  # written after the set-up sync
+    before = g.log.peek().copy()
+    mig.hint(0x80000001, [(1000 * PAGE_SIZE, 4 * PAGE_SIZE)])
+    sched.run_until(sched.now + 1e-3)
+    assert np.array_equal(g.log.peek()[1000:1004], before[1000:1004])
+    assert g.log.peek()[1000:1004].all()
+
+
+def test_hint_ranges_outside_ram_are_counted_not_raised() -> None:
+    sched, g, _, mig = make()
+    mig.start()
+    mig.hint(0x80000001, [(4096 * PAGE_SIZE, PAGE_SIZE), (-PAGE_SIZE, PAGE_SIZE), (0, 0)])
+    assert mig.stats.bad_hints == 3
+    mig.hint(0x80000001, [(10, 100)])  # no whole page inside: nothing to skip, not an error
+    assert mig.stats.bad_hints == 3
+    mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+
+
+def _stale_race(accept: bool):
+    """A hint for free pages is queued on the slow host hint thread; the guest then allocates and
+    writes those pages; the round ends (sync) before the host applies the hint."""
+    cost = CostModel(host_hint_s=20e-3)  # a slow host hint thread: the hint waits 20 ms
+    params = MigrationParams(chunk_pages=256, accept_stale_hints=accept, downtime_limit_s=1.0)
+    sched, g, _, mig = make(n=2048, used=256, params=params, cost=cost)
+    mig.start()
+    mig.hint(0x80000001, [(300 * PAGE_SIZE, 64 * PAGE_SIZE)])
+
+    def allocate_and_write() -> None:
+        g.in_use[300:364] = True
+        g.pv.write_range(300, 64, "data")
+    # set-up takes 5 ms, the bulk pass of 2048 pages ~2.6 ms and passes pfn 364 at ~5.6 ms: the
+    # write at 6 ms lands after the cursor, the sync at ~7.6 ms comes before the hint thread gets
+    # to the hint (20 ms)
+    sched.at(0.006, allocate_and_write)
+    mig.run()
+    return mig
+
+
+def test_stale_hints_are_dropped_at_sync() -> None:
+    mig = _stale_race(accept=False)
+    assert mig.stats.stale_hints_dropped == 1
+    assert mig.verify_result is not None and mig.verify_result.verified
+
+
+def test_fault_accept_stale_hints_is_caught_by_the_verifier() -> None:
+    mig = _stale_race(accept=True)
+    assert mig.stats.stale_hints_applied == 1
+    vr = mig.verify_result
+    assert vr is not None and not vr.verified
+    assert vr.mismatched_pages == 64
+    assert vr.first_mismatches[0] == 300
+
+
+def test_max_rounds_stops_a_migration_that_cannot_converge() -> None:
+    params = MigrationParams(chunk_pages=256, downtime_limit_s=1e-7, max_rounds=4)
+    sched, g, _, mig = make(n=4096, used=4096, params=params)
+    g.churn(period=1e-4, pages=200)
+    st = mig.run()
+    assert not st.converged
+    assert st.rounds == 5  # 4 pre-copy rounds + stop-and-copy
+    assert mig.verify_result is not None and mig.verify_result.verified
+
+
+def test_downtime_respects_the_limit_when_converged() -> None:
+    params = MigrationParams(chunk_pages=256, downtime_limit_s=3e-3)
+    sched, g, _, mig = make(n=8192, used=2048, params=params)
+    g.churn(period=1e-3, pages=16)
+    st = mig.run()
+    assert st.converged
+    # the estimate prices every page left as a normal page, so it bounds the real downtime
+    assert 0 < st.downtime_s <= 3e-3
+    assert mig.rounds[-1].pages_sent > 0
+
+
+def test_verifier_counts_mismatches_held_and_poison() -> None:
+    src = np.array([5, 6, POISON, POISON, 7, ZERO], dtype=np.uint32)
+    dest = np.array([5, 9, POISON, ZERO, 0, ZERO], dtype=np.uint32)
+    in_use = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    held = np.array([0, 0, 0, 0, 1, 0], dtype=bool)
+    r = verify_pages(src, dest, in_use, held, page_poison=True)
+    assert not r.verified and r.mismatched_pages == 1 and r.first_mismatches == [1]
+    # pfn 3 and 5 are free but do not read as poison on the destination
+    assert r.poison_violations == 2 and r.first_poison == [3, 5]
+    r2 = verify_pages(src, dest, in_use, held, page_poison=False)
+    assert r2.poison_violations == 0 and r2.mismatched_pages == 1
+
+
+def test_byte_backed_pages_are_compared_by_content() -> None:
+    sched = Scheduler()
+    log = DirtyLog(64)
+    pv = PageVersions(64, log)
+    area = bytearray(4 * PAGE_SIZE)
+    area[5] = 1
+    mig = PrecopyMigration(pv, log, sched, MigrationParams(chunk_pages=16),
+                           byte_regions=[(8, memoryview(area))])
+    in_use = np.zeros(64, dtype=bool)
+    in_use[8:12] = True
+    seen = {}
+
+    def at_switch(m: PrecopyMigration) -> None:
+        seen["ok"] = m.verify(in_use)
+        area[PAGE_SIZE + 7] = 3  # a change the destination never got
+        seen["bad"] = m.verify(in_use)
+    mig.on_switchover = at_switch
+    st = mig.run()
+    assert seen["ok"].verified
+    assert not seen["bad"].verified and seen["bad"].first_mismatches == [9]
+    assert st.zero_pages == 63  # the area's first page holds a non-zero byte
+
+
+def test_engine_rejects_mismatched_arrays() -> None:
+    with pytest.raises(MigrationError):
+        PrecopyMigration(PageVersions(8), DirtyLog(16), Scheduler())
