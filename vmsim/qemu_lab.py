@@ -127,6 +127,8 @@ def module_paths(moddir: Path, names: Sequence[str]) -> list[Path]:
         p = by_name.get(n)
         if p is None:
             raise LabMissing(f"kernel module {n} is not in {dep}: run {SETUP_HINT}")
+        if not p.exists():
+            raise LabMissing(f"kernel module file {p} is missing: run {SETUP_HINT}")
         if p.suffix != ".ko":
             raise LabMissing(f"{p} is compressed; busybox insmod needs a plain .ko")
         out.append(p)
