@@ -1,0 +1,478 @@
+"""Scenario files: a TOML description of one simulated VM and one migration, loaded and checked.
+
+A scenario looks like this (sizes, rates and durations take units)::
+
+    name = "compile-8g"
+    description = "8 GiB guest compiling a kernel"
+
+    [guest]
+    ram = "8GiB"            # K/M/G/T and KiB.. are powers of 1024; KB/MB/GB/TB powers of 1000
+    seed = 1
+    init_on_alloc = false
+    init_on_free = false
+    page_poison = false
+    vcpus = 4
+
+    [[workload]]            # phases run one after the other before migration starts
+    kind = "fill"
+    size = "2GiB"
+
+    [[workload]]            # background activity while pre-copy runs
+    kind = "churn"
+    during = true
+    rate = "300MiB/s"
+
+    [migration]
+    bandwidth = "100Gbit/s"
+    downtime_limit = "400ms"
+    max_rounds = 30
+
+    [hinting]
+    mode = "capture"        # off | walk | capture
+    min_order = 10
+
+Theory of operation: ``tomllib`` parses the text (a syntax error carries its own line); then a
+schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
+values raise ``ScenarioError`` naming the file, the dotted key (``workload[2].rate``) and its
+line. ``tomllib`` keeps no positions, so ``_KeyLines`` scans the text once and records the line of
+each ``[table]`` / ``[[array]]`` header and of each ``key =`` inside it; that is enough for the
+flat files this format allows (no inline tables, no dotted keys).
+
+Workload kinds and their keys are listed in ``WORKLOAD_KINDS``; their meaning lives in
+``vmsim.vm`` which turns them into guest-model activity.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+HINT_MODES = ("off", "walk", "capture")
+
+
+class ScenarioError(Exception):
+    """A bad scenario file: the message names the file, the key and the line."""
+
+    def __init__(self, file: str, key: str | None, line: int | None, msg: str) -> None:
+        where = file + (f":{line}" if line else "")
+        what = f"key '{key}': " if key else ""
+        super().__init__(f"{where}: {what}{msg}")
+        self.file = file
+        self.key = key
+        self.line = line
+        self.msg = msg
+
+
+# -- units ------------------------------------------------------------------------------------
+_NUM = r"([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)"
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}
+_RATE_UNITS = {  # bytes per second
+    "b/s": 1, "bit/s": 1 / 8, "bps": 1 / 8,
+    "kbit/s": 1e3 / 8, "mbit/s": 1e6 / 8, "gbit/s": 1e9 / 8, "tbit/s": 1e12 / 8,
+    "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8,
+    "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
+    "kib/s": 1 << 10, "mib/s": 1 << 20, "gib/s": 1 << 30,
+}
+_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
+
+
+class UnitError(ValueError):
+    pass
+
+
+def _split(text: str) -> tuple[float, str]:
+    m = re.fullmatch(r"\s*(-?)\s*" + _NUM + r"\s*([A-Za-zµ/]*)\s*", text)
+    if not m:
+        raise UnitError(f"{text!r} is not a number with a unit")
+    if m.group(1):
+        raise UnitError(f"{text!r} is negative")
+    return float(m.group(2)), m.group(3)
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes: ``"8GiB"``, ``"8G"`` (binary, as QEMU's -m), ``"8GB"`` (decimal), or an int."""
+    if isinstance(value, bool):
+        raise UnitError("a size must be a string with a unit or an integer")
+    if isinstance(value, int):
+        if value < 0:
+            raise UnitError(f"{value} is negative")
+        return value
+    num, unit = _split(value)
+    mult = _SIZE_UNITS.get(unit.lower())
+    if mult is None:
+        raise UnitError(f"unknown size unit {unit!r} in {value!r} (use KiB, MiB, GiB, TiB, "
+                        "K, M, G, T, KB, MB, GB, TB)")
+    out = num * mult
+    if out != int(out):
+        raise UnitError(f"{value!r} is not a whole number of bytes")
+    return int(out)
+
+
+def parse_rate(value: str) -> float:
+    """Bytes per second: ``"10Gbit/s"``, ``"100Gbps"``, ``"1.25GB/s"``, ``"500MiB/s"``."""
+    if not isinstance(value, str):
+        raise UnitError("a rate must be a string with a unit, e.g. \"10Gbit/s\"")
+    num, unit = _split(value)
+    mult = _RATE_UNITS.get(unit.lower())
+    if mult is None:
+        raise UnitError(f"unknown rate unit {unit!r} in {value!r} (use Gbit/s, Mbit/s, Gbps, "
+                        "GB/s, MB/s, GiB/s, MiB/s, ...)")
+    return num * mult
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds: ``"300ms"``, ``"1.5s"``, ``"50us"``; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise UnitError("a duration must be a string with a unit")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise UnitError(f"{value} is negative")
+        return float(value)
+    num, unit = _split(value)
+    mult = _TIME_UNITS.get(unit.lower() if unit != "µs" else unit)
+    if mult is None:
+        raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s, min)")
+    return num * mult
+
+
+def format_size(n: float) -> str:
+    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= mult:
+            return f"{n / mult:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# -- the schema -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GuestSpec:
+    ram_bytes: int
+    seed: int = 1
+    init_on_alloc: bool = False
+    init_on_free: bool = False
+    page_poison: bool = False
+    vcpus: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    kind: str
+    during: bool
+    params: dict[str, Any]
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSpec:
+    bandwidth_Bps: float = 100e9 / 8
+    downtime_limit_s: float = 0.3
+    max_rounds: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class HintingSpec:
+    mode: str = "capture"
+    min_order: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    source: str
+    guest: GuestSpec
+    workloads: tuple[WorkloadSpec, ...] = ()
+    migration: MigrationSpec = MigrationSpec()
+    hinting: HintingSpec = HintingSpec()
+    published: dict[str, float] = field(default_factory=dict)  # fidelity reference, ms
+
+    @property
+    def setup_workloads(self) -> tuple[WorkloadSpec, ...]:
+        return tuple(w for w in self.workloads if not w.during)
+
+    @property
+    def during_workloads(self) -> tuple[WorkloadSpec, ...]:
+        return tuple(w for w in self.workloads if w.during)
+
+
+# A field: (converter, default). Converters raise UnitError/TypeError with a reason.
+Conv = Callable[[Any], Any]
+
+
+def _int(lo: int, hi: int | None = None) -> Conv:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"expected an integer, got {type(v).__name__} {v!r}")
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise UnitError(f"{v} is out of range (must be {rng})")
+        return v
+    return conv
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _choice(*options: str) -> Conv:
+    def conv(v: Any) -> str:
+        _str(v)
+        if v not in options:
+            raise UnitError(f"{v!r} is not one of {', '.join(options)}")
+        return v
+    return conv
+
+
+def _fraction(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"expected a number, got {type(v).__name__} {v!r}")
+    if not 0 <= v <= 1:
+        raise UnitError(f"{v} is not a fraction in [0, 1]")
+    return float(v)
+
+
+def _positive(conv: Conv) -> Conv:
+    def wrapped(v: Any) -> Any:
+        out = conv(v)
+        if out <= 0:
+            raise UnitError(f"{v!r} must be more than zero")
+        return out
+    return wrapped
+
+
+def _size(v: Any) -> int:
+    if isinstance(v, float):
+        raise TypeError("expected a size such as \"4GiB\", got a float")
+    if not isinstance(v, (str, int)) or isinstance(v, bool):
+        raise TypeError(f"expected a size such as \"4GiB\", got {type(v).__name__}")
+    return parse_size(v)
+
+
+def _rate(v: Any) -> float:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a rate such as \"10Gbit/s\", got {type(v).__name__}")
+    return parse_rate(v)
+
+
+def _duration(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise TypeError(f"expected a duration such as \"300ms\", got {type(v).__name__}")
+    return parse_duration(v)
+
+
+_TOP = {"name": _str, "description": _str}
+_GUEST = {"ram": _positive(_size), "seed": _int(0), "init_on_alloc": _bool,
+          "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64)}
+_MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
+              "max_rounds": _int(1, 10000)}
+_HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10)}
+
+
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"expected a number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+# Published total migration times this scenario reproduces (docs/cost-model.md), milliseconds.
+_PUBLISHED = {"without_hints_ms": _positive(_num), "with_hints_ms": _positive(_num)}
+
+
+# Workload kinds: key -> converter. "kind" and "during" are common to all.
+WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
+    # allocate and write ``size`` of memory that stays in use (anonymous memory, page cache)
+    "fill": {"size": _size, "order": _int(0, 10)},
+    # allocate ``size`` and write it, then free it again (memhog's pattern)
+    "fill_free": {"size": _size},
+    # rewrite pages already in use, ``rate`` bytes per second, spread over ``working_set``
+    "dirty": {"rate": _positive(_rate), "working_set": _size},
+    # allocate, write and free memory continuously: ``rate`` bytes per second allocated,
+    # each allocation lives ``lifetime``; ``footprint`` caps what is live at once
+    "churn": {"rate": _positive(_rate), "lifetime": _positive(_duration), "footprint": _size,
+              "order": _int(0, 10)},
+    # keep the simulated clock moving (an idle phase before migration)
+    "idle": {"duration": _duration},
+}
+_WORKLOAD_COMMON = {"kind": _str, "during": _bool}
+_WORKLOAD_REQUIRED = {"fill": ("size",), "fill_free": ("size",), "dirty": ("rate",),
+                      "churn": ("rate",), "idle": ("duration",)}
+
+
+class _KeyLines:
+    """Line numbers of headers and keys, from a scan of the text (tomllib keeps none)."""
+
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[tuple[str, int, str], int] = {}
+        self.headers: dict[tuple[str, int], int] = {}
+        table, index = "", 0
+        counts: dict[str, int] = {}
+        in_multiline = False
+        for no, raw in enumerate(text.splitlines(), start=1):
+            if raw.count('"""') % 2 == 1 or raw.count("'''") % 2 == 1:
+                in_multiline = not in_multiline
+                if not in_multiline:
+                    continue
+            elif in_multiline:
+                continue
+            m = self._HEADER.match(raw)
+            if m and not self._KEY.match(raw):
+                table = m.group(2).replace('"', "").strip()
+                if m.group(1) == "[[":
+                    index = counts.get(table, 0)
+                    counts[table] = index + 1
+                else:
+                    index = 0
+                self.headers.setdefault((table, index), no)
+                continue
+            k = self._KEY.match(raw)
+            if k:
+                self.lines.setdefault((table, index, k.group(1).strip('"')), no)
+
+    def key(self, table: str, index: int, key: str) -> int | None:
+        return self.lines.get((table, index, key)) or self.headers.get((table, index))
+
+
+def _check_table(file: str, lines: _KeyLines, table: str, index: int, label: str,
+                 data: Any, schema: dict[str, Conv]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ScenarioError(file, label, lines.key(table, index, ""),
+                            f"expected a table, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{label}.{key}" if label else key
+        line = lines.key(table, index, key)
+        conv = schema.get(key)
+        if conv is None:
+            known = ", ".join(sorted(schema))
+            raise ScenarioError(file, dotted, line, f"unknown key (known keys: {known})")
+        try:
+            out[key] = conv(value)
+        except (UnitError, TypeError) as e:
+            raise ScenarioError(file, dotted, line, str(e)) from None
+    return out
+
+
+def loads(text: str, file: str = "<string>") -> Scenario:
+    """Parse and check a scenario from its text; ``file`` names it in errors."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        raise ScenarioError(file, None, int(m.group(1)) if m else None,
+                            f"not valid TOML: {e}") from None
+    lines = _KeyLines(text)
+    tables = {"guest": _GUEST, "migration": _MIGRATION, "hinting": _HINTING,
+              "published": _PUBLISHED}
+    for key in data:
+        if key not in tables and key not in _TOP and key != "workload":
+            raise ScenarioError(file, key, lines.key("", 0, key) or lines.key(key, 0, ""),
+                                "unknown key (known: name, description, [guest], [[workload]], "
+                                "[migration], [hinting], [published])")
+    top = _check_table(file, lines, "", 0, "", {k: v for k, v in data.items() if k in _TOP},
+                       _TOP)
+    if "guest" not in data:
+        raise ScenarioError(file, "guest", None, "missing table [guest]")
+    g = _check_table(file, lines, "guest", 0, "guest", data["guest"], _GUEST)
+    if "ram" not in g:
+        raise ScenarioError(file, "guest.ram", lines.key("guest", 0, ""), "missing key")
+    if g["ram"] % 4096:
+        raise ScenarioError(file, "guest.ram", lines.key("guest", 0, "ram"),
+                            "guest RAM must be a whole number of 4 KiB pages")
+    if g["ram"] < 64 << 20:
+        raise ScenarioError(file, "guest.ram", lines.key("guest", 0, "ram"),
+                            "guest RAM must be at least 64 MiB (the driver area and the "
+                            "low zones live there)")
+    guest = GuestSpec(ram_bytes=g["ram"], seed=g.get("seed", 1),
+                      init_on_alloc=g.get("init_on_alloc", False),
+                      init_on_free=g.get("init_on_free", False),
+                      page_poison=g.get("page_poison", False), vcpus=g.get("vcpus", 2))
+    wl_data = data.get("workload", [])
+    if not isinstance(wl_data, list):
+        raise ScenarioError(file, "workload", lines.key("workload", 0, ""),
+                            "use [[workload]] tables (an array of tables)")
+    workloads = []
+    for i, w in enumerate(wl_data):
+        label = f"workload[{i + 1}]"
+        if not isinstance(w, dict):
+            raise ScenarioError(file, label, lines.key("workload", i, ""), "expected a table")
+        kind = w.get("kind")
+        if kind is None:
+            raise ScenarioError(file, f"{label}.kind", lines.key("workload", i, ""),
+                                "missing key (one of " + ", ".join(WORKLOAD_KINDS) + ")")
+        if kind not in WORKLOAD_KINDS:
+            raise ScenarioError(file, f"{label}.kind", lines.key("workload", i, "kind"),
+                                f"unknown workload kind {kind!r} (one of "
+                                + ", ".join(WORKLOAD_KINDS) + ")")
+        schema = {**_WORKLOAD_COMMON, **WORKLOAD_KINDS[kind]}
+        p = _check_table(file, lines, "workload", i, label, w, schema)
+        for req in _WORKLOAD_REQUIRED[kind]:
+            if req not in p:
+                raise ScenarioError(file, f"{label}.{req}", lines.key("workload", i, ""),
+                                    f"missing key (a {kind} workload needs it)")
+        during = p.pop("during", False)
+        p.pop("kind")
+        if kind in ("fill", "fill_free", "idle") and during:
+            raise ScenarioError(file, f"{label}.during", lines.key("workload", i, "during"),
+                                f"a {kind} workload is a set-up phase; it cannot run during "
+                                "migration")
+        if kind in ("fill", "fill_free") and p["size"] > guest.ram_bytes:
+            raise ScenarioError(file, f"{label}.size", lines.key("workload", i, "size"),
+                                "larger than the guest's RAM")
+        workloads.append(WorkloadSpec(kind, during, p, lines.key("workload", i, "kind")))
+    m = _check_table(file, lines, "migration", 0, "migration", data.get("migration", {}),
+                     _MIGRATION)
+    d = MigrationSpec()
+    mig = MigrationSpec(bandwidth_Bps=m.get("bandwidth", d.bandwidth_Bps),
+                        downtime_limit_s=m.get("downtime_limit", d.downtime_limit_s),
+                        max_rounds=m.get("max_rounds", d.max_rounds))
+    h = _check_table(file, lines, "hinting", 0, "hinting", data.get("hinting", {}), _HINTING)
+    hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10))
+    pub = _check_table(file, lines, "published", 0, "published", data.get("published", {}),
+                       _PUBLISHED)
+    name = top.get("name") or Path(file).stem
+    return Scenario(name=name, description=top.get("description", ""), source=file, guest=guest,
+                    workloads=tuple(workloads), migration=mig, hinting=hint, published=pub)
+
+
+def load(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ScenarioError(str(path), None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(str(path), None, None, "not UTF-8 text") from None
+    return loads(text, str(path))
+
+
+# -- built-ins --------------------------------------------------------------------------------
+def builtin_names() -> list[str]:
+    d = resources.files("vmsim") / "scenarios"
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".toml"))
+
+
+def load_builtin(name: str) -> Scenario:
+    d = resources.files("vmsim") / "scenarios"
+    f = d / f"{name}.toml"
+    if not f.is_file():
+        raise ScenarioError(f"builtin:{name}", None, None,
+                            "no such built-in scenario (see `balloon-hint scenarios`)")
+    return loads(f.read_text(encoding="utf-8"), f"builtin:{name}")
