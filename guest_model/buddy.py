@@ -156,6 +156,9 @@ class Zone:
     lowmem_reserve: list[int] = field(default_factory=lambda: [0, 0, 0])
     pcp_batch: int = 1
     pcp_high: int = 6
+    # The allocator owning the zone, so that Linux-shaped calls taking only a zone
+    # (``report_free_page_block(zone, ...)``) can reach the free lists.
+    allocator: BuddyAllocator | None = field(default=None, repr=False, compare=False)
 
     @property
     def populated(self) -> bool:
@@ -238,7 +241,7 @@ class BuddyAllocator:
         for z in range(NR_ZONES):
             end = ZONE_END_PFN[z]
             end = n if end is None else min(end, n)
-            self.zones.append(Zone(z, ZONE_NAMES[z], start, max(start, end)))
+            self.zones.append(Zone(z, ZONE_NAMES[z], start, max(start, end), allocator=self))
             start = max(start, end)
         self._zone_bounds = [(zz.start_pfn, zz.end_pfn) for zz in self.zones]
 

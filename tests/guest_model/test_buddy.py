@@ -1,0 +1,392 @@
+"""guest_model.buddy: the simulated guest's page allocator.
+
+The brute-force recount here reads only the per-page arrays (``buddy_order``, ``state``,
+``pageblock_mt``) and rebuilds the per-list counts from scratch, so it does not share the
+allocator's bookkeeping; ``BuddyAllocator.check()`` additionally walks every linked list.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from guest_model.buddy import (
+    MAX_ORDER,
+    MIGRATE_MOVABLE,
+    MIGRATE_PCPTYPES,
+    MIGRATE_RECLAIMABLE,
+    MIGRATE_TYPES,
+    MIGRATE_UNMOVABLE,
+    NR_ZONES,
+    OWNER_BALLOON,
+    PG_ALLOC,
+    PG_BALLOON,
+    PG_BUDDY,
+    PG_PCP,
+    PG_RESERVED,
+    WMARK_MIN,
+    ZONE_DMA,
+    ZONE_DMA32,
+    ZONE_NORMAL,
+    BuddyAllocator,
+    BuddyError,
+    pageblock_order,
+)
+from guestmem import DirtyLog
+from guestmem.pages import POISON, ZERO, PageVersions
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def recount(a: BuddyAllocator) -> np.ndarray:
+    """Free blocks per [zone, order, migratetype] from the per-page arrays alone."""
+    heads = np.flatnonzero(a.buddy_order >= 0)
+    orders = a.buddy_order[heads].astype(np.int64)
+    zones = np.where(heads < (16 * MiB >> 12), ZONE_DMA,
+                     np.where(heads < (4 * GiB >> 12), ZONE_DMA32, ZONE_NORMAL))
+    mts = a.pageblock_mt[heads >> pageblock_order].astype(np.int64)
+    out = np.zeros((NR_ZONES, MAX_ORDER, MIGRATE_TYPES), dtype=np.int64)
+    np.add.at(out, (zones, orders, mts), 1)
+    # The blocks cover exactly the pages in state PG_BUDDY, without overlap.
+    cover = np.zeros(a.ram_pages, dtype=np.int64)
+    for h, o in zip(heads.tolist(), orders.tolist()):
+        cover[h:h + (1 << o)] += 1
+    assert cover.max(initial=0) <= 1, "free blocks overlap"
+    assert np.array_equal(cover == 1, a.state == PG_BUDDY), "free blocks != PG_BUDDY pages"
+    return out
+
+
+def assert_maximal(a: BuddyAllocator) -> None:
+    """No two free buddies of equal order are left unmerged (Linux merges on every free)."""
+    heads = np.flatnonzero(a.buddy_order >= 0)
+    for h in heads.tolist():
+        o = int(a.buddy_order[h])
+        if o == MAX_ORDER - 1:
+            continue
+        b = h ^ (1 << o)
+        if b < a.ram_pages and a.buddy_order[b] == o and a.zone_of(b) == a.zone_of(h):
+            mts = {int(a.pageblock_mt[h >> pageblock_order]), int(a.pageblock_mt[b >> pageblock_order])}
+            assert len(mts) > 1 and max(mts) >= MIGRATE_PCPTYPES, f"unmerged buddies {h:#x}/{b:#x}"
+
+
+def test_boot_layout_zones_and_reserved() -> None:
+    ram = 4 * GiB + 64 * MiB + 12 * 4096  # a ragged end
+    a = BuddyAllocator(ram, reserved=[(1 * MiB, 4 * MiB), (0, 1)])
+    assert [z.name for z in a.zones] == ["DMA", "DMA32", "Normal"]
+    assert (a.zones[0].start_pfn, a.zones[0].end_pfn) == (0, 4096)
+    assert (a.zones[1].start_pfn, a.zones[1].end_pfn) == (4096, 1 << 20)
+    assert a.zones[2].end_pfn == ram >> 12
+    reserved = 1 + (4 * MiB >> 12)  # pfn 0 (1 byte rounds out to a page) and the driver area
+    assert a.nr_free_pages() == (ram >> 12) - reserved
+    assert int(np.count_nonzero(a.state == PG_RESERVED)) == reserved
+    assert a.zones[0].managed_pages == 4096 - reserved
+    np.testing.assert_array_equal(a.free_counts(), recount(a))
+    a.check()
+    assert_maximal(a)
+    # The ragged end is 12 pages: blocks of order 3 and 2 at the top of Normal.
+    top = (ram >> 12) - 12
+    assert a.page_order(top) == 3 and a.page_order(top + 8) == 2
+    # All memory starts movable; the big middle is max-order blocks in address order.
+    counts = a.free_counts()
+    assert counts[:, :, MIGRATE_MOVABLE].sum() == counts.sum()
+    lid = (ZONE_DMA32 * MAX_ORDER + MAX_ORDER - 1) * MIGRATE_TYPES + MIGRATE_MOVABLE
+    blocks = a.free_blocks(lid)
+    assert blocks == sorted(blocks) and len(blocks) == (4 * GiB - 16 * MiB) >> 22
+
+
+def test_watermarks_look_like_linux() -> None:
+    a = BuddyAllocator(8 * GiB)
+    # min_free_kbytes = sqrt(16 * 8 GiB in KiB) = 11585 KiB -> 2896 pages, spread by size.
+    assert sum(z.watermark[WMARK_MIN] for z in a.zones) in range(2890, 2897)
+    n = a.zones[ZONE_NORMAL]
+    assert n.watermark[0] < n.watermark[1] < n.watermark[2]
+    assert n.pcp_batch == 63 and n.pcp_high == 378
+    # DMA32 is protected from allocations that could have used Normal.
+    assert a.zones[ZONE_DMA32].lowmem_reserve[ZONE_NORMAL] == n.managed_pages // 256
+
+
+def test_split_and_merge_back() -> None:
+    a = BuddyAllocator(64 * MiB)
+    before = a.free_counts()
+    p = a.alloc_pages(3)
+    assert p is not None and p % 8 == 0
+    assert np.all(a.state[p:p + 8] == PG_ALLOC)
+    # A max-order block was split: one block of each order 3..9 came back on the lists.
+    diff = (a.free_counts() - before).sum(axis=(0, 2))
+    assert diff[MAX_ORDER - 1] == -1 and all(diff[o] == 1 for o in range(3, MAX_ORDER - 1))
+    a.free_pages(p, 3)
+    np.testing.assert_array_equal(a.free_counts(), before)
+    a.check()
+
+
+def test_pcp_lists_hide_free_pages_until_drained() -> None:
+    a = BuddyAllocator(64 * MiB, nr_cpus=2)
+    free0 = a.nr_free_pages()
+    p = a.alloc_pages(0, cpu=1)
+    assert p is not None
+    z = a.zones[a.zone_of(p)]
+    # The refill took a whole batch from the buddy; the rest waits on cpu 1's list.
+    assert a.nr_free_pages() == free0 - z.pcp_batch
+    assert a.nr_pcp_pages() == z.pcp_batch - 1
+    a.free_pages(p, 0, cpu=1)
+    assert a.state[p] == PG_PCP and a.is_free(p)
+    assert a.page_order(p) == -1  # not on a buddy list: a walk cannot see it
+    a.drain_pcp()
+    assert a.nr_pcp_pages() == 0 and a.nr_free_pages() == free0
+    a.check()
+
+
+def test_pcp_high_flushes_a_batch() -> None:
+    a = BuddyAllocator(256 * MiB)
+    z = a.zones[ZONE_DMA32]
+    pfns = [a.alloc_pages(0) for _ in range(z.pcp_high + z.pcp_batch)]
+    assert all(p is not None for p in pfns)
+    a.drain_pcp()
+    flushes = a.counters["pcp_flush"]
+    for p in pfns:
+        a.free_pages(p, 0)
+    assert a.counters["pcp_flush"] > flushes
+    assert a.nr_pcp_pages() < z.pcp_high
+    a.check()
+
+
+def test_fallback_claims_a_pageblock_for_unmovable() -> None:
+    a = BuddyAllocator(64 * MiB)
+    assert a.free_counts()[:, :, MIGRATE_UNMOVABLE].sum() == 0
+    p = a.alloc_pages(0, MIGRATE_UNMOVABLE)
+    assert p is not None
+    assert a.counters["pageblock_claim"] >= 1
+    # The pageblock (here a whole max-order block) is now unmovable, its rest on unmovable lists.
+    assert a.pageblock_mt[p >> pageblock_order] == MIGRATE_UNMOVABLE
+    assert a.free_counts()[:, :, MIGRATE_UNMOVABLE].sum() > 0
+    np.testing.assert_array_equal(a.free_counts(), recount(a))
+    a.check()
+
+
+def test_exhaustion_respects_min_watermark_and_noretry() -> None:
+    a = BuddyAllocator(64 * MiB)
+    got = []
+    while (p := a.alloc_pages(MAX_ORDER - 1, noretry=True)) is not None:
+        got.append(p)
+    assert got and a.counters["alloc_fail"] == 1
+    for z in a.zones:
+        if z.populated:
+            assert a.nr_free_pages(z.idx) > 0
+    # Order-0 allocations still find pages above min.
+    small = a.alloc_pages(0)
+    assert small is not None
+    for p in got:
+        a.free_pages(p, MAX_ORDER - 1)
+    a.free_pages(small, 0)
+    a.drain_pcp()
+    assert_maximal(a)
+
+
+def test_misuse_raises_with_the_culprit() -> None:
+    a = BuddyAllocator(64 * MiB, reserved=[(1 * MiB, 4 * MiB)])
+    p = a.alloc_pages(2)
+    assert p is not None
+    a.free_pages(p, 2)
+    with pytest.raises(BuddyError, match="double free"):
+        a.free_pages(p, 2)
+    with pytest.raises(BuddyError, match="double free or reserved"):
+        a.free_pages(1 * MiB >> 12, 0)
+    with pytest.raises(BuddyError, match="not aligned"):
+        a.free_pages(p + 1, 1)
+    with pytest.raises(BuddyError, match="order"):
+        a.alloc_pages(MAX_ORDER)
+    with pytest.raises(BuddyError, match="migratetype"):
+        a.alloc_pages(0, 4)
+    with pytest.raises(BuddyError, match="outside RAM"):
+        a.free_pages(a.ram_pages, 0)
+    a.check()
+
+
+def test_reserved_pages_are_never_handed_out() -> None:
+    a = BuddyAllocator(32 * MiB, reserved=[(1 * MiB, 4 * MiB)])
+    got = a.alloc_pages_bulk(a.ram_pages)
+    got = np.concatenate([got] + [np.arange(p, p + 1) for p in iter(lambda: a.alloc_pages(0), None)])
+    res = np.arange(256, 256 + 1024)
+    assert not np.isin(res, got).any()
+    assert np.all(a.state[res] == PG_RESERVED)
+
+
+def test_memory_init_writes_and_dirty_log() -> None:
+    n = (64 * MiB) >> 12
+    log = DirtyLog(n)
+    pv = PageVersions(n, log)
+    a = BuddyAllocator(64 * MiB, pages=pv, init_on_alloc=True, init_on_free=True)
+    log.start()
+    p = a.alloc_pages(4)
+    assert p is not None
+    assert log.sync()[p:p + 16].all()  # init_on_alloc: the allocation wrote (zeroed) the block
+    pv.write_range(p, 16, "data")
+    assert np.all(pv.version[p:p + 16] >= 2)
+    a.free_pages(p, 4)
+    assert np.all(pv.version[p:p + 16] == ZERO)  # init_on_free
+    # Poisoning takes precedence over both init options.
+    pv2 = PageVersions(n)
+    b = BuddyAllocator(64 * MiB, pages=pv2, init_on_alloc=True, init_on_free=True,
+                       page_poisoning=True)
+    assert not b.init_on_alloc and not b.init_on_free
+    assert np.all(pv2.version == POISON)  # boot memory was freed through the poisoning path
+    q = b.alloc_pages(2)
+    assert q is not None
+    pv2.write_range(q, 4, "data")
+    b.free_pages(q, 2)
+    assert np.all(pv2.version[q:q + 4] == POISON)
+    # No init at all: allocation leaves old content.
+    pv3 = PageVersions(n)
+    c = BuddyAllocator(64 * MiB, pages=pv3, init_on_alloc=False)
+    r = c.alloc_pages(0)
+    assert r is not None
+    pv3.write_range(r, 1, "data")
+    v = int(pv3.version[r])
+    c.free_pages(r, 0)
+    assert c.alloc_pages(0) == r and pv3.version[r] == v  # pcp hands the hot page back
+
+
+def test_balloon_owner_is_not_in_use() -> None:
+    a = BuddyAllocator(64 * MiB)
+    p = a.alloc_pages(MAX_ORDER - 1, owner=OWNER_BALLOON)
+    q = a.alloc_pages(0)
+    assert p is not None and q is not None
+    assert np.all(a.state[p:p + 1024] == PG_BALLOON)
+    mask = a.in_use_mask()
+    assert not mask[p:p + 1024].any() and mask[q]
+    assert int(mask.sum()) == 1
+
+
+def test_bulk_matches_layout_of_single_frees() -> None:
+    """Freeing pages in bulk leaves the same free-block layout as freeing them one by one."""
+    rng = np.random.default_rng(5)
+    a = BuddyAllocator(48 * MiB, seed=1)
+    b = BuddyAllocator(48 * MiB, seed=1)
+    pa = a.alloc_pages_bulk(9000)
+    pb = b.alloc_pages_bulk(9000)
+    np.testing.assert_array_equal(pa, pb)
+    assert np.unique(pa).size == 9000 and np.all(a.state[pa] == PG_ALLOC)
+    sel = rng.choice(pa, 5000, replace=False)
+    a.free_pages_bulk(sel)
+    for p in sel.tolist():
+        b.free_pages(int(p), 0)
+    b.drain_pcp()
+    a.check()
+    b.check()
+    np.testing.assert_array_equal(a.state, b.state)
+    np.testing.assert_array_equal(a.buddy_order, b.buddy_order)
+    np.testing.assert_array_equal(a.free_counts().sum(axis=2), b.free_counts().sum(axis=2))
+
+
+def test_deterministic_from_seed() -> None:
+    def run(seed: int) -> list[int | None]:
+        a = BuddyAllocator(64 * MiB, seed=seed, shuffle=True)
+        rng = np.random.default_rng(seed)
+        held: list[tuple[int, int]] = []
+        out: list[int | None] = []
+        for _ in range(300):
+            if held and rng.random() < 0.45:
+                p, o = held.pop(int(rng.integers(len(held))))
+                a.free_pages(p, o)
+            else:
+                o = int(rng.integers(0, 6))
+                p = a.alloc_pages(o, int(rng.integers(0, 3)))
+                out.append(p)
+                if p is not None:
+                    held.append((p, o))
+        return out
+
+    assert run(3) == run(3)
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Random alloc/free/bulk/drain sequences against a model of who holds what."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # 24 MiB: all of DMA (with a reserved hole) and a little DMA32, 2 cpus.
+        self.a = BuddyAllocator(24 * MiB + 5 * 4096, reserved=[(1 * MiB, 3 * MiB + 4096)],
+                                nr_cpus=2)
+        self.fresh = self.a.free_counts().sum(axis=2)
+        self.held: dict[int, tuple[int, int]] = {}  # pfn -> (order, owner state)
+
+    @rule(order=st.integers(0, MAX_ORDER - 1), mt=st.sampled_from(
+        [MIGRATE_UNMOVABLE, MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE]), cpu=st.integers(0, 1),
+        balloon=st.booleans())
+    def alloc(self, order: int, mt: int, cpu: int, balloon: bool) -> None:
+        owner = OWNER_BALLOON if balloon else PG_ALLOC
+        p = self.a.alloc_pages(order, mt, cpu=cpu, owner=owner)
+        if p is None:
+            return
+        assert p % (1 << order) == 0
+        for q, (o, _) in self.held.items():
+            assert p + (1 << order) <= q or q + (1 << o) <= p, "double allocation"
+        self.held[p] = (order, owner)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), cpu=st.integers(0, 1))
+    def free(self, data: st.DataObject, cpu: int) -> None:
+        p = data.draw(st.sampled_from(sorted(self.held)))
+        o, _ = self.held.pop(p)
+        self.a.free_pages(p, o, cpu=cpu)
+
+    @rule(n=st.integers(1, 3000), mt=st.sampled_from([MIGRATE_UNMOVABLE, MIGRATE_MOVABLE]))
+    def alloc_bulk(self, n: int, mt: int) -> None:
+        pfns = self.a.alloc_pages_bulk(n, mt)
+        assert pfns.size <= n and np.unique(pfns).size == pfns.size
+        for p in pfns.tolist():
+            assert p not in self.held
+            self.held[p] = (0, PG_ALLOC)
+
+    @precondition(lambda self: any(o == 0 for o, _ in self.held.values()))
+    @rule(data=st.data())
+    def free_bulk(self, data: st.DataObject) -> None:
+        zero = sorted(p for p, (o, _) in self.held.items() if o == 0)
+        k = data.draw(st.integers(1, len(zero)))
+        sel = zero[:k] if data.draw(st.booleans()) else zero[-k:]
+        for p in sel:
+            del self.held[p]
+        self.a.free_pages_bulk(np.array(sel))
+
+    @rule()
+    def drain(self) -> None:
+        self.a.drain_pcp()
+
+    @rule(data=st.data())
+    def double_free_is_refused(self, data: st.DataObject) -> None:
+        p = data.draw(st.integers(0, self.a.ram_pages - 1))
+        if self.a.state[p] in (PG_ALLOC, PG_BALLOON):
+            return
+        with pytest.raises(BuddyError):
+            self.a.free_pages(p, 0)
+
+    @invariant()
+    def no_page_both_free_and_allocated(self) -> None:
+        expect = np.zeros(self.a.ram_pages, dtype=np.uint8)
+        for p, (o, owner) in self.held.items():
+            expect[p:p + (1 << o)] = owner
+        alloc = (self.a.state == PG_ALLOC) | (self.a.state == PG_BALLOON)
+        np.testing.assert_array_equal(np.flatnonzero(alloc), np.flatnonzero(expect))
+        np.testing.assert_array_equal(self.a.state[expect > 0], expect[expect > 0])
+
+    @invariant()
+    def counts_match_brute_force(self) -> None:
+        np.testing.assert_array_equal(self.a.free_counts(), recount(self.a))
+        self.a.check()
+
+    def teardown(self) -> None:
+        for p, (o, _) in list(self.held.items()):
+            self.a.free_pages(p, o)
+        self.a.drain_pcp()
+        # Everything coalesces back into maximal blocks: same blocks per zone/order as at boot.
+        np.testing.assert_array_equal(self.a.free_counts().sum(axis=2), self.fresh)
+        assert_maximal(self.a)
+        self.a.check()
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
