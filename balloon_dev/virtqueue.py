@@ -1,19 +1,58 @@
-"""The device side of a split virtqueue over guest memory (protocol.md 1.x).
+"""The device side of a split virtqueue over guest memory (protocol.md section 1).
 
-Theory of operation: the queue never owns memory; it holds three guest addresses and two
-indices (``last_avail_idx``, the next available entry to consume, and ``used_idx``, the next
-used entry to fill). ``pop_many`` reads the available index once, takes the new heads with one
-numpy read, snapshots the descriptor table once per batch (so a guest changing descriptors
-mid-walk cannot make us see two versions of one: conventions 6), and walks each chain with every
-loop bounded by the queue or table size. Single-descriptor chains (all hints, most balloon
-buffers) are checked as one numpy batch; other chains take the general walk.
+Theory of operation
+-------------------
+The queue never owns memory: it holds three guest addresses (descriptor table, driver area =
+available ring, device area = used ring) and two free-running ``uint16`` indices,
+``last_avail_idx`` (the next available entry to consume) and ``used_idx`` (the next used entry to
+fill). Slots are ``idx & (N - 1)``; every index wraps at 65536 (protocol.md 1.3).
 
-Two kinds of guest error:
-- a malformed *chain* (V-3..V-8): the chain is returned with ``error`` set; the device uses it
-  with len 0, and the counter named in ``counters`` goes up;
-- a broken *ring* (V-1 pending > N, V-2 head >= N, ring areas outside guest memory): ``RingBroken``
-  is raised; the device must set DEVICE_NEEDS_RESET (QEMU's virtio_error()).
+Popping. ``pending()`` reads ``avail.idx`` and checks that it moved by at most N (V-1).
+``pop_many`` then reads all new heads with one numpy read, checks them against N (V-2), and
+copies the heads' descriptors out of the table with one fancy-indexing read. Chains made of one
+plain descriptor (every free page hint, every inflate/deflate/stats buffer Linux posts) are
+validated as one numpy batch; anything else (``NEXT``, ``INDIRECT``, zero length, a buffer that
+fails the bounds check) goes through the general walk, which produces the same answer a single
+``pop`` would, including the error and the counter. ``pop`` takes the general walk directly:
+it reads only the descriptors of one chain, so it costs O(chain) and not O(N).
+
+Each descriptor is read from guest memory exactly once per pop and only that copy is used; an
+indirect table is copied once before it is walked. A guest that rewrites descriptors while we
+walk therefore cannot make us see two versions of one (no TOCTOU, conventions 6). Every walk is
+bounded (conventions 9): at most N descriptors in the main table and at most the table's entry
+count inside an indirect table (V-3, V-4); indirect tables are capped at 32768 entries so the
+copy is bounded too.
+
+Two kinds of guest error (architecture "Errors name whose fault it is"):
+
+* a malformed *chain* (V-3..V-8): the chain is returned with ``error`` set to
+  ``"<counter>: <detail>"``, ``out``/``in_`` hold the buffers validated before the fault, the
+  named counter in ``counters`` goes up and a warning with hex detail is logged. The device
+  returns it with len 0 and carries on;
+* a broken *ring* (V-1 pending > N, V-2 head >= N, a ring area outside guest memory):
+  ``RingBroken`` is raised and counted; the device must set DEVICE_NEEDS_RESET (QEMU's
+  ``virtio_error()``). Nothing is consumed by the call that raises.
+
 ``GuestMemoryError`` never escapes this module.
+
+Guest RAM vs byte-backed memory. V-8 asks that every buffer lie in guest RAM. In a simulated VM
+only the driver area is backed by bytes (docs/interfaces.md), while free page hints point at
+RAM whose content is modelled by ``PageVersions``; pass ``ram=[(gpa, size), ...]`` to check
+buffers against those ranges. Without it, buffers are checked against ``mem``'s regions.
+Descriptor tables (including indirect ones) must always be byte-backed, as they are read.
+
+Pushing. ``push``/``push_many`` write used elements, then publish ``used.idx`` once, through
+``GuestMemory`` so the dirty log sees them. The device writes nothing but the used ring
+(elements, ``flags``, ``idx`` and ``avail_event``): never a readable buffer, never the
+descriptor table (V-9).
+
+Notifications (protocol.md 1.4). Without EVENT_IDX the device sets ``used.flags`` NO_NOTIFY to
+suppress kicks and honours ``avail.flags`` NO_INTERRUPT. With EVENT_IDX, ``used.flags`` stays 0;
+while notifications are enabled each pop republishes ``avail_event = last_avail_idx`` (QEMU
+does the same), so the driver kicks for the first entry we have not seen; disabling simply stops
+updating it. ``should_notify`` applies ``vring_need_event(used_event, new, old)`` over the used
+entries written since the previous decision, and answers True the first time after an external
+change of ``used_idx`` (as QEMU's ``signalled_used_valid`` after a load).
 """
 from __future__ import annotations
 
@@ -30,6 +69,7 @@ from protocol.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
     USED_ELEM_DTYPE,
+    USED_ELEM_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -42,19 +82,43 @@ from protocol.virtqueue import (
 log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("<H")
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next (protocol.md 1.2)
+_USED_ELEM = struct.Struct("<II")
 _CHAIN_LEN_LIMIT = 1 << 32  # a chain's total length must stay below 2^32 (protocol.md 1.2)
+_U32_LIMIT = 1 << 32
+_NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+
+#: Guest-error counters, all present from the start so stats show zeros too.
+CHAIN_ERROR_COUNTERS = (
+    "next_out_of_range",        # V-3
+    "desc_loop",                # V-4
+    "readable_after_writable",  # V-5
+    "indirect_nested",          # V-6
+    "indirect_with_next",       # V-6
+    "indirect_bad_len",         # V-6
+    "indirect_too_long",        # V-6 (our bound on the table copy)
+    "indirect_not_negotiated",  # virtio 1.x 2.7.5.3.1: driver MUST NOT set INDIRECT unless negotiated
+    "zero_len_buffer",          # V-7
+    "buffer_outside_memory",    # V-8
+    "chain_too_long",           # protocol.md 1.2: total length < 2^32
+)
+RING_ERROR_COUNTERS = ("avail_idx_jump", "head_out_of_range", "ring_outside_memory")
+OTHER_COUNTERS = ("buffer_vanished",)  # a buffer left guest memory between pop and use
 
 
 class RingBroken(Exception):
-    """The ring as a whole is unusable; the device must set DEVICE_NEEDS_RESET."""
+    """The ring as a whole is unusable (V-1, V-2, ring area outside memory): the device must set
+    DEVICE_NEEDS_RESET and stop using the queue until it is reset."""
 
 
 @dataclass(frozen=True, slots=True)
 class Chain:
+    """One popped descriptor chain. ``head`` goes back in the used element."""
+
     head: int
-    out: tuple[tuple[int, int], ...]
-    in_: tuple[tuple[int, int], ...]
-    error: str | None = None
+    out: tuple[tuple[int, int], ...]   # readable (gpa, len), in order
+    in_: tuple[tuple[int, int], ...]   # writable (gpa, len), in order
+    error: str | None = None           # "<counter>: <detail>" for a malformed chain
 
     @property
     def out_len(self) -> int:
@@ -72,10 +136,14 @@ class _ChainError(Exception):
 
 
 class DeviceVirtqueue:
+    """The device side of one split virtqueue of ``size`` entries at the given guest addresses."""
+
     def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
-                 event_idx: bool = False, indirect: bool = True,
-                 reject_zero_len: bool = True, name: str = "vq") -> None:
+                 event_idx: bool = False, indirect: bool = True, reject_zero_len: bool = True,
+                 name: str = "vq", ram: Sequence[tuple[int, int]] | None = None) -> None:
         if size <= 0 or size > VIRTQ_MAX_SIZE or size & (size - 1):
+            # The transport must refuse such a size before it gets here; reaching us is a broken
+            # ring (a split queue size is a power of two <= 32768, protocol.md 1.1).
             raise RingBroken(f"{name}: queue size {size} is not a power of two <= 32768")
         self.mem = mem
         self.size = size
@@ -86,16 +154,42 @@ class DeviceVirtqueue:
         self.indirect = indirect
         self.reject_zero_len = reject_zero_len
         self.name = name
+        self.ram: tuple[tuple[int, int], ...] | None = (
+            None if ram is None else tuple(sorted((int(g), int(s)) for g, s in ram)))
+        self.counters: dict[str, int] = dict.fromkeys(
+            CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS, 0)
         self.last_avail_idx = 0
-        self.used_idx = 0
-        self._notified_used_idx = 0  # used_idx at the last should_notify() decision
-        self.counters: dict[str, int] = {}
+        self._used_idx = 0
+        self._signalled_used = 0
+        # QEMU's signalled_used_valid: False only when used_idx was set from outside, then the next
+        # decision notifies unconditionally. A fresh queue knows nothing was signalled before 0.
+        self._signalled_valid = True
+        self._notifications = True
 
     # -- bookkeeping ----------------------------------------------------------------------
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        # Set from outside (restore, vhost-user SET_VRING_BASE, tests): the last notify decision
+        # no longer describes this index, so the next decision must not suppress.
+        self._used_idx = value & 0xFFFF
+        self._signalled_valid = False
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed back."""
+        return (self.last_avail_idx - self._used_idx) & 0xFFFF
+
     def reset(self) -> None:
+        """Forget all ring state (device reset). Counters are cumulative and kept."""
         self.last_avail_idx = 0
-        self.used_idx = 0
-        self._notified_used_idx = 0
+        self._used_idx = 0
+        self._signalled_used = 0
+        self._signalled_valid = True
+        self._notifications = True
 
     def _count(self, counter: str, detail: str) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + 1
@@ -103,7 +197,7 @@ class DeviceVirtqueue:
 
     def _broken(self, counter: str, detail: str) -> RingBroken:
         self._count(counter, detail)
-        return RingBroken(f"{self.name}: {detail}")
+        return RingBroken(f"{self.name}: {counter}: {detail}")
 
     # -- available side --------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -116,31 +210,81 @@ class DeviceVirtqueue:
         """Available entries not yet consumed; RingBroken when more than the queue size (V-1)."""
         n = (self._avail_idx() - self.last_avail_idx) & 0xFFFF
         if n > self.size:
-            # virtio 1.x 2.7.13 / protocol.md V-1: the driver moved avail.idx by more than N.
-            raise self._broken("avail_idx_jump",
-                               f"avail idx moved from {self.last_avail_idx:#x} by {n} > size {self.size}")
+            # V-1 (QEMU "Guest moved used index from %u to %u"): avail.idx moved by more than N.
+            raise self._broken("avail_idx_jump", f"avail idx {(self.last_avail_idx + n) & 0xFFFF:#x}"
+                               f" is {n:#x} ahead of {self.last_avail_idx:#x} > size {self.size:#x}")
         return n
 
+    def _table(self) -> memoryview:
+        try:
+            return self.mem.view(self.desc, DESC_SIZE * self.size)
+        except GuestMemoryError as e:
+            raise self._broken("ring_outside_memory",
+                               f"descriptor table at {self.desc:#x}: {e}") from None
+
     def pop(self) -> Chain | None:
-        chains = self.pop_many(1)
-        return chains[0] if chains else None
+        """The next available chain, or None. Reads only that chain's descriptors."""
+        if self.pending() == 0:
+            return None
+        slot = self.last_avail_idx & (self.size - 1)
+        try:
+            head = self.mem.read_u16(self.driver + 4 + 2 * slot)
+        except GuestMemoryError as e:
+            raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
+        if head >= self.size:
+            raise self._head_broken(0, head)
+        table = self._table()
+        chain = self._walk(head, _DESC.unpack_from(table, DESC_SIZE * head), table)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self._publish_avail_event()
+        return chain
+
+    def _head_broken(self, k: int, head: int) -> RingBroken:
+        # V-2 (QEMU "Guest says index %u is available"): the ring is unusable from here on.
+        return self._broken("head_out_of_range", f"avail entry {(self.last_avail_idx + k) & 0xFFFF:#x}"
+                            f" names head {head:#x} >= size {self.size:#x}")
 
     def pop_many(self, max_n: int | None = None) -> list[Chain]:
+        """Every available chain (at most ``max_n``), batched. Same results as repeated pop().
+
+        A bad head (V-2) anywhere in the batch raises RingBroken and consumes nothing."""
         n = self.pending()
         if max_n is not None:
             n = min(n, max_n)
-        if n == 0:
+        if n <= 0:
             return []
         heads = self._read_heads(n)
-        bad = np.nonzero(heads >= self.size)[0]
+        bad = np.flatnonzero(heads >= self.size)
         if bad.size:
-            # V-2 ("Guest says index %u is available"): the ring is unusable from here on.
             k = int(bad[0])
-            raise self._broken("head_out_of_range",
-                               f"avail entry {(self.last_avail_idx + k) & 0xFFFF:#x} names head "
-                               f"{int(heads[k])} >= size {self.size}")
-        chains = self._walk_heads(heads)
+            raise self._head_broken(k, int(heads[k]))
+        table = self._table()
+        # One copy of just the heads' descriptors: each is read once (the snapshot we use).
+        rows = np.frombuffer(table, dtype=DESC_DTYPE, count=self.size)[heads]
+        flags = rows["flags"]
+        lens = rows["len"].astype(np.uint64)
+        addrs = rows["addr"]
+        # Plain one-descriptor chains that pass every check take the batched path; the rest are
+        # walked one by one, which also produces their error, counter and log line.
+        ok = ((flags & _NEXT_OR_INDIRECT) == 0) & (lens > 0)
+        ok &= self._contains_many(addrs, lens)
+        head_l = heads.tolist()
+        ok_l = ok.tolist()
+        addr_l = addrs.tolist()
+        len_l = lens.tolist()
+        wr_l = ((flags & VIRTQ_DESC_F_WRITE) != 0).tolist()
+        row_l = rows.tolist() if not all(ok_l) else None
+        chains: list[Chain] = []
+        append = chains.append
+        for k, head in enumerate(head_l):
+            if ok_l[k]:
+                buf = ((addr_l[k], len_l[k]),)
+                append(Chain(head, (), buf) if wr_l[k] else Chain(head, buf, ()))
+            else:
+                assert row_l is not None
+                append(self._walk(head, row_l[k], table))
         self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
+        self._publish_avail_event()
         return chains
 
     def _read_heads(self, n: int) -> np.ndarray:
@@ -148,127 +292,124 @@ class DeviceVirtqueue:
         ring = self.driver + 4
         try:
             first = min(n, self.size - start)
-            parts = [self.mem.array(ring + 2 * start, "<u2", first)]
-            if first < n:
-                parts.append(self.mem.array(ring, "<u2", n - first))
+            part = self.mem.array(ring + 2 * start, "<u2", first)
+            if first == n:
+                return part.astype(np.intp)
+            rest = self.mem.array(ring, "<u2", n - first)
         except GuestMemoryError as e:
             raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
-        return np.concatenate(parts).astype(np.int64)
+        return np.concatenate((part, rest)).astype(np.intp)
 
-    def _snapshot_table(self) -> np.ndarray:
-        try:
-            return self.mem.array(self.desc, DESC_DTYPE, self.size).copy()
-        except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"descriptor table at {self.desc:#x}: {e}") from None
+    # -- bounds ------------------------------------------------------------------------------
+    def _ranges(self) -> tuple[tuple[int, int], ...]:
+        if self.ram is not None:
+            return self.ram
+        return tuple((r.gpa, r.size) for r in self.mem.regions)
 
-    def _walk_heads(self, heads: np.ndarray) -> list[Chain]:
-        table = self._snapshot_table()
-        rows = table[heads]
-        flags = rows["flags"].astype(np.int64)
-        simple = (flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0
-        ok = simple.copy()
-        addrs = rows["addr"]
-        lens = rows["len"].astype(np.int64)
-        if self.reject_zero_len:
-            ok &= lens > 0
-        ok &= self._in_memory(addrs, lens)
-        head_l = heads.tolist()
-        ok_l = ok.tolist()
-        addr_l = addrs.tolist()
-        len_l = lens.tolist()
-        wr_l = ((flags & VIRTQ_DESC_F_WRITE) != 0).tolist()
-        out: list[Chain] = []
-        for k, head in enumerate(head_l):
-            if ok_l[k]:
-                buf = ((addr_l[k], len_l[k]),)
-                out.append(Chain(head, (), buf) if wr_l[k] else Chain(head, buf, ()))
-            else:
-                out.append(self._walk_one(table, head))
-        return out
+    def _contains(self, addr: int, length: int) -> bool:
+        """Does [addr, addr+length) lie inside one RAM range (or region)? Never wraps past 2^64."""
+        if addr + length > U64_LIMIT:
+            return False
+        if self.ram is None:
+            return self.mem.contains(addr, length)
+        for gpa, size in self.ram:
+            off = addr - gpa
+            if 0 <= off and off + length <= size and (off < size or length == 0):
+                return True
+        return False
 
-    def _in_memory(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """Per buffer: does [addr, addr+len) lie inside one guest memory region? (vectorised)"""
-        regions = self.mem.regions
-        if not regions:
-            return np.zeros(addrs.shape, dtype=np.bool_)
-        starts = np.array([r.gpa for r in regions], dtype=np.uint64)
-        lasts = np.array([r.end - 1 for r in regions], dtype=np.uint64)  # end may be 2^64
-        a = addrs.astype(np.uint64)
-        n = lens.astype(np.uint64)
-        idx = np.searchsorted(starts, a, side="right") - 1
-        found = idx >= 0
-        last = lasts[np.where(found, idx, 0)]
-        # a + n <= last + 1 without overflow: n == 0, or n - 1 <= last - a (given a <= last).
-        inside = found & (a <= last)
-        fits = (n == 0) | (np.where(inside, last - a, 0) >= n - np.where(n > 0, 1, 0).astype(np.uint64))
-        return inside & fits
+    def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """Vectorised ``_contains`` for non-zero lengths (uint64 arithmetic, no overflow)."""
+        ok = np.zeros(addrs.shape, dtype=np.bool_)
+        for gpa, size in self._ranges():
+            start = np.uint64(gpa)
+            # a >= start and (a - start) + n <= size, written so nothing wraps in uint64:
+            # n <= size and (a - start) <= size - n.
+            fits = (addrs >= start) & (lens <= np.uint64(size))
+            off = np.where(fits, addrs - start, np.uint64(0))
+            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
+            ok |= fits & (off <= room)
+        return ok
 
-    def _walk_one(self, table: np.ndarray, head: int) -> Chain:
+    # -- the general walk -------------------------------------------------------------------
+    def _walk(self, head: int, first: tuple[int, int, int, int], table: memoryview) -> Chain:
         out: list[tuple[int, int]] = []
         in_: list[tuple[int, int]] = []
         try:
-            self._walk(table, head, out, in_)
+            self._walk_into(head, first, table, out, in_)
         except _ChainError as e:
-            self._count(e.counter, f"chain at head {head}: {e}")
+            self._count(e.counter, f"chain at head {head:#x}: {e}")
             return Chain(head, tuple(out), tuple(in_), f"{e.counter}: {e}")
         return Chain(head, tuple(out), tuple(in_))
 
-    def _walk(self, table: np.ndarray, head: int,
-              out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
-        limit = self.size
+    def _walk_into(self, head: int, d: tuple[int, int, int, int], src: memoryview | bytes,
+                   out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
+        limit = self.size          # entries in the table being walked
+        where = "desc"             # for messages: main table or indirect table
         in_table = False
         i = head
-        seen = 0
+        seen = 1                   # descriptors visited in the current table
         total = 0
         while True:
-            seen += 1
-            if seen > limit:
-                # V-4: more descriptors than the table holds means a loop.
-                raise _ChainError("desc_loop", f"more than {limit} descriptors (looped)")
-            d = table[i]
-            addr, length, flags, nxt = int(d["addr"]), int(d["len"]), int(d["flags"]), int(d["next"])
+            addr, length, flags, nxt = d
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_table:
-                    raise _ChainError("indirect_nested", f"desc {i}: INDIRECT inside a table (V-6)")
+                    raise _ChainError("indirect_nested",
+                                      f"{where} {i:#x}: INDIRECT inside an indirect table (V-6)")
                 if not self.indirect:
-                    raise _ChainError("indirect_not_negotiated", f"desc {i}: INDIRECT not negotiated")
+                    raise _ChainError("indirect_not_negotiated",
+                                      f"{where} {i:#x}: INDIRECT without RING_INDIRECT_DESC")
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise _ChainError("indirect_with_next", f"desc {i}: INDIRECT with NEXT (V-6)")
+                    raise _ChainError("indirect_with_next", f"{where} {i:#x}: INDIRECT with NEXT (V-6)")
                 if length == 0 or length % DESC_SIZE:
                     raise _ChainError("indirect_bad_len",
-                                      f"desc {i}: indirect table length {length:#x} (V-6)")
+                                      f"{where} {i:#x}: indirect table length {length:#x} (V-6)")
                 count = length // DESC_SIZE
                 if count > VIRTQ_MAX_SIZE:
-                    raise _ChainError("indirect_too_long", f"desc {i}: {count} entries > 32768")
+                    raise _ChainError("indirect_too_long",
+                                      f"{where} {i:#x}: indirect table of {count:#x} entries > 0x8000")
                 try:
-                    table = self.mem.array(addr, DESC_DTYPE, count).copy()
-                except GuestMemoryError as e:
-                    raise _ChainError("buffer_outside_memory", f"indirect table: {e} (V-8)") from None
-                limit, in_table, i, seen = count, True, 0, 0
+                    # One copy of the whole table: its entries are read once (no TOCTOU).
+                    src = self.mem.read(addr, length)
+                except GuestMemoryError:
+                    raise _ChainError("buffer_outside_memory",
+                                      f"{where} {i:#x}: indirect table [{addr:#x}, +{length:#x})"
+                                      " outside guest memory (V-8)") from None
+                limit, in_table, where, i, seen = count, True, f"indirect[{addr:#x}]", 0, 1
+                d = _DESC.unpack_from(src, 0)
                 continue
             if length == 0 and self.reject_zero_len:
-                raise _ChainError("zero_len_buffer", f"desc {i}: zero sized buffer (V-7)")
-            if addr + length > U64_LIMIT or not self.mem.contains(addr, length):
+                raise _ChainError("zero_len_buffer", f"{where} {i:#x}: zero sized buffer (V-7)")
+            if not self._contains(addr, length):
                 raise _ChainError("buffer_outside_memory",
-                                  f"desc {i}: [{addr:#x}, +{length:#x}) outside guest memory (V-8)")
+                                  f"{where} {i:#x}: [{addr:#x}, +{length:#x}) outside guest memory (V-8)")
             total += length
             if total >= _CHAIN_LEN_LIMIT:
-                raise _ChainError("chain_too_long", f"total length {total:#x} >= 2^32")
+                raise _ChainError("chain_too_long", f"{where} {i:#x}: total length {total:#x} >= 2^32")
             if flags & VIRTQ_DESC_F_WRITE:
                 in_.append((addr, length))
             else:
                 if in_:
                     raise _ChainError("readable_after_writable",
-                                      f"desc {i}: readable after writable (V-5)")
+                                      f"{where} {i:#x}: readable after writable (V-5)")
                 out.append((addr, length))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             if nxt >= limit:
-                raise _ChainError("next_out_of_range", f"desc {i}: next {nxt} >= {limit} (V-3)")
+                raise _ChainError("next_out_of_range", f"{where} {i:#x}: next {nxt:#x} >= {limit:#x} (V-3)")
+            if seen >= limit:
+                # V-4: more descriptors than the table holds can only be a loop.
+                raise _ChainError("desc_loop", f"{where} {i:#x}: more than {limit:#x} descriptors (V-4)")
+            seen += 1
             i = nxt
+            d = _DESC.unpack_from(src, DESC_SIZE * i)
 
     def read_out(self, chain: Chain, max_len: int) -> bytes:
-        """The chain's readable bytes (up to max_len), read now; b"" if memory vanished since pop."""
+        """Up to ``max_len`` of the chain's readable bytes, gathered now.
+
+        Bounds are checked again at the moment of use (conventions 6): if a buffer is no longer
+        in guest memory, ``buffer_vanished`` is counted and b"" returned (callers treat a short
+        read as a malformed buffer)."""
         parts = []
         left = max_len
         try:
@@ -279,66 +420,103 @@ class DeviceVirtqueue:
                 parts.append(self.mem.read(addr, take))
                 left -= take
         except GuestMemoryError as e:
-            self._count("buffer_vanished", f"chain at head {chain.head}: {e}")
+            self._count("buffer_vanished", f"chain at head {chain.head:#x}: {e}")
             return b""
         return b"".join(parts)
 
     # -- used side -------------------------------------------------------------------------
+    def _check_push(self, n: int) -> None:
+        if n > self.in_flight:
+            # Our own caller's bug (usage error): more used elements than chains popped.
+            raise ValueError(f"{self.name}: pushing {n} used elements with only "
+                             f"{self.in_flight} chains in flight")
+
     def push(self, head: int, written: int) -> None:
-        self.push_many(((head, written),))
+        """Return one chain: used element {head, written}, then publish used.idx."""
+        if not (0 <= head < self.size and 0 <= written < _U32_LIMIT):
+            raise ValueError(f"{self.name}: bad used element head={head} len={written}")
+        self._check_push(1)
+        slot = self._used_idx & (self.size - 1)
+        gpa = self.device + 4 + USED_ELEM_SIZE * slot
+        new = (self._used_idx + 1) & 0xFFFF
+        try:
+            # Element first, index last: the driver reads used.idx, then the elements below it.
+            self.mem.write(gpa, _USED_ELEM.pack(head, written))
+            self.mem.write(self.device + 2, _U16.pack(new))
+        except GuestMemoryError as e:
+            raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+        self._used_idx = new
 
     def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
+        """Return many chains with one numpy write per contiguous run and one used.idx publish."""
         n = len(elems)
         if n == 0:
             return
-        if n > self.size:
-            raise ValueError(f"{self.name}: pushing {n} used elements > queue size {self.size}")
-        arr = np.array(elems, dtype=np.int64).reshape(n, 2)
-        start = self.used_idx & (self.size - 1)
+        arr = np.asarray(elems, dtype=np.int64).reshape(n, 2)
+        heads, lens = arr[:, 0], arr[:, 1]
+        if heads.min() < 0 or heads.max() >= self.size or lens.min() < 0 or lens.max() >= _U32_LIMIT:
+            raise ValueError(f"{self.name}: used elements out of range (head < {self.size}, "
+                             "0 <= len < 2^32)")
+        self._check_push(n)
+        start = self._used_idx & (self.size - 1)
         ring = self.device + 4
+        new = (self._used_idx + n) & 0xFFFF
         try:
             first = min(n, self.size - start)
-            for off, lo, hi in ((start, 0, first), (0, first, n)):
+            for slot, lo, hi in ((start, 0, first), (0, first, n)):
                 if hi <= lo:
                     continue
-                view = self.mem.array(ring + 8 * off, USED_ELEM_DTYPE, hi - lo, writable=True)
-                view["id"] = arr[lo:hi, 0]
-                view["len"] = arr[lo:hi, 1]
-                self.mem.mark_dirty(ring + 8 * off, 8 * (hi - lo))
-            self.used_idx = (self.used_idx + n) & 0xFFFF
-            # The used elements are written before the index moves (the driver reads idx first).
-            self.mem.write(self.device + 2, _U16.pack(self.used_idx))
+                gpa = ring + USED_ELEM_SIZE * slot
+                view = self.mem.array(gpa, USED_ELEM_DTYPE, hi - lo, writable=True)
+                view["id"] = heads[lo:hi]
+                view["len"] = lens[lo:hi]
+                self.mem.mark_dirty(gpa, USED_ELEM_SIZE * (hi - lo))
+            self.mem.write(self.device + 2, _U16.pack(new))
         except GuestMemoryError as e:
             raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+        self._used_idx = new
 
+    # -- notifications -------------------------------------------------------------------
     def should_notify(self) -> bool:
-        """Whether the used entries pushed since the last decision call for an interrupt."""
-        old, new = self._notified_used_idx, self.used_idx
-        self._notified_used_idx = new
-        if old == new:
-            return False
+        """Whether the used entries written since the previous decision call for an interrupt."""
+        old, new, valid = self._signalled_used, self._used_idx, self._signalled_valid
+        self._signalled_used, self._signalled_valid = new, True
+        if valid and old == new:
+            return False  # nothing new since the last decision
         try:
             if self.event_idx:
+                if not valid:
+                    return True
                 used_event = self.mem.read_u16(self.driver + 4 + 2 * self.size)
                 return vring_need_event(used_event, new, old)
             return not self.mem.read_u16(self.driver) & VIRTQ_AVAIL_F_NO_INTERRUPT
         except GuestMemoryError as e:
             raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
 
-    def enable_notifications(self) -> None:
+    def _publish_avail_event(self) -> None:
+        if self.event_idx and self._notifications:
+            self._write_used_word(self.device + 4 + USED_ELEM_SIZE * self.size, self.last_avail_idx)
+
+    def _write_used_word(self, gpa: int, value: int) -> None:
         try:
-            if self.event_idx:
-                # Ask for a kick when the driver adds the entry we will consume next.
-                self.mem.write(self.device + 4 + 8 * self.size, _U16.pack(self._avail_idx()))
-            else:
-                self.mem.write(self.device, _U16.pack(0))
+            self.mem.write(gpa, _U16.pack(value & 0xFFFF))
         except GuestMemoryError as e:
             raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
 
-    def disable_notifications(self) -> None:
+    def enable_notifications(self) -> None:
+        """Ask the driver to kick again. Callers re-check ``pending()`` afterwards: entries
+        published before this call do not cause a kick."""
+        self._notifications = True
         if self.event_idx:
-            return  # avail_event left behind: the driver kicks at most once more (spurious is fine)
-        try:
-            self.mem.write(self.device, _U16.pack(VIRTQ_USED_F_NO_NOTIFY))
-        except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+            # Kick me when the driver publishes the entry I will consume next.
+            self._publish_avail_event()
+        else:
+            self._write_used_word(self.device, 0)
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed (advisory; spurious kicks stay harmless)."""
+        self._notifications = False
+        if not self.event_idx:
+            self._write_used_word(self.device, VIRTQ_USED_F_NO_NOTIFY)
+        # With EVENT_IDX avail_event simply stops moving: once the driver passes it, it does not
+        # kick again until the index wraps all the way round.
