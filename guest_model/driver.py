@@ -1,0 +1,811 @@
+"""The guest's virtio-balloon driver, modelled on Linux drivers/virtio/virtio_balloon.c
+(protocol.md section 6).
+
+Theory of operation
+-------------------
+The driver meets the device only through guest memory (rings built by ``guest_model.vring`` in
+the driver area), config-space bytes and notifications, all through a ``VirtioTransport``
+(``guest_model.transport``). It never imports ``balloon_dev``.
+
+*Probe* (``probe()``) follows protocol.md 2.3 and Linux's ``virtballoon_validate`` /
+``virtballoon_probe``: reset, ACKNOWLEDGE, DRIVER, negotiate (never ACCESS_PLATFORM; PAGE_POISON
+only when the guest poisons or zeroes freed pages; REPORTING dropped when the guest poisons but
+PAGE_POISON is unavailable), FEATURES_OK and re-check, then the queues in the fixed slot order
+inflate, deflate, stats, free_page, reporting with absent ones skipped (compacted numbering,
+protocol.md 3.3, counted from the *negotiated* features as Linux does), ``poison_val`` written,
+the stats buffer posted, DRIVER_OK, the stats queue kicked. A failed probe sets FAILED and
+raises ``ProbeError``.
+
+*Work* runs as events on the shared ``guestmem.clock.Scheduler`` so that guest workloads and the
+host's migration interleave with it. Interrupt handlers only record what happened and schedule
+work (as Linux queues work items), so they are safe whenever a transport calls them:
+
+* config interrupt -> ``_config_work``: read ``num_pages`` and ``free_page_hint_cmd_id`` (stable
+  under ``config_generation``); start balloon resizing if the target moved; for the hint ID:
+  DONE frees every held block, STOP ends a running round, a new ID >= 2 starts a round (after
+  the running one, if any, has sent its STOP, as Linux's single work item does).
+* hint round (``_hint_step``): the 4-byte start buffer with the ID, then steps of up to
+  ``hint_batch`` blocks, each costing ``hint_cost_per_block`` seconds of simulated time. Two
+  strategies, chosen per run:
+
+  - ``"walk"`` (the 2017 seed): a stepping walker over the free lists visits free blocks of at
+    least ``min_order``; each is hinted as a writable buffer ``(gpa, nr_pages * 4096)`` while its
+    pages stay free (so a workload may allocate and write them before the host sees the hint:
+    the race the command IDs exist for);
+  - ``"capture"`` (Linux >= 4.20): ``alloc_pages(order 10, unmovable, noretry)`` until it fails;
+    each block is hinted and held (owner ``OWNER_BALLOON``) until DONE, or until the shrinker
+    (``shrink``) gives some back under memory pressure.
+
+  Before each step used buffers are reaped (free_page_vq has no callback: Linux polls); a block
+  is posted only while more than one descriptor is free, keeping one for the STOP buffer, else it
+  is dropped (counted; captured blocks are freed at once, as Linux does). When blocks run out,
+  or the ID changes, the STOP buffer (le32 0) is sent.
+* balloon resize (``_balloon_work``): up to 256 pfns per buffer, one buffer in flight; the next
+  step waits for the device to use it (interrupt or poll), then ``actual`` is written.
+  Inflated pages are allocated with ``owner=OWNER_BALLOON``; deflated pages are given back to the
+  allocator only after the device acknowledged them (always, as Linux does; with MUST_TELL_HOST
+  it is required).
+* stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
+* free page reporting: every ``report_interval`` seconds, up to 32 order-9 (pageblock) blocks are
+  isolated (allocated), posted as one chain of writable elements, and freed when the device
+  used the chain. See ``_report_step`` for the approximation this makes.
+
+Simulated costs (seconds, all overridable in ``DriverOptions``): ``hint_cost_per_block`` 5 us (a
+4 MiB allocation or a free-list visit plus adding a descriptor), ``balloon_cost_per_page``
+0.5 us, ``report_cost_per_block`` 5 us. They set how fast a round progresses relative to the
+host sending pages; they are not measurements of a real guest.
+
+Device faults (a ring the device broke, a config read that never stabilises) are logged, counted
+in ``counters`` and survived: the affected activity stops, the rest of the driver carries on.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from guestmem import GuestMemory
+from guestmem.clock import Scheduler
+from guestmem.units import PAGE_SHIFT
+from guest_model.buddy import (
+    MIGRATE_MOVABLE,
+    BuddyAllocator,
+    MIGRATE_UNMOVABLE,
+    OWNER_BALLOON,
+    pageblock_order,
+)
+from guest_model.transport import VirtioTransport
+from guest_model.walk import FreeBlockWalker
+from guest_model.vring import DriverArea, DriverVring, VringBroken, VringFull, alloc_vring
+from protocol.balloon import (
+    CFG_ACTUAL,
+    CFG_FREE_PAGE_HINT_CMD_ID,
+    CFG_NUM_PAGES,
+    CFG_POISON_VAL,
+    STAT_ENTRY_SIZE,
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_CMD_ID_DONE,
+    VIRTIO_BALLOON_CMD_ID_STOP,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_HINT_BLOCK_ORDER,
+    BalloonQueue,
+    StatTag,
+    queue_layout,
+)
+from protocol.virtio import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    DeviceStatus,
+    feature_mask,
+)
+
+log = logging.getLogger(__name__)
+
+HINT_BLOCK_PAGES = 1 << VIRTIO_BALLOON_HINT_BLOCK_ORDER
+#: Linux's PAGE_REPORTING_CAPACITY: blocks per reporting chain.
+PAGE_REPORTING_CAPACITY = 32
+#: Linux's page_reporting_order default: pageblock_order (2 MiB on x86-64).
+PAGE_REPORTING_ORDER = pageblock_order
+#: Linux poisons freed pages with PAGE_POISON = 0xaa; poison_val is four such bytes.
+PAGE_POISON_VAL = 0xAAAAAAAA
+#: Linux OOM notifier: pages given back per call with DEFLATE_ON_OOM.
+OOM_NR_PAGES = 256
+_CONFIG_READ_RETRIES = 16
+_U32 = struct.Struct("<I")
+
+#: Features this driver knows (Linux's ``features[]`` table plus the ring features).
+DRIVER_FEATURES = feature_mask(
+    VIRTIO_F_VERSION_1, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING)
+
+
+class ProbeError(Exception):
+    """The device cannot be driven (feature refused, queue missing or too small)."""
+
+
+class PageAllocator(Protocol):
+    """What the driver needs from the guest's page allocator (guest_model.buddy)."""
+
+    ram_pages: int
+
+    def alloc_pages(self, order: int, migratetype: int = ..., *, cpu: int = ...,
+                    noretry: bool = ..., owner: int = ...) -> int | None: ...
+
+    def free_pages(self, pfn: int, order: int, *, cpu: int = ...) -> None: ...
+
+    def alloc_pages_bulk(self, nr_pages: int, migratetype: int = ..., *,
+                         owner: int = ...) -> np.ndarray: ...
+
+    def free_pages_bulk(self, pfns: np.ndarray) -> None: ...
+
+    def nr_free_pages(self, zone: int | None = None) -> int: ...
+
+
+class BlockWalker(Protocol):
+    """A stepping walk over the free lists (``guest_model.walk.FreeBlockWalker``): each
+    ``step()`` reports one free block as (first pfn, nr_pages), None when the walk is over."""
+
+    def step(self) -> tuple[int, int] | None: ...
+
+
+class HintStrategy(str, enum.Enum):
+    OFF = "off"
+    WALK = "walk"  # the 2017 seed: hint blocks while they stay on the free lists
+    CAPTURE = "capture"  # Linux >= 4.20: allocate order-10 blocks and hold them until DONE
+
+
+@dataclass(slots=True)
+class DriverOptions:
+    hint_strategy: HintStrategy | str = HintStrategy.CAPTURE
+    #: Smallest block order the walk strategy hints (the seed's ``min_order``).
+    min_order: int = VIRTIO_BALLOON_HINT_BLOCK_ORDER
+    #: Guest memory debugging, as the allocator is configured (drive validate()).
+    page_poisoning: bool = False
+    init_on_free: bool = False
+    #: Features the driver is willing to take (ANDed with what it knows and what is offered).
+    accept_features: int = DRIVER_FEATURES
+    #: Blocks per simulated step: workload events interleave between steps, not inside one.
+    hint_batch: int = 16
+    hint_cost_per_block: float = 5e-6
+    balloon_cost_per_page: float = 5e-7
+    #: Linux sleeps 200 ms when it cannot allocate balloon pages ("Out of puff!").
+    balloon_retry_delay: float = 0.2
+    #: Simulation deviation: Linux spins allocating and freeing while the ring is full; we wait
+    #: this long before the next try so a stalled device does not cost millions of events.
+    ring_full_poll: float = 1e-3
+    report_interval: float = 2.0  # Linux page_reporting delay: 2 s
+    report_cost_per_block: float = 5e-6
+    stats: Callable[[], dict[int, int]] | None = None
+
+
+@dataclass(slots=True)
+class _Round:
+    cmd_id: int
+    walker: BlockWalker | None = None
+    event: Any = None
+    blocks: int = 0
+
+
+@dataclass(slots=True)
+class BalloonDriverState:
+    """Everything the driver remembers between events (snapshotable)."""
+
+    features: int = 0
+    cmd_id_received: int = VIRTIO_BALLOON_CMD_ID_STOP  # last ID read from config
+    cmd_id_active: int = VIRTIO_BALLOON_CMD_ID_STOP  # ID of the round last started
+    num_pages: int = 0  # pages in the balloon
+    balloon_pfns: list[int] = field(default_factory=list)
+    held_blocks: list[int] = field(default_factory=list)  # hint blocks (capture), LIFO
+    target: int = 0
+
+
+class BalloonDriver:
+    """The guest's balloon driver. ``probe()`` brings the device up; then work runs on ``sched``.
+
+    ``walker_factory(min_order)`` returns a fresh walker for the walk strategy; by default a
+    safe ``guest_model.walk.FreeBlockWalker`` over ``allocator``.
+    """
+
+    def __init__(self, transport: VirtioTransport, mem: GuestMemory, allocator: PageAllocator,
+                 sched: Scheduler, area: DriverArea, options: DriverOptions | None = None, *,
+                 walker_factory: Callable[[int], BlockWalker] | None = None) -> None:
+        self.t = transport
+        self.mem = mem
+        self.alloc = allocator
+        self.sched = sched
+        self.area = area
+        self.opts = options or DriverOptions()
+        self.strategy = HintStrategy(self.opts.hint_strategy)
+        if self.strategy is HintStrategy.WALK and walker_factory is None:
+            if not isinstance(allocator, BuddyAllocator):
+                raise ValueError("hint strategy 'walk' needs a walker_factory for this allocator")
+            buddy = allocator
+            walker_factory = lambda min_order: FreeBlockWalker(buddy, min_order)  # noqa: E731
+        self.walker_factory = walker_factory
+        self.s = BalloonDriverState()
+        self.vqs: dict[BalloonQueue, DriverVring] = {}
+        self.qindex: dict[BalloonQueue, int] = {}
+        self._by_index: dict[int, BalloonQueue] = {}
+        self.ready = False
+        self.failed: str | None = None
+        self._round: _Round | None = None
+        self._config_pending = False
+        self._balloon_event: Any = None
+        self._balloon_inflight: tuple[str, np.ndarray] | None = None
+        self._report_event: Any = None
+        self._report_inflight: list[int] | None = None
+        self._reported = np.zeros(0, dtype=bool)
+        self.poison_val: int | None = None
+        self.stats_sent = 0
+        self.counters: dict[str, int] = {
+            "rounds": 0, "rounds_stopped_by_device": 0, "hints_sent": 0, "hinted_pages": 0,
+            "hint_blocks_dropped_ring_full": 0, "hint_blocks_returned_done": 0,
+            "hint_blocks_shrunk": 0, "start_sent": 0, "stop_sent": 0,
+            "control_buffer_failed": 0, "config_changes": 0, "config_read_unstable": 0,
+            "inflated_pages": 0, "deflated_pages": 0, "inflate_alloc_failed": 0,
+            "balloon_buffers": 0, "stats_buffers": 0, "reports": 0, "reported_pages": 0,
+            "vring_broken": 0, "device_needs_reset": 0, "oom_deflated_pages": 0,
+        }
+        # Control buffers: the start and stop IDs live in separate 4-byte buffers (Linux keeps
+        # cmd_id_active and cmd_id_stop apart so a late STOP cannot alias a start).
+        self._start_buf = area.alloc(4, 4)
+        self._stop_buf = area.alloc(4, 4)
+        self.mem.write(self._stop_buf, _U32.pack(VIRTIO_BALLOON_CMD_ID_STOP))
+        self._pfn_buf = area.alloc(4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX, 4)
+        self._stats_tags = [StatTag(i) for i in range(10)]  # the spec's tags 0-9
+        self._stats_buf = area.alloc(STAT_ENTRY_SIZE * len(self._stats_tags), 8)
+
+    # ==== probe ================================================================================
+    def has(self, bit: int) -> bool:
+        return bool(self.s.features >> bit & 1)
+
+    def validate(self, offered: int) -> int:
+        """The subset of ``offered`` to accept (Linux ``virtballoon_validate`` + feature table)."""
+        want = offered & self.opts.accept_features & DRIVER_FEATURES
+        # protocol.md 2.1: Linux always clears ACCESS_PLATFORM (it is not in DRIVER_FEATURES
+        # either; kept explicit because a device insisting on it must see it refused).
+        want &= ~(1 << VIRTIO_F_ACCESS_PLATFORM)
+        if not (self.opts.page_poisoning or self.opts.init_on_free):
+            # protocol.md 3.6 / DR-2: PAGE_POISON only if freed pages are poisoned or zeroed.
+            want &= ~(1 << VIRTIO_BALLOON_F_PAGE_POISON)
+        elif not want >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
+            # DR-2: reported pages would lose their poison pattern.
+            want &= ~(1 << VIRTIO_BALLOON_F_REPORTING)
+        return want
+
+    def _fail(self, why: str) -> ProbeError:
+        self.failed = why
+        self.t.set_status(self.t.get_status() | DeviceStatus.FAILED)
+        log.warning("virtio-balloon probe failed: %s", why)
+        return ProbeError(why)
+
+    def probe(self) -> None:
+        """Initialise the device (protocol.md 2.3) and start the driver."""
+        t = self.t
+        t.set_interrupt_handlers(self._on_queue_irq, self._on_config_irq)
+        t.reset()
+        t.set_status(0)
+        if t.get_status() != 0:
+            raise self._fail("device did not reset (status reads back non-zero)")
+        t.set_status(DeviceStatus.ACKNOWLEDGE)
+        t.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER)
+        offered = t.get_device_features()
+        if not offered >> VIRTIO_F_VERSION_1 & 1:
+            raise self._fail("device does not offer VERSION_1 (legacy devices unsupported)")
+        self.s.features = self.validate(offered)
+        t.set_driver_features(self.s.features)
+        st = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+        t.set_status(st)
+        if not t.get_status() & DeviceStatus.FEATURES_OK:
+            raise self._fail(f"device refused features {self.s.features:#x}")
+        self._setup_queues()
+        if self.has(VIRTIO_BALLOON_F_PAGE_POISON):
+            # DR-12: written before DRIVER_OK, never changed afterwards. Linux: 0 with
+            # init_on_free (freed pages read as zero), else the PAGE_POISON pattern.
+            self.poison_val = 0 if self.opts.init_on_free and not self.opts.page_poisoning \
+                else PAGE_POISON_VAL
+            t.write_config(CFG_POISON_VAL, _U32.pack(self.poison_val))
+        if BalloonQueue.STATS in self.vqs:
+            # Prime the stats queue so the device can ask for stats by using it (protocol.md 3.5).
+            self._fill_stats()
+            self.vqs[BalloonQueue.STATS].add_buf(
+                out=[(self._stats_buf, STAT_ENTRY_SIZE * len(self._stats_tags))], token="stats")
+        t.set_status(st | DeviceStatus.DRIVER_OK)
+        self.ready = True
+        if BalloonQueue.STATS in self.vqs:
+            self._kick(BalloonQueue.STATS)  # no kicks before DRIVER_OK (V-10)
+        if self.has(VIRTIO_BALLOON_F_REPORTING):
+            self._reported = np.zeros(self.alloc.ram_pages >> PAGE_REPORTING_ORDER, dtype=bool)
+            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+        # Linux probe ends with virtballoon_changed() if the target already differs.
+        self._schedule_config_work()
+
+    def _setup_queues(self) -> None:
+        layout = queue_layout(self.s.features)
+        t = self.t
+        event_idx = self.has(VIRTIO_F_RING_EVENT_IDX)
+        indirect = self.has(VIRTIO_F_RING_INDIRECT_DESC)
+        if t.num_queues() < len(layout):
+            raise self._fail(f"device has {t.num_queues()} queues, features need {len(layout)}")
+        for q, idx in sorted(layout.items(), key=lambda kv: kv[1]):
+            size = t.queue_max_size(idx)
+            if size == 0:
+                raise self._fail(f"queue {idx} ({q.name}) does not exist")
+            if size & (size - 1):
+                raise self._fail(f"queue {idx} ({q.name}) size {size} is not a power of two")
+            if q is BalloonQueue.FREE_PAGE and size < 2:
+                raise self._fail(f"free_page_vq has {size} entries; at least 2 needed")
+            if q is BalloonQueue.REPORTING and size < PAGE_REPORTING_CAPACITY:
+                raise self._fail(f"reporting_vq has {size} entries; at least "
+                                 f"{PAGE_REPORTING_CAPACITY} needed")
+            vq = alloc_vring(self.mem, self.area, size, event_idx=event_idx, indirect=indirect,
+                             name=q.name.lower())
+            t.setup_queue(idx, size, vq.desc_gpa, vq.avail_gpa, vq.used_gpa)
+            t.enable_queue(idx)
+            if q is BalloonQueue.FREE_PAGE:
+                vq.disable_cb()  # Linux registers free_page_vq without a callback: it polls
+            self.vqs[q] = vq
+            self.qindex[q] = idx
+            self._by_index[idx] = q
+
+    # ==== plumbing ==============================================================================
+    def _kick(self, q: BalloonQueue) -> None:
+        if self.vqs[q].kick_prepare():
+            self.t.notify(self.qindex[q])
+
+    def _vq_ok(self, q: BalloonQueue) -> bool:
+        vq = self.vqs.get(q)
+        if vq is None:
+            return False
+        if vq.broken:
+            if not getattr(vq, "_driver_counted", False):
+                vq._driver_counted = True  # type: ignore[attr-defined]
+                self.counters["vring_broken"] += 1
+            return False
+        return True
+
+    def _read_config_u32s(self, offsets: Sequence[int]) -> list[int] | None:
+        """Read le32 fields so that all come from one config generation (protocol.md 2.4)."""
+        for _ in range(_CONFIG_READ_RETRIES):
+            gen = self.t.config_generation()
+            vals = [_U32.unpack(self.t.read_config(off, 4))[0] for off in offsets]
+            if self.t.config_generation() == gen:
+                return vals
+        self.counters["config_read_unstable"] += 1
+        log.warning("virtio-balloon: config_generation kept changing over %d reads",
+                    _CONFIG_READ_RETRIES)
+        return None
+
+    def _on_queue_irq(self, idx: int) -> None:
+        q = self._by_index.get(idx)
+        if q is None or not self.ready:
+            return
+        if q in (BalloonQueue.INFLATE, BalloonQueue.DEFLATE):
+            self.sched.after(0.0, self._balloon_ack)
+        elif q is BalloonQueue.STATS:
+            self.sched.after(0.0, self._stats_request)
+        elif q is BalloonQueue.REPORTING:
+            self.sched.after(0.0, self._report_ack)
+        # free_page_vq has no callback (polled); a spurious interrupt is harmless.
+
+    def _on_config_irq(self) -> None:
+        if not self.ready:
+            return
+        self.counters["config_changes"] += 1
+        self._schedule_config_work()
+
+    def _schedule_config_work(self) -> None:
+        if not self._config_pending:
+            self._config_pending = True
+            self.sched.after(0.0, self._config_work)
+
+    # ==== config changes =========================================================================
+    def _config_work(self) -> None:
+        self._config_pending = False
+        if not self.ready:
+            return
+        if self.t.get_status() & DeviceStatus.DEVICE_NEEDS_RESET:
+            self.counters["device_needs_reset"] += 1
+            log.warning("virtio-balloon: device set DEVICE_NEEDS_RESET; driver idles")
+            self.ready = False
+            return
+        offs = [CFG_NUM_PAGES]
+        if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
+            offs.append(CFG_FREE_PAGE_HINT_CMD_ID)
+        vals = self._read_config_u32s(offs)
+        if vals is None:
+            return
+        self.s.target = vals[0]
+        if self._balloon_inflight is None and self._balloon_event is None \
+                and self.s.target != self.s.num_pages:
+            self._balloon_event = self.sched.after(0.0, self._balloon_work)
+        if len(vals) > 1:
+            self._cmd_id_changed(vals[1])
+
+    def _cmd_id_changed(self, cmd_id: int) -> None:
+        self.s.cmd_id_received = cmd_id
+        if cmd_id == VIRTIO_BALLOON_CMD_ID_DONE:
+            # DR-11: release every held page. A running round notices the change and stops.
+            self.return_free_pages(None)
+        if self._round is not None:
+            return  # the round's next step sees the new ID, sends STOP, then re-checks
+        self._maybe_start_round()
+
+    def _maybe_start_round(self) -> None:
+        cid = self.s.cmd_id_received
+        if (self.strategy is HintStrategy.OFF or cid in (VIRTIO_BALLOON_CMD_ID_STOP,
+                                                        VIRTIO_BALLOON_CMD_ID_DONE)
+                or cid == self.s.cmd_id_active or not self._vq_ok(BalloonQueue.FREE_PAGE)):
+            return
+        vq = self.vqs[BalloonQueue.FREE_PAGE]
+        vq.get_bufs()  # detach used buffers first, as Linux's send_cmd_id_start does
+        self.s.cmd_id_active = cid
+        self.mem.write(self._start_buf, _U32.pack(cid))
+        try:
+            vq.add_buf(out=[(self._start_buf, 4)], token="start")  # DR-9: exactly 4 bytes
+        except (VringFull, VringBroken) as e:
+            self.counters["control_buffer_failed"] += 1
+            log.warning("virtio-balloon: cannot post start buffer for id %#x: %s", cid, e)
+            return
+        self._kick(BalloonQueue.FREE_PAGE)
+        self.counters["start_sent"] += 1
+        self.counters["rounds"] += 1
+        walker = None
+        if self.strategy is HintStrategy.WALK:
+            assert self.walker_factory is not None
+            walker = self.walker_factory(self.opts.min_order)
+        self._round = _Round(cid, walker)
+        self._round.event = self.sched.after(0.0, self._hint_step)
+
+    # ==== free page hinting ======================================================================
+    def _hint_step(self) -> None:
+        r = self._round
+        if r is None:
+            return
+        r.event = None
+        if not self._vq_ok(BalloonQueue.FREE_PAGE):
+            self._round = None
+            return
+        if self.s.cmd_id_received != r.cmd_id:
+            # DR-10: stop on STOP/DONE (or a newer round): Linux breaks out of its loop.
+            self.counters["rounds_stopped_by_device"] += 1
+            self._end_round()
+            return
+        vq = self.vqs[BalloonQueue.FREE_PAGE]
+        vq.get_bufs()  # poll: reclaim descriptors of hints the device already used
+        room = max(0, vq.num_free - 1)  # keep one slot for the STOP buffer (protocol.md 4.4/9)
+        if self.strategy is HintStrategy.CAPTURE:
+            n, exhausted = self._capture_batch(vq, room)
+        else:
+            n, exhausted = self._walk_batch(vq, room)
+        if n:
+            self._kick(BalloonQueue.FREE_PAGE)
+        r.blocks += n
+        if exhausted:
+            self._end_round()  # DR-10: out of free blocks -> STOP
+            return
+        delay = max(n, 1) * self.opts.hint_cost_per_block
+        if room == 0:
+            delay = max(delay, self.opts.ring_full_poll)
+        r.event = self.sched.after(delay, self._hint_step)
+
+    def _capture_batch(self, vq: DriverVring, room: int) -> tuple[int, bool]:
+        """Allocate up to hint_batch order-10 blocks; post those that fit, drop the rest."""
+        got: list[int] = []
+        dropped = 0
+        exhausted = False
+        for _ in range(self.opts.hint_batch):
+            pfn = self.alloc.alloc_pages(VIRTIO_BALLOON_HINT_BLOCK_ORDER, MIGRATE_UNMOVABLE,
+                                         noretry=True, owner=OWNER_BALLOON)
+            if pfn is None:
+                exhausted = True
+                break
+            if len(got) < room:
+                got.append(pfn)
+            else:
+                # Linux: "When there is no available entry, just free it". Freeing makes the
+                # next allocation likely return the same block, so the step ends here.
+                self.alloc.free_pages(pfn, VIRTIO_BALLOON_HINT_BLOCK_ORDER)
+                dropped += 1
+                break
+        self.counters["hint_blocks_dropped_ring_full"] += dropped
+        if got:
+            pfns = np.array(got, dtype=np.int64)
+            self._post_hints(vq, pfns, np.full(pfns.size, HINT_BLOCK_PAGES, dtype=np.int64))
+            self.s.held_blocks.extend(got)
+        return len(got) + dropped, exhausted
+
+    def _walk_batch(self, vq: DriverVring, room: int) -> tuple[int, bool]:
+        r = self._round
+        assert r is not None and r.walker is not None
+        blocks: list[tuple[int, int]] = []
+        exhausted = False
+        for _ in range(self.opts.hint_batch):
+            blk = r.walker.step()
+            if blk is None:
+                exhausted = True
+                break
+            blocks.append(blk)
+        post = blocks[:room]
+        self.counters["hint_blocks_dropped_ring_full"] += len(blocks) - len(post)
+        if post:
+            arr = np.array(post, dtype=np.int64).reshape(-1, 2)
+            self._post_hints(vq, arr[:, 0], arr[:, 1])
+        return len(blocks), exhausted
+
+    def _post_hints(self, vq: DriverVring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:
+        lens = nr_pages << PAGE_SHIFT
+        # A descriptor length is 32 bits; split anything of 4 GiB or more (never for order <= 10).
+        if (lens >= 1 << 32).any():
+            pieces_p, pieces_n = [], []
+            step = 1 << (31 - PAGE_SHIFT)
+            for p, n in zip(pfns.tolist(), nr_pages.tolist()):
+                for off in range(0, n, step):
+                    pieces_p.append(p + off)
+                    pieces_n.append(min(step, n - off))
+            pfns = np.array(pieces_p[:vq.num_free - 1], dtype=np.int64)
+            nr_pages = np.array(pieces_n[:vq.num_free - 1], dtype=np.int64)
+            lens = nr_pages << PAGE_SHIFT
+        vq.add_single_bufs(pfns << PAGE_SHIFT, lens, writable=True)
+        self.counters["hints_sent"] += int(pfns.size)
+        self.counters["hinted_pages"] += int(nr_pages.sum())
+
+    def _end_round(self) -> None:
+        """Send the STOP buffer (le32 0) for the current round, then look at the ID again."""
+        self._round = None
+        if self._vq_ok(BalloonQueue.FREE_PAGE):
+            vq = self.vqs[BalloonQueue.FREE_PAGE]
+            vq.get_bufs()
+            try:
+                vq.add_buf(out=[(self._stop_buf, 4)], token="stop")
+                self._kick(BalloonQueue.FREE_PAGE)
+                self.counters["stop_sent"] += 1
+            except (VringFull, VringBroken) as e:
+                self.counters["control_buffer_failed"] += 1
+                log.warning("virtio-balloon: cannot post stop buffer: %s", e)
+        # A new ID that arrived meanwhile starts its round now (Linux re-runs the work item).
+        self._maybe_start_round()
+
+    def return_free_pages(self, max_blocks: int | None) -> int:
+        """Give up to ``max_blocks`` held hint blocks back to the allocator (all if None);
+        returns the number of blocks freed. Linux ``return_free_pages_to_mm``."""
+        held = self.s.held_blocks
+        n = len(held) if max_blocks is None else min(max_blocks, len(held))
+        for _ in range(n):
+            self.alloc.free_pages(held.pop(), VIRTIO_BALLOON_HINT_BLOCK_ORDER)
+        if max_blocks is None:
+            self.counters["hint_blocks_returned_done"] += n
+        return n
+
+    # Shrinker (Linux virtio_balloon_shrinker_count / _scan): only hint blocks are given back.
+    def shrink_count(self) -> int:
+        return len(self.s.held_blocks) * HINT_BLOCK_PAGES
+
+    def shrink(self, nr_to_scan: int) -> int:
+        """Free ``ceil(nr_to_scan / 1024)`` held hint blocks; returns pages freed. A block may
+        still sit in the ring unhinted: the spec allows reusing hinted pages early (DR-11)."""
+        blocks = math.ceil(max(0, nr_to_scan) / HINT_BLOCK_PAGES)
+        freed = self.return_free_pages(blocks)
+        self.counters["hint_blocks_shrunk"] += freed
+        return freed * HINT_BLOCK_PAGES
+
+    @property
+    def hinting(self) -> bool:
+        return self._round is not None
+
+    # ==== inflate / deflate ======================================================================
+    def _balloon_work(self) -> None:
+        """One step towards the target: at most 256 pfns in one buffer (protocol.md 3.4)."""
+        self._balloon_event = None
+        if not self.ready or self._balloon_inflight is not None:
+            return
+        diff = self.s.target - self.s.num_pages
+        if diff == 0:
+            return
+        if diff > 0:
+            q = BalloonQueue.INFLATE
+            want = min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)
+            pfns = np.asarray(self.alloc.alloc_pages_bulk(want, MIGRATE_MOVABLE,
+                                                          owner=OWNER_BALLOON), dtype=np.int64)
+            if pfns.size < want:
+                self.counters["inflate_alloc_failed"] += 1
+                log.info("virtio-balloon: out of puff, got %d of %d pages", pfns.size, want)
+            if pfns.size == 0:
+                self._balloon_event = self.sched.after(self.opts.balloon_retry_delay,
+                                                       self._balloon_work)
+                return
+            kind = "inflate"
+        else:
+            q = BalloonQueue.DEFLATE
+            want = min(-diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX, len(self.s.balloon_pfns))
+            if want == 0:
+                return
+            pfns = np.array(self.s.balloon_pfns[-want:], dtype=np.int64)
+            del self.s.balloon_pfns[-want:]
+            kind = "deflate"
+        if not self._vq_ok(q):
+            self._undo_balloon(kind, pfns)
+            return
+        self.mem.write(self._pfn_buf, pfns.astype("<u4").tobytes())
+        try:
+            self.vqs[q].add_buf(out=[(self._pfn_buf, 4 * int(pfns.size))], token=kind)
+        except (VringFull, VringBroken) as e:
+            log.warning("virtio-balloon: cannot post %s buffer: %s", kind, e)
+            self._undo_balloon(kind, pfns)
+            return
+        self._balloon_inflight = (kind, pfns)
+        self.counters["balloon_buffers"] += 1
+        self._kick(q)
+
+    def _undo_balloon(self, kind: str, pfns: np.ndarray) -> None:
+        if kind == "inflate":
+            self.alloc.free_pages_bulk(pfns)
+        else:
+            self.s.balloon_pfns.extend(pfns.tolist())
+
+    def _balloon_ack(self) -> None:
+        if self._balloon_inflight is None:
+            return
+        kind, pfns = self._balloon_inflight
+        q = BalloonQueue.INFLATE if kind == "inflate" else BalloonQueue.DEFLATE
+        if not self._vq_ok(q):
+            return
+        toks, _ = self.vqs[q].get_bufs()
+        if kind not in toks:
+            return  # spurious interrupt; keep waiting (one buffer in flight)
+        self._balloon_inflight = None
+        n = int(pfns.size)
+        if kind == "inflate":
+            self.s.balloon_pfns.extend(pfns.tolist())
+            self.s.num_pages += n
+            self.counters["inflated_pages"] += n
+        else:
+            # DR-5/DR-6: the device has acknowledged; only now may the pages be reused.
+            self.alloc.free_pages_bulk(pfns)
+            self.s.num_pages -= n
+            self.counters["deflated_pages"] += n
+        # DR-7: tell the device where the balloon is.
+        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
+        if self.s.num_pages != self.s.target:
+            self._balloon_event = self.sched.after(n * self.opts.balloon_cost_per_page,
+                                                   self._balloon_work)
+
+    def oom_deflate(self) -> int:
+        """Linux's OOM notifier with DEFLATE_ON_OOM: give up to 256 balloon pages back now.
+
+        Without MUST_TELL_HOST the pages are freed at once and the host told afterwards if a
+        deflate buffer can be posted; with it, nothing is freed here (the ack must come first).
+        Returns pages freed.
+        """
+        if not self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) or self._balloon_inflight is not None:
+            return 0
+        if self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST):
+            return 0
+        n = min(OOM_NR_PAGES, len(self.s.balloon_pfns))
+        if n == 0:
+            return 0
+        pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
+        del self.s.balloon_pfns[-n:]
+        self.alloc.free_pages_bulk(pfns)
+        self.s.num_pages -= n
+        self.counters["oom_deflated_pages"] += n
+        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
+        return n
+
+    # ==== stats ==================================================================================
+    def _fill_stats(self) -> None:
+        vals: dict[int, int] = {int(tag): 0 for tag in self._stats_tags}
+        total = self.alloc.ram_pages << PAGE_SHIFT
+        free = self.alloc.nr_free_pages() << PAGE_SHIFT
+        vals[StatTag.MEMTOT] = total
+        vals[StatTag.MEMFREE] = free
+        vals[StatTag.AVAIL] = free
+        if self.opts.stats is not None:
+            vals.update({int(k): int(v) for k, v in self.opts.stats().items()})
+        # DR-8: the same subset every time, one entry per tag.
+        buf = b"".join(struct.pack("<HQ", int(tag), vals[int(tag)] & (1 << 64) - 1)
+                       for tag in self._stats_tags)
+        self.mem.write(self._stats_buf, buf)
+
+    def _stats_request(self) -> None:
+        if not self._vq_ok(BalloonQueue.STATS):
+            return
+        vq = self.vqs[BalloonQueue.STATS]
+        toks, _ = vq.get_bufs()
+        if "stats" not in toks:
+            return
+        self._fill_stats()
+        vq.add_buf(out=[(self._stats_buf, STAT_ENTRY_SIZE * len(self._stats_tags))],
+                   token="stats")
+        self.counters["stats_buffers"] += 1
+        self._kick(BalloonQueue.STATS)
+
+    # ==== free page reporting ====================================================================
+    def _report_step(self) -> None:
+        """Report up to 32 free pageblocks in one chain (Linux page_reporting_cycle).
+
+        Approximation: Linux isolates free blocks without touching them and marks them
+        PageReported until they are allocated again. Here blocks are isolated by allocating
+        them (owner OWNER_BALLOON), which also applies the allocator's init_on_alloc write,
+        and "reported" is the driver's own per-pageblock bit, cleared at the start of each pass
+        for pageblocks no longer wholly free. A block allocated and freed between two passes is
+        therefore not reported again.
+        """
+        self._report_event = None
+        if not self.ready or self._report_inflight is not None \
+                or not self._vq_ok(BalloonQueue.REPORTING):
+            return
+        if hasattr(self.alloc, "free_mask"):
+            free_pb = self.alloc.free_mask()[: self._reported.size << PAGE_REPORTING_ORDER] \
+                .reshape(-1, 1 << PAGE_REPORTING_ORDER).all(axis=1)
+            self._reported &= free_pb
+        got: list[int] = []
+        skipped: list[int] = []
+        for _ in range(2 * PAGE_REPORTING_CAPACITY):
+            if len(got) == PAGE_REPORTING_CAPACITY:
+                break
+            pfn = self.alloc.alloc_pages(PAGE_REPORTING_ORDER, MIGRATE_MOVABLE, noretry=True,
+                                         owner=OWNER_BALLOON)
+            if pfn is None:
+                break
+            (skipped if self._reported[pfn >> PAGE_REPORTING_ORDER] else got).append(pfn)
+        for pfn in skipped:
+            self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
+        if not got:
+            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+            return
+        elems = [(p << PAGE_SHIFT, 1 << (PAGE_REPORTING_ORDER + PAGE_SHIFT)) for p in got]
+        try:
+            self.vqs[BalloonQueue.REPORTING].add_buf(in_=elems, token="report")
+        except (VringFull, VringBroken) as e:
+            log.warning("virtio-balloon: cannot post report: %s", e)
+            for pfn in got:
+                self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
+            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+            return
+        self._report_inflight = got
+        self._kick(BalloonQueue.REPORTING)
+
+    def _report_ack(self) -> None:
+        if self._report_inflight is None or not self._vq_ok(BalloonQueue.REPORTING):
+            return
+        toks, _ = self.vqs[BalloonQueue.REPORTING].get_bufs()
+        if "report" not in toks:
+            return
+        got = self._report_inflight
+        self._report_inflight = None
+        # DR-13: only now may the pages be used again; free them back to the allocator.
+        for pfn in got:
+            self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
+            self._reported[pfn >> PAGE_REPORTING_ORDER] = True
+        self.counters["reports"] += 1
+        self.counters["reported_pages"] += len(got) << PAGE_REPORTING_ORDER
+        cost = len(got) * self.opts.report_cost_per_block
+        # More to report right away if the chain was full, else wait for the next interval.
+        delay = cost if len(got) == PAGE_REPORTING_CAPACITY else self.opts.report_interval
+        self._report_event = self.sched.after(delay, self._report_step)
+
+    # ==== views for the guest assembly ===========================================================
+    def held_pfn_ranges(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of every page the driver holds: hint blocks and balloon pages."""
+        out = [(p, HINT_BLOCK_PAGES) for p in self.s.held_blocks]
+        out += [(p, 1) for p in self.s.balloon_pfns]
+        if self._balloon_inflight is not None:
+            out += [(int(p), 1) for p in self._balloon_inflight[1]]
+        if self._report_inflight is not None:
+            out += [(p, 1 << PAGE_REPORTING_ORDER) for p in self._report_inflight]
+        return out
