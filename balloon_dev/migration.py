@@ -88,12 +88,14 @@ class CostModel:
     zero_page_s: float = 1.15e-6        # read a page, find it zero, queue a 9-byte record
     copy_page_s: float = 0.40e-6        # extra CPU for a normal page: copy 4 KiB into the stream
     bitmap_bit_s: float = 0.25e-9       # walk one bit of the migration bitmap (find_next_bit)
+    log_start_page_s: float = 0.09e-6   # per RAM page, once: dirty logging on (write-protect)
     sync_page_s: float = 1.0e-9         # per RAM page: fetch and merge KVM's dirty bitmap
-    sync_dirty_page_s: float = 0.10e-6  # per dirty page: write-protect it again (KVM)
+    sync_dirty_page_s: float = 0.09e-6  # per dirty page: write-protect it again (KVM)
     host_hint_s: float = 2.0e-6         # host: pop one hint element, clear its bits, push it back
     host_hint_page_s: float = 0.25e-9   # host: per page of a hint (bitmap clear)
-    setup_s: float = 0.005              # QEMU set-up: allocate bitmaps, connect, device state
-    device_state_s: float = 0.002       # device states sent in the downtime
+    setup_s: float = 0.005              # QEMU set-up: allocate bitmaps, connect
+    check_period_s: float = 0.1         # QEMU decides on switchover once per BUFFER_DELAY
+    switchover_s: float = 0.03          # stop vCPUs, device states, destination resumes
 
     def page_cost(self, bandwidth_Bps: float) -> tuple[float, float]:
         """(zero page, normal page) time: CPU work and wire time happen one after the other in
@@ -240,7 +242,9 @@ class PrecopyMigration:
         # ram_init_bitmaps() syncs once with the notifiers around it; logging only just started,
         # so the sync finds nothing, but AFTER_BITMAP_SYNC opens hint round 1 for the bulk pass.
         self._sync(vm_running=True)
-        self._begin_round(self.sched.now + self.cost.setup_s + self._sync_cost(0))
+        t = (self.sched.now + self.cost.setup_s + self.ram_pages * self.cost.log_start_page_s
+             + self._sync_cost(0))
+        self._begin_round(t)
 
     def run(self, max_events: int | None = None) -> MigrationStats:
         """Start (if needed) and run the scheduler until the migration is over."""
@@ -343,12 +347,17 @@ class PrecopyMigration:
         left = int(np.count_nonzero(self.to_send))
         # QEMU compares what is left with bandwidth x downtime limit; we price the pages as
         # normal pages (their zero-ness is unknown until scanned), which errs on the safe side.
-        est = left * self._normal_cost + self.cost.device_state_s + self._sync_cost(left)
-        if est <= self.params.downtime_limit_s:
-            self.stats.converged = True
-            self.sched.at(self.sched.now + t_sync, self._stop_and_copy)
-        elif len(self.rounds) >= self.params.max_rounds:
-            self.sched.at(self.sched.now + t_sync, self._stop_and_copy)
+        est = left * self._normal_cost + self.cost.switchover_s + self._sync_cost(left)
+        converged = est <= self.params.downtime_limit_s
+        if converged or len(self.rounds) >= self.params.max_rounds:
+            self.stats.converged = converged
+            # QEMU's migration thread re-measures bandwidth and decides on switchover once per
+            # BUFFER_DELAY window, counted from the start of the migration.
+            t = self.sched.now + t_sync
+            p = self.cost.check_period_s
+            if p > 0:
+                t = self._t0 + max(1, -(-(t - self._t0 - 1e-12) // p)) * p
+            self.sched.at(t, self._stop_and_copy)
         else:
             self._begin_round(self.sched.now + t_sync)
 
@@ -363,7 +372,7 @@ class PrecopyMigration:
         rnd.dirty_at_sync = n_dirty
         dt = self._sync_cost(n_dirty)
         dt += self._send_range(0, self.ram_pages, rnd)
-        dt += self.cost.device_state_s
+        dt += self.cost.switchover_s
         rnd.end_s = rnd.start_s + dt
         self.stats.rounds = len(self.rounds)
         self.stats.downtime_s = dt

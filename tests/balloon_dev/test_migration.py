@@ -23,6 +23,8 @@ from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SIZE
 
 MiB = 1 << 20
+# Small guests: no BUFFER_DELAY pacing and a short switchover, so the tests reason in microseconds.
+TEST_COST = CostModel(check_period_s=0.0, switchover_s=1e-4)
 
 
 class SyntheticGuest:
@@ -91,7 +93,7 @@ def make(n: int = 4096, used: int = 512, *, params: MigrationParams | None = Non
     g = SyntheticGuest(n, used, sched, poison=poison)
     hinter = FakeHinter(sched, hinter_blocks, gap) if hinter_blocks is not None else None
     mig = PrecopyMigration(g.pv, g.log, sched, params or MigrationParams(chunk_pages=256),
-                           cost, notify=hinter)
+                           cost or TEST_COST, notify=hinter)
     if hinter is not None:
         hinter.mig = mig
 
@@ -109,7 +111,7 @@ def test_idle_no_hints_sends_every_page_once_and_verifies() -> None:
     assert st.pages_sent == 4096
     assert st.zero_pages == 4096 - 512
     assert st.pages_skipped_hint == 0
-    z, nrm = CostModel().page_cost(MigrationParams().bandwidth_Bps)
+    z, nrm = TEST_COST.page_cost(MigrationParams().bandwidth_Bps)
     assert st.bytes_sent == (4096 - 512) * 9 + 512 * (PAGE_SIZE + 8)
     # one pre-copy round, then a stop-and-copy with nothing left
     assert st.rounds == 2 and mig.rounds[-1].pages_sent == 0
@@ -175,7 +177,7 @@ def test_hint_ranges_outside_ram_are_counted_not_raised() -> None:
 def _stale_race(accept: bool):
     """A hint for free pages is queued on the slow host hint thread; the guest then allocates and
     writes those pages; the round ends (sync) before the host applies the hint."""
-    cost = CostModel(host_hint_s=20e-3)  # a slow host hint thread: the hint waits 20 ms
+    cost = CostModel(host_hint_s=20e-3, check_period_s=0.0, switchover_s=1e-4)  # a slow host hint thread: the hint waits 20 ms
     params = MigrationParams(chunk_pages=256, accept_stale_hints=accept, downtime_limit_s=1.0)
     sched, g, _, mig = make(n=2048, used=256, params=params, cost=cost)
     mig.start()
@@ -184,7 +186,7 @@ def _stale_race(accept: bool):
     def allocate_and_write() -> None:
         g.in_use[300:364] = True
         g.pv.write_range(300, 64, "data")
-    # set-up takes 5 ms, the bulk pass of 2048 pages ~2.6 ms and passes pfn 364 at ~5.6 ms: the
+    # set-up takes ~5.2 ms, the bulk pass of 2048 pages ~2.6 ms and passes pfn 364 at ~5.6 ms: the
     # write at 6 ms lands after the cursor, the sync at ~7.6 ms comes before the hint thread gets
     # to the hint (20 ms)
     sched.at(0.006, allocate_and_write)
@@ -267,3 +269,13 @@ def test_byte_backed_pages_are_compared_by_content() -> None:
 def test_engine_rejects_mismatched_arrays() -> None:
     with pytest.raises(MigrationError):
         PrecopyMigration(PageVersions(8), DirtyLog(16), Scheduler())
+
+
+def test_switchover_waits_for_the_buffer_delay_window() -> None:
+    cost = CostModel(check_period_s=0.1, switchover_s=1e-3)
+    _, _, _, mig = make(cost=cost)
+    st = mig.run()
+    # the bulk pass is over in ~10 ms, but QEMU decides only at the end of its first 100 ms window
+    assert mig.rounds[0].end_s < 0.02
+    assert mig.rounds[-1].start_s == pytest.approx(0.1)
+    assert st.total_time_s == pytest.approx(0.1 + st.downtime_s)
