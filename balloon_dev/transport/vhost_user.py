@@ -1,0 +1,727 @@
+"""vhost-user back-end session for the balloon device (sans-I/O; protocol.md 8).
+
+Theory of operation
+-------------------
+QEMU's generic front-end (``vhost-user-test-device-pci``, virtio-id 5) owns the guest-visible
+virtio transport: it negotiates features with the guest, keeps the status byte, and only when the
+guest sets DRIVER_OK does it hand the rings to us (``vhost_dev_start``): SET_FEATURES with the
+guest's accepted features, SET_MEM_TABLE (one memfd per RAM region), per ring SET_VRING_NUM /
+BASE / ADDR / KICK / CALL, SET_VRING_ENABLE and, with the STATUS protocol feature, SET_STATUS.
+Config-space accesses are forwarded at any time (GET_CONFIG on every guest read, SET_CONFIG with
+the whole window on every write).
+
+A ``VhostUserSession`` turns those messages into calls on a sans-I/O ``BalloonDevice`` (a virtio
+device with its own status byte): ``handle(msg)`` returns the reply bytes (if any), the device's
+effects, and whether the connection must close. It drives the device's status in virtio order
+(ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK) from the front-end's view:
+
+* with the STATUS protocol feature, SET_STATUS decides (QEMU sends FEATURES_OK after
+  SET_FEATURES and ACK|DRIVER|DRIVER_OK after the rings are set up; 0 when it stops);
+* without it, SET_FEATURES implies FEATURES_OK and the first kick implies DRIVER_OK.
+
+"Going live" (DRIVER_OK) sets up every device queue whose ring has an address, enables it, then
+writes DRIVER_OK, then delivers one notification per started ring (kicks may have arrived before;
+spurious notifications are allowed, protocol.md 1.4).
+
+Memory: every SET_MEM_TABLE region fd is mmapped (shared) and added to the ``GuestMemory`` the
+device reads, at its ``guest_phys_addr``. SET_VRING_ADDR gives *front-end virtual* addresses; they
+are translated through the regions' ``userspace_addr`` into guest-physical ones, which is what the
+device core takes. Descriptor addresses inside the rings are guest-physical already.
+
+Driver-writable config fields (``actual``, ``poison_val``) written by the guest before the device
+has seen FEATURES_OK are kept and applied right after FEATURES_OK: Linux writes ``poison_val``
+before DRIVER_OK, but this back-end only learns the features at DRIVER_OK time. SET_CONFIG always
+carries QEMU's cached copy of the whole window, so only driver-writable fields whose value
+changed are forwarded; the device-written ones (``num_pages``, ``free_page_hint_cmd_id``) in it are
+stale copies and ignored.
+
+File descriptors: a message's fds belong to the session once the message is handled; fds a
+handler does not keep are closed at once (also when the message is rejected). ``close()``
+releases everything (fds, mappings) and resets the device, ready for the next front-end.
+
+Errors name the culprit: a bad header raises ``VhostUserFramingError`` out of the reader (the
+server closes the connection); a bad payload or a request we do not implement is a peer error:
+logged, counted, answered with a failure (a REPLY_ACK of 1 when NEED_REPLY was set, an empty reply
+for requests that always reply), and the session carries on.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from balloon_dev.effects import Effect
+from guestmem import GuestMemory, GuestMemoryError
+from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
+from protocol.vhost_user import (
+    REPLY_REQUESTS,
+    VHOST_MEMORY_BASELINE_NREGIONS,
+    VHOST_SET_CONFIG_TYPE_FRONTEND,
+    VHOST_SET_CONFIG_TYPE_MIGRATION,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_USER_MAX_CONFIG_SIZE,
+    ConfigAccess,
+    Message,
+    MemoryTable,
+    VhostUserBackendRequest,
+    VhostUserPayloadError,
+    VhostUserProtocolFeature,
+    VhostUserRequest,
+    VringAddr,
+    VringFile,
+    VringState,
+    build_config,
+    build_reply,
+    build_request,
+    build_u64,
+    build_vring_state,
+    decode_payload,
+    request_name,
+)
+from protocol.virtio import DeviceStatus
+
+log = logging.getLogger(__name__)
+
+ACK = int(DeviceStatus.ACKNOWLEDGE)
+DRIVER = int(DeviceStatus.DRIVER)
+FEATURES_OK = int(DeviceStatus.FEATURES_OK)
+DRIVER_OK = int(DeviceStatus.DRIVER_OK)
+FAILED = int(DeviceStatus.FAILED)
+NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
+
+PF = VhostUserProtocolFeature
+#: Protocol features offered by default (protocol.md 8.4/8.5): REPLY_ACK for NEED_REPLY acks,
+#: CONFIG (the front-end has a config window), BACKEND_REQ for CONFIG_CHANGE_MSG, RESET_DEVICE and
+#: STATUS so the front-end's status byte drives the device. Not offered: MQ (one device, fixed
+#: queues), LOG_SHMFD (the generic front-end is unmigratable anyway), CONFIGURE_MEM_SLOTS (ADD/REM
+#: MEM_REG are not implemented; SET_MEM_TABLE is used instead).
+DEFAULT_PROTOCOL_FEATURES = (
+    (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG) | (1 << PF.RESET_DEVICE)
+    | (1 << PF.STATUS)
+)
+#: Driver-writable 32-bit config fields of the balloon (protocol.md 3.2).
+DRIVER_CONFIG_FIELDS = (CFG_ACTUAL, CFG_POISON_VAL)
+
+
+class BalloonDeviceLike(Protocol):
+    """What the session uses of ``balloon_dev.device.BalloonDevice`` (docs/interfaces.md)."""
+
+    @property
+    def device_features(self) -> int: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def config_size(self) -> int: ...
+    @property
+    def num_queues(self) -> int: ...
+    def write_driver_features(self, value: int) -> None: ...
+    def write_status(self, v: int) -> list[Effect]: ...
+    def read_config(self, offset: int, size: int) -> bytes: ...
+    def write_config(self, offset: int, data: bytes) -> list[Effect]: ...
+    def queue_max_size(self, q: int) -> int: ...
+    def set_queue(self, q: int, size: int, desc: int, driver: int, device: int) -> None: ...
+    def enable_queue(self, q: int) -> list[Effect]: ...
+    def notify(self, q: int) -> list[Effect]: ...
+    def reset(self) -> list[Effect]: ...
+
+
+@dataclass(slots=True)
+class Vring:
+    """The front-end's view of one ring, as the vhost-user messages set it."""
+
+    num: int = 0
+    addr: VringAddr | None = None
+    # Guest-physical addresses translated from ``addr`` when it arrived.
+    desc_gpa: int = 0
+    avail_gpa: int = 0
+    used_gpa: int = 0
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    started: bool = False  # a kick fd (or NOFD) arrived and no GET_VRING_BASE stopped it since
+    enabled: bool = False  # SET_VRING_ENABLE state
+
+
+@dataclass(frozen=True, slots=True)
+class HandleResult:
+    """What the server must do after one message: send ``reply``, act on ``effects``, maybe close."""
+
+    reply: bytes | None = None
+    effects: tuple[Effect, ...] = ()
+    close: bool = False
+
+
+@dataclass(slots=True)
+class _Mapping:
+    mm: mmap.mmap
+    view: memoryview
+    gpa: int
+    size: int
+    uaddr: int
+
+
+class _Reject(Exception):
+    """A peer error inside a handler: counted under ``counter``, answered with a failure."""
+
+    def __init__(self, counter: str, detail: str) -> None:
+        super().__init__(detail)
+        self.counter = counter
+
+
+@dataclass(slots=True)
+class _Outcome:
+    payload: bytes | None = None  # reply payload for REPLY_REQUESTS
+    effects: list[Effect] = field(default_factory=list)
+    kept_fds: tuple[int, ...] = ()
+
+
+class VhostUserSession:
+    """One front-end connection's state. ``dev`` must read guest memory through ``mem``."""
+
+    def __init__(self, dev: BalloonDeviceLike, mem: GuestMemory, *,
+                 protocol_features: int = DEFAULT_PROTOCOL_FEATURES) -> None:
+        self.dev = dev
+        self.mem = mem
+        self.offered_protocol_features = protocol_features
+        self.protocol_features = 0  # acked by SET_PROTOCOL_FEATURES
+        self.features_acked: int | None = None  # last SET_FEATURES value (bit 30 included)
+        self.owner = False
+        self.live = False  # the device has been given DRIVER_OK by this session
+        self.backend_fd: int | None = None
+        self.rings: list[Vring] = []
+        self.counters: Counter[str] = Counter()
+        self._maps: list[_Mapping] = []
+        self._pending_config: dict[int, bytes] = {}
+        self._frontend_status = 0
+        self._reset_rings()
+
+    # -- queries the server uses ----------------------------------------------------------
+    @property
+    def guest_features(self) -> int:
+        """Features the guest accepted (SET_FEATURES minus the vhost-only bits)."""
+        if self.features_acked is None:
+            return 0
+        return self.features_acked & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def has_protocol_feature(self, bit: int) -> bool:
+        return bool(self.protocol_features >> bit & 1)
+
+    def kick_fds(self) -> dict[int, int]:
+        """Kick eventfds to watch: rings that are started (the server reads them)."""
+        return {q: r.kick_fd for q, r in enumerate(self.rings)
+                if r.started and r.kick_fd is not None}
+
+    def call_fd(self, q: int) -> int | None:
+        return self.rings[q].call_fd if 0 <= q < len(self.rings) else None
+
+    def config_change_message(self) -> bytes | None:
+        """The back-end channel message announcing a config change, or None if there is no
+        channel (then the guest only sees the change on its next config read)."""
+        if self.backend_fd is None or not self.has_protocol_feature(PF.CONFIG):
+            return None
+        return build_request(VhostUserBackendRequest.CONFIG_CHANGE_MSG)
+
+    # -- entry points -------------------------------------------------------------------------
+    def handle(self, msg: Message) -> HandleResult:
+        """Handle one framed front-end message (its fds are owned by the session from now on)."""
+        self.counters["messages"] += 1
+        req = msg.request
+        outcome = _Outcome()
+        ok = True
+        try:
+            if msg.header.is_reply:
+                raise _Reject("unexpected_replies", "a reply arrived where a request was expected")
+            handler = _HANDLERS.get(req)
+            if handler is None:
+                raise _Reject("unsupported_requests", "request not supported by this back-end")
+            payload = decode_payload(req, msg.payload)
+            outcome = handler(self, payload, msg.fds)
+        except VhostUserPayloadError as e:
+            ok = False
+            self._peer_error("bad_payloads", req, str(e))
+        except _Reject as e:
+            ok = False
+            self._peer_error(e.counter, req, str(e))
+        self._close_unkept(msg.fds, outcome.kept_fds if ok else ())
+        return HandleResult(self._reply(msg, ok, outcome), tuple(outcome.effects))
+
+    def kick(self, q: int) -> list[Effect]:
+        """The kick eventfd of ring ``q`` fired (the server has drained it)."""
+        if not 0 <= q < len(self.rings):
+            return []
+        ring = self.rings[q]
+        self.counters["kicks"] += 1
+        if not ring.started or not self._ring_enabled(ring):
+            # vhost-user.rst: a stopped or disabled ring does not process buffers.
+            self.counters["kicks_ignored"] += 1
+            return []
+        effects: list[Effect] = []
+        if not self.live:
+            if self.has_protocol_feature(PF.STATUS):
+                # DRIVER_OK comes with SET_STATUS; going live then notifies every ring.
+                self.counters["kicks_before_driver_ok"] += 1
+                return []
+            effects += self._go_live()
+            if not self.live:
+                return effects
+        effects += self.dev.notify(q)
+        return effects
+
+    def close(self) -> list[Effect]:
+        """The front-end left: release every fd and mapping and reset the device."""
+        effects = self.dev.reset()
+        self.live = False
+        self._frontend_status = 0
+        for ring in self.rings:
+            self._close_ring_fds(ring)
+        self._reset_rings()
+        if self.backend_fd is not None:
+            _close(self.backend_fd)
+            self.backend_fd = None
+        self._unmap_all()
+        self._pending_config.clear()
+        self.protocol_features = 0
+        self.features_acked = None
+        self.owner = False
+        return effects
+
+    # -- replies and errors -------------------------------------------------------------------
+    def _reply(self, msg: Message, ok: bool, outcome: _Outcome) -> bytes | None:
+        req = msg.request
+        if req in REPLY_REQUESTS:
+            # A failed request that always replies gets an empty payload: QEMU checks the
+            # payload size of these replies, so an empty one fails its call cleanly.
+            return build_reply(req, outcome.payload if ok and outcome.payload is not None else b"")
+        if msg.header.need_reply and self.has_protocol_feature(PF.REPLY_ACK):
+            # REPLY_ACK: u64 0 = success, non-zero = failure.
+            return build_reply(req, build_u64(0 if ok else 1))
+        return None
+
+    def _peer_error(self, counter: str, req: int, detail: str) -> None:
+        self.counters["peer_errors"] += 1
+        self.counters[counter] += 1
+        log.warning("vhost-user front-end error in %s (%#x): %s", request_name(req), req, detail)
+
+    def _close_unkept(self, fds: tuple[int, ...], kept: tuple[int, ...]) -> None:
+        for fd in fds:
+            if fd not in kept:
+                _close(fd)
+                self.counters["fds_closed"] += 1
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _reset_rings(self) -> None:
+        n = self.dev.num_queues
+        self.rings = [Vring() for _ in range(n)]
+
+    def _ring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.rings):
+            raise _Reject("bad_ring_index",
+                          f"ring {index} does not exist (device has {len(self.rings)} queues; "
+                          f"the front-end's num_vqs must be {len(self.rings)})")
+        return self.rings[index]
+
+    def _ring_enabled(self, ring: Vring) -> bool:
+        # vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled when started;
+        # with it they start disabled until SET_VRING_ENABLE 1.
+        if self.features_acked is None or not self.features_acked >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            return True
+        return ring.enabled
+
+    @staticmethod
+    def _close_ring_fds(ring: Vring) -> None:
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(ring, name)
+            if fd is not None:
+                _close(fd)
+                setattr(ring, name, None)
+
+    def _uaddr_to_gpa(self, uaddr: int, length: int, what: str) -> int:
+        for m in self._maps:
+            if m.uaddr <= uaddr and uaddr + length <= m.uaddr + m.size:
+                return m.gpa + (uaddr - m.uaddr)
+        raise _Reject("bad_vring_addr",
+                      f"{what} at front-end address {uaddr:#x} (+{length:#x}) is in no memory "
+                      f"region ({len(self._maps)} mapped)")
+
+    def _unmap_all(self) -> None:
+        self.mem.clear()
+        maps, self._maps = self._maps, []
+        for m in maps:
+            m.view.release()
+            try:
+                m.mm.close()
+            except BufferError:
+                # The device still holds a view (e.g. a numpy array over a ring); the mapping
+                # goes away when that view is dropped.
+                self.counters["unmap_deferred"] += 1
+
+    # -- device status ------------------------------------------------------------------------
+    def _drive_status(self, want: int) -> list[Effect]:
+        """Move the device toward the front-end's status ``want`` in virtio order."""
+        effects: list[Effect] = []
+        if want == 0:
+            effects += self.dev.reset()
+            self.live = False
+            return effects
+        if self.dev.status & (FAILED | NEEDS_RESET):
+            return effects
+        if want & (FEATURES_OK | DRIVER_OK) and not self.dev.status & FEATURES_OK:
+            effects += self._features_ok()
+        if want & DRIVER_OK and not self.live:
+            effects += self._go_live()
+        elif want & (ACK | DRIVER):
+            cur = self.dev.status
+            add = want & (ACK | DRIVER) & ~cur
+            if add:
+                effects += self.dev.write_status(cur | add)
+        return effects
+
+    def _features_ok(self) -> list[Effect]:
+        if self.features_acked is None:
+            self.counters["status_before_features"] += 1
+            log.warning("vhost-user: FEATURES_OK requested before SET_FEATURES; not applied")
+            return []
+        effects: list[Effect] = []
+        cur = self.dev.status
+        if cur & (ACK | DRIVER) != ACK | DRIVER:
+            # QEMU's add_status(FEATURES_OK) sends 8 alone: the guest has of course acknowledged
+            # the device already, so supply the earlier bits first.
+            effects += self.dev.write_status(cur | ACK | DRIVER)
+        self.dev.write_driver_features(self.guest_features)
+        effects += self.dev.write_status(self.dev.status | FEATURES_OK)
+        if not self.dev.status & FEATURES_OK:
+            self.counters["features_refused"] += 1
+            log.warning("vhost-user: device refused features %#x", self.guest_features)
+            return effects
+        for off, data in sorted(self._pending_config.items()):
+            effects += self._write_config_field(off, data)
+        self._pending_config.clear()
+        return effects
+
+    def _go_live(self) -> list[Effect]:
+        effects: list[Effect] = []
+        if not self.dev.status & FEATURES_OK:
+            effects += self._features_ok()
+            if not self.dev.status & FEATURES_OK:
+                return effects
+        for q, ring in enumerate(self.rings):
+            if ring.addr is None or ring.num == 0:
+                continue
+            self.dev.set_queue(q, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
+            effects += self.dev.enable_queue(q)
+            if ring.base:
+                # A fresh device queue starts at index 0; a non-zero base only happens when a
+                # front-end restarts rings without resetting the guest (VM stop/cont).
+                self._set_queue_base(q, ring.base)
+        effects += self.dev.write_status(self.dev.status | ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+        if not self.dev.status & DRIVER_OK:
+            self.counters["driver_ok_refused"] += 1
+            log.warning("vhost-user: device refused DRIVER_OK (status %#x)", self.dev.status)
+            return effects
+        self.live = True
+        for q, ring in enumerate(self.rings):
+            if ring.started and self._ring_enabled(ring):
+                effects += self.dev.notify(q)
+        return effects
+
+    def _set_queue_base(self, q: int, base: int) -> None:
+        # Both indices restart at ``base``: GET_VRING_BASE reported the used index (see
+        # ``_resume_index``), so every buffer before it was used and none after it was seen.
+        setter = getattr(self.dev, "set_queue_indices", None)
+        if setter is None:
+            self.counters["vring_base_unsupported"] += 1
+            log.warning("vhost-user: ring %d cannot resume at %d: the device core has no "
+                        "set_queue_indices(); it restarts at 0", q, base)
+            return
+        setter(q, base, base)
+
+    def _resume_index(self, q: int) -> int:
+        """Where ring ``q`` resumes after a stop: the used index the device published.
+
+        Not the device's last_avail_idx: the stop is followed by SET_STATUS 0 (a device reset),
+        which forgets buffers the device popped and still holds (the statistics buffer). Those
+        must be popped again on restart, so the ring resumes after the last *used* buffer; every
+        balloon buffer but the held stats buffer is used as soon as it is popped.
+        """
+        ring = self.rings[q]
+        if ring.addr is None:
+            return ring.base
+        try:
+            return self.mem.read_u16(ring.used_gpa + 2)
+        except GuestMemoryError:
+            self.counters["vring_base_unreadable"] += 1
+            return ring.base
+
+    # -- config -------------------------------------------------------------------------------
+    def _write_config_field(self, off: int, data: bytes) -> list[Effect]:
+        if off + len(data) > self.dev.config_size:
+            return []
+        if self.dev.read_config(off, len(data)) == data:
+            return []
+        return self.dev.write_config(off, data)
+
+    # -- handlers (payload already decoded; raise _Reject on meaning errors) ------------------
+    def _get_features(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        # Bit 30 tells the front-end we speak protocol features; the front-end hides it from the
+        # guest (vub_get_features).
+        feats = self.dev.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        return _Outcome(payload=build_u64(feats))
+
+    def _set_features(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+        allowed = self.dev.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        if value & ~allowed:
+            raise _Reject("bad_features",
+                          f"features {value:#x} include {value & ~allowed:#x} never offered")
+        guest = value & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        if self.dev.status & FEATURES_OK and guest != self.guest_features:
+            raise _Reject("features_after_features_ok",
+                          f"features {guest:#x} after FEATURES_OK with {self.guest_features:#x}")
+        self.features_acked = value
+        effects: list[Effect] = []
+        if not self.has_protocol_feature(PF.STATUS) and not self.dev.status & FEATURES_OK:
+            # Without STATUS the front-end never says FEATURES_OK: SET_FEATURES is the moment.
+            effects += self._features_ok()
+        return _Outcome(effects=effects)
+
+    def _set_owner(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        self.owner = True
+        return _Outcome()
+
+    def _reset_device(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        # RESET_DEVICE (and the deprecated RESET_OWNER): back to the just-connected state, but
+        # the memory table and the negotiated protocol features stay.
+        effects = self.dev.reset()
+        self.live = False
+        self._frontend_status = 0
+        for ring in self.rings:
+            self._close_ring_fds(ring)
+        self._reset_rings()
+        self.features_acked = None
+        self._pending_config.clear()
+        return _Outcome(effects=effects)
+
+    def _get_protocol_features(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        return _Outcome(payload=build_u64(self.offered_protocol_features))
+
+    def _set_protocol_features(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+        if value & ~self.offered_protocol_features:
+            raise _Reject("bad_protocol_features",
+                          f"protocol features {value:#x} include "
+                          f"{value & ~self.offered_protocol_features:#x} never offered")
+        self.protocol_features = value
+        return _Outcome()
+
+    def _get_queue_num(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        return _Outcome(payload=build_u64(self.dev.num_queues))
+
+    def _get_max_mem_slots(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        return _Outcome(payload=build_u64(VHOST_MEMORY_BASELINE_NREGIONS))
+
+    def _set_mem_table(self, table: MemoryTable, fds: tuple[int, ...]) -> _Outcome:
+        if len(fds) != len(table.regions):
+            raise _Reject("bad_mem_table",
+                          f"{len(table.regions)} regions but {len(fds)} fds attached")
+        maps: list[_Mapping] = []
+        try:
+            for i, (r, fd) in enumerate(zip(table.regions, fds)):
+                if r.memory_size == 0 or r.guest_phys_addr + r.memory_size > 1 << 64:
+                    raise _Reject("bad_mem_table", f"region {i} has an invalid range "
+                                  f"{r.guest_phys_addr:#x}+{r.memory_size:#x}")
+                for m in maps:
+                    if r.guest_phys_addr < m.gpa + m.size and m.gpa < r.guest_phys_addr + r.memory_size:
+                        raise _Reject("bad_mem_table", f"region {i} at {r.guest_phys_addr:#x} "
+                                      f"overlaps the region at {m.gpa:#x}")
+                try:
+                    # Map from offset 0 so mmap_offset need not be page-aligned.
+                    mm = mmap.mmap(fd, r.mmap_offset + r.memory_size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+                except (OSError, ValueError, OverflowError) as e:
+                    raise _Reject("bad_mem_table", f"region {i}: cannot map fd {fd} "
+                                  f"({r.mmap_offset:#x}+{r.memory_size:#x}): {e}") from None
+                view = memoryview(mm)[r.mmap_offset:r.mmap_offset + r.memory_size]
+                maps.append(_Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr))
+        except _Reject:
+            for m in maps:
+                m.view.release()
+                m.mm.close()
+            raise
+        # The new table replaces the old one as a whole (vhost-user.rst).
+        self._unmap_all()
+        self._maps = maps
+        for i, m in enumerate(maps):
+            self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {i}")
+        self.counters["mem_tables"] += 1
+        # The fds are not needed once mapped: a mapping keeps the memory alive.
+        return _Outcome()
+
+    def _set_vring_num(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+        ring = self._ring(s.index)
+        if self.live:
+            raise _Reject("ring_change_while_live", f"ring {s.index} size change while running")
+        limit = self.dev.queue_max_size(s.index)
+        if s.num == 0 or s.num & (s.num - 1) or s.num > limit:
+            raise _Reject("bad_vring_num", f"ring {s.index} size {s.num}: must be a power of two "
+                          f"<= {limit}")
+        ring.num = s.num
+        return _Outcome()
+
+    def _set_vring_addr(self, a: VringAddr, _fds: tuple[int, ...]) -> _Outcome:
+        ring = self._ring(a.index)
+        if self.live:
+            raise _Reject("ring_change_while_live", f"ring {a.index} address change while running")
+        if a.flags & 1:
+            raise _Reject("vring_log_unsupported", f"ring {a.index} asks for used-ring logging")
+        n = ring.num or self.dev.queue_max_size(a.index)
+        ring.desc_gpa = self._uaddr_to_gpa(a.desc_user_addr, 16 * n, "descriptor table")
+        ring.avail_gpa = self._uaddr_to_gpa(a.avail_user_addr, 6 + 2 * n, "available ring")
+        ring.used_gpa = self._uaddr_to_gpa(a.used_user_addr, 6 + 8 * n, "used ring")
+        ring.addr = a
+        return _Outcome()
+
+    def _set_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+        ring = self._ring(s.index)
+        if s.num > 0xFFFF:
+            raise _Reject("bad_vring_base", f"ring {s.index} base {s.num:#x} exceeds 16 bits")
+        ring.base = s.num
+        return _Outcome()
+
+    def _get_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+        ring = self._ring(s.index)
+        # vhost-user.rst: GET_VRING_BASE stops the ring; the reply is where to resume.
+        base = self._resume_index(s.index)
+        ring.started = False
+        ring.base = base
+        if ring.kick_fd is not None:
+            _close(ring.kick_fd)
+            ring.kick_fd = None
+        return _Outcome(payload=build_vring_state(s.index, base))
+
+    def _set_vring_kick(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+        return self._set_vring_file(f, fds, "kick_fd")
+
+    def _set_vring_call(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+        return self._set_vring_file(f, fds, "call_fd")
+
+    def _set_vring_err(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+        return self._set_vring_file(f, fds, "err_fd")
+
+    def _set_vring_file(self, f: VringFile, fds: tuple[int, ...], attr: str) -> _Outcome:
+        ring = self._ring(f.index)
+        if f.nofd and fds:
+            raise _Reject("bad_vring_fd", f"ring {f.index}: NOFD flag set but {len(fds)} fds sent")
+        if not f.nofd and len(fds) != 1:
+            raise _Reject("bad_vring_fd", f"ring {f.index}: expected 1 fd, got {len(fds)}")
+        old = getattr(ring, attr)
+        if old is not None:
+            _close(old)
+        new = None if f.nofd else fds[0]
+        setattr(ring, attr, new)
+        effects: list[Effect] = []
+        if attr == "kick_fd":
+            if f.nofd:
+                # Polling mode (no kick fd) is not implemented: the ring would never run.
+                self.counters["kick_polling_unsupported"] += 1
+                log.warning("vhost-user: ring %d has no kick fd (polling mode unsupported)",
+                            f.index)
+            # vhost-user.rst: a ring starts when its kick fd arrives.
+            ring.started = True
+            if self.live and self._ring_enabled(ring):
+                effects += self.dev.notify(f.index)
+        return _Outcome(effects=effects, kept_fds=() if new is None else (new,))
+
+    def _set_vring_enable(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+        ring = self._ring(s.index)
+        if s.num not in (0, 1):
+            raise _Reject("bad_vring_enable", f"ring {s.index} enable value {s.num}")
+        was = ring.enabled
+        ring.enabled = bool(s.num)
+        effects: list[Effect] = []
+        if ring.enabled and not was and ring.started and self.live:
+            # Buffers may have been queued while the ring was disabled.
+            effects += self.dev.notify(s.index)
+        return _Outcome(effects=effects)
+
+    def _set_backend_req_fd(self, _p: Any, fds: tuple[int, ...]) -> _Outcome:
+        if not self.has_protocol_feature(PF.BACKEND_REQ):
+            raise _Reject("backend_req_not_negotiated", "BACKEND_REQ was not negotiated")
+        if len(fds) != 1:
+            raise _Reject("bad_backend_fd", f"expected 1 fd, got {len(fds)}")
+        if self.backend_fd is not None:
+            _close(self.backend_fd)
+        self.backend_fd = fds[0]
+        return _Outcome(kept_fds=(fds[0],))
+
+    def _get_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Outcome:
+        if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise _Reject("bad_config_access",
+                          f"config read {c.offset:#x}+{c.size:#x} beyond {VHOST_USER_MAX_CONFIG_SIZE}")
+        have = max(0, min(c.size, self.dev.config_size - c.offset))
+        data = self.dev.read_config(c.offset, have) if have else b""
+        # Bytes past the device's window read as zero (as a PCI config window would).
+        data = bytes(data) + bytes(c.size - have)
+        return _Outcome(payload=build_config(c.offset, data, c.flags))
+
+    def _set_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Outcome:
+        if c.flags not in (VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION):
+            raise _Reject("bad_config_access", f"SET_CONFIG flags {c.flags:#x}")
+        if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise _Reject("bad_config_access",
+                          f"config write {c.offset:#x}+{c.size:#x} beyond {VHOST_USER_MAX_CONFIG_SIZE}")
+        effects: list[Effect] = []
+        for off in DRIVER_CONFIG_FIELDS:
+            if not (c.offset <= off and off + 4 <= c.offset + c.size):
+                continue
+            data = c.data[off - c.offset:off - c.offset + 4]
+            if self.dev.status & FEATURES_OK:
+                effects += self._write_config_field(off, data)
+            else:
+                self._pending_config[off] = data
+        return _Outcome(effects=effects)
+
+    def _set_status(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+        if value > 0xFF:
+            raise _Reject("bad_status", f"status {value:#x} exceeds 8 bits")
+        self._frontend_status = value
+        return _Outcome(effects=self._drive_status(value))
+
+    def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+        return _Outcome(payload=build_u64(self.dev.status))
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+_R = VhostUserRequest
+_HANDLERS: dict[int, Any] = {
+    _R.GET_FEATURES: VhostUserSession._get_features,
+    _R.SET_FEATURES: VhostUserSession._set_features,
+    _R.SET_OWNER: VhostUserSession._set_owner,
+    _R.RESET_OWNER: VhostUserSession._reset_device,
+    _R.SET_MEM_TABLE: VhostUserSession._set_mem_table,
+    _R.SET_VRING_NUM: VhostUserSession._set_vring_num,
+    _R.SET_VRING_ADDR: VhostUserSession._set_vring_addr,
+    _R.SET_VRING_BASE: VhostUserSession._set_vring_base,
+    _R.GET_VRING_BASE: VhostUserSession._get_vring_base,
+    _R.SET_VRING_KICK: VhostUserSession._set_vring_kick,
+    _R.SET_VRING_CALL: VhostUserSession._set_vring_call,
+    _R.SET_VRING_ERR: VhostUserSession._set_vring_err,
+    _R.GET_PROTOCOL_FEATURES: VhostUserSession._get_protocol_features,
+    _R.SET_PROTOCOL_FEATURES: VhostUserSession._set_protocol_features,
+    _R.GET_QUEUE_NUM: VhostUserSession._get_queue_num,
+    _R.SET_VRING_ENABLE: VhostUserSession._set_vring_enable,
+    _R.SET_BACKEND_REQ_FD: VhostUserSession._set_backend_req_fd,
+    _R.GET_CONFIG: VhostUserSession._get_config,
+    _R.SET_CONFIG: VhostUserSession._set_config,
+    _R.RESET_DEVICE: VhostUserSession._reset_device,
+    _R.GET_MAX_MEM_SLOTS: VhostUserSession._get_max_mem_slots,
+    _R.SET_STATUS: VhostUserSession._set_status,
+    _R.GET_STATUS: VhostUserSession._get_status,
+}
