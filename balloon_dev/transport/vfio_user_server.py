@@ -1,0 +1,284 @@
+"""The thin trio server around ``VfioUserSession``: one vfio-user client at a time on a unix
+socket, plus the JSON host-control socket.
+
+Theory of operation: ``VfioUserServer.run`` binds the socket the user named (created with mode
+0600: only the owner may connect, since a client gets to map memory and drive the device),
+listens, and serves one connection at a time. Per connection one reader task reads a message:
+the 16-byte header with ``recvmsg`` (collecting ``SCM_RIGHTS`` fds), checks framing, reads the
+rest of the payload, and hands header, payload and fds to the session. The session's actions
+are performed in order: replies are written to the socket, ``SignalEventfd`` becomes an 8-byte
+write to the eventfd, host effects go to ``on_effects``. A framing error or EOF ends the
+connection; the device is then reset and the session dropped (its mappings unmapped, its
+eventfds closed) before the next client is accepted.
+
+Host requests (from the control socket) run in the same trio loop between two messages, so they
+never interleave with a message half-served: ``host_call(fn)`` runs ``fn(dev)`` through the
+session (or the bare PCI function when no client is connected) and performs the interrupts.
+
+``serve_control`` speaks ``balloon_dev.control.HostControl``'s line-delimited JSON on a second
+unix socket, also mode 0600.
+"""
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from balloon_dev.control import HostControl
+from balloon_dev.transport.vfio_user import (SERVER_MAX_MSG_FDS, Reply, SignalEventfd,
+                                             VfioUserSession)
+from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
+from guestmem import GuestMemory
+from protocol import vfio_user as vu
+
+log = logging.getLogger(__name__)
+
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
+_ANC_SIZE = socket.CMSG_SPACE(SERVER_MAX_MSG_FDS * array.array("i").itemsize)
+
+
+class ConnectionLost(Exception):
+    pass
+
+
+async def _bind_private(sock: Any, path: str) -> None:
+    """Bind a unix socket at ``path`` readable and writable by the owner only."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        if not stat.S_ISSOCK(p.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        p.unlink()  # a stale socket from an earlier run
+    old = os.umask(0o177)  # no window in which the socket is group/world accessible
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class VfioUserServer:
+    def __init__(self, path: str, pci: VirtioPciFunction, mem: GuestMemory, *,
+                 on_effects: Callable[[list[Any]], None] | None = None) -> None:
+        self.path = path
+        self.pci = pci
+        self.mem = mem
+        self.on_effects = on_effects
+        self.session: VfioUserSession | None = None
+        self.counters: Counter[str] = Counter()
+        self.connections = 0
+
+    # -- host side ---------------------------------------------------------------------------
+    def host_call(self, call: Callable[[Any], list[Any]]) -> list[Any]:
+        """Run ``call(dev)`` now; interrupts are delivered, host effects returned."""
+        if self.session is not None:
+            actions = self.session.host(call)
+        else:
+            # No client: nothing to interrupt; the device still changes state.
+            actions = [a for a in self.pci.host(call) if not isinstance(a, (MsixFire, IntxLevel))]
+        return self._perform_local(actions)
+
+    def _perform_local(self, actions: list[Any]) -> list[Any]:
+        effects = []
+        for a in actions:
+            if isinstance(a, SignalEventfd):
+                self._signal(a)
+            elif not isinstance(a, Reply):
+                effects.append(a)
+        return effects
+
+    def _signal(self, a: SignalEventfd) -> None:
+        try:
+            os.write(a.fd, _EVENTFD_ONE)
+            self.counters["eventfd_writes"] += 1
+        except OSError as e:
+            self.counters["eventfd_write_errors"] += 1
+            log.warning("eventfd %d (irq index %d vector %d) write failed: %s", a.fd,
+                        a.irq_index, a.vector, e)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "server_counters": dict(self.counters),
+            "connections": self.connections,
+            "pci_counters": dict(self.pci.counters),
+            "dma_regions": [[r.gpa, r.size] for r in self.mem.regions],
+        }
+        if self.session is not None:
+            out["session_counters"] = dict(self.session.counters)
+        return out
+
+    # -- vfio-user socket --------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await _bind_private(sock, self.path)
+            sock.listen(1)
+            log.info("vfio-user server listening on %s", self.path)
+            task_status.started()
+            while True:
+                conn, _ = await sock.accept()
+                self.connections += 1
+                try:
+                    await self._serve(conn)
+                finally:
+                    conn.close()
+        finally:
+            sock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _serve(self, conn: Any) -> None:
+        session = VfioUserSession(self.pci, self.mem)
+        self.session = session
+        log.info("vfio-user client connected (connection %d)", self.connections)
+        try:
+            while True:
+                fds: list[int] = []
+                try:
+                    raw = await self._recv_exact(conn, vu.HEADER_SIZE, fds, first=True)
+                    header = vu.decode_header(raw)
+                    payload = await self._recv_exact(conn, header.payload_size, fds)
+                except vu.FramingError as e:
+                    _close_fds(fds)
+                    self.counters["framing_errors"] += 1
+                    log.warning("vfio-user framing lost (%s): closing the connection", e)
+                    return
+                except ConnectionLost as e:
+                    _close_fds(fds)
+                    log.info("vfio-user client left: %s", e)
+                    return
+                if header.is_reply:
+                    # We never send commands, so no reply is expected; drop it, stay up.
+                    _close_fds(fds)
+                    self.counters["unexpected_replies"] += 1
+                    log.warning("unexpected reply msg_id %#x command %d", header.msg_id,
+                                header.command)
+                    continue
+                for a in session.handle(header, payload, fds):
+                    if isinstance(a, Reply):
+                        await self._send(conn, a.data)
+                    elif isinstance(a, SignalEventfd):
+                        self._signal(a)
+                    elif self.on_effects is not None:
+                        self.on_effects([a])
+        finally:
+            # The device is reset before the mappings go, so nothing touches unmapped memory,
+            # and the next client finds a device fresh from reset.
+            effects = [a for a in self.pci.reset() if not isinstance(a, (MsixFire, IntxLevel))]
+            if self.on_effects is not None and effects:
+                self.on_effects(effects)
+            session.close()
+            self.session = None
+
+    async def _send(self, conn: Any, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = await conn.send(view)
+                view = view[n:]
+        except OSError as e:
+            raise ConnectionLost(f"send failed: {e}") from None
+
+    async def _recv_exact(self, conn: Any, n: int, fds: list[int], first: bool = False) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                data, anc, flags, _ = await conn.recvmsg(n - len(buf), _ANC_SIZE)
+            except OSError as e:
+                raise ConnectionLost(f"recv failed: {e}") from None
+            for level, typ, cdata in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
+                    fds.extend(got)
+            if flags & socket.MSG_CTRUNC:
+                # More fds than max_msg_fds: the kernel dropped some. The message can still be
+                # served (and will be rejected for its fd count).
+                self.counters["fds_truncated"] += 1
+                log.warning("ancillary data truncated: more than %d fds sent",
+                            SERVER_MAX_MSG_FDS)
+            if not data:
+                if buf or not first:
+                    raise ConnectionLost(f"EOF inside a message ({len(buf)} of {n} bytes)")
+                raise ConnectionLost("EOF")
+            buf += data
+        return bytes(buf)
+
+
+# -- control socket ---------------------------------------------------------------------------
+MAX_CONTROL_LINE = 64 * 1024
+
+
+async def serve_control(path: str, control: HostControl, *,
+                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``control`` on a unix socket (mode 0600), one JSON object per line."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await _bind_private(sock, path)
+        sock.listen(4)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(_control_conn, trio.SocketStream(conn), control)
+    finally:
+        sock.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _control_conn(stream: trio.SocketStream, control: HostControl) -> None:
+    async with stream:
+        try:
+            await stream.send_all(json.dumps(control.welcome()).encode() + b"\n")
+            buf = b""
+            while True:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > MAX_CONTROL_LINE and b"\n" not in buf:
+                    await stream.send_all(json.dumps({"error": {
+                        "class": "GenericError", "desc": "line too long"}}).encode() + b"\n")
+                    return
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        reply: dict[str, Any] = {"error": {"class": "GenericError",
+                                                           "desc": f"bad JSON: {e}"}}
+                    else:
+                        reply = control.execute(obj)
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+def wall_clock() -> float:
+    """The clock a served device's control log uses (monotonic seconds)."""
+    return time.monotonic()

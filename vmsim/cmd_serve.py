@@ -1,0 +1,101 @@
+"""``balloon-hint serve``: run the balloon device for a real QEMU over vfio-user.
+
+Builds a ``BalloonDevice`` over an initially empty ``GuestMemory`` (QEMU's DMA_MAP messages map
+guest RAM into it), wraps it in the virtio-pci function and serves it on the vfio-user socket
+the user names, with the JSON host-control socket beside it (``balloon-hint ctl``). Prints the
+QEMU options that connect to it, then serves until interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import trio
+
+from balloon_dev.control import HostControl
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
+from balloon_dev.transport.virtio_pci import VirtioPciFunction
+from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
+from guestmem import GuestMemory
+from protocol.balloon import BALLOON_FEATURE_NAMES
+from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
+
+HELP = "serve the balloon device to QEMU over vfio-user (prints the QEMU options to use)"
+
+log = logging.getLogger(__name__)
+
+_GENERIC = {"VERSION_1": VIRTIO_F_VERSION_1, "RING_EVENT_IDX": 29, "RING_INDIRECT_DESC": 28}
+
+
+def parse_features(text: str | None) -> int:
+    """``STATS_VQ,FREE_PAGE_HINT,...`` -> offered feature mask (VERSION_1 always added)."""
+    if text is None:
+        return DEFAULT_OFFERED_FEATURES
+    by_name = {v.split("(")[0]: k for k, v in BALLOON_FEATURE_NAMES.items()}
+    by_name.update(_GENERIC)
+    mask = feature_mask(VIRTIO_F_VERSION_1)
+    for name in (n.strip().upper() for n in text.split(",") if n.strip()):
+        name = name.removeprefix("VIRTIO_BALLOON_F_").removeprefix("VIRTIO_F_")
+        if name not in by_name:
+            raise SystemExit(f"--features: unknown feature {name!r} (known: "
+                             f"{', '.join(sorted(by_name))})")
+        mask |= 1 << by_name[name]
+    return mask
+
+
+def qemu_options(path: str, ram: str = "1G") -> list[str]:
+    dev = json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
+                      "socket": {"type": "unix", "path": path}}, separators=(",", ":"))
+    return ["-object", f"memory-backend-memfd,id=mem,size={ram},share=on",
+            "-machine", "q35,memory-backend=mem", "-device", dev]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vfio-user", metavar="PATH", required=True,
+                        help="unix socket to create (mode 0600) for QEMU's vfio-user-pci")
+    parser.add_argument("--features", metavar="LIST", default=None,
+                        help="comma-separated features to offer, e.g. "
+                        "STATS_VQ,FREE_PAGE_HINT,PAGE_POISON (default: the device's default set)")
+    parser.add_argument("--control", metavar="PATH", default=None,
+                        help="host-control socket (default: PATH.ctl)")
+    parser.add_argument("--msix-vectors", type=int, default=2,
+                        help="MSI-X table size (QEMU's virtio-balloon uses 2)")
+
+
+def build(args: argparse.Namespace) -> tuple[VfioUserServer, HostControl, str]:
+    mem = GuestMemory()
+    dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
+    pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors)
+    control_holder: list[HostControl] = []
+
+    def on_effects(effects: list[Any]) -> None:
+        control_holder[0].on_effects(effects)
+
+    server = VfioUserServer(args.vfio_user, pci, mem, on_effects=on_effects)
+    control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
+                          extra_stats=server.stats)
+    control_holder.append(control)
+    return server, control, args.control or f"{args.vfio_user}.ctl"
+
+
+async def _main(server: VfioUserServer, control: HostControl, ctl_path: str) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, ctl_path, control)
+        await nursery.start(server.run)
+        print("balloon-hint: serving virtio-balloon over vfio-user", flush=True)
+        print(f"  vfio-user socket: {server.path}", flush=True)
+        print(f"  control socket:   {ctl_path}  (balloon-hint ctl {ctl_path} stats)", flush=True)
+        print("  QEMU options:", " ".join(
+            f"'{o}'" if o.startswith("{") else o for o in qemu_options(server.path)), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    server, control, ctl_path = build(args)
+    try:
+        trio.run(_main, server, control, ctl_path)
+    except KeyboardInterrupt:
+        print("balloon-hint: stopped", file=sys.stderr)
+    return 0
