@@ -1,161 +1,265 @@
-"""Device-side ring rules V-1..V-9 (protocol.md 1.6), checked on balloon_dev.virtqueue.
+"""Device-side ring rules V-1..V-10 (protocol.md 1.6).
 
-V-10 (no buffer use before DRIVER_OK) is a device-level rule: tests/conformance/test_device_*.py."""
+V-1..V-9 are checked on balloon_dev.virtqueue.DeviceVirtqueue with raw rings written by
+tests/ringbuilder.py; V-10 (no buffer used before DRIVER_OK) is a device-level rule, checked on
+balloon_dev.device.BalloonDevice through the device test harness. Each rule is checked both one
+chain at a time (pop) and batched (pop_many) where the two paths differ."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from balloon_dev.virtqueue import DeviceVirtqueue, RingBroken
 from guestmem import GuestMemory
-from tests.ringbuilder import INDIRECT, NEXT, WRITE, RawRing
+from protocol.balloon import BalloonQueue
+from tests.balloon_dev.devharness import ACK, DOK, DRV, FOK, Harness, pfn_bytes
+from tests.ringbuilder import INDIRECT, NEXT, WRITE, RawRing, make_memory, write_table
 
 MEM = 1 << 20
 BUF = 0x80000  # data buffers live here
+TBL = 0x90000  # indirect tables live here
 
 
 def make(size: int = 8, **kw) -> tuple[GuestMemory, RawRing, DeviceVirtqueue]:
-    mem = GuestMemory()
-    mem.add_region(0, bytearray(MEM), "ram")
+    mem = make_memory(MEM)
     r = RawRing.layout(mem, 0x1000, size)
     q = DeviceVirtqueue(mem, size, r.desc, r.driver, r.device, **kw)
     return mem, r, q
 
 
+def pop_both(build, **kw):
+    """Build the same ring twice; pop it once with pop() and once with pop_many(). Returns the
+    two chain lists (asserted equal) and the queue of the batched run."""
+    results = []
+    for batched in (False, True):
+        mem, r, q = make(**kw)
+        build(mem, r)
+        chains = q.pop_many() if batched else list(iter(q.pop, None))
+        results.append((chains, q))
+    (one, _), (many, q) = results
+    assert one == many
+    return many, q
+
+
 @pytest.mark.spec("V-1")
-def test_avail_idx_moving_more_than_size_breaks_ring():
+@pytest.mark.parametrize("batched", [False, True])
+def test_avail_idx_moving_more_than_size_breaks_ring(batched: bool) -> None:
     _, r, q = make()
-    r.set_avail_idx(9)
+    r.set_desc(0, BUF, 8, WRITE)
+    r.publish(*[0] * 8)  # exactly N pending is fine
+    assert q.pending() == 8
+    q.pop_many()
+    r.set_avail_idx(8 + 9)  # then a jump of N + 1
     with pytest.raises(RingBroken):
-        q.pop()
-    assert q.counters["avail_idx_jump"] == 1
+        q.pop_many() if batched else q.pop()
+    assert q.counters["avail_idx_jump"] == 1 and q.last_avail_idx == 8
+
+
+@pytest.mark.spec("V-1")
+def test_avail_idx_wrapping_backwards_breaks_ring() -> None:
+    _, r, q = make()
+    r.set_avail_idx(0xFFFF)  # "moved" by 65535: a decrement, never allowed
+    with pytest.raises(RingBroken):
+        q.pending()
 
 
 @pytest.mark.spec("V-2")
-def test_head_out_of_range_breaks_ring():
+@pytest.mark.parametrize("batched", [False, True])
+def test_head_out_of_range_breaks_ring(batched: bool) -> None:
     _, r, q = make()
     r.publish(8)
     with pytest.raises(RingBroken):
-        q.pop_many()
-    assert q.counters["head_out_of_range"] == 1
+        q.pop_many() if batched else q.pop()
+    assert q.counters["head_out_of_range"] == 1 and q.last_avail_idx == 0
 
 
 @pytest.mark.spec("V-3")
 @pytest.mark.parametrize("indirect", [False, True])
-def test_next_out_of_range_is_chain_error(indirect):
-    mem, r, q = make()
-    if indirect:
-        tbl = BUF + 0x1000
-        mem.write(tbl, bytes(32))
-        t = RawRing(mem, 2, tbl, 0, 0)
-        t.set_desc(0, BUF, 16, NEXT, 2)  # table has 2 entries: next 2 is out of range
-        r.set_desc(0, tbl, 32, INDIRECT)
-    else:
-        r.set_desc(0, BUF, 16, NEXT, 8)
-    r.publish(0)
-    c = q.pop()
-    assert c.error and "next_out_of_range" in c.error
+def test_next_out_of_range_is_chain_error(indirect: bool) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        if indirect:
+            # The table has 2 entries, so next = 2 is out of range although 2 < N.
+            n = write_table(mem, TBL, [(BUF, 16, NEXT, 2), (BUF, 16, 0)])
+            r.set_desc(0, TBL, n, INDIRECT)
+        else:
+            r.set_desc(0, BUF, 16, NEXT, 8)
+        r.publish(0)
+
+    (c,), q = pop_both(build)
+    assert c.error.startswith("next_out_of_range")
+    assert c.out == ((BUF, 16),) and q.counters["next_out_of_range"] == 1
 
 
 @pytest.mark.spec("V-4")
-def test_descriptor_loop_is_bounded():
-    _, r, q = make()
-    r.set_desc(0, BUF, 16, NEXT, 1)
-    r.set_desc(1, BUF, 16, NEXT, 0)
-    r.publish(0)
-    c = q.pop()
-    assert c.error and "desc_loop" in c.error
+@pytest.mark.parametrize("where", ["table", "indirect"])
+def test_descriptor_loop_is_bounded(where: str) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        if where == "indirect":
+            n = write_table(mem, TBL, [(BUF, 16, NEXT, 1), (BUF, 16, NEXT, 0)])
+            r.set_desc(0, TBL, n, INDIRECT)
+        else:
+            r.set_desc(0, BUF, 16, NEXT, 1)
+            r.set_desc(1, BUF, 16, NEXT, 0)
+        r.publish(0)
+
+    (c,), q = pop_both(build)
+    assert c.error.startswith("desc_loop") and q.counters["desc_loop"] == 1
+    # The walk stopped after the table's size: N = 8 buffers, or the 2 of the indirect table.
+    assert len(c.out) == (8 if where == "table" else 2)
+
+
+@pytest.mark.spec("V-4")
+def test_chain_of_exactly_n_descriptors_is_fine() -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        r.chain([(BUF + 0x10 * i, 16, 0) for i in range(8)])
+        r.publish(0)
+
+    (c,), _ = pop_both(build)
+    assert c.error is None and len(c.out) == 8
 
 
 @pytest.mark.spec("V-5")
-def test_readable_after_writable_is_chain_error():
-    _, r, q = make()
-    r.set_desc(0, BUF, 16, WRITE | NEXT, 1)
-    r.set_desc(1, BUF + 16, 16, 0)
-    r.publish(0)
-    c = q.pop()
-    assert c.error and "readable_after_writable" in c.error
+@pytest.mark.parametrize("indirect", [False, True])
+def test_readable_after_writable_is_chain_error(indirect: bool) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        if indirect:
+            # Also across the boundary: a writable direct descriptor, then a readable one inside.
+            n = write_table(mem, TBL, [(BUF + 16, 16, 0)])
+            r.set_desc(0, BUF, 16, WRITE | NEXT, 1)
+            r.set_desc(1, TBL, n, INDIRECT)
+        else:
+            r.set_desc(0, BUF, 16, WRITE | NEXT, 1)
+            r.set_desc(1, BUF + 16, 16, 0)
+        r.publish(0)
+
+    (c,), q = pop_both(build)
+    assert c.error.startswith("readable_after_writable")
+    assert c.in_ == ((BUF, 16),) and c.out == ()
 
 
 @pytest.mark.spec("V-6")
-@pytest.mark.parametrize("case", ["len0", "len17", "nested", "with_next", "not_negotiated"])
-def test_indirect_rules(case):
-    mem, r, q = make(indirect=case != "not_negotiated")
-    tbl = BUF + 0x1000
-    t = RawRing(mem, 4, tbl, 0, 0)
-    t.set_desc(0, BUF, 16, 0)
-    length, flags = 16, INDIRECT
-    if case == "len0":
-        length = 0
-    elif case == "len17":
-        length = 17
-    elif case == "nested":
-        t.set_desc(0, tbl, 16, INDIRECT)
-    elif case == "with_next":
-        flags |= NEXT
-    r.set_desc(0, tbl, length, flags, 1)
-    r.set_desc(1, BUF, 16, 0)
-    r.publish(0)
-    c = q.pop()
-    assert c.error is not None
+@pytest.mark.parametrize("case,counter", [
+    ("len0", "indirect_bad_len"), ("len17", "indirect_bad_len"), ("nested", "indirect_nested"),
+    ("with_next", "indirect_with_next"), ("not_negotiated", "indirect_not_negotiated"),
+    ("huge", "indirect_too_long")])
+def test_indirect_rules(case: str, counter: str) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        length = write_table(mem, TBL, [(BUF, 16, 0)])
+        flags = INDIRECT
+        if case == "len0":
+            length = 0
+        elif case == "len17":
+            length = 17
+        elif case == "nested":
+            write_table(mem, TBL, [(TBL, 16, INDIRECT)])
+        elif case == "with_next":
+            flags |= NEXT
+        elif case == "huge":
+            length = 16 * 32769
+        r.set_desc(0, TBL, length, flags, 1)
+        r.set_desc(1, BUF, 16, 0)
+        r.publish(0)
+
+    (c,), q = pop_both(build, indirect=case != "not_negotiated")
+    assert c.error.startswith(counter) and q.counters[counter] == 1
 
 
-def test_valid_indirect_chain_after_direct_descriptor():
-    mem, r, q = make()
-    tbl = BUF + 0x1000
-    t = RawRing(mem, 2, tbl, 0, 0)
-    t.set_desc(0, BUF + 0x100, 8, NEXT, 1)
-    t.set_desc(1, BUF + 0x200, 64, WRITE)
-    r.set_desc(3, BUF, 4, NEXT, 5)
-    r.set_desc(5, tbl, 32, INDIRECT)
-    r.publish(3)
-    c = q.pop()
+@pytest.mark.spec("V-6")
+def test_valid_indirect_chain_after_direct_descriptor() -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        n = write_table(mem, TBL, [(BUF + 0x100, 8, NEXT, 1), (BUF + 0x200, 64, WRITE)])
+        r.set_desc(3, BUF, 4, NEXT, 5)
+        r.set_desc(5, TBL, n, INDIRECT | WRITE)  # WRITE on the table pointer is ignored
+        r.publish(3)
+
+    (c,), _ = pop_both(build)
     assert c.error is None and c.head == 3
     assert c.out == ((BUF, 4), (BUF + 0x100, 8)) and c.in_ == ((BUF + 0x200, 64),)
 
 
 @pytest.mark.spec("V-7")
-def test_zero_length_buffer_rejected():
-    _, r, q = make()
-    r.set_desc(0, BUF, 0, WRITE)
-    r.publish(0)
-    c = q.pop()
-    assert c.error and "zero_len" in c.error
+@pytest.mark.parametrize("position", [0, 1])
+def test_zero_length_buffer_rejected(position: int) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        bufs = [(BUF, 16, 0), (BUF + 16, 16, WRITE)]
+        bufs[position] = (bufs[position][0], 0, bufs[position][2])
+        r.chain(bufs)
+        r.publish(0)
+
+    (c,), q = pop_both(build)
+    assert c.error.startswith("zero_len_buffer") and q.counters["zero_len_buffer"] == 1
 
 
 @pytest.mark.spec("V-8")
 @pytest.mark.parametrize("addr,length", [(MEM - 8, 16), (MEM + 0x1000, 4), (2**64 - 8, 16),
-                                         (2**64 - 1, 0xFFFFFFFF)])
-def test_buffer_outside_guest_memory(addr, length):
-    _, r, q = make()
-    r.set_desc(0, addr, length, WRITE)
-    r.set_desc(1, BUF, 16, NEXT, 2)
-    r.set_desc(2, addr, length, 0)
-    r.publish(0, 1)
-    c1, c2 = q.pop_many()
-    assert c1.error and "outside" in c1.error
-    assert c2.error and "outside" in c2.error
+                                         (2**64 - 1, 0xFFFFFFFF), (0xFFFF_FFFF_FFFF_0000, 0x10000)])
+def test_buffer_outside_guest_memory(addr: int, length: int) -> None:
+    def build(mem: GuestMemory, r: RawRing) -> None:
+        r.set_desc(0, addr, length, WRITE)          # plain (batched fast path)
+        r.set_desc(1, BUF, 16, NEXT, 2)             # inside a chain
+        r.set_desc(2, addr, length, 0)
+        n = write_table(mem, TBL, [(addr, length, WRITE)])
+        r.set_desc(3, TBL, n, INDIRECT)             # inside an indirect table
+        r.set_desc(4, addr & ~15, 32, INDIRECT)     # the table itself outside
+        r.publish(0, 1, 3, 4)
+
+    chains, q = pop_both(build)
+    assert all(c.error.startswith("buffer_outside_memory") for c in chains)
+    assert q.counters["buffer_outside_memory"] == 4
 
 
 @pytest.mark.spec("V-8")
-def test_ring_areas_outside_memory_break_ring():
-    mem = GuestMemory()
-    mem.add_region(0, bytearray(0x2000))
-    q = DeviceVirtqueue(mem, 8, 0x1000, 0x5000, 0x6000)
+@pytest.mark.parametrize("area", ["desc", "driver", "device"])
+def test_ring_areas_outside_memory_break_ring(area: str) -> None:
+    mem = make_memory(0x4000)
+    gpas = {"desc": 0x1000, "driver": 0x2000, "device": 0x3000}
+    gpas[area] = 0x10000
+    q = DeviceVirtqueue(mem, 8, gpas["desc"], gpas["driver"], gpas["device"], event_idx=True)
+    if area != "driver":
+        mem.write_u16(0x2002, 1)  # one entry available, head 0
     with pytest.raises(RingBroken):
         q.pop()
+    assert q.counters["ring_outside_memory"] == 1
 
 
 @pytest.mark.spec("V-9")
-def test_device_writes_only_the_used_ring():
-    mem, r, q = make()
-    mem.write(BUF, b"\x11" * 64)
-    r.set_desc(0, BUF, 16, NEXT, 1)
-    r.set_desc(1, BUF + 16, 48, WRITE)
-    r.publish(0)
-    before = mem.read(0, MEM)
-    c = q.pop()
-    q.push(c.head, 0)
-    after = mem.read(0, MEM)
-    changed = [i for i in range(0, MEM, 4) if before[i:i + 4] != after[i:i + 4]]
-    used_lo, used_hi = r.device, r.device + 6 + 8 * r.size
-    assert changed and all(used_lo <= i < used_hi for i in changed)
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_device_writes_only_the_used_ring(event_idx: bool) -> None:
+    mem, r, q = make(event_idx=event_idx)
+    mem.write(BUF, b"\x11" * 0x400)
+    n = write_table(mem, TBL, [(BUF + 0x100, 16, 0), (BUF + 0x200, 16, WRITE)])
+    r.chain([(BUF, 16, 0), (BUF + 16, 48, WRITE)], start=0)
+    r.set_desc(2, TBL, n, INDIRECT)
+    r.set_desc(3, BUF, 0, WRITE)  # malformed (V-7): still used with len 0
+    r.publish(0, 2, 3, 0)
+    backing = np.frombuffer(mem.view(0, MEM), dtype=np.uint8)
+    before = backing.copy()
+    chains = [q.pop()] + q.pop_many()
+    for c in chains:
+        q.read_out(c, 64)
+    q.push(chains[0].head, 48)
+    q.push_many([(c.head, 0) for c in chains[1:]])
+    q.should_notify()
+    q.disable_notifications()
+    q.enable_notifications()
+    changed = np.flatnonzero(backing != before)
+    lo, length = r.used_area
+    assert changed.size and changed.min() >= lo and changed.max() < lo + length
+
+
+@pytest.mark.spec("V-10")
+def test_no_buffer_used_before_driver_ok() -> None:
+    h = Harness()
+    assert h.init(driver_ok=False) == []
+    assert not h.dev.status & DOK
+    h.post_out(BalloonQueue.INFLATE, pfn_bytes(5, 6))
+    effects = h.kick(BalloonQueue.INFLATE)
+    # Nothing consumed, nothing used, no interrupt, no host action before DRIVER_OK.
+    assert effects == []
+    assert h.rings[BalloonQueue.INFLATE].used_idx() == 0
+    assert h.used(BalloonQueue.INFLATE) == []
+    effects = h.dev.write_status(ACK | DRV | FOK | DOK)
+    effects += h.kick(BalloonQueue.INFLATE)
+    # After DRIVER_OK the same buffer is used exactly once.
+    assert h.used(BalloonQueue.INFLATE) == [(0, 0)]
+    assert any(type(e).__name__ == "Inflated" for e in effects)
