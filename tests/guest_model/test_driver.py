@@ -1,0 +1,464 @@
+"""The guest balloon driver (guest_model/driver.py) against the real device core, through the
+in-process transport, over a real buddy allocator. Edge cases the device never produces on its
+own (a stalled queue, a config generation that never settles, a ring the device corrupts) are
+made by wrapping the transport or poking ring memory.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
+from balloon_dev.effects import (
+    Deflated,
+    HintRoundStopped,
+    Inflated,
+    PagesHinted,
+    PagesReported,
+    StatsReceived,
+)
+from balloon_dev.transport.inprocess import InProcessTransport
+from guestmem import GuestMemory, PageVersions
+from guestmem.clock import Scheduler
+from guest_model.buddy import PG_ALLOC, PG_BALLOON, BuddyAllocator
+from guest_model.driver import (
+    HINT_BLOCK_PAGES,
+    PAGE_POISON_VAL,
+    BalloonDriver,
+    DriverOptions,
+    ProbeError,
+)
+from guest_model.vring import DriverArea
+from protocol.balloon import (
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    BalloonQueue,
+)
+from protocol.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, DeviceStatus, feature_mask
+
+RAM = 64 << 20
+AREA_GPA = 0x100000
+AREA_SIZE = 4 << 20
+
+
+class StallableTransport(InProcessTransport):
+    """The in-process transport, with kicks of chosen queues held back (a device that is slow
+    to look at a queue) until ``release(q)``."""
+
+    def __init__(self, dev: BalloonDevice) -> None:
+        super().__init__(dev)
+        self.stalled: set[int] = set()
+        self.held_kicks: list[int] = []
+        self.gen_bump = False
+
+    def notify(self, q: int) -> None:
+        if q in self.stalled:
+            self.held_kicks.append(q)
+            return
+        super().notify(q)
+
+    def release(self, q: int) -> None:
+        self.stalled.discard(q)
+        super().notify(q)
+
+    def config_generation(self) -> int:
+        g = super().config_generation()
+        if self.gen_bump:
+            self._bump = getattr(self, "_bump", 0) + 1
+            return g + self._bump
+        return g
+
+
+class Rig:
+    def __init__(self, *, offered: int = DEFAULT_OFFERED_FEATURES, strategy: str = "capture",
+                 ram: int = RAM, queue_sizes: tuple[int, ...] | None = None,
+                 **opts: Any) -> None:
+        self.mem = GuestMemory()
+        self.mem.add_region(0, bytearray(ram), "ram")
+        self.pages = PageVersions(ram >> 12)
+        poisoning = opts.get("page_poisoning", False)
+        self.alloc = BuddyAllocator(ram, pages=self.pages, reserved=[(AREA_GPA, AREA_SIZE)],
+                                    page_poisoning=poisoning,
+                                    init_on_free=opts.get("init_on_free", False))
+        kw: dict[str, Any] = {"offered_features": offered, "ram_pages": ram >> 12}
+        if queue_sizes is not None:
+            kw["queue_sizes"] = queue_sizes
+        self.dev = BalloonDevice(self.mem, DeviceConfig(**kw))
+        self.t = StallableTransport(self.dev)
+        self.effects: list[Any] = []
+        self.t.add_host_listener(self.effects.append)
+        self.sched = Scheduler()
+        self.area = DriverArea(self.mem, AREA_GPA, AREA_SIZE)
+        self.drv = BalloonDriver(self.t, self.mem, self.alloc, self.sched, self.area,
+                                 DriverOptions(hint_strategy=strategy, **opts))
+
+    def probe(self) -> Rig:
+        self.drv.probe()
+        self.run(0.001)
+        return self
+
+    def host(self, fn: Any, *args: Any) -> None:
+        self.t.host_call(fn, *args)
+
+    def run(self, dt: float) -> None:
+        self.sched.run_until(self.sched.now + dt)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.effects if isinstance(e, kind)]
+
+    def hinted_blocks(self) -> list[tuple[int, int]]:
+        return [r for e in self.of(PagesHinted) for r in e.ranges]
+
+
+# -- probe and negotiation ---------------------------------------------------------------------
+
+def test_probe_reaches_driver_ok_with_expected_features() -> None:
+    r = Rig().probe()
+    st = r.dev.status
+    assert st & DeviceStatus.DRIVER_OK and st & DeviceStatus.FEATURES_OK
+    assert not st & DeviceStatus.FAILED
+    f = r.dev.driver_features
+    assert f >> VIRTIO_F_VERSION_1 & 1 and f >> VIRTIO_BALLOON_F_FREE_PAGE_HINT & 1
+    # DR-2: no poisoning and no init_on_free -> PAGE_POISON declined.
+    assert not f >> VIRTIO_BALLOON_F_PAGE_POISON & 1
+    assert r.dev.dr_violations == {}
+    assert r.drv.qindex == r.dev.queue_layout()
+
+
+def test_access_platform_is_never_accepted() -> None:
+    r = Rig(offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_F_ACCESS_PLATFORM)).probe()
+    assert not r.dev.driver_features >> VIRTIO_F_ACCESS_PLATFORM & 1
+
+
+@pytest.mark.spec("DR-12")
+@pytest.mark.parametrize(("poisoning", "init_on_free", "expect"), [
+    (True, False, PAGE_POISON_VAL), (False, True, 0), (True, True, PAGE_POISON_VAL)])
+def test_poison_val_written_before_driver_ok(poisoning: bool, init_on_free: bool,
+                                             expect: int) -> None:
+    r = Rig(page_poisoning=poisoning, init_on_free=init_on_free).probe()
+    assert r.dev.driver_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1
+    assert r.dev.poison_val == expect
+    assert r.dev.dr_violations == {}  # the device checks DR-12 at DRIVER_OK
+
+
+@pytest.mark.spec("DR-2")
+def test_reporting_dropped_when_poisoning_without_page_poison() -> None:
+    offered = (DEFAULT_OFFERED_FEATURES & ~feature_mask(VIRTIO_BALLOON_F_PAGE_POISON)) \
+        | feature_mask(VIRTIO_BALLOON_F_REPORTING)
+    r = Rig(offered=offered, page_poisoning=True).probe()
+    assert not r.dev.driver_features >> VIRTIO_BALLOON_F_REPORTING & 1
+    r2 = Rig(offered=offered).probe()
+    assert r2.dev.driver_features >> VIRTIO_BALLOON_F_REPORTING & 1
+
+
+@pytest.mark.spec("D-17")
+def test_compacted_queue_numbering_without_stats() -> None:
+    offered = DEFAULT_OFFERED_FEATURES & ~feature_mask(VIRTIO_BALLOON_F_STATS_VQ)
+    r = Rig(offered=offered).probe()
+    assert r.drv.qindex[BalloonQueue.FREE_PAGE] == 2
+    assert BalloonQueue.STATS not in r.drv.qindex
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    assert r.hinted_blocks()  # hints reached the device on transport queue 2
+
+
+def test_probe_fails_without_version_1() -> None:
+    r = Rig()
+    r.t.get_device_features = lambda: DEFAULT_OFFERED_FEATURES & ~(1 << VIRTIO_F_VERSION_1)  # type: ignore[method-assign]
+    with pytest.raises(ProbeError):
+        r.drv.probe()
+    assert r.dev.status & DeviceStatus.FAILED
+
+
+def test_probe_fails_when_reporting_queue_too_small() -> None:
+    r = Rig(offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_REPORTING),
+            queue_sizes=(128, 128, 128, 1024, 16))
+    with pytest.raises(ProbeError, match="reporting_vq"):
+        r.drv.probe()
+    assert r.dev.status & DeviceStatus.FAILED
+
+
+# -- hinting -----------------------------------------------------------------------------------
+
+@pytest.mark.spec("DR-9")
+def test_capture_round_hints_and_holds_until_done() -> None:
+    r = Rig().probe()
+    free_before = r.alloc.nr_free_pages()
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    c = r.drv.counters
+    blocks = r.hinted_blocks()
+    assert c["rounds"] == 1 and c["start_sent"] == 1 and c["stop_sent"] == 1  # DR-10
+    assert len(blocks) == c["hints_sent"] == len(r.drv.s.held_blocks) > 0
+    assert all(n == HINT_BLOCK_PAGES << 12 and a % n == 0 for a, n in blocks)
+    held = np.zeros(r.alloc.ram_pages, bool)
+    for p in r.drv.s.held_blocks:
+        held[p:p + HINT_BLOCK_PAGES] = True
+    assert (r.alloc.state[held] == PG_BALLOON).all()
+    assert sorted(a >> 12 for a, _ in blocks) == sorted(r.drv.s.held_blocks)
+    assert len(r.of(HintRoundStopped)) == 1
+    # STOP from the host keeps the pages; DONE releases every one (DR-11).
+    r.host(r.dev.free_page_stop)
+    r.run(0.001)
+    assert r.drv.shrink_count() == len(blocks) * HINT_BLOCK_PAGES
+    r.host(r.dev.free_page_done)
+    r.run(0.001)
+    assert r.drv.s.held_blocks == [] and r.drv.counters["hint_blocks_returned_done"] == len(blocks)
+    assert not (r.alloc.state == PG_BALLOON).any()
+    assert r.alloc.nr_free_pages() == free_before
+    r.alloc.check()
+    assert r.dev.dr_violations == {}
+
+
+def test_walk_round_hints_free_blocks_without_holding() -> None:
+    r = Rig(strategy="walk", min_order=9).probe()
+    free = r.alloc.free_mask().copy()
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    blocks = r.hinted_blocks()
+    assert blocks and r.drv.counters["stop_sent"] == 1
+    for a, n in blocks:
+        assert n in (512 << 12, 1024 << 12)
+        assert free[a >> 12:(a + n) >> 12].all()  # every hinted page was free
+    assert r.drv.s.held_blocks == [] and r.drv.shrink_count() == 0
+    assert not (r.alloc.state == PG_BALLOON).any()
+
+
+def test_device_stop_mid_round_then_new_round() -> None:
+    # 256 MiB with 1 block per step: the round takes ~60 steps of 5 us.
+    r = Rig(ram=256 << 20, hint_batch=1).probe()
+    r.host(r.dev.free_page_start)
+    first = r.dev.hint.cmd_id
+    r.run(50e-6)
+    mid = r.drv.counters["hints_sent"]
+    assert 0 < mid < 40
+    r.host(r.dev.free_page_stop)
+    r.run(0.001)
+    c = r.drv.counters
+    assert c["rounds_stopped_by_device"] == 1 and c["stop_sent"] == 1
+    assert c["hints_sent"] <= mid + 1
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    assert r.dev.hint.cmd_id != first
+    assert r.drv.s.cmd_id_active == r.dev.hint.cmd_id
+    assert r.drv.counters["rounds"] == 2 and r.drv.counters["stop_sent"] == 2
+    # Round 2 only finds what round 1 did not hold: held blocks survive STOP.
+    ids = [e.cmd_id for e in r.of(PagesHinted)]
+    assert set(ids) == {first, r.dev.hint.cmd_id}
+    assert r.dev.dr_violations == {}
+
+
+def test_done_during_round_stops_and_releases() -> None:
+    r = Rig(ram=256 << 20, hint_batch=1).probe()
+    r.host(r.dev.free_page_start)
+    r.run(30e-6)
+    r.host(r.dev.free_page_done)
+    r.run(0.001)
+    assert r.drv.s.held_blocks == [] and r.drv.counters["stop_sent"] == 1
+    assert not (r.alloc.state == PG_BALLOON).any()
+
+
+def test_round_costs_simulated_time_and_workload_interleaves() -> None:
+    r = Rig(ram=256 << 20, hint_batch=4).probe()
+    seen: list[int] = []
+    t0 = r.sched.now
+    r.host(r.dev.free_page_start)
+    r.sched.after(20e-6, lambda: seen.append(r.drv.counters["hints_sent"]))
+    r.run(0.01)
+    n = r.drv.counters["hints_sent"]
+    # The workload event ran while the round was under way, not before or after it.
+    assert 0 < seen[0] < n
+    finished = [e for e in r.of(HintRoundStopped)]
+    assert finished and n * 5e-6 * 0.5 <= r.sched.now - t0
+
+
+@pytest.mark.spec("DR-10")
+def test_ring_full_keeps_a_slot_for_stop_and_counts_drops() -> None:
+    r = Rig(queue_sizes=(128, 128, 128, 8, 32)).probe()
+    fq = r.drv.qindex[BalloonQueue.FREE_PAGE]
+    r.t.stalled.add(fq)
+    r.host(r.dev.free_page_start)
+    r.run(0.005)
+    c = r.drv.counters
+    # 8 descriptors: start + 6 hints, one kept free for STOP (protocol.md 4.4 rule 9).
+    assert c["hints_sent"] == 6 and c["hint_blocks_dropped_ring_full"] >= 1
+    assert len(r.drv.s.held_blocks) == 6
+    r.host(r.dev.free_page_stop)
+    r.run(0.002)
+    assert c["stop_sent"] == 1 and c["control_buffer_failed"] == 0
+    r.t.release(fq)
+    r.run(0.001)
+    assert len(r.hinted_blocks()) == 0  # the device saw them after its STOP: not hints
+    r.alloc.check()
+
+
+def test_shrinker_returns_blocks_in_round_up() -> None:
+    r = Rig().probe()
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    n = len(r.drv.s.held_blocks)
+    assert n >= 3
+    assert r.drv.shrink(1) == HINT_BLOCK_PAGES  # ceil(1 / 1024) = 1 block
+    assert r.drv.shrink(HINT_BLOCK_PAGES + 1) == 2 * HINT_BLOCK_PAGES
+    assert len(r.drv.s.held_blocks) == n - 3
+    assert r.drv.counters["hint_blocks_shrunk"] == 3
+    r.alloc.check()
+
+
+def test_hint_strategy_off_ignores_rounds() -> None:
+    r = Rig(strategy="off").probe()
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    assert r.drv.counters["rounds"] == 0 and not r.hinted_blocks()
+
+
+# -- inflate / deflate ---------------------------------------------------------------------------
+
+@pytest.mark.spec("DR-7")
+def test_inflate_then_deflate_updates_actual() -> None:
+    r = Rig().probe()
+    free0 = r.alloc.nr_free_pages()
+    r.host(r.dev.set_target, 1000)
+    r.run(0.1)
+    assert r.drv.s.num_pages == 1000 == r.dev.actual
+    infl = r.of(Inflated)
+    assert all(len(e.pfns) <= 256 for e in infl) and sum(len(e.pfns) for e in infl) == 1000
+    pfns = np.array([p for e in infl for p in e.pfns])
+    assert (r.alloc.state[pfns] == PG_BALLOON).all() and np.unique(pfns).size == 1000
+    r.host(r.dev.set_target, 100)
+    r.run(0.1)
+    assert r.drv.s.num_pages == 100 == r.dev.actual
+    defl = np.array([p for e in r.of(Deflated) for p in e.pfns])
+    assert defl.size == 900 and np.isin(defl, pfns).all()
+    assert r.alloc.state[defl].tolist().count(PG_BALLOON) == 0
+    r.host(r.dev.set_target, 0)
+    r.run(0.1)
+    r.alloc.drain_pcp()
+    assert r.alloc.nr_free_pages() == free0
+    assert r.dev.dr_violations == {}
+
+
+@pytest.mark.spec("DR-5")
+def test_deflated_pages_wait_for_ack_with_must_tell_host() -> None:
+    r = Rig(offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST))
+    r.probe()
+    assert r.dev.driver_features >> VIRTIO_BALLOON_F_MUST_TELL_HOST & 1
+    r.host(r.dev.set_target, 10)
+    r.run(0.01)
+    pfns = list(r.drv.s.balloon_pfns)
+    dq = r.drv.qindex[BalloonQueue.DEFLATE]
+    r.t.stalled.add(dq)
+    r.host(r.dev.set_target, 0)
+    r.run(0.01)
+    # Posted, not acknowledged: the pages are still the balloon's, actual unchanged.
+    assert (r.alloc.state[pfns] == PG_BALLOON).all() and r.dev.actual == 10
+    r.t.release(dq)
+    r.run(0.01)
+    assert not (r.alloc.state[pfns] == PG_BALLOON).any() and r.dev.actual == 0
+
+
+def test_one_balloon_buffer_in_flight() -> None:
+    r = Rig().probe()
+    iq = r.drv.qindex[BalloonQueue.INFLATE]
+    r.t.stalled.add(iq)
+    r.host(r.dev.set_target, 2000)
+    r.run(0.5)
+    assert r.drv.vqs[BalloonQueue.INFLATE].in_flight == 1
+    assert r.drv.counters["balloon_buffers"] == 1
+    r.t.release(iq)
+    r.run(0.5)
+    assert r.dev.actual == 2000 and r.drv.counters["balloon_buffers"] == 8
+
+
+def test_inflate_out_of_memory_retries_later() -> None:
+    r = Rig(ram=16 << 20).probe()
+    r.host(r.dev.set_target, (16 << 20) >> 12)  # more than the guest can give
+    r.run(1.0)
+    assert r.drv.counters["inflate_alloc_failed"] >= 1
+    assert 0 < r.dev.actual < (16 << 20) >> 12
+    r.alloc.check()
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+@pytest.mark.spec("DR-8")
+def test_stats_buffer_refilled_on_request() -> None:
+    r = Rig().probe()
+    r.host(r.dev.request_stats)
+    r.run(0.001)
+    r.host(r.dev.set_target, 256)
+    r.run(0.01)
+    r.host(r.dev.request_stats)
+    r.run(0.001)
+    stats = [e.stats for e in r.of(StatsReceived)]
+    assert len(stats) >= 2
+    assert stats[-1]["MEMTOT"] == RAM
+    assert stats[-1]["MEMFREE"] == r.alloc.nr_free_pages() << 12
+    assert set(stats[0]) == set(stats[-1])
+    assert r.drv.vqs[BalloonQueue.STATS].in_flight == 1
+    assert r.dev.dr_violations == {}
+
+
+# -- free page reporting ---------------------------------------------------------------------------
+
+@pytest.mark.spec("DR-13")
+def test_reporting_posts_chains_of_pageblocks_and_frees_after_use() -> None:
+    r = Rig(offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_REPORTING)).probe()
+    r.run(2.5)
+    reps = r.of(PagesReported)
+    assert reps and all(len(e.ranges) <= 32 for e in reps)
+    assert all(n == 2 << 20 and a % n == 0 for e in reps for a, n in e.ranges)
+    assert not (r.alloc.state == PG_BALLOON).any()  # all given back after the device used them
+    r.run(6.0)
+    # Nothing changed in the guest: no pageblock is reported twice.
+    ranges = [a for e in r.of(PagesReported) for a, _ in e.ranges]
+    assert len(ranges) == len(set(ranges)) == r.drv.counters["reported_pages"] // 512
+    r.alloc.check()
+
+
+# -- device faults ---------------------------------------------------------------------------------
+
+def test_corrupted_used_ring_is_survived() -> None:
+    r = Rig(queue_sizes=(128, 128, 128, 8, 32)).probe()
+    fq = r.drv.qindex[BalloonQueue.FREE_PAGE]
+    r.t.stalled.add(fq)
+    r.host(r.dev.free_page_start)
+    r.run(0.002)
+    vq = r.drv.vqs[BalloonQueue.FREE_PAGE]
+    # The "device" writes a used element naming a head that was never posted.
+    r.mem.write(vq.used_gpa + 4, struct.pack("<II", 7, 0))
+    r.mem.write_u16(vq.used_gpa + 2, 1)
+    r.run(0.002)
+    assert vq.broken and r.drv.counters["vring_broken"] == 1
+    # The rest of the driver keeps working.
+    r.host(r.dev.set_target, 10)
+    r.run(0.01)
+    assert r.dev.actual == 10
+
+
+def test_unstable_config_generation_is_counted() -> None:
+    r = Rig().probe()
+    r.t.gen_bump = True
+    r.host(r.dev.set_target, 10)
+    r.run(0.01)
+    assert r.drv.counters["config_read_unstable"] >= 1
+    assert r.dev.actual == 0
+    r.t.gen_bump = False
+    r.host(r.dev.set_target, 20)
+    r.run(0.01)
+    assert r.dev.actual == 20
+
+
+def test_inflated_pages_are_not_guest_in_use() -> None:
+    r = Rig().probe()
+    r.host(r.dev.set_target, 300)
+    r.run(0.01)
+    pfns = np.array(r.drv.s.balloon_pfns)
+    assert not r.alloc.in_use_mask()[pfns].any()
+    assert (r.alloc.state[pfns] != PG_ALLOC).all()
