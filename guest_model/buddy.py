@@ -70,7 +70,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -254,7 +254,12 @@ class BuddyAllocator:
         self.counters: dict[str, int] = {
             "alloc": 0, "alloc_fail": 0, "free": 0, "fallback_steal": 0, "pageblock_claim": 0,
             "pcp_refill": 0, "pcp_flush": 0, "bulk_alloc_pages": 0, "bulk_free_pages": 0,
+            "reclaim_runs": 0, "reclaimed_pages": 0,
         }
+
+        # (count, scan) pairs, Linux's struct shrinker: count() -> freeable pages,
+        # scan(nr_to_scan) -> pages freed. Run by "direct reclaim" (see alloc_pages).
+        self.shrinkers: list[tuple[Callable[[], int], Callable[[int], int]]] = []
 
         self._boot(reserved)
 
@@ -504,6 +509,29 @@ class BuddyAllocator:
     def _zonelist(self) -> list[int]:
         return [z.idx for z in reversed(self.zones) if z.populated]
 
+    # ---- reclaim ----------------------------------------------------------------------------
+    def register_shrinker(self, count: Callable[[], int], scan: Callable[[int], int]) -> None:
+        """Add a shrinker; it runs when an allocation is about to fail (see ``alloc_pages``)."""
+        self.shrinkers.append((count, scan))
+
+    def _reclaim(self, order: int, nr_pages: int = 0) -> int:
+        """Direct reclaim, reduced to what the model has: ask the shrinkers for enough pages
+        to lift the zones back to their high watermark (what kswapd aims for)."""
+        want = max(1 << order, nr_pages)
+        for z in self._zonelist():
+            zone = self.zones[z]
+            want += max(0, zone.watermark[WMARK_HIGH] - self._zone_free[z])
+        freed = 0
+        for count, scan in list(self.shrinkers):
+            if freed >= want:
+                break
+            avail = count()
+            if avail > 0:
+                freed += max(0, scan(min(avail, want - freed)))
+        self.counters["reclaim_runs"] += 1
+        self.counters["reclaimed_pages"] += freed
+        return freed
+
     # ---- allocation -------------------------------------------------------------------------
     def _expand(self, pfn: int, low: int, high: int) -> None:
         """Give back the upper halves of a block of order ``high`` split down to ``low``."""
@@ -657,10 +685,16 @@ class BuddyAllocator:
         pfn = self._try_zones(order, migratetype, cpu, WMARK_LOW)
         if pfn is None:
             pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
-        if pfn is None and not noretry and self.nr_pcp_pages():
-            # The slow path's last resort before OOM: drain per-cpu lists and retry.
-            self.drain_pcp()
-            pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+        if pfn is None and not noretry:
+            # Slow path. Direct reclaim: in this model only shrinkers (e.g. the balloon's hint
+            # blocks) give memory back. __GFP_NORETRY callers (the balloon itself) skip it, so
+            # a balloon allocation never feeds on the balloon's own blocks.
+            if self.shrinkers and self._reclaim(order):
+                pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+            if pfn is None and self.nr_pcp_pages():
+                # The last resort before OOM: drain per-cpu lists and retry.
+                self.drain_pcp()
+                pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
         if pfn is None:
             self.counters["alloc_fail"] += 1
             return None
@@ -811,6 +845,27 @@ class BuddyAllocator:
             raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
         runs: list[tuple[int, int]] = []
         remaining = max(0, int(nr_pages))
+        remaining = self._bulk_pass(remaining, migratetype, runs)
+        if remaining > 0 and self.shrinkers and self._reclaim(0, remaining):
+            remaining = self._bulk_pass(remaining, migratetype, runs)
+        if remaining > 0 and self.nr_pcp_pages():
+            self.drain_pcp()
+            remaining = self._bulk_pass(remaining, migratetype, runs)
+        if remaining > 0:
+            self.counters["alloc_fail"] += 1
+        if not runs:
+            return np.empty(0, dtype=np.int64)
+        starts = np.array([r[0] for r in runs], dtype=np.int64)
+        lens = np.array([r[1] for r in runs], dtype=np.int64)
+        offs = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+        pfns = np.repeat(starts, lens) + offs
+        self.state[pfns] = owner
+        self.counters["bulk_alloc_pages"] += int(pfns.size)
+        if self.init_on_alloc and self.pages is not None:
+            self.pages.write_pfns(pfns, "zero")
+        return pfns
+
+    def _bulk_pass(self, remaining: int, migratetype: int, runs: list[tuple[int, int]]) -> int:
         for z in self._zonelist():
             zone = self.zones[z]
             while remaining > 0:
@@ -827,17 +882,7 @@ class BuddyAllocator:
                         break
                     runs.append((p, 1))
                     remaining -= 1
-        if not runs:
-            return np.empty(0, dtype=np.int64)
-        starts = np.array([r[0] for r in runs], dtype=np.int64)
-        lens = np.array([r[1] for r in runs], dtype=np.int64)
-        offs = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        pfns = np.repeat(starts, lens) + offs
-        self.state[pfns] = owner
-        self.counters["bulk_alloc_pages"] += int(pfns.size)
-        if self.init_on_alloc and self.pages is not None:
-            self.pages.write_pfns(pfns, "zero")
-        return pfns
+        return remaining
 
     def free_pages_bulk(self, pfns: np.ndarray) -> None:
         """Free many allocated order-0 pages at once, straight to the buddy lists.

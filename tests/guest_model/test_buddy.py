@@ -390,3 +390,33 @@ class AllocatorMachine(RuleBasedStateMachine):
 TestAllocatorMachine = AllocatorMachine.TestCase
 TestAllocatorMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_shrinker_runs_before_an_allocation_fails() -> None:
+    """A held-blocks shrinker (like the balloon's) is asked for memory under pressure, but not
+    by __GFP_NORETRY allocations."""
+    a = BuddyAllocator(64 * MiB)
+    held: list[int] = []
+    while (p := a.alloc_pages(MAX_ORDER - 1, noretry=True, owner=OWNER_BALLOON)) is not None:
+        held.append(p)
+    assert held
+    scans: list[int] = []
+
+    def count() -> int:
+        return len(held) << (MAX_ORDER - 1)
+
+    def scan(nr: int) -> int:
+        scans.append(nr)
+        freed = 0
+        while held and freed < nr:
+            a.free_pages(held.pop(), MAX_ORDER - 1)
+            freed += 1 << (MAX_ORDER - 1)
+        return freed
+
+    a.register_shrinker(count, scan)
+    assert a.alloc_pages(MAX_ORDER - 1, noretry=True) is None and not scans
+    got = a.alloc_pages(MAX_ORDER - 1)
+    assert got is not None and scans and a.counters["reclaimed_pages"] >= 1024
+    bulk = a.alloc_pages_bulk(4096)
+    assert bulk.size == 4096
+    a.check()
