@@ -116,30 +116,46 @@ class Frontend:
     """The QEMU side. ``fe.mem`` is the guest's view of RAM (same memfd as the back-end's)."""
 
     def __init__(self, dev_cfg: DeviceConfig | None = None, *,
-                 protocol_features: int | None = None) -> None:
-        self.sock, self.backend_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                 protocol_features: int | None = None, connect: str | None = None) -> None:
+        """With ``connect``, talk to a server at that unix socket path (no session here);
+        otherwise own a socketpair and run a session on its other end."""
         self.memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, RAM_SIZE)
         self.mm = mmap.mmap(self.memfd, RAM_SIZE)
         self.mem = GuestMemory()
         self.mem.add_region(RAM_GPA, self.mm, name="ram")
         self.area = DriverArea(self.mem, AREA_GPA, AREA_SIZE)
+        self.kick: dict[int, int] = {}
+        self.call: dict[int, int] = {}
+        self.vrings: dict[int, DriverVring] = {}
+        self.channel: socket.socket | None = None
+        self.backend: BackendPump | None = None
+        if connect is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(connect)
+            self.backend_sock = None
+            return
+        self.sock, self.backend_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The back-end: its own GuestMemory (empty until SET_MEM_TABLE) and the real device.
         self.be_mem = GuestMemory()
         self.dev = BalloonDevice(self.be_mem, dev_cfg)
         kw = {} if protocol_features is None else {"protocol_features": protocol_features}
         self.session = VhostUserSession(self.dev, self.be_mem, **kw)
         self.backend = BackendPump(self.backend_sock, self.session)
-        self.kick: dict[int, int] = {}
-        self.call: dict[int, int] = {}
-        self.vrings: dict[int, DriverVring] = {}
 
     def close(self) -> None:
-        self.session.close()
+        if self.backend is not None:
+            self.session.close()
         for fd in list(self.kick.values()) + list(self.call.values()):
             os.close(fd)
+        self.kick.clear()
+        self.call.clear()
         self.sock.close()
-        self.backend_sock.close()
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        if self.channel is not None:
+            self.channel.close()
         os.close(self.memfd)
 
     # -- raw messaging ---------------------------------------------------------------------
@@ -172,6 +188,10 @@ class Frontend:
                 need_reply: bool = False) -> Reply | None:
         """Send, let the back-end handle it, and return its reply (None if it sent none)."""
         self.send(req, payload, fds, need_reply=need_reply)
+        if self.backend is None:
+            # A real server: read a reply exactly when one is due.
+            due = req in vu.REPLY_REQUESTS or need_reply
+            return self.recv_reply() if due else None
         self.backend.pump()
         return self.recv_reply() if self.reply_pending() else None
 
@@ -242,5 +262,7 @@ class Frontend:
     def kick_ring(self, q: int) -> list[Effect]:
         """The guest kicks ring q; the back-end (as its server would) drains and handles it."""
         os.write(self.kick[q], struct.pack("=Q", 1))
+        if self.backend is None:
+            return []  # the server's watcher reads the eventfd
         assert eventfd_read(self.kick[q]) == 1  # what the server's watcher does
         return self.session.kick(q)
