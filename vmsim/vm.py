@@ -30,6 +30,8 @@ scheduler, so they interleave with pages being sent and hints arriving.
 from __future__ import annotations
 
 import logging
+import mmap
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +51,8 @@ from guest_model.buddy import (
     PG_RESERVED,
     BuddyAllocator,
 )
+from guest_model.driver import BalloonDriver, DriverOptions
+from guest_model.vring import DriverArea
 from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE
@@ -78,11 +82,19 @@ class ScenarioWorkloads:
         self.rng = rng
         self.filled: list[np.ndarray] = []   # pages the fill phases keep in use
         self.running = True
+        self.reclaim: Callable[[int], int] | None = None  # the balloon shrinker, if any
         self.counters = {"workload_pages_written": 0, "workload_alloc_failed": 0,
+                         "workload_reclaimed": 0,
                          "churn_pages_allocated": 0, "churn_pages_freed": 0}
 
     def _alloc(self, n: int, mt: int = MIGRATE_MOVABLE) -> np.ndarray:
         pfns = self.alloc.alloc_pages_bulk(n, mt)
+        if pfns.size < n and self.reclaim is not None:
+            # direct reclaim: shrinkers give memory back, then the allocation is retried
+            got = self.reclaim(n - int(pfns.size))
+            self.counters["workload_reclaimed"] += int(got)
+            more = self.alloc.alloc_pages_bulk(n - int(pfns.size), mt)
+            pfns = np.concatenate([pfns, more])
         if pfns.size < n:
             self.counters["workload_alloc_failed"] += n - int(pfns.size)
         return pfns
@@ -200,6 +212,13 @@ class SimVM:
         self.mem = GuestMemory()
         self.driver_area = bytearray(DRIVER_AREA_SIZE)
         self.mem.add_region(DRIVER_AREA_GPA, self.driver_area, "driver-area")
+        # The rest of RAM: the device checks every buffer against guest memory (V-8), hint
+        # buffers included, but never reads RAM pages (their content is PageVersions). So it is
+        # backed by a sparse anonymous mapping nothing touches: no host memory is used.
+        end = DRIVER_AREA_GPA + DRIVER_AREA_SIZE
+        self._sparse = [_sparse_map(DRIVER_AREA_GPA), _sparse_map(g.ram_bytes - end)]
+        self.mem.add_region(0, self._sparse[0], "ram-low")
+        self.mem.add_region(end, self._sparse[1], "ram")
         self.mem.dirty_log = self.dirty
         self.alloc = BuddyAllocator(
             g.ram_bytes, pages=self.pages, reserved=[(DRIVER_AREA_GPA, DRIVER_AREA_SIZE)],
@@ -209,7 +228,7 @@ class SimVM:
         self.workloads = ScenarioWorkloads(self.alloc, self.pages, self.sched, self.rng)
         self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=self.ram_pages))
         self.transport = InProcessTransport(self.dev)
-        self.guest_driver = None
+        self.guest_driver: BalloonDriver | None = None
         if opts.mode != "off":
             self.guest_driver = _attach_driver(self, opts.mode, scn.hinting.min_order)
         params = MigrationParams(bandwidth_Bps=scn.migration.bandwidth_Bps,
@@ -269,13 +288,34 @@ class SimVM:
                          f"round {rnd}")
 
 
-def _attach_driver(vm: SimVM, mode: str, min_order: int) -> object:
-    """The guest's balloon driver (guest_model), hinting in ``mode``."""
-    raise NotImplementedError(f"hinting mode {mode!r} needs the guest balloon driver")
+def _sparse_map(size: int) -> mmap.mmap:
+    """An anonymous private mapping that reserves no memory (pages appear only if touched)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if sys.platform.startswith("linux"):
+        flags |= getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 lacks it
+    return mmap.mmap(-1, size, flags=flags)
+
+
+def _attach_driver(vm: SimVM, mode: str, min_order: int) -> BalloonDriver:
+    """The guest's balloon driver (guest_model), hinting in ``mode`` (walk or capture)."""
+    g = vm.scn.guest
+    area = DriverArea(vm.mem, DRIVER_AREA_GPA, DRIVER_AREA_SIZE)
+    opts = DriverOptions(hint_strategy=mode, min_order=min_order,
+                         page_poisoning=g.page_poison, init_on_free=g.init_on_free)
+    drv = BalloonDriver(vm.transport, vm.mem, vm.alloc, vm.sched, area, opts)
+    # Memory pressure: the kernel's reclaim calls the balloon's shrinker, which gives held
+    # hint blocks back (protocol.md 6.3); the workloads call this when an allocation falls short.
+    vm.workloads.reclaim = drv.shrink
+    return drv
 
 
 def _driver_ready(vm: SimVM) -> None:
-    pass
+    drv = vm.guest_driver
+    assert drv is not None
+    drv.probe()
+    vm.sched.run_until(vm.sched.now + 0.001)
+    if drv.failed:
+        raise RuntimeError(f"the guest balloon driver failed to probe: {drv.failed}")
 
 
 def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: str | None = None,
