@@ -1,0 +1,100 @@
+"""A simulated guest: page allocator + balloon driver, assembled for vmsim (docs/interfaces.md
+"SimGuest").
+
+Theory of operation: ``SimGuest`` is only assembly. It takes what the VM builder owns (guest
+memory with the byte-backed driver area already mapped, page contents, the shared scheduler, a
+virtio transport to the balloon device) and builds the guest side: a ``BuddyAllocator`` that
+keeps the driver area reserved (or one the caller already built), a ``DriverArea`` over that
+region for rings and driver buffers, and a ``BalloonDriver`` with the chosen hint strategy,
+which it probes at once. Workloads act on ``allocator`` directly; under memory pressure they may
+call ``reclaim`` (the shrinker: held hint blocks go back first, as in Linux).
+
+Two masks serve the migration verifier: ``in_use_mask()`` is every page whose content the guest
+relies on (allocated by the guest, plus reserved pages: firmware and the driver area), and
+``held_by_driver_mask()`` is every page the balloon driver owns (held hint blocks, balloon pages,
+pages isolated for reporting), whose content the guest does not rely on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from guestmem import GuestMemory, PageVersions
+from guestmem.clock import Scheduler
+from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_RESERVED, BuddyAllocator
+from guest_model.driver import BalloonDriver, BlockWalker, DriverOptions
+from guest_model.transport import VirtioTransport
+from guest_model.vring import DriverArea
+
+#: vmsim's default driver area: 4 MiB at 1 MiB (docs/interfaces.md).
+DEFAULT_DRIVER_AREA = (0x100000, 4 << 20)
+
+
+@dataclass(slots=True)
+class GuestOptions:
+    ram_bytes: int
+    seed: int = 0
+    init_on_alloc: bool = True
+    init_on_free: bool = False
+    page_poisoning: bool = False
+    #: "off" (no hinting; the driver still inflates, deflates and sends stats), "walk", "capture".
+    hint_strategy: str = "capture"
+    #: Smallest order the walk strategy hints.
+    min_order: int = 10
+    #: (gpa, size) of the byte-backed driver area, already a region of the guest memory.
+    driver_area: tuple[int, int] = DEFAULT_DRIVER_AREA
+    nr_cpus: int = 2
+    #: Extra ``DriverOptions`` fields (costs, batch size, accepted features, ...).
+    driver: dict[str, Any] = field(default_factory=dict)
+
+
+class SimGuest:
+    def __init__(self, mem: GuestMemory, pages: PageVersions, sched: Scheduler,
+                 transport: VirtioTransport, options: GuestOptions, *,
+                 allocator: BuddyAllocator | None = None,
+                 walker_factory: Callable[[int], BlockWalker] | None = None) -> None:
+        o = options
+        gpa, size = o.driver_area
+        if not 0 <= gpa and gpa + size <= o.ram_bytes:
+            raise ValueError(f"GuestOptions.driver_area [{gpa:#x}, +{size:#x}) is not inside "
+                             f"RAM of {o.ram_bytes:#x} bytes")
+        self.mem = mem
+        self.pages = pages
+        self.sched = sched
+        self.options = o
+        if allocator is None:
+            allocator = BuddyAllocator(o.ram_bytes, pages=pages, reserved=[o.driver_area],
+                                       seed=o.seed, init_on_alloc=o.init_on_alloc,
+                                       init_on_free=o.init_on_free,
+                                       page_poisoning=o.page_poisoning, nr_cpus=o.nr_cpus)
+        elif (allocator.state[gpa >> 12:(gpa + size + 4095) >> 12] != PG_RESERVED).any():
+            raise ValueError("the allocator given to SimGuest does not keep the driver area "
+                             "reserved")
+        self.allocator = allocator
+        self.area = DriverArea(mem, gpa, size)
+        dopts = DriverOptions(hint_strategy=o.hint_strategy, min_order=o.min_order,
+                              page_poisoning=allocator.page_poisoning,
+                              init_on_free=allocator.init_on_free, **o.driver)
+        self.driver = BalloonDriver(transport, mem, allocator, sched, self.area, dopts,
+                                    walker_factory=walker_factory)
+        self.driver.probe()
+
+    def in_use_mask(self) -> np.ndarray:
+        """Pages whose content the guest relies on: guest-allocated or reserved."""
+        st = self.allocator.state
+        return (st == PG_ALLOC) | (st == PG_RESERVED)
+
+    def held_by_driver_mask(self) -> np.ndarray:
+        """Pages the balloon driver owns (hint blocks held, balloon pages, reporting)."""
+        return self.allocator.state == PG_BALLOON
+
+    def reclaim(self, nr_pages: int) -> int:
+        """Memory pressure: the shrinker gives held hint blocks back; returns pages freed."""
+        return self.driver.shrink(nr_pages)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return dict(self.driver.counters)

@@ -1,0 +1,159 @@
+"""End to end in one process: SimGuest (buddy allocator + balloon driver) <-> InProcessTransport
+<-> BalloonDevice, over a VM memory laid out as vmsim lays it out (RAM modelled by PageVersions,
+only the 4 MiB driver area at 1 MiB backed by bytes).
+
+Covers a full hint round driven by the device's precopy notifier (protocol.md 4.3 / 5.4),
+inflate / deflate and statistics, and checks that device and driver agree on every count.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from balloon_dev.device import BalloonDevice, DeviceConfig
+from balloon_dev.effects import (
+    ActualChanged,
+    Deflated,
+    HintRoundStopped,
+    Inflated,
+    PagesHinted,
+    PrecopyEvent,
+    StatsReceived,
+)
+from balloon_dev.transport.inprocess import InProcessTransport
+from guestmem import DirtyLog, GuestMemory, PageVersions
+from guestmem.clock import Scheduler
+from guest_model.buddy import PG_BALLOON
+from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
+
+RAM = 256 << 20
+
+
+class VM:
+    """``backed=False`` is vmsim's layout; ``backed=True`` backs all of RAM with bytes (as a
+    real guest's mapped memory would be), with the driver area inside it."""
+
+    def __init__(self, strategy: str = "capture", *, backed: bool = False,
+                 **gopts: Any) -> None:
+        pages = RAM >> 12
+        self.sched = Scheduler()
+        self.dirty = DirtyLog(pages)
+        self.pages = PageVersions(pages, self.dirty)
+        self.mem = GuestMemory()
+        gpa, size = DEFAULT_DRIVER_AREA
+        if backed:
+            self.mem.add_region(0, bytearray(RAM), "ram")
+        else:
+            self.mem.add_region(gpa, bytearray(size), "driver-area")
+        self.mem.dirty_log = self.dirty
+        self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=pages))
+        self.t = InProcessTransport(self.dev)
+        self.effects: list[Any] = []
+        self.t.add_host_listener(self.effects.append)
+        self.guest = SimGuest(self.mem, self.pages, self.sched, self.t,
+                              GuestOptions(ram_bytes=RAM, hint_strategy=strategy, **gopts))
+        self.run(0.001)
+
+    def run(self, dt: float) -> None:
+        self.sched.run_until(self.sched.now + dt)
+
+    def host(self, fn: Any, *args: Any) -> None:
+        self.t.host_call(fn, *args)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.effects if isinstance(e, kind)]
+
+
+# In vmsim's layout hint ranges lie in RAM that only PageVersions models. The device must check
+# them against RAM (DeviceConfig.ram_pages), not against byte-backed regions; until
+# balloon_dev.device passes its RAM ranges to DeviceVirtqueue(ram=...), every hint there is
+# refused as "buffer_outside_memory" (V-8). strict: this turns into a failure once fixed.
+_VMSIM_LAYOUT_HINTS = pytest.mark.xfail(
+    strict=True, reason="balloon_dev.device checks hint buffers against byte-backed regions "
+    "only (DeviceVirtqueue ram= not passed): hints into PageVersions RAM fail V-8")
+
+
+@pytest.mark.spec("DR-10")
+@pytest.mark.parametrize("backed", [True, pytest.param(False, marks=_VMSIM_LAYOUT_HINTS)])
+@pytest.mark.parametrize("strategy", ["capture", "walk"])
+def test_precopy_round_trip(strategy: str, backed: bool) -> None:
+    vm = VM(strategy, backed=backed)
+    drv = vm.guest.driver
+    # A workload holds some memory so not everything is free.
+    used = vm.guest.allocator.alloc_pages_bulk(8192)
+    vm.pages.write_pfns(used)
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.SETUP, True)
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.BEFORE_BITMAP_SYNC, True)
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.AFTER_BITMAP_SYNC, True)
+    first_id = vm.dev.hint.cmd_id
+    vm.run(0.05)
+    hints = vm.of(PagesHinted)
+    assert hints and {e.cmd_id for e in hints} == {first_id}
+    ranges = [r for e in hints for r in e.ranges]
+    assert len(ranges) == drv.counters["hints_sent"]
+    hinted = np.zeros(RAM >> 12, bool)
+    for a, n in ranges:
+        hinted[a >> 12:(a + n) >> 12] = True
+    # Never a page the guest uses, never the driver area.
+    assert not (hinted & vm.guest.in_use_mask()).any()
+    assert hinted.sum() == drv.counters["hinted_pages"]
+    assert len(vm.of(HintRoundStopped)) == 1 and drv.counters["stop_sent"] == 1
+    if strategy == "capture":
+        assert (vm.guest.held_by_driver_mask() == hinted).all()
+    else:
+        assert not vm.guest.held_by_driver_mask().any()
+    # Next iteration: STOP, sync, new id; the capture guest has nothing left to hint.
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.BEFORE_BITMAP_SYNC, True)
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.AFTER_BITMAP_SYNC, True)
+    vm.run(0.05)
+    assert drv.counters["rounds"] == 2 and drv.s.cmd_id_active == vm.dev.hint.cmd_id
+    # Migration over: DONE, the guest gets its memory back.
+    vm.host(vm.dev.precopy_notify, PrecopyEvent.CLEANUP, True)
+    vm.run(0.01)
+    assert not vm.guest.held_by_driver_mask().any()
+    vm.guest.allocator.check()
+    assert vm.dev.dr_violations == {}
+    assert vm.dev.counters.get("hint_outside_round", 0) == 0
+
+
+def test_inflate_deflate_and_stats() -> None:
+    vm = VM("capture")
+    vm.host(vm.dev.set_target, 5000)
+    vm.run(0.5)
+    assert vm.dev.actual == 5000 == vm.guest.driver.s.num_pages
+    inflated = {p for e in vm.of(Inflated) for p in e.pfns}
+    assert len(inflated) == 5000
+    held = vm.guest.held_by_driver_mask()
+    assert held.sum() == 5000 and held[list(inflated)].all()
+    assert vm.of(ActualChanged)[-1].actual == 5000
+    vm.host(vm.dev.request_stats)
+    vm.run(0.01)
+    st = vm.of(StatsReceived)[-1].stats
+    assert st["MEMTOT"] == RAM
+    assert st["MEMFREE"] == vm.guest.allocator.nr_free_pages() << 12
+    vm.host(vm.dev.set_target, 1000)
+    vm.run(0.5)
+    assert vm.dev.actual == 1000
+    deflated = {p for e in vm.of(Deflated) for p in e.pfns}
+    assert len(deflated) == 4000 and deflated <= inflated
+    assert (vm.guest.allocator.state == PG_BALLOON).sum() == 1000
+    assert vm.dev.dr_violations == {}
+
+
+def test_shrinker_during_hold_and_poisoned_guest() -> None:
+    vm = VM("capture", backed=True, page_poisoning=True)
+    assert vm.dev.poison_val == 0xAAAAAAAA
+    vm.host(vm.dev.free_page_start)
+    vm.run(0.05)
+    held = vm.guest.driver.shrink_count()
+    assert held > 0
+    assert vm.guest.reclaim(4096) == 4096
+    assert vm.guest.driver.shrink_count() == held - 4096
+    vm.host(vm.dev.free_page_done)
+    vm.run(0.01)
+    assert vm.guest.driver.shrink_count() == 0
+    # Freed hint blocks were poisoned by the allocator (page_poisoning), as Linux does.
+    free = vm.guest.allocator.free_mask()
+    assert (vm.pages.version[free] == 1).sum() > 0
