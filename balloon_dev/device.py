@@ -14,7 +14,8 @@ inflate, 1 deflate, then stats, free_page, reporting if offered), or the spec's 
 with ``DeviceConfig.fixed_queue_numbering``. A kick pops every pending chain of the queue in one
 batch, handles them in order, pushes every used element with ``len = 0`` (D-17) in one batch and
 emits the host effects first and the ``NotifyQueue`` last (so the host acts before the guest
-may reuse a buffer: D-3, D-4, D-15).
+is told a buffer was used: D-3, D-4, D-15). A transport whose guest runs concurrently sets
+``host_sink`` so host effects are handled before the used elements even reach guest memory.
 
 Nothing is used or notified before DRIVER_OK (D-16, V-10): a kick that arrives earlier is
 counted and remembered, and the queue is processed when DRIVER_OK is set.
@@ -74,6 +75,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,6 +289,13 @@ class BalloonDevice:
         self._ballooned = _Ballooned(self.cfg.ram_pages)
         self._counters: dict[str, int] = {}
         self.dr_violations: dict[str, int] = {}
+        #: If set, the host effects of a kick are handed to this callable *before* the used
+        #: elements are written to guest memory, and not returned. For transports whose guest
+        #: runs concurrently with the device (vfio-user): otherwise the guest could see a
+        #: buffer used (by polling) before the host discarded its pages. The sink must not
+        #: call back into the device. Unset (in-process, where the guest runs only between
+        #: device calls): host effects are returned in order, before the NotifyQueue.
+        self.host_sink: Callable[[list[Effect]], None] | None = None
 
     # == bookkeeping ==========================================================================
     def _count(self, name: str, fmt: str, *args: object, level: int = logging.WARNING) -> None:
@@ -622,6 +631,10 @@ class BalloonDevice:
             self._do_free_page(vq, chains, effects, used)
         else:
             self._do_reporting(chains, effects, used)
+        if self.host_sink is not None and effects:
+            # QEMU order: act on the buffers (discard, hint) before using them (D-3, D-4, D-15).
+            self.host_sink(effects)
+            effects = []
         if used:
             vq.push_many(used)  # D-17: len 0 on every balloon used element
             if vq.should_notify():
