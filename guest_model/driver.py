@@ -240,6 +240,7 @@ class BalloonDriver:
         self.vqs: dict[BalloonQueue, DriverVring] = {}
         self.qindex: dict[BalloonQueue, int] = {}
         self._by_index: dict[int, BalloonQueue] = {}
+        self._broken_seen: set[BalloonQueue] = set()
         self.ready = False
         self.failed: str | None = None
         self._round: _Round | None = None
@@ -372,8 +373,8 @@ class BalloonDriver:
         if vq is None:
             return False
         if vq.broken:
-            if not getattr(vq, "_driver_counted", False):
-                vq._driver_counted = True  # type: ignore[attr-defined]
+            if q not in self._broken_seen:
+                self._broken_seen.add(q)
                 self.counters["vring_broken"] += 1
             return False
         return True

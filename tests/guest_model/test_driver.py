@@ -78,7 +78,7 @@ class StallableTransport(InProcessTransport):
 class Rig:
     def __init__(self, *, offered: int = DEFAULT_OFFERED_FEATURES, strategy: str = "capture",
                  ram: int = RAM, queue_sizes: tuple[int, ...] | None = None,
-                 **opts: Any) -> None:
+                 qemu_cmd_id_read: bool = False, **opts: Any) -> None:
         self.mem = GuestMemory()
         self.mem.add_region(0, bytearray(ram), "ram")
         self.pages = PageVersions(ram >> 12)
@@ -86,7 +86,8 @@ class Rig:
         self.alloc = BuddyAllocator(ram, pages=self.pages, reserved=[(AREA_GPA, AREA_SIZE)],
                                     page_poisoning=poisoning,
                                     init_on_free=opts.get("init_on_free", False))
-        kw: dict[str, Any] = {"offered_features": offered, "ram_pages": ram >> 12}
+        kw: dict[str, Any] = {"offered_features": offered, "ram_pages": ram >> 12,
+                              "qemu_cmd_id_read": qemu_cmd_id_read}
         if queue_sizes is not None:
             kw["queue_sizes"] = queue_sizes
         self.dev = BalloonDevice(self.mem, DeviceConfig(**kw))
@@ -462,3 +463,33 @@ def test_inflated_pages_are_not_guest_in_use() -> None:
     pfns = np.array(r.drv.s.balloon_pfns)
     assert not r.alloc.in_use_mask()[pfns].any()
     assert (r.alloc.state[pfns] != PG_ALLOC).all()
+
+
+def test_new_id_during_round_sends_stop_then_starts_again() -> None:
+    r = Rig(ram=256 << 20, hint_batch=1).probe()
+    r.host(r.dev.free_page_start)
+    first = r.dev.hint.cmd_id
+    r.run(30e-6)
+    r.host(r.dev.free_page_stop)  # the host's usual order: STOP, sync, new ID
+    r.host(r.dev.free_page_start)
+    second = r.dev.hint.cmd_id
+    r.run(0.01)
+    c = r.drv.counters
+    assert c["rounds"] == 2 and c["stop_sent"] == 2 and c["start_sent"] == 2
+    assert c["rounds_stopped_by_device"] == 1
+    assert {e.cmd_id for e in r.of(PagesHinted)} == {first, second}
+    assert r.dev.dr_violations == {}
+
+
+def test_qemu_style_cmd_id_read_ends_round_on_unrelated_config_change() -> None:
+    # protocol.md 5.2 [ANALYSIS]: QEMU reads free_page_hint_cmd_id as 0 while a round is
+    # active, so a balloon resize interrupt makes a Linux-like driver see STOP and end early.
+    r = Rig(ram=256 << 20, hint_batch=1, qemu_cmd_id_read=True).probe()
+    r.host(r.dev.free_page_start)
+    r.run(30e-6)
+    r.host(r.dev.set_target, 16)
+    r.run(0.01)
+    c = r.drv.counters
+    assert c["rounds_stopped_by_device"] == 1 and c["stop_sent"] == 1
+    assert c["hints_sent"] < 30  # far fewer than the ~60 blocks a full round finds
+    assert r.dev.actual == 16
