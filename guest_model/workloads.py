@@ -1,0 +1,570 @@
+"""Seeded guest workloads: what a guest does with its memory before and during a migration.
+
+Theory of operation
+-------------------
+A workload allocates pages from the guest's ``BuddyAllocator``, writes them through
+``PageVersions`` (every write gives the page a new version and marks the dirty log, so the
+migration verifier sees it) and frees them. Allocation itself initialises pages when the
+allocator has ``init_on_alloc`` (a "zero" write), freeing poisons or zeroes them when configured:
+that is the allocator's job, not the workload's.
+
+Every workload runs in one of two ways:
+
+* ``run_phase()``: to completion at once, before migration, without simulated time (fill memory,
+  build a page cache, churn for ``duration`` seconds of the workload's own time, ...);
+* ``start(sched, until=None)``: as background activity on the VM's ``Scheduler``: every ``tick``
+  seconds of simulated time ``step(now, dt)`` does the work its rates give for ``dt`` (bytes/s
+  and ops/s turn into pages per tick, with Poisson counts from the seeded generator), so its
+  allocations and writes land between the hint walk's reports and the host's page sends.
+  ``stop()`` ends it; a workload with a natural end (``fill`` reached its size) stops itself.
+
+Parameters with units are plain numbers: sizes in bytes, rates in bytes/s or operations/s,
+times in seconds. Sizes may also be given as a fraction of RAM (``size_fraction``).
+
+Small amounts go through ``alloc_pages`` / ``free_pages`` (per-cpu lists, cpus chosen at
+random), large ones through the allocator's bulk calls so a 64 GiB fill stays fast.
+
+"In use" for the migration verifier: ``allocator.in_use_mask()`` (pages in state ``PG_ALLOC``:
+held by workloads or anyone but the balloon driver). Each workload also keeps its own holdings
+(``held_pages()``).
+
+Registry: ``WORKLOADS[name](allocator, pages, *, seed=0, tick=0.01, **params)`` builds one;
+``make_workload(name, allocator, pages, seed=..., **params)`` does the same with a usage error
+naming an unknown workload or parameter.
+"""
+from __future__ import annotations
+
+import heapq
+import inspect
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from guest_model.buddy import (
+    MAX_ORDER,
+    MIGRATE_MOVABLE,
+    MIGRATE_RECLAIMABLE,
+    MIGRATE_UNMOVABLE,
+    BuddyAllocator,
+)
+from guestmem.clock import Scheduler
+from guestmem.pages import PageVersions
+from guestmem.units import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+_SMALL = 64  # up to this many order-0 pages per call go through the per-cpu path
+
+
+class Workload:
+    """Base: scheduling, counters, page helpers. Subclasses implement ``run_phase``/``step``."""
+
+    name: ClassVar[str] = "workload"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01) -> None:
+        if tick <= 0:
+            raise ValueError(f"{self.name}: tick={tick}: must be > 0 seconds")
+        self.a = allocator
+        self.pages = pages
+        self.rng = np.random.default_rng(seed)
+        self.tick = float(tick)
+        self.stats: dict[str, int] = {"alloc_pages": 0, "freed_pages": 0, "written_pages": 0,
+                                      "alloc_failures": 0, "ticks": 0}
+        self.sched: Scheduler | None = None
+        self.until: float | None = None
+        self.running = False
+        self.finished = False
+        self._event: Any = None
+        self._t_last = 0.0
+
+    # ---- sizes ------------------------------------------------------------------------------
+    def _pages_of(self, size: int | None, size_fraction: float | None, default_fraction: float,
+                  key: str) -> int:
+        if size is not None and size_fraction is not None:
+            raise ValueError(f"{self.name}: give {key} or {key}_fraction, not both")
+        if size is not None:
+            if size < 0:
+                raise ValueError(f"{self.name}: {key}={size}: must be >= 0 bytes")
+            return int(size) >> PAGE_SHIFT
+        frac = default_fraction if size_fraction is None else float(size_fraction)
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{self.name}: {key}_fraction={frac}: must be in [0, 1]")
+        return int(self.a.ram_pages * frac)
+
+    # ---- page helpers -----------------------------------------------------------------------
+    def _cpu(self) -> int:
+        return int(self.rng.integers(self.a.nr_cpus)) if self.a.nr_cpus > 1 else 0
+
+    def alloc0(self, n: int, mt: int = MIGRATE_MOVABLE) -> np.ndarray:
+        """``n`` order-0 pages (fewer on failure, counted)."""
+        if n <= 0:
+            return np.empty(0, dtype=np.int64)
+        if n <= _SMALL:
+            got = []
+            for _ in range(n):
+                p = self.a.alloc_pages(0, mt, cpu=self._cpu())
+                if p is None:
+                    break
+                got.append(p)
+            out = np.array(got, dtype=np.int64)
+        else:
+            out = self.a.alloc_pages_bulk(n, mt)
+        self.stats["alloc_pages"] += int(out.size)
+        if out.size < n:
+            self.stats["alloc_failures"] += 1
+        return out
+
+    def free0(self, pfns: np.ndarray) -> None:
+        if pfns.size == 0:
+            return
+        if pfns.size <= _SMALL:
+            for p in pfns.tolist():
+                self.a.free_pages(p, 0, cpu=self._cpu())
+        else:
+            self.a.free_pages_bulk(pfns)
+        self.stats["freed_pages"] += int(pfns.size)
+
+    def write(self, pfns: np.ndarray) -> None:
+        if self.pages is not None and pfns.size:
+            self.pages.write_pfns(pfns, "data")
+        self.stats["written_pages"] += int(pfns.size)
+
+    def write_block(self, pfn: int, order: int) -> None:
+        if self.pages is not None:
+            self.pages.write_range(pfn, 1 << order, "data")
+        self.stats["written_pages"] += 1 << order
+
+    def _poisson(self, mean: float) -> int:
+        return int(self.rng.poisson(mean)) if mean > 0 else 0
+
+    # ---- the two ways to run ----------------------------------------------------------------
+    def run_phase(self) -> None:
+        """Run to completion now (no simulated time)."""
+        raise NotImplementedError
+
+    def step(self, now: float, dt: float) -> bool:
+        """Do ``dt`` seconds of background work at time ``now``; False when finished."""
+        raise NotImplementedError
+
+    def start(self, sched: Scheduler, *, until: float | None = None) -> None:
+        """Run as background activity on ``sched`` from now until ``until`` or ``stop()``."""
+        if self.running:
+            raise RuntimeError(f"{self.name}: already running")
+        self.sched = sched
+        self.until = until
+        self.running = True
+        self.finished = False
+        self._t_last = sched.now
+        self._event = sched.after(self.tick, self._on_tick)
+
+    def stop(self) -> None:
+        self.running = False
+        if self._event is not None:
+            Scheduler.cancel(self._event)
+            self._event = None
+
+    def _on_tick(self) -> None:
+        assert self.sched is not None
+        if not self.running:
+            return
+        now = self.sched.now
+        dt = now - self._t_last
+        self._t_last = now
+        self.stats["ticks"] += 1
+        more = self.step(now, dt)
+        if not more:
+            self.finished = True
+        if more and (self.until is None or now + self.tick <= self.until):
+            self._event = self.sched.after(self.tick, self._on_tick)
+        else:
+            self.running = False
+            self._event = None
+
+    # ---- holdings ---------------------------------------------------------------------------
+    def held_pages(self) -> int:
+        return 0
+
+    def release(self) -> None:
+        """Free everything the workload holds (process exit)."""
+
+
+class _PageSet:
+    """A FIFO of order-0 page chunks (oldest first), for LRU-like eviction and bulk release."""
+
+    def __init__(self) -> None:
+        self.chunks: deque[np.ndarray] = deque()
+        self.count = 0
+
+    def add(self, pfns: np.ndarray) -> None:
+        if pfns.size:
+            self.chunks.append(pfns)
+            self.count += int(pfns.size)
+
+    def take_oldest(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0 and self.chunks:
+            c = self.chunks[0]
+            if c.size <= n:
+                out.append(self.chunks.popleft())
+                n -= int(c.size)
+            else:
+                out.append(c[:n])
+                self.chunks[0] = c[n:]
+                n = 0
+        res = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+        self.count -= int(res.size)
+        return res
+
+    def all(self) -> np.ndarray:
+        return self.take_oldest(self.count)
+
+    def view(self) -> np.ndarray:
+        return np.concatenate(list(self.chunks)) if self.chunks else np.empty(0, dtype=np.int64)
+
+
+class Idle(Workload):
+    """A guest doing nothing: no allocation, no write."""
+
+    name = "idle"
+
+    def run_phase(self) -> None:
+        return
+
+    def step(self, now: float, dt: float) -> bool:
+        return True
+
+
+class Fill(Workload):
+    """Anonymous memory: allocate ``size`` bytes (or ``size_fraction`` of RAM, default 0.5) of
+    movable pages and write each; ``rate`` bytes/s in the background (default 2 GiB/s).
+    ``thp=True`` allocates 2 MiB order-9 blocks as transparent huge pages do."""
+
+    name = "fill"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, size: int | None = None,
+                 size_fraction: float | None = None, rate: float = 2 * 2**30,
+                 thp: bool = False) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if rate <= 0:
+            raise ValueError(f"fill: rate={rate}: must be > 0 bytes/s")
+        self.target = self._pages_of(size, size_fraction, 0.5, "size")
+        self.rate_pages = rate / (1 << PAGE_SHIFT)
+        self.thp = thp
+        if thp:
+            self.target = self.target >> 9 << 9
+        self.held = _PageSet()
+        self.huge: list[int] = []  # first pfns of order-9 blocks
+        self._carry = 0.0
+
+    def held_pages(self) -> int:
+        return self.held.count + (len(self.huge) << 9)
+
+    def _grow(self, n: int) -> bool:
+        """Allocate and write ``n`` more pages; False when memory ran out."""
+        if self.thp:
+            for _ in range(n >> 9):
+                p = self.a.alloc_pages(9, MIGRATE_MOVABLE, cpu=self._cpu())
+                if p is None:
+                    self.stats["alloc_failures"] += 1
+                    return False
+                self.stats["alloc_pages"] += 512
+                self.huge.append(p)
+                self.write_block(p, 9)
+            return True
+        got = self.alloc0(n)
+        self.write(got)
+        self.held.add(got)
+        return got.size == n
+
+    def run_phase(self) -> None:
+        self._grow(self.target - self.held_pages())
+
+    def step(self, now: float, dt: float) -> bool:
+        want = self.rate_pages * dt + self._carry
+        n = min(int(want), self.target - self.held_pages())
+        if self.thp:
+            n = n >> 9 << 9  # whole huge pages; the rest carries over to the next tick
+        self._carry = want - n
+        ok = self._grow(n) if n > 0 else True
+        return ok and self.held_pages() < self.target
+
+    def release(self) -> None:
+        self.free0(self.held.all())
+        for p in self.huge:
+            self.a.free_pages(p, 9, cpu=self._cpu())
+            self.stats["freed_pages"] += 512
+        self.huge.clear()
+
+
+class PageCache(Workload):
+    """File reads filling the page cache up to ``size`` bytes (default a quarter of RAM):
+    movable pages with file data, plus ``reclaimable_fraction`` of reclaimable slab pages
+    (dentries, inodes). In the background it keeps reading at ``rate`` bytes/s and evicts the
+    oldest pages past ``size`` (LRU), so the cache turns over."""
+
+    name = "page_cache"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, size: int | None = None,
+                 size_fraction: float | None = None, rate: float = 200 * 2**20,
+                 reclaimable_fraction: float = 0.05) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if rate < 0:
+            raise ValueError(f"page_cache: rate={rate}: must be >= 0 bytes/s")
+        if not 0 <= reclaimable_fraction <= 1:
+            raise ValueError(f"page_cache: reclaimable_fraction={reclaimable_fraction}: 0..1")
+        self.target = self._pages_of(size, size_fraction, 0.25, "size")
+        self.rate_pages = rate / (1 << PAGE_SHIFT)
+        self.recl = reclaimable_fraction
+        self.cache = _PageSet()
+        self.slab = _PageSet()
+        self._carry = 0.0
+
+    def held_pages(self) -> int:
+        return self.cache.count + self.slab.count
+
+    def _read(self, n: int) -> None:
+        ns = int(round(n * self.recl))
+        slab = self.alloc0(ns, MIGRATE_RECLAIMABLE)
+        self.write(slab)
+        self.slab.add(slab)
+        got = self.alloc0(n - ns, MIGRATE_MOVABLE)
+        self.write(got)  # the file's contents arrive in the page
+        self.cache.add(got)
+
+    def _evict(self) -> None:
+        over = self.held_pages() - self.target
+        if over > 0:
+            ns = min(self.slab.count, int(round(over * self.recl)))
+            self.free0(self.slab.take_oldest(ns))
+            self.free0(self.cache.take_oldest(over - ns))
+
+    def run_phase(self) -> None:
+        self._read(max(0, self.target - self.held_pages()))
+
+    def step(self, now: float, dt: float) -> bool:
+        want = self.rate_pages * dt + self._carry
+        self._carry = want - int(want)
+        self._read(int(want))
+        self._evict()
+        return True
+
+    def release(self) -> None:
+        self.free0(self.cache.all())
+        self.free0(self.slab.all())
+
+
+class Churn(Workload):
+    """Many short-lived allocations of mixed orders, like a kernel build: ``rate`` allocations
+    per second, each living an exponential time of mean ``lifetime`` seconds, written when
+    allocated. Orders and types: mostly order-0 movable (anonymous memory), some order-0
+    reclaimable and unmovable (slab), order-1..3 unmovable (kernel stacks, slab caches).
+    ``run_phase`` runs ``duration`` seconds of it, then frees what is still alive unless
+    ``keep_alive``."""
+
+    name = "churn"
+    # (order, migratetype, weight)
+    MIX: ClassVar[tuple[tuple[int, int, float], ...]] = (
+        (0, MIGRATE_MOVABLE, 0.75), (0, MIGRATE_RECLAIMABLE, 0.08), (0, MIGRATE_UNMOVABLE, 0.07),
+        (1, MIGRATE_UNMOVABLE, 0.03), (2, MIGRATE_UNMOVABLE, 0.05), (3, MIGRATE_UNMOVABLE, 0.02),
+    )
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, rate: float = 20000.0,
+                 lifetime: float = 0.05, duration: float = 1.0, keep_alive: bool = False,
+                 max_order: int = 3) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if rate < 0 or lifetime <= 0 or duration < 0:
+            raise ValueError(f"churn: rate={rate} >= 0, lifetime={lifetime} > 0, "
+                             f"duration={duration} >= 0 required")
+        if not 0 <= max_order < MAX_ORDER:
+            raise ValueError(f"churn: max_order={max_order}: 0..{MAX_ORDER - 1}")
+        mix = [m for m in self.MIX if m[0] <= max_order]
+        w = np.array([m[2] for m in mix])
+        self.mix = [(m[0], m[1]) for m in mix]
+        self.p = w / w.sum()
+        self.rate = rate
+        self.lifetime = lifetime
+        self.duration = duration
+        self.keep_alive = keep_alive
+        self.live: list[tuple[float, int, int, int]] = []  # heap of (expiry, seq, pfn, order)
+        self._seq = 0
+        self._local_now = 0.0
+
+    def held_pages(self) -> int:
+        return sum(1 << o for _, _, _, o in self.live)
+
+    def _work(self, now: float, dt: float) -> None:
+        while self.live and self.live[0][0] <= now:
+            _, _, p, o = heapq.heappop(self.live)
+            self.a.free_pages(p, o, cpu=self._cpu())
+            self.stats["freed_pages"] += 1 << o
+        n = self._poisson(self.rate * dt)
+        if n == 0:
+            return
+        kinds = self.rng.choice(len(self.mix), size=n, p=self.p)
+        lives = self.rng.exponential(self.lifetime, size=n)
+        # Arrivals spread over the tick: expiry from the arrival instant.
+        arrive = now - dt + self.rng.random(n) * dt
+        for k, life, t0 in zip(kinds.tolist(), lives.tolist(), arrive.tolist()):
+            order, mt = self.mix[k]
+            p = self.a.alloc_pages(order, mt, cpu=self._cpu())
+            if p is None:
+                self.stats["alloc_failures"] += 1
+                continue
+            self.stats["alloc_pages"] += 1 << order
+            self.write_block(p, order)
+            self._seq += 1
+            heapq.heappush(self.live, (t0 + life, self._seq, p, order))
+
+    def run_phase(self) -> None:
+        steps = int(round(self.duration / self.tick))
+        for _ in range(steps):
+            self._local_now += self.tick
+            self._work(self._local_now, self.tick)
+        if not self.keep_alive:
+            self.release()
+
+    def step(self, now: float, dt: float) -> bool:
+        self._work(now, dt)
+        return True
+
+    def release(self) -> None:
+        for _, _, p, o in self.live:
+            self.a.free_pages(p, o, cpu=self._cpu())
+            self.stats["freed_pages"] += 1 << o
+        self.live.clear()
+
+
+class MemhogThenFree(Workload):
+    """Touch most of RAM, then free it (``memhog``): allocate ``fraction`` of the free memory
+    (default 0.9), write every page, keep it ``hold`` seconds, free it all. Afterwards free
+    memory is full of old data (unless init_on_free/poisoning wipe it). In the background it
+    allocates at ``rate`` bytes/s (default 4 GiB/s)."""
+
+    name = "memhog_then_free"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, fraction: float = 0.9,
+                 rate: float = 4 * 2**30, hold: float = 0.0) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if not 0 <= fraction <= 1 or rate <= 0 or hold < 0:
+            raise ValueError(f"memhog_then_free: fraction={fraction} in [0,1], rate={rate} > 0,"
+                             f" hold={hold} >= 0 required")
+        self.fraction = fraction
+        self.rate_pages = rate / (1 << PAGE_SHIFT)
+        self.hold = hold
+        self.held = _PageSet()
+        self.target: int | None = None
+        self._full_at: float | None = None
+        self._carry = 0.0
+
+    def held_pages(self) -> int:
+        return self.held.count
+
+    def _target(self) -> int:
+        if self.target is None:
+            self.target = int((self.a.nr_free_pages() + self.a.nr_pcp_pages()) * self.fraction)
+        return self.target
+
+    def run_phase(self) -> None:
+        got = self.alloc0(self._target())
+        self.write(got)
+        self.held.add(got)
+        self.release()
+
+    def step(self, now: float, dt: float) -> bool:
+        target = self._target()
+        if self._full_at is None:
+            want = self.rate_pages * dt + self._carry
+            n = min(int(want), target - self.held.count)
+            self._carry = want - int(want)
+            got = self.alloc0(n)
+            self.write(got)
+            self.held.add(got)
+            if self.held.count >= target or got.size < n:
+                self._full_at = now
+            return True
+        if now - self._full_at >= self.hold:
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        self.free0(self.held.all())
+
+
+class Dirty(Workload):
+    """A write rate over a working set while migration runs: ``working_set`` bytes (or
+    ``working_set_fraction`` of RAM, default 0.1) allocated and written once, then
+    ``write_rate`` bytes/s (default 100 MiB/s) of writes to pages picked uniformly at random
+    from it (a page may be written again before the host sends it)."""
+
+    name = "dirty"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, working_set: int | None = None,
+                 working_set_fraction: float | None = None,
+                 write_rate: float = 100 * 2**20) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if write_rate < 0:
+            raise ValueError(f"dirty: write_rate={write_rate}: must be >= 0 bytes/s")
+        self.target = self._pages_of(working_set, working_set_fraction, 0.1, "working_set")
+        self.rate_pages = write_rate / (1 << PAGE_SHIFT)
+        self.ws = _PageSet()
+        self._ws_arr: np.ndarray | None = None
+
+    def held_pages(self) -> int:
+        return self.ws.count
+
+    def _ensure_ws(self) -> np.ndarray:
+        if self._ws_arr is None:
+            got = self.alloc0(self.target)
+            self.write(got)
+            self.ws.add(got)
+            self._ws_arr = self.ws.view()
+        return self._ws_arr
+
+    def run_phase(self) -> None:
+        self._ensure_ws()
+
+    def step(self, now: float, dt: float) -> bool:
+        ws = self._ensure_ws()
+        n = self._poisson(self.rate_pages * dt)
+        if n and ws.size:
+            self.write(ws[self.rng.integers(0, ws.size, size=n)])
+        return True
+
+    def release(self) -> None:
+        self.free0(self.ws.all())
+        self._ws_arr = None
+
+
+WorkloadFactory = Callable[..., Workload]
+WORKLOADS: dict[str, WorkloadFactory] = {
+    cls.name: cls for cls in (Idle, Fill, PageCache, Churn, MemhogThenFree, Dirty)
+}
+
+
+def workload_params(name: str) -> list[str]:
+    """The parameter names a workload accepts (besides allocator, pages)."""
+    sig = inspect.signature(WORKLOADS[name])
+    return [p for p in sig.parameters if p not in ("allocator", "pages")]
+
+
+def make_workload(name: str, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                  seed: int = 0, **params: Any) -> Workload:
+    """Build workload ``name`` from scenario parameters; a usage error names the bad key."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(sorted(WORKLOADS))}")
+    known = set(workload_params(name))
+    for k in params:
+        if k not in known:
+            raise ValueError(f"workload {name!r}: unknown parameter {k!r}; "
+                             f"known: {', '.join(sorted(known))}")
+    return WORKLOADS[name](allocator, pages, seed=seed, **params)

@@ -1,0 +1,232 @@
+"""guest_model.workloads: seeded guest activity as a phase and on the simulated clock."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guest_model.buddy import (
+    MAX_ORDER,
+    MIGRATE_RECLAIMABLE,
+    PG_ALLOC,
+    PG_BUDDY,
+    BuddyAllocator,
+)
+from guest_model.walk import FreeBlockWalker, schedule_walk
+from guest_model.workloads import (
+    WORKLOADS,
+    Churn,
+    Dirty,
+    Fill,
+    MemhogThenFree,
+    PageCache,
+    make_workload,
+    workload_params,
+)
+from guestmem import DirtyLog
+from guestmem.clock import Scheduler
+from guestmem.pages import ZERO, PageVersions
+
+MiB = 1 << 20
+
+
+def vm(ram: int = 128 * MiB, **kw: object) -> tuple[BuddyAllocator, PageVersions, DirtyLog]:
+    n = ram >> 12
+    log = DirtyLog(n)
+    pv = PageVersions(n, log)
+    a = BuddyAllocator(ram, pages=pv, reserved=[(1 * MiB, 4 * MiB)], **kw)  # type: ignore[arg-type]
+    return a, pv, log
+
+
+def test_registry_and_usage_errors() -> None:
+    assert set(WORKLOADS) == {"idle", "fill", "page_cache", "churn", "memhog_then_free", "dirty"}
+    a, pv, _ = vm()
+    for name in WORKLOADS:
+        w = make_workload(name, a, pv, seed=1)
+        assert w.name == name
+        assert "seed" in workload_params(name) and "tick" in workload_params(name)
+    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+        make_workload("nope", a, pv)
+    with pytest.raises(ValueError, match="unknown parameter 'sise'"):
+        make_workload("fill", a, pv, sise=1)
+    with pytest.raises(ValueError, match="rate="):
+        make_workload("fill", a, pv, rate=-1)
+    with pytest.raises(ValueError, match="size or size_fraction"):
+        make_workload("fill", a, pv, size=1, size_fraction=0.1)
+
+
+def test_fill_phase_allocates_and_writes() -> None:
+    a, pv, log = vm()
+    free0 = a.nr_free_pages()
+    w = Fill(a, pv, size=32 * MiB)
+    w.run_phase()
+    assert w.held_pages() == (32 * MiB) >> 12
+    held = w.held.view()
+    assert np.all(a.state[held] == PG_ALLOC)
+    assert np.all(pv.version[held] >= 2)  # written with data after the zeroing allocation
+    assert int(a.in_use_mask().sum()) == held.size
+    assert a.nr_free_pages() + a.nr_pcp_pages() == free0 - held.size
+    w.release()
+    a.drain_pcp()
+    assert a.nr_free_pages() == free0
+    a.check()
+
+
+def test_fill_thp_uses_huge_pages() -> None:
+    a, pv, _ = vm()
+    w = Fill(a, pv, size=16 * MiB, thp=True)
+    w.run_phase()
+    assert len(w.huge) == 8 and all(p % 512 == 0 for p in w.huge)
+    a.check()
+
+
+def test_fill_background_rate_on_the_clock() -> None:
+    a, pv, _ = vm(256 * MiB)
+    sched = Scheduler()
+    w = Fill(a, pv, size=200 * MiB, rate=100 * MiB, tick=0.01)
+    w.start(sched)
+    sched.run_until(0.5)
+    # 100 MiB/s for 0.5 s = 50 MiB = 12800 pages (the tick at 0.5 included).
+    assert abs(w.held_pages() - 12800) <= 256
+    sched.run_until(10.0)
+    assert w.finished and w.held_pages() == (200 * MiB) >> 12
+    assert sched.pending() == 0
+
+
+def test_page_cache_turns_over_at_its_size() -> None:
+    a, pv, _ = vm()
+    w = PageCache(a, pv, size=20 * MiB, rate=50 * MiB, reclaimable_fraction=0.1)
+    w.run_phase()
+    size = (20 * MiB) >> 12
+    assert w.held_pages() == size
+    assert a.free_counts()[:, :, MIGRATE_RECLAIMABLE].sum() > 0 or w.slab.count > 0
+    first = w.cache.view()[:100].copy()
+    v_first = pv.version[first].copy()
+    sched = Scheduler()
+    w.start(sched, until=1.0)
+    sched.run_until(2.0)
+    assert w.held_pages() == size  # evicts past its size
+    assert w.stats["freed_pages"] > 0 and not w.running
+    # 50 MiB read through a 20 MiB cache: the oldest pages were all evicted; a pfn may have
+    # come back for a newer read, but then with newer content.
+    assert np.all((a.state[first] != PG_ALLOC) | (pv.version[first] != v_first))
+    a.check()
+
+
+def test_churn_holds_rate_times_lifetime() -> None:
+    a, pv, _ = vm(256 * MiB)
+    sched = Scheduler()
+    w = Churn(a, pv, seed=3, rate=20000, lifetime=0.05)
+    w.start(sched)
+    sched.run_until(0.5)
+    # Little's law: about rate * lifetime = 1000 allocations alive.
+    assert 700 <= len(w.live) <= 1300
+    orders = {o for _, _, _, o in w.live}
+    assert orders >= {0, 2}
+    w.stop()
+    w.release()
+    a.drain_pcp()
+    assert a.in_use_mask().sum() == 0
+    a.check()
+
+
+def test_churn_phase_frees_at_the_end_and_dirties_free_memory() -> None:
+    a, pv, _ = vm()
+    w = Churn(a, pv, seed=1, rate=5000, duration=0.2)
+    w.run_phase()
+    assert w.stats["alloc_pages"] > 0 and not w.live
+    assert a.in_use_mask().sum() == 0
+    free = a.free_mask()
+    assert np.any(pv.version[free] >= 2)  # free pages still hold the build's data
+    a.check()
+
+
+def test_memhog_then_free_phase_and_background() -> None:
+    a, pv, _ = vm()
+    free0 = a.nr_free_pages()
+    w = MemhogThenFree(a, pv, fraction=0.8)
+    w.run_phase()
+    a.drain_pcp()
+    assert a.nr_free_pages() == free0 and a.in_use_mask().sum() == 0
+    assert int(np.count_nonzero(pv.version >= 2)) >= int(free0 * 0.8) - 1
+    # With init_on_free the same run leaves free memory zeroed.
+    b, pv2, _ = vm(init_on_free=True)
+    MemhogThenFree(b, pv2, fraction=0.8).run_phase()
+    assert np.all(pv2.version[b.free_mask()] == ZERO)
+    # Background: fills at its rate, holds, frees.
+    c, pv3, _ = vm()
+    sched = Scheduler()
+    m = MemhogThenFree(c, pv3, fraction=0.5, rate=1024 * MiB, hold=0.1)
+    m.start(sched)
+    sched.run_until(0.04)
+    assert 0 < m.held_pages() < m.target
+    sched.run_until(1.0)
+    assert m.finished and m.held_pages() == 0
+    c.check()
+
+
+def test_dirty_writes_at_its_rate_into_the_log() -> None:
+    a, pv, log = vm()
+    w = Dirty(a, pv, seed=2, working_set=16 * MiB, write_rate=40 * MiB)
+    w.run_phase()
+    ws = w.ws.view()
+    log.start()
+    sched = Scheduler()
+    w.start(sched)
+    sched.run_until(1.0)
+    # 40 MiB/s for 1 s = 10240 page writes, Poisson: within a few percent.
+    writes = w.stats["written_pages"] - ws.size
+    assert 9500 <= writes <= 11000
+    dirty = np.flatnonzero(log.peek())
+    assert set(dirty.tolist()) <= set(ws.tolist())
+    # 10240 uniform writes over 4096 pages touch almost all of them.
+    assert dirty.size > 0.9 * ws.size
+
+
+def test_same_seed_same_guest() -> None:
+    def run(seed: int) -> tuple[bytes, bytes]:
+        a, pv, _ = vm()
+        sched = Scheduler()
+        for name, params in [("page_cache", {"size": 8 * MiB}), ("churn", {"rate": 3000}),
+                             ("dirty", {"working_set": 4 * MiB})]:
+            w = make_workload(name, a, pv, seed=seed, **params)
+            w.run_phase() if name == "page_cache" else None
+            w.start(sched, until=0.3)
+        sched.run_until(0.5)
+        return a.state.tobytes(), pv.version.tobytes()
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_walk_with_workloads_in_between_reports_free_blocks() -> None:
+    """The safe walk on the clock with churn + page cache + dirty running between reports:
+    each block is free when reported; some get allocated and written afterwards (the accepted
+    race), and those writes are in the dirty log."""
+    a, pv, log = vm(256 * MiB)
+    Fill(a, pv, size_fraction=0.3).run_phase()
+    sched = Scheduler()
+    log.start()
+    for w in (Churn(a, pv, seed=5, rate=50000, lifetime=0.02, tick=0.0005),
+              PageCache(a, pv, seed=5, size=64 * MiB, rate=400 * MiB, tick=0.0005)):
+        w.run_phase() if isinstance(w, PageCache) else None
+        w.start(sched)
+    reports: list[tuple[int, int]] = []
+    bad = 0
+
+    def visit(_: object, pfn: int, n: int) -> None:
+        nonlocal bad
+        bad += int(not np.all(a.state[pfn:pfn + n] == PG_BUDDY))
+        reports.append((pfn, n))
+
+    h = schedule_walk(sched, FreeBlockWalker(a, 0), cost_per_block=0.0002, visit=visit)
+    for _ in range(2_000_000):
+        if h.finished is not None or not sched.run_next():
+            break
+    assert h.finished is not None and reports and bad == 0
+    dirty = log.peek()
+    later_used = [(p, n) for p, n in reports if np.any(a.state[p:p + n] == PG_ALLOC)]
+    assert later_used, "no reported block was reused: the race was not exercised"
+    for p, n in later_used:
+        used = a.state[p:p + n] == PG_ALLOC
+        assert np.all(dirty[p:p + n][used]), f"write after report to {p:#x} not logged"
+    assert max(n for _, n in reports) == 1 << (MAX_ORDER - 1)
