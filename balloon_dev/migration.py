@@ -85,7 +85,7 @@ class CostModel:
     time); the others are estimates from first principles, documented there.
     """
 
-    zero_page_s: float = 1.15e-6        # read a page, find it zero, queue a 9-byte record
+    zero_page_s: float = 1.21e-6        # read a page, find it zero, queue a 9-byte record
     copy_page_s: float = 0.40e-6        # extra CPU for a normal page: copy 4 KiB into the stream
     bitmap_bit_s: float = 0.25e-9       # walk one bit of the migration bitmap (find_next_bit)
     log_start_page_s: float = 0.09e-6   # per RAM page, once: dirty logging on (write-protect)
