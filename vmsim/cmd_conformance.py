@@ -1,0 +1,262 @@
+"""``balloon-hint conformance``: run the conformance tests and list every requirement id.
+
+Theory of operation: the tests under ``tests/conformance`` carry the protocol.md requirement id
+they check as a marker (``@pytest.mark.spec("D-10")``). This command runs that folder with pytest
+- in a subprocess by default (a clean interpreter; this module is loaded there as a pytest plugin
+with ``-p vmsim.cmd_conformance`` and writes a JSON report to the file named by
+``BALLOON_HINT_CONFORMANCE_REPORT``), or in this process with ``--in-process``. The plugin
+records, for each test, its spec ids, the first line of its docstring (or its name) and its
+outcome (a failure in setup, call or teardown fails it; a skip makes it "skipped").
+
+Each id of ``REQUIREMENT_IDS`` (V-1..V-10, D-1..D-17), then any other id found on a test, gets one
+line:
+
+    PASS D-10 <summary of its first test> [(+N more)]
+    FAIL D-3 <summary of a failing test>: <first line of the failure>
+    NOT COVERED D-2 : <reason>
+
+An id is FAIL if any of its tests failed, PASS if at least one passed and none failed, NOT
+COVERED otherwise; the reason comes from ``NOT_COVERED_REASONS`` (ids we deliberately do not
+test, e.g. legacy-interface items), else from the skip reason, else "no conformance test".
+Collection errors (a test module that does not import) are printed and count as failures. The
+last line is ``N passed, M failed, K not covered``; the exit status is 0 only with no failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HELP = "run the conformance tests and list every requirement id as PASS / FAIL / NOT COVERED"
+
+REPORT_ENV = "BALLOON_HINT_CONFORMANCE_REPORT"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TESTS = REPO_ROOT / "tests" / "conformance"
+
+REQUIREMENT_IDS: tuple[str, ...] = tuple(
+    [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)])
+
+#: Ids no conformance test covers on purpose, and why.
+NOT_COVERED_REASONS: dict[str, str] = {
+    "D-2": "legacy interface only (a legacy driver that does not negotiate MUST_TELL_HOST); no "
+           "legacy interface is implemented. The modern device accepts drivers that decline "
+           "MUST_TELL_HOST unless refuse_without_must_tell_host is set (see D-1).",
+    "D-5": "legacy interface only (act on `actual` only after its most significant byte is "
+           "written); no legacy interface is implemented: the modern device takes `actual` "
+           "from every write.",
+    "D-7": "legacy interface only (ignore the first stats buffer's values); no legacy interface "
+           "is implemented: modern drivers send real values in the first buffer.",
+}
+NO_TEST_REASON = "no conformance test carries this id"
+
+
+@dataclass
+class TestResult:
+    nodeid: str
+    ids: list[str]
+    summary: str
+    outcome: str = "not run"  # passed / failed / skipped / not run
+    message: str = ""
+
+
+@dataclass
+class Report:
+    tests: dict[str, TestResult] = field(default_factory=dict)
+    collect_errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"tests": [asdict(t) for t in self.tests.values()],
+                           "collect_errors": self.collect_errors})
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        raw = json.loads(text)
+        r = cls()
+        for t in raw["tests"]:
+            r.tests[t["nodeid"]] = TestResult(**t)
+        r.collect_errors = list(raw["collect_errors"])
+        return r
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _summary(doc: str | None) -> str:
+    """The first paragraph of a docstring, on one line."""
+    para = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in para.splitlines() if line.strip())
+
+
+class Collector:
+    """The pytest plugin object: records spec ids and outcomes into ``self.report``."""
+
+    def __init__(self) -> None:
+        self.report = Report()
+
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.report.collect_errors.append(
+                f"{report.nodeid}: {_first_line(str(report.longrepr).splitlines()[-1])}")
+
+    def pytest_collection_modifyitems(self, session: Any, config: Any, items: list[Any]) -> None:
+        for item in items:
+            ids: list[str] = []
+            for m in item.iter_markers("spec"):
+                ids.extend(str(a) for a in m.args)
+            doc = getattr(getattr(item, "function", None), "__doc__", None)
+            summary = _summary(doc) or item.name
+            self.report.tests[item.nodeid] = TestResult(item.nodeid, ids, summary)
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        t = self.report.tests.get(report.nodeid)
+        if t is None:
+            return
+        if report.failed:
+            t.outcome = "failed"
+            crash = getattr(report.longrepr, "reprcrash", None)
+            if crash is not None:  # e.g. "AssertionError: boom", plus where it happened
+                t.message = f"{_first_line(crash.message)} ({Path(crash.path).name}:{crash.lineno})"
+            else:
+                text = getattr(report, "longreprtext", "") or ""
+                t.message = _first_line(text.splitlines()[-1] if text else "") or report.when
+            if report.when != "call":
+                t.message = f"in {report.when}: {t.message}"
+        elif report.skipped and t.outcome != "failed":
+            t.outcome = "skipped"
+            lr = report.longrepr
+            msg = str(lr[2]) if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+            t.message = msg.removeprefix("Skipped: ")
+        elif report.when == "call" and report.passed and t.outcome == "not run":
+            t.outcome = "passed"
+
+
+# -- pytest plugin entry points (used when loaded with -p vmsim.cmd_conformance) ------------------
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "spec(id): the protocol.md requirement id a test checks")
+    if os.environ.get(REPORT_ENV) and not config.pluginmanager.has_plugin("bh-conformance"):
+        config.pluginmanager.register(Collector(), "bh-conformance")
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    path = os.environ.get(REPORT_ENV)
+    plugin = session.config.pluginmanager.get_plugin("bh-conformance")
+    if path and plugin is not None:
+        Path(path).write_text(plugin.report.to_json())
+
+
+# -- running ---------------------------------------------------------------------------------------
+def run_subprocess(tests: Path, extra: list[str], verbose: bool) -> tuple[Report, int, str]:
+    with tempfile.TemporaryDirectory(prefix="bh-conformance-") as tmp:
+        out = Path(tmp) / "report.json"
+        env = dict(os.environ)
+        env[REPORT_ENV] = str(out)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        cmd = [sys.executable, "-m", "pytest", str(tests), "-q", "-p", "vmsim.cmd_conformance",
+               "-p", "no:cacheprovider", *extra]
+        proc = subprocess.run(cmd, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True)
+        if not out.exists():
+            return Report(), proc.returncode, proc.stdout + proc.stderr
+        return Report.from_json(out.read_text()), proc.returncode, proc.stdout + proc.stderr
+
+
+def run_in_process(tests: Path, extra: list[str]) -> tuple[Report, int, str]:
+    import pytest  # noqa: PLC0415 - only this mode needs it in this process
+
+    collector = Collector()
+    code = pytest.main([str(tests), "-q", "-p", "no:cacheprovider", *extra], plugins=[collector])
+    return collector.report, int(code), ""
+
+
+def judge(report: Report) -> list[tuple[str, str, str]]:
+    """(verdict, id, text) per id: REQUIREMENT_IDS first, then other ids found, sorted."""
+    by_id: dict[str, list[TestResult]] = {}
+    for t in report.tests.values():
+        for i in t.ids:
+            by_id.setdefault(i, []).append(t)
+    extra = sorted((i for i in by_id if i not in REQUIREMENT_IDS), key=_id_key)
+    lines = []
+    for rid in list(REQUIREMENT_IDS) + extra:
+        tests = by_id.get(rid, [])
+        failed = [t for t in tests if t.outcome == "failed"]
+        passed = [t for t in tests if t.outcome == "passed"]
+        if failed:
+            t = failed[0]
+            more = f" (+{len(failed) - 1} more failing)" if len(failed) > 1 else ""
+            lines.append(("FAIL", rid, f"{t.summary}: {t.message}{more}"))
+        elif passed:
+            more = f" (+{len(passed) - 1} more)" if len(passed) > 1 else ""
+            lines.append(("PASS", rid, passed[0].summary + more))
+        else:
+            skipped = [t for t in tests if t.outcome == "skipped"]
+            reason = NOT_COVERED_REASONS.get(rid)
+            if reason is None:
+                reason = f"skipped: {skipped[0].message}" if skipped else NO_TEST_REASON
+            lines.append(("NOT COVERED", rid, reason))
+    return lines
+
+
+def _id_key(rid: str) -> tuple[str, int]:
+    prefix, _, num = rid.partition("-")
+    return (prefix, int(num) if num.isdigit() else 0)
+
+
+def format_lines(lines: list[tuple[str, str, str]], collect_errors: list[str]) -> list[str]:
+    out = []
+    for verdict, rid, text in lines:
+        sep = " : " if verdict == "NOT COVERED" else " "
+        out.append(f"{verdict} {rid}{sep}{text}")
+    for err in collect_errors:
+        out.append(f"ERROR collecting {err}")
+    n_pass = sum(1 for v, _, _ in lines if v == "PASS")
+    n_fail = sum(1 for v, _, _ in lines if v == "FAIL") + len(collect_errors)
+    n_nc = sum(1 for v, _, _ in lines if v == "NOT COVERED")
+    out.append(f"{n_pass} passed, {n_fail} failed, {n_nc} not covered")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tests", type=Path, default=DEFAULT_TESTS,
+                        help="folder of conformance tests (default: tests/conformance of this "
+                        "checkout)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run pytest in this process instead of a subprocess")
+    parser.add_argument("-k", dest="keyword", default=None,
+                        help="only run tests matching this pytest -k expression")
+    parser.add_argument("--show-pytest", action="store_true",
+                        help="print pytest's own output (subprocess mode)")
+
+
+def run(args: argparse.Namespace) -> int:
+    tests: Path = args.tests
+    if not tests.exists():
+        print(f"balloon-hint conformance: --tests {tests}: no such folder", file=sys.stderr)
+        return 2
+    extra = ["-k", args.keyword] if args.keyword else []
+    if args.in_process:
+        report, code, output = run_in_process(tests, extra)
+    else:
+        report, code, output = run_subprocess(tests, extra, args.show_pytest)
+    if args.show_pytest and output:
+        print(output)
+    if not report.tests and not report.collect_errors and code not in (0, 5):
+        print(f"balloon-hint conformance: pytest exited with {code} and reported no tests",
+              file=sys.stderr)
+        if output and not args.show_pytest:
+            print(output[-4000:], file=sys.stderr)
+        return 2
+    lines = judge(report)
+    for line in format_lines(lines, report.collect_errors):
+        print(line)
+    failed = any(v == "FAIL" for v, _, _ in lines) or bool(report.collect_errors)
+    return 1 if failed else 0
