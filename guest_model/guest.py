@@ -58,7 +58,7 @@ class SimGuest:
                  walker_factory: Callable[[int], BlockWalker] | None = None) -> None:
         o = options
         gpa, size = o.driver_area
-        if not 0 <= gpa and gpa + size <= o.ram_bytes:
+        if not (0 <= gpa and gpa + size <= o.ram_bytes):
             raise ValueError(f"GuestOptions.driver_area [{gpa:#x}, +{size:#x}) is not inside "
                              f"RAM of {o.ram_bytes:#x} bytes")
         self.mem = mem

@@ -25,7 +25,7 @@ from balloon_dev.effects import (
 from balloon_dev.transport.inprocess import InProcessTransport
 from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
-from guest_model.buddy import PG_BALLOON
+from guest_model.buddy import PG_BALLOON, BuddyAllocator
 from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
 
 RAM = 256 << 20
@@ -157,3 +157,17 @@ def test_shrinker_during_hold_and_poisoned_guest() -> None:
     # Freed hint blocks were poisoned by the allocator (page_poisoning), as Linux does.
     free = vm.guest.allocator.free_mask()
     assert (vm.pages.version[free] == 1).sum() > 0
+
+
+def test_simguest_rejects_bad_assembly() -> None:
+    mem = GuestMemory()
+    gpa, size = DEFAULT_DRIVER_AREA
+    mem.add_region(gpa, bytearray(size), "driver-area")
+    pages = PageVersions(RAM >> 12)
+    dev = BalloonDevice(mem, DeviceConfig(ram_pages=RAM >> 12))
+    t = InProcessTransport(dev)
+    with pytest.raises(ValueError, match="driver_area"):
+        SimGuest(mem, pages, Scheduler(), t, GuestOptions(ram_bytes=2 << 20))
+    with pytest.raises(ValueError, match="reserved"):
+        SimGuest(mem, pages, Scheduler(), t, GuestOptions(ram_bytes=RAM),
+                 allocator=BuddyAllocator(RAM, pages=pages))

@@ -493,3 +493,17 @@ def test_qemu_style_cmd_id_read_ends_round_on_unrelated_config_change() -> None:
     assert c["rounds_stopped_by_device"] == 1 and c["stop_sent"] == 1
     assert c["hints_sent"] < 30  # far fewer than the ~60 blocks a full round finds
     assert r.dev.actual == 16
+
+
+def test_device_needs_reset_makes_driver_idle() -> None:
+    r = Rig().probe()
+    vq = r.drv.vqs[BalloonQueue.INFLATE]
+    # Corrupt our own avail.idx so the device sees a jump past the queue size (V-1) and breaks.
+    r.mem.write_u16(vq.avail_gpa + 2, 500)
+    r.t.notify(r.drv.qindex[BalloonQueue.INFLATE])
+    r.run(0.001)
+    assert r.dev.status & DeviceStatus.DEVICE_NEEDS_RESET
+    assert r.drv.counters["device_needs_reset"] == 1 and not r.drv.ready
+    r.host(r.dev.set_target, 10)
+    r.run(0.01)
+    assert r.drv.s.num_pages == 0  # no work on a device that needs a reset
