@@ -1,58 +1,195 @@
-"""Random ring contents: the device side raises nothing but RingBroken and writes only the used ring."""
+"""Random ring contents against the device side of the split ring (balloon_dev/virtqueue.py).
+
+Random descriptor tables, indirect tables, avail rings and indices. The properties:
+
+* ``pop``/``pop_many`` raise nothing but ``RingBroken``, and raise it exactly when V-1 (pending
+  > N) or V-2 (a head >= N among the pending entries) says so;
+* no access is ever attempted outside guest memory (every ``view`` the queue asks for is inside
+  a region: bounds are checked before reading, not discovered by an exception);
+* the only bytes that change are in the used ring (V-9), and every write asks for a view there;
+* ``pop_many`` returns exactly what repeated ``pop`` returns, with the same counters;
+* a chain without error has only in-memory, non-empty buffers and a total length < 2^32, and
+  every chain with an error bumped exactly one chain-error counter.
+"""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balloon_dev.virtqueue import DeviceVirtqueue, RingBroken
+from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, DeviceVirtqueue, RingBroken
 from guestmem import GuestMemory
+from tests.ringbuilder import pack_desc
 
 SIZE = 8
 MEM = 0x10000
-DESC, DRIVER, DEVICE = 0x1000, 0x2000, 0x3000
-
-addr_st = st.one_of(st.integers(0, MEM + 0x100), st.integers(2**64 - 0x100, 2**64 - 1),
-                    st.sampled_from([DESC, 0x4000, 0x8000]))
-desc_st = st.tuples(addr_st, st.one_of(st.integers(0, 0x200), st.sampled_from([16, 32, 0xFFFFFFFF])),
-                    st.integers(0, 7), st.integers(0, 12))
+EXTRA = 0x20000  # a second, small region: buffers may not straddle the gap
+EXTRA_SIZE = 0x1000
+DESC, DRIVER, DEVICE, TABLES = 0x1000, 0x2000, 0x3000, 0x4000
+USED_LO, USED_HI = DEVICE, DEVICE + 6 + 8 * SIZE
 
 
-@settings(max_examples=300, deadline=None)
-@given(descs=st.lists(desc_st, min_size=SIZE, max_size=SIZE),
-       heads=st.lists(st.integers(0, 10), max_size=10),
-       avail_idx=st.integers(0, 0xFFFF), start=st.integers(0, 0xFFFF),
-       event_idx=st.booleans(), batch=st.booleans())
-def test_random_rings_never_crash(descs, heads, avail_idx, start, event_idx, batch):
-    mem = GuestMemory()
+class TrackingMemory(GuestMemory):
+    """Records every view the queue asks for, and every one that was refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[int, int]] = []
+        self.refused: list[tuple[int, int]] = []
+
+    def view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
+        if not self.contains(gpa, length):
+            self.refused.append((gpa, length))
+        if writable:
+            self.writes.append((gpa, length))
+        return super().view(gpa, length, writable=writable)
+
+
+near = st.sampled_from([0, 8, DESC, TABLES, TABLES + 0x10, MEM - 0x10, MEM - 1, MEM,
+                        EXTRA - 8, EXTRA, EXTRA + EXTRA_SIZE - 8, 2**64 - 0x10, 2**64 - 1])
+# Mostly plausible buffers (so valid chains and deep walks happen), some edges, some garbage.
+addr_st = st.one_of(st.integers(0x8000, 0x9000), st.integers(0x8000, 0x9000),
+                    st.integers(0x8000, 0x9000), near,
+                    st.integers(0, MEM + 0x100), st.integers(0, 2**64 - 1))
+len_st = st.one_of(st.integers(1, 0x200), st.integers(1, 0x200),
+                   st.sampled_from([0, 1, 8, 16, 32, 48, 17, 0x10000, 0x80000000, 0xFFFFFFFF]))
+flags_st = st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(0, 7),
+                     st.integers(0, 0xFFFF))
+# A descriptor pointing at (part of) the indirect tables area with a table-sized length.
+indirect_st = st.builds(lambda k, n, f: (TABLES + 16 * k, 16 * n, f | 4, 0),
+                        st.integers(0, 20), st.integers(0, 6), st.sampled_from([0, 2, 1]))
+desc_st = st.one_of(st.tuples(addr_st, len_st, flags_st, st.integers(0, SIZE + 3)),
+                    st.tuples(addr_st, len_st, st.sampled_from([1, 3]), st.integers(0, SIZE - 1)),
+                    indirect_st)
+table_desc_st = st.tuples(addr_st, len_st, flags_st, st.integers(0, 6))
+valid_head = st.integers(0, SIZE - 1)
+
+
+def _with_bad_head(heads: list[int], bad: tuple[int, int] | None) -> list[int]:
+    if bad is not None:
+        heads[bad[0]] = bad[1]
+    return heads
+
+
+# Valid heads, sometimes one bad head (V-2) somewhere.
+heads_st = st.builds(_with_bad_head, st.lists(valid_head, min_size=SIZE, max_size=SIZE),
+                     st.one_of(st.none(), st.none(), st.tuples(st.integers(0, SIZE - 1),
+                                                               st.integers(SIZE, 0xFFFF))))
+
+ring_st = st.fixed_dictionaries({
+    "descs": st.lists(desc_st, min_size=SIZE, max_size=SIZE),
+    "tables": st.lists(table_desc_st, min_size=0, max_size=24),
+    "heads": heads_st,
+    "start": st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
+    "ahead": st.one_of(st.integers(0, SIZE), st.integers(0, SIZE), st.integers(0, SIZE),
+                       st.integers(0, 0xFFFF)),
+    "event_idx": st.booleans(),
+    "indirect": st.booleans(),
+    "reject_zero_len": st.booleans(),
+    "used_event": st.integers(0, 0xFFFF),
+    "avail_flags": st.integers(0, 3),
+})
+
+
+def build(p: dict[str, Any]) -> tuple[TrackingMemory, DeviceVirtqueue, bytearray]:
+    mem = TrackingMemory()
     backing = bytearray(MEM)
-    mem.add_region(0, backing)
-    table = np.frombuffer(backing, dtype=[("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"),
-                                          ("next", "<u2")], count=SIZE, offset=DESC)
-    for i, (a, ln, fl, nx) in enumerate(descs):
-        table[i] = (a, ln, fl, nx)
+    mem.add_region(0, backing, "ram")
+    mem.add_region(EXTRA, bytearray(EXTRA_SIZE), "extra")
+    for i, d in enumerate(p["descs"]):
+        backing[DESC + 16 * i:DESC + 16 * i + 16] = pack_desc(*d)
+    raw = b"".join(pack_desc(*d) for d in p["tables"])
+    backing[TABLES:TABLES + len(raw)] = raw
     ring = np.frombuffer(backing, dtype="<u2", count=SIZE, offset=DRIVER + 4)
-    for i, h in enumerate(heads[:SIZE]):
-        ring[i] = h
-    mem.write_u16(DRIVER + 2, avail_idx)
-    q = DeviceVirtqueue(mem, SIZE, DESC, DRIVER, DEVICE, event_idx=event_idx)
+    start = p["start"]
+    for k, h in enumerate(p["heads"]):
+        ring[(start + k) % SIZE] = h
+    avail = np.frombuffer(backing, dtype="<u2", count=2, offset=DRIVER)
+    avail[0] = p["avail_flags"]
+    avail[1] = (start + p["ahead"]) & 0xFFFF
+    np.frombuffer(backing, dtype="<u2", count=1, offset=DRIVER + 4 + 2 * SIZE)[0] = p["used_event"]
+    q = DeviceVirtqueue(mem, SIZE, DESC, DRIVER, DEVICE, event_idx=p["event_idx"],
+                        indirect=p["indirect"], reject_zero_len=p["reject_zero_len"])
     q.last_avail_idx = start
     q.used_idx = start
-    before = bytes(backing)
-    try:
-        chains = q.pop_many() if batch else [c for c in iter(q.pop, None)]
+    return mem, q, backing
+
+
+def expected_break(p: dict[str, Any]) -> int | None:
+    """How many chains come out one at a time before RingBroken, or None if it never breaks."""
+    n = p["ahead"] & 0xFFFF
+    if n > SIZE:
+        return 0  # V-1
+    for k in range(n):
+        if p["heads"][k] >= SIZE:
+            return k  # V-2
+    return None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=ring_st, max_n=st.one_of(st.none(), st.integers(1, SIZE)))
+def test_random_rings(p: dict[str, Any], max_n: int | None) -> None:
+    outcomes = []
+    for batched in (False, True):
+        mem, q, backing = build(p)
+        before = bytes(backing)
+        chains = []
+        broken = False
+        try:
+            if batched:
+                while True:
+                    got = q.pop_many(max_n)
+                    if not got:
+                        break
+                    chains += got
+            else:
+                while (c := q.pop()) is not None:
+                    chains.append(c)
+        except RingBroken:
+            broken = True
+        popped = len(chains)
+        nerr = 0
         for c in chains:
             assert 0 <= c.head < SIZE
-            for a, n in c.out + c.in_:
-                if c.error is None:
-                    assert mem.contains(a, n)
+            bufs = c.out + c.in_
+            if c.error is None:
+                assert bufs and all(mem.contains(a, n) for a, n in bufs)
+                assert sum(n for _, n in bufs) < 2**32
+                if p["reject_zero_len"]:
+                    assert all(n > 0 for _, n in bufs)
+            else:
+                nerr += 1
+                assert c.error.split(":")[0] in CHAIN_ERROR_COUNTERS
             q.read_out(c, 64)
-        q.push_many([(c.head, 0) for c in chains])
-        q.should_notify()
-        q.enable_notifications()
-    except RingBroken:
-        pass
-    after = bytes(backing)
-    lo, hi = DEVICE, DEVICE + 6 + 8 * SIZE
-    diff = [i for i in range(MEM) if before[i] != after[i]]
-    assert all(lo <= i < hi for i in diff)
+        assert sum(q.counters[k] for k in CHAIN_ERROR_COUNTERS) == nerr
+        try:
+            q.push_many([(c.head, 0) for c in chains[: popped // 2]])
+            for c in chains[popped // 2:]:
+                q.push(c.head, 1)
+            q.should_notify()
+            q.disable_notifications()
+            q.enable_notifications()
+            q.should_notify()
+        except RingBroken:
+            broken = True  # only the avail-side reads can break here, and they did above
+        assert not mem.refused, f"accesses outside guest memory: {mem.refused}"
+        assert all(USED_LO <= g and g + n <= USED_HI for g, n in mem.writes), mem.writes
+        diff = np.flatnonzero(np.frombuffer(backing, np.uint8) != np.frombuffer(before, np.uint8))
+        assert diff.size == 0 or (diff.min() >= USED_LO and diff.max() < USED_HI)
+        if popped:
+            assert mem.read_u16(DEVICE + 2) == (p["start"] + popped) & 0xFFFF
+        outcomes.append((chains, broken, dict(q.counters)))
+
+    (one, broke_one, counters_one), (many, broke_many, counters_many) = outcomes
+    want = expected_break(p)
+    assert broke_one == broke_many == (want is not None)
+    if want is not None:
+        assert len(one) == want  # one at a time: the good chains before the bad head
+        if max_n is None:
+            assert many == []  # batched: a bad head in the batch consumes nothing
+        assert many == one[: len(many)]
+        assert counters_one["avail_idx_jump"] + counters_one["head_out_of_range"] == 1
+    else:
+        assert one == many and counters_one == counters_many
