@@ -17,13 +17,15 @@ import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
+from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
 from guestmem import GuestMemory
 from protocol.balloon import BALLOON_FEATURE_NAMES
 from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
 
-HELP = "serve the balloon device to QEMU over vfio-user (prints the QEMU options to use)"
+HELP = ("serve the balloon device to QEMU over vfio-user or vhost-user (prints the QEMU options "
+        "to use)")
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,14 @@ def qemu_options(path: str, ram: str = "1G") -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vfio-user", metavar="PATH", required=True,
-                        help="unix socket to create (mode 0600) for QEMU's vfio-user-pci")
+    transport = parser.add_mutually_exclusive_group(required=True)
+    transport.add_argument("--vfio-user", metavar="PATH",
+                           help="unix socket to create (mode 0600) for QEMU's vfio-user-pci")
+    # vhost-user (balloon_dev/transport/vhost_user_server.py): for QEMU's generic
+    # vhost-user-test-device-pci front-end (protocol.md 8.5).
+    transport.add_argument("--vhost-user", metavar="PATH",
+                           help="unix socket to create (mode 0600) for QEMU's "
+                           "vhost-user-test-device-pci (virtio-id=5)")
     parser.add_argument("--features", metavar="LIST", default=None,
                         help="comma-separated features to offer, e.g. "
                         "STATS_VQ,FREE_PAGE_HINT,PAGE_POISON (default: the device's default set)")
@@ -65,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MSI-X table size (QEMU's virtio-balloon uses 2)")
 
 
-def build(args: argparse.Namespace) -> tuple[VfioUserServer, HostControl, str]:
+def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
+    if args.vhost_user:
+        return build_vhost_user(args)
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
     pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors)
@@ -81,15 +91,43 @@ def build(args: argparse.Namespace) -> tuple[VfioUserServer, HostControl, str]:
     return server, control, args.control or f"{args.vfio_user}.ctl"
 
 
-async def _main(server: VfioUserServer, control: HostControl, ctl_path: str) -> None:
+def vhost_user_qemu_options(path: str, dev: BalloonDevice, ram: str = "1G") -> list[str]:
+    """QEMU 11.1's generic front-end: num_vqs must equal the device's compacted queue count and
+    config_size its config window (protocol.md 3.3, 8.5)."""
+    return ["-object", f"memory-backend-memfd,id=mem,size={ram},share=on",
+            "-machine", "q35,memory-backend=mem", "-chardev", f"socket,id=vb,path={path}",
+            "-device", f"vhost-user-test-device-pci,chardev=vb,virtio-id=5,"
+            f"num_vqs={dev.num_queues},vq_size=128,config_size={dev.config_size}"]
+
+
+def build_vhost_user(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
+    mem = GuestMemory()
+    dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
+    control_holder: list[HostControl] = []
+
+    def on_effects(effects: list[Any]) -> None:
+        control_holder[0].on_effects(effects)
+
+    server = VhostUserServer(dev, mem, args.vhost_user, on_effects=on_effects)
+    control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
+                          extra_stats=server.stats)
+    control_holder.append(control)
+    return server, control, args.control or f"{args.vhost_user}.ctl"
+
+
+async def _main(server: Any, control: HostControl, ctl_path: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, ctl_path, control)
         await nursery.start(server.run)
-        print("balloon-hint: serving virtio-balloon over vfio-user", flush=True)
-        print(f"  vfio-user socket: {server.path}", flush=True)
+        if isinstance(server, VhostUserServer):
+            name, opts = "vhost-user", vhost_user_qemu_options(str(server.path), server.dev)
+        else:
+            name, opts = "vfio-user", qemu_options(server.path)
+        print(f"balloon-hint: serving virtio-balloon over {name}", flush=True)
+        print(f"  {name} socket: {server.path}", flush=True)
         print(f"  control socket:   {ctl_path}  (balloon-hint ctl {ctl_path} stats)", flush=True)
         print("  QEMU options:", " ".join(
-            f"'{o}'" if o.startswith("{") else o for o in qemu_options(server.path)), flush=True)
+            f"'{o}'" if o.startswith("{") else o for o in opts), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

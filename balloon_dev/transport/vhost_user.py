@@ -15,13 +15,17 @@ device with its own status byte): ``handle(msg)`` returns the reply bytes (if an
 effects, and whether the connection must close. It drives the device's status in virtio order
 (ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK) from the front-end's view:
 
-* with the STATUS protocol feature, SET_STATUS decides (QEMU sends FEATURES_OK after
-  SET_FEATURES and ACK|DRIVER|DRIVER_OK after the rings are set up; 0 when it stops);
-* without it, SET_FEATURES implies FEATURES_OK and the first kick implies DRIVER_OK.
-
-"Going live" (DRIVER_OK) sets up every device queue whose ring has an address, enables it, then
-writes DRIVER_OK, then delivers one notification per started ring (kicks may have arrived before;
-spurious notifications are allowed, protocol.md 1.4).
+* FEATURES_OK: with the STATUS protocol feature, SET_STATUS with FEATURES_OK (QEMU 11.1 sends it
+  right after SET_FEATURES); without it, SET_FEATURES itself.
+* DRIVER_OK ("going live"): SET_STATUS with DRIVER_OK if the front-end sends it (QEMU 11.1's
+  generic front-end does not: its status messages are gated on a queue range it never sets),
+  else the moment every device ring is runnable (address, kick fd, enabled), else, for a
+  front-end that sets up fewer rings, the first kick once all rings it set up are runnable.
+  Going live sets up every device queue whose ring has an address, enables it, writes
+  DRIVER_OK, then notifies every runnable ring once (kicks may have come before; spurious
+  notifications are allowed, protocol.md 1.4).
+* Stop: SET_STATUS 0, or GET_VRING_BASE having stopped every ring (QEMU's vhost_dev_stop), resets
+  the device; the next start sets it up again from scratch.
 
 Memory: every SET_MEM_TABLE region fd is mmapped (shared) and added to the ``GuestMemory`` the
 device reads, at its ``guest_phys_addr``. SET_VRING_ADDR gives *front-end virtual* addresses; they
@@ -230,6 +234,8 @@ class VhostUserSession:
         """Handle one framed front-end message (its fds are owned by the session from now on)."""
         self.counters["messages"] += 1
         req = msg.request
+        log.debug("vhost-user <- %s flags %#x, %d payload bytes %s, %d fds", request_name(req),
+                  msg.header.flags, len(msg.payload), msg.payload[:48].hex(), len(msg.fds))
         outcome = _Outcome()
         ok = True
         try:
@@ -255,19 +261,21 @@ class VhostUserSession:
             return []
         ring = self.rings[q]
         self.counters["kicks"] += 1
-        if not ring.started or not self._ring_enabled(ring):
-            # vhost-user.rst: a stopped or disabled ring does not process buffers.
+        if not self._runnable(ring):
+            # vhost-user.rst: a stopped or disabled ring does not process buffers. Nothing is
+            # lost: going live (or re-enabling) notifies every runnable ring once.
             self.counters["kicks_ignored"] += 1
             return []
         effects: list[Effect] = []
         if not self.live:
-            if self.has_protocol_feature(PF.STATUS):
-                # DRIVER_OK comes with SET_STATUS; going live then notifies every ring.
-                self.counters["kicks_before_driver_ok"] += 1
-                return []
-            effects += self._go_live()
+            # Fallback trigger: a front-end that set up fewer rings than the device has and
+            # never sends DRIVER_OK. Only once every ring it gave an address to can run.
+            if all(self._runnable(r) for r in self.rings if r.addr is not None):
+                effects += self._go_live()
             if not self.live:
+                self.counters["kicks_before_live"] += 1
                 return effects
+            return effects  # going live notified every runnable ring, this one included
         effects += self.dev.notify(q)
         return effects
 
@@ -330,6 +338,30 @@ class VhostUserSession:
         if self.features_acked is None or not self.features_acked >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             return True
         return ring.enabled
+
+    def _runnable(self, ring: Vring) -> bool:
+        return ring.addr is not None and ring.started and self._ring_enabled(ring)
+
+    def _maybe_go_live(self) -> list[Effect]:
+        """Go live once every device ring can run (see the module docstring)."""
+        if self.live or self.features_acked is None:
+            return []
+        if all(self._runnable(r) for r in self.rings):
+            return self._go_live()
+        return []
+
+    def _maybe_stopped(self) -> list[Effect]:
+        """All rings stopped by GET_VRING_BASE: the front-end stopped the device (vhost_dev_stop).
+
+        QEMU's generic front-end does not send SET_STATUS 0 then (its status messages are
+        gated on a queue range the generic device never sets), so this is how the device learns
+        it must reset before the next start.
+        """
+        if not self.live or any(r.started for r in self.rings):
+            return []
+        self.counters["device_stops"] += 1
+        self.live = False
+        return self.dev.reset()
 
     @staticmethod
     def _close_ring_fds(ring: Vring) -> None:
@@ -580,7 +612,7 @@ class VhostUserSession:
         ring.avail_gpa = self._uaddr_to_gpa(a.avail_user_addr, 6 + 2 * n, "available ring")
         ring.used_gpa = self._uaddr_to_gpa(a.used_user_addr, 6 + 8 * n, "used ring")
         ring.addr = a
-        return _Outcome()
+        return _Outcome(effects=self._maybe_go_live())
 
     def _set_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
         ring = self._ring(s.index)
@@ -598,7 +630,7 @@ class VhostUserSession:
         if ring.kick_fd is not None:
             _close(ring.kick_fd)
             ring.kick_fd = None
-        return _Outcome(payload=build_vring_state(s.index, base))
+        return _Outcome(payload=build_vring_state(s.index, base), effects=self._maybe_stopped())
 
     def _set_vring_kick(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
         return self._set_vring_file(f, fds, "kick_fd")
@@ -629,8 +661,9 @@ class VhostUserSession:
                             f.index)
             # vhost-user.rst: a ring starts when its kick fd arrives.
             ring.started = True
-            if self.live and self._ring_enabled(ring):
+            if self.live and self._runnable(ring):
                 effects += self.dev.notify(f.index)
+            effects += self._maybe_go_live()
         return _Outcome(effects=effects, kept_fds=() if new is None else (new,))
 
     def _set_vring_enable(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
@@ -640,9 +673,10 @@ class VhostUserSession:
         was = ring.enabled
         ring.enabled = bool(s.num)
         effects: list[Effect] = []
-        if ring.enabled and not was and ring.started and self.live:
+        if ring.enabled and not was and self._runnable(ring) and self.live:
             # Buffers may have been queued while the ring was disabled.
             effects += self.dev.notify(s.index)
+        effects += self._maybe_go_live()
         return _Outcome(effects=effects)
 
     def _set_backend_req_fd(self, _p: Any, fds: tuple[int, ...]) -> _Outcome:

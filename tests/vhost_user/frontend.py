@@ -226,8 +226,11 @@ class Frontend:
         return vu.build_memory_table([vu.MemoryRegion(RAM_GPA, RAM_SIZE, RAM_UADDR, 0)])
 
     def start(self, features: int | None = None, queues: tuple[int, ...] = (0, 1, 2, 3),
-              num: int = 128) -> None:
-        """vhost_dev_start as QEMU 11 does it with STATUS negotiated."""
+              num: int = 128, enable: tuple[int, ...] | None = None,
+              driver_ok: bool = True) -> None:
+        """vhost_dev_start as QEMU 11.1's generic front-end does it (STATUS negotiated): it
+        sends FEATURES_OK but never DRIVER_OK; ``driver_ok`` adds the final SET_STATUS a
+        front-end that gates nothing would send."""
         f = self.offered if features is None else features
         self.request(R.SET_FEATURES, vu.build_u64(f))
         st = self.request(R.GET_STATUS)
@@ -245,12 +248,26 @@ class Frontend:
             self.call[q] = eventfd()
             self.request(R.SET_VRING_KICK, vu.build_vring_file(q), fds=[self.kick[q]])
             self.request(R.SET_VRING_CALL, vu.build_vring_file(q), fds=[self.call[q]])
-        for q in queues:
+        for q in queues if enable is None else enable:
             r = self.request(R.SET_VRING_ENABLE, vu.build_vring_state(q, 1), need_reply=True)
             assert r is not None and r.u64 == 0
-        st = self.request(R.GET_STATUS)
-        assert st is not None
-        self.request(R.SET_STATUS, vu.build_u64(st.u64 | STATUS_ALL))
+        if driver_ok:
+            st = self.request(R.GET_STATUS)
+            assert st is not None
+            self.request(R.SET_STATUS, vu.build_u64(st.u64 | STATUS_ALL))
+
+    def stop(self, queues: tuple[int, ...] = (0, 1, 2, 3)) -> list[int]:
+        """vhost_dev_stop: GET_VRING_BASE on every ring (QEMU 11.1 sends no SET_STATUS 0)."""
+        bases = []
+        for q in queues:
+            r = self.request(R.GET_VRING_BASE, vu.build_vring_state(q, 0))
+            assert r is not None
+            st = vu.decode_payload(R.GET_VRING_BASE, r.payload)
+            assert isinstance(st, vu.VringState)
+            bases.append(st.num)
+            os.close(self.kick.pop(q))
+            os.close(self.call.pop(q))
+        return bases
 
     def get_config(self, offset: int = 0, size: int = 16) -> bytes:
         r = self.request(R.GET_CONFIG, vu.build_config(offset, bytes(size)))

@@ -233,26 +233,52 @@ def test_start_sequence_brings_device_to_driver_ok(live: Frontend) -> None:
 
 
 @pytest.mark.spec("D-16")
-def test_no_buffer_used_before_driver_ok(fe: Frontend) -> None:
+def test_no_buffer_used_before_the_rings_are_handed_over(fe: Frontend) -> None:
+    # Over vhost-user the device sees the guest's DRIVER_OK only as "the front-end handed every
+    # ring over" (QEMU starts the back-end when the guest sets DRIVER_OK). Until the last ring
+    # is enabled the device must not use a buffer, even when kicked.
     fe.init()
-    fe.start()  # everything, but then stop before DRIVER_OK on a second run:
-    fe.request(R.SET_STATUS, vu.build_u64(0))
-    assert fe.dev.status == 0 and not fe.session.live
-    # Rings as QEMU would set them again, without the final DRIVER_OK.
-    f = fe.offered
-    fe.request(R.SET_FEATURES, vu.build_u64(f))
-    fe.request(R.SET_STATUS, vu.build_u64(FEATURES_OK))
-    fe.request(R.SET_VRING_BASE, vu.build_vring_state(0, 0))
+    fe.start(enable=(0, 1, 2), driver_ok=False)
+    assert not fe.session.live and not fe.dev.status & DRIVER_OK
     vr = fe.vrings[0]
-    vr.add_buf(out=[(AREA_GPA + 0x80000, 4)])
-    fe.mem.write_u32(AREA_GPA + 0x80000, 0x300)
+    buf = fe.area.alloc(4)
+    fe.mem.write_u32(buf, 0x300)
+    vr.add_buf(out=[(buf, 4)])
     assert fe.kick_ring(0) == []
     assert not vr.more_used()
-    # DRIVER_OK arrives: the pending buffer is used and the guest notified.
-    fe.request(R.SET_STATUS, vu.build_u64(STATUS_ALL))
-    assert fe.session.live
+    assert fe.session.counters["kicks_before_live"] == 1
+    # The last ring is enabled: the device goes live and the pending buffer is used.
+    fe.request(R.SET_VRING_ENABLE, vu.build_vring_state(3, 1))
+    assert fe.session.live and fe.dev.status & DRIVER_OK
     assert Inflated((0x300,)) in fe.backend.effects
     assert vr.more_used()
+
+
+def test_qemu_11_sequence_goes_live_without_driver_ok_status(fe: Frontend) -> None:
+    fe.init()
+    fe.start(driver_ok=False)
+    assert fe.session.live
+    assert fe.dev.status & STATUS_ALL == STATUS_ALL
+
+
+def test_stopping_every_ring_resets_device_and_restart_works(live: Frontend) -> None:
+    vr = live.vrings[0]
+    buf = live.area.alloc(4)
+    live.mem.write_u32(buf, 0x321)
+    vr.add_buf(out=[(buf, 4)])
+    assert Inflated((0x321,)) in live.kick_ring(0)
+    bases = live.stop()
+    # Ring 0 resumes after its one used buffer; the others saw nothing.
+    assert bases == [1, 0, 0, 0]
+    assert live.dev.status == 0 and not live.session.live
+    assert live.session.counters["device_stops"] == 1
+    # A guest reset follows: QEMU starts again with fresh rings at base 0.
+    live.start()
+    assert live.session.live and live.dev.status & DRIVER_OK
+    vr = live.vrings[0]
+    live.mem.write_u32(buf, 0x322)
+    vr.add_buf(out=[(buf, 4)])
+    assert Inflated((0x322,)) in live.kick_ring(0)
 
 
 def test_inflate_through_the_ring(live: Frontend) -> None:
