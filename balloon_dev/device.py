@@ -178,8 +178,11 @@ class DeviceConfig:
     qemu_cmd_id_read: bool = False
     #: D-1: refuse FEATURES_OK when MUST_TELL_HOST is offered and not accepted.
     refuse_without_must_tell_host: bool = False
-    #: Guest RAM size in 4 KiB pages, if known: pfns / hint ranges beyond it are not RAM and are
-    #: skipped and counted (QEMU skips non-RAM pfns). None: no bound check.
+    #: Guest RAM size in 4 KiB pages (RAM is [0, ram_pages * 4 KiB)), if known: pfns and hint /
+    #: report ranges beyond it are not RAM and are skipped and counted (QEMU skips non-RAM
+    #: pfns), and descriptors may point into RAM that is not byte-backed (a simulated guest's
+    #: RAM is modelled by PageVersions; V-8 is checked against RAM plus the byte-backed
+    #: regions). None: buffers must lie in byte-backed regions; pfns are not bound-checked.
     ram_pages: int | None = None
 
     def __post_init__(self) -> None:
@@ -577,8 +580,16 @@ class BalloonDevice:
             self.mem, slot.size, slot.desc, slot.driver, slot.device,
             event_idx=_has(f, VIRTIO_F_RING_EVENT_IDX),
             indirect=_has(f, VIRTIO_F_RING_INDIRECT_DESC),
-            name=slot.logical.name.lower())
+            name=slot.logical.name.lower(), ram=self._ram_ranges_for_vq())
         return []
+
+    def _ram_ranges_for_vq(self) -> list[tuple[int, int]] | None:
+        """Where buffers may lie (V-8): guest RAM [0, ram_pages * 4 KiB), whose content may be
+        modelled rather than byte-backed (hint and report ranges are only arithmetic), plus
+        every byte-backed region. None (no ram_pages): the byte-backed regions only."""
+        if self.cfg.ram_pages is None:
+            return None
+        return [(0, self.cfg.ram_pages << 12)] + [(r.gpa, r.size) for r in self.mem.regions]
 
     def queue_enabled(self, q: int) -> bool:
         slot = self._slots.get(q)
