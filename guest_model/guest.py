@@ -6,8 +6,9 @@ memory with the byte-backed driver area already mapped, page contents, the share
 virtio transport to the balloon device) and builds the guest side: a ``BuddyAllocator`` that
 keeps the driver area reserved (or one the caller already built), a ``DriverArea`` over that
 region for rings and driver buffers, and a ``BalloonDriver`` with the chosen hint strategy,
-which it probes at once. Workloads act on ``allocator`` directly; under memory pressure they may
-call ``reclaim`` (the shrinker: held hint blocks go back first, as in Linux).
+which it probes at once. The driver's shrinker is registered with the allocator, so direct
+reclaim gives held hint blocks back before an allocation fails, as in Linux; workloads act on
+``allocator`` directly and may also call ``reclaim``.
 
 Two masks serve the migration verifier: ``in_use_mask()`` is every page whose content the guest
 relies on (allocated by the guest, plus reserved pages: firmware and the driver area), and
@@ -80,6 +81,9 @@ class SimGuest:
                               init_on_free=allocator.init_on_free, **o.driver)
         self.driver = BalloonDriver(transport, mem, allocator, sched, self.area, dopts,
                                     walker_factory=walker_factory)
+        # Direct reclaim reaches the balloon's shrinker (protocol.md 6.3): held hint blocks
+        # are the first memory a guest under pressure gets back.
+        allocator.register_shrinker(self.driver.shrink_count, self.driver.shrink)
         self.driver.probe()
 
     def in_use_mask(self) -> np.ndarray:

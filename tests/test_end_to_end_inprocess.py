@@ -1,12 +1,13 @@
 """End to end in one process: SimGuest (buddy allocator + balloon driver) <-> InProcessTransport
-<-> BalloonDevice, over a VM memory laid out as vmsim lays it out (RAM modelled by PageVersions,
-only the 4 MiB driver area at 1 MiB backed by bytes).
+<-> BalloonDevice, over a VM memory laid out as vmsim lays it out (page contents in
+PageVersions, the 4 MiB driver area at 1 MiB backed by bytes, the rest of RAM a sparse mapping).
 
 Covers a full hint round driven by the device's precopy notifier (protocol.md 4.3 / 5.4),
 inflate / deflate and statistics, and checks that device and driver agree on every count.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,17 @@ from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
 RAM = 256 << 20
 
 
+def _sparse(size: int) -> mmap.mmap:
+    """Anonymous memory that costs nothing until touched (hint ranges are never touched)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    return mmap.mmap(-1, size, flags=flags)
+
+
 class VM:
-    """``backed=False`` is vmsim's layout; ``backed=True`` backs all of RAM with bytes (as a
-    real guest's mapped memory would be), with the driver area inside it."""
+    """``backed=False`` is vmsim's layout: the driver area is a bytearray and the rest of RAM a
+    sparse mapping, so the device's V-8 check (buffers inside guest memory) sees all of RAM
+    while page contents live in ``PageVersions``. ``backed=True`` backs all of RAM with one
+    bytearray, with the driver area inside it."""
 
     def __init__(self, strategy: str = "capture", *, backed: bool = False,
                  **gopts: Any) -> None:
@@ -47,6 +56,8 @@ class VM:
             self.mem.add_region(0, bytearray(RAM), "ram")
         else:
             self.mem.add_region(gpa, bytearray(size), "driver-area")
+            self.mem.add_region(0, _sparse(gpa), "ram-low")
+            self.mem.add_region(gpa + size, _sparse(RAM - gpa - size), "ram")
         self.mem.dirty_log = self.dirty
         self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=pages))
         self.t = InProcessTransport(self.dev)
@@ -66,17 +77,8 @@ class VM:
         return [e for e in self.effects if isinstance(e, kind)]
 
 
-# In vmsim's layout hint ranges lie in RAM that only PageVersions models. The device must check
-# them against RAM (DeviceConfig.ram_pages), not against byte-backed regions; until
-# balloon_dev.device passes its RAM ranges to DeviceVirtqueue(ram=...), every hint there is
-# refused as "buffer_outside_memory" (V-8). strict: this turns into a failure once fixed.
-_VMSIM_LAYOUT_HINTS = pytest.mark.xfail(
-    strict=True, reason="balloon_dev.device checks hint buffers against byte-backed regions "
-    "only (DeviceVirtqueue ram= not passed): hints into PageVersions RAM fail V-8")
-
-
 @pytest.mark.spec("DR-10")
-@pytest.mark.parametrize("backed", [True, pytest.param(False, marks=_VMSIM_LAYOUT_HINTS)])
+@pytest.mark.parametrize("backed", [True, False])
 @pytest.mark.parametrize("strategy", ["capture", "walk"])
 def test_precopy_round_trip(strategy: str, backed: bool) -> None:
     vm = VM(strategy, backed=backed)
@@ -143,7 +145,7 @@ def test_inflate_deflate_and_stats() -> None:
 
 
 def test_shrinker_during_hold_and_poisoned_guest() -> None:
-    vm = VM("capture", backed=True, page_poisoning=True)
+    vm = VM("capture", page_poisoning=True)
     assert vm.dev.poison_val == 0xAAAAAAAA
     vm.host(vm.dev.free_page_start)
     vm.run(0.05)
@@ -171,3 +173,18 @@ def test_simguest_rejects_bad_assembly() -> None:
     with pytest.raises(ValueError, match="reserved"):
         SimGuest(mem, pages, Scheduler(), t, GuestOptions(ram_bytes=RAM),
                  allocator=BuddyAllocator(RAM, pages=pages))
+
+
+def test_allocation_pressure_reaches_the_shrinker() -> None:
+    vm = VM("capture")
+    vm.host(vm.dev.free_page_start)
+    vm.run(0.05)
+    alloc = vm.guest.allocator
+    held = vm.guest.driver.shrink_count()
+    assert held > 0
+    # A guest allocation that only fits if the balloon gives back held hint blocks.
+    got = alloc.alloc_pages_bulk(alloc.nr_free_pages() + 2048)
+    assert got.size > 2048
+    assert vm.guest.driver.counters["hint_blocks_shrunk"] > 0
+    assert vm.guest.driver.shrink_count() < held
+    alloc.check()
