@@ -173,6 +173,9 @@ class DriverOptions:
     hint_strategy: HintStrategy | str = HintStrategy.CAPTURE
     #: Smallest block order the walk strategy hints (the seed's ``min_order``).
     min_order: int = VIRTIO_BALLOON_HINT_BLOCK_ORDER
+    #: Walk strategy: False follows stale free-list links exactly as the 2017 seed did
+    #: (guest_model.walk explains the hazard); True re-checks each block under the "lock".
+    walk_safe: bool = True
     #: Guest memory debugging, as the allocator is configured (drive validate()).
     page_poisoning: bool = False
     init_on_free: bool = False
@@ -229,12 +232,16 @@ class BalloonDriver:
         self.sched = sched
         self.area = area
         self.opts = options or DriverOptions()
-        self.strategy = HintStrategy(self.opts.hint_strategy)
+        try:
+            self.strategy = HintStrategy(self.opts.hint_strategy)
+        except ValueError:
+            raise ValueError(f"DriverOptions.hint_strategy={self.opts.hint_strategy!r}: must be "
+                             "one of off, walk, capture") from None
         if self.strategy is HintStrategy.WALK and walker_factory is None:
             if not isinstance(allocator, BuddyAllocator):
                 raise ValueError("hint strategy 'walk' needs a walker_factory for this allocator")
-            buddy = allocator
-            walker_factory = lambda min_order: FreeBlockWalker(buddy, min_order)  # noqa: E731
+            buddy, safe = allocator, self.opts.walk_safe
+            walker_factory = lambda mo: FreeBlockWalker(buddy, mo, safe=safe)  # noqa: E731
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
         self.vqs: dict[BalloonQueue, DriverVring] = {}

@@ -507,3 +507,15 @@ def test_device_needs_reset_makes_driver_idle() -> None:
     r.host(r.dev.set_target, 10)
     r.run(0.01)
     assert r.drv.s.num_pages == 0  # no work on a device that needs a reset
+
+
+def test_walk_safety_option_reaches_the_walker_and_bad_strategy_is_refused() -> None:
+    assert Rig(strategy="walk").drv.walker_factory(10).safe is True  # type: ignore[attr-defined,union-attr]
+    seed = Rig(strategy="walk", walk_safe=False)
+    assert seed.drv.walker_factory(10).safe is False  # type: ignore[attr-defined,union-attr]
+    seed.probe()
+    seed.host(seed.dev.free_page_start)
+    seed.run(0.01)
+    assert seed.drv.counters["hints_sent"] > 0 and seed.drv.counters["stop_sent"] == 1
+    with pytest.raises(ValueError, match="hint_strategy"):
+        Rig(strategy="greedy")
