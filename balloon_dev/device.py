@@ -105,7 +105,7 @@ from balloon_dev.status import (
     judge_status_write,
 )
 from balloon_dev.virtqueue import Chain, DeviceVirtqueue, RingBroken
-from guestmem.memory import GuestMemory, GuestMemoryError
+from guestmem.memory import GuestMemory
 from protocol.balloon import (
     CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
@@ -313,7 +313,8 @@ class BalloonDevice:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Guest faults by name: the device's own, DR-n ids, and each queue's as "<queue>.<name>"."""
+        """Guest faults by name: the device's own, DR-n ids, and each queue's as
+        "<queue>.<name>"."""
         out = dict(self._counters)
         for slot in self._slots.values():
             if slot.vq is not None:

@@ -110,7 +110,8 @@ GUEST_EFFECTS = (NotifyQueue, ConfigChanged)
 
 
 class PrecopyEvent(enum.Enum):
-    """Migration notifications the device reacts to (QEMU's ``PRECOPY_NOTIFY_*``, protocol.md 5.4)."""
+    """Migration notifications the device reacts to (QEMU's ``PRECOPY_NOTIFY_*``, protocol.md
+    5.4)."""
 
     SETUP = "PRECOPY_NOTIFY_SETUP"
     BEFORE_BITMAP_SYNC = "PRECOPY_NOTIFY_BEFORE_BITMAP_SYNC"

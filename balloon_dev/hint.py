@@ -1,4 +1,6 @@
-"""The free page hint session: QEMU's four hint states and ONE transition table (protocol.md 4.4, 5.2).
+"""The free page hint session: QEMU's four hint states and one transition table.
+
+(protocol.md 4.4 and 5.2.)
 
 Theory of operation
 -------------------

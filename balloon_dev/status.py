@@ -76,7 +76,8 @@ def judge_status_write(old: int, value: int, *, suspend_negotiated: bool,
     if cleared:
         # Drivers only add bits; the only way back is writing 0 (virtio 1.x 2.1.1).
         return StatusVerdict(value | keep_reset, 0, tuple(ignored),
-                             f"status write {value:#04x} clears bits {cleared:#04x} without a reset",
+                             f"status write {value:#04x} clears bits {cleared:#04x} "
+                             "without a reset",
                              False)
     newly = value & ~old_driver
     have = old_driver

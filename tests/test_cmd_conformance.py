@@ -1,4 +1,4 @@
-"""``balloon-hint conformance``: verdict per id, output format, exit status (vmsim/cmd_conformance.py).
+"""``balloon-hint conformance`` (vmsim/cmd_conformance.py): verdict per id, format, exit status.
 
 Most tests run the command on a small folder of made-up conformance tests written here, so the
 expected verdicts are known; one runs it on the real tests/conformance."""

@@ -1,4 +1,4 @@
-"""Unit tests of the device core: features, status, config space, queues and each queue's handling."""
+"""Unit tests of the device core: features, status, config space, queues, each queue."""
 from __future__ import annotations
 
 import struct
@@ -81,7 +81,8 @@ def test_config_size_from_offered(features, size):
 
 
 def test_queue_numbering_compacted_and_fixed():
-    f = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_REPORTING)
+    f = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+                     VIRTIO_BALLOON_F_REPORTING)
     dev = BalloonDevice(GuestMemory(), DeviceConfig(offered_features=f))
     assert dev.num_queues == 4
     assert dev.queue_layout() == {Q.INFLATE: 0, Q.DEFLATE: 1, Q.FREE_PAGE: 2, Q.REPORTING: 3}

@@ -63,13 +63,15 @@ class DeviceMachine(RuleBasedStateMachine):
         allowed = self._allowed()
         result = fn(*args)
         allowed += self._allowed()
-        changed = np.nonzero(np.frombuffer(before, np.uint8) != np.frombuffer(self.ram, np.uint8))[0]
+        diff = np.frombuffer(before, np.uint8) != np.frombuffer(self.ram, np.uint8)
+        changed = np.nonzero(diff)[0]
         if changed.size:
             ok = np.zeros(MEM, dtype=bool)
             for a, n in allowed:
                 ok[max(a, 0):max(min(a + n, MEM), 0)] = True
             bad = changed[~ok[changed]]
-            assert bad.size == 0, f"device wrote guest memory at {int(bad[0]):#x} outside any used ring"
+            assert bad.size == 0, \
+                f"device wrote guest memory at {int(bad[0]):#x} outside any used ring"
         return result
 
     # -- driver: control plane ----------------------------------------------------------------
@@ -113,7 +115,8 @@ class DeviceMachine(RuleBasedStateMachine):
     def reset(self) -> None:
         self.call(self.dev.reset)
 
-    @rule(features=st.sampled_from([OFFERED, OFFERED & ~feature_mask(29), OFFERED & ~feature_mask(28)]),
+    @rule(features=st.sampled_from([OFFERED, OFFERED & ~feature_mask(29),
+                                    OFFERED & ~feature_mask(28)]),
           base=st.sampled_from([0x10000, 0x20000, 0x8000]))
     def init_properly(self, features: int, base: int) -> None:
         """A correct initialisation with rings inside memory, so ring chaos hits a live device."""
@@ -184,7 +187,8 @@ class DeviceMachine(RuleBasedStateMachine):
         self.ram[buf:buf + len(payload)] = payload
         i = data.draw(st.integers(0, size - 1))
         kind = data.draw(st.sampled_from(["out", "in", "out+in"]))
-        hint = (data.draw(st.integers(0, MEM)) & ~0xFFF, data.draw(st.sampled_from([0x1000, 0x400000])))
+        hint = (data.draw(st.integers(0, MEM)) & ~0xFFF,
+                data.draw(st.sampled_from([0x1000, 0x400000])))
         if kind == "out":
             struct.pack_into("<QIHH", self.ram, desc + 16 * i, buf, len(payload), 0, 0)
         elif kind == "in":
