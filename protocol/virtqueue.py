@@ -8,6 +8,7 @@ Split ring, all little-endian, N = queue size::
     used ring           | flags le16 | idx le16 | {id le32, len le32}[N] ... | avail_event le16 |
 
     packed descriptor   | addr le64 | len le32 | id le16 | flags le16 |
+    packed event suppr. | off_wrap le16 = {desc_event_off:15, desc_event_wrap:1} | flags le16 |
 
 The ``construct`` structs serve golden tests and slow paths; hot paths use the numpy dtypes below
 over memoryviews of guest memory (same layout, checked by a test).
@@ -27,6 +28,11 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTQ_PACKED_DESC_F_AVAIL = 1 << 7
 VIRTQ_PACKED_DESC_F_USED = 1 << 15
 
+# Packed-ring event suppression flags (protocol.md 1.8), the low two bits of its ``flags`` word.
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2  # notify at the descriptor named by off_wrap (needs EVENT_IDX)
+
 #: Largest split (and packed) queue size the spec allows.
 VIRTQ_MAX_SIZE = 32768
 
@@ -36,6 +42,10 @@ USED_ELEM_SIZE = 8
 VirtqDesc = Struct("addr" / Int64ul, "len" / Int32ul, "flags" / Int16ul, "next" / Int16ul)
 VirtqUsedElem = Struct("id" / Int32ul, "len" / Int32ul)
 VirtqPackedDesc = Struct("addr" / Int64ul, "len" / Int32ul, "id" / Int16ul, "flags" / Int16ul)
+#: Packed-ring driver/device event suppression area (4 bytes at queue_driver / queue_device).
+#: ``off_wrap`` packs the descriptor offset (bits 0-14) and the wrap counter (bit 15); see
+#: ``pack_off_wrap``.
+VirtqPackedEventSuppress = Struct("off_wrap" / Int16ul, "flags" / Int16ul)
 
 
 def VirtqAvail(n: int) -> Struct:  # noqa: N802 - spec name
@@ -54,6 +64,19 @@ def VirtqUsed(n: int) -> Struct:  # noqa: N802 - spec name
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
 PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+PACKED_EVENT_SUPPRESS_SIZE = 4
+
+
+def pack_off_wrap(off: int, wrap: int) -> int:
+    """The packed-ring ``off_wrap`` word: descriptor offset in bits 0-14, wrap counter in bit 15."""
+    if not 0 <= off < VIRTQ_MAX_SIZE or wrap not in (0, 1):
+        raise ValueError(f"off_wrap: offset {off} must be < 32768 and wrap {wrap} 0 or 1")
+    return off | wrap << 15
+
+
+def unpack_off_wrap(word: int) -> tuple[int, int]:
+    """(offset, wrap counter) of an ``off_wrap`` word."""
+    return word & 0x7FFF, word >> 15 & 1
 
 
 def desc_table_size(n: int) -> int:
