@@ -890,9 +890,14 @@ class BuddyAllocator:
         The merged layout of free memory is unique (every pair of free buddies of equal order
         is merged), so each touched max-order block is re-laid out from its free-page mask.
         """
-        pfns = np.unique(np.asarray(pfns, dtype=np.int64))
+        pfns = np.asarray(pfns, dtype=np.int64)
         if pfns.size == 0:
             return
+        if pfns.size > 1 and not bool(np.all(pfns[1:] > pfns[:-1])):
+            pfns = np.sort(pfns)
+            if bool(np.any(pfns[1:] == pfns[:-1])):
+                dup = int(pfns[1:][pfns[1:] == pfns[:-1]][0])
+                raise BuddyError(f"free_pages_bulk: pfn {dup:#x} given twice (double free)")
         if pfns[0] < 0 or pfns[-1] >= self.ram_pages:
             raise BuddyError(f"free_pages_bulk: pfn outside RAM ({int(pfns[0])}..{int(pfns[-1])})")
         st = self.state[pfns]
@@ -919,9 +924,7 @@ class BuddyAllocator:
         idxc = np.minimum(idx, n - 1)
         # Take the old blocks off their lists.
         old = np.flatnonzero((self.buddy_order[idxc] >= 0) & inside)
-        for h in idx.ravel()[old].tolist():
-            o = self._bo[h]
-            self._list_del(h, o, self._lid_of_block(h, o))
+        self._list_del_many(idx.ravel()[old])
         full = (self.state[idxc] == PG_BUDDY) & inside
         levels = [full]
         for _ in range(MAX_ORDER - 1):
@@ -957,6 +960,66 @@ class BuddyAllocator:
             lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
             for lid in np.unique(lids).tolist():
                 self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
+
+    def _lids_of_blocks(self, heads: np.ndarray) -> np.ndarray:
+        orders = self.buddy_order[heads].astype(np.int64)
+        zones = np.searchsorted(
+            np.array([self._zone_bounds[0][1], self._zone_bounds[1][1]], dtype=np.int64),
+            heads, side="right")
+        mts = self.pageblock_mt[heads >> pageblock_order].astype(np.int64)
+        return (zones * MAX_ORDER + orders) * MIGRATE_TYPES + mts
+
+    def _list_del_many(self, heads: np.ndarray) -> None:
+        """Unlink many free blocks at once (``_list_del`` for each, at numpy speed).
+
+        Removed blocks form runs along their lists; each run is bridged by linking its outside
+        predecessor to its outside successor, found by pointer jumping over the removed set.
+        """
+        R = np.asarray(heads, dtype=np.int64)
+        if R.size > 1 and not bool(np.all(R[1:] > R[:-1])):
+            R = np.unique(R)
+        k = int(R.size)
+        if k == 0:
+            return
+        if k <= 32:
+            for h in R.tolist():
+                o = self._bo[h]
+                self._list_del(h, o, self._lid_of_block(h, o))
+            return
+        lids = self._lids_of_blocks(R)
+        orders = self.buddy_order[R].astype(np.int64)
+
+        def member(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            pos = np.minimum(np.searchsorted(R, x), k - 1)
+            return (x >= 0) & (R[pos] == x), pos
+
+        succ = self.next[R].astype(np.int64)
+        pred = self.prev[R].astype(np.int64)
+        for arr in (succ, pred):
+            # Pointer jumping: every removed block ends up pointing past its whole run.
+            for _ in range(64):
+                m, pos = member(arr)
+                if not m.any():
+                    break
+                arr[m] = arr[pos[m]]
+            else:  # pragma: no cover - would mean a cycle in a free list
+                raise AssertionError("free list cycle while unlinking")
+        in_pred, _ = member(self.prev[R].astype(np.int64))
+        starts = ~in_pred  # first block of each removed run
+        P, S = pred[starts], succ[starts]
+        pm, sm = P >= 0, S >= 0
+        self.next[P[pm]] = S[pm]
+        self.prev[S[sm]] = P[sm]
+        for p_, s_ in zip(P[~pm].tolist(), S[~pm].tolist()):
+            self._first[-1 - p_] = s_
+        for p_, s_ in zip(P[~sm].tolist(), S[~sm].tolist()):
+            self._last[-1 - s_] = p_
+        self.buddy_order[R] = -1
+        per_list = np.bincount(lids, minlength=NR_LISTS)
+        pages = np.bincount(lids, weights=(1 << orders), minlength=NR_LISTS)
+        for lid in np.flatnonzero(per_list).tolist():
+            self._count[lid] -= int(per_list[lid])
+            self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= int(pages[lid])
 
     # ---- consistency (tests, debugging) -----------------------------------------------------
     def check(self) -> None:

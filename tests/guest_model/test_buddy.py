@@ -420,3 +420,27 @@ def test_shrinker_runs_before_an_allocation_fails() -> None:
     bulk = a.alloc_pages_bulk(4096)
     assert bulk.size == 4096
     a.check()
+
+
+def test_bulk_free_unlinks_many_blocks_at_once() -> None:
+    """Freeing every other page, then the rest: the second bulk free must take thousands of
+    order-0 blocks off their lists (vectorised unlinking) and merge all back."""
+    a = BuddyAllocator(48 * MiB)
+    fresh = a.free_counts().sum(axis=2)
+    pf = a.alloc_pages_bulk(a.nr_free_pages())
+    pf = pf[pf.size % 2:]  # an even count
+    a.free_pages_bulk(pf[::2])
+    a.check()
+    assert a.free_counts()[:, 0, :].sum() >= pf.size // 2 - 64
+    # A few single frees/allocs in between, so the lists are not in address order.
+    for p in pf[1:200:2].tolist():
+        a.free_pages(p, 0)
+    a.drain_pcp()
+    rest = pf[201::2]
+    a.free_pages_bulk(rest)
+    a.check()
+    left = np.flatnonzero(a.state == PG_ALLOC)
+    a.free_pages_bulk(left)
+    a.check()
+    np.testing.assert_array_equal(a.free_counts().sum(axis=2), fresh)
+    assert_maximal(a)

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Benchmark the simulated guest's memory manager: set-up time, allocator operations/s, bulk
+pages/s, walk blocks/s and peak RSS, for 8, 64 and 1024 GiB guests (or the sizes given).
+
+Each size runs in its own child process so that its peak RSS is its own. Wall-clock timing is
+fine here: this is a script, not the simulation core.
+
+    .venv/bin/python scripts/bench_guest.py            # 8 64 1024
+    .venv/bin/python scripts/bench_guest.py 8 64 --ops 100000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+GiB = 1 << 30
+
+
+def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
+    import numpy as np
+
+    from guest_model.buddy import MAX_ORDER, BuddyAllocator
+    from guest_model.walk import FreeBlockWalker
+    from guestmem.pages import PageVersions
+
+    out: dict[str, float] = {"gib": gib}
+    ram = gib * GiB
+    t = time.perf_counter()
+    pages = PageVersions(ram >> 12) if with_pages else None
+    a = BuddyAllocator(ram, pages=pages, reserved=[(1 << 20, 4 << 20)], seed=seed)
+    out["setup_s"] = time.perf_counter() - t
+    out["rss_after_setup_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # A walk of the fresh guest: every max-order block once.
+    w = FreeBlockWalker(a, 0)
+    t = time.perf_counter()
+    n = 0
+    while w.step() is not None:
+        n += 1
+    dt = time.perf_counter() - t
+    out["walk_boot_blocks"] = n
+    out["walk_boot_blocks_per_s"] = n / dt
+
+    # Mixed single-block operations: orders skewed to small, alloc/free balanced around a pool.
+    rng = np.random.default_rng(seed)
+    orders = rng.choice(MAX_ORDER, size=ops, p=_order_weights(MAX_ORDER))
+    mts = rng.integers(0, 3, size=ops)
+    coin = rng.random(ops)
+    held: list[tuple[int, int]] = []
+    t = time.perf_counter()
+    for i in range(ops):
+        if held and coin[i] < 0.5:
+            j = int(coin[i] * 2 * len(held))
+            held[j], held[-1] = held[-1], held[j]
+            p, o = held.pop()
+            a.free_pages(p, o, cpu=i & 1)
+        else:
+            o = int(orders[i])
+            p = a.alloc_pages(o, int(mts[i]), cpu=i & 1)
+            if p is not None:
+                held.append((p, o))
+    dt = time.perf_counter() - t
+    out["ops"] = ops
+    out["ops_per_s"] = ops / dt
+
+    # Walk of the fragmented guest.
+    w = FreeBlockWalker(a, 0)
+    t = time.perf_counter()
+    n = 0
+    while w.step() is not None:
+        n += 1
+    dt = time.perf_counter() - t
+    out["walk_frag_blocks"] = n
+    out["walk_frag_blocks_per_s"] = n / dt
+
+    # Bulk: a quarter of RAM (at most 16 GiB) as order-0 pages, then freed in bulk
+    # (scattered half first, so the second free unlinks millions of order-0 blocks).
+    want = min(a.ram_pages // 4, 1 << 22)
+    t = time.perf_counter()
+    pf = a.alloc_pages_bulk(want)
+    dt_a = time.perf_counter() - t
+    t = time.perf_counter()
+    a.free_pages_bulk(pf[::2])
+    a.free_pages_bulk(pf[1::2])
+    dt_f = time.perf_counter() - t
+    out["bulk_pages"] = int(pf.size)
+    out["bulk_alloc_pages_per_s"] = pf.size / dt_a
+    out["bulk_free_pages_per_s"] = pf.size / dt_f
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _order_weights(k: int) -> list[float]:
+    w = [0.7, 0.08, 0.06, 0.05] + [0.11 / (k - 4)] * (k - 4)
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 1024], help="guest GiB")
+    ap.add_argument("--ops", type=int, default=200_000, help="single alloc/free operations")
+    ap.add_argument("--pages", action="store_true", help="also model page contents (PageVersions)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.ops, args.pages, args.seed)))
+        return 0
+    rows = []
+    for gib in args.sizes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(gib), "--ops",
+               str(args.ops), "--seed", str(args.seed)] + (["--pages"] if args.pages else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{gib} GiB: failed\n{res.stderr}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    hdr = ("GiB", "setup s", "ops/s", "walk blk/s (boot)", "walk blk/s (frag)",
+           "bulk alloc pg/s", "bulk free pg/s", "peak RSS MiB")
+    print("  ".join(f"{h:>18}" for h in hdr))
+    for r in rows:
+        vals = (r["gib"], f'{r["setup_s"]:.3f}', f'{r["ops_per_s"]:,.0f}',
+                f'{r["walk_boot_blocks_per_s"]:,.0f}', f'{r["walk_frag_blocks_per_s"]:,.0f}',
+                f'{r["bulk_alloc_pages_per_s"]:,.0f}', f'{r["bulk_free_pages_per_s"]:,.0f}',
+                f'{r["peak_rss_mib"]:,.0f}')
+        print("  ".join(f"{v:>18}" for v in vals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
