@@ -221,7 +221,8 @@ class PrecopyMigration:
         # hints waiting for the host's hint thread: (sync generation, cmd_id, first_pfn, count)
         self._queue: deque[tuple[int, int, int, int]] = deque()
         self._sync_gen = 0  # bumped by every bitmap sync: a hint from an older one is stale
-        self._hint_busy_until = 0.0
+        # QEMU's migration thread holds bitmap_mutex while it sends a batch of pages; hints wait.
+        self._mutex_busy_until = 0.0
         self._hint_event: object | None = None
         self._chunk_event: object | None = None
 
@@ -271,9 +272,12 @@ class PrecopyMigration:
         after the time that took; at the end of the bitmap, close the round."""
         rnd = self._round
         assert rnd is not None
+        # Between two batches the hint thread gets the mutex: queued hints land first.
+        dt = self._drain_hints()
         lo = self._cursor
         hi = min(lo + self.params.chunk_pages, self.ram_pages)
-        dt = self._send_range(lo, hi, rnd)
+        dt += self._send_range(lo, hi, rnd)
+        self._mutex_busy_until = self.sched.now + dt
         self._cursor = hi
         if hi >= self.ram_pages:
             self._chunk_event = self.sched.after(dt, self._end_round)
@@ -412,17 +416,30 @@ class PrecopyMigration:
     def _kick_hint_thread(self) -> None:
         if self._hint_event is None and self._queue and self.phase != "stopped":
             count = self._queue[0][3]
-            start = max(self.sched.now, self._hint_busy_until)
             dt = self.cost.host_hint_s + count * self.cost.host_hint_page_s
-            self._hint_event = self.sched.at(start + dt, self._apply_one)
+            start = max(self.sched.now + dt, self._mutex_busy_until)
+            self._hint_event = self.sched.at(start, self._hint_thread)
 
-    def _apply_one(self) -> None:
+    def _hint_thread(self) -> None:
+        """The host's hint thread takes ``bitmap_mutex`` and applies what is queued. While the
+        migration thread holds the mutex (a chunk is being sent) it waits for the chunk's end."""
         self._hint_event = None
-        self._hint_busy_until = self.sched.now
-        if self._queue:
+        if self.sched.now < self._mutex_busy_until:
+            self._hint_event = self.sched.at(self._mutex_busy_until, self._hint_thread)
+            return
+        self._drain_hints()
+
+    def _drain_hints(self) -> float:
+        """Apply every queued hint; return the host time that took."""
+        dt = 0.0
+        while self._queue:
             gen, cmd_id, first, count = self._queue.popleft()
+            dt += self.cost.host_hint_s + count * self.cost.host_hint_page_s
             self._apply(gen, cmd_id, first, count)
-        self._kick_hint_thread()
+        if self._hint_event is not None:
+            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
+            self._hint_event = None
+        return dt
 
     def _apply(self, gen: int, cmd_id: int, first: int, count: int) -> None:
         current = (self._accepting and gen == self._sync_gen

@@ -1,6 +1,6 @@
 """``balloon-hint migrate``: run a simulated pre-copy migration of a scenario, verify it, report.
 
-With no scenario it runs the embedded default (built-in ``default``) in all three hinting modes
+With no scenario it runs the embedded default (built-in ``compile-8g``, the published 8 GiB kernel-compile set-up) in all three hinting modes
 and prints them side by side. Exit status: 0 when every run verified, 1 when one did not (a
 fault switched on is expected to do that), 2 for a bad scenario file or argument.
 """
@@ -17,7 +17,7 @@ from vmsim.scenario import HINT_MODES, Scenario, ScenarioError, load, load_built
 
 HELP = "simulate a pre-copy live migration with free page hinting and verify the destination"
 
-DEFAULT_BUILTIN = "default"
+DEFAULT_BUILTIN = "compile-8g"
 FAULTS = ("accept-stale-hints",)
 
 

@@ -29,7 +29,8 @@ A scenario looks like this (sizes, rates and durations take units)::
 
     [hinting]
     mode = "capture"        # off | walk | capture
-    min_order = 10
+    min_order = 10          # smallest block the walk hints
+    block_cost = "5us"      # guest time per hinted block (default: the driver's own)
 
 Theory of operation: ``tomllib`` parses the text (a syntax error carries its own line); then a
 schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
@@ -180,6 +181,7 @@ class MigrationSpec:
 class HintingSpec:
     mode: str = "capture"
     min_order: int = 10
+    block_cost_s: float | None = None  # guest time to find/allocate and post one hint block
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +282,8 @@ _GUEST = {"ram": _positive(_size), "seed": _int(0), "init_on_alloc": _bool,
           "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64)}
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
               "max_rounds": _int(1, 10000)}
-_HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10)}
+_HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
+            "block_cost": _positive(_duration)}
 
 
 def _num(v: Any) -> float:
@@ -297,8 +300,9 @@ _PUBLISHED = {"without_hints_ms": _positive(_num), "with_hints_ms": _positive(_n
 WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     # allocate and write ``size`` of memory that stays in use (anonymous memory, page cache)
     "fill": {"size": _size, "order": _int(0, 10)},
-    # allocate ``size`` and write it, then free it again (memhog's pattern)
-    "fill_free": {"size": _size},
+    # allocate ``size`` and write it, then free it again (memhog's pattern); ``keep`` leaves a
+    # random fraction of the pages allocated (partly reclaimed memory: fragmented free lists)
+    "fill_free": {"size": _size, "keep": _fraction},
     # rewrite pages already in use, ``rate`` bytes per second, spread over ``working_set``
     "dirty": {"rate": _positive(_rate), "working_set": _size},
     # allocate, write and free memory continuously: ``rate`` bytes per second allocated,
@@ -444,7 +448,8 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                         downtime_limit_s=m.get("downtime_limit", d.downtime_limit_s),
                         max_rounds=m.get("max_rounds", d.max_rounds))
     h = _check_table(file, lines, "hinting", 0, "hinting", data.get("hinting", {}), _HINTING)
-    hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10))
+    hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10),
+                       block_cost_s=h.get("block_cost"))
     pub = _check_table(file, lines, "published", 0, "published", data.get("published", {}),
                        _PUBLISHED)
     name = top.get("name") or Path(file).stem

@@ -105,7 +105,8 @@ class ScenarioWorkloads:
 
     def boot(self, ram_bytes: int) -> None:
         """What a booted kernel holds: its image, slab and the memmap (struct pages)."""
-        n = (KERNEL_BASE_BYTES + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
+        base = min(KERNEL_BASE_BYTES, ram_bytes // 8)  # a tiny test guest gets a small kernel
+        n = (base + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
         pfns = self._alloc(n, MIGRATE_UNMOVABLE)
         self._write(pfns)
 
@@ -120,6 +121,11 @@ class ScenarioWorkloads:
         elif w.kind == "fill_free":
             pfns = self._alloc(p["size"] >> PAGE_SHIFT)
             self._write(pfns)
+            keep = p.get("keep", 0.0)
+            if keep > 0:
+                kept = self.rng.random(pfns.size) < keep
+                self.filled.append(pfns[kept])
+                pfns = pfns[~kept]
             self.alloc.free_pages_bulk(pfns)
             self._advance(p["size"] / GUEST_WRITE_BPS)
         elif w.kind == "idle":
@@ -302,6 +308,8 @@ def _attach_driver(vm: SimVM, mode: str, min_order: int) -> BalloonDriver:
     area = DriverArea(vm.mem, DRIVER_AREA_GPA, DRIVER_AREA_SIZE)
     opts = DriverOptions(hint_strategy=mode, min_order=min_order,
                          page_poisoning=g.page_poison, init_on_free=g.init_on_free)
+    if vm.scn.hinting.block_cost_s is not None:
+        opts.hint_cost_per_block = vm.scn.hinting.block_cost_s
     drv = BalloonDriver(vm.transport, vm.mem, vm.alloc, vm.sched, area, opts)
     # Memory pressure: the kernel's reclaim calls the balloon's shrinker, which gives held
     # hint blocks back (protocol.md 6.3); the workloads call this when an allocation falls short.

@@ -175,20 +175,19 @@ def test_hint_ranges_outside_ram_are_counted_not_raised() -> None:
 
 
 def _stale_race(accept: bool):
-    """A hint for free pages is queued on the slow host hint thread; the guest then allocates and
-    writes those pages; the round ends (sync) before the host applies the hint."""
-    cost = CostModel(host_hint_s=20e-3, check_period_s=0.0, switchover_s=1e-4)  # a slow host hint thread: the hint waits 20 ms
-    params = MigrationParams(chunk_pages=256, accept_stale_hints=accept, downtime_limit_s=1.0)
-    sched, g, _, mig = make(n=2048, used=256, params=params, cost=cost)
+    """A hint for free pages arrives while the migration thread holds bitmap_mutex for the last
+    (here: only) batch of the round; the guest then allocates and writes those pages; the round
+    ends (sync) before the hint thread gets the mutex."""
+    params = MigrationParams(chunk_pages=2048, accept_stale_hints=accept, downtime_limit_s=1.0)
+    sched, g, _, mig = make(n=2048, used=256, params=params)
     mig.start()
-    mig.hint(0x80000001, [(300 * PAGE_SIZE, 64 * PAGE_SIZE)])
+    # set-up takes ~5.2 ms; the one batch of 2048 pages is sent at 5.2 ms and holds the mutex
+    # for its ~2.6 ms; the hint comes at 5.5 ms, the write at 6 ms, the sync at ~7.8 ms.
+    sched.at(0.0055, mig.hint, 0x80000001, [(300 * PAGE_SIZE, 64 * PAGE_SIZE)])
 
     def allocate_and_write() -> None:
         g.in_use[300:364] = True
         g.pv.write_range(300, 64, "data")
-    # set-up takes ~5.2 ms, the bulk pass of 2048 pages ~2.6 ms and passes pfn 364 at ~5.6 ms: the
-    # write at 6 ms lands after the cursor, the sync at ~7.6 ms comes before the hint thread gets
-    # to the hint (20 ms)
     sched.at(0.006, allocate_and_write)
     mig.run()
     return mig
