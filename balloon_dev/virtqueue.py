@@ -268,21 +268,19 @@ class DeviceVirtqueue:
         # walked one by one, which also produces their error, counter and log line.
         ok = ((flags & _NEXT_OR_INDIRECT) == 0) & (lens > 0)
         ok &= self._contains_many(addrs, lens)
-        head_l = heads.tolist()
-        ok_l = ok.tolist()
-        addr_l = addrs.tolist()
-        len_l = lens.tolist()
-        wr_l = ((flags & VIRTQ_DESC_F_WRITE) != 0).tolist()
-        row_l = rows.tolist() if not all(ok_l) else None
-        chains: list[Chain] = []
-        append = chains.append
-        for k, head in enumerate(head_l):
-            if ok_l[k]:
-                buf = ((addr_l[k], len_l[k]),)
-                append(Chain(head, (), buf) if wr_l[k] else Chain(head, buf, ()))
-            else:
-                assert row_l is not None
-                append(self._walk(head, row_l[k], table))
+        wr = (flags & VIRTQ_DESC_F_WRITE) != 0
+        if ok.all():
+            chains = [Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ())
+                      for h, a, ln, w in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
+                                             wr.tolist())]
+        else:
+            chains = []
+            for h, a, ln, w, good, row in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
+                                              wr.tolist(), ok.tolist(), rows.tolist()):
+                if good:
+                    chains.append(Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ()))
+                else:
+                    chains.append(self._walk(h, row, table))
         self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
         self._publish_avail_event()
         return chains
