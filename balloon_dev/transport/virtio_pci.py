@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import ConfigChanged, NotifyQueue
+from guestmem import GuestMemory, GuestMemoryError
 from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_ID_BALLOON
 
@@ -117,10 +118,12 @@ _BAR5_REG = _BAR4_REG + 4
 
 
 class VirtioPciFunction:
-    def __init__(self, dev: DeviceCore, *, msix_vectors: int = 2) -> None:
+    def __init__(self, dev: DeviceCore, *, msix_vectors: int = 2,
+                 mem: GuestMemory | None = None) -> None:
         if not 1 <= msix_vectors <= 64:
             raise ValueError(f"msix_vectors={msix_vectors}: must be 1..64")
         self.dev = dev
+        self.mem = mem  # for the kick re-check (see _kick); None disables it
         self.msix_vectors = msix_vectors
         self.counters: Counter[str] = Counter()
         self.config = bytearray(vp.PCI_CONFIG_SPACE_SIZE)
@@ -390,12 +393,46 @@ class VirtioPciFunction:
                             self.dev.num_queues)
                 return []
             self.counters["notifies"] += 1
-            return self.translate(self.dev.notify(q))
+            return self.translate(self._kick(q))
         if page == vp.ISR_CFG_OFFSET:
             self.counters["isr_write_ignored"] += 1
             return []
         self._unmapped(bar, offset, size)
         return []
+
+    def _ring_idx(self, gpa: int) -> int | None:
+        try:
+            return self.mem.read_u16(gpa + 2) if self.mem is not None else None
+        except GuestMemoryError:
+            return None
+
+    def _kick(self, q: int) -> list[Any]:
+        """``dev.notify(q)``, repeated while it makes progress and buffers remain.
+
+        Why: with EVENT_IDX the device publishes ``avail_event`` after popping; a buffer the
+        driver publishes between the pop and that write is never kicked for (the driver saw the
+        old ``avail_event``), so a device must look at the ring once more after re-enabling
+        notifications (virtio 1.x 2.7.10). The core's ``notify`` does not yet, and against a
+        real guest on another CPU the race happens (a hint round stalled with every block
+        posted). So the transport re-kicks while the used index moved and the avail index is
+        still ahead of it; a queue whose device holds a buffer (stats) stops after one call that
+        used nothing. Bounded by the queue size.
+        """
+        regs = self.state.queues[q] if q < len(self.state.queues) else None
+        effects = self.dev.notify(q)
+        if regs is None or self.mem is None:
+            return effects
+        for _ in range(max(regs.size, 1)):
+            avail, used = self._ring_idx(regs.driver), self._ring_idx(regs.device)
+            if avail is None or used is None or avail == used:
+                break
+            more = self.dev.notify(q)
+            if self._ring_idx(regs.device) == used:
+                effects += more
+                break  # nothing was used: what is left is held by the device
+            self.counters["kick_recheck_progress"] += 1
+            effects += more
+        return effects
 
     def _unmapped(self, bar: int, offset: int, size: int) -> bytes:
         self.counters["unmapped_bar_access"] += 1
