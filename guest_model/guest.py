@@ -8,7 +8,7 @@ keeps the driver area reserved (or one the caller already built), a ``DriverArea
 region for rings and driver buffers, and a ``BalloonDriver`` with the chosen hint strategy,
 which it probes at once. The driver's shrinker is registered with the allocator, so direct
 reclaim gives held hint blocks back before an allocation fails, as in Linux; workloads act on
-``allocator`` directly and may also call ``reclaim``.
+``allocator`` directly (or through ``add_workload``) and may also call ``reclaim``.
 
 Two masks serve the migration verifier: ``in_use_mask()`` is every page whose content the guest
 relies on (allocated by the guest, plus reserved pages: firmware and the driver area), and
@@ -29,6 +29,7 @@ from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_RESERVED, BuddyAllocator
 from guest_model.driver import BalloonDriver, BlockWalker, DriverOptions
 from guest_model.transport import VirtioTransport
 from guest_model.vring import DriverArea
+from guest_model.workloads import Workload, make_workload
 
 #: vmsim's default driver area: 4 MiB at 1 MiB (docs/interfaces.md).
 DEFAULT_DRIVER_AREA = (0x100000, 4 << 20)
@@ -85,6 +86,21 @@ class SimGuest:
         # are the first memory a guest under pressure gets back.
         allocator.register_shrinker(self.driver.shrink_count, self.driver.shrink)
         self.driver.probe()
+        self.workloads: list[Workload] = []
+
+    def add_workload(self, name: str, *, background: bool = False, until: float | None = None,
+                     **params: Any) -> Workload:
+        """Run workload ``name`` (guest_model.workloads) on this guest: to completion now, or
+        with ``background=True`` as events on the scheduler. Each gets its own seed derived from
+        ``GuestOptions.seed``, so a run is a pure function of the options and calls."""
+        w = make_workload(name, self.allocator, self.pages,
+                          seed=self.options.seed * 1000 + len(self.workloads), **params)
+        self.workloads.append(w)
+        if background:
+            w.start(self.sched, until=until)
+        else:
+            w.run_phase()
+        return w
 
     def in_use_mask(self) -> np.ndarray:
         """Pages whose content the guest relies on: guest-allocated or reserved."""

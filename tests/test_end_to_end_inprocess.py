@@ -188,3 +188,27 @@ def test_allocation_pressure_reaches_the_shrinker() -> None:
     assert vm.guest.driver.counters["hint_blocks_shrunk"] > 0
     assert vm.guest.driver.shrink_count() < held
     alloc.check()
+
+
+def test_workloads_interleave_with_a_walk_round() -> None:
+    # 1 ms per block: the round takes ~0.1 s, the churn ticks every 10 ms inside it.
+    vm = VM("walk", min_order=9, driver={"hint_batch": 1, "hint_cost_per_block": 1e-3})
+    vm.guest.add_workload("fill", size=64 << 20)
+    kept = vm.guest.in_use_mask().copy()  # the fill's pages and reserved memory stay in use
+    assert kept.sum() >= (64 << 20) >> 12
+    w = vm.guest.add_workload("churn", background=True)
+    writes = vm.pages.writes
+    vm.host(vm.dev.free_page_start)
+    mid: list[tuple[bool, int]] = []
+    vm.sched.after(0.05, lambda: mid.append((vm.guest.driver.hinting, vm.pages.writes)))
+    vm.run(0.5)
+    w.stop()
+    ranges = [r for e in vm.of(PagesHinted) for r in e.ranges]
+    assert ranges and vm.guest.driver.counters["stop_sent"] == 1
+    # The walk hints free memory only: never the fill's pages (they stay allocated).
+    hinted = np.zeros(RAM >> 12, bool)
+    for a, n in ranges:
+        hinted[a >> 12:(a + n) >> 12] = True
+    assert not (hinted & kept).any()
+    assert mid[0][0] and mid[0][1] > writes  # the churn wrote while the round was walking
+    vm.guest.allocator.check()
