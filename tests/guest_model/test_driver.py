@@ -519,3 +519,16 @@ def test_walk_safety_option_reaches_the_walker_and_bad_strategy_is_refused() -> 
     assert seed.drv.counters["hints_sent"] > 0 and seed.drv.counters["stop_sent"] == 1
     with pytest.raises(ValueError, match="hint_strategy"):
         Rig(strategy="greedy")
+
+
+def test_golden_control_and_stats_buffers() -> None:
+    r = Rig().probe()
+    raw = r.mem.read(r.drv._stats_buf, 100)
+    entries = [struct.unpack_from("<HQ", raw, 10 * i) for i in range(10)]  # packed 10-byte entries
+    assert [t for t, _ in entries] == list(range(10))
+    assert entries[5] == (5, RAM)  # MEMTOT in bytes
+    assert entries[4][1] == r.alloc.nr_free_pages() << 12  # MEMFREE
+    r.host(r.dev.free_page_start)
+    r.run(0.01)
+    assert r.mem.read(r.drv._start_buf, 4) == struct.pack("<I", r.dev.hint.cmd_id)
+    assert r.mem.read(r.drv._stop_buf, 4) == b"\0\0\0\0"
