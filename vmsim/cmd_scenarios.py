@@ -26,8 +26,11 @@ def run(args: argparse.Namespace) -> int:
         print(f.read_text(encoding="utf-8"), end="")
         return 0
     t = Table(title="built-in scenarios (balloon-hint migrate --builtin NAME)")
-    for col in ("name", "RAM", "hinting", "bandwidth", "downtime", "workloads", "description"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True)
+    for col in ("RAM", "hinting", "bandwidth", "downtime"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("workloads")
+    t.add_column("description", ratio=1)
     for name in builtin_names():
         try:
             s = load_builtin(name)
