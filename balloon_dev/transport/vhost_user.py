@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -200,7 +201,6 @@ class VhostUserSession:
         self.counters: Counter[str] = Counter()
         self._maps: list[_Mapping] = []
         self._pending_config: dict[int, bytes] = {}
-        self._frontend_status = 0
         self._reset_rings()
 
     # -- queries the server uses ----------------------------------------------------------
@@ -283,7 +283,6 @@ class VhostUserSession:
         """The front-end left: release every fd and mapping and reset the device."""
         effects = self.dev.reset()
         self.live = False
-        self._frontend_status = 0
         for ring in self.rings:
             self._close_ring_fds(ring)
         self._reset_rings()
@@ -528,7 +527,6 @@ class VhostUserSession:
         # the memory table and the negotiated protocol features stay.
         effects = self.dev.reset()
         self.live = False
-        self._frontend_status = 0
         for ring in self.rings:
             self._close_ring_fds(ring)
         self._reset_rings()
@@ -567,6 +565,16 @@ class VhostUserSession:
                     if r.guest_phys_addr < m.gpa + m.size and m.gpa < r.guest_phys_addr + r.memory_size:
                         raise _Reject("bad_mem_table", f"region {i} at {r.guest_phys_addr:#x} "
                                       f"overlaps the region at {m.gpa:#x}")
+                need = r.mmap_offset + r.memory_size
+                try:
+                    st = os.fstat(fd)
+                except OSError as e:
+                    raise _Reject("bad_mem_table", f"region {i}: fd {fd}: {e}") from None
+                if stat.S_ISREG(st.st_mode) and st.st_size < need:
+                    # Touching a mapping past the end of its file kills us with SIGBUS.
+                    raise _Reject("bad_mem_table", f"region {i}: {r.mmap_offset:#x}+"
+                                  f"{r.memory_size:#x} runs past the end of its file "
+                                  f"({st.st_size:#x} bytes)")
                 try:
                     # Map from offset 0 so mmap_offset need not be page-aligned.
                     mm = mmap.mmap(fd, r.mmap_offset + r.memory_size, mmap.MAP_SHARED,
@@ -719,7 +727,6 @@ class VhostUserSession:
     def _set_status(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
         if value > 0xFF:
             raise _Reject("bad_status", f"status {value:#x} exceeds 8 bits")
-        self._frontend_status = value
         return _Outcome(effects=self._drive_status(value))
 
     def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:

@@ -11,7 +11,6 @@ import struct
 import numpy as np
 import pytest
 
-from balloon_dev.device import DeviceConfig
 from balloon_dev.effects import (
     ActualChanged,
     ConfigChanged,
@@ -142,6 +141,17 @@ def test_set_mem_table_fd_count_mismatch_rejected_and_fds_closed(fe: Frontend) -
     assert fe.be_mem.regions == ()
     assert fe.session.counters["bad_mem_table"] == 1
     os.close(extra)
+
+
+def test_set_mem_table_region_past_end_of_file_rejected(fe: Frontend) -> None:
+    fe.init()
+    # Mapping past the end of the memfd would SIGBUS on first touch: refuse the table.
+    regs = [vu.MemoryRegion(0, RAM_SIZE, RAM_UADDR, 0x1000)]
+    r = fe.request(R.SET_MEM_TABLE, vu.build_memory_table(regs), fds=[fe.memfd],
+                   need_reply=True)
+    assert r is not None and r.u64 == 1
+    assert fe.be_mem.regions == ()
+    assert fe.session.counters["bad_mem_table"] == 1
 
 
 def test_set_mem_table_overlapping_regions_rejected(fe: Frontend) -> None:
