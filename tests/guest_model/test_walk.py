@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from guest_model.buddy import (
     MAX_ORDER,
@@ -272,3 +273,63 @@ def test_concurrent_seed_walk_reports_blocks_in_use() -> None:
     results = [run_concurrent(seed, safe=False) for seed in range(6)]
     assert sum(r[1] for r in results) > 0  # the seed followed stale links ...
     assert sum(r[0] for r in results) > 0  # ... and reported blocks that were not free
+
+
+class WalkMachine(RuleBasedStateMachine):
+    """A safe walk interleaved with arbitrary guest activity: every block it reports is free
+    at that instant; a walk with nothing in between reports exactly the free lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # DMA only: the walk and the allocations meet in the same zone.
+        self.a = BuddyAllocator(16 * MiB, reserved=[(1 * MiB, 1 * MiB)])
+        self.held: list[tuple[int, int]] = []
+        self.w = FreeBlockWalker(self.a, 0)
+
+    @rule(order=st.integers(0, MAX_ORDER - 1), mt=st.integers(0, 2), cpu=st.integers(0, 1))
+    def alloc(self, order: int, mt: int, cpu: int) -> None:
+        p = self.a.alloc_pages(order, mt, cpu=cpu)
+        if p is not None:
+            self.held.append((p, order))
+
+    @precondition(lambda self: self.w.position is not None)
+    @rule(k=st.sampled_from([2, 1, 3]))
+    def alloc_like_the_walk(self, k: int) -> None:
+        """Allocations of the order and type being walked: they take blocks off that very
+        list, so the block handed back and its neighbours leave between two steps."""
+        pos = self.w.position
+        assert pos is not None
+        _, order, mt = pos
+        for _ in range(k):
+            self.alloc(order, mt if mt < 3 else 1, 0)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 10_000), cpu=st.integers(0, 1))
+    def free(self, i: int, cpu: int) -> None:
+        p, o = self.held.pop(i % len(self.held))
+        self.a.free_pages(p, o, cpu=cpu)
+
+    @rule()
+    def drain(self) -> None:
+        self.a.drain_pcp()
+
+    @rule(n=st.sampled_from([1, 1, 2, 8]))
+    def walk_steps(self, n: int) -> None:
+        for _ in range(n):
+            blk = self.w.step()
+            if blk is None:
+                self.w = FreeBlockWalker(self.a, 0)
+                return
+            pfn, nr = blk
+            assert np.all(self.a.state[pfn:pfn + nr] == PG_BUDDY), f"reported {pfn:#x} not free"
+            assert self.a.page_order(pfn) == nr.bit_length() - 1
+
+    @rule(min_order=st.integers(0, MAX_ORDER - 1))
+    def quiet_walk(self, min_order: int) -> None:
+        seen: list[tuple[int, int]] = []
+        walk_free_mem_block(seen, min_order, lambda o, p, n: o.append((p, n)), allocator=self.a)
+        assert Counter(seen) == free_blocks_from_arrays(self.a, min_order)
+
+
+TestWalkMachine = WalkMachine.TestCase
+TestWalkMachine.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
