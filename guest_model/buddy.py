@@ -697,6 +697,8 @@ class BuddyAllocator:
                 pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
         if pfn is None:
             self.counters["alloc_fail"] += 1
+            log.debug("alloc_pages(order=%d, mt=%d) failed: %d pages free", order, migratetype,
+                      self.nr_free_pages())
             return None
         n = 1 << order
         self.state[pfn:pfn + n] = owner
@@ -806,6 +808,42 @@ class BuddyAllocator:
             for z in range(NR_ZONES):
                 if self._pcp_count[c][z]:
                     self._free_pcppages_bulk(c, z, self._pcp_count[c][z])
+
+    # ---- pageblock isolation -------------------------------------------------------------
+    def set_migratetype_isolate(self, pfn: int) -> int:
+        """Isolate the pageblock holding ``pfn`` (``start_isolate_page_range`` for one block):
+        its free blocks move to the isolate lists, nothing is allocated from it, pages freed
+        into it stay there. Returns the previous migratetype (for ``unset``). A max-order free
+        block spanning two pageblocks is split first so the other half keeps its type."""
+        pb = pfn >> pageblock_order
+        old = self._pb[pb]
+        if old == MIGRATE_ISOLATE:
+            return old
+        start = pb << pageblock_order
+        mb = start & ~(MAX_ORDER_NR_PAGES - 1)
+        if self._bo[mb] == MAX_ORDER - 1:
+            self._list_del(mb, MAX_ORDER - 1, self._lid_of_block(mb, MAX_ORDER - 1))
+            for h in (mb, mb + pageblock_nr_pages):
+                self._list_add(h, pageblock_order, self._lid_of_block(h, pageblock_order))
+        self._move_freepages_block(pb, MIGRATE_ISOLATE)
+        return old
+
+    def unset_migratetype_isolate(self, pfn: int, migratetype: int = MIGRATE_MOVABLE) -> None:
+        """Undo ``set_migratetype_isolate``: the pageblock and its free blocks get
+        ``migratetype`` back, and free blocks merge with their buddies again."""
+        if migratetype not in FALLBACKS:
+            raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
+        pb = pfn >> pageblock_order
+        if self._pb[pb] != MIGRATE_ISOLATE:
+            return
+        self._move_freepages_block(pb, migratetype)
+        start = pb << pageblock_order
+        mb = start & ~(MAX_ORDER_NR_PAGES - 1)
+        # Re-merge: take the block's free pageblock-sized pieces off and free them again.
+        for h in (mb, mb + pageblock_nr_pages):
+            if h < self.ram_pages and self._bo[h] == pageblock_order:
+                self._list_del(h, pageblock_order, self._lid_of_block(h, pageblock_order))
+                self._free_one(h, pageblock_order)
 
     # ---- bulk operations (workloads) --------------------------------------------------------
     def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[int, int]]) -> int:

@@ -41,6 +41,7 @@ Every loop is bounded: a list by its block count at the first report plus slack,
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ from guest_model.buddy import (
     list_sentinel,
 )
 from guestmem.clock import Scheduler
+
+log = logging.getLogger(__name__)
 
 Visit = Callable[[Any, int, int], None]  # visit(opaque, pfn, nr_pages)
 
@@ -117,6 +120,9 @@ def report_free_page_block(zone: Zone, order: int, migratetype: int, page: int |
         # The link leads to another list's head: the kernel would now read a list_head inside
         # struct zone as if it were a struct page. Nothing sensible to model: end the list.
         st.wild += 1
+        log.warning("seed walk: stale lru.next of pfn %#x leads to the head of list %d "
+                    "(zone %d order %d type %d); ending the list", page, -1 - nxt, zone.idx,
+                    order, migratetype)
         return None
     return nxt
 
@@ -187,6 +193,8 @@ class FreeBlockWalker:
             self._steps_left -= 1
             if self._steps_left < 0:
                 self.stats.runaway += 1
+                log.warning("walk: list (zone %d order %d type %d) exceeded its step bound at "
+                            "pfn %#x; moving on", zone.idx, self._order, self._mt, pfn)
                 self._advance()
                 continue
             self._page = pfn

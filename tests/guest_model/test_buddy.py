@@ -444,3 +444,23 @@ def test_bulk_free_unlinks_many_blocks_at_once() -> None:
     a.check()
     np.testing.assert_array_equal(a.free_counts().sum(axis=2), fresh)
     assert_maximal(a)
+
+
+def test_isolated_pageblock_is_not_allocated_from() -> None:
+    a = BuddyAllocator(32 * MiB)
+    fresh = a.free_counts().sum(axis=2)
+    target = 5 * 1024 + 512  # the upper pageblock of a max-order block in DMA32
+    old = a.set_migratetype_isolate(target)
+    assert old == MIGRATE_MOVABLE
+    assert a.pageblock_mt[target >> pageblock_order] == 4
+    assert a.page_order(target) == pageblock_order
+    a.check()
+    got = a.alloc_pages_bulk(a.nr_free_pages())
+    got = np.concatenate([got, np.array([p for p in iter(lambda: a.alloc_pages(0), None)])])
+    assert not np.any((got >= target) & (got < target + 512))
+    a.free_pages_bulk(got[got >= 0].astype(np.int64))
+    a.drain_pcp()
+    a.check()
+    a.unset_migratetype_isolate(target)
+    a.check()
+    np.testing.assert_array_equal(a.free_counts().sum(axis=2), fresh)
