@@ -85,7 +85,7 @@ class CostModel:
     time); the others are estimates from first principles, documented there.
     """
 
-    zero_page_s: float = 1.21e-6        # read a page, find it zero, queue a 9-byte record
+    zero_page_s: float = 1.261e-6       # read a page, find it zero, queue a 9-byte record
     copy_page_s: float = 0.40e-6        # extra CPU for a normal page: copy 4 KiB into the stream
     bitmap_bit_s: float = 0.25e-9       # walk one bit of the migration bitmap (find_next_bit)
     log_start_page_s: float = 0.09e-6   # per RAM page, once: dirty logging on (write-protect)
@@ -94,7 +94,7 @@ class CostModel:
     host_hint_s: float = 2.0e-6         # host: pop one hint element, clear its bits, push it back
     host_hint_page_s: float = 0.25e-9   # host: per page of a hint (bitmap clear)
     setup_s: float = 0.005              # QEMU set-up: allocate bitmaps, connect
-    check_period_s: float = 0.1         # QEMU decides on switchover once per BUFFER_DELAY
+    check_period_s: float = 0.1         # no switchover before QEMU's first BUFFER_DELAY window
     switchover_s: float = 0.03          # stop vCPUs, device states, destination resumes
 
     def page_cost(self, bandwidth_Bps: float) -> tuple[float, float]:
@@ -355,12 +355,10 @@ class PrecopyMigration:
         converged = est <= self.params.downtime_limit_s
         if converged or len(self.rounds) >= self.params.max_rounds:
             self.stats.converged = converged
-            # QEMU's migration thread re-measures bandwidth and decides on switchover once per
-            # BUFFER_DELAY window, counted from the start of the migration.
-            t = self.sched.now + t_sync
-            p = self.cost.check_period_s
-            if p > 0:
-                t = self._t0 + max(1, -(-(t - self._t0 - 1e-12) // p)) * p
+            # QEMU's threshold for switchover (bandwidth x downtime limit) is 0 until the first
+            # bandwidth measurement, one BUFFER_DELAY window after the start: no switchover
+            # before that.
+            t = max(self.sched.now + t_sync, self._t0 + self.cost.check_period_s)
             self.sched.at(t, self._stop_and_copy)
         else:
             self._begin_round(self.sched.now + t_sync)
