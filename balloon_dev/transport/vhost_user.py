@@ -196,6 +196,9 @@ class VhostUserSession:
         self.features_acked: int | None = None  # last SET_FEATURES value (bit 30 included)
         self.owner = False
         self.live = False  # the device has been given DRIVER_OK by this session
+        self.stopped = False  # every ring was stopped while live; the device kept its state
+        self._handed: dict[int, tuple[int, int, int, int]] = {}  # q -> (num, desc, avail, used)
+        self._reported_base: dict[int, int] = {}  # GET_VRING_BASE answers since going live
         self.backend_fd: int | None = None
         self.rings: list[Vring] = []
         self.counters: Counter[str] = Counter()
@@ -281,8 +284,7 @@ class VhostUserSession:
 
     def close(self) -> list[Effect]:
         """The front-end left: release every fd and mapping and reset the device."""
-        effects = self.dev.reset()
-        self.live = False
+        effects = self._device_reset()
         for ring in self.rings:
             self._close_ring_fds(ring)
         self._reset_rings()
@@ -352,15 +354,41 @@ class VhostUserSession:
     def _maybe_stopped(self) -> list[Effect]:
         """All rings stopped by GET_VRING_BASE: the front-end stopped the device (vhost_dev_stop).
 
-        QEMU's generic front-end does not send SET_STATUS 0 then (its status messages are
-        gated on a queue range the generic device never sets), so this is how the device learns
-        it must reset before the next start.
+        QEMU's generic front-end stops the rings both when the guest resets the device and when
+        the VM is paused (``stop``/``cont``), and sends no SET_STATUS 0 (its status messages are
+        gated on a queue range the generic device never sets). The two cases look alike until
+        the restart, so the device is kept as it is here and ``_go_live`` decides: resume it
+        when the rings come back unchanged at the bases we reported, else reset it.
         """
         if not self.live or any(r.started for r in self.rings):
             return []
         self.counters["device_stops"] += 1
         self.live = False
+        self.stopped = True
+        return []
+
+    def _device_reset(self) -> list[Effect]:
+        self.live = False
+        self.stopped = False
+        self._handed = {}
+        self._reported_base = {}
         return self.dev.reset()
+
+    def _can_resume(self) -> bool:
+        """The restart hands back exactly the rings we stopped, at the bases we reported, and at
+        least one base moved (all-zero bases are also what a guest reset looks like; resetting
+        the device then loses nothing a fresh start at index 0 would not redo)."""
+        if not self.stopped or not self._handed:
+            return False
+        for q, ring in enumerate(self.rings):
+            setup = self._handed.get(q)
+            now = None if ring.addr is None else (ring.num, ring.desc_gpa, ring.avail_gpa,
+                                                  ring.used_gpa)
+            if setup != now:
+                return False
+            if setup is not None and ring.base != self._reported_base.get(q):
+                return False
+        return any(self._reported_base.get(q) for q in self._handed)
 
     @staticmethod
     def _close_ring_fds(ring: Vring) -> None:
@@ -395,15 +423,15 @@ class VhostUserSession:
         """Move the device toward the front-end's status ``want`` in virtio order."""
         effects: list[Effect] = []
         if want == 0:
-            effects += self.dev.reset()
-            self.live = False
-            return effects
+            return self._device_reset()
         if self.dev.status & (FAILED | NEEDS_RESET):
             return effects
         if want & (FEATURES_OK | DRIVER_OK) and not self.dev.status & FEATURES_OK:
             effects += self._features_ok()
         if want & DRIVER_OK and not self.live:
-            effects += self._go_live()
+            if not self.stopped or all(self._runnable(r) for r in self.rings if r.addr is not None):
+                effects += self._go_live()
+            # else: restarting after a stop; the last ring handed back goes live.
         elif want & (ACK | DRIVER):
             cur = self.dev.status
             add = want & (ACK | DRIVER) & ~cur
@@ -435,18 +463,33 @@ class VhostUserSession:
 
     def _go_live(self) -> list[Effect]:
         effects: list[Effect] = []
+        if self.stopped:
+            resume = self._can_resume()
+            self.stopped = False
+            if resume:
+                # VM stop/cont: the device kept its state and its queue indices; carry on.
+                self.counters["device_resumes"] += 1
+                self.live = True
+                for q, ring in enumerate(self.rings):
+                    if self._runnable(ring):
+                        effects += self.dev.notify(q)
+                return effects
+            # A guest reset (or anything else): start from a fresh device.
+            effects += self._device_reset()
         if not self.dev.status & FEATURES_OK:
             effects += self._features_ok()
             if not self.dev.status & FEATURES_OK:
                 return effects
+        self._handed = {}
         for q, ring in enumerate(self.rings):
             if ring.addr is None or ring.num == 0:
                 continue
             self.dev.set_queue(q, ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
             effects += self.dev.enable_queue(q)
+            self._handed[q] = (ring.num, ring.desc_gpa, ring.avail_gpa, ring.used_gpa)
             if ring.base:
-                # A fresh device queue starts at index 0; a non-zero base only happens when a
-                # front-end restarts rings without resetting the guest (VM stop/cont).
+                # A fresh device queue starts at index 0; a non-zero base here means rings
+                # restarted mid-stream that we could not resume as they were.
                 self._set_queue_base(q, ring.base)
         effects += self.dev.write_status(self.dev.status | ACK | DRIVER | FEATURES_OK | DRIVER_OK)
         if not self.dev.status & DRIVER_OK:
@@ -455,7 +498,7 @@ class VhostUserSession:
             return effects
         self.live = True
         for q, ring in enumerate(self.rings):
-            if ring.started and self._ring_enabled(ring):
+            if self._runnable(ring):
                 effects += self.dev.notify(q)
         return effects
 
@@ -508,11 +551,14 @@ class VhostUserSession:
             raise _Reject("bad_features",
                           f"features {value:#x} include {value & ~allowed:#x} never offered")
         guest = value & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        effects: list[Effect] = []
+        if self.stopped and guest != self.guest_features:
+            # Restart after a stop with other features: a guest reset, not a resume.
+            effects += self._device_reset()
         if self.dev.status & FEATURES_OK and guest != self.guest_features:
             raise _Reject("features_after_features_ok",
                           f"features {guest:#x} after FEATURES_OK with {self.guest_features:#x}")
         self.features_acked = value
-        effects: list[Effect] = []
         if not self.has_protocol_feature(PF.STATUS) and not self.dev.status & FEATURES_OK:
             # Without STATUS the front-end never says FEATURES_OK: SET_FEATURES is the moment.
             effects += self._features_ok()
@@ -525,8 +571,7 @@ class VhostUserSession:
     def _reset_device(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
         # RESET_DEVICE (and the deprecated RESET_OWNER): back to the just-connected state, but
         # the memory table and the negotiated protocol features stay.
-        effects = self.dev.reset()
-        self.live = False
+        effects = self._device_reset()
         for ring in self.rings:
             self._close_ring_fds(ring)
         self._reset_rings()
@@ -634,7 +679,10 @@ class VhostUserSession:
         # vhost-user.rst: GET_VRING_BASE stops the ring; the reply is where to resume.
         base = self._resume_index(s.index)
         ring.started = False
+        # A restart hands the ring back enabled again (SET_VRING_ENABLE 1) when it is ready.
+        ring.enabled = False
         ring.base = base
+        self._reported_base[s.index] = base
         if ring.kick_fd is not None:
             _close(ring.kick_fd)
             ring.kick_fd = None
@@ -730,7 +778,10 @@ class VhostUserSession:
         return _Outcome(effects=self._drive_status(value))
 
     def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
-        return _Outcome(payload=build_u64(self.dev.status))
+        # While stopped the device keeps its DRIVER_OK (it may resume), but the front-end must
+        # not read it as running: its add_status() would echo DRIVER_OK back before the rings.
+        st = self.dev.status if self.live else self.dev.status & ~DRIVER_OK
+        return _Outcome(payload=build_u64(st))
 
 
 def _close(fd: int) -> None:

@@ -16,7 +16,8 @@ What is checked: the Linux driver binds and negotiates FREE_PAGE_HINT; the back-
 maps guest RAM; host-driven hint rounds run to their STOP and every hint lies in guest RAM as a
 4 MiB-aligned 4 MiB block; ``num_pages`` inflates the balloon and ``actual`` follows (SET_CONFIG),
 and deflating returns it; statistics arrive; unbinding and rebinding the guest driver (a device
-reset seen as a vhost-user stop and restart) leaves a working device; no kernel-log virtio error,
+reset seen as a vhost-user stop and restart) leaves a working device; pausing and resuming the VM
+resumes the device where it stopped; no kernel-log virtio error,
 no driver-checker violation, no vhost-user peer error.
 """
 from __future__ import annotations
@@ -189,6 +190,28 @@ def test_statistics_arrive(served: Served) -> None:
     served.ctl_call("request-stats")
     st = served.wait_stats(lambda s: s["totals"]["stats_buffers"] > before, "a stats buffer")
     assert st["guest_stats"].get("MEMTOT", 0) > RAM_BYTES // 2, st["guest_stats"]
+
+
+def test_vm_stop_cont_resumes_the_device(served: Served) -> None:
+    before = served.stats()["session_counters"]
+    stops, resumes = before.get("device_stops", 0), before.get("device_resumes", 0)
+    served.ctl_call("set-target", pages=4096)
+    served.wait_stats(lambda s: s["actual"] == 4096, "actual to reach 4096")
+    # Pausing the VM stops the vhost device (every ring's GET_VRING_BASE) ...
+    served.vm.qmp("stop")
+    served.wait_stats(lambda s: s["session_counters"].get("device_stops", 0) > stops
+                      and not s["live"], "the vhost-user stop")
+    # ... and resuming hands the same rings back at the bases we reported: a resume, not a
+    # reset (the balloon keeps its pages, no buffer is replayed).
+    served.vm.qmp("cont")
+    st = served.wait_stats(lambda s: s["live"], "the restart", timeout=60)
+    assert st["session_counters"].get("device_resumes", 0) == resumes + 1, st["session_counters"]
+    assert st["actual"] == 4096
+    inflated = st["totals"]["inflated_pages"]
+    served.ctl_call("set-target", pages=0)
+    st = served.wait_stats(lambda s: s["actual"] == 0, "actual to return to 0")
+    assert st["totals"]["inflated_pages"] == inflated  # nothing replayed
+    assert st["dr_violations"] == {}, st["dr_violations"]
 
 
 def test_driver_rebind_is_a_stop_and_restart(served: Served) -> None:

@@ -227,20 +227,22 @@ class Frontend:
 
     def start(self, features: int | None = None, queues: tuple[int, ...] = (0, 1, 2, 3),
               num: int = 128, enable: tuple[int, ...] | None = None,
-              driver_ok: bool = True) -> None:
+              driver_ok: bool = True, bases: list[int] | None = None) -> None:
         """vhost_dev_start as QEMU 11.1's generic front-end does it (STATUS negotiated): it
         sends FEATURES_OK but never DRIVER_OK; ``driver_ok`` adds the final SET_STATUS a
-        front-end that gates nothing would send."""
+        front-end that gates nothing would send. ``bases`` given: the guest's rings are kept and
+        restarted at those bases (QEMU after a VM stop/cont); else fresh rings at base 0."""
         f = self.offered if features is None else features
         self.request(R.SET_FEATURES, vu.build_u64(f))
         st = self.request(R.GET_STATUS)
         assert st is not None
         self.request(R.SET_STATUS, vu.build_u64(st.u64 | int(DeviceStatus.FEATURES_OK)))
         self.request(R.SET_MEM_TABLE, self.mem_table(), fds=[self.memfd])
-        for q in queues:
-            vr = self.setup_ring(q, num)
-            self.request(R.SET_VRING_NUM, vu.build_vring_state(q, num))
-            self.request(R.SET_VRING_BASE, vu.build_vring_state(q, 0))
+        for i, q in enumerate(queues):
+            vr = self.setup_ring(q, num) if bases is None else self.vrings[q]
+            self.request(R.SET_VRING_NUM, vu.build_vring_state(q, vr.size))
+            base = 0 if bases is None else bases[i]
+            self.request(R.SET_VRING_BASE, vu.build_vring_state(q, base))
             self.request(R.SET_VRING_ADDR, vu.build_vring_addr(vu.VringAddr(
                 q, 0, self.uaddr(vr.desc_gpa), self.uaddr(vr.used_gpa), self.uaddr(vr.avail_gpa),
                 0)))

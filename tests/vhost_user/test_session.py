@@ -271,24 +271,52 @@ def test_qemu_11_sequence_goes_live_without_driver_ok_status(fe: Frontend) -> No
     assert fe.dev.status & STATUS_ALL == STATUS_ALL
 
 
-def test_stopping_every_ring_resets_device_and_restart_works(live: Frontend) -> None:
+def test_stop_then_guest_reset_restart_gets_a_fresh_device(live: Frontend) -> None:
     vr = live.vrings[0]
     buf = live.area.alloc(4)
     live.mem.write_u32(buf, 0x321)
     vr.add_buf(out=[(buf, 4)])
     assert Inflated((0x321,)) in live.kick_ring(0)
+    live.request(R.SET_CONFIG, vu.build_config(4, struct.pack("<I", 1)))
+    assert live.dev.actual == 1
     bases = live.stop()
     # Ring 0 resumes after its one used buffer; the others saw nothing.
     assert bases == [1, 0, 0, 0]
-    assert live.dev.status == 0 and not live.session.live
+    assert not live.session.live and live.session.stopped
     assert live.session.counters["device_stops"] == 1
-    # A guest reset follows: QEMU starts again with fresh rings at base 0.
+    # A guest reset follows: QEMU starts again with fresh rings at base 0: not a resume.
     live.start()
     assert live.session.live and live.dev.status & DRIVER_OK
+    assert live.dev.actual == 0  # the device was reset
+    assert live.session.counters["device_resumes"] == 0
     vr = live.vrings[0]
     live.mem.write_u32(buf, 0x322)
     vr.add_buf(out=[(buf, 4)])
     assert Inflated((0x322,)) in live.kick_ring(0)
+
+
+def test_vm_stop_cont_resumes_where_the_rings_stopped(live: Frontend) -> None:
+    vr = live.vrings[0]
+    buf = live.area.alloc(4)
+    live.mem.write_u32(buf, 0x321)
+    vr.add_buf(out=[(buf, 4)])
+    assert Inflated((0x321,)) in live.kick_ring(0)
+    assert vr.get_buf() is not None
+    live.request(R.SET_CONFIG, vu.build_config(4, struct.pack("<I", 1)))
+    # VM stop: every ring stopped; VM cont: the same rings come back at the reported bases.
+    bases = live.stop()
+    live.backend.effects.clear()
+    live.start(bases=bases)
+    assert live.session.live
+    assert live.session.counters["device_resumes"] == 1
+    assert live.dev.actual == 1  # not reset
+    # Only the new buffer is processed: the old one is not replayed.
+    live.mem.write_u32(buf, 0x322)
+    vr.add_buf(out=[(buf, 4)])
+    effects = live.kick_ring(0)
+    inflated = [e for e in live.backend.effects + effects if isinstance(e, Inflated)]
+    assert inflated == [Inflated((0x322,))]
+    assert vr.get_buf() is not None
 
 
 def test_inflate_through_the_ring(live: Frontend) -> None:
