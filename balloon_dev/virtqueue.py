@@ -366,13 +366,13 @@ class DeviceVirtqueue:
                 if count > VIRTQ_MAX_SIZE:
                     raise _ChainError("indirect_too_long",
                                       f"{where} {i:#x}: indirect table of {count:#x} entries > 0x8000")
-                try:
-                    # One copy of the whole table: its entries are read once (no TOCTOU).
-                    src = self.mem.read(addr, length)
-                except GuestMemoryError:
+                # Bounds first (the table is read, so it must be byte-backed memory), then one
+                # copy of the whole table: its entries are read once (no TOCTOU).
+                if not self.mem.contains(addr, length):
                     raise _ChainError("buffer_outside_memory",
                                       f"{where} {i:#x}: indirect table [{addr:#x}, +{length:#x})"
-                                      " outside guest memory (V-8)") from None
+                                      " outside guest memory (V-8)")
+                src = self.mem.read(addr, length)
                 limit, in_table, where, i, seen = count, True, f"indirect[{addr:#x}]", 0, 1
                 d = _DESC.unpack_from(src, 0)
                 continue

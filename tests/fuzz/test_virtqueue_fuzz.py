@@ -58,8 +58,9 @@ len_st = st.one_of(st.integers(1, 0x200), st.integers(1, 0x200),
 flags_st = st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(0, 7),
                      st.integers(0, 0xFFFF))
 # A descriptor pointing at (part of) the indirect tables area with a table-sized length.
-indirect_st = st.builds(lambda k, n, f: (TABLES + 16 * k, 16 * n, f | 4, 0),
-                        st.integers(0, 20), st.integers(0, 6), st.sampled_from([0, 2, 1]))
+indirect_st = st.builds(lambda a, n, f: (a, 16 * n, f | 4, 0),
+                        st.one_of(st.builds(lambda k: TABLES + 16 * k, st.integers(0, 20)), near),
+                        st.integers(0, 6), st.sampled_from([0, 2, 1]))
 desc_st = st.one_of(st.tuples(addr_st, len_st, flags_st, st.integers(0, SIZE + 3)),
                     st.tuples(addr_st, len_st, st.sampled_from([1, 3]), st.integers(0, SIZE - 1)),
                     indirect_st)
