@@ -197,13 +197,20 @@ class QemuLab:
         return cmd
 
     def boot(self, *, ram: str = "1G", devices: Sequence[str] = (),
-             extra_args: Sequence[str] = (), append: str = "", timeout: float = 120
-             ) -> "GuestVM":
+             extra_args: Sequence[str] = (), append: str = "", timeout: float = 120,
+             wait_ready: bool = True) -> "GuestVM":
         """Start a guest and wait for its shell. Use as a context manager: QEMU is killed on
-        exit. Raises GuestError (with the console tail) when the guest does not come up."""
+        exit. Raises GuestError (with the console tail) when the guest does not come up.
+
+        ``wait_ready=False`` returns at once: for a migration destination (``extra_args=
+        ["-incoming", "defer"]`` + QMP ``migrate-incoming``), whose guest arrives with its shell
+        already running, so ``run`` works once the migration is over."""
         vm = GuestVM(self, ram=ram, devices=devices, extra_args=extra_args, append=append)
         try:
-            vm._wait_ready(timeout)
+            if wait_ready:
+                vm._wait_ready(timeout)
+            else:
+                vm._qmp_connect()  # fails early (with QEMU's stderr) if QEMU did not start
         except BaseException:
             vm.close()
             raise
@@ -249,6 +256,7 @@ class GuestVM:
         self._qmp_file: Any = None
         self.qmp_events: list[dict[str, Any]] = []
         self.last_status: int | None = None
+        self.boot_seconds: float | None = None
 
     # -- console -------------------------------------------------------------------------------
 

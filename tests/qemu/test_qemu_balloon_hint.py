@@ -130,3 +130,37 @@ def test_second_migration_runs_a_new_round(guest, tmp_path):
     assert ram["normal"] + ram["duplicate"] < RAM_PAGES * 0.75, ram
     guest.qmp("cont")
     assert balloon_sysfs(guest)[1] == "virtio_balloon"
+
+
+@pytest.mark.spec("DR-11")
+@pytest.mark.spec("D-13")
+def test_live_migration_to_a_second_qemu(lab):
+    """Migrate to a second QEMU (-incoming defer): the guest carries on there with its shell and
+    its balloon, and has all of its hinted pages back (DONE reached it)."""
+    kw = dict(ram=RAM, append="init_on_alloc=0",
+              devices=["virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0"])
+    with lab.boot(extra_args=["-object", "iothread,id=io0"], timeout=180, **kw) as src:
+        before = mem_free_kib(src)
+        with lab.boot(extra_args=["-object", "iothread,id=io0", "-incoming", "defer"],
+                      wait_ready=False, **kw) as dst:
+            sock = f"{dst.tmpdir}/migration.sock"
+            dst.qmp("migrate-incoming", uri=f"unix:{sock}")
+            src.qmp("migrate-set-parameters", **{"max-bandwidth": 256 << 20,
+                                                 "downtime-limit": 300})
+            src.qmp("migrate", uri=f"unix:{sock}")
+            deadline = time.monotonic() + 120
+            while (st := src.qmp("query-migrate"))["status"] not in ("completed", "failed"):
+                assert time.monotonic() < deadline, st
+                time.sleep(0.2)
+            assert st["status"] == "completed", st
+            assert st["ram"]["normal"] + st["ram"]["duplicate"] < RAM_PAGES * 0.75, st["ram"]
+            src.close()  # one guest at a time from here on
+            deadline = time.monotonic() + 30
+            while dst.qmp("query-status")["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert balloon_sysfs(dst)[1] == "virtio_balloon"
+            deadline = time.monotonic() + 30
+            while (after := mem_free_kib(dst)) < before - 16 * 1024:
+                assert time.monotonic() < deadline, f"MemFree {after} kB, was {before} kB"
+                time.sleep(0.5)
