@@ -13,12 +13,22 @@ import struct
 import hypothesis.strategies as st
 import numpy as np
 from hypothesis import HealthCheck, event, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
-from balloon_dev.effects import PrecopyEvent
+from balloon_dev.effects import PagesHinted, PrecopyEvent
 from guestmem import GuestMemory
-from protocol.balloon import VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING
+from protocol.balloon import (
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_REPORTING,
+    BalloonQueue,
+)
 from protocol.virtio import feature_mask
 from protocol.virtqueue import used_ring_size
 
@@ -30,6 +40,10 @@ SANE_STATUS = [0, 1, 3, 11, 15, 0x4F, 0x80, 0x8F, 7, 5, 0x40]
 addr = st.one_of(st.integers(0, MEM + 0x10000), st.sampled_from([0, 0x1000, 0x8000, 0x10000]),
                  st.integers(0, 1 << 64))
 small_addr = st.integers(0, MEM - 1).map(lambda a: a & ~0xF)
+
+
+def cid_noise(data) -> int:
+    return data.draw(st.sampled_from([0, 1, 2, 0x80000000, 0xFFFFFFFF]))
 
 
 class DeviceMachine(RuleBasedStateMachine):
@@ -106,14 +120,25 @@ class DeviceMachine(RuleBasedStateMachine):
     @rule(q=st.integers(-1, 6))
     def kick(self, q: int) -> None:
         effects = self.call(self.dev.notify, q)
-        if effects:
-            event("kick had effects")
+        for e in effects:
+            event(f"kick: {type(e).__name__}")
+            if isinstance(e, PagesHinted):
+                # D-10: hints are only ever attributed to the current round's id.
+                assert e.cmd_id == self.dev.hint.cmd_id
         if self.dev.status & 64:
             event("device needs reset")
 
     @rule()
     def reset(self) -> None:
         self.call(self.dev.reset)
+
+    @initialize(features=st.sampled_from([OFFERED, OFFERED & ~feature_mask(29),
+                                          OFFERED & ~feature_mask(28)]),
+                base=st.sampled_from([0x10000, 0x20000, 0x8000]), live=st.booleans())
+    def start(self, features: int, base: int, live: bool) -> None:
+        """Half of the runs start from a correctly initialised device."""
+        if live:
+            self.init_properly(features, base)
 
     @rule(features=st.sampled_from([OFFERED, OFFERED & ~feature_mask(29),
                                     OFFERED & ~feature_mask(28)]),
@@ -200,6 +225,55 @@ class DeviceMachine(RuleBasedStateMachine):
         idx = struct.unpack_from("<H", self.ram, drv + 2)[0]
         struct.pack_into("<H", self.ram, drv + 4 + 2 * (idx % size), i)
         struct.pack_into("<H", self.ram, drv + 2, (idx + 1) & 0xFFFF)
+        if data.draw(st.booleans()):
+            self.kick(q)
+
+    def _post_simple(self, q: int, k: int, gpa: int, n: int, flags: int) -> bool:
+        """Descriptor k of queue q = one buffer, published; False if the ring is not in memory."""
+        size, desc, drv, _ = self.queues[q]
+        if not (size and 0 <= desc and desc + 16 * size <= MEM and 0 <= drv
+                and drv + 6 + 2 * size <= MEM):
+            return False
+        i = k % size
+        struct.pack_into("<QIHH", self.ram, desc + 16 * i, gpa, n, flags, 0)
+        idx = struct.unpack_from("<H", self.ram, drv + 2)[0]
+        struct.pack_into("<H", self.ram, drv + 4 + 2 * (idx % size), i)
+        struct.pack_into("<H", self.ram, drv + 2, (idx + 1) & 0xFFFF)
+        return True
+
+    @precondition(lambda self: self.queues)
+    @rule(data=st.data())
+    def hint_round(self, data) -> None:
+        """The host opens a round and a (mostly) correct driver answers on free_page_vq."""
+        q = self.dev.queue_layout().get(BalloonQueue.FREE_PAGE)
+        if q is None or q not in self.queues:
+            return
+        self.call(self.dev.free_page_start)
+        cid = self.dev.hint.cmd_id if data.draw(st.integers(0, 4)) else cid_noise(data)
+        self.ram[0xB0000:0xB0004] = struct.pack("<I", cid)
+        k = data.draw(st.integers(0, 1 << 16))
+        if not self._post_simple(q, k, 0xB0000, 4, 0):
+            return
+        for j in range(data.draw(st.integers(0, 5))):
+            self._post_simple(q, k + 1 + j, data.draw(st.integers(0, MEM)) & ~0xFFF, 0x1000, 2)
+        self.kick(q)
+        if data.draw(st.booleans()):
+            self.ram[0xB0010:0xB0014] = b"\0\0\0\0"
+            self._post_simple(q, k + 7, 0xB0010, 4, 0)
+            self.kick(q)
+
+    @precondition(lambda self: self.queues)
+    @rule(pfns=st.lists(st.integers(0, 300), min_size=1, max_size=6))
+    def inflate_then_deflate(self, pfns) -> None:
+        layout = self.dev.queue_layout()
+        for lq, off in ((BalloonQueue.INFLATE, 0xB1000), (BalloonQueue.DEFLATE, 0xB2000)):
+            q = layout[lq]
+            if q not in self.queues:
+                return
+            payload = struct.pack(f"<{len(pfns)}I", *pfns)
+            self.ram[off:off + len(payload)] = payload
+            if self._post_simple(q, len(pfns), off, len(payload), 0):
+                self.kick(q)
 
     @rule(a=st.integers(0, MEM - 16), payload=st.binary(min_size=1, max_size=16))
     def scribble(self, a: int, payload: bytes) -> None:
