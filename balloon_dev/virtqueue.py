@@ -129,6 +129,18 @@ class Chain:
         return sum(n for _, n in self.in_)
 
 
+@dataclass(frozen=True, slots=True)
+class VirtqueueState:
+    """Everything a queue remembers besides guest memory (conventions 8): enough to save a
+    device and resume it elsewhere (vhost-user GET/SET_VRING_BASE carry ``last_avail_idx``)."""
+
+    last_avail_idx: int
+    used_idx: int
+    notifications: bool
+    signalled_used: int
+    signalled_valid: bool
+
+
 class _ChainError(Exception):
     def __init__(self, counter: str, detail: str) -> None:
         super().__init__(detail)
@@ -182,6 +194,18 @@ class DeviceVirtqueue:
     def in_flight(self) -> int:
         """Chains popped and not yet pushed back."""
         return (self.last_avail_idx - self._used_idx) & 0xFFFF
+
+    def state(self) -> VirtqueueState:
+        return VirtqueueState(self.last_avail_idx, self._used_idx, self._notifications,
+                              self._signalled_used, self._signalled_valid)
+
+    def restore(self, st: VirtqueueState) -> None:
+        """Resume from ``state()``; counters are not part of the state and are kept."""
+        self.last_avail_idx = st.last_avail_idx & 0xFFFF
+        self._used_idx = st.used_idx & 0xFFFF
+        self._notifications = st.notifications
+        self._signalled_used = st.signalled_used & 0xFFFF
+        self._signalled_valid = st.signalled_valid
 
     def reset(self) -> None:
         """Forget all ring state (device reset). Counters are cumulative and kept."""

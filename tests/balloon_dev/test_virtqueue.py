@@ -338,3 +338,22 @@ def test_bad_queue_size() -> None:
     for size in (0, 6, 65536):
         with pytest.raises(RingBroken):
             DeviceVirtqueue(mem, size, 0, 0, 0)
+
+
+def test_state_restore_resumes_where_saved() -> None:
+    mem, r, q = make(event_idx=True)
+    r.set_desc(0, BUF, 8, WRITE)
+    r.publish(0, 0, 0)
+    q.push(q.pop().head, 0)
+    q.should_notify()
+    q.disable_notifications()
+    saved = q.state()
+    # A second queue object on the same memory (a restarted device) picks up from there.
+    q2 = DeviceVirtqueue(mem, 8, r.desc, r.driver, r.device, event_idx=True)
+    q2.restore(saved)
+    assert q2.state() == saved and q2.in_flight == 0 and q2.pending() == 2
+    r.set_used_event(1)
+    q2.push_many([(c.head, 0) for c in q2.pop_many()])
+    assert r.avail_event() == 1  # notifications stayed disabled: avail_event did not move
+    assert q2.should_notify()  # 1 -> 3 passes used_event 1, same as q would decide
+    assert r.used_idx() == 3
