@@ -36,11 +36,13 @@ precopy notifier raises them, protocol.md 5.4):
 
 Hints reach the engine through ``hint(cmd_id, ranges)`` (the wiring turns the device's
 ``PagesHinted`` effects into calls). Applying a hint to the bitmap is work done on the host's hint
-thread (QEMU's iothread, under ``bitmap_mutex``): it is queued and applied after
-``CostModel.host_hint_s`` on the scheduler. The hints still queued when a sync starts belong to
-the round that just ended: they are dropped and counted as stale (4.4 rule 6), as are hints tagged
-with an older command id. The fault ``accept_stale_hints`` keeps them and applies them to the new
-bitmap, which is the unsafe behaviour 5.7 warns about; the verifier must catch it.
+thread (QEMU's iothread) under ``bitmap_mutex``, which the migration thread holds while it sends
+a batch: a hint is queued and applied when the mutex is free (at the latest, between two
+batches). The hints still queued when a sync starts belong to the round that just ended: they
+are dropped and counted as stale (4.4 rule 6), as are hints tagged with an older command id. The
+fault ``accept_stale_hints`` keeps them and applies them to the bitmap the sync just built, which
+is the unsafe behaviour 5.7 warns about (a page written between the hint and the sync loses its
+new content); the verifier must catch it.
 
 Verification (``verify``): at switchover every page the guest has in use, except pages the balloon
 driver holds for hinting, must have on the destination the version (or bytes) the source has;
