@@ -278,3 +278,23 @@ def test_switchover_waits_for_the_buffer_delay_window() -> None:
     assert mig.rounds[0].end_s < 0.02
     assert mig.rounds[-1].start_s == pytest.approx(0.1)
     assert st.total_time_s == pytest.approx(0.1 + st.downtime_s)
+
+
+def test_a_hint_waits_for_the_batch_holding_bitmap_mutex() -> None:
+    """QEMU's migration thread holds bitmap_mutex while it sends a batch: a hint that arrives
+    meanwhile is applied when the batch is over, never in the middle of it."""
+    params = MigrationParams(chunk_pages=1024)
+    sched, g, _, mig = make(n=4096, used=0, params=params)
+    mig.start()
+    sched.run_until(mig.rounds[0].start_s + 1e-7)  # the first batch (pfns 0..1023) is out
+    assert mig._cursor == 1024
+    t_hint = sched.now
+    mig.hint(0x80000001, [(2048 * PAGE_SIZE, 1024 * PAGE_SIZE)])
+    sched.run_until(t_hint + 1e-6)
+    assert mig.to_send[2048:3072].all()  # still waiting: the batch holds the mutex
+    while mig._cursor < 2048:
+        sched.run_next()
+    assert not mig.to_send[2048:3072].any()  # applied before the batch that covers it
+    mig.run()
+    assert mig.stats.pages_skipped_hint == 1024
+    assert mig.verify_result is not None and mig.verify_result.verified
