@@ -24,8 +24,14 @@ effects, and whether the connection must close. It drives the device's status in
   Going live sets up every device queue whose ring has an address, enables it, writes
   DRIVER_OK, then notifies every runnable ring once (kicks may have come before; spurious
   notifications are allowed, protocol.md 1.4).
-* Stop: SET_STATUS 0, or GET_VRING_BASE having stopped every ring (QEMU's vhost_dev_stop), resets
-  the device; the next start sets it up again from scratch.
+* Stop: SET_STATUS 0 or RESET_DEVICE resets the device. GET_VRING_BASE having stopped every ring
+  (QEMU's vhost_dev_stop, sent both when the guest resets the device and when the VM is paused)
+  keeps it: the restart *resumes* it when the same rings come back at the bases we reported
+  (VM stop/cont: the balloon keeps its pages and held buffers, nothing is replayed), and resets
+  it otherwise (a guest reset brings fresh rings at base 0).
+* Resume index: GET_VRING_BASE reports the ring's used index read from guest memory, not the
+  device's last_avail_idx, so that after a reset the buffers the device held unused (the stats
+  buffer) are popped again; every other balloon buffer is used as soon as it is popped.
 
 Memory: every SET_MEM_TABLE region fd is mmapped (shared) and added to the ``GuestMemory`` the
 device reads, at its ``guest_phys_addr``. SET_VRING_ADDR gives *front-end virtual* addresses; they

@@ -34,6 +34,7 @@ RAM_UADDR = 0x7F12_3450_0000
 AREA_GPA = 0x100000
 AREA_SIZE = 1 << 20
 
+POISON = 0xAAAAAAAA
 STATUS_ALL = int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
                  | DeviceStatus.DRIVER_OK)
 
@@ -233,6 +234,10 @@ class Frontend:
         front-end that gates nothing would send. ``bases`` given: the guest's rings are kept and
         restarted at those bases (QEMU after a VM stop/cont); else fresh rings at base 0."""
         f = self.offered if features is None else features
+        if bases is None:
+            # Linux writes poison_val (0xAAAAAAAA when it poisons freed pages) before DRIVER_OK;
+            # QEMU forwards the whole config window it caches (protocol.md 3.6).
+            self.request(R.SET_CONFIG, vu.build_config(0, struct.pack("<4I", 0, 0, 0, POISON)))
         self.request(R.SET_FEATURES, vu.build_u64(f))
         st = self.request(R.GET_STATUS)
         assert st is not None
