@@ -39,6 +39,12 @@ the same order in the same zone (never merging a pageblock of a type without fal
 highatomic or isolate, with one of another type), then puts the block at the list's tail when
 the next-higher buddy is free too (Linux's ``buddy_merge_likely``) and at the head otherwise.
 
+The highatomic lists exist (the walk visits every type) but nothing reserves highatomic
+pageblocks: the model has no atomic high-order allocations. The balloon's own allocations
+(``__GFP_NORETRY | __GFP_NOWARN | __GFP_NOMEMALLOC``, no direct reclaim) map to
+``noretry=True``: min watermark, no reclaim, no drain, no dipping below min.
+``set_migratetype_isolate`` isolates a pageblock as memory offlining does.
+
 Order-0 allocations and frees go through per-cpu lists (``pcp``) per (cpu, zone, migratetype)
 with Linux's ``batch``/``high``: an empty list is refilled with ``batch`` pages from the buddy,
 a list reaching ``high`` gives ``batch`` of its coldest pages back. Pages there are free but not

@@ -333,3 +333,37 @@ class WalkMachine(RuleBasedStateMachine):
 
 TestWalkMachine = WalkMachine.TestCase
 TestWalkMachine.settings = settings(max_examples=50, stateful_step_count=40, deadline=None)
+
+
+def test_schedule_walk_costs_simulated_time_and_can_be_cancelled() -> None:
+    a = BuddyAllocator(64 * MiB)
+    sched = Scheduler()
+    times: list[float] = []
+    done: list[float] = []
+    h = schedule_walk(sched, FreeBlockWalker(a, MAX_ORDER - 1), cost_per_block=0.001,
+                      visit=lambda _o, p, n: times.append(sched.now),
+                      on_done=lambda hh: done.append(hh.finished or -1.0))
+    sched.run_until(10.0)
+    nblocks = int(a.free_counts()[:, MAX_ORDER - 1, :].sum())
+    assert len(times) == nblocks
+    assert np.allclose(np.diff(times), 0.001)
+    assert done and done[0] == pytest.approx(nblocks * 0.001)
+    times.clear()
+    h2 = schedule_walk(sched, FreeBlockWalker(a, 0), cost_per_block=0.001,
+                       visit=lambda _o, p, n: times.append(sched.now))
+    sched.run_until(sched.now + 0.0025)
+    h2.cancel()
+    sched.run_until(sched.now + 1.0)
+    assert len(times) == 3 and h2.finished is None
+    assert h.finished is not None
+
+
+def test_small_guest_walks_only_populated_zones() -> None:
+    a = BuddyAllocator(8 * MiB)  # DMA only
+    assert [z.populated for z in a.zones] == [True, False, False]
+    w = FreeBlockWalker(a, 0)
+    blocks = []
+    while (b := w.step()) is not None:
+        blocks.append(b)
+    assert sum(n for _, n in blocks) == a.nr_free_pages() == 2048
+    assert w.stats.calls == MAX_ORDER * MIGRATE_TYPES + len(blocks)
