@@ -67,6 +67,13 @@ async def _bind_private(sock: Any, path: str) -> None:
     os.chmod(path, 0o600)
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -128,8 +135,10 @@ class VfioUserServer:
     # -- vfio-user socket --------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
         try:
             await _bind_private(sock, self.path)
+            bound = True  # from here on the path is ours to remove
             sock.listen(1)
             log.info("vfio-user server listening on %s", self.path)
             task_status.started()
@@ -142,10 +151,8 @@ class VfioUserServer:
                     conn.close()
         finally:
             sock.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            if bound:
+                _unlink_quietly(self.path)
 
     async def _serve(self, conn: Any) -> None:
         session = VfioUserSession(self.pci, self.mem)
@@ -233,8 +240,10 @@ async def serve_control(path: str, control: HostControl, *,
                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``control`` on a unix socket (mode 0600), one JSON object per line."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         await _bind_private(sock, path)
+        bound = True
         sock.listen(4)
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -243,10 +252,8 @@ async def serve_control(path: str, control: HostControl, *,
                 nursery.start_soon(_control_conn, trio.SocketStream(conn), control)
     finally:
         sock.close()
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if bound:
+            _unlink_quietly(path)
 
 
 async def _control_conn(stream: trio.SocketStream, control: HostControl) -> None:
