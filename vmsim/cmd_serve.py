@@ -3,7 +3,9 @@
 Builds a ``BalloonDevice`` over an initially empty ``GuestMemory`` (QEMU's DMA_MAP messages map
 guest RAM into it), wraps it in the virtio-pci function and serves it on the vfio-user socket
 the user names, with the JSON host-control socket beside it (``balloon-hint ctl``). Prints the
-QEMU options that connect to it, then serves until interrupted.
+QEMU options that connect to it, then serves until interrupted. With ``--vhost-user PATH`` the
+same device is served to QEMU's generic vhost-user front-end instead (guest RAM arrives with
+SET_MEM_TABLE; ``balloon_dev/transport/vhost_user_server.py``).
 """
 from __future__ import annotations
 

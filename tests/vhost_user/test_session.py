@@ -176,6 +176,27 @@ def test_vring_addr_is_translated_from_frontend_virtual_addresses(fe: Frontend) 
                                                               vr.used_gpa)
 
 
+def test_two_regions_of_one_memfd_as_qemu_splits_ram(fe: Frontend) -> None:
+    # q35 splits RAM around the PCI hole: low RAM at gpa 0 and the rest above 4 GiB, both from
+    # one memfd at different offsets and front-end addresses.
+    fe.init()
+    half = RAM_SIZE // 2
+    hi_gpa, hi_uaddr = 1 << 32, RAM_UADDR + (1 << 30)
+    regs = [vu.MemoryRegion(0, half, RAM_UADDR, 0),
+            vu.MemoryRegion(hi_gpa, half, hi_uaddr, half)]
+    fe.request(R.SET_MEM_TABLE, vu.build_memory_table(regs), fds=[fe.memfd, fe.memfd])
+    assert [(r.gpa, r.size) for r in fe.be_mem.regions] == [(0, half), (hi_gpa, half)]
+    # Bytes at memfd offset half + 0x10 are guest-physical 4 GiB + 0x10.
+    fe.mem.write(half + 0x10, b"high")
+    assert fe.be_mem.read(hi_gpa + 0x10, 4) == b"high"
+    fe.request(R.SET_VRING_NUM, vu.build_vring_state(0, 16))
+    fe.request(R.SET_VRING_ADDR, vu.build_vring_addr(vu.VringAddr(
+        0, 0, hi_uaddr + 0x1000, hi_uaddr + 0x3000, hi_uaddr + 0x2000, 0)))
+    ring = fe.session.rings[0]
+    assert (ring.desc_gpa, ring.avail_gpa, ring.used_gpa) == (
+        hi_gpa + 0x1000, hi_gpa + 0x2000, hi_gpa + 0x3000)
+
+
 def test_vring_addr_outside_every_region_rejected(fe: Frontend) -> None:
     fe.init()
     fe.request(R.SET_MEM_TABLE, fe.mem_table(), fds=[fe.memfd])
