@@ -301,14 +301,15 @@ class BalloonDevice:
         self.host_sink: Callable[[list[Effect]], None] | None = None
 
     # == bookkeeping ==========================================================================
-    def _count(self, name: str, fmt: str, *args: object, level: int = logging.WARNING) -> None:
-        self._counters[name] = self._counters.get(name, 0) + 1
+    def _count(self, name: str, fmt: str, *args: object, level: int = logging.WARNING,
+               n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
         log.log(level, "guest error %s: " + fmt, name, *args)
 
-    def _dr(self, dr_id: str, fmt: str, *args: object) -> None:
-        """A driver requirement (protocol.md 4.6 DR-n) the driver broke."""
-        self.dr_violations[dr_id] = self.dr_violations.get(dr_id, 0) + 1
-        self._counters[dr_id] = self._counters.get(dr_id, 0) + 1
+    def _dr(self, dr_id: str, fmt: str, *args: object, n: int = 1) -> None:
+        """A driver requirement (protocol.md 4.6 DR-n) the driver broke (``n`` times)."""
+        self.dr_violations[dr_id] = self.dr_violations.get(dr_id, 0) + n
+        self._counters[dr_id] = self._counters.get(dr_id, 0) + n
         log.warning("driver broke %s: " + fmt, dr_id, *args)
 
     @property
@@ -792,6 +793,8 @@ class BalloonDevice:
 
     def _do_free_page(self, vq: DeviceVirtqueue, chains: list[Chain], effects: list[Effect],
                       used: list[tuple[int, int]]) -> None:
+        # Every element is used with len 0 (protocol.md 4.2), in order.
+        used.extend((ch.head, 0) for ch in chains)
         hints: list[Range] = []
 
         def flush() -> None:
@@ -799,28 +802,37 @@ class BalloonDevice:
                 effects.append(PagesHinted(self.hint.cmd_id, tuple(hints)))
                 hints.clear()
 
-        for ch in chains:
-            used.append((ch.head, 0))  # every element used with len 0 (protocol.md 4.2)
+        i, n = 0, len(chains)
+        while i < n:
+            ch = chains[i]
             if ch.error is not None:
                 self._malformed(BalloonQueue.FREE_PAGE, ch)
+                i += 1
                 continue
             if ch.out:
                 flush()  # hints before a command belong to the state before it
                 self._free_page_cmd(vq, ch, effects)
+                i += 1
                 continue
+            # A run of hint chains: HINT never changes the state, so the run is judged once
+            # (a full ring of 1024 hints is one table look-up, not 1024).
+            j = i + 1
+            while j < n and chains[j].error is None and not chains[j].out:
+                j += 1
+            run = chains[i:j]
             _, _, act = self.hint.fire(HintEvent.HINT)
             if act & Act.APPLY_HINT:
-                hints.extend(self._ram_ranges(ch.in_))
-            else:
+                hints.extend(self._ram_ranges(tuple(r for c in run for r in c.in_)))
+            elif self.state.driver_stopped:
                 # protocol.md 4.4 rule 4 / D-10: not a hint outside START; just used.
-                if self.state.driver_stopped:
-                    self._dr("DR-10", "hint head %d (%s) after the driver's STOP / before its "
-                             "start (cmd_id state %s)", ch.head, _ranges_hex(ch.in_),
-                             self.hint.status.name)
-                else:
-                    self._count("hint_outside_round", "hint head %d (%s) while %s: dropped",
-                                ch.head, _ranges_hex(ch.in_), self.hint.status.name,
-                                level=logging.INFO)
+                self._dr("DR-10", "%d hints from head %d (%s) after the driver's STOP / before "
+                         "its start (cmd_id state %s)", len(run), ch.head, _ranges_hex(ch.in_),
+                         self.hint.status.name, n=len(run))
+            else:
+                self._count("hint_outside_round", "%d hints from head %d (%s) while %s: dropped",
+                            len(run), ch.head, _ranges_hex(ch.in_), self.hint.status.name,
+                            level=logging.INFO, n=len(run))
+            i = j
         flush()
 
     def _ram_ranges(self, ranges: tuple[Range, ...]) -> list[Range]:
