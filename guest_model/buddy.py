@@ -175,7 +175,8 @@ class Zone:
 
 
 def _blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:
-    """Maximal aligned power-of-two blocks covering [start, end), low to high (``__free_pages_memory``)."""
+    """Maximal aligned power-of-two blocks covering [start, end), low to high
+    (``__free_pages_memory``)."""
     out: list[tuple[int, int]] = []
     while start < end:
         order = min(MAX_ORDER - 1, (start & -start).bit_length() - 1 if start else MAX_ORDER - 1)
@@ -497,7 +498,8 @@ class BuddyAllocator:
         return out
 
     # ---- watermarks -------------------------------------------------------------------------
-    def zone_watermark_ok(self, z: int, order: int, mark: int, highest_zone: int = ZONE_NORMAL) -> bool:
+    def zone_watermark_ok(self, z: int, order: int, mark: int,
+                          highest_zone: int = ZONE_NORMAL) -> bool:
         zone = self.zones[z]
         free = self._zone_free[z] - ((1 << order) - 1)
         if free <= zone.watermark[mark] + zone.lowmem_reserve[highest_zone]:

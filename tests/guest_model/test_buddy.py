@@ -68,7 +68,8 @@ def assert_maximal(a: BuddyAllocator) -> None:
             continue
         b = h ^ (1 << o)
         if b < a.ram_pages and a.buddy_order[b] == o and a.zone_of(b) == a.zone_of(h):
-            mts = {int(a.pageblock_mt[h >> pageblock_order]), int(a.pageblock_mt[b >> pageblock_order])}
+            mts = {int(a.pageblock_mt[h >> pageblock_order]),
+                   int(a.pageblock_mt[b >> pageblock_order])}
             assert len(mts) > 1 and max(mts) >= MIGRATE_PCPTYPES, f"unmerged buddies {h:#x}/{b:#x}"
 
 
@@ -208,7 +209,8 @@ def test_misuse_raises_with_the_culprit() -> None:
 def test_reserved_pages_are_never_handed_out() -> None:
     a = BuddyAllocator(32 * MiB, reserved=[(1 * MiB, 4 * MiB)])
     got = a.alloc_pages_bulk(a.ram_pages)
-    got = np.concatenate([got] + [np.arange(p, p + 1) for p in iter(lambda: a.alloc_pages(0), None)])
+    singles = [p for p in iter(lambda: a.alloc_pages(0), None)]
+    got = np.concatenate([got, np.array(singles, dtype=np.int64)])
     res = np.arange(256, 256 + 1024)
     assert not np.isin(res, got).any()
     assert np.all(a.state[res] == PG_RESERVED)
