@@ -17,7 +17,9 @@ from guest_model.buddy import (
     MAX_ORDER,
     MIGRATE_MOVABLE,
     MIGRATE_TYPES,
+    PG_ALLOC,
     PG_BUDDY,
+    PG_PCP,
     ZONE_DMA32,
     BuddyAllocator,
     list_id,
@@ -26,6 +28,7 @@ from guest_model.buddy import (
 )
 from guest_model.walk import (
     FreeBlockWalker,
+    WalkStats,
     report_free_page_block,
     schedule_walk,
     walk_free_mem_block,
@@ -77,7 +80,7 @@ def test_quiet_walk_reports_exactly_the_free_lists(seed: int, min_order: int, dr
                  int(a.pageblock_mt[p >> pageblock_order])) for p, n in seen]
         assert keys == sorted(keys)
     # Per-cpu pages are free but never reported.
-    pcp = np.flatnonzero(a.state == 2)
+    pcp = np.flatnonzero(a.state == PG_PCP)
     assert not (set(pcp.tolist()) & {p for p, _ in seen})
 
 
@@ -142,7 +145,6 @@ def test_split_block_restarts_at_the_head_in_both() -> None:
         # A different case: split p and leave its upper half free (a buddy of order 9).
         r = a.alloc_pages(MAX_ORDER - 2)
         assert r is not None
-        from guest_model.walk import WalkStats
         stats = WalkStats()
         # Hand back the upper half of the split block: a buddy, but of order 9, not 10.
         assert a.page_order(r + 512) == MAX_ORDER - 2
@@ -253,7 +255,7 @@ def run_concurrent(seed: int, safe: bool) -> tuple[int, int, int, bool]:
     written_after = 0
     logged = True
     for pfn, nr in reports:
-        if np.any(a.state[pfn:pfn + nr] == 3) and np.any(pv.version[pfn:pfn + nr] >= 2):
+        if np.any(a.state[pfn:pfn + nr] == PG_ALLOC) and np.any(pv.version[pfn:pfn + nr] >= 2):
             written_after += 1
             logged &= bool(dirty[pfn:pfn + nr].any())
     return not_free, w.stats.stale_links, written_after, logged
