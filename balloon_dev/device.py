@@ -66,10 +66,12 @@ Observable here:
   not have seen the change yet.
 - DR-12: ``poison_val`` changed after DRIVER_OK; PAGE_POISON negotiated but ``poison_val``
   never written before DRIVER_OK.
+- DR-13 (in part): free page reporting kicked before DRIVER_OK.
 
 Not observable from the device (it cannot see guest page contents, page use or intentions):
-DR-2 (whether the guest poisons freed pages), DR-3 and DR-7 (inflate/deflate/actual timing: the
-driver may batch), DR-4, DR-5, DR-11, DR-13 (page use and page contents).
+DR-2 (whether the guest poisons or zeroes freed pages, and what it expects of them), DR-3 and
+DR-7 (inflate/deflate/actual timing: the driver may batch, so no single moment is wrong),
+DR-4, DR-5, DR-11 and the rest of DR-13 (page use and page contents).
 """
 from __future__ import annotations
 
@@ -616,6 +618,8 @@ class BalloonDevice:
         if not st & DRIVER_OK:
             # D-16 / V-10: no buffer is used before DRIVER_OK; remember the kick for then.
             self._count("notify_before_driver_ok", "kick on queue %d before DRIVER_OK deferred", q)
+            if slot.logical == BalloonQueue.REPORTING:
+                self._dr("DR-13", "free page reporting kicked before DRIVER_OK")
             self.state.deferred_kicks.add(q)
             return []
         try:

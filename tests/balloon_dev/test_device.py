@@ -496,6 +496,14 @@ def test_reset_returns_to_power_on_but_keeps_target_and_counter():
     assert h.read_cmd_id() == cid + 1
 
 
+def test_reporting_before_driver_ok_is_dr13():
+    h = Harness(DeviceConfig(offered_features=ALL))
+    h.init(NO_EVENT_IDX, driver_ok=False)
+    h.post_in(Q.REPORTING, [(0x800000, 0x200000)])
+    assert h.kick(Q.REPORTING) == []
+    assert h.dev.dr_violations == {"DR-13": 1}
+
+
 def test_kicks_before_driver_ok_deferred():
     h = Harness(DeviceConfig(offered_features=ALL))
     h.init(NO_EVENT_IDX, driver_ok=False)
