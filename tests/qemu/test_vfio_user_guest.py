@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,8 @@ class Served:
             return f.read()
 
 
-@pytest.fixture(scope="module")
-def served(lab: QemuLab) -> Iterator[Served]:
+def start_served(lab: QemuLab, append: str = "") -> Iterator[Served]:
+    """Serve the device from a ``balloon-hint serve`` subprocess and boot a 1 GiB guest on it."""
     tmp = tempfile.mkdtemp(prefix="bh-vfio-")
     sock = os.path.join(tmp, "balloon.sock")
     ctl = sock + ".ctl"
@@ -82,7 +83,7 @@ def served(lab: QemuLab) -> Iterator[Served]:
         assert os.stat(sock).st_mode & 0o777 == 0o600
         dev = json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
                           "socket": {"type": "unix", "path": sock}})
-        with lab.boot(ram="1G", devices=[dev], timeout=180) as vm:
+        with lab.boot(ram="1G", devices=[dev], append=append, timeout=180) as vm:
             yield Served(vm, ctl, log_path)
     finally:
         srv.terminate()
@@ -91,6 +92,12 @@ def served(lab: QemuLab) -> Iterator[Served]:
         except subprocess.TimeoutExpired:
             srv.kill()
             srv.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(lab: QemuLab) -> Iterator[Served]:
+    yield from start_served(lab)
 
 
 def _balloon_dev_dir(vm: Any) -> str:
@@ -142,7 +149,6 @@ def _run_round(served: Served) -> dict[str, Any]:
     return next(r for r in st["rounds"] if r["cmd_id"] == cmd_id)
 
 
-@pytest.mark.spec("D-10")
 def test_hint_rounds_idle_guest_hints_half_its_ram(served: Served) -> None:
     first = _run_round(served)
     # Idle 1 GiB guest: at least half of RAM comes back as hints in one round.
@@ -188,6 +194,9 @@ def test_guest_kernel_log_has_no_virtio_error(served: Served) -> None:
     assert "Call Trace" not in log
 
 
+@pytest.mark.spec("DR-9")
+@pytest.mark.spec("DR-10")
+@pytest.mark.spec("DR-12")
 def test_driver_checker_reports_no_violation(served: Served) -> None:
     st = served.stats()
     assert st["dr_violations"] == {}, st["dr_violations"]

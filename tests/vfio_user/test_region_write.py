@@ -51,6 +51,7 @@ def test_posted_write_gets_no_reply_but_acts(live: tuple[Client, list[int]]) -> 
     assert Inflated((0x300,)) in acts
 
 
+@pytest.mark.spec("D-17")
 def test_free_page_hint_round_end_to_end(live: tuple[Client, list[int]]) -> None:
     c, fds = live
     start = c.session.host(lambda d: d.free_page_start())
@@ -71,6 +72,8 @@ def test_free_page_hint_round_end_to_end(live: tuple[Client, list[int]]) -> None
                                                           (0x800000, 0x400000)]
     assert HintRoundStopped(cmd_id) in acts
     assert r.used_idx() == 4
+    # D-17: free_page_vq is transport queue 3 (compacted numbering); every element used, len 0.
+    assert r.used_elems(0, 4) == [(0, 0), (1, 0), (2, 0), (3, 0)]
 
 
 def test_buffers_published_after_the_pop_are_not_left_behind(
