@@ -97,7 +97,7 @@ CHAIN_ERROR_COUNTERS = (
     "indirect_with_next",       # V-6
     "indirect_bad_len",         # V-6
     "indirect_too_long",        # V-6 (our bound on the table copy)
-    "indirect_not_negotiated",  # virtio 1.x 2.7.5.3.1: driver MUST NOT set INDIRECT unless negotiated
+    "indirect_not_negotiated",  # protocol.md 1.5: INDIRECT only with RING_INDIRECT_DESC
     "zero_len_buffer",          # V-7
     "buffer_outside_memory",    # V-8
     "chain_too_long",           # protocol.md 1.2: total length < 2^32
@@ -223,28 +223,31 @@ class DeviceVirtqueue:
         self._count(counter, detail)
         return RingBroken(f"{self.name}: {counter}: {detail}")
 
+    def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
+        return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
+
     # -- available side --------------------------------------------------------------------
     def _avail_idx(self) -> int:
         try:
             return self.mem.read_u16(self.driver + 2)
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
+            raise self._area_broken("avail ring", self.driver, e) from None
 
     def pending(self) -> int:
         """Available entries not yet consumed; RingBroken when more than the queue size (V-1)."""
         n = (self._avail_idx() - self.last_avail_idx) & 0xFFFF
         if n > self.size:
             # V-1 (QEMU "Guest moved used index from %u to %u"): avail.idx moved by more than N.
-            raise self._broken("avail_idx_jump", f"avail idx {(self.last_avail_idx + n) & 0xFFFF:#x}"
-                               f" is {n:#x} ahead of {self.last_avail_idx:#x} > size {self.size:#x}")
+            new = (self.last_avail_idx + n) & 0xFFFF
+            raise self._broken("avail_idx_jump", f"avail idx {new:#x} is {n:#x} ahead of "
+                               f"{self.last_avail_idx:#x} > size {self.size:#x}")
         return n
 
     def _table(self) -> memoryview:
         try:
             return self.mem.view(self.desc, DESC_SIZE * self.size)
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory",
-                               f"descriptor table at {self.desc:#x}: {e}") from None
+            raise self._area_broken("descriptor table", self.desc, e) from None
 
     def pop(self) -> Chain | None:
         """The next available chain, or None. Reads only that chain's descriptors."""
@@ -254,7 +257,7 @@ class DeviceVirtqueue:
         try:
             head = self.mem.read_u16(self.driver + 4 + 2 * slot)
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
+            raise self._area_broken("avail ring", self.driver, e) from None
         if head >= self.size:
             raise self._head_broken(0, head)
         table = self._table()
@@ -265,8 +268,9 @@ class DeviceVirtqueue:
 
     def _head_broken(self, k: int, head: int) -> RingBroken:
         # V-2 (QEMU "Guest says index %u is available"): the ring is unusable from here on.
-        return self._broken("head_out_of_range", f"avail entry {(self.last_avail_idx + k) & 0xFFFF:#x}"
-                            f" names head {head:#x} >= size {self.size:#x}")
+        idx = (self.last_avail_idx + k) & 0xFFFF
+        return self._broken("head_out_of_range",
+                            f"avail entry {idx:#x} names head {head:#x} >= size {self.size:#x}")
 
     def pop_many(self, max_n: int | None = None) -> list[Chain]:
         """Every available chain (at most ``max_n``), batched. Same results as repeated pop().
@@ -319,7 +323,7 @@ class DeviceVirtqueue:
                 return part.astype(np.intp)
             rest = self.mem.array(ring, "<u2", n - first)
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
+            raise self._area_broken("avail ring", self.driver, e) from None
         return np.concatenate((part, rest)).astype(np.intp)
 
     # -- bounds ------------------------------------------------------------------------------
@@ -382,14 +386,16 @@ class DeviceVirtqueue:
                     raise _ChainError("indirect_not_negotiated",
                                       f"{where} {i:#x}: INDIRECT without RING_INDIRECT_DESC")
                 if flags & VIRTQ_DESC_F_NEXT:
-                    raise _ChainError("indirect_with_next", f"{where} {i:#x}: INDIRECT with NEXT (V-6)")
+                    raise _ChainError("indirect_with_next",
+                                      f"{where} {i:#x}: INDIRECT with NEXT (V-6)")
                 if length == 0 or length % DESC_SIZE:
                     raise _ChainError("indirect_bad_len",
                                       f"{where} {i:#x}: indirect table length {length:#x} (V-6)")
                 count = length // DESC_SIZE
                 if count > VIRTQ_MAX_SIZE:
                     raise _ChainError("indirect_too_long",
-                                      f"{where} {i:#x}: indirect table of {count:#x} entries > 0x8000")
+                                      f"{where} {i:#x}: indirect table of {count:#x} entries"
+                                      " > 0x8000")
                 # Bounds first (the table is read, so it must be byte-backed memory), then one
                 # copy of the whole table: its entries are read once (no TOCTOU).
                 if not self.mem.contains(addr, length):
@@ -404,10 +410,12 @@ class DeviceVirtqueue:
                 raise _ChainError("zero_len_buffer", f"{where} {i:#x}: zero sized buffer (V-7)")
             if not self._contains(addr, length):
                 raise _ChainError("buffer_outside_memory",
-                                  f"{where} {i:#x}: [{addr:#x}, +{length:#x}) outside guest memory (V-8)")
+                                  f"{where} {i:#x}: [{addr:#x}, +{length:#x}) outside guest memory"
+                                  " (V-8)")
             total += length
             if total >= _CHAIN_LEN_LIMIT:
-                raise _ChainError("chain_too_long", f"{where} {i:#x}: total length {total:#x} >= 2^32")
+                raise _ChainError("chain_too_long",
+                                  f"{where} {i:#x}: total length {total:#x} >= 2^32")
             if flags & VIRTQ_DESC_F_WRITE:
                 in_.append((addr, length))
             else:
@@ -418,10 +426,12 @@ class DeviceVirtqueue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             if nxt >= limit:
-                raise _ChainError("next_out_of_range", f"{where} {i:#x}: next {nxt:#x} >= {limit:#x} (V-3)")
+                raise _ChainError("next_out_of_range",
+                                  f"{where} {i:#x}: next {nxt:#x} >= {limit:#x} (V-3)")
             if seen >= limit:
                 # V-4: more descriptors than the table holds can only be a loop.
-                raise _ChainError("desc_loop", f"{where} {i:#x}: more than {limit:#x} descriptors (V-4)")
+                raise _ChainError("desc_loop",
+                                  f"{where} {i:#x}: more than {limit:#x} descriptors (V-4)")
             seen += 1
             i = nxt
             d = _DESC.unpack_from(src, DESC_SIZE * i)
@@ -466,7 +476,7 @@ class DeviceVirtqueue:
             self.mem.write(gpa, _USED_ELEM.pack(head, written))
             self.mem.write(self.device + 2, _U16.pack(new))
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+            raise self._area_broken("used ring", self.device, e) from None
         self._used_idx = new
 
     def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
@@ -476,7 +486,8 @@ class DeviceVirtqueue:
             return
         arr = np.asarray(elems, dtype=np.int64).reshape(n, 2)
         heads, lens = arr[:, 0], arr[:, 1]
-        if heads.min() < 0 or heads.max() >= self.size or lens.min() < 0 or lens.max() >= _U32_LIMIT:
+        if (heads.min() < 0 or heads.max() >= self.size
+                or lens.min() < 0 or lens.max() >= _U32_LIMIT):
             raise ValueError(f"{self.name}: used elements out of range (head < {self.size}, "
                              "0 <= len < 2^32)")
         self._check_push(n)
@@ -495,7 +506,7 @@ class DeviceVirtqueue:
                 self.mem.mark_dirty(gpa, USED_ELEM_SIZE * (hi - lo))
             self.mem.write(self.device + 2, _U16.pack(new))
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+            raise self._area_broken("used ring", self.device, e) from None
         self._used_idx = new
 
     # -- notifications -------------------------------------------------------------------
@@ -513,7 +524,7 @@ class DeviceVirtqueue:
                 return vring_need_event(used_event, new, old)
             return not self.mem.read_u16(self.driver) & VIRTQ_AVAIL_F_NO_INTERRUPT
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"avail ring at {self.driver:#x}: {e}") from None
+            raise self._area_broken("avail ring", self.driver, e) from None
 
     def _publish_avail_event(self) -> None:
         if self.event_idx and self._notifications:
@@ -523,7 +534,7 @@ class DeviceVirtqueue:
         try:
             self.mem.write(gpa, _U16.pack(value & 0xFFFF))
         except GuestMemoryError as e:
-            raise self._broken("ring_outside_memory", f"used ring at {self.device:#x}: {e}") from None
+            raise self._area_broken("used ring", self.device, e) from None
 
     def enable_notifications(self) -> None:
         """Ask the driver to kick again. Callers re-check ``pending()`` afterwards: entries
