@@ -961,6 +961,12 @@ class BalloonDevice:
         num_pages = self.state.num_pages
         self.state = DeviceState(num_pages=num_pages, config_generation=gen + 1)
         for slot in self._slots.values():
+            if slot.vq is not None:
+                # Keep the queue's guest-error counts: counters cover the device's whole life.
+                for k, v in slot.vq.counters.items():
+                    if v:
+                        key = f"{slot.logical.name.lower()}.{k}"
+                        self._counters[key] = self._counters.get(key, 0) + v
             slot.vq = None
             slot.configured = False
             slot.size = slot.desc = slot.driver = slot.device = 0

@@ -255,6 +255,8 @@ def test_ring_broken_sets_needs_reset_and_then_ignores_kicks():
     assert h.kick(Q.INFLATE) == []
     assert h.dev.counters["notify_while_needs_reset"] == 1
     assert h.dev.counters["inflate.avail_idx_jump"] == 1
+    h.dev.reset()
+    assert h.dev.counters["inflate.avail_idx_jump"] == 1  # kept across reset
 
 
 # -- inflate / deflate --------------------------------------------------------------------------
