@@ -488,6 +488,11 @@ class PrecopyMigration:
         self.verify_result = res
         return res
 
+    @property
+    def progress(self) -> tuple[int, float]:
+        """(round number, fraction of this round's bitmap walked), for progress displays."""
+        return len(self.rounds), self._cursor / self.ram_pages if self.ram_pages else 1.0
+
     def round_series(self) -> list[int]:
         return [r.pages_sent for r in self.rounds]
 

@@ -289,9 +289,9 @@ class SimVM:
                 raise RuntimeError("simulation ran out of events before the migration ended")
             n += 1
             if progress is not None and n % 512 == 0:
-                rnd = len(mig.rounds)
-                progress(min(0.99, 1 - 0.5 ** rnd * (1 - mig._cursor / self.ram_pages)),
-                         f"round {rnd}")
+                # rounds shrink geometrically: round k is worth half of what is left
+                rnd, frac = mig.progress
+                progress(min(0.99, 1 - 0.5 ** (rnd - 1) * (1 - frac / 2)), f"round {rnd}")
 
 
 def _sparse_map(size: int) -> mmap.mmap:
