@@ -14,11 +14,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vmsim import report
 from vmsim.scenario import HINT_MODES, Scenario, ScenarioError, load, load_builtin
+from vmsim.vm import FAULTS
 
 HELP = "simulate a pre-copy live migration with free page hinting and verify the destination"
 
 DEFAULT_BUILTIN = "compile-8g"
-FAULTS = ("accept-stale-hints",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def _load(args: argparse.Namespace) -> tuple[Scenario, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmsim.vm import run_scenario  # imported late: the parser must build without it
+    from vmsim.vm import run_scenario
 
     console = Console()
     err = Console(stderr=True)

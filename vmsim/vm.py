@@ -57,7 +57,7 @@ from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE
 from vmsim.report import RunResult
-from vmsim.scenario import Scenario, WorkloadSpec
+from vmsim.scenario import HINT_MODES, Scenario, WorkloadSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ KERNEL_BASE_BYTES = 96 << 20  # kernel text/data, slab and early allocations of 
 MEMMAP_FRACTION = 64 / PAGE_SIZE  # struct page: 64 bytes per 4 KiB page, allocated at boot
 
 Progress = Callable[[float, str], None]
+#: Host faults a run can inject (``--fault``): accept-stale-hints applies hints that were queued
+#: when a bitmap sync happened to the new bitmap (protocol.md 5.7's unsafe case).
+FAULTS = ("accept-stale-hints",)
 
 
 class ScenarioWorkloads:
@@ -329,6 +332,10 @@ def _driver_ready(vm: SimVM) -> None:
 def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: str | None = None,
                  progress: Progress | None = None, cost: CostModel | None = None) -> RunResult:
     """Build the VM, run the set-up phases, migrate with verification, return the result."""
+    if mode not in HINT_MODES:
+        raise ValueError(f"hinting mode {mode!r}: one of {', '.join(HINT_MODES)}")
+    if fault not in (None, *FAULTS):
+        raise ValueError(f"fault {fault!r}: one of {', '.join(FAULTS)}")
     t0 = time.perf_counter()
     s = seed if seed is not None else scn.guest.seed
     vm = SimVM(scn, VMOptions(mode=mode, seed=s, fault=fault, cost=cost))
