@@ -119,6 +119,17 @@ def test_run_timeout_names_the_wait(guest):
     assert guest.run("sleep 3; echo after") == "after\n"
 
 
+def test_orphaned_background_jobs_do_not_end_the_shell(guest):
+    # A background job outlives the sh that started it and is re-parented to PID 1; killing it
+    # used to end the console shell (then PID 1) when that shell was PID 1 itself.
+    for _ in range(3):
+        pid = guest.run("(while :; do usleep 20000; done) >/dev/null 2>&1 & echo $!").strip()
+        assert guest.run("cat /proc/1/cmdline | tr '\\0' ' '").startswith("/bin/busybox sh")
+        guest.run(f"kill {pid}")
+        assert guest.run("echo alive") == "alive\n"
+    assert "BH_SHELL_EXITED" not in guest.console_log
+
+
 def test_qmp_commands_and_errors(guest):
     assert guest.qmp("query-status")["status"] == "running"
     ver = guest.qmp("query-version")["qemu"]
