@@ -48,6 +48,7 @@ from guest_model.buddy import (
     MIGRATE_MOVABLE,
     MIGRATE_RECLAIMABLE,
     MIGRATE_UNMOVABLE,
+    PG_ALLOC,
     BuddyAllocator,
 )
 from guestmem.clock import Scheduler
@@ -227,9 +228,17 @@ class _PageSet:
 
 
 class Idle(Workload):
-    """A guest doing nothing: no allocation, no write."""
+    """A guest doing nothing: no allocation, no write. ``duration`` (seconds) is how long the
+    idle phase lasts; moving the clock is the VM's business (``run_phase`` touches no memory)."""
 
     name = "idle"
+
+    def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
+                 seed: int = 0, tick: float = 0.01, duration: float = 0.0) -> None:
+        super().__init__(allocator, pages, seed=seed, tick=tick)
+        if duration < 0:
+            raise ValueError(f"idle: duration={duration}: must be >= 0 seconds")
+        self.duration = float(duration)
 
     def run_phase(self) -> None:
         return
@@ -241,40 +250,42 @@ class Idle(Workload):
 class Fill(Workload):
     """Anonymous memory: allocate ``size`` bytes (or ``size_fraction`` of RAM, default 0.5) of
     movable pages and write each; ``rate`` bytes/s in the background (default 2 GiB/s).
-    ``thp=True`` allocates 2 MiB order-9 blocks as transparent huge pages do."""
+    ``order`` (default 0) allocates blocks of that order instead: 9 is what transparent huge
+    pages do (2 MiB)."""
 
     name = "fill"
 
     def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
                  seed: int = 0, tick: float = 0.01, size: int | None = None,
                  size_fraction: float | None = None, rate: float = 2 * 2**30,
-                 thp: bool = False) -> None:
+                 order: int = 0) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate <= 0:
             raise ValueError(f"fill: rate={rate}: must be > 0 bytes/s")
+        if not 0 <= order < MAX_ORDER:
+            raise ValueError(f"fill: order={order}: must be 0..{MAX_ORDER - 1}")
         self.target = self._pages_of(size, size_fraction, 0.5, "size")
         self.rate_pages = rate / (1 << PAGE_SHIFT)
-        self.thp = thp
-        if thp:
-            self.target = self.target >> 9 << 9
+        self.order = order
+        self.target = self.target >> order << order
         self.held = _PageSet()
-        self.huge: list[int] = []  # first pfns of order-9 blocks
+        self.blocks: list[int] = []  # first pfns of the blocks when order > 0
         self._carry = 0.0
 
     def held_pages(self) -> int:
-        return self.held.count + (len(self.huge) << 9)
+        return self.held.count + (len(self.blocks) << self.order)
 
     def _grow(self, n: int) -> bool:
         """Allocate and write ``n`` more pages; False when memory ran out."""
-        if self.thp:
-            for _ in range(n >> 9):
-                p = self.a.alloc_pages(9, MIGRATE_MOVABLE, cpu=self._cpu())
+        if self.order:
+            for _ in range(n >> self.order):
+                p = self.a.alloc_pages(self.order, MIGRATE_MOVABLE, cpu=self._cpu())
                 if p is None:
                     self.stats["alloc_failures"] += 1
                     return False
-                self.stats["alloc_pages"] += 512
-                self.huge.append(p)
-                self.write_block(p, 9)
+                self.stats["alloc_pages"] += 1 << self.order
+                self.blocks.append(p)
+                self.write_block(p, self.order)
             return True
         got = self.alloc0(n)
         self.write(got)
@@ -287,18 +298,17 @@ class Fill(Workload):
     def step(self, now: float, dt: float) -> bool:
         want = self.rate_pages * dt + self._carry
         n = min(int(want), self.target - self.held_pages())
-        if self.thp:
-            n = n >> 9 << 9  # whole huge pages; the rest carries over to the next tick
+        n = n >> self.order << self.order  # whole blocks; the rest carries over
         self._carry = want - n
         ok = self._grow(n) if n > 0 else True
         return ok and self.held_pages() < self.target
 
     def release(self) -> None:
         self.free0(self.held.all())
-        for p in self.huge:
-            self.a.free_pages(p, 9, cpu=self._cpu())
-            self.stats["freed_pages"] += 512
-        self.huge.clear()
+        for p in self.blocks:
+            self.a.free_pages(p, self.order, cpu=self._cpu())
+            self.stats["freed_pages"] += 1 << self.order
+        self.blocks.clear()
 
 
 class PageCache(Workload):
@@ -360,11 +370,14 @@ class PageCache(Workload):
 
 
 class Churn(Workload):
-    """Many short-lived allocations of mixed orders, like a kernel build: ``rate`` allocations
-    per second, each living an exponential time of mean ``lifetime`` seconds, written when
-    allocated. Orders and types: mostly order-0 movable (anonymous memory), some order-0
-    reclaimable and unmovable (slab), order-1..3 unmovable (kernel stacks, slab caches).
-    ``run_phase`` runs ``duration`` seconds of it, then frees what is still alive unless
+    """Many short-lived allocations of mixed orders, like a kernel build: ``rate`` bytes/s
+    allocated (default 80 MiB/s), each allocation written when made and freed after an
+    exponential time of mean ``lifetime`` seconds (default 0.05). The mix: mostly order-0
+    movable (anonymous memory), some order-0 reclaimable and unmovable (slab), order-1..3
+    unmovable (kernel stacks, slab caches), up to ``max_order``; ``order`` makes every
+    allocation movable of that one order instead. ``footprint`` (bytes) caps what is live at
+    once: past it the allocations due to die first are freed early. ``run_phase`` runs
+    ``duration`` seconds of it (default 1.0), then frees what is still alive unless
     ``keep_alive``."""
 
     name = "churn"
@@ -375,36 +388,52 @@ class Churn(Workload):
     )
 
     def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
-                 seed: int = 0, tick: float = 0.01, rate: float = 20000.0,
+                 seed: int = 0, tick: float = 0.01, rate: float = 80 * 2**20,
                  lifetime: float = 0.05, duration: float = 1.0, keep_alive: bool = False,
-                 max_order: int = 3) -> None:
+                 max_order: int = 3, order: int | None = None,
+                 footprint: int | None = None) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate < 0 or lifetime <= 0 or duration < 0:
-            raise ValueError(f"churn: rate={rate} >= 0, lifetime={lifetime} > 0, "
-                             f"duration={duration} >= 0 required")
+            raise ValueError(f"churn: rate={rate} >= 0 bytes/s, lifetime={lifetime} > 0 s, "
+                             f"duration={duration} >= 0 s required")
         if not 0 <= max_order < MAX_ORDER:
             raise ValueError(f"churn: max_order={max_order}: 0..{MAX_ORDER - 1}")
-        mix = [m for m in self.MIX if m[0] <= max_order]
+        if order is not None and not 0 <= order < MAX_ORDER:
+            raise ValueError(f"churn: order={order}: 0..{MAX_ORDER - 1}")
+        if footprint is not None and footprint < 0:
+            raise ValueError(f"churn: footprint={footprint}: must be >= 0 bytes")
+        if order is not None:
+            mix = [(order, MIGRATE_MOVABLE, 1.0)]
+        else:
+            mix = [m for m in self.MIX if m[0] <= max_order]
         w = np.array([m[2] for m in mix])
         self.mix = [(m[0], m[1]) for m in mix]
         self.p = w / w.sum()
-        self.rate = rate
+        # Allocations per second = bytes/s over the mean allocation size of the mix.
+        mean_pages = float(np.dot(self.p, [1 << o for o, _ in self.mix]))
+        self.alloc_rate = rate / (1 << PAGE_SHIFT) / mean_pages
         self.lifetime = lifetime
         self.duration = duration
         self.keep_alive = keep_alive
+        self.cap = None if footprint is None else int(footprint) >> PAGE_SHIFT
         self.live: list[tuple[float, int, int, int]] = []  # heap of (expiry, seq, pfn, order)
+        self.live_pages = 0
         self._seq = 0
         self._local_now = 0.0
 
     def held_pages(self) -> int:
-        return sum(1 << o for _, _, _, o in self.live)
+        return self.live_pages
+
+    def _free_first(self) -> None:
+        _, _, p, o = heapq.heappop(self.live)
+        self.a.free_pages(p, o, cpu=self._cpu())
+        self.live_pages -= 1 << o
+        self.stats["freed_pages"] += 1 << o
 
     def _work(self, now: float, dt: float) -> None:
         while self.live and self.live[0][0] <= now:
-            _, _, p, o = heapq.heappop(self.live)
-            self.a.free_pages(p, o, cpu=self._cpu())
-            self.stats["freed_pages"] += 1 << o
-        n = self._poisson(self.rate * dt)
+            self._free_first()
+        n = self._poisson(self.alloc_rate * dt)
         if n == 0:
             return
         kinds = self.rng.choice(len(self.mix), size=n, p=self.p)
@@ -413,11 +442,17 @@ class Churn(Workload):
         arrive = now - dt + self.rng.random(n) * dt
         for k, life, t0 in zip(kinds.tolist(), lives.tolist(), arrive.tolist()):
             order, mt = self.mix[k]
+            if self.cap is not None:
+                while self.live and self.live_pages + (1 << order) > self.cap:
+                    self._free_first()
+                if self.live_pages + (1 << order) > self.cap:
+                    continue
             p = self.a.alloc_pages(order, mt, cpu=self._cpu())
             if p is None:
                 self.stats["alloc_failures"] += 1
                 continue
             self.stats["alloc_pages"] += 1 << order
+            self.live_pages += 1 << order
             self.write_block(p, order)
             self._seq += 1
             heapq.heappush(self.live, (t0 + life, self._seq, p, order))
@@ -435,48 +470,61 @@ class Churn(Workload):
         return True
 
     def release(self) -> None:
-        for _, _, p, o in self.live:
-            self.a.free_pages(p, o, cpu=self._cpu())
-            self.stats["freed_pages"] += 1 << o
-        self.live.clear()
+        while self.live:
+            self._free_first()
 
 
 class MemhogThenFree(Workload):
     """Touch most of RAM, then free it (``memhog``): allocate ``fraction`` of the free memory
-    (default 0.9), write every page, keep it ``hold`` seconds, free it all. Afterwards free
-    memory is full of old data (unless init_on_free/poisoning wipe it). In the background it
-    allocates at ``rate`` bytes/s (default 4 GiB/s)."""
+    (default 0.9) or ``size`` bytes, write every page, keep it ``hold`` seconds, free it.
+    ``keep`` (default 0) leaves that random fraction of the pages allocated (memory partly
+    reclaimed: fragmented free lists). Afterwards free memory is full of old data (unless
+    init_on_free/poisoning wipe it). In the background it allocates at ``rate`` bytes/s
+    (default 4 GiB/s)."""
 
     name = "memhog_then_free"
 
     def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
                  seed: int = 0, tick: float = 0.01, fraction: float = 0.9,
-                 rate: float = 4 * 2**30, hold: float = 0.0) -> None:
+                 size: int | None = None, keep: float = 0.0, rate: float = 4 * 2**30,
+                 hold: float = 0.0) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
-        if not 0 <= fraction <= 1 or rate <= 0 or hold < 0:
-            raise ValueError(f"memhog_then_free: fraction={fraction} in [0,1], rate={rate} > 0,"
-                             f" hold={hold} >= 0 required")
+        if not 0 <= fraction <= 1 or rate <= 0 or hold < 0 or not 0 <= keep <= 1:
+            raise ValueError(f"{self.name}: fraction={fraction} in [0,1], keep={keep} in [0,1],"
+                             f" rate={rate} > 0, hold={hold} >= 0 required")
+        if size is not None and size < 0:
+            raise ValueError(f"{self.name}: size={size}: must be >= 0 bytes")
         self.fraction = fraction
+        self.keep = keep
         self.rate_pages = rate / (1 << PAGE_SHIFT)
         self.hold = hold
         self.held = _PageSet()
-        self.target: int | None = None
+        self.kept = _PageSet()  # the ``keep`` share, still allocated after the free
+        self.target: int | None = None if size is None else int(size) >> PAGE_SHIFT
         self._full_at: float | None = None
         self._carry = 0.0
 
     def held_pages(self) -> int:
-        return self.held.count
+        return self.held.count + self.kept.count
 
     def _target(self) -> int:
         if self.target is None:
             self.target = int((self.a.nr_free_pages() + self.a.nr_pcp_pages()) * self.fraction)
         return self.target
 
+    def _free_all_but_kept(self) -> None:
+        pfns = self.held.all()
+        if self.keep > 0 and pfns.size:
+            kept = self.rng.random(pfns.size) < self.keep
+            self.kept.add(pfns[kept])
+            pfns = pfns[~kept]
+        self.free0(pfns)
+
     def run_phase(self) -> None:
         got = self.alloc0(self._target())
         self.write(got)
         self.held.add(got)
-        self.release()
+        self._free_all_but_kept()
 
     def step(self, now: float, dt: float) -> bool:
         target = self._target()
@@ -491,32 +539,46 @@ class MemhogThenFree(Workload):
                 self._full_at = now
             return True
         if now - self._full_at >= self.hold:
-            self.release()
+            self._free_all_but_kept()
             return False
         return True
 
     def release(self) -> None:
         self.free0(self.held.all())
+        self.free0(self.kept.all())
+
+
+class FillFree(MemhogThenFree):
+    """``memhog_then_free`` by the scenario files' name: ``size`` bytes allocated, written and
+    freed again, ``keep`` of them left allocated."""
+
+    name = "fill_free"
 
 
 class Dirty(Workload):
-    """A write rate over a working set while migration runs: ``working_set`` bytes (or
-    ``working_set_fraction`` of RAM, default 0.1) allocated and written once, then
-    ``write_rate`` bytes/s (default 100 MiB/s) of writes to pages picked uniformly at random
-    from it (a page may be written again before the host sends it)."""
+    """A write rate over a working set while migration runs: ``rate`` bytes/s (default
+    100 MiB/s) of writes to pages picked uniformly at random from the working set (a page may
+    be written again before the host sends it). The working set is ``working_set`` bytes (or
+    ``working_set_fraction`` of RAM, default 0.1) allocated and written once, or with
+    ``existing=True`` pages already in use by the guest at start (the first ``working_set``
+    bytes of them, all by default); writes skip pages their owner has freed since."""
 
     name = "dirty"
 
     def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
                  seed: int = 0, tick: float = 0.01, working_set: int | None = None,
-                 working_set_fraction: float | None = None,
-                 write_rate: float = 100 * 2**20) -> None:
+                 working_set_fraction: float | None = None, rate: float = 100 * 2**20,
+                 existing: bool = False) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
-        if write_rate < 0:
-            raise ValueError(f"dirty: write_rate={write_rate}: must be >= 0 bytes/s")
-        self.target = self._pages_of(working_set, working_set_fraction, 0.1, "working_set")
-        self.rate_pages = write_rate / (1 << PAGE_SHIFT)
-        self.ws = _PageSet()
+        if rate < 0:
+            raise ValueError(f"dirty: rate={rate}: must be >= 0 bytes/s")
+        self.existing = existing
+        if existing and working_set is None and working_set_fraction is None:
+            self.target = -1  # all pages in use
+        else:
+            self.target = self._pages_of(working_set, working_set_fraction, 0.1, "working_set")
+        self.rate_pages = rate / (1 << PAGE_SHIFT)
+        self.ws = _PageSet()  # pages this workload allocated
         self._ws_arr: np.ndarray | None = None
 
     def held_pages(self) -> int:
@@ -524,10 +586,14 @@ class Dirty(Workload):
 
     def _ensure_ws(self) -> np.ndarray:
         if self._ws_arr is None:
-            got = self.alloc0(self.target)
-            self.write(got)
-            self.ws.add(got)
-            self._ws_arr = self.ws.view()
+            if self.existing:
+                used = np.flatnonzero(self.a.in_use_mask())
+                self._ws_arr = used if self.target < 0 else used[:self.target]
+            else:
+                got = self.alloc0(self.target)
+                self.write(got)
+                self.ws.add(got)
+                self._ws_arr = self.ws.view()
         return self._ws_arr
 
     def run_phase(self) -> None:
@@ -537,7 +603,11 @@ class Dirty(Workload):
         ws = self._ensure_ws()
         n = self._poisson(self.rate_pages * dt)
         if n and ws.size:
-            self.write(ws[self.rng.integers(0, ws.size, size=n)])
+            pick = ws[self.rng.integers(0, ws.size, size=n)]
+            if self.existing:
+                # Only the owner writes its pages; a freed page is nobody's to write.
+                pick = pick[self.a.state[pick] == PG_ALLOC]
+            self.write(pick)
         return True
 
     def release(self) -> None:
@@ -547,7 +617,7 @@ class Dirty(Workload):
 
 WorkloadFactory = Callable[..., Workload]
 WORKLOADS: dict[str, WorkloadFactory] = {
-    cls.name: cls for cls in (Idle, Fill, PageCache, Churn, MemhogThenFree, Dirty)
+    cls.name: cls for cls in (Idle, Fill, PageCache, Churn, MemhogThenFree, FillFree, Dirty)
 }
 
 

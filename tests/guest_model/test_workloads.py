@@ -38,7 +38,8 @@ def vm(ram: int = 128 * MiB, **kw: object) -> tuple[BuddyAllocator, PageVersions
 
 
 def test_registry_and_usage_errors() -> None:
-    assert set(WORKLOADS) == {"idle", "fill", "page_cache", "churn", "memhog_then_free", "dirty"}
+    assert set(WORKLOADS) == {"idle", "fill", "page_cache", "churn", "memhog_then_free",
+                              "fill_free", "dirty"}
     a, pv, _ = vm()
     for name in WORKLOADS:
         w = make_workload(name, a, pv, seed=1)
@@ -71,11 +72,14 @@ def test_fill_phase_allocates_and_writes() -> None:
     a.check()
 
 
-def test_fill_thp_uses_huge_pages() -> None:
+def test_fill_of_huge_pages() -> None:
     a, pv, _ = vm()
-    w = Fill(a, pv, size=16 * MiB, thp=True)
+    w = Fill(a, pv, size=16 * MiB + 4096, order=9)
     w.run_phase()
-    assert len(w.huge) == 8 and all(p % 512 == 0 for p in w.huge)
+    assert len(w.blocks) == 8 and all(p % 512 == 0 for p in w.blocks)
+    assert w.held_pages() == 8 * 512
+    assert np.all(a.state[np.concatenate([np.arange(p, p + 512) for p in w.blocks])] == PG_ALLOC)
+    w.release()
     a.check()
 
 
@@ -115,11 +119,12 @@ def test_page_cache_turns_over_at_its_size() -> None:
 def test_churn_holds_rate_times_lifetime() -> None:
     a, pv, _ = vm(256 * MiB)
     sched = Scheduler()
-    w = Churn(a, pv, seed=3, rate=20000, lifetime=0.05)
+    w = Churn(a, pv, seed=3, rate=100 * MiB, lifetime=0.05)
     w.start(sched)
     sched.run_until(0.5)
-    # Little's law: about rate * lifetime = 1000 allocations alive.
-    assert 700 <= len(w.live) <= 1300
+    # Little's law: about rate * lifetime = 5 MiB = 1280 pages alive.
+    assert 900 <= w.held_pages() <= 1700
+    assert w.held_pages() == sum(1 << o for _, _, _, o in w.live)
     orders = {o for _, _, _, o in w.live}
     assert orders >= {0, 2}
     w.stop()
@@ -131,7 +136,7 @@ def test_churn_holds_rate_times_lifetime() -> None:
 
 def test_churn_phase_frees_at_the_end_and_dirties_free_memory() -> None:
     a, pv, _ = vm()
-    w = Churn(a, pv, seed=1, rate=5000, duration=0.2)
+    w = Churn(a, pv, seed=1, rate=20 * MiB, duration=0.2)
     w.run_phase()
     assert w.stats["alloc_pages"] > 0 and not w.live
     assert a.in_use_mask().sum() == 0
@@ -166,7 +171,7 @@ def test_memhog_then_free_phase_and_background() -> None:
 
 def test_dirty_writes_at_its_rate_into_the_log() -> None:
     a, pv, log = vm()
-    w = Dirty(a, pv, seed=2, working_set=16 * MiB, write_rate=40 * MiB)
+    w = Dirty(a, pv, seed=2, working_set=16 * MiB, rate=40 * MiB)
     w.run_phase()
     ws = w.ws.view()
     log.start()
@@ -186,7 +191,7 @@ def test_same_seed_same_guest() -> None:
     def run(seed: int) -> tuple[bytes, bytes]:
         a, pv, _ = vm()
         sched = Scheduler()
-        for name, params in [("page_cache", {"size": 8 * MiB}), ("churn", {"rate": 3000}),
+        for name, params in [("page_cache", {"size": 8 * MiB}), ("churn", {"rate": 12 * MiB}),
                              ("dirty", {"working_set": 4 * MiB})]:
             w = make_workload(name, a, pv, seed=seed, **params)
             w.run_phase() if name == "page_cache" else None
@@ -206,7 +211,7 @@ def test_walk_with_workloads_in_between_reports_free_blocks() -> None:
     Fill(a, pv, size_fraction=0.3).run_phase()
     sched = Scheduler()
     log.start()
-    for w in (Churn(a, pv, seed=5, rate=50000, lifetime=0.02, tick=0.0005),
+    for w in (Churn(a, pv, seed=5, rate=200 * MiB, lifetime=0.02, tick=0.0005),
               PageCache(a, pv, seed=5, size=64 * MiB, rate=400 * MiB, tick=0.0005)):
         w.run_phase() if isinstance(w, PageCache) else None
         w.start(sched)
@@ -230,3 +235,48 @@ def test_walk_with_workloads_in_between_reports_free_blocks() -> None:
         used = a.state[p:p + n] == PG_ALLOC
         assert np.all(dirty[p:p + n][used]), f"write after report to {p:#x} not logged"
     assert max(n for _, n in reports) == 1 << (MAX_ORDER - 1)
+
+
+def test_churn_footprint_and_fixed_order() -> None:
+    a, pv, _ = vm(256 * MiB)
+    sched = Scheduler()
+    w = Churn(a, pv, seed=4, rate=400 * MiB, lifetime=1.0, footprint=8 * MiB, order=2)
+    w.start(sched)
+    sched.run_until(0.3)
+    # 120 MiB allocated, at most 8 MiB live at once, every allocation order 2.
+    assert w.stats["alloc_pages"] > 20000
+    assert w.held_pages() <= 2048 and {o for _, _, _, o in w.live} == {2}
+    assert int(a.in_use_mask().sum()) == w.held_pages()
+
+
+def test_fill_free_keeps_a_fragmenting_share() -> None:
+    a, pv, _ = vm()
+    w = make_workload("fill_free", a, pv, seed=9, size=64 * MiB, keep=0.25)
+    w.run_phase()
+    kept = w.kept.view()
+    assert abs(kept.size - 4096) < 300 and w.held_pages() == kept.size
+    assert int(a.in_use_mask().sum()) == kept.size
+    a.drain_pcp()
+    # The kept pages are scattered: the freed memory is in small blocks around them.
+    counts = a.free_counts().sum(axis=(0, 2))
+    assert counts[:4].sum() > 1000
+    a.check()
+
+
+def test_dirty_over_existing_pages_skips_freed_ones() -> None:
+    a, pv, log = vm()
+    fill = Fill(a, pv, size=8 * MiB)
+    fill.run_phase()
+    w = Dirty(a, pv, seed=3, rate=80 * MiB, existing=True)
+    sched = Scheduler()
+    log.start()
+    w.start(sched)
+    sched.run_until(0.2)
+    first_half = fill.held.view()[:1024].copy()
+    a.free_pages_bulk(first_half)
+    log.sync()
+    sched.run_until(0.6)
+    dirty = np.flatnonzero(log.sync())
+    assert dirty.size > 0
+    assert not np.isin(dirty, first_half).any()  # nobody writes pages after their free
+    assert np.isin(dirty, fill.held.view()[1024:]).all()
