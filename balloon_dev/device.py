@@ -24,8 +24,11 @@ Guest errors never raise out of ``notify()`` (or any transport-facing call): a m
 is used with len 0 and counted; a broken ring (``RingBroken``: V-1, V-2, ring outside memory)
 sets DEVICE_NEEDS_RESET (+ ``ConfigChanged`` when DRIVER_OK, protocol.md 2.2) and the device
 then ignores kicks until reset. Every guest error bumps a named counter in ``counters`` and is
-logged at warning with hex detail. Our own callers' mistakes (a host asking for hint rounds on a
-device that does not offer them, a target above 2^32-1) raise ``ValueError``.
+logged at warning with hex detail. A bug of ours met while processing a kick is logged with
+its traceback, counted as ``internal_error`` and also ends in DEVICE_NEEDS_RESET rather than an
+exception into the transport (the stateful test asserts it never happens). Our own callers'
+mistakes (a host asking for hint rounds on a device that does not offer them, a target above
+2^32-1) raise ``ValueError``.
 
 Decisions
 ---------
