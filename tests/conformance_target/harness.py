@@ -1,0 +1,304 @@
+"""Driver-side harness for checking an *external* virtio-balloon device (conformance_target).
+
+The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` (QEMU's role); nothing
+here imports ``balloon_dev``: the device under test is a peer seen only through its socket,
+guest memory, config bytes and interrupts.
+
+Two ways to drive it:
+
+* ``RawGuest``: the virtio initialisation one step at a time (protocol.md 2.3) with rings
+  written by hand (``tests.ringbuilder.RawRing``), so a check can kick before DRIVER_OK, post
+  chains no correct driver would, and read every used element;
+* ``DriverGuest``: our real guest (``guest_model.guest.SimGuest``: buddy allocator + balloon
+  driver) over the client; ``pump(cond)`` delivers interrupts and runs the driver's events
+  until ``cond()`` holds or a wall-clock timeout passes.
+
+Host requests (start a hint round, set a target, ask for stats) need the target's host-control
+socket, which speaks balloon-hint's line-delimited JSON (``balloon-hint ctl``). Checks that need
+it are skipped, and reported NOT COVERED, when the target has none.
+
+``Canary`` fills guest RAM outside the driver area with a per-page pattern and later lists the
+pages that changed: the device may only change pages the spec lets it change.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from guest_model.guest import GuestOptions, SimGuest
+from guestmem import GuestMemory, PageVersions
+from guestmem.clock import Scheduler, SimClock
+from protocol.balloon import BalloonQueue, queue_layout
+from protocol.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_EVENT_IDX, DeviceStatus,
+                             feature_mask)
+from protocol.virtqueue import used_ring_size
+from tests.ringbuilder import RawRing
+from vmsim.cmd_ctl import call as ctl_call
+from vmsim.vfio_user_client import VfioUserClient
+
+#: Where ``balloon-hint conformance --target`` puts the target for the tests.
+TARGET_ENV = "BALLOON_HINT_TARGET"
+TARGET_CONTROL_ENV = "BALLOON_HINT_TARGET_CONTROL"
+
+RAM_BYTES = 64 << 20
+PAGE = 4096
+DRIVER_AREA = (0x100000, 4 << 20)  # as vmsim lays a VM out (docs/interfaces.md)
+RING_BASE = DRIVER_AREA[0]
+#: Buffers a RawGuest writes (pfn lists, stats, control words) live here, inside the area.
+SCRATCH = DRIVER_AREA[0] + (3 << 20)
+#: How long a check waits for the device to do what it must (wall clock, seconds).
+WAIT = 3.0
+#: How long a check waits to be reasonably sure the device did *not* do something.
+QUIET = 0.3
+
+ACK, DRV, FOK, DOK = (DeviceStatus.ACKNOWLEDGE, DeviceStatus.DRIVER, DeviceStatus.FEATURES_OK,
+                      DeviceStatus.DRIVER_OK)
+NEEDS_RESET = DeviceStatus.DEVICE_NEEDS_RESET
+
+
+class HostError(Exception):
+    """The target's control socket answered with an error."""
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "vfio-user" (the only transport the client speaks so far)
+    path: str
+    control: str | None = None
+
+    def host(self, command: str, **arguments: Any) -> dict[str, Any]:
+        if self.control is None:
+            pytest.skip("the target has no host-control socket (pass --target-control)")
+        ans = ctl_call(self.control, command, arguments or None)
+        if "error" in ans:
+            raise HostError(f"{command}: {ans['error']}")
+        return dict(ans.get("return", {}))
+
+    def require_host(self) -> None:
+        if self.control is None:
+            pytest.skip("needs host requests: the target has no host-control socket "
+                        "(pass --target-control)")
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """``vfio-user:PATH`` -> ("vfio-user", PATH); ValueError naming the problem otherwise."""
+    kind, sep, path = text.partition(":")
+    if not sep or not path:
+        raise ValueError(f"target {text!r}: expected KIND:SOCKET_PATH, e.g. vfio-user:/tmp/s")
+    if kind != "vfio-user":
+        raise ValueError(f"target {text!r}: transport {kind!r} is not supported "
+                         "(supported: vfio-user)")
+    return kind, path
+
+
+def connect(target: Target) -> VfioUserClient:
+    c = VfioUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
+    c.connect()
+    return c
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = WAIT,
+             client: VfioUserClient | None = None) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if client is not None:
+            client.wait_interrupt(min(left, 0.01))
+        else:
+            time.sleep(min(left, 0.005))
+
+
+def wait_irq(client: VfioUserClient, vector: int, baseline: int, timeout: float = WAIT) -> bool:
+    """Wait until ``vector`` has been signalled more than ``baseline`` times in all."""
+    def fired() -> bool:
+        client.wait_interrupt(0.01)
+        client.discard_interrupts()
+        return client.irq_counts[vector] > baseline
+    return wait_for(fired, timeout)
+
+
+class Canary:
+    """A per-page pattern over guest RAM outside the driver area (or over given ranges)."""
+
+    def __init__(self, mem: GuestMemory, ranges: Iterable[tuple[int, int]] | None = None,
+                 seed: int = 1) -> None:
+        self.mem = mem
+        if ranges is None:
+            a, n = DRIVER_AREA
+            ranges = [(0, a), (a + n, RAM_BYTES - a - n)]
+        self.ranges = [(g, n) for g, n in ranges if n > 0]
+        self.seed = seed
+        for g, n in self.ranges:
+            self.rewrite(g, n)
+
+    def pattern(self, gpa: int, n: int) -> np.ndarray:
+        # Every 8-byte word holds its own address xor the seed: any change shows, and a page
+        # copied elsewhere does not match either.
+        words = np.arange(gpa, gpa + n, 8, dtype=np.uint64)
+        return words ^ np.uint64(self.seed * 0x9E3779B97F4A7C15 & (2**64 - 1))
+
+    def rewrite(self, gpa: int, n: int) -> None:
+        self.mem.view(gpa, n, writable=True)[:] = self.pattern(gpa, n).view(np.uint8)
+
+    def changed_pages(self, skip: Iterable[tuple[int, int]] = ()) -> list[int]:
+        """Page numbers inside the canary ranges whose bytes differ, except ``skip`` ranges."""
+        out: list[int] = []
+        skip_pages: set[int] = set()
+        for g, n in skip:
+            skip_pages.update(range(g // PAGE, (g + n + PAGE - 1) // PAGE))
+        for g, n in self.ranges:
+            have = np.frombuffer(self.mem.view(g, n), dtype=np.uint64)
+            bad = np.nonzero((have != self.pattern(g, n)).reshape(-1, PAGE // 8).any(axis=1))[0]
+            out.extend(int(p) + g // PAGE for p in bad if int(p) + g // PAGE not in skip_pages)
+        return out
+
+
+class RawGuest:
+    """Hand-driven initialisation and hand-written rings (see the module docstring)."""
+
+    def __init__(self, client: VfioUserClient) -> None:
+        self.c = client
+        self.mem = client.mem
+        self.rings: dict[BalloonQueue, RawRing] = {}
+        self.index: dict[BalloonQueue, int] = {}
+        self.features = 0
+        self.offered = 0
+        self._scratch = SCRATCH
+        self.seen_used: dict[BalloonQueue, int] = {}
+
+    # -- initialisation ---------------------------------------------------------------------
+    def negotiate(self, accept: int | None = None, *, drop: int = 0) -> bool:
+        """Reset, ACKNOWLEDGE, DRIVER, write features; True if FEATURES_OK stuck. By default
+        everything offered is accepted except EVENT_IDX and ACCESS_PLATFORM (``drop`` removes
+        more): without EVENT_IDX every used buffer interrupts and every kick counts, so a
+        check never waits on suppression; ACCESS_PLATFORM Linux never takes (protocol.md
+        2.1)."""
+        c = self.c
+        c.reset()
+        c.set_status(ACK)
+        c.set_status(ACK | DRV)
+        self.offered = c.get_device_features()
+        want = self.offered if accept is None else accept
+        self.features = want & ~(drop | feature_mask(VIRTIO_F_RING_EVENT_IDX,
+                                                     VIRTIO_F_ACCESS_PLATFORM))
+        c.set_driver_features(self.features)
+        c.set_status(ACK | DRV | FOK)
+        return bool(c.get_status() & FOK)
+
+    def setup_queues(self) -> None:
+        self.index = queue_layout(self.features)
+        base = RING_BASE
+        for q, idx in sorted(self.index.items(), key=lambda kv: kv[1]):
+            size = self.c.queue_max_size(idx)
+            assert size > 0, f"queue {idx} ({q.name}) reads size 0"
+            r = RawRing.layout(self.mem, base, size)
+            for g, n in ((r.desc, r.device + used_ring_size(size) - r.desc),):
+                self.mem.fill(g, n, 0)
+            self.c.setup_queue(idx, size, r.desc, r.driver, r.device)
+            self.c.enable_queue(idx)
+            self.rings[q] = r
+            self.seen_used[q] = 0
+            base = (r.device + used_ring_size(size) + 4095) & ~4095
+
+    def start(self, *, drop: int = 0, driver_ok: bool = True, poison: int | None = None) -> None:
+        assert self.negotiate(drop=drop), f"FEATURES_OK refused for {self.features:#x}"
+        self.setup_queues()
+        if poison is not None:
+            self.c.write_config(0xC, poison.to_bytes(4, "little"))
+        if driver_ok:
+            self.driver_ok()
+
+    def driver_ok(self) -> None:
+        self.c.set_status(ACK | DRV | FOK | DOK)
+
+    # -- buffers ----------------------------------------------------------------------------
+    def buf(self, data: bytes | int) -> tuple[int, int]:
+        """Scratch bytes in the driver area: ``data`` written, or ``data`` zero bytes."""
+        n = data if isinstance(data, int) else len(data)
+        g = self._scratch
+        self._scratch = (g + max(n, 1) + 63) & ~63
+        assert self._scratch <= DRIVER_AREA[0] + DRIVER_AREA[1], "scratch area exhausted"
+        if not isinstance(data, int):
+            self.mem.write(g, data)
+        return g, n
+
+    def post(self, q: BalloonQueue, bufs: list[tuple[int, int, int]], *, head: int = 0,
+             kick: bool = True) -> int:
+        """Write ``(addr, len, flags)`` as a chain at descriptor ``head`` and publish it."""
+        r = self.rings[q]
+        h = r.chain(bufs, start=head)
+        r.publish(h)
+        if kick:
+            self.kick(q)
+        return h
+
+    def kick(self, q: BalloonQueue) -> None:
+        self.c.notify(self.index[q])
+
+    def used_idx(self, q: BalloonQueue) -> int:
+        return self.rings[q].used_idx()
+
+    def wait_used(self, q: BalloonQueue, n: int = 1, timeout: float = WAIT) -> list[tuple[int, int]]:
+        """Wait until ``n`` more used elements than last time appeared; return the new ones."""
+        r = self.rings[q]
+        first = self.seen_used[q]
+        wait_for(lambda: (r.used_idx() - first) & 0xFFFF >= n, timeout, self.c)
+        got = (r.used_idx() - first) & 0xFFFF
+        self.seen_used[q] = (first + got) & 0xFFFF
+        return r.used_elems(first, got)
+
+    def status(self) -> int:
+        return self.c.get_status()
+
+    def used_areas(self) -> list[tuple[int, int]]:
+        return [r.used_area for r in self.rings.values()]
+
+
+class DriverGuest:
+    """Our guest (allocator + balloon driver) probed over the client."""
+
+    def __init__(self, client: VfioUserClient, **driver: Any) -> None:
+        self.c = client
+        self.sched = Scheduler(SimClock(0.0))
+        self.pages = PageVersions(RAM_BYTES // PAGE)
+        self.g = SimGuest(client.mem, self.pages, self.sched, client,
+                          GuestOptions(ram_bytes=RAM_BYTES, driver_area=DRIVER_AREA,
+                                       driver=driver))
+        self.driver = self.g.driver
+
+    def pump(self, until: Callable[[], bool], timeout: float = WAIT) -> bool:
+        """Deliver interrupts and run the driver's work until ``until()`` (True) or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.c.poll_interrupts()
+            self.sched.run_until(self.sched.now + 1e-3)
+            if until():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if not self.sched.peek_time():
+                self.c.wait_interrupt(min(left, 0.005))
+
+    def settle(self, seconds: float = QUIET) -> None:
+        """Let the device and the driver run for a while (for "nothing must happen" checks)."""
+        self.pump(lambda: False, seconds)
+
+
+def env_target() -> Target | None:
+    text = os.environ.get(TARGET_ENV)
+    if not text:
+        return None
+    kind, path = parse_target(text)
+    return Target(kind, path, os.environ.get(TARGET_CONTROL_ENV) or None)
