@@ -78,3 +78,17 @@ def test_walk_with_page_poisoning_is_a_poison_violation() -> None:
     assert c.verified and c.poison_violations == 0
     o = run_scenario(scn, "off")
     assert o.verified
+
+
+def _builtins_up_to_8g() -> list[str]:
+    from vmsim.scenario import builtin_names
+    return [n for n in builtin_names() if load_builtin(n).guest.ram_bytes <= 8 << 30]
+
+
+@pytest.mark.parametrize("name", _builtins_up_to_8g())
+def test_every_builtin_verifies_in_every_mode(name) -> None:
+    """The 128 GiB built-ins take ~35 s for all modes: scripts/bench_migration.py runs them."""
+    scn = load_builtin(name)
+    for mode in ("off", "walk", "capture"):
+        r = run_scenario(scn, mode)
+        assert r.verified, (name, mode, r.mismatched_pages, r.poison_violations)
