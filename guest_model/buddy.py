@@ -834,6 +834,9 @@ class BuddyAllocator:
             for h in (mb, mb + pageblock_nr_pages):
                 self._list_add(h, pageblock_order, self._lid_of_block(h, pageblock_order))
         self._move_freepages_block(pb, MIGRATE_ISOLATE)
+        # As Linux does after isolating: per-cpu pages of the block must not be handed out
+        # again from a pcp list, so they go back to the buddy (onto the isolate lists).
+        self.drain_pcp()
         return old
 
     def unset_migratetype_isolate(self, pfn: int, migratetype: int = MIGRATE_MOVABLE) -> None:

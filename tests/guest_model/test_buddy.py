@@ -466,3 +466,20 @@ def test_isolated_pageblock_is_not_allocated_from() -> None:
     a.unset_migratetype_isolate(target)
     a.check()
     np.testing.assert_array_equal(a.free_counts().sum(axis=2), fresh)
+
+
+def test_isolation_drains_per_cpu_pages_of_the_block() -> None:
+    a = BuddyAllocator(32 * MiB)
+    p = a.alloc_pages(0)
+    assert p is not None
+    a.free_pages(p, 0)
+    assert a.state[p] == PG_PCP
+    a.set_migratetype_isolate(p)
+    assert a.state[p] == PG_BUDDY
+    start = p >> pageblock_order << pageblock_order
+    heads = np.flatnonzero(a.buddy_order[start:start + 512] >= 0) + start
+    assert heads.size and all(a.block_list_id(int(h)) % MIGRATE_TYPES == 4 for h in heads)
+    assert int(a.free_counts()[:, :, 4].sum()) == heads.size
+    q = [a.alloc_pages(0) for _ in range(50)]
+    assert p not in q
+    a.check()
