@@ -8,6 +8,8 @@ Random descriptor tables, indirect tables, avail rings and indices. The properti
   a region: bounds are checked before reading, not discovered by an exception);
 * the only bytes that change are in the used ring (V-9), and every write asks for a view there;
 * ``pop_many`` returns exactly what repeated ``pop`` returns, with the same counters;
+* every chain agrees with an oracle written apart from the device's walk (follow the links,
+  then judge the buffers): malformed exactly when the oracle says so, else the same buffers;
 * a chain without error has only in-memory, non-empty buffers and a total length < 2^32, and
   every chain with an error bumped exactly one chain-error counter.
 """
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, DeviceVirtqueue, RingBroken
+from protocol.virtqueue import DESC_DTYPE
 from guestmem import GuestMemory
 from tests.ringbuilder import pack_desc
 
@@ -118,6 +121,51 @@ def build(p: dict[str, Any]) -> tuple[TrackingMemory, DeviceVirtqueue, bytearray
     return mem, q, backing
 
 
+def _descs(mem: GuestMemory, gpa: int, count: int) -> list[tuple[int, int, int, int]]:
+    return np.frombuffer(mem.read(gpa, 16 * count), dtype=DESC_DTYPE).tolist()
+
+
+def _in_regions(addr: int, length: int) -> bool:
+    return any(lo <= addr and addr + length <= lo + size and (length or addr < lo + size)
+               for lo, size in ((0, MEM), (EXTRA, EXTRA_SIZE)))
+
+
+def oracle(p: dict[str, Any], mem: GuestMemory, head: int) -> tuple[list, list] | None:
+    """The chain at ``head`` by the book, written apart from the device's one-pass walk: first
+    follow the links (bounded), then judge the collected buffers. None if malformed."""
+    def follow(table: list[tuple[int, int, int, int]], start: int,
+               nested: bool) -> list[tuple[int, int, int]] | None:
+        seq, i = [], start
+        for _ in range(len(table)):  # more steps than entries can only be a loop (V-4)
+            addr, length, flags, nxt = table[i]
+            if flags & 4:  # INDIRECT (V-6): last of the chain, once, well-formed, negotiated
+                if nested or flags & 1 or not p["indirect"] or length == 0 or length % 16 \
+                        or length // 16 > 32768 or not _in_regions(addr, length):
+                    return None
+                inner = follow(_descs(mem, addr, length // 16), 0, True)
+                return None if inner is None else seq + inner
+            seq.append((addr, length, flags & 2))
+            if not flags & 1:
+                return seq
+            if nxt >= len(table):  # V-3
+                return None
+            i = nxt
+        return None
+
+    seq = follow(_descs(mem, DESC, SIZE), head, False)
+    if seq is None:
+        return None
+    writable = [w for _, _, w in seq]
+    if writable != sorted(writable):  # V-5: no readable after writable
+        return None
+    if sum(n for _, n, _ in seq) >= 2**32:
+        return None
+    for addr, length, _ in seq:
+        if (length == 0 and p["reject_zero_len"]) or not _in_regions(addr, length):  # V-7, V-8
+            return None
+    return ([(a, n) for a, n, w in seq if not w], [(a, n) for a, n, w in seq if w])
+
+
 def expected_break(p: dict[str, Any]) -> int | None:
     """How many chains come out one at a time before RingBroken, or None if it never breaks."""
     n = p["ahead"] & 0xFFFF
@@ -154,6 +202,12 @@ def test_random_rings(p: dict[str, Any], max_n: int | None) -> None:
         nerr = 0
         for c in chains:
             assert 0 <= c.head < SIZE
+            want_chain = oracle(p, mem, c.head)
+            if want_chain is None:
+                assert c.error is not None, f"malformed chain at head {c.head} accepted"
+            else:
+                assert c.error is None, c.error
+                assert (list(c.out), list(c.in_)) == want_chain
             bufs = c.out + c.in_
             if c.error is None:
                 assert bufs and all(mem.contains(a, n) for a, n in bufs)
