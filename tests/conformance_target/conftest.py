@@ -23,7 +23,7 @@ from tests.conformance_target.harness import (DriverGuest, RawGuest, Target, con
 from vmsim.vfio_user_client import VfioUserClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ALL_FEATURES = "STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,RING_INDIRECT_DESC"
+ALL_FEATURES = "MUST_TELL_HOST,STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,RING_INDIRECT_DESC"
 
 
 def start_server(argv: list[str], sock: str, ctl: str | None,
