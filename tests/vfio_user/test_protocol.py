@@ -40,6 +40,16 @@ def test_payload_golden() -> None:
     assert vu.build_version(0, 0, {}) == bytes.fromhex("0000" "0000") + b'{"capabilities":{}}\0'
 
 
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, (1 << 64) - 1))
+def test_struct_twins_pack_like_the_layouts(i: int, c: int, size: int, flags: int, err: int,
+                                            off: int) -> None:
+    assert vu.HEADER_STRUCT.pack(i, c, size, flags, err) == vu.VfioUserHeader.build(
+        dict(msg_id=i, command=c, size=size, flags=flags, error=err))
+    assert vu.REGION_ACCESS_STRUCT.pack(off, flags, size) == vu.RegionAccessHeader.build(
+        dict(offset=off, region=flags, count=size))
+
+
 def test_layout_sizes() -> None:
     assert (vu.DMA_MAP_SIZE, vu.DMA_UNMAP_SIZE, vu.DEVICE_INFO_SIZE, vu.REGION_INFO_SIZE,
             vu.IRQ_INFO_SIZE, vu.IRQ_SET_SIZE, vu.REGION_ACCESS_SIZE) == (32, 24, 16, 32, 16, 20,
