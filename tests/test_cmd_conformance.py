@@ -7,7 +7,6 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-
 from vmsim import cmd_conformance as cc
 from vmsim.cli import main
 
