@@ -82,10 +82,55 @@ heads_st = st.builds(_with_bad_head, st.lists(valid_head, min_size=SIZE, max_siz
                      st.one_of(st.none(), st.none(), st.tuples(st.integers(0, SIZE - 1),
                                                                st.integers(SIZE, 0xFFFF))))
 
-ring_st = st.fixed_dictionaries({
+@st.composite
+def well_formed_st(draw: st.DrawFn) -> dict[str, Any]:
+    """Descriptors cut into well-formed chains (readable then writable, linked through a random
+    permutation), maybe one ending in a valid indirect table, then maybe one field of one
+    descriptor overwritten: deep valid walks and near-miss faults, which random tables rarely
+    produce. Heads name the chains' heads."""
+    perm = draw(st.permutations(range(SIZE)))
+    descs: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * SIZE
+    chains: list[list[int]] = []
+    pos = 0
+    while pos < SIZE:
+        n = draw(st.integers(1, SIZE - pos))
+        idxs = list(perm[pos:pos + n])
+        pos += n
+        nw = draw(st.integers(0, n))
+        for j, i in enumerate(idxs):
+            last = j == n - 1
+            flags = (2 if j >= n - nw else 0) | (0 if last else 1)
+            descs[i] = (draw(st.integers(0x8000, 0x8F00)), draw(st.integers(1, 0x100)), flags,
+                        0 if last else idxs[j + 1])
+        chains.append(idxs)
+    tables: list[tuple[int, int, int, int]] = []
+    if draw(st.booleans()):
+        t = draw(st.integers(1, 6))
+        nw = draw(st.integers(0, t))
+        tables = [(draw(st.integers(0x8000, 0x8F00)), draw(st.integers(1, 0x100)),
+                   (2 if j >= t - nw else 0) | (1 if j < t - 1 else 0), j + 1 if j < t - 1 else 0)
+                  for j in range(t)]
+        last = draw(st.sampled_from(chains))[-1]
+        descs[last] = (TABLES, 16 * t, 4, 0)
+    if draw(st.booleans()):
+        i, field = draw(st.integers(0, SIZE - 1)), draw(st.integers(0, 3))
+        value = draw([addr_st, len_st, flags_st, st.integers(0, SIZE + 3)][field])
+        d = list(descs[i])
+        d[field] = value
+        descs[i] = (d[0], d[1], d[2], d[3])
+    heads = [draw(st.sampled_from(chains))[0] for _ in range(SIZE)]
+    return {"descs": descs, "tables": tables, "heads": heads}
+
+
+random_parts_st = st.fixed_dictionaries({
     "descs": st.lists(desc_st, min_size=SIZE, max_size=SIZE),
     "tables": st.lists(table_desc_st, min_size=0, max_size=24),
     "heads": heads_st,
+})
+
+ring_st = st.builds(lambda parts, rest: {**parts, **rest},
+                    st.one_of(random_parts_st, well_formed_st()),
+                    st.fixed_dictionaries({
     "start": st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
     "ahead": st.one_of(st.integers(0, SIZE), st.integers(0, SIZE), st.integers(0, SIZE),
                        st.integers(0, 0xFFFF)),
@@ -94,7 +139,7 @@ ring_st = st.fixed_dictionaries({
     "reject_zero_len": st.booleans(),
     "used_event": st.integers(0, 0xFFFF),
     "avail_flags": st.integers(0, 3),
-})
+}))
 
 
 def build(p: dict[str, Any]) -> tuple[TrackingMemory, DeviceVirtqueue, bytearray]:
