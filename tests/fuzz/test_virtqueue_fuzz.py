@@ -171,7 +171,8 @@ def _descs(mem: GuestMemory, gpa: int, count: int) -> list[tuple[int, int, int, 
 
 
 def _in_regions(addr: int, length: int) -> bool:
-    return any(lo <= addr and addr + length <= lo + size and (length or addr < lo + size)
+    # As GuestMemory: wholly inside one region (a zero-length buffer may sit at its very end).
+    return any(lo <= addr and addr + length <= lo + size
                for lo, size in ((0, MEM), (EXTRA, EXTRA_SIZE)))
 
 
