@@ -128,6 +128,15 @@ class VfioUserSession:
             if header.no_reply or header.is_reply:
                 return []
             return [Reply(vu.encode_error(header, e.errno))]
+        except Exception:  # noqa: BLE001 - a bug of ours must not take the VM's device down
+            for fd in fds:
+                _close(fd)
+            self.counters["internal_errors"] += 1
+            log.exception("internal error serving vfio-user msg_id %#x command %d",
+                          header.msg_id, header.command)
+            if header.no_reply or header.is_reply:
+                return []
+            return [Reply(vu.encode_error(header, errno.EIO))]
         if header.no_reply:
             return actions
         return [Reply(vu.encode_reply(header, payload_out)), *actions]

@@ -280,7 +280,12 @@ async def _control_conn(stream: trio.SocketStream, control: HostControl) -> None
                         reply: dict[str, Any] = {"error": {"class": "GenericError",
                                                            "desc": f"bad JSON: {e}"}}
                     else:
-                        reply = control.execute(obj)
+                        try:
+                            reply = control.execute(obj)
+                        except Exception as e:  # noqa: BLE001 - keep serving the device
+                            log.exception("control command %r failed", obj)
+                            reply = {"error": {"class": "GenericError",
+                                               "desc": f"internal error: {e}"}}
                     await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return

@@ -36,7 +36,9 @@ from typing import Any, Protocol
 from balloon_dev.effects import ConfigChanged, NotifyQueue
 from guestmem import GuestMemory, GuestMemoryError
 from protocol import virtio_pci as vp
-from protocol.virtio import VIRTIO_ID_BALLOON
+from protocol.virtio import VIRTIO_ID_BALLOON, DeviceStatus
+
+DRIVER_OK = int(DeviceStatus.DRIVER_OK)
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +422,10 @@ class VirtioPciFunction:
         """
         regs = self.state.queues[q] if q < len(self.state.queues) else None
         effects = self.dev.notify(q)
-        if regs is None or self.mem is None:
+        # Only a live ring is re-checked: before DRIVER_OK the core defers kicks (D-16) and a
+        # disabled queue has no ring to look at.
+        if regs is None or self.mem is None or not self.dev.status & DRIVER_OK \
+                or not self.dev.queue_enabled(q):
             return effects
         for _ in range(max(regs.size, 1)):
             avail, used = self._ring_idx(regs.driver), self._ring_idx(regs.device)

@@ -210,3 +210,23 @@ def test_malformed_writes_are_einval(client: Client) -> None:
                              flags=vu.VFIO_USER_F_NO_REPLY)
     assert h is None
     assert client.session.counters["peer_errors"] == 6
+
+
+def test_kick_before_driver_ok_is_not_rechecked(ram: Client) -> None:
+    # Linux kicks the stats queue before DRIVER_OK; the core defers it (D-16). The transport
+    # must not kick the core again for it.
+    ram.wr(BAR4, vp.COMMON_STATUS, 1 | 2, 1)
+    ram.wr(BAR4, vp.COMMON_GFSELECT, 1, 4)
+    ram.wr(BAR4, vp.COMMON_GF, 1, 4)
+    ram.wr(BAR4, vp.COMMON_GFSELECT, 0, 4)
+    ram.wr(BAR4, vp.COMMON_GF, 1 << 1, 4)  # STATS_VQ
+    ram.wr(BAR4, vp.COMMON_STATUS, 1 | 2 | 8, 1)
+    ram.wr(BAR4, vp.COMMON_Q_SELECT, 2, 2)
+    for off, val in ((vp.COMMON_Q_DESCLO, 0x100000), (vp.COMMON_Q_AVAILLO, 0x101000),
+                     (vp.COMMON_Q_USEDLO, 0x102000)):
+        ram.wr(BAR4, off, val, 4)
+    ram.wr(BAR4, vp.COMMON_Q_ENABLE, 1, 2)
+    r = ring(ram, 2)
+    r.publish(r.chain([(PFNS, 10, 0)]))
+    ram.write(BAR4, NOTIFY + 2 * vp.NOTIFY_OFF_MULTIPLIER, b"\2\0")
+    assert ram.dev.counters["notify_before_driver_ok"] == 1

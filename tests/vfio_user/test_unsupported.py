@@ -53,3 +53,18 @@ def test_framing_errors_are_raised_by_header_decode() -> None:
     with pytest.raises(vu.FramingError):
         vu.decode_header(b"\0" * 15)
     assert vu.decode_header(vu.encode_header(1, 1, 16, 0)).payload_size == 0
+
+
+def test_an_internal_error_is_answered_with_eio_and_survived(client: Client) -> None:
+    def broken(*a: object) -> None:
+        raise RuntimeError("bug")
+
+    client.pci.bar_read = broken  # type: ignore[method-assign]
+    fd = eventfd()
+    err = client.error(vu.Command.REGION_READ, vu.build_region_access(0, 4, 4))
+    assert err == errno.EIO
+    h, _, _ = client.request(vu.Command.REGION_WRITE, vu.build_region_access(0, 4, 1, b"\0"),
+                             [fd])
+    assert h.flags & vu.VFIO_USER_F_ERROR and not fd_is_open(fd)
+    assert client.session.counters["internal_errors"] >= 1
+    client.ok(vu.Command.DEVICE_GET_INFO, vu.build_device_info(16, 0, 0, 0))
