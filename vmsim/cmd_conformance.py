@@ -20,6 +20,17 @@ COVERED otherwise; the reason comes from ``NOT_COVERED_REASONS`` (ids we deliber
 test, e.g. legacy-interface items), else from the skip reason, else "no conformance test".
 Collection errors (a test module that does not import) are printed and count as failures. The
 last line is ``N passed, M failed, K not covered``; the exit status is 0 only with no failure.
+
+``--target vfio-user:SOCKET_PATH`` turns the check around: instead of our device against
+drivers, an *external* device (anyone's vfio-user virtio-balloon back-end) is checked against
+our driver. The tests under ``tests/conformance_target`` connect to it with
+``vmsim.vfio_user_client`` (QEMU's role), drive it with the guest model and raw ring writes, and
+check the device requirements observable from the driver side. The target reaches them through
+the environment (``BALLOON_HINT_TARGET``, and ``BALLOON_HINT_TARGET_CONTROL`` for
+``--target-control``, a balloon-hint style host-control socket needed by checks that start hint
+rounds, move the balloon target or ask for stats; without it those checks are skipped and their
+ids NOT COVERED). The output is the same list, after one line naming the target. Without
+``--target`` those tests run against our own server (what CI does through plain pytest).
 """
 from __future__ import annotations
 
@@ -38,6 +49,12 @@ HELP = "run the conformance tests and list every requirement id as PASS / FAIL /
 REPORT_ENV = "BALLOON_HINT_CONFORMANCE_REPORT"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = REPO_ROOT / "tests" / "conformance"
+TARGET_TESTS = REPO_ROOT / "tests" / "conformance_target"
+#: Environment variables the target tests read (tests/conformance_target/harness.py).
+TARGET_ENV = "BALLOON_HINT_TARGET"
+TARGET_CONTROL_ENV = "BALLOON_HINT_TARGET_CONTROL"
+#: Transports a target may be reached by (vmsim/vfio_user_client.py).
+TARGET_KINDS = ("vfio-user",)
 
 REQUIREMENT_IDS: tuple[str, ...] = tuple(
     [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)])
@@ -155,10 +172,24 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def run_subprocess(tests: Path, extra: list[str], verbose: bool) -> tuple[Report, int, str]:
+def parse_target(text: str) -> tuple[str, str]:
+    """``KIND:SOCKET_PATH`` -> (kind, path); ``ValueError`` naming what is wrong."""
+    kind, sep, path = text.partition(":")
+    if not sep or not path:
+        raise ValueError(f"--target {text!r}: expected KIND:SOCKET_PATH, e.g. "
+                         "vfio-user:/tmp/balloon.sock")
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"--target {text!r}: transport {kind!r} is not supported (supported: "
+                         f"{', '.join(TARGET_KINDS)})")
+    return kind, path
+
+
+def run_subprocess(tests: Path, extra: list[str], verbose: bool,
+                   env_extra: dict[str, str] | None = None) -> tuple[Report, int, str]:
     with tempfile.TemporaryDirectory(prefix="bh-conformance-") as tmp:
         out = Path(tmp) / "report.json"
         env = dict(os.environ)
+        env.update(env_extra or {})
         env[REPORT_ENV] = str(out)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -170,11 +201,22 @@ def run_subprocess(tests: Path, extra: list[str], verbose: bool) -> tuple[Report
         return Report.from_json(out.read_text()), proc.returncode, proc.stdout + proc.stderr
 
 
-def run_in_process(tests: Path, extra: list[str]) -> tuple[Report, int, str]:
+def run_in_process(tests: Path, extra: list[str],
+                   env_extra: dict[str, str] | None = None) -> tuple[Report, int, str]:
     import pytest  # noqa: PLC0415 - only this mode needs it in this process
 
     collector = Collector()
-    code = pytest.main([str(tests), "-q", "-p", "no:cacheprovider", *extra], plugins=[collector])
+    saved = {k: os.environ.get(k) for k in env_extra or {}}
+    os.environ.update(env_extra or {})
+    try:
+        code = pytest.main([str(tests), "-q", "-p", "no:cacheprovider", *extra],
+                           plugins=[collector])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return collector.report, int(code), ""
 
 
@@ -226,9 +268,16 @@ def format_lines(lines: list[tuple[str, str, str]], collect_errors: list[str]) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tests", type=Path, default=DEFAULT_TESTS,
+    parser.add_argument("--tests", type=Path, default=None,
                         help="folder of conformance tests (default: tests/conformance of this "
-                        "checkout)")
+                        "checkout, or tests/conformance_target with --target)")
+    parser.add_argument("--target", metavar="KIND:PATH", default=None,
+                        help="check an external device against our driver instead, e.g. "
+                        "vfio-user:/tmp/balloon.sock (transports: " + ", ".join(TARGET_KINDS)
+                        + ")")
+    parser.add_argument("--target-control", metavar="PATH", default=None,
+                        help="the target's host-control socket (balloon-hint ctl protocol), "
+                        "for checks that need host requests (hint rounds, target, stats)")
     parser.add_argument("--in-process", action="store_true",
                         help="run pytest in this process instead of a subprocess")
     parser.add_argument("-k", dest="keyword", default=None,
@@ -237,16 +286,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print pytest's own output (subprocess mode)")
 
 
+def _target_env(args: argparse.Namespace) -> dict[str, str] | None:
+    """The environment for the target tests; raises ``ValueError`` for a bad target."""
+    if args.target is None:
+        if args.target_control is not None:
+            raise ValueError("--target-control needs --target")
+        return None
+    _, path = parse_target(args.target)
+    for what, p in (("--target", path), ("--target-control", args.target_control)):
+        if p is not None and not Path(p).is_socket():
+            raise ValueError(f"{what} {p}: no such socket")
+    env = {TARGET_ENV: args.target}
+    if args.target_control is not None:
+        env[TARGET_CONTROL_ENV] = args.target_control
+    return env
+
+
 def run(args: argparse.Namespace) -> int:
-    tests: Path = args.tests
+    try:
+        env_extra = _target_env(args)
+    except ValueError as e:
+        print(f"balloon-hint conformance: {e}", file=sys.stderr)
+        return 2
+    tests: Path = args.tests or (TARGET_TESTS if env_extra else DEFAULT_TESTS)
     if not tests.exists():
         print(f"balloon-hint conformance: --tests {tests}: no such folder", file=sys.stderr)
         return 2
     extra = ["-k", args.keyword] if args.keyword else []
+    if env_extra:
+        ctl = args.target_control or "none (host-driven checks not covered)"
+        print(f"target: {args.target}  control: {ctl}", flush=True)
     if args.in_process:
-        report, code, output = run_in_process(tests, extra)
+        report, code, output = run_in_process(tests, extra, env_extra)
     else:
-        report, code, output = run_subprocess(tests, extra, args.show_pytest)
+        report, code, output = run_subprocess(tests, extra, args.show_pytest, env_extra)
     if args.show_pytest and output:
         print(output)
     if not report.tests and not report.collect_errors and code not in (0, 5):

@@ -39,12 +39,10 @@ from protocol.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_EVENT_IDX, 
                              feature_mask)
 from protocol.virtqueue import used_ring_size
 from tests.ringbuilder import RawRing
+from vmsim.cmd_conformance import TARGET_CONTROL_ENV, TARGET_ENV, parse_target
 from vmsim.cmd_ctl import call as ctl_call
 from vmsim.vfio_user_client import VfioUserClient
 
-#: Where ``balloon-hint conformance --target`` puts the target for the tests.
-TARGET_ENV = "BALLOON_HINT_TARGET"
-TARGET_CONTROL_ENV = "BALLOON_HINT_TARGET_CONTROL"
 
 RAM_BYTES = 64 << 20
 PAGE = 4096
@@ -84,17 +82,6 @@ class Target:
         if self.control is None:
             pytest.skip("needs host requests: the target has no host-control socket "
                         "(pass --target-control)")
-
-
-def parse_target(text: str) -> tuple[str, str]:
-    """``vfio-user:PATH`` -> ("vfio-user", PATH); ValueError naming the problem otherwise."""
-    kind, sep, path = text.partition(":")
-    if not sep or not path:
-        raise ValueError(f"target {text!r}: expected KIND:SOCKET_PATH, e.g. vfio-user:/tmp/s")
-    if kind != "vfio-user":
-        raise ValueError(f"target {text!r}: transport {kind!r} is not supported "
-                         "(supported: vfio-user)")
-    return kind, path
 
 
 def connect(target: Target) -> VfioUserClient:

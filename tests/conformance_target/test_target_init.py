@@ -42,8 +42,8 @@ def test_features_ok_only_refused_for_missing_must_tell_host(raw: RawGuest):
 
 @pytest.mark.spec("D-16")
 def test_config_of_offered_features_readable_before_features_ok(raw: RawGuest):
-    """config fields of offered features read before FEATURES_OK: cmd id not a live round
-    (< 2 or a fresh id is fine only after DRIVER_OK), poison_val 0 after reset"""
+    """config fields of offered features are readable before FEATURES_OK; no round id is
+    published before the driver runs; poison_val reads 0 after reset"""
     c = raw.c
     c.reset()
     c.set_status(ACK)
