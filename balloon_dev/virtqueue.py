@@ -35,11 +35,12 @@ Two kinds of guest error (architecture "Errors name whose fault it is"):
 
 ``GuestMemoryError`` never escapes this module.
 
-Guest RAM vs byte-backed memory. V-8 asks that every buffer lie in guest RAM. In a simulated VM
-only the driver area is backed by bytes (docs/interfaces.md), while free page hints point at
-RAM whose content is modelled by ``PageVersions``; pass ``ram=[(gpa, size), ...]`` to check
-buffers against those ranges. Without it, buffers are checked against ``mem``'s regions.
-Descriptor tables (including indirect ones) must always be byte-backed, as they are read.
+Guest RAM vs readable memory. V-8 asks that every buffer lie in guest RAM. By default that is
+``mem``'s regions (wholly inside one of them). A host whose ``GuestMemory`` holds only the bytes
+it reads (the driver area) while hints point at RAM modelled by ``PageVersions`` passes
+``ram=[(gpa, size), ...]``, and buffers are checked against those ranges instead (vmsim needs
+none: it backs all RAM with sparse regions). Descriptor and indirect tables are read, so they
+must always lie in ``mem``.
 
 Pushing. ``push``/``push_many`` write used elements, then publish ``used.idx`` once, through
 ``GuestMemory`` so the dirty log sees them. The device writes nothing but the used ring
