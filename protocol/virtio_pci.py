@@ -15,7 +15,8 @@ virtio capability (ID 0x09), 16 bytes, +4 for NOTIFY (multiplier) and PCI_CFG (d
 
 MSI-X capability (ID 0x11), 12 bytes::
 
-    | id u8 | next u8 | message_control le16 | table: bir:3 offset:29 le32 | pba: bir:3 offset:29 le32 |
+    | id u8 | next u8 | message_control le16 |
+    | table: bir:3 offset:29 le32 | pba: bir:3 offset:29 le32 |
 
 Common configuration (64 bytes) offsets are the ``COMMON_*`` constants below.
 """

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The balloon device over vfio-user: kick-to-interrupt latency, and hint rounds with a real guest.
 
-1. **Round trip** (no QEMU): ``balloon-hint serve --vfio-user`` in a subprocess, a synchronous client
+1. **Round trip** (no QEMU): ``balloon-hint serve --vfio-user`` in a subprocess, a synchronous
+   client
    (tests/vfio_user/client.py's register helpers, over a unix socket) in this one, with a memfd
    as guest RAM mapped by DMA_MAP and MSI-X eventfds from SET_IRQS. The client posts one inflate
    buffer, writes the notify register with a posted REGION_WRITE (as QEMU does for a guest's

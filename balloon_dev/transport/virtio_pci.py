@@ -19,7 +19,11 @@ below (vfio-user turns them into eventfd writes), and the core's host effects (`
 ``Inflated``, ...) unchanged, in order. The core's guest effects are consumed here: a
 ``NotifyQueue(q)`` sets ISR bit 0 and fires the queue's MSI-X vector (or raises INTx when MSI-X
 is off); a ``ConfigChanged`` sets ISR bit 1 and fires the config vector (or INTx); the
-configuration generation is the core's, which moves on every config change. ISR is read-to-clear and clearing it drops INTx.
+configuration generation is the core's, which moves on every config change. ISR is
+read-to-clear and clearing it drops INTx.
+
+After each kick the ring is looked at again while the core makes progress (``_kick``): a
+buffer published while the core re-enabled notifications would otherwise never be kicked for.
 
 Accesses the guest gets wrong (a notify for a missing queue, an MSI-X vector beyond the table, an
 access outside every register) are logged at warning and counted; none raises.

@@ -117,7 +117,8 @@ class Client:
         return self.ram_fd
 
     def read(self, region: int, offset: int, count: int) -> bytes:
-        h, p, _ = self.request(vu.Command.REGION_READ, vu.build_region_access(offset, region, count))
+        h, p, _ = self.request(vu.Command.REGION_READ,
+                               vu.build_region_access(offset, region, count))
         assert h is not None and not h.flags & vu.VFIO_USER_F_ERROR, h
         off, reg, cnt = struct.unpack_from("=QII", p)
         assert (off, reg, cnt) == (offset, region, count)

@@ -58,7 +58,8 @@ class Peer:
         assert h.msg_id == self.msg_id and h.is_reply
         return h, await self.recv_exact(h.payload_size)
 
-    async def ok(self, cmd: int, payload: bytes = b"", fds: list[int] = ()) -> bytes:  # type: ignore
+    async def ok(self, cmd: int, payload: bytes = b"",
+                 fds: list[int] = ()) -> bytes:  # type: ignore[assignment]
         h, p = await self.call(cmd, payload, fds)
         assert not h.flags & vu.VFIO_USER_F_ERROR, h
         return p
@@ -213,3 +214,29 @@ def test_refuses_to_replace_a_regular_file() -> None:
         assert f.read() == "keep me"
     os.unlink(path)
     os.rmdir(d)
+
+
+def test_reader_over_a_socketpair_with_fds() -> None:
+    # The connection handler alone, on a real socketpair: fds cross with SCM_RIGHTS, a peer error
+    # is answered, EOF ends the handler and the device is reset behind it.
+    server, dev, mem, effects = make_server("/nonexistent/unused.sock")
+
+    async def main() -> None:
+        a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        async with trio.open_nursery() as n:
+            n.start_soon(server._serve, a)
+            p = Peer(b)
+            await p.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
+            fd = memfd(2 << 20)
+            await p.ok(vu.Command.DMA_MAP, vu.build_dma_map(RW, 0x200000, 0, 1 << 20), [fd])
+            os.close(fd)
+            assert mem.contains(0, 1 << 20)
+            bad = eventfd()
+            h, _ = await p.call(vu.Command.DMA_MAP, vu.build_dma_map(RW, 0, 0, 1 << 20), [bad])
+            assert h.error == errno.EEXIST
+            os.close(bad)
+            b.close()
+        assert server.session is None and mem.regions == () and dev.status == 0
+        a.close()
+
+    trio.run(main)
