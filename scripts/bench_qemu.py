@@ -185,7 +185,17 @@ def measure_qemu(lab: QemuLab, ram: str, hint: bool, append: str) -> dict[str, A
 
 
 def ctl(ctl_path: str, command: str, timeout: float = 20) -> Any:
-    """``balloon-hint ctl CTL COMMAND`` (the CLI is the interface: docs/interfaces.md)."""
+    """``balloon-hint ctl CTL COMMAND``: in-process through ``vmsim.cmd_ctl.call`` (a plain
+    socket client), so the request time is not a Python start-up; the CLI as a fallback."""
+    try:
+        from vmsim.cmd_ctl import call
+    except ImportError:
+        call = None
+    if call is not None:
+        ans = call(ctl_path, command, timeout=timeout)
+        if "error" in ans:
+            raise RuntimeError(f"balloon-hint ctl {command} failed: {ans['error']}")
+        return ans.get("return", ans)
     out = subprocess.run([sys.executable, "-m", "vmsim", "ctl", ctl_path, command],
                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if out.returncode != 0:
