@@ -30,6 +30,7 @@ import errno
 import logging
 import mmap
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,6 +250,11 @@ class VfioUserSession:
             base = m.offset - m.offset % mmap.ALLOCATIONGRANULARITY
             delta = m.offset - base
             try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_size < m.offset + m.size:
+                    # Touching a mapping past the end of the file raises SIGBUS in the server.
+                    raise vu.VfioUserError(errno.EINVAL, f"DMA_MAP [{m.offset:#x}, +{m.size:#x})"
+                                           f" extends past the end of its fd ({st.st_size:#x})")
                 mm = mmap.mmap(fd, m.size + delta, flags=mmap.MAP_SHARED,
                                prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
                                offset=base)

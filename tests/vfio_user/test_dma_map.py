@@ -82,8 +82,14 @@ def test_bad_ranges_and_flags_are_einval(client: Client) -> None:
 
 
 def test_fd_too_small_for_the_map_fails_cleanly(client: Client) -> None:
-    # mmap beyond a memfd's end succeeds on Linux but the pages would SIGBUS; an fd that is not
-    # mappable at all (a pipe) must give an error reply, not an exception.
+    # mmap beyond a memfd's end succeeds on Linux but touching those pages raises SIGBUS in the
+    # server: refused up front.
+    fd = memfd(MIB)
+    assert client.error(C, vu.build_dma_map(RW, 0, 0, 2 * MIB), [fd]) == errno.EINVAL
+    assert not fd_is_open(fd)
+    fd = memfd(MIB)
+    assert client.error(C, vu.build_dma_map(RW, MIB, 0, MIB), [fd]) == errno.EINVAL
+    # An fd that is not mappable at all (a pipe) gives an error reply, not an exception.
     r, w = os.pipe()
     err = client.error(C, vu.build_dma_map(RW, 0, 0, MIB), [r])
     assert err in (errno.ENODEV, errno.EACCES, errno.EINVAL)

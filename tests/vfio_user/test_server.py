@@ -228,7 +228,7 @@ def test_reader_over_a_socketpair_with_fds() -> None:
             p = Peer(b)
             await p.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
             fd = memfd(2 << 20)
-            await p.ok(vu.Command.DMA_MAP, vu.build_dma_map(RW, 0x200000, 0, 1 << 20), [fd])
+            await p.ok(vu.Command.DMA_MAP, vu.build_dma_map(RW, 0x100000, 0, 1 << 20), [fd])
             os.close(fd)
             assert mem.contains(0, 1 << 20)
             bad = eventfd()
