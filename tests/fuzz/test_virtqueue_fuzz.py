@@ -113,11 +113,13 @@ def well_formed_st(draw: st.DrawFn) -> dict[str, Any]:
         last = draw(st.sampled_from(chains))[-1]
         descs[last] = (TABLES, 16 * t, 4, 0)
     if draw(st.booleans()):
-        i, field = draw(st.integers(0, SIZE - 1)), draw(st.integers(0, 3))
+        # Corrupt one field of one descriptor, in the main table or in the indirect table.
+        target = tables if tables and draw(st.booleans()) else descs
+        i, field = draw(st.integers(0, len(target) - 1)), draw(st.integers(0, 3))
         value = draw([addr_st, len_st, flags_st, st.integers(0, SIZE + 3)][field])
-        d = list(descs[i])
+        d = list(target[i])
         d[field] = value
-        descs[i] = (d[0], d[1], d[2], d[3])
+        target[i] = (d[0], d[1], d[2], d[3])
     heads = [draw(st.sampled_from(chains))[0] for _ in range(SIZE)]
     return {"descs": descs, "tables": tables, "heads": heads}
 
@@ -139,6 +141,7 @@ ring_st = st.builds(lambda parts, rest: {**parts, **rest},
     "reject_zero_len": st.booleans(),
     "used_event": st.integers(0, 0xFFFF),
     "avail_flags": st.integers(0, 3),
+    "indirect_batch_min": st.sampled_from([1, 2, 8]),  # batched table check on or off
 }))
 
 
@@ -161,6 +164,7 @@ def build(p: dict[str, Any]) -> tuple[TrackingMemory, DeviceVirtqueue, bytearray
     np.frombuffer(backing, dtype="<u2", count=1, offset=DRIVER + 4 + 2 * SIZE)[0] = p["used_event"]
     q = DeviceVirtqueue(mem, SIZE, DESC, DRIVER, DEVICE, event_idx=p["event_idx"],
                         indirect=p["indirect"], reject_zero_len=p["reject_zero_len"])
+    q.indirect_batch_min = p["indirect_batch_min"]
     q.last_avail_idx = start
     q.used_idx = start
     return mem, q, backing
