@@ -307,8 +307,7 @@ WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     "dirty": {"rate": _positive(_rate), "working_set": _size},
     # allocate, write and free memory continuously: ``rate`` bytes per second allocated,
     # each allocation lives ``lifetime``; ``footprint`` caps what is live at once
-    "churn": {"rate": _positive(_rate), "lifetime": _positive(_duration), "footprint": _size,
-              "order": _int(0, 10)},
+    "churn": {"rate": _positive(_rate), "lifetime": _positive(_duration), "footprint": _size},
     # keep the simulated clock moving (an idle phase before migration)
     "idle": {"duration": _duration},
 }

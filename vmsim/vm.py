@@ -8,24 +8,27 @@ Theory of operation
   ``DirtyLog``, plus the byte-backed **driver area** (4 MiB at gpa 1 MiB, inside RAM) that holds
   every ring and driver buffer; the guest's allocator keeps those pages reserved;
 * the shared clock: one ``guestmem.clock.Scheduler`` for guest and host;
-* the guest: ``guest_model.buddy.BuddyAllocator`` (Linux's page allocator, writing init/poison
-  contents through ``PageVersions``), the boot footprint of the kernel, the scenario's workloads
-  and, unless the mode is ``off``, the balloon driver (``guest_model``'s driver, hinting by
-  allocate-and-hold in ``capture`` mode or by the seed's free-list walk in ``walk`` mode);
 * the host: ``balloon_dev.device.BalloonDevice`` behind ``InProcessTransport`` and the pre-copy
   engine ``balloon_dev.migration.PrecopyMigration``. The engine reaches the device only through
   the device API: its precopy notifications become ``dev.precopy_notify(event, vm_running)``
   calls delivered by the transport, and the device's ``PagesHinted`` effects become
-  ``engine.hint(cmd_id, ranges)`` calls (a host listener).
+  ``engine.hint(cmd_id, ranges)`` calls (a host listener). Mode ``off`` is QEMU without
+  free-page-hint: no precopy notifier at all;
+* the guest: ``guest_model.guest.SimGuest`` (Linux's page allocator with the balloon driver,
+  hinting by allocate-and-hold in ``capture`` mode, by the seed's free-list walk in ``walk``
+  mode, not at all in ``off`` mode), the kernel's boot footprint, and the scenario's workloads.
 
 ``run_scenario`` runs the set-up workload phases, starts the background (``during``) workloads,
 migrates, verifies at switchover (pages in use = allocated by the guest or reserved; pages the
 balloon driver holds are excluded; free pages must read as poison when page poisoning is on) and
 returns a ``vmsim.report.RunResult``.
 
-Workloads (scenario ``[[workload]]`` kinds, see ``vmsim.scenario.WORKLOAD_KINDS``) are carried
-out here on the allocator with bulk numpy operations, one tick (``TICK_S``) at a time on the
-scheduler, so they interleave with pages being sent and hints arriving.
+Workloads (scenario ``[[workload]]`` kinds, ``vmsim.scenario.WORKLOAD_KINDS``) are
+``guest_model.workloads`` run through ``SimGuest.add_workload``, except ``churn`` during
+migration: guest_model's churn allocates block by block in Python (about 3.5 s of wall time per
+simulated second at 600 MiB/s), too slow for the 128 GiB scenarios, so ``BulkChurn`` here does
+the same job (allocate ``rate`` bytes/s, write them, free each batch after ``lifetime``, cap the
+live set at ``footprint``) with the allocator's bulk numpy calls, one tick at a time.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,17 +47,10 @@ from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import PagesHinted, PrecopyEvent
 from balloon_dev.migration import CostModel, MigrationParams, PrecopyMigration
 from balloon_dev.transport.inprocess import InProcessTransport
-from guest_model.buddy import (
-    MIGRATE_MOVABLE,
-    MIGRATE_UNMOVABLE,
-    PG_ALLOC,
-    PG_BALLOON,
-    PG_RESERVED,
-    BuddyAllocator,
-)
-from guest_model.driver import BalloonDriver, DriverOptions
-from guest_model.vring import DriverArea
-from guestmem import DirtyLog, GuestMemory, PageVersions
+from guest_model.buddy import MIGRATE_MOVABLE, MIGRATE_UNMOVABLE, BuddyAllocator
+from guest_model.guest import GuestOptions, SimGuest
+from guest_model.workloads import Workload
+from guestmem import POISON, ZERO, DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE
 from vmsim.report import RunResult
@@ -63,8 +60,7 @@ log = logging.getLogger(__name__)
 
 DRIVER_AREA_GPA = 0x100000
 DRIVER_AREA_SIZE = 4 << 20
-TICK_S = 0.005            # workload granularity in simulated seconds
-GUEST_WRITE_BPS = 5e9     # how fast a set-up phase writes memory (one vCPU, memset-like)
+TICK_S = 0.005            # background workload granularity, simulated seconds
 KERNEL_BASE_BYTES = 96 << 20  # kernel text/data, slab and early allocations of a booted guest
 MEMMAP_FRACTION = 64 / PAGE_SIZE  # struct page: 64 bytes per 4 KiB page, allocated at boot
 
@@ -74,131 +70,67 @@ Progress = Callable[[float, str], None]
 FAULTS = ("accept-stale-hints",)
 
 
-class ScenarioWorkloads:
-    """The scenario's workload kinds on top of the buddy allocator (bulk, numpy)."""
+class BulkChurn:
+    """Short-lived allocations at numpy speed: every tick allocate ``rate x tick`` bytes of
+    order-0 movable pages in bulk, write them, and free each tick's batch ``lifetime`` seconds
+    later (earlier when more than ``footprint`` bytes are live)."""
 
-    def __init__(self, alloc: BuddyAllocator, pages: PageVersions, sched: Scheduler,
-                 rng: np.random.Generator) -> None:
+    name = "churn"
+
+    def __init__(self, alloc: BuddyAllocator, pages: PageVersions, sched: Scheduler, *,
+                 rate: float, lifetime: float = 0.5, footprint: int | None = None) -> None:
         self.alloc = alloc
         self.pages = pages
         self.sched = sched
-        self.rng = rng
-        self.filled: list[np.ndarray] = []   # pages the fill phases keep in use
+        self.per_tick = rate * TICK_S / PAGE_SIZE
+        self.lifetime = lifetime
+        self.cap = footprint >> PAGE_SHIFT if footprint is not None else None
+        self.live: deque[tuple[float, np.ndarray]] = deque()
+        self.live_pages = 0
+        self.carry = 0.0
+        self.running = False
+        self.stats = {"alloc_pages": 0, "freed_pages": 0, "alloc_failures": 0}
+
+    def start(self) -> None:
         self.running = True
-        self.reclaim: Callable[[int], int] | None = None  # the balloon shrinker, if any
-        self.counters = {"workload_pages_written": 0, "workload_alloc_failed": 0,
-                         "workload_reclaimed": 0,
-                         "churn_pages_allocated": 0, "churn_pages_freed": 0}
+        self.sched.after(TICK_S, self._tick)
 
-    def _alloc(self, n: int, mt: int = MIGRATE_MOVABLE) -> np.ndarray:
-        pfns = self.alloc.alloc_pages_bulk(n, mt)
-        if pfns.size < n and self.reclaim is not None:
-            # direct reclaim: shrinkers give memory back, then the allocation is retried
-            got = self.reclaim(n - int(pfns.size))
-            self.counters["workload_reclaimed"] += int(got)
-            more = self.alloc.alloc_pages_bulk(n - int(pfns.size), mt)
-            pfns = np.concatenate([pfns, more])
-        if pfns.size < n:
-            self.counters["workload_alloc_failed"] += n - int(pfns.size)
-        return pfns
+    def stop(self) -> None:
+        self.running = False
 
-    def _write(self, pfns: np.ndarray) -> None:
-        self.pages.write_pfns(pfns, "data")
-        self.counters["workload_pages_written"] += int(pfns.size)
+    def _tick(self) -> None:
+        if not self.running:
+            return
+        now = self.sched.now
+        while self.live and (self.live[0][0] <= now
+                             or (self.cap is not None and self.live_pages > self.cap)):
+            _, old = self.live.popleft()
+            self.alloc.free_pages_bulk(old)
+            self.live_pages -= int(old.size)
+            self.stats["freed_pages"] += int(old.size)
+        self.carry += self.per_tick
+        k = int(self.carry)
+        self.carry -= k
+        if k:
+            # the allocator's direct reclaim (the balloon's shrinker) runs inside the bulk call
+            pfns = self.alloc.alloc_pages_bulk(k, MIGRATE_MOVABLE)
+            self.stats["alloc_failures"] += k - int(pfns.size)
+            if pfns.size:
+                self.pages.write_pfns(pfns, "data")
+                self.live.append((now + self.lifetime, pfns))
+                self.live_pages += int(pfns.size)
+                self.stats["alloc_pages"] += int(pfns.size)
+        self.sched.after(TICK_S, self._tick)
 
-    def boot(self, ram_bytes: int) -> None:
-        """What a booted kernel holds: its image, slab and the memmap (struct pages)."""
-        base = min(KERNEL_BASE_BYTES, ram_bytes // 8)  # a tiny test guest gets a small kernel
-        n = (base + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
-        pfns = self._alloc(n, MIGRATE_UNMOVABLE)
-        self._write(pfns)
 
-    # -- set-up phases -------------------------------------------------------------------------
-    def run_phase(self, w: WorkloadSpec) -> None:
-        p = w.params
-        if w.kind == "fill":
-            pfns = self._alloc(p["size"] >> PAGE_SHIFT)
-            self._write(pfns)
-            self.filled.append(pfns)
-            self._advance(p["size"] / GUEST_WRITE_BPS)
-        elif w.kind == "fill_free":
-            pfns = self._alloc(p["size"] >> PAGE_SHIFT)
-            self._write(pfns)
-            keep = p.get("keep", 0.0)
-            if keep > 0:
-                kept = self.rng.random(pfns.size) < keep
-                self.filled.append(pfns[kept])
-                pfns = pfns[~kept]
-            self.alloc.free_pages_bulk(pfns)
-            self._advance(p["size"] / GUEST_WRITE_BPS)
-        elif w.kind == "idle":
-            self._advance(p["duration"])
-        else:
-            raise ValueError(f"workload kind {w.kind!r} is not a set-up phase")
-
-    def _advance(self, dt: float) -> None:
-        self.sched.run_until(self.sched.now + dt)
-
-    # -- background activity -------------------------------------------------------------------
-    def start_background(self, w: WorkloadSpec) -> None:
-        p = w.params
-        if w.kind == "dirty":
-            self._start_dirty(p["rate"], p.get("working_set"))
-        elif w.kind == "churn":
-            self._start_churn(p["rate"], p.get("lifetime", 0.5), p.get("footprint"))
-        else:
-            raise ValueError(f"workload kind {w.kind!r} cannot run during migration")
-
-    def _start_dirty(self, rate: float, working_set: int | None) -> None:
-        ws = np.concatenate(self.filled) if self.filled else np.flatnonzero(
-            self.alloc.state == PG_ALLOC)
-        if working_set is not None:
-            ws = ws[: max(1, working_set >> PAGE_SHIFT)]
-        per_tick = rate * TICK_S / PAGE_SIZE
-        carry = [0.0]
-
-        def tick() -> None:
-            if not self.running or ws.size == 0:
-                return
-            carry[0] += per_tick
-            k = int(carry[0])
-            carry[0] -= k
-            if k:
-                # the set of pages written this tick (a page written twice is one dirty page)
-                live = ws[self.alloc.state[ws] == PG_ALLOC]
-                if live.size:
-                    self._write(np.unique(live[self.rng.integers(0, live.size, k)]))
-            self.sched.after(TICK_S, tick)
-        self.sched.after(TICK_S, tick)
-
-    def _start_churn(self, rate: float, lifetime: float, footprint: int | None) -> None:
-        per_tick = rate * TICK_S / PAGE_SIZE
-        cap = footprint >> PAGE_SHIFT if footprint is not None else None
-        live: deque[tuple[float, np.ndarray]] = deque()
-        live_pages = [0]
-        carry = [0.0]
-
-        def tick() -> None:
-            if not self.running:
-                return
-            now = self.sched.now
-            while live and (live[0][0] <= now or (cap is not None and live_pages[0] > cap)):
-                _, old = live.popleft()
-                self.alloc.free_pages_bulk(old)
-                live_pages[0] -= old.size
-                self.counters["churn_pages_freed"] += int(old.size)
-            carry[0] += per_tick
-            k = int(carry[0])
-            carry[0] -= k
-            if k:
-                pfns = self._alloc(k)
-                if pfns.size:
-                    self._write(pfns)
-                    live.append((now + lifetime, pfns))
-                    live_pages[0] += int(pfns.size)
-                    self.counters["churn_pages_allocated"] += int(pfns.size)
-            self.sched.after(TICK_S, tick)
-        self.sched.after(TICK_S, tick)
+def boot_footprint(alloc: BuddyAllocator, pages: PageVersions, ram_bytes: int) -> int:
+    """What a booted kernel holds: its image, slab and the memmap (struct pages), written and
+    unmovable. Returns the pages taken."""
+    base = min(KERNEL_BASE_BYTES, ram_bytes // 8)  # a tiny test guest gets a small kernel
+    n = (base + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
+    pfns = alloc.alloc_pages_bulk(n, MIGRATE_UNMOVABLE)
+    pages.write_pfns(pfns, "data")
+    return int(pfns.size)
 
 
 @dataclass(slots=True)
@@ -229,17 +161,10 @@ class SimVM:
         self.mem.add_region(0, self._sparse[0], "ram-low")
         self.mem.add_region(end, self._sparse[1], "ram")
         self.mem.dirty_log = self.dirty
-        self.alloc = BuddyAllocator(
-            g.ram_bytes, pages=self.pages, reserved=[(DRIVER_AREA_GPA, DRIVER_AREA_SIZE)],
-            seed=opts.seed, init_on_alloc=g.init_on_alloc, init_on_free=g.init_on_free,
-            page_poisoning=g.page_poison, nr_cpus=g.vcpus)
-        self.rng = np.random.default_rng(opts.seed)
-        self.workloads = ScenarioWorkloads(self.alloc, self.pages, self.sched, self.rng)
+        # -- host --
         self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=self.ram_pages))
         self.transport = InProcessTransport(self.dev)
-        self.guest_driver: BalloonDriver | None = None
-        if opts.mode != "off":
-            self.guest_driver = _attach_driver(self, opts.mode, scn.hinting.min_order)
+        self.transport.add_host_listener(self._host_effect)
         params = MigrationParams(bandwidth_Bps=scn.migration.bandwidth_Bps,
                                  downtime_limit_s=scn.migration.downtime_limit_s,
                                  max_rounds=scn.migration.max_rounds,
@@ -249,7 +174,20 @@ class SimVM:
             notify=self._precopy_notify if opts.mode != "off" else None,
             byte_regions=[(DRIVER_AREA_GPA >> PAGE_SHIFT, memoryview(self.driver_area))],
             on_switchover=self._switchover)
-        self.transport.add_host_listener(self._host_effect)
+        # -- guest --
+        driver: dict[str, Any] = {}
+        if scn.hinting.block_cost_s is not None:
+            driver["hint_cost_per_block"] = scn.hinting.block_cost_s
+        self.guest = SimGuest(self.mem, self.pages, self.sched, self.transport, GuestOptions(
+            ram_bytes=g.ram_bytes, seed=opts.seed, init_on_alloc=g.init_on_alloc,
+            init_on_free=g.init_on_free, page_poisoning=g.page_poison,
+            hint_strategy=opts.mode, min_order=scn.hinting.min_order,
+            driver_area=(DRIVER_AREA_GPA, DRIVER_AREA_SIZE), nr_cpus=g.vcpus, driver=driver))
+        self.sched.run_until(self.sched.now + 0.001)  # the probe's queued work
+        if self.guest.driver.failed:
+            raise RuntimeError(f"the guest balloon driver failed: {self.guest.driver.failed}")
+        self.alloc = self.guest.allocator
+        self.background: list[Workload | BulkChurn] = []
         self.in_use_at_switch = 0
         self.held_at_switch = 0
 
@@ -263,27 +201,45 @@ class SimVM:
 
     def _switchover(self, mig: PrecopyMigration) -> None:
         """The VM is stopped: stop the guest's activity and verify the destination."""
-        self.workloads.running = False
-        st = self.alloc.state
-        in_use = (st == PG_ALLOC) | (st == PG_RESERVED)
-        held = st == PG_BALLOON
+        for w in self.background:
+            w.stop()
+        in_use = self.guest.in_use_mask()
+        held = self.guest.held_by_driver_mask()
         self.in_use_at_switch = int(np.count_nonzero(in_use))
         self.held_at_switch = int(np.count_nonzero(held))
         g = self.scn.guest
+        # free pages hold the poison pattern, or zeros when init_on_free chose poison_val 0
         mig.verify(in_use, held, page_poison=g.page_poison,
-                   poison_version=1 if not g.init_on_free else 0)
+                   poison_version=ZERO if g.init_on_free else POISON)
 
     # -- running -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        self.workloads.boot(self.scn.guest.ram_bytes)
+        """Boot footprint, then the set-up phases, in order."""
+        boot_footprint(self.alloc, self.pages, self.scn.guest.ram_bytes)
         for w in self.scn.setup_workloads:
-            self.workloads.run_phase(w)
-        if self.guest_driver is not None:
-            _driver_ready(self)
+            if w.kind == "idle":
+                # the phase touches no memory; the guest's own activity runs meanwhile
+                self.sched.run_until(self.sched.now + w.params["duration"])
+            else:
+                self.guest.add_workload(w.kind, **w.params)
+            self.sched.run_until(self.sched.now + 0.001)
+
+    def _start_background(self, w: WorkloadSpec) -> None:
+        p = dict(w.params)
+        if w.kind == "churn":
+            c = BulkChurn(self.alloc, self.pages, self.sched, **p)
+            c.start()
+            self.background.append(c)
+        elif w.kind == "dirty":
+            # scenario "dirty" rewrites memory the guest already uses
+            self.background.append(self.guest.add_workload(
+                "dirty", background=True, existing=True, tick=TICK_S, **p))
+        else:
+            raise ValueError(f"workload kind {w.kind!r} cannot run during migration")
 
     def migrate(self, progress: Progress | None = None) -> None:
         for w in self.scn.during_workloads:
-            self.workloads.start_background(w)
+            self._start_background(w)
         mig = self.migration
         mig.start()
         n = 0
@@ -296,6 +252,21 @@ class SimVM:
                 rnd, frac = mig.progress
                 progress(min(0.99, 1 - 0.5 ** (rnd - 1) * (1 - frac / 2)), f"round {rnd}")
 
+    def guest_counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k, v in self.guest.driver.counters.items():
+            if v:
+                out[f"driver_{k}"] = int(v)
+        for k, v in self.alloc.counters.items():
+            if v:
+                out[f"buddy_{k}"] = int(v)
+        for w in [*self.guest.workloads, *self.background]:
+            name = getattr(w, "name", type(w).__name__.lower())
+            for k, v in w.stats.items():
+                if v:
+                    out[f"{name}_{k}"] = out.get(f"{name}_{k}", 0) + int(v)
+        return out
+
 
 def _sparse_map(size: int) -> mmap.mmap:
     """An anonymous private mapping that reserves no memory (pages appear only if touched)."""
@@ -303,30 +274,6 @@ def _sparse_map(size: int) -> mmap.mmap:
     if sys.platform.startswith("linux"):
         flags |= getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 lacks it
     return mmap.mmap(-1, size, flags=flags)
-
-
-def _attach_driver(vm: SimVM, mode: str, min_order: int) -> BalloonDriver:
-    """The guest's balloon driver (guest_model), hinting in ``mode`` (walk or capture)."""
-    g = vm.scn.guest
-    area = DriverArea(vm.mem, DRIVER_AREA_GPA, DRIVER_AREA_SIZE)
-    opts = DriverOptions(hint_strategy=mode, min_order=min_order,
-                         page_poisoning=g.page_poison, init_on_free=g.init_on_free)
-    if vm.scn.hinting.block_cost_s is not None:
-        opts.hint_cost_per_block = vm.scn.hinting.block_cost_s
-    drv = BalloonDriver(vm.transport, vm.mem, vm.alloc, vm.sched, area, opts)
-    # Memory pressure: the kernel's reclaim calls the balloon's shrinker, which gives held
-    # hint blocks back (protocol.md 6.3); the workloads call this when an allocation falls short.
-    vm.workloads.reclaim = drv.shrink
-    return drv
-
-
-def _driver_ready(vm: SimVM) -> None:
-    drv = vm.guest_driver
-    assert drv is not None
-    drv.probe()
-    vm.sched.run_until(vm.sched.now + 0.001)
-    if drv.failed:
-        raise RuntimeError(f"the guest balloon driver failed to probe: {drv.failed}")
 
 
 def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: str | None = None,
@@ -360,6 +307,5 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
         setup_s=setup_s, guest_in_use_pages=vm.in_use_at_switch,
         guest_held_pages=vm.held_at_switch,
         device_counters={k: int(v) for k, v in vm.dev.counters.items() if v},
-        guest_counters={**{k: int(v) for k, v in vm.workloads.counters.items()},
-                        **{f"buddy_{k}": int(v) for k, v in vm.alloc.counters.items() if v}},
+        guest_counters=vm.guest_counters(),
     )

@@ -38,7 +38,7 @@ def test_churn_during_migration_verifies(mode) -> None:
     r = run_scenario(load_builtin("small-churn"), mode)
     assert r.verified, r
     assert r.rounds >= 2
-    assert r.guest_counters["churn_pages_allocated"] > 0
+    assert r.guest_counters["churn_alloc_pages"] > 0
 
 
 def test_same_seed_same_result() -> None:
