@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 DRIVER_AREA_GPA = 0x100000
 DRIVER_AREA_SIZE = 4 << 20
 TICK_S = 0.005            # background workload granularity, simulated seconds
+RESUME_S = 0.01           # how long the guest runs after switchover (its driver handles DONE)
 KERNEL_BASE_BYTES = 96 << 20  # kernel text/data, slab and early allocations of a booted guest
 MEMMAP_FRACTION = 64 / PAGE_SIZE  # struct page: 64 bytes per 4 KiB page, allocated at boot
 
@@ -251,6 +252,8 @@ class SimVM:
                 # rounds shrink geometrically: round k is worth half of what is left
                 rnd, frac = mig.progress
                 progress(min(0.99, 1 - 0.5 ** (rnd - 1) * (1 - frac / 2)), f"round {rnd}")
+        # The guest resumes (on the destination): its driver sees DONE and frees what it held.
+        self.sched.run_until(self.sched.now + RESUME_S)
 
     def guest_counters(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -92,3 +92,23 @@ def test_every_builtin_verifies_in_every_mode(name) -> None:
     for mode in ("off", "walk", "capture"):
         r = run_scenario(scn, mode)
         assert r.verified, (name, mode, r.mismatched_pages, r.poison_violations)
+
+
+@pytest.mark.spec("D-13")
+def test_done_is_published_and_the_driver_releases_its_blocks() -> None:
+    """After the migration the device publishes DONE (CLEANUP, protocol.md 5.4) and the guest's
+    driver frees every block it held for hinting (DR-11)."""
+    from guestmem.units import PAGE_SHIFT
+    from protocol.balloon import CFG_FREE_PAGE_HINT_CMD_ID, VIRTIO_BALLOON_CMD_ID_DONE
+    from vmsim.vm import SimVM, VMOptions
+
+    vm = SimVM(load_builtin("small-idle"), VMOptions(mode="capture", seed=1))
+    vm.prepare()
+    vm.migrate()
+    assert vm.migration.verify_result is not None and vm.migration.verify_result.verified
+    assert vm.held_at_switch > 0  # held at switchover, excluded from the check
+    cid = int.from_bytes(vm.dev.read_config(CFG_FREE_PAGE_HINT_CMD_ID, 4), "little")
+    assert cid == VIRTIO_BALLOON_CMD_ID_DONE
+    assert not vm.guest.held_by_driver_mask().any()
+    assert vm.guest.driver.counters["hint_blocks_returned_done"] > 0
+    assert vm.migration.stats.hint_rounds >= 1 and vm.ram_pages == (256 << 20) >> PAGE_SHIFT
