@@ -44,6 +44,7 @@ def pop_both(build, **kw):
 @pytest.mark.spec("V-1")
 @pytest.mark.parametrize("batched", [False, True])
 def test_avail_idx_moving_more_than_size_breaks_ring(batched: bool) -> None:
+    """avail.idx moving by N is fine, by N + 1 breaks the ring (RingBroken, counted)."""
     _, r, q = make()
     r.set_desc(0, BUF, 8, WRITE)
     r.publish(*[0] * 8)  # exactly N pending is fine
@@ -57,6 +58,7 @@ def test_avail_idx_moving_more_than_size_breaks_ring(batched: bool) -> None:
 
 @pytest.mark.spec("V-1")
 def test_avail_idx_wrapping_backwards_breaks_ring() -> None:
+    """avail.idx going backwards (a move of 65535) breaks the ring."""
     _, r, q = make()
     r.set_avail_idx(0xFFFF)  # "moved" by 65535: a decrement, never allowed
     with pytest.raises(RingBroken):
@@ -66,6 +68,7 @@ def test_avail_idx_wrapping_backwards_breaks_ring() -> None:
 @pytest.mark.spec("V-2")
 @pytest.mark.parametrize("batched", [False, True])
 def test_head_out_of_range_breaks_ring(batched: bool) -> None:
+    """a head >= N in the avail ring breaks the ring and consumes nothing."""
     _, r, q = make()
     r.publish(8)
     with pytest.raises(RingBroken):
@@ -76,6 +79,7 @@ def test_head_out_of_range_breaks_ring(batched: bool) -> None:
 @pytest.mark.spec("V-3")
 @pytest.mark.parametrize("indirect", [False, True])
 def test_next_out_of_range_is_chain_error(indirect: bool) -> None:
+    """next >= N (or >= table entries) ends the chain as a counted error."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         if indirect:
             # The table has 2 entries, so next = 2 is out of range although 2 < N.
@@ -93,6 +97,7 @@ def test_next_out_of_range_is_chain_error(indirect: bool) -> None:
 @pytest.mark.spec("V-4")
 @pytest.mark.parametrize("where", ["table", "indirect"])
 def test_descriptor_loop_is_bounded(where: str) -> None:
+    """a descriptor loop stops after N (or table-size) descriptors as a counted error."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         if where == "indirect":
             n = write_table(mem, TBL, [(BUF, 16, NEXT, 1), (BUF, 16, NEXT, 0)])
@@ -110,6 +115,7 @@ def test_descriptor_loop_is_bounded(where: str) -> None:
 
 @pytest.mark.spec("V-4")
 def test_chain_of_exactly_n_descriptors_is_fine() -> None:
+    """a chain of exactly N descriptors is accepted."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         r.chain([(BUF + 0x10 * i, 16, 0) for i in range(8)])
         r.publish(0)
@@ -121,6 +127,7 @@ def test_chain_of_exactly_n_descriptors_is_fine() -> None:
 @pytest.mark.spec("V-5")
 @pytest.mark.parametrize("indirect", [False, True])
 def test_readable_after_writable_is_chain_error(indirect: bool) -> None:
+    """a readable descriptor after a writable one is a chain error."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         if indirect:
             # Also across the boundary: a writable direct descriptor, then a readable one inside.
@@ -143,6 +150,7 @@ def test_readable_after_writable_is_chain_error(indirect: bool) -> None:
     ("with_next", "indirect_with_next"), ("not_negotiated", "indirect_not_negotiated"),
     ("huge", "indirect_too_long")])
 def test_indirect_rules(case: str, counter: str) -> None:
+    """indirect: len 0 / not a multiple of 16 / nested / with NEXT / not negotiated are errors."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         length = write_table(mem, TBL, [(BUF, 16, 0)])
         flags = INDIRECT
@@ -166,6 +174,7 @@ def test_indirect_rules(case: str, counter: str) -> None:
 
 @pytest.mark.spec("V-6")
 def test_valid_indirect_chain_after_direct_descriptor() -> None:
+    """direct descriptors followed by one indirect table form one valid chain."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         n = write_table(mem, TBL, [(BUF + 0x100, 8, NEXT, 1), (BUF + 0x200, 64, WRITE)])
         r.set_desc(3, BUF, 4, NEXT, 5)
@@ -180,6 +189,7 @@ def test_valid_indirect_chain_after_direct_descriptor() -> None:
 @pytest.mark.spec("V-7")
 @pytest.mark.parametrize("position", [0, 1])
 def test_zero_length_buffer_rejected(position: int) -> None:
+    """a zero-length buffer is a chain error (QEMU's rule)."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         bufs = [(BUF, 16, 0), (BUF + 16, 16, WRITE)]
         bufs[position] = (bufs[position][0], 0, bufs[position][2])
@@ -194,6 +204,7 @@ def test_zero_length_buffer_rejected(position: int) -> None:
 @pytest.mark.parametrize("addr,length", [(MEM - 8, 16), (MEM + 0x1000, 4), (2**64 - 8, 16),
                                          (2**64 - 1, 0xFFFFFFFF), (0xFFFF_FFFF_FFFF_0000, 0x10000)])
 def test_buffer_outside_guest_memory(addr: int, length: int) -> None:
+    """buffers and indirect tables outside guest memory or wrapping 2^64 are chain errors."""
     def build(mem: GuestMemory, r: RawRing) -> None:
         r.set_desc(0, addr, length, WRITE)          # plain (batched fast path)
         r.set_desc(1, BUF, 16, NEXT, 2)             # inside a chain
@@ -211,6 +222,7 @@ def test_buffer_outside_guest_memory(addr: int, length: int) -> None:
 @pytest.mark.spec("V-8")
 @pytest.mark.parametrize("area", ["desc", "driver", "device"])
 def test_ring_areas_outside_memory_break_ring(area: str) -> None:
+    """a ring area outside guest memory breaks the ring."""
     mem = make_memory(0x4000)
     gpas = {"desc": 0x1000, "driver": 0x2000, "device": 0x3000}
     gpas[area] = 0x10000
@@ -225,6 +237,7 @@ def test_ring_areas_outside_memory_break_ring(area: str) -> None:
 @pytest.mark.spec("V-9")
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_device_writes_only_the_used_ring(event_idx: bool) -> None:
+    """popping, reading and pushing change no byte outside the used ring."""
     mem, r, q = make(event_idx=event_idx)
     mem.write(BUF, b"\x11" * 0x400)
     n = write_table(mem, TBL, [(BUF + 0x100, 16, 0), (BUF + 0x200, 16, WRITE)])
@@ -249,6 +262,7 @@ def test_device_writes_only_the_used_ring(event_idx: bool) -> None:
 
 @pytest.mark.spec("V-10")
 def test_no_buffer_used_before_driver_ok() -> None:
+    """no buffer is used and no interrupt sent before DRIVER_OK; used once after it."""
     h = Harness()
     assert h.init(driver_ok=False) == []
     assert not h.dev.status & DOK
