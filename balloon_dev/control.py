@@ -72,6 +72,7 @@ class HostControl:
         self.rounds: list[HintRound] = []
         self._by_id: dict[int, HintRound] = {}
         self.totals = {"inflated_pages": 0, "deflated_pages": 0, "reported_ranges": 0,
+                       "reported_bytes": 0, "reported_outside_ram": 0,
                        "stats_buffers": 0, "needs_reset": 0, "hints_outside_rounds": 0}
         self.last_guest_stats: dict[str, int] = {}
         self.last_actual: int | None = None
@@ -132,6 +133,12 @@ class HostControl:
                 self.totals["deflated_pages"] += len(e.pfns)
             elif isinstance(e, PagesReported):
                 self.totals["reported_ranges"] += len(e.ranges)
+                for gpa, length in e.ranges:
+                    self.totals["reported_bytes"] += length
+                    if not self.in_guest_ram(gpa, length):
+                        self.totals["reported_outside_ram"] += 1
+                        log.warning("reported range [%#x, +%#x) lies outside guest RAM", gpa,
+                                    length)
             elif isinstance(e, StatsReceived):
                 self.totals["stats_buffers"] += 1
                 self.last_guest_stats = dict(e.stats)

@@ -65,15 +65,17 @@ class Served:
             return f.read()
 
 
-def start_served(lab: QemuLab, append: str = "") -> Iterator[Served]:
+def start_served(lab: QemuLab, append: str = "", features: str | None = None) -> Iterator[Served]:
     """Serve the device from a ``balloon-hint serve`` subprocess and boot a 1 GiB guest on it."""
     tmp = tempfile.mkdtemp(prefix="bh-vfio-")
     sock = os.path.join(tmp, "balloon.sock")
     ctl = sock + ".ctl"
     log_path = os.path.join(tmp, "serve.log")
     with open(log_path, "w") as log:
-        srv = subprocess.Popen([sys.executable, "-m", "vmsim", "-v", "serve", "--vfio-user", sock,
-                                "--control", ctl], stdout=log, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "vmsim", "-v", "serve", "--vfio-user", sock, "--control", ctl]
+        if features is not None:
+            argv += ["--features", features]
+        srv = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while not (os.path.exists(sock) and os.path.exists(ctl)):

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from balloon_dev.control import HostControl
-from balloon_dev.effects import HintRoundStopped, PagesHinted
+from balloon_dev.effects import HintRoundStopped, PagesHinted, PagesReported
 from balloon_dev.transport.vfio_user_server import serve_control
 from protocol import virtio_pci as vp
 from tests.vfio_user.client import BAR4, Client
@@ -51,6 +51,14 @@ def test_hint_round_is_logged(ctl: tuple[HostControl, Client, Clock]) -> None:
     assert r == {"cmd_id": cmd_id, "requested_at": 100.0, "hints": 4,
                  "hinted_bytes": 3 * BLOCK + 0x1000, "outside_ram": 1,
                  "not_block_aligned": 1, "stopped_after_s": 2.5}
+
+
+def test_reported_ranges_are_totalled_and_checked(ctl: tuple[HostControl, Client, Clock]) -> None:
+    hc, _, _ = ctl
+    hc.on_effects([PagesReported(((0x200000, 0x200000), (1 << 40, 0x200000)))])
+    t = hc.execute({"execute": "stats"})["return"]["totals"]
+    assert (t["reported_ranges"], t["reported_bytes"], t["reported_outside_ram"]) == \
+        (2, 0x400000, 1)
 
 
 def test_commands_reach_the_device(ctl: tuple[HostControl, Client, Clock]) -> None:
