@@ -21,7 +21,8 @@ indirect table is copied once before it is walked. A guest that rewrites descrip
 walk therefore cannot make us see two versions of one (no TOCTOU, conventions 6). Every walk is
 bounded (conventions 9): at most N descriptors in the main table and at most the table's entry
 count inside an indirect table (V-3, V-4); indirect tables are capped at 32768 entries so the
-copy is bounded too.
+copy is bounded too. Tables of at least ``indirect_batch_min`` entries laid out the usual way
+(entry k links to k+1) are checked as one numpy batch; any other table takes the walk.
 
 Two kinds of guest error (architecture "Errors name whose fault it is"):
 
@@ -31,7 +32,7 @@ Two kinds of guest error (architecture "Errors name whose fault it is"):
   returns it with len 0 and carries on;
 * a broken *ring* (V-1 pending > N, V-2 head >= N, a ring area outside guest memory):
   ``RingBroken`` is raised and counted; the device must set DEVICE_NEEDS_RESET (QEMU's
-  ``virtio_error()``). Nothing is consumed by the call that raises.
+  ``virtio_error()``). The call that raises consumes nothing.
 
 ``GuestMemoryError`` never escapes this module.
 
@@ -268,8 +269,7 @@ class DeviceVirtqueue:
             raise self._head_broken(0, head)
         table = self._table()
         chain = self._walk(head, _DESC.unpack_from(table, DESC_SIZE * head), table)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        self._publish_avail_event()
+        self._consume(1)
         return chain
 
     def _head_broken(self, k: int, head: int) -> RingBroken:
@@ -315,9 +315,15 @@ class DeviceVirtqueue:
                     chains.append(Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ()))
                 else:
                     chains.append(self._walk(h, row, table))
-        self.last_avail_idx = (self.last_avail_idx + n) & 0xFFFF
-        self._publish_avail_event()
+        self._consume(n)
         return chains
+
+    def _consume(self, n: int) -> None:
+        new = (self.last_avail_idx + n) & 0xFFFF
+        if self.event_idx and self._notifications:
+            # Published before committing, so a used ring outside memory consumes nothing.
+            self._write_used_word(self.device + 4 + USED_ELEM_SIZE * self.size, new)
+        self.last_avail_idx = new
 
     def _read_heads(self, n: int) -> np.ndarray:
         start = self.last_avail_idx & (self.size - 1)
@@ -565,10 +571,6 @@ class DeviceVirtqueue:
         except GuestMemoryError as e:
             raise self._area_broken("avail ring", self.driver, e) from None
 
-    def _publish_avail_event(self) -> None:
-        if self.event_idx and self._notifications:
-            self._write_used_word(self.device + 4 + USED_ELEM_SIZE * self.size, self.last_avail_idx)
-
     def _write_used_word(self, gpa: int, value: int) -> None:
         try:
             self.mem.write(gpa, _U16.pack(value & 0xFFFF))
@@ -581,7 +583,8 @@ class DeviceVirtqueue:
         self._notifications = True
         if self.event_idx:
             # Kick me when the driver publishes the entry I will consume next.
-            self._publish_avail_event()
+            self._write_used_word(self.device + 4 + USED_ELEM_SIZE * self.size,
+                                  self.last_avail_idx)
         else:
             self._write_used_word(self.device, 0)
 

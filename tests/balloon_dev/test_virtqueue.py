@@ -401,3 +401,16 @@ def test_indirect_table_batch_check_agrees_with_the_walk(case: str) -> None:
     assert (batched.error is None) == (case in ("valid", "direct_prefix"))
     if case == "valid":
         assert len(batched.out) == 3 and len(batched.in_) == 29
+
+
+def test_used_ring_outside_memory_breaks_ring_without_consuming() -> None:
+    mem = make_memory(0x3000)
+    r = RawRing(mem, 8, 0x1000, 0x2000, 0x10000)  # the used ring lies outside memory
+    q = DeviceVirtqueue(mem, 8, r.desc, r.driver, r.device, event_idx=True)
+    r.set_desc(0, 0x1800, 8, WRITE)
+    r.publish(0)
+    for pop in (q.pop, q.pop_many):
+        with pytest.raises(RingBroken, match="ring_outside_memory"):
+            pop()
+        assert q.last_avail_idx == 0
+    assert q.counters["ring_outside_memory"] == 2
