@@ -436,6 +436,9 @@ def loads(text: str, file: str = "<string>") -> Scenario:
             raise ScenarioError(file, f"{label}.during", lines.key("workload", i, "during"),
                                 f"a {kind} workload is a set-up phase; it cannot run during "
                                 "migration")
+        if kind in ("dirty", "churn") and not during:
+            raise ScenarioError(file, f"{label}.during", lines.key("workload", i, "kind"),
+                                f"a {kind} workload is background activity: set during = true")
         if kind in ("fill", "fill_free") and p["size"] > guest.ram_bytes:
             raise ScenarioError(file, f"{label}.size", lines.key("workload", i, "size"),
                                 "larger than the guest's RAM")

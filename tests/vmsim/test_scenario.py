@@ -111,6 +111,9 @@ def _edit(old: str, new: str) -> str:
     ('kind = "fill"', 'kind = "fil"', "workload[1].kind", 10, "unknown workload kind"),
     ('size = "256MiB"', 'size = "2GiB"', "workload[1].size", 11, "larger than"),
     ('max_rounds = 12', 'max_rounds = 0', "migration.max_rounds", 22, "range"),
+    ('during = true', 'during = false', "workload[2].during", 14, "background"),
+    ('size = "256MiB"', 'size = "256MiB"\nduring = true', "workload[1].during", 12,
+     "set-up phase"),
     ('downtime_limit = "300ms"', 'downtime_limit = "0ms"', "migration.downtime_limit", 21,
      "more than zero"),
 ])
