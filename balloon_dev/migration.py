@@ -211,7 +211,7 @@ class PrecopyMigration:
         self.stats = MigrationStats()
         self.rounds: list[RoundRecord] = []
         self.verify_result: VerifyResult | None = None
-        self.phase = "idle"  # idle, precopy, syncing, stopped, done
+        self.phase = "idle"  # idle, precopy, stopped (stop-and-copy), done
         self.done = False
         self._cursor = 0
         self._round: RoundRecord | None = None
