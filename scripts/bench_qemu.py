@@ -149,7 +149,8 @@ def measure_qemu(lab: QemuLab, ram: str, hint: bool, append: str) -> dict[str, A
     t0 = time.monotonic()
     with lab.boot(ram=ram, devices=[dev], extra_args=["-object", "iothread,id=io0"],
                   append=append, timeout=180) as vm:
-        res: dict[str, Any] = {"device": f"QEMU virtio-balloon-pci free-page-hint={'on' if hint else 'off'}",
+        res: dict[str, Any] = {"device": "QEMU virtio-balloon-pci free-page-hint="
+                               + ("on" if hint else "off"),
                                "boot_s": round(vm.boot_seconds, 2)}
         feats = balloon_features(vm)
         res["free_page_hint_negotiated"] = feats[FREE_PAGE_HINT_BIT] == "1"

@@ -84,7 +84,8 @@ class QmpError(Exception):
 
 
 def cache_dir() -> Path:
-    """``$BALLOON_HINT_CACHE``, else ``$XDG_CACHE_HOME/balloon-hint``, else ~/.cache/balloon-hint."""
+    """``$BALLOON_HINT_CACHE``, else ``$XDG_CACHE_HOME/balloon-hint``, else
+    ``~/.cache/balloon-hint``."""
     if os.environ.get("BALLOON_HINT_CACHE"):
         return Path(os.environ["BALLOON_HINT_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -72,6 +72,37 @@ def test_guest_modules_resolve_in_kernel_tree(lab):
         seen.add(p.name)
 
 
+def read_newc(data: bytes) -> dict[str, bytes]:
+    """Entries of a cpio "newc" archive (the initramfs format), parsed independently of the
+    writer in scripts/qemu-lab."""
+    out: dict[str, bytes] = {}
+    off = 0
+    while True:
+        assert data[off:off + 6] == b"070701", f"bad cpio magic at {off}"
+        fields = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        filesize, namesize = fields[6], fields[11]
+        name = data[off + 110: off + 110 + namesize - 1].decode()
+        off = (off + 110 + namesize + 3) & ~3
+        body = data[off: off + filesize]
+        off = (off + filesize + 3) & ~3
+        if name == "TRAILER!!!":
+            return out
+        out[name] = body
+
+
+def test_initramfs_holds_busybox_modules_and_init(lab):
+    import gzip
+
+    files = read_newc(gzip.decompress(lab.initrd.read_bytes()))
+    assert files["bin/busybox"][:4] == b"\x7fELF"
+    for m in qemu_lab.GUEST_MODULES:
+        assert files[f"lib/modules/{m}.ko"][:4] == b"\x7fELF", m
+    init = files["init"].decode()
+    assert init.startswith("#!/bin/busybox sh")
+    assert " ".join(qemu_lab.GUEST_MODULES) in init  # loaded in dependency order
+    assert "echo BH_LAB_READY" in init and "mount -t devtmpfs" in init
+
+
 # -- one booted guest shared by the tests below ---------------------------------------------------
 
 
