@@ -35,7 +35,7 @@ def test_migrate_all_modes_json_and_plot(tmp_path, capsys) -> None:
 
 
 def test_migrate_fault_exits_1(capsys) -> None:
-    rc = main(["migrate", str(HERE / "churn-walk.toml"), "--fault", "accept-stale-hints"])
+    rc = main(["migrate", "--builtin", "churn-walk", "--fault", "accept-stale-hints"])
     assert rc == 1
     assert "verification failed" in capsys.readouterr().err
 

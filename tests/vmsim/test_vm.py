@@ -50,7 +50,7 @@ def test_same_seed_same_result() -> None:
 
 @pytest.mark.spec("D-10")
 def test_stale_hints_are_dropped_and_the_run_verifies() -> None:
-    r = run_scenario(load(HERE / "churn-walk.toml"), "walk")
+    r = run_scenario(load_builtin("churn-walk"), "walk")
     assert r.stale_hints_dropped > 0
     assert r.verified
 
@@ -58,12 +58,12 @@ def test_stale_hints_are_dropped_and_the_run_verifies() -> None:
 @pytest.mark.spec("D-11")
 def test_fault_accept_stale_hints_fails_verification_under_churn() -> None:
     """protocol.md 5.7: a hint from before a sync applied after it erases a newer write."""
-    r = run_scenario(load(HERE / "churn-walk.toml"), "walk", fault="accept-stale-hints")
+    r = run_scenario(load_builtin("churn-walk"), "walk", fault="accept-stale-hints")
     assert r.stale_hints_applied > 0
     assert not r.verified and r.mismatched_pages > 0
     # the same fault cannot hurt when the guest holds what it hints (capture): nothing churns
     # through hinted pages
-    c = run_scenario(load(HERE / "churn-walk.toml"), "capture", fault="accept-stale-hints")
+    c = run_scenario(load_builtin("churn-walk"), "capture", fault="accept-stale-hints")
     assert c.verified
 
 
