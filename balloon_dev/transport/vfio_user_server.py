@@ -3,9 +3,10 @@ socket, plus the JSON host-control socket.
 
 Theory of operation: ``VfioUserServer.run`` binds the socket the user named (created with mode
 0600: only the owner may connect, since a client gets to map memory and drive the device),
-listens, and serves one connection at a time. Per connection one reader task reads a message:
-the 16-byte header with ``recvmsg`` (collecting ``SCM_RIGHTS`` fds), checks framing, reads the
-rest of the payload, and hands header, payload and fds to the session. The session's actions
+listens, and serves one connection at a time (a second client waits briefly, then is closed). Per
+connection one reader task reads a message: the 16-byte header with ``recvmsg`` (collecting
+``SCM_RIGHTS`` fds), checks framing, reads the rest of the payload, and hands header, payload
+and fds to the session. The session's actions
 are performed in order: replies are written to the socket, ``SignalEventfd`` becomes an 8-byte
 write to the eventfd, host effects go to ``on_effects``. A framing error or EOF ends the
 connection; the device is then reset and the session dropped (its mappings unmapped, its
@@ -84,7 +85,8 @@ def _close_fds(fds: list[int]) -> None:
 
 class VfioUserServer:
     def __init__(self, path: str, pci: VirtioPciFunction, mem: GuestMemory, *,
-                 on_effects: Callable[[list[Any]], None] | None = None) -> None:
+                 on_effects: Callable[[list[Any]], None] | None = None,
+                 busy_wait: float = 2.0) -> None:
         self.path = path
         self.pci = pci
         self.mem = mem
@@ -92,6 +94,8 @@ class VfioUserServer:
         self.session: VfioUserSession | None = None
         self.counters: Counter[str] = Counter()
         self.connections = 0
+        self.busy_wait = busy_wait
+        self._one_client = trio.Lock()  # FIFO: clients are served in arrival order
 
     # -- host side ---------------------------------------------------------------------------
     def host_call(self, call: Callable[[Any], list[Any]]) -> list[Any]:
@@ -139,20 +143,37 @@ class VfioUserServer:
         try:
             await _bind_private(sock, self.path)
             bound = True  # from here on the path is ours to remove
-            sock.listen(1)
+            sock.listen(4)
             log.info("vfio-user server listening on %s", self.path)
             task_status.started()
-            while True:
-                conn, _ = await sock.accept()
-                self.connections += 1
-                try:
-                    await self._serve(conn)
-                finally:
-                    conn.close()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    conn, _ = await sock.accept()
+                    nursery.start_soon(self._serve_and_close, conn)
         finally:
             sock.close()
             if bound:
                 _unlink_quietly(self.path)
+
+    async def _serve_and_close(self, conn: Any) -> None:
+        # One device, one client. A client that arrives while another is served waits up to
+        # ``busy_wait`` seconds (the previous one may just be leaving: a VMM restarted at once),
+        # then is turned away (it sees the socket close) rather than hanging until its timeout.
+        try:
+            with trio.move_on_after(self.busy_wait) as cs:
+                await self._one_client.acquire()
+            if cs.cancelled_caught:
+                self.counters["connections_refused_busy"] += 1
+                log.warning("vfio-user: a second client connected while one is served; "
+                            "closing it")
+                return
+            try:
+                self.connections += 1
+                await self._serve(conn)
+            finally:
+                self._one_client.release()
+        finally:
+            conn.close()
 
     async def _serve(self, conn: Any) -> None:
         session = VfioUserSession(self.pci, self.mem)

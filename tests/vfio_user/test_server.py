@@ -65,8 +65,12 @@ class Peer:
         return p
 
     async def at_eof(self) -> bool:
+        """The server closed the connection (a reset counts: we had sent bytes it never read)."""
         with trio.move_on_after(5):
-            return await self.sock.recv(1) == b""
+            try:
+                return await self.sock.recv(1) == b""
+            except ConnectionResetError:
+                return True
         return False
 
 
@@ -74,7 +78,8 @@ def make_server(path: str) -> tuple[VfioUserServer, BalloonDevice, GuestMemory, 
     mem = GuestMemory()
     dev = BalloonDevice(mem)
     effects: list[Any] = []
-    server = VfioUserServer(path, VirtioPciFunction(dev, mem=mem), mem, on_effects=effects.extend)
+    server = VfioUserServer(path, VirtioPciFunction(dev, mem=mem), mem, on_effects=effects.extend,
+                            busy_wait=0.5)
     return server, dev, mem, effects
 
 
@@ -240,3 +245,24 @@ def test_reader_over_a_socketpair_with_fds() -> None:
         a.close()
 
     trio.run(main)
+
+
+def test_a_second_client_is_turned_away_while_one_is_served() -> None:
+    async def body(server: VfioUserServer, path: str, dev: BalloonDevice,
+                   mem: GuestMemory) -> None:
+        a = await connect(path)
+        await a.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
+        b = await connect(path)
+        assert await b.at_eof()
+        b.sock.close()
+        await a.ok(vu.Command.DEVICE_GET_INFO, vu.build_device_info(16, 0, 0, 0))
+        a.sock.close()
+        with trio.fail_after(5):
+            while server.session is not None:
+                await trio.sleep(0.01)
+        c = await connect(path)
+        await c.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
+        assert server.counters["connections_refused_busy"] == 1 and server.connections == 2
+        c.sock.close()
+
+    run_with_server(body)
