@@ -76,6 +76,10 @@ class IrqIndexState:
     masked: bool = False  # INTx only
 
 
+#: What a command handler returns: the reply payload and the actions it caused.
+Result = tuple[bytes, list[Any]]
+
+
 def _close(fd: int) -> None:
     try:
         os.close(fd)
@@ -198,8 +202,6 @@ class VfioUserSession:
         st.masked = False
 
     # -- handlers ----------------------------------------------------------------------------
-    Result = tuple[bytes, list[Any]]
-
     def _no_fds(self, fds: list[int], what: str) -> None:
         if fds:
             raise vu.VfioUserError(errno.EINVAL, f"{what} carries {len(fds)} unexpected fds")
