@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    # a wide table: give it room even when the output is not a terminal
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     if args.show:
         from importlib import resources
         f = resources.files("vmsim") / "scenarios" / f"{args.show}.toml"
