@@ -43,6 +43,7 @@ from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_ID_BALLOON, DeviceStatus
 
 DRIVER_OK = int(DeviceStatus.DRIVER_OK)
+_NOT_LIVE = int(DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED)
 
 log = logging.getLogger(__name__)
 
@@ -426,9 +427,10 @@ class VirtioPciFunction:
         """
         regs = self.state.queues[q] if q < len(self.state.queues) else None
         effects = self.dev.notify(q)
-        # Only a live ring is re-checked: before DRIVER_OK the core defers kicks (D-16) and a
-        # disabled queue has no ring to look at.
-        if regs is None or self.mem is None or not self.dev.status & DRIVER_OK \
+        # Only a live ring is re-checked: before DRIVER_OK the core defers kicks (D-16), after
+        # NEEDS_RESET / FAILED it ignores them, and a disabled queue has no ring to look at.
+        st = self.dev.status
+        if regs is None or self.mem is None or not st & DRIVER_OK or st & _NOT_LIVE \
                 or not self.dev.queue_enabled(q):
             return effects
         for _ in range(max(regs.size, 1)):

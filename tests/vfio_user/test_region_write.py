@@ -230,3 +230,15 @@ def test_kick_before_driver_ok_is_not_rechecked(ram: Client) -> None:
     r.publish(r.chain([(PFNS, 10, 0)]))
     ram.write(BAR4, NOTIFY + 2 * vp.NOTIFY_OFF_MULTIPLIER, b"\2\0")
     assert ram.dev.counters["notify_before_driver_ok"] == 1
+
+
+def test_kick_after_needs_reset_is_counted_once(live: tuple[Client, list[int]]) -> None:
+    c, _ = live
+    r = ring(c, 0)
+    r.publish(r.chain([(PFNS, 4, 0)], start=0))
+    r.set_avail_idx(r.avail_idx + 500)  # V-1: more pending than the queue holds -> broken
+    r.avail_idx += 500
+    c.write(BAR4, NOTIFY, b"\0\0")
+    assert c.dev.status & 64  # DEVICE_NEEDS_RESET
+    c.write(BAR4, NOTIFY, b"\0\0")
+    assert c.dev.counters["notify_while_needs_reset"] == 1
