@@ -124,9 +124,10 @@ class HostControl:
                 if r is not None and r.stopped_after_s is None:
                     r.stopped_after_s = self.clock() - r.requested_at
                     log.info("hint round %#x: %d hints, %d bytes, %d outside RAM, "
-                             "%d not 4 MiB blocks, stopped after %.3f s", r.cmd_id, r.hints,
-                             r.hinted_bytes, r.outside_ram, r.not_block_aligned,
-                             r.stopped_after_s)
+                             "%d not 4 MiB blocks, stopped after %.3f s; driver checker: %s",
+                             r.cmd_id, r.hints, r.hinted_bytes, r.outside_ram,
+                             r.not_block_aligned, r.stopped_after_s,
+                             getattr(self.dev, "dr_violations", None) or "no violation")
             elif isinstance(e, Inflated):
                 self.totals["inflated_pages"] += len(e.pfns)
             elif isinstance(e, Deflated):
