@@ -45,3 +45,28 @@ def test_session_survives_any_message_sequence(msgs: list[tuple[int, bytes, int,
     c.session.close()
     assert open_fds() <= before  # every fd handed over was kept until close, then closed
     c.close()
+
+
+accesses = st.lists(st.tuples(st.sampled_from(["cfg_r", "cfg_w", "bar_r", "bar_w"]),
+                              st.sampled_from([1, 4]), st.integers(-8, 0x4008),
+                              st.integers(1, 9), st.integers(0, (1 << 64) - 1)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(accesses)
+def test_virtio_pci_function_never_raises_on_guest_accesses(
+        ops: list[tuple[str, int, int, int, int]]) -> None:
+    c = Client()
+    c.version()
+    c.map_ram()
+    for kind, bar, off, size, value in ops:
+        data = (value & ((1 << (8 * min(size, 8))) - 1)).to_bytes(min(size, 8), "little")
+        if kind == "cfg_r":
+            c.pci.config_read(off, size)
+        elif kind == "cfg_w":
+            c.pci.config_write(off, data)
+        elif kind == "bar_r":
+            c.pci.bar_read(bar, off, size)
+        else:
+            c.pci.bar_write(bar, off, data)
+    c.close()
