@@ -22,9 +22,17 @@ handful of small numpy arrays indexed by pfn:
 * ``state`` (uint8): what each page is now: ``PG_RESERVED`` (never free: firmware, the driver
   area), ``PG_BUDDY`` (free, on a buddy free list), ``PG_PCP`` (free, on a per-cpu list: the
   buddy lists and the walk do not see it), ``PG_ALLOC`` (allocated by the guest: kernel,
-  workloads), ``PG_BALLOON`` (allocated by the balloon driver, ``owner=OWNER_BALLOON``).
+  workloads), ``PG_BALLOON`` (allocated by the balloon driver, ``owner=OWNER_BALLOON``),
+  ``PG_ISOLATED`` (free, but taken off the free lists by ``isolate_free_block`` while free page
+  reporting tells the host about it; nothing was written to it).
   ``in_use_mask()`` (state == PG_ALLOC) is what the migration verifier needs.
 * ``pageblock_mt`` (uint8, one per 2 MiB pageblock of order 9): the pageblock's migratetype.
+* ``reported`` (bool, one per pageblock): Linux's ``PageReported`` of a free block of order
+  >= ``pageblock_order`` (the only blocks page reporting handles on x86-64), kept at the
+  pageblock of the block's first page. Taking a block off a free list for any reason
+  (allocation, split, merge, isolation) clears it, as Linux's ``del_page_from_free_list`` does;
+  moving a block to another migratetype's list keeps it. A per-list count of reported blocks
+  lets the reporting scan skip lists that hold nothing new.
 
 Free-list discipline follows Linux 6.9+ ("freelist migratetype hygiene"): a free block always
 sits on the list of the migratetype of the pageblock holding its first page. Allocation
@@ -44,6 +52,18 @@ pageblocks: the model has no atomic high-order allocations. The balloon's own al
 (``__GFP_NORETRY | __GFP_NOWARN | __GFP_NOMEMALLOC``, no direct reclaim) map to
 ``noretry=True``: min watermark, no reclaim, no drain, no dipping below min.
 ``set_migratetype_isolate`` isolates a pageblock as memory offlining does.
+
+Free page reporting (Linux ``mm/page_reporting.c``) uses ``isolate_free_block`` /
+``putback_block``: the first unreported free block of an order is unlinked without touching its
+pages (``__isolate_free_page``: no init_on_alloc zeroing, no poison check, only the min watermark
+plus the block must stay free), and later returned to the *tail* of its list
+(``__putback_isolated_page``), merging as any free would; if it did not merge, it is marked
+reported, so the next pass skips it until it is allocated again.
+
+Out of memory: when an allocation that may retry (not ``noretry``, order <= 3 as Linux's
+``__alloc_pages_may_oom`` requires) still fails after reclaim and the per-cpu drain, the OOM
+notifiers (``register_oom_notifier``; the balloon's deflate-on-OOM) are called; while they free
+something, the allocation is retried. Nobody is killed when they free nothing: it just fails.
 
 Order-0 allocations and frees go through per-cpu lists (``pcp``) per (cpu, zone, migratetype)
 with Linux's ``batch``/``high``: an empty list is refilled with ``batch`` pages from the buddy,
@@ -123,6 +143,7 @@ PG_BUDDY = 1
 PG_PCP = 2
 PG_ALLOC = 3
 PG_BALLOON = 4
+PG_ISOLATED = 5
 OWNER_GUEST = PG_ALLOC
 OWNER_BALLOON = PG_BALLOON
 
@@ -130,6 +151,9 @@ WMARK_MIN, WMARK_LOW, WMARK_HIGH = 0, 1, 2
 _LOWMEM_RESERVE_RATIO = (256, 256, 32)  # sysctl_lowmem_reserve_ratio
 _WATERMARK_SCALE_FACTOR = 10  # sysctl default, in 1/10000 of a zone
 _PAGE_ALLOC_COSTLY_ORDER = 3
+# Bound on OOM-notifier-and-retry rounds of one allocation. Each round that continues freed at
+# least one page, so this only guards against a notifier that lies.
+_OOM_MAX_ROUNDS = 4096
 
 
 class BuddyError(ValueError):
@@ -231,16 +255,19 @@ class BuddyAllocator:
         self.state = np.full(n, PG_BUDDY, dtype=np.uint8)
         self.pageblock_mt = np.full((n + pageblock_nr_pages - 1) >> pageblock_order,
                                     MIGRATE_MOVABLE, dtype=np.uint8)
+        self.reported = np.zeros(self.pageblock_mt.size, dtype=np.bool_)
         # Scalar access through memoryviews is several times faster than numpy item access.
         self._nx = memoryview(self.next)
         self._pv = memoryview(self.prev)
         self._bo = memoryview(self.buddy_order)
         self._st = memoryview(self.state)
         self._pb = memoryview(self.pageblock_mt)
+        self._rp = memoryview(self.reported)
 
         self._first = [list_sentinel(i) for i in range(NR_LISTS)]
         self._last = [list_sentinel(i) for i in range(NR_LISTS)]
         self._count = [0] * NR_LISTS
+        self._nr_reported = [0] * NR_LISTS  # reported blocks per list
         self._zone_free = [0] * NR_ZONES
 
         self.zones: list[Zone] = []
@@ -261,12 +288,15 @@ class BuddyAllocator:
         self.counters: dict[str, int] = {
             "alloc": 0, "alloc_fail": 0, "free": 0, "fallback_steal": 0, "pageblock_claim": 0,
             "pcp_refill": 0, "pcp_flush": 0, "bulk_alloc_pages": 0, "bulk_free_pages": 0,
-            "reclaim_runs": 0, "reclaimed_pages": 0,
+            "reclaim_runs": 0, "reclaimed_pages": 0, "isolated_blocks": 0, "putback_blocks": 0,
+            "oom_runs": 0, "oom_freed_pages": 0,
         }
 
         # (count, scan) pairs, Linux's struct shrinker: count() -> freeable pages,
         # scan(nr_to_scan) -> pages freed. Run by "direct reclaim" (see alloc_pages).
         self.shrinkers: list[tuple[Callable[[], int], Callable[[int], int]]] = []
+        # Linux's oom_notify_list: each returns the pages it freed.
+        self.oom_notifiers: list[Callable[[], int]] = []
 
         self._boot(reserved)
 
@@ -409,6 +439,10 @@ class BuddyAllocator:
         self._bo[pfn] = -1
         self._count[lid] -= 1
         self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= 1 << order
+        # del_page_from_free_list: a block leaving its list is no longer "reported".
+        if order >= pageblock_order and self._rp[pfn >> pageblock_order]:
+            self._rp[pfn >> pageblock_order] = False
+            self._nr_reported[lid] -= 1
 
     def _splice_heads(self, lid: int, heads: np.ndarray, at_tail: bool) -> None:
         """Link many blocks of one list's order (ascending ``heads``) into list ``lid`` at once."""
@@ -540,6 +574,96 @@ class BuddyAllocator:
         self.counters["reclaimed_pages"] += freed
         return freed
 
+    def register_oom_notifier(self, notify: Callable[[], int]) -> None:
+        """Add an OOM notifier (Linux ``register_oom_notifier``): called when an allocation is
+        about to fail after reclaim; returns the pages it freed."""
+        self.oom_notifiers.append(notify)
+
+    def _out_of_memory(self) -> int:
+        """out_of_memory() reduced to its notifier chain; pages the notifiers freed."""
+        freed = 0
+        for notify in list(self.oom_notifiers):
+            freed += max(0, int(notify()))
+        self.counters["oom_runs"] += 1
+        self.counters["oom_freed_pages"] += freed
+        return freed
+
+    # ---- free page reporting ------------------------------------------------------------------
+    def _mark_reported(self, pfn: int, lid: int) -> None:
+        if not self._rp[pfn >> pageblock_order]:
+            self._rp[pfn >> pageblock_order] = True
+            self._nr_reported[lid] += 1
+
+    def is_reported(self, pfn: int) -> bool:
+        """Whether ``pfn`` heads a free block marked reported (Linux ``PageReported``)."""
+        return self._bo[pfn] >= pageblock_order and bool(self._rp[pfn >> pageblock_order])
+
+    def nr_reported_pages(self) -> int:
+        """Pages in free blocks marked reported (Linux's ``zone->reported_pages``, summed)."""
+        total = 0
+        for lid, k in enumerate(self._nr_reported):
+            if k:
+                total += k << ((lid // MIGRATE_TYPES) % MAX_ORDER)
+        return total
+
+    def isolate_free_block(self, order: int, *, zone: int | None = None,
+                           skip_reported: bool = True) -> int | None:
+        """Take one free block of exactly ``order`` off its free list without touching its
+        pages (Linux ``__isolate_free_page`` as page reporting uses it); its first pfn, or None.
+
+        Zones low to high (or only ``zone``), migratetypes in order, the isolate type skipped;
+        within a list the first block not yet reported (``skip_reported``), in list order. The
+        zone must keep more than its min watermark plus the block free. The pages become
+        ``PG_ISOLATED`` (not free, not in use, never written) until ``putback_block``.
+        """
+        if not pageblock_order <= order < MAX_ORDER:
+            raise BuddyError(f"isolate_free_block(order={order}): only orders "
+                             f"{pageblock_order}..{MAX_ORDER - 1} (page reporting's)")
+        zones = self._zone_bounds if zone is None else [self._zone_bounds[zone]]
+        for zs, ze in zones:
+            if ze <= zs:
+                continue
+            z = self.zone_of(zs)
+            if self._zone_free[z] <= self.zones[z].watermark[WMARK_MIN] + (1 << order):
+                continue
+            for mt in range(MIGRATE_TYPES):
+                if mt == MIGRATE_ISOLATE:
+                    continue
+                lid = list_id(z, order, mt)
+                k = self._count[lid]
+                if k == 0 or (skip_reported and self._nr_reported[lid] >= k):
+                    continue
+                p = self._first[lid]
+                for _ in range(k):  # bounded by the list's length
+                    if p < 0:
+                        break
+                    if not (skip_reported and self._rp[p >> pageblock_order]):
+                        self._list_del(p, order, lid)
+                        self.state[p:p + (1 << order)] = PG_ISOLATED
+                        self.counters["isolated_blocks"] += 1
+                        return p
+                    p = self._nx[p]
+        return None
+
+    def putback_block(self, pfn: int, order: int, *, reported: bool = False) -> None:
+        """Return a block taken with ``isolate_free_block`` (``__putback_isolated_page``): to
+        the tail of its list, merging with free buddies; nothing is written to its pages. With
+        ``reported``, a block that did not merge is marked reported (page_reporting_drain)."""
+        n = 1 << order
+        if not pageblock_order <= order < MAX_ORDER or pfn < 0 or pfn + n > self.ram_pages \
+                or pfn & (n - 1):
+            raise BuddyError(f"putback_block(pfn={pfn:#x}, order={order}): not an isolated "
+                             "block's place")
+        st = self.state[pfn:pfn + n]
+        if not bool(np.all(st == PG_ISOLATED)):
+            raise BuddyError(f"putback_block(pfn={pfn:#x}, order={order}): pages not isolated "
+                             f"(states {sorted(set(st.tolist()))})")
+        st[:] = PG_BUDDY
+        self.counters["putback_blocks"] += 1
+        self._free_one(pfn, order, to_tail=True)
+        if reported and self._bo[pfn] == order:
+            self._mark_reported(pfn, self._lid_of_block(pfn, order))
+
     # ---- allocation -------------------------------------------------------------------------
     def _expand(self, pfn: int, low: int, high: int) -> None:
         """Give back the upper halves of a block of order ``high`` split down to ``low``."""
@@ -584,13 +708,18 @@ class BuddyAllocator:
         moved = []
         for h in heads.tolist():
             o = self._bo[h]
+            # move_to_free_list keeps PageReported: remember it across the unlink.
+            rep = o >= pageblock_order and self._rp[h >> pageblock_order]
             self._list_del(h, o, self._lid_of_block(h, o))
-            moved.append((h, o))
+            moved.append((h, o, rep))
         self._pb[pb] = mt
         z = self.zone_of(start)
         nr = 0
-        for h, o in moved:
-            self._list_add(h, o, list_id(z, o, mt))
+        for h, o, rep in moved:
+            lid = list_id(z, o, mt)
+            self._list_add(h, o, lid)
+            if rep:
+                self._mark_reported(h, lid)
             nr += 1 << o
         return nr
 
@@ -703,6 +832,15 @@ class BuddyAllocator:
                 # The last resort before OOM: drain per-cpu lists and retry.
                 self.drain_pcp()
                 pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+            if pfn is None and order <= _PAGE_ALLOC_COSTLY_ORDER and self.oom_notifiers:
+                # __alloc_pages_may_oom (never for costly orders): the notifiers give pages
+                # back (deflate on OOM); each time they do, the allocation is tried again.
+                for _ in range(_OOM_MAX_ROUNDS):
+                    if not self._out_of_memory():
+                        break
+                    pfn = self._try_zones(order, migratetype, cpu, WMARK_MIN)
+                    if pfn is not None:
+                        break
         if pfn is None:
             self.counters["alloc_fail"] += 1
             log.debug("alloc_pages(order=%d, mt=%d) failed: %d pages free", order, migratetype,
@@ -724,8 +862,9 @@ class BuddyAllocator:
         higher_buddy = parent ^ (1 << (order + 1))
         return higher_buddy < zend and self._bo[higher_buddy] == order + 1
 
-    def _free_one(self, pfn: int, order: int) -> None:
-        """Merge a freed block (pages already marked PG_BUDDY) and put it on its list."""
+    def _free_one(self, pfn: int, order: int, to_tail: bool = False) -> None:
+        """Merge a freed block (pages already marked PG_BUDDY) and put it on its list;
+        ``to_tail`` is Linux's FPI_TO_TAIL (used when putting back an isolated block)."""
         zs, ze = self._zone_bounds[self.zone_of(pfn)]
         bo, pb = self._bo, self._pb
         while order < MAX_ORDER - 1:
@@ -746,7 +885,9 @@ class BuddyAllocator:
             pfn &= b
             order += 1
         lid = self._lid_of_block(pfn, order)
-        if self.shuffle and order >= MAX_ORDER - 1:
+        if to_tail:
+            tail = True
+        elif self.shuffle and order >= MAX_ORDER - 1:
             tail = bool(self.rng.integers(2))  # shuffle_pick_tail()
         else:
             tail = self._buddy_merge_likely(pfn, order, ze)
@@ -882,11 +1023,12 @@ class BuddyAllocator:
         return got
 
     def alloc_pages_bulk(self, nr_pages: int, migratetype: int = MIGRATE_MOVABLE, *,
-                         owner: int = OWNER_GUEST) -> np.ndarray:
+                         owner: int = OWNER_GUEST, noretry: bool = False) -> np.ndarray:
         """Allocate up to ``nr_pages`` order-0 pages at once (fewer when memory runs out).
 
         Same zones, watermark (min) and fallback as ``alloc_pages``; the per-cpu lists are not
-        used. Returns the pfns (int64, ascending within each block taken).
+        used. ``noretry`` (the balloon's inflate, ``__GFP_NORETRY``): no shrinkers, no OOM
+        notifiers. Returns the pfns (int64, ascending within each block taken).
         """
         if migratetype not in FALLBACKS:
             raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
@@ -894,12 +1036,18 @@ class BuddyAllocator:
             raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
         runs: list[tuple[int, int]] = []
         remaining = max(0, int(nr_pages))
-        remaining = self._bulk_pass(remaining, migratetype, runs)
-        if remaining > 0 and self.shrinkers and self._reclaim(0, remaining):
-            remaining = self._bulk_pass(remaining, migratetype, runs)
+        remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+        if remaining > 0 and not noretry and self.shrinkers and self._reclaim(0, remaining):
+            remaining = self._bulk_pass(remaining, migratetype, runs, owner)
         if remaining > 0 and self.nr_pcp_pages():
             self.drain_pcp()
-            remaining = self._bulk_pass(remaining, migratetype, runs)
+            remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+        if remaining > 0 and not noretry and self.oom_notifiers:
+            # As many order-0 allocations would: OOM notifiers, retry while they free pages.
+            for _ in range(_OOM_MAX_ROUNDS):
+                if remaining <= 0 or not self._out_of_memory():
+                    break
+                remaining = self._bulk_pass(remaining, migratetype, runs, owner)
         if remaining > 0:
             self.counters["alloc_fail"] += 1
         if not runs:
@@ -914,7 +1062,19 @@ class BuddyAllocator:
             self.pages.write_pfns(pfns, "zero")
         return pfns
 
-    def _bulk_pass(self, remaining: int, migratetype: int, runs: list[tuple[int, int]]) -> int:
+    def _bulk_pass(self, remaining: int, migratetype: int, runs: list[tuple[int, int]],
+                   owner: int) -> int:
+        """Take pages into ``runs``; their state is set at once, because reclaim and OOM
+        notifiers run between passes and may free pages (a bulk free re-lays out free blocks
+        from ``state``, so taken pages must not look free)."""
+        first_new = len(runs)
+        remaining = self._bulk_pass_take(remaining, migratetype, runs)
+        for p, k in runs[first_new:]:
+            self.state[p:p + k] = owner
+        return remaining
+
+    def _bulk_pass_take(self, remaining: int, migratetype: int,
+                        runs: list[tuple[int, int]]) -> int:
         for z in self._zonelist():
             zone = self.zones[z]
             while remaining > 0:
@@ -973,7 +1133,14 @@ class BuddyAllocator:
         idxc = np.minimum(idx, n - 1)
         # Take the old blocks off their lists.
         old = np.flatnonzero((self.buddy_order[idxc] >= 0) & inside)
-        self._list_del_many(idx.ravel()[old])
+        old_heads = idx.ravel()[old]
+        # Blocks that were reported and come out of the re-layout unchanged (nothing merged
+        # with them) keep the mark, as they would under Linux's one-page-at-a-time frees.
+        old_orders = self.buddy_order[old_heads].astype(np.int64)
+        was_rep = old_orders >= pageblock_order
+        was_rep[was_rep] = self.reported[old_heads[was_rep] >> pageblock_order]
+        rep_heads, rep_orders = old_heads[was_rep], old_orders[was_rep]
+        self._list_del_many(old_heads)
         full = (self.state[idxc] == PG_BUDDY) & inside
         levels = [full]
         for _ in range(MAX_ORDER - 1):
@@ -1009,6 +1176,9 @@ class BuddyAllocator:
             lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
             for lid in np.unique(lids).tolist():
                 self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
+        for h, o in zip(rep_heads.tolist(), rep_orders.tolist()):
+            if self._bo[h] == o:
+                self._mark_reported(h, self._lid_of_block(h, o))
 
     def _lids_of_blocks(self, heads: np.ndarray) -> np.ndarray:
         orders = self.buddy_order[heads].astype(np.int64)
@@ -1064,6 +1234,14 @@ class BuddyAllocator:
         for p_, s_ in zip(P[~sm].tolist(), S[~sm].tolist()):
             self._last[-1 - s_] = p_
         self.buddy_order[R] = -1
+        big = orders >= pageblock_order
+        if big.any():
+            pbs = R[big] >> pageblock_order
+            rep = self.reported[pbs]
+            if rep.any():
+                self.reported[pbs[rep]] = False
+                for lid, c in zip(*np.unique(lids[big][rep], return_counts=True)):
+                    self._nr_reported[int(lid)] -= int(c)
         per_list = np.bincount(lids, minlength=NR_LISTS)
         pages = np.bincount(lids, weights=(1 << orders), minlength=NR_LISTS)
         for lid in np.flatnonzero(per_list).tolist():
@@ -1097,6 +1275,15 @@ class BuddyAllocator:
             assert self._last[lid] == prev or (k == 0 and self._last[lid] == list_sentinel(lid))
             assert k == self._count[lid], f"list {lid}: {k} blocks, count {self._count[lid]}"
         assert np.array_equal(seen, self.state == PG_BUDDY), "free page not on any list"
+        # Reported marks sit only on heads of free blocks of order >= pageblock_order.
+        for pb in np.flatnonzero(self.reported).tolist():
+            h = pb << pageblock_order
+            assert self._bo[h] >= pageblock_order, f"reported mark on {h:#x}: no free block"
+        nrep = [0] * NR_LISTS
+        for pb in np.flatnonzero(self.reported).tolist():
+            h = pb << pageblock_order
+            nrep[self._lid_of_block(h, self._bo[h])] += 1
+        assert nrep == self._nr_reported, "reported counts per list are wrong"
         assert zone_free == self._zone_free
         pcp = np.zeros(self.ram_pages, dtype=np.bool_)
         for c in range(self.nr_cpus):

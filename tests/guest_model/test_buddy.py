@@ -24,6 +24,7 @@ from guest_model.buddy import (
     PG_ALLOC,
     PG_BALLOON,
     PG_BUDDY,
+    PG_ISOLATED,
     PG_PCP,
     PG_RESERVED,
     WMARK_MIN,
@@ -314,6 +315,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                                 nr_cpus=2)
         self.fresh = self.a.free_counts().sum(axis=2)
         self.held: dict[int, tuple[int, int]] = {}  # pfn -> (order, owner state)
+        self.isolated: dict[int, int] = {}  # pfn -> order (page reporting)
 
     @rule(order=st.integers(0, MAX_ORDER - 1), mt=st.sampled_from(
         [MIGRATE_UNMOVABLE, MIGRATE_MOVABLE, MIGRATE_RECLAIMABLE]), cpu=st.integers(0, 1),
@@ -357,6 +359,24 @@ class AllocatorMachine(RuleBasedStateMachine):
     def drain(self) -> None:
         self.a.drain_pcp()
 
+    @rule(order=st.integers(pageblock_order, MAX_ORDER - 1), skip=st.booleans())
+    def isolate(self, order: int, skip: bool) -> None:
+        p = self.a.isolate_free_block(order, skip_reported=skip)
+        if p is None:
+            return
+        assert p % (1 << order) == 0 and p not in self.isolated
+        assert (self.a.state[p:p + (1 << order)] == PG_ISOLATED).all()
+        self.isolated[p] = order
+
+    @precondition(lambda self: self.isolated)
+    @rule(data=st.data(), reported=st.booleans())
+    def putback(self, data: st.DataObject, reported: bool) -> None:
+        p = data.draw(st.sampled_from(sorted(self.isolated)))
+        o = self.isolated.pop(p)
+        self.a.putback_block(p, o, reported=reported)
+        # Marked only if it stayed a block of its own order (no merge).
+        assert self.a.is_reported(p) == (reported and self.a.page_order(p) == o)
+
     @rule(data=st.data())
     def double_free_is_refused(self, data: st.DataObject) -> None:
         p = data.draw(st.integers(0, self.a.ram_pages - 1))
@@ -373,6 +393,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         alloc = (self.a.state == PG_ALLOC) | (self.a.state == PG_BALLOON)
         np.testing.assert_array_equal(np.flatnonzero(alloc), np.flatnonzero(expect))
         np.testing.assert_array_equal(self.a.state[expect > 0], expect[expect > 0])
+        iso = np.zeros(self.a.ram_pages, dtype=np.bool_)
+        for p, o in self.isolated.items():
+            iso[p:p + (1 << o)] = True
+        np.testing.assert_array_equal(iso, self.a.state == PG_ISOLATED)
 
     @invariant()
     def counts_match_brute_force(self) -> None:
@@ -382,6 +406,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for p, (o, _) in list(self.held.items()):
             self.a.free_pages(p, o)
+        for p, o in list(self.isolated.items()):
+            self.a.putback_block(p, o)
         self.a.drain_pcp()
         # Everything coalesces back into maximal blocks: same blocks per zone/order as at boot.
         np.testing.assert_array_equal(self.a.free_counts().sum(axis=2), self.fresh)
@@ -483,3 +509,176 @@ def test_isolation_drains_per_cpu_pages_of_the_block() -> None:
     q = [a.alloc_pages(0) for _ in range(50)]
     assert p not in q
     a.check()
+
+
+# -- free page reporting: isolate without touching, put back, PageReported ---------------------
+
+def _isolate_all(a: BuddyAllocator) -> list[tuple[int, int]]:
+    out = []
+    for order in range(pageblock_order, MAX_ORDER):
+        while (p := a.isolate_free_block(order)) is not None:
+            out.append((p, order))
+    return out
+
+
+def _report_all(a: BuddyAllocator) -> int:
+    """Reporting passes until one finds nothing new (each stops at the watermark)."""
+    passes = 0
+    while got := _isolate_all(a):
+        for p, o in got:
+            a.putback_block(p, o, reported=True)
+        passes += 1
+        assert passes < 100
+    return passes
+
+
+@pytest.mark.spec("DR-13")
+@pytest.mark.parametrize("poisoning", [False, True])
+def test_isolation_and_putback_write_nothing(poisoning: bool) -> None:
+    n = (256 * MiB) >> 12
+    log = DirtyLog(n)
+    pv = PageVersions(n, log)
+    a = BuddyAllocator(256 * MiB, pages=pv, init_on_alloc=True, page_poisoning=poisoning)
+    before, writes0 = pv.version.copy(), pv.writes  # boot poisoning wrote every free page
+    log.start()
+    free0 = a.nr_free_pages()
+    got = _isolate_all(a)
+    assert got and {o for _, o in got} == {MAX_ORDER - 1}  # boot memory: 4 MiB blocks
+    # Isolated pages left the free lists (NR_FREE_PAGES), yet nothing wrote them.
+    assert a.nr_free_pages() == free0 - sum(1 << o for _, o in got)
+    # The zone keeps more than its min watermark plus one block.
+    for z in a.zones:
+        if z.populated:
+            assert a.nr_free_pages(z.idx) + (1 << (MAX_ORDER - 1)) > z.watermark[WMARK_MIN]
+    assert not a.free_mask()[got[0][0]] and not a.in_use_mask()[got[0][0]]
+    for p, o in got:
+        a.putback_block(p, o, reported=True)
+    assert not log.peek().any() and pv.writes == writes0
+    np.testing.assert_array_equal(pv.version, before)  # poison (or zero) content survives
+    assert a.nr_free_pages() == free0 and a.nr_reported_pages() == sum(1 << o for _, o in got)
+    # The first pass stopped at the watermark; the next one takes only what it left behind.
+    rest = _isolate_all(a)
+    assert not set(rest) & set(got)
+    for p, o in rest:
+        a.putback_block(p, o, reported=True)
+    assert _isolate_all(a) == []
+    assert not log.peek().any() and pv.writes == writes0
+    # Without skipping, reported blocks can be taken again.
+    p = a.isolate_free_block(MAX_ORDER - 1, skip_reported=False)
+    assert p is not None and not a.is_reported(p)
+    a.putback_block(p, MAX_ORDER - 1)
+    a.check()
+
+
+def test_allocation_clears_reported_and_the_block_is_found_again() -> None:
+    a = BuddyAllocator(128 * MiB)
+    assert _report_all(a) >= 1
+    q = a.alloc_pages(pageblock_order)  # splits a reported 4 MiB block
+    assert q is not None
+    head = q & ~((1 << (MAX_ORDER - 1)) - 1)
+    assert not a.is_reported(head)
+    # The other half went back on the lists as a new, unreported block.
+    half = head if q != head else head + (1 << pageblock_order)
+    assert a.page_order(half) == pageblock_order and not a.is_reported(half)
+    a.free_pages(q, pageblock_order)
+    a.check()
+    again = _isolate_all(a)
+    assert again == [(head, MAX_ORDER - 1)]  # merged back: reported once more, nothing else
+    for p, o in again:
+        a.putback_block(p, o, reported=True)
+    a.check()
+
+
+def test_putback_that_merges_is_not_marked_reported() -> None:
+    a = BuddyAllocator(64 * MiB)
+    x = a.alloc_pages(pageblock_order)
+    assert x is not None
+    buddy = x ^ (1 << pageblock_order)
+    assert a.page_order(buddy) == pageblock_order
+    assert a.isolate_free_block(pageblock_order) == buddy
+    a.free_pages(x, pageblock_order)  # its buddy is isolated: no merge yet
+    assert a.page_order(x) == pageblock_order
+    a.putback_block(buddy, pageblock_order, reported=True)
+    head = min(x, buddy)
+    assert a.page_order(head) == MAX_ORDER - 1 and not a.is_reported(head)
+    assert a.free_blocks(a.block_list_id(head))[-1] == head  # put back to the tail
+    a.check()
+
+
+def test_reported_marks_survive_unrelated_bulk_frees_and_type_moves() -> None:
+    a = BuddyAllocator(64 * MiB)
+    pfns = a.alloc_pages_bulk(a.nr_free_pages() - 2048)
+    _report_all(a)
+    free_blocks = [(p, int(a.page_order(p))) for p in np.flatnonzero(a.reported) << pageblock_order]
+    assert free_blocks
+    marked = [p for p, _ in free_blocks]
+    # Free pages far from any reported block: the re-layout keeps the marks.
+    far = pfns[(pfns >> (MAX_ORDER - 1)) != (marked[0] >> (MAX_ORDER - 1))][:100]
+    a.free_pages_bulk(far)
+    assert all(a.is_reported(p) for p in marked)
+    # Moving a reported order-9 block to another migratetype's list keeps the mark.
+    nine = [p for p, o in free_blocks if o == pageblock_order]
+    if nine:
+        a.set_migratetype_isolate(nine[0])
+        assert a.is_reported(nine[0])
+    a.check()
+
+
+def test_isolation_misuse_is_refused() -> None:
+    a = BuddyAllocator(64 * MiB)
+    with pytest.raises(BuddyError, match="order"):
+        a.isolate_free_block(3)
+    p = a.alloc_pages(MAX_ORDER - 1)
+    assert p is not None
+    with pytest.raises(BuddyError, match="not isolated"):
+        a.putback_block(p, MAX_ORDER - 1)
+    q = a.isolate_free_block(MAX_ORDER - 1)
+    assert q is not None
+    with pytest.raises(BuddyError):
+        a.free_pages(q, MAX_ORDER - 1)  # isolated pages are not allocated pages
+    a.putback_block(q, MAX_ORDER - 1)
+    a.check()
+
+
+# -- OOM notifiers ------------------------------------------------------------------------------
+
+def test_oom_notifier_runs_after_reclaim_and_the_allocation_retries() -> None:
+    a = BuddyAllocator(64 * MiB)
+    hoard = list(a.alloc_pages_bulk(1 << 20).tolist())
+    while (p := a.alloc_pages(0)) is not None:  # all that can be had
+        hoard.append(p)
+    calls: list[int] = []
+
+    def notify() -> int:
+        calls.append(len(hoard))
+        give = np.array(hoard[-256:])
+        del hoard[-256:]
+        a.free_pages_bulk(give)
+        return int(give.size)
+
+    a.register_oom_notifier(notify)
+    assert a.alloc_pages(MAX_ORDER - 1) is None and not calls  # costly order: no OOM path
+    assert a.alloc_pages(0, noretry=True) is None and not calls  # __GFP_NORETRY: none either
+    p = a.alloc_pages(0)
+    assert p is not None and len(calls) >= 1
+    assert a.counters["oom_runs"] == len(calls)
+    assert a.counters["oom_freed_pages"] == 256 * len(calls)
+    # Bulk allocations run the notifiers too (unless noretry), for as long as they free pages.
+    got = a.alloc_pages_bulk(1000, noretry=True)
+    runs = a.counters["oom_runs"]
+    assert a.counters["oom_runs"] == runs
+    got2 = a.alloc_pages_bulk(600)
+    assert got2.size == 600 and a.counters["oom_runs"] > runs
+    assert got.size + got2.size <= 256 * len(calls) + 256
+    a.check()
+
+
+def test_oom_notifier_that_frees_nothing_ends_the_retry() -> None:
+    a = BuddyAllocator(32 * MiB)
+    a.alloc_pages_bulk(1 << 20)
+    while a.alloc_pages(0) is not None:
+        pass
+    calls = []
+    a.register_oom_notifier(lambda: calls.append(1) or 0)
+    assert a.alloc_pages(0) is None
+    assert calls == [1] and a.counters["oom_freed_pages"] == 0
