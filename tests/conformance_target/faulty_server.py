@@ -113,12 +113,17 @@ class FaultyDevice:
         return self._after_reset(self._dev.reset)
 
     def _after_reset(self, do: Any) -> list[Any]:
-        eff = do()
-        if "live-id-at-reset" in self._faults and self._last_id is not None:
-            # Republish the last round's id although no driver can answer it now.
-            self._dev.hint.state.cmd_id = self._last_id - 1
-            self._dev.free_page_start()
-        return eff
+        return self._filter(do())
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        data = self._dev.read_config(offset, size)
+        if "live-id-at-reset" in self._faults and self._last_id is not None \
+                and not self._dev.status & DeviceStatus.DRIVER_OK and offset <= 8 < offset + size:
+            # The last round's id stays published although no driver can answer it now.
+            raw = bytearray(data)
+            raw[8 - offset:12 - offset] = struct.pack("<I", self._last_id)[:offset + size - 8]
+            data = bytes(raw)
+        return data
 
     def notify(self, q: int) -> list[Any]:
         f = self._faults

@@ -23,7 +23,9 @@ pages that changed: the device may only change pages the spec lets it change.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,16 +36,20 @@ import pytest
 from guest_model.guest import GuestOptions, SimGuest
 from guestmem import GuestMemory, PageVersions
 from guestmem.clock import Scheduler, SimClock
-from protocol.balloon import BalloonQueue, queue_layout
+from protocol.balloon import VIRTIO_BALLOON_F_PAGE_POISON, BalloonQueue, queue_layout
 from protocol.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_EVENT_IDX, DeviceStatus,
                              feature_mask)
 from protocol.virtqueue import used_ring_size
 from tests.ringbuilder import RawRing
 from vmsim.cmd_conformance import TARGET_CONTROL_ENV, TARGET_ENV, parse_target
 from vmsim.cmd_ctl import call as ctl_call
-from vmsim.vfio_user_client import VfioUserClient
+from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: What our own server offers when it is the target: everything, so that every check runs.
+ALL_FEATURES = ("MUST_TELL_HOST,STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,"
+                "RING_INDIRECT_DESC")
 RAM_BYTES = 64 << 20
 PAGE = 4096
 DRIVER_AREA = (0x100000, 4 << 20)  # as vmsim lays a VM out (docs/interfaces.md)
@@ -85,9 +91,18 @@ class Target:
 
 
 def connect(target: Target) -> VfioUserClient:
-    c = VfioUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
-    c.connect()
-    return c
+    """A connected client. A server that serves one client at a time may refuse us while it
+    is still noticing that the previous check's client left; that is retried for a while."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        c = VfioUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
+        try:
+            c.connect()
+            return c
+        except VfioUserClientError as e:
+            if e.errno is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT,
@@ -199,8 +214,12 @@ class RawGuest:
             base = (r.device + used_ring_size(size) + 4095) & ~4095
 
     def start(self, *, drop: int = 0, driver_ok: bool = True, poison: int | None = None) -> None:
+        """Initialise with every queue on raw rings; with PAGE_POISON negotiated ``poison_val``
+        is written (Linux's pattern unless ``poison`` says otherwise), as DR-12 asks."""
         assert self.negotiate(drop=drop), f"FEATURES_OK refused for {self.features:#x}"
         self.setup_queues()
+        if self.features >> VIRTIO_BALLOON_F_PAGE_POISON & 1 and poison is None:
+            poison = 0xAAAAAAAA
         if poison is not None:
             self.c.write_config(0xC, poison.to_bytes(4, "little"))
         if driver_ok:
@@ -281,6 +300,37 @@ class DriverGuest:
     def settle(self, seconds: float = QUIET) -> None:
         """Let the device and the driver run for a while (for "nothing must happen" checks)."""
         self.pump(lambda: False, seconds)
+
+
+def start_server(argv: list[str], sock: str, ctl: str | None,
+                 timeout: float = 20.0) -> subprocess.Popen[bytes]:
+    """Start a device server ``argv`` and wait until its sockets exist."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(sock) and (ctl is None or os.path.exists(ctl))):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"device server exited with {proc.returncode}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"device server did not create {sock} within {timeout} s")
+        time.sleep(0.02)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
 
 
 def env_target() -> Target | None:

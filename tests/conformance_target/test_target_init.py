@@ -41,10 +41,15 @@ def test_features_ok_only_refused_for_missing_must_tell_host(raw: RawGuest):
 
 
 @pytest.mark.spec("D-16")
-def test_config_of_offered_features_readable_before_features_ok(raw: RawGuest):
+def test_config_of_offered_features_readable_before_features_ok(raw: RawGuest, target):
     """config fields of offered features are readable before FEATURES_OK; no round id is
-    published before the driver runs; poison_val reads 0 after reset"""
+    published before the driver runs (also right after a round); poison_val reads 0 after
+    reset"""
     c = raw.c
+    if target.control is not None:
+        raw.start(poison=0xAAAAAAAA)
+        if raw.offered >> VIRTIO_BALLOON_F_FREE_PAGE_HINT & 1:
+            target.host("hint-start")  # a live round the reset below must end
     c.reset()
     c.set_status(ACK)
     offered = c.get_device_features()

@@ -194,16 +194,15 @@ def test_device_writes_only_used_rings_and_writable_buffers(raw: RawGuest):
     ram = Canary(raw.mem)
     a, n = raw.buf(pfns(0x3700, 0x3701, 0x3702, 0x3703))
     stats, sn = raw.buf(struct.pack("<HQ", 4, 1 << 30) * 3)
-    raw.post(Q.INFLATE, [(a, n, 0)])
-    raw.post(Q.DEFLATE, [(a, n, 0)])
-    if Q.STATS in raw.rings:
-        raw.post(Q.STATS, [(stats, sn, 0)])
-    if Q.FREE_PAGE in raw.rings:
-        raw.post(Q.FREE_PAGE, [(0x2000000, 0x400000, W)])
-    if Q.REPORTING in raw.rings:
-        raw.post(Q.REPORTING, [(0x2800000, 0x200000, W)])
-    # Snapshot after the driver's writes, then let the device work.
+    posted = [(Q.INFLATE, [(a, n, 0)]), (Q.DEFLATE, [(a, n, 0)]), (Q.STATS, [(stats, sn, 0)]),
+              (Q.FREE_PAGE, [(0x2000000, 0x400000, W)]), (Q.REPORTING, [(0x2800000, 0x200000, W)])]
+    posted = [(q, b) for q, b in posted if q in raw.rings]
+    for q, b in posted:
+        raw.post(q, b, kick=False)
+    # Snapshot after the driver's writes and before any kick, then let the device work.
     snap = raw.mem.read(area_lo, area_n)
+    for q, _ in posted:
+        raw.kick(q)
     for q in (Q.INFLATE, Q.DEFLATE, Q.FREE_PAGE, Q.REPORTING):
         if q in raw.rings:
             assert raw.wait_used(q), f"{q.name}: buffer never used"
