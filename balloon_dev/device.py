@@ -144,6 +144,9 @@ from protocol.virtqueue import VIRTQ_MAX_SIZE
 
 log = logging.getLogger(__name__)
 
+#: Bound on drain passes per kick (each pass pops up to a queue's worth of buffers).
+_MAX_PASSES_PER_KICK = 64
+
 U32_MAX = 0xFFFFFFFF
 U64_MASK = (1 << 64) - 1
 
@@ -635,11 +638,35 @@ class BalloonDevice:
             return self._needs_reset(f"internal error on queue {q}: {type(e).__name__}: {e}")
 
     def _process(self, q: int, slot: _QueueSlot, vq: DeviceVirtqueue) -> list[Effect]:
-        chains = vq.pop_many()
-        # With EVENT_IDX, ask for a kick on the next buffer the driver adds.
-        vq.enable_notifications()
-        if not chains:
-            return []
+        """Drain the queue. After re-enabling notifications the ring is checked once more: a
+        buffer the driver published between our last pop and the re-enable would otherwise
+        get no kick (its avail idx already passed the avail_event we had written), and a real,
+        concurrent guest would stall with that buffer pending."""
+        effects: list[Effect] = []
+        for _ in range(_MAX_PASSES_PER_KICK):
+            chains = vq.pop_many()
+            if not chains:
+                # With EVENT_IDX, ask for a kick on the next buffer the driver adds.
+                vq.enable_notifications()
+                try:
+                    if vq.pending() == 0:
+                        break
+                except RingBroken as e:
+                    return effects + self._needs_reset(
+                        f"queue {q} ({slot.logical.name.lower()}): {e}")
+                continue
+            for eff in self._handle_chains(q, slot, vq, chains):
+                if not (isinstance(eff, NotifyQueue) and eff in effects):
+                    effects.append(eff)
+        else:
+            # The driver keeps adding as fast as we drain: leave the rest for the next kick,
+            # which the driver will send because notifications stay enabled.
+            self._count("kick_pass_limit", "queue %d: still busy after %d passes", q,
+                        _MAX_PASSES_PER_KICK)
+        return effects
+
+    def _handle_chains(self, q: int, slot: _QueueSlot, vq: DeviceVirtqueue,
+                       chains: list[Chain]) -> list[Effect]:
         effects: list[Effect] = []
         used: list[tuple[int, int]] = []
         lq = slot.logical
