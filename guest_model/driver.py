@@ -74,10 +74,13 @@ from guestmem import GuestMemory
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT
 from guest_model.buddy import (
+    MAX_ORDER,
     MIGRATE_MOVABLE,
-    BuddyAllocator,
     MIGRATE_UNMOVABLE,
     OWNER_BALLOON,
+    WMARK_LOW,
+    BuddyAllocator,
+    Zone,
     pageblock_order,
 )
 from guest_model.transport import VirtioTransport
@@ -148,11 +151,20 @@ class PageAllocator(Protocol):
     def free_pages(self, pfn: int, order: int, *, cpu: int = ...) -> None: ...
 
     def alloc_pages_bulk(self, nr_pages: int, migratetype: int = ..., *,
-                         owner: int = ...) -> np.ndarray: ...
+                         owner: int = ..., noretry: bool = ...) -> np.ndarray: ...
 
     def free_pages_bulk(self, pfns: np.ndarray) -> None: ...
 
     def nr_free_pages(self, zone: int | None = None) -> int: ...
+
+    zones: list[Zone]
+
+    def isolate_free_block(self, order: int, *, zone: int | None = None,
+                           skip_reported: bool = True) -> int | None: ...
+
+    def putback_block(self, pfn: int, order: int, *, reported: bool = False) -> None: ...
+
+    def register_oom_notifier(self, notify: Callable[[], int]) -> None: ...
 
 
 class BlockWalker(Protocol):
@@ -181,7 +193,10 @@ class DriverOptions:
     init_on_free: bool = False
     #: Features the driver is willing to take (ANDed with what it knows and what is offered).
     accept_features: int = DRIVER_FEATURES
-    #: Blocks per simulated step: workload events interleave between steps, not inside one.
+    #: Blocks per simulated step of a hint round (both strategies): workload events interleave
+    #: between steps, not inside one. 16 keeps long rounds cheap in events; 1 gives per-block
+    #: interleaving (a workload can take or write a block between two hints of a walk, as a
+    #: real guest's other CPUs can between two reports of the seed's lock-dropping walk).
     hint_batch: int = 16
     hint_cost_per_block: float = 5e-6
     balloon_cost_per_page: float = 5e-7
@@ -232,6 +247,8 @@ class BalloonDriver:
         self.sched = sched
         self.area = area
         self.opts = options or DriverOptions()
+        if self.opts.hint_batch < 1:
+            raise ValueError(f"DriverOptions.hint_batch={self.opts.hint_batch}: must be >= 1")
         try:
             self.strategy = HintStrategy(self.opts.hint_strategy)
         except ValueError:
@@ -254,9 +271,14 @@ class BalloonDriver:
         self._config_pending = False
         self._balloon_event: Any = None
         self._balloon_inflight: tuple[str, np.ndarray] | None = None
+        # Pages deflated on OOM without MUST_TELL_HOST: already free, the host not told yet.
+        self._deflate_untold: list[int] = []
+        # A resize is under way (Linux's update_balloon_size_func re-queues itself until the
+        # target is reached); an OOM deflate alone does not start one.
+        self._resizing = False
+        self.needs_reset = False
         self._report_event: Any = None
-        self._report_inflight: list[int] | None = None
-        self._reported = np.zeros(0, dtype=bool)
+        self._report_inflight: list[tuple[int, int]] | None = None  # (pfn, order) isolated
         self.poison_val: int | None = None
         self.stats_sent = 0
         self.counters: dict[str, int] = {
@@ -267,6 +289,7 @@ class BalloonDriver:
             "inflated_pages": 0, "deflated_pages": 0, "inflate_alloc_failed": 0,
             "balloon_buffers": 0, "stats_buffers": 0, "reports": 0, "reported_pages": 0,
             "vring_broken": 0, "device_needs_reset": 0, "oom_deflated_pages": 0,
+            "oom_deflate_blocked": 0, "deflate_told_late_pages": 0,
         }
         # Control buffers: the start and stop IDs live in separate 4-byte buffers (Linux keeps
         # cmd_id_active and cmd_id_stop apart so a late STOP cannot alias a start).
@@ -336,8 +359,10 @@ class BalloonDriver:
         self.ready = True
         if BalloonQueue.STATS in self.vqs:
             self._kick(BalloonQueue.STATS)  # no kicks before DRIVER_OK (V-10)
+        if self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
+            # Linux registers its OOM notifier at probe only with DEFLATE_ON_OOM (protocol.md 6.3).
+            self.alloc.register_oom_notifier(self.oom_notify)
         if self.has(VIRTIO_BALLOON_F_REPORTING):
-            self._reported = np.zeros(self.alloc.ram_pages >> PAGE_REPORTING_ORDER, dtype=bool)
             self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
         # Linux probe ends with virtballoon_changed() if the target already differs.
         self._schedule_config_work()
@@ -411,7 +436,7 @@ class BalloonDriver:
         # free_page_vq has no callback (polled); a spurious interrupt is harmless.
 
     def _on_config_irq(self) -> None:
-        if not self.ready:
+        if not self.ready and not self.needs_reset:
             return
         self.counters["config_changes"] += 1
         self._schedule_config_work()
@@ -424,12 +449,10 @@ class BalloonDriver:
     # ==== config changes =========================================================================
     def _config_work(self) -> None:
         self._config_pending = False
-        if not self.ready:
+        if not self.ready and not self.needs_reset:
             return
-        if self.t.get_status() & DeviceStatus.DEVICE_NEEDS_RESET:
-            self.counters["device_needs_reset"] += 1
-            log.warning("virtio-balloon: device set DEVICE_NEEDS_RESET; driver idles")
-            self.ready = False
+        if self.needs_reset or self.t.get_status() & DeviceStatus.DEVICE_NEEDS_RESET:
+            self._device_needs_reset()
             return
         offs = [CFG_NUM_PAGES]
         if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
@@ -438,11 +461,41 @@ class BalloonDriver:
         if vals is None:
             return
         self.s.target = vals[0]
-        if self._balloon_inflight is None and self._balloon_event is None \
-                and self.s.target != self.s.num_pages:
-            self._balloon_event = self.sched.after(0.0, self._balloon_work)
+        if self.s.target != self.s.num_pages:
+            self._resizing = True
+            if self._balloon_inflight is None and self._balloon_event is None:
+                self._balloon_event = self.sched.after(0.0, self._balloon_work)
         if len(vals) > 1:
             self._cmd_id_changed(vals[1])
+
+    def _device_needs_reset(self) -> None:
+        """The device set DEVICE_NEEDS_RESET (see the module docstring for what Linux does).
+
+        Device work stops: no buffer is posted again, scheduled steps are cancelled. What the
+        driver holds stays where it is, as in Linux: balloon pages (deflating needs the device),
+        blocks isolated for an unanswered report (Linux's reporting worker waits for the used
+        buffer forever), and held hint blocks, which the shrinker can still free and which a
+        DONE read from config space still frees (Linux's config handler does not know about the
+        bit and needs no queue for that).
+        """
+        if not self.needs_reset:
+            self.needs_reset = True
+            self.ready = False
+            self.counters["device_needs_reset"] += 1
+            log.warning("virtio-balloon: device set DEVICE_NEEDS_RESET; no more device work "
+                        "(Linux does not reset on its own)")
+            for ev in (self._balloon_event, self._report_event,
+                       self._round.event if self._round is not None else None):
+                if ev is not None:
+                    Scheduler.cancel(ev)
+            self._balloon_event = self._report_event = None
+            self._round = None
+            self._resizing = False
+        if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
+            vals = self._read_config_u32s([CFG_FREE_PAGE_HINT_CMD_ID])
+            if vals is not None and vals[0] == VIRTIO_BALLOON_CMD_ID_DONE:
+                self.s.cmd_id_received = vals[0]
+                self.return_free_pages(None)
 
     def _cmd_id_changed(self, cmd_id: int) -> None:
         self.s.cmd_id_received = cmd_id
@@ -622,13 +675,27 @@ class BalloonDriver:
         if not self.ready or self._balloon_inflight is not None:
             return
         diff = self.s.target - self.s.num_pages
-        if diff == 0:
+        if self._deflate_untold:
+            # DR-5: pages taken back on OOM are reported on deflateq, after the fact (allowed
+            # without MUST_TELL_HOST). They are free already: the ack frees nothing.
+            q = BalloonQueue.DEFLATE
+            pfns = np.array(self._deflate_untold[:VIRTIO_BALLOON_ARRAY_PFNS_MAX], dtype=np.int64)
+            del self._deflate_untold[:pfns.size]
+            self._post_balloon(q, "told", pfns)
             return
+        if diff == 0:
+            self._resizing = False
+            return
+        if not self._resizing:
+            return  # an OOM deflate moved num_pages away from the target; Linux leaves it so
         if diff > 0:
             q = BalloonQueue.INFLATE
             want = min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)
+            # balloon_page_alloc: __GFP_NORETRY, so inflating never reclaims nor calls the OOM
+            # notifiers (which would deflate the balloon to inflate it).
             pfns = np.asarray(self.alloc.alloc_pages_bulk(want, MIGRATE_MOVABLE,
-                                                          owner=OWNER_BALLOON), dtype=np.int64)
+                                                          owner=OWNER_BALLOON, noretry=True),
+                              dtype=np.int64)
             if pfns.size < want:
                 self.counters["inflate_alloc_failed"] += 1
                 log.info("virtio-balloon: out of puff, got %d of %d pages", pfns.size, want)
@@ -645,74 +712,109 @@ class BalloonDriver:
             pfns = np.array(self.s.balloon_pfns[-want:], dtype=np.int64)
             del self.s.balloon_pfns[-want:]
             kind = "deflate"
+        self._post_balloon(q, kind, pfns)
+
+    def _post_balloon(self, q: BalloonQueue, kind: str, pfns: np.ndarray) -> bool:
+        """Post one pfn buffer (the only one in flight) and kick; undo on failure."""
         if not self._vq_ok(q):
             self._undo_balloon(kind, pfns)
-            return
+            return False
         self.mem.write(self._pfn_buf, pfns.astype("<u4").tobytes())
         try:
             self.vqs[q].add_buf(out=[(self._pfn_buf, 4 * int(pfns.size))], token=kind)
         except (VringFull, VringBroken) as e:
             log.warning("virtio-balloon: cannot post %s buffer: %s", kind, e)
             self._undo_balloon(kind, pfns)
-            return
+            return False
         self._balloon_inflight = (kind, pfns)
         self.counters["balloon_buffers"] += 1
         self._kick(q)
+        return True
 
     def _undo_balloon(self, kind: str, pfns: np.ndarray) -> None:
         if kind == "inflate":
             self.alloc.free_pages_bulk(pfns)
-        else:
+        elif kind == "deflate":
             self.s.balloon_pfns.extend(pfns.tolist())
+        # "told": the pages are the guest's already; the host just never hears of them.
 
-    def _balloon_ack(self) -> None:
+    def _balloon_ack(self) -> bool:
+        """Reap the pfn buffer in flight if the device used it; whether it did."""
         if self._balloon_inflight is None:
-            return
+            return False
         kind, pfns = self._balloon_inflight
         q = BalloonQueue.INFLATE if kind == "inflate" else BalloonQueue.DEFLATE
         if not self._vq_ok(q):
-            return
+            return False
         toks, _ = self.vqs[q].get_bufs()
         if kind not in toks:
-            return  # spurious interrupt; keep waiting (one buffer in flight)
+            return False  # spurious interrupt; keep waiting (one buffer in flight)
         self._balloon_inflight = None
         n = int(pfns.size)
         if kind == "inflate":
             self.s.balloon_pfns.extend(pfns.tolist())
             self.s.num_pages += n
             self.counters["inflated_pages"] += n
-        else:
+        elif kind == "deflate":
             # DR-5/DR-6: the device has acknowledged; only now may the pages be reused.
             self.alloc.free_pages_bulk(pfns)
             self.s.num_pages -= n
             self.counters["deflated_pages"] += n
+        else:
+            self.counters["deflate_told_late_pages"] += n
         # DR-7: tell the device where the balloon is.
         self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
-        if self.s.num_pages != self.s.target:
+        if self.s.num_pages == self.s.target:
+            self._resizing = False
+        if self._deflate_untold or (self._resizing and self.s.num_pages != self.s.target):
             self._balloon_event = self.sched.after(n * self.opts.balloon_cost_per_page,
                                                    self._balloon_work)
+        return True
 
-    def oom_deflate(self) -> int:
-        """Linux's OOM notifier with DEFLATE_ON_OOM: give up to 256 balloon pages back now.
+    def oom_notify(self) -> int:
+        """Linux's OOM notifier with DEFLATE_ON_OOM (registered with the allocator at probe):
+        give up to 256 balloon pages back; returns the pages freed now (protocol.md 6.3).
 
-        Without MUST_TELL_HOST the pages are freed at once and the host told afterwards if a
-        deflate buffer can be posted; with it, nothing is freed here (the ack must come first).
-        Returns pages freed.
+        Without MUST_TELL_HOST the pages are freed at once (DR-4 lets the guest use them) and
+        reported on deflateq afterwards (DR-5). With it, Linux posts the deflate buffer and
+        waits for the ack before freeing (DR-5, DR-6); the model cannot wait inside an
+        allocation, so it posts and looks once: a device that answers inside the kick (the
+        in-process one) has used it, and the pages are freed now; otherwise they are freed when
+        the ack arrives and this call frees nothing. A buffer already in flight, or a device
+        that needs a reset, would make Linux wait too: nothing is freed (counted).
         """
-        if not self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM) or self._balloon_inflight is not None:
-            return 0
-        if self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST):
+        if not self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             return 0
         n = min(OOM_NR_PAGES, len(self.s.balloon_pfns))
         if n == 0:
             return 0
+        if not self.ready:
+            self.counters["oom_deflate_blocked"] += 1
+            return 0
+        if not self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST):
+            pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
+            del self.s.balloon_pfns[-n:]
+            self.alloc.free_pages_bulk(pfns)
+            self.s.num_pages -= n
+            self.counters["oom_deflated_pages"] += n
+            self._deflate_untold.extend(pfns.tolist())
+            # update_balloon_size: actual follows at once; the deflate buffer follows when the
+            # queue is free.
+            self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
+            if self._balloon_inflight is None and self._balloon_event is None:
+                self._balloon_event = self.sched.after(0.0, self._balloon_work)
+            return n
+        if self._balloon_inflight is not None:
+            self.counters["oom_deflate_blocked"] += 1
+            return 0
         pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
         del self.s.balloon_pfns[-n:]
-        self.alloc.free_pages_bulk(pfns)
-        self.s.num_pages -= n
-        self.counters["oom_deflated_pages"] += n
-        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
-        return n
+        if not self._post_balloon(BalloonQueue.DEFLATE, "deflate", pfns):
+            return 0
+        if self._balloon_ack():
+            self.counters["oom_deflated_pages"] += n
+            return n
+        return 0
 
     # ==== stats ==================================================================================
     def _fill_stats(self) -> None:
@@ -744,45 +846,46 @@ class BalloonDriver:
 
     # ==== free page reporting ====================================================================
     def _report_step(self) -> None:
-        """Report up to 32 free pageblocks in one chain (Linux page_reporting_cycle).
+        """Isolate up to 32 free blocks and report them in one chain (Linux page_reporting).
 
-        Approximation: Linux isolates free blocks without touching them and marks them
-        PageReported until they are allocated again. Here blocks are isolated by allocating
-        them (owner OWNER_BALLOON), which also applies the allocator's init_on_alloc write,
-        and "reported" is the driver's own per-pageblock bit, cleared at the start of each pass
-        for pageblocks no longer wholly free. A block allocated and freed between two passes is
-        therefore not reported again.
+        As ``page_reporting_process_zone`` does: zones low to high, a zone only while it keeps
+        more than its low watermark plus a full chain of pageblocks free; orders from
+        ``pageblock_order`` up, every migratetype but isolate; blocks already reported are
+        skipped (``BuddyAllocator.isolate_free_block``). Isolation writes nothing, so the pages
+        keep whatever they held (the poison pattern under page poisoning: DR-13 / protocol.md
+        3.6, 3.7). One chain holds blocks of one zone. Deviation: Linux is woken by frees of
+        large blocks and bounds each pass by a budget; the model polls every
+        ``report_interval`` and has no budget.
         """
         self._report_event = None
         if not self.ready or self._report_inflight is not None \
                 or not self._vq_ok(BalloonQueue.REPORTING):
             return
-        if hasattr(self.alloc, "free_mask"):
-            free_pb = self.alloc.free_mask()[: self._reported.size << PAGE_REPORTING_ORDER] \
-                .reshape(-1, 1 << PAGE_REPORTING_ORDER).all(axis=1)
-            self._reported &= free_pb
-        got: list[int] = []
-        skipped: list[int] = []
-        for _ in range(2 * PAGE_REPORTING_CAPACITY):
-            if len(got) == PAGE_REPORTING_CAPACITY:
+        got: list[tuple[int, int]] = []
+        for zone in self.alloc.zones:
+            if not zone.populated:
+                continue
+            need = zone.watermark[WMARK_LOW] + (PAGE_REPORTING_CAPACITY << PAGE_REPORTING_ORDER)
+            if self.alloc.nr_free_pages(zone.idx) <= need:
+                continue
+            for order in range(PAGE_REPORTING_ORDER, MAX_ORDER):
+                while len(got) < PAGE_REPORTING_CAPACITY:
+                    pfn = self.alloc.isolate_free_block(order, zone=zone.idx)
+                    if pfn is None:
+                        break
+                    got.append((pfn, order))
+            if got:
                 break
-            pfn = self.alloc.alloc_pages(PAGE_REPORTING_ORDER, MIGRATE_MOVABLE, noretry=True,
-                                         owner=OWNER_BALLOON)
-            if pfn is None:
-                break
-            (skipped if self._reported[pfn >> PAGE_REPORTING_ORDER] else got).append(pfn)
-        for pfn in skipped:
-            self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
         if not got:
             self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
             return
-        elems = [(p << PAGE_SHIFT, 1 << (PAGE_REPORTING_ORDER + PAGE_SHIFT)) for p in got]
+        elems = [(p << PAGE_SHIFT, 1 << (o + PAGE_SHIFT)) for p, o in got]
         try:
             self.vqs[BalloonQueue.REPORTING].add_buf(in_=elems, token="report")
         except (VringFull, VringBroken) as e:
             log.warning("virtio-balloon: cannot post report: %s", e)
-            for pfn in got:
-                self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
+            for pfn, order in got:
+                self.alloc.putback_block(pfn, order)
             self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
             return
         self._report_inflight = got
@@ -796,12 +899,12 @@ class BalloonDriver:
             return
         got = self._report_inflight
         self._report_inflight = None
-        # DR-13: only now may the pages be used again; free them back to the allocator.
-        for pfn in got:
-            self.alloc.free_pages(pfn, PAGE_REPORTING_ORDER)
-            self._reported[pfn >> PAGE_REPORTING_ORDER] = True
+        # DR-13: only now may the pages be used again. Put back (to the tail), marked reported
+        # unless they merged with a neighbour (then the bigger block is new to the host).
+        for pfn, order in got:
+            self.alloc.putback_block(pfn, order, reported=True)
         self.counters["reports"] += 1
-        self.counters["reported_pages"] += len(got) << PAGE_REPORTING_ORDER
+        self.counters["reported_pages"] += sum(1 << o for _, o in got)
         cost = len(got) * self.opts.report_cost_per_block
         # More to report right away if the chain was full, else wait for the next interval.
         delay = cost if len(got) == PAGE_REPORTING_CAPACITY else self.opts.report_interval
@@ -814,6 +917,9 @@ class BalloonDriver:
         out += [(p, 1) for p in self.s.balloon_pfns]
         if self._balloon_inflight is not None:
             out += [(int(p), 1) for p in self._balloon_inflight[1]]
-        if self._report_inflight is not None:
-            out += [(p, 1 << PAGE_REPORTING_ORDER) for p in self._report_inflight]
         return out
+
+    def isolated_pfn_ranges(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of the free blocks isolated for a report the device has not used
+        yet: free pages, not the driver's (their content stays what the guest left)."""
+        return [(p, 1 << o) for p, o in self._report_inflight or ()]

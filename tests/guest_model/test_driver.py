@@ -21,9 +21,10 @@ from balloon_dev.effects import (
     StatsReceived,
 )
 from balloon_dev.transport.inprocess import InProcessTransport
-from guestmem import GuestMemory, PageVersions
+from guestmem import DirtyLog, GuestMemory, PageVersions
+from guestmem.pages import POISON
 from guestmem.clock import Scheduler
-from guest_model.buddy import PG_ALLOC, PG_BALLOON, BuddyAllocator
+from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_ISOLATED, BuddyAllocator
 from guest_model.driver import (
     HINT_BLOCK_PAGES,
     PAGE_POISON_VAL,
@@ -408,19 +409,78 @@ def test_stats_buffer_refilled_on_request() -> None:
 
 # -- free page reporting ---------------------------------------------------------------------------
 
+REPORTING = DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_REPORTING)
+
+
+def reported_ranges(r: Rig) -> list[tuple[int, int]]:
+    return [rg for e in r.of(PagesReported) for rg in e.ranges]
+
+
 @pytest.mark.spec("DR-13")
-def test_reporting_posts_chains_of_pageblocks_and_frees_after_use() -> None:
-    r = Rig(offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_REPORTING)).probe()
+def test_reporting_posts_chains_of_free_blocks_and_puts_them_back() -> None:
+    r = Rig(offered=REPORTING, ram=256 << 20).probe()
     r.run(2.5)
     reps = r.of(PagesReported)
     assert reps and all(len(e.ranges) <= 32 for e in reps)
-    assert all(n == 2 << 20 and a % n == 0 for e in reps for a, n in e.ranges)
-    assert not (r.alloc.state == PG_BALLOON).any()  # all given back after the device used them
+    # Blocks as they sit on the free lists: 2 MiB or 4 MiB, aligned to their size.
+    assert all(n in (2 << 20, 4 << 20) and a % n == 0 for e in reps for a, n in e.ranges)
+    assert not (r.alloc.state == PG_ISOLATED).any()  # all put back after the device used them
     r.run(6.0)
-    # Nothing changed in the guest: no pageblock is reported twice.
-    ranges = [a for e in r.of(PagesReported) for a, _ in e.ranges]
-    assert len(ranges) == len(set(ranges)) == r.drv.counters["reported_pages"] // 512
+    # Nothing changed in the guest: no block is reported twice, every block is reported.
+    ranges = reported_ranges(r)
+    assert len(ranges) == len(set(ranges))
+    assert sum(n for _, n in ranges) >> 12 == r.drv.counters["reported_pages"]
+    assert r.alloc.nr_reported_pages() == r.drv.counters["reported_pages"]
     r.alloc.check()
+
+
+@pytest.mark.spec("DR-13")
+@pytest.mark.parametrize("poisoning", [False, True])
+def test_reporting_writes_no_page(poisoning: bool) -> None:
+    # init_on_alloc is on (the allocator's default): an allocation would zero the blocks.
+    r = Rig(offered=REPORTING | feature_mask(VIRTIO_BALLOON_F_PAGE_POISON), ram=256 << 20,
+            page_poisoning=poisoning)
+    log = DirtyLog(r.pages.ram_pages)
+    r.pages.dirty_log = log
+    r.probe()
+    assert r.drv.has(VIRTIO_BALLOON_F_REPORTING)
+    assert r.drv.poison_val == (PAGE_POISON_VAL if poisoning else None)
+    before, writes = r.pages.version.copy(), r.pages.writes
+    log.start()
+    r.run(2.5)
+    assert r.drv.counters["reports"] >= 1
+    assert not log.peek().any() and r.pages.writes == writes
+    np.testing.assert_array_equal(r.pages.version, before)
+    if poisoning:
+        # Reported pages keep the poison pattern the host may rely on (protocol.md 3.6, 3.7).
+        for a, n in reported_ranges(r):
+            assert (r.pages.version[a >> 12:(a + n) >> 12] == POISON).all()
+
+
+def test_block_allocated_and_freed_between_passes_is_reported_again() -> None:
+    r = Rig(offered=REPORTING, ram=256 << 20).probe()
+    r.run(10.0)  # every pass done: everything free is reported
+    n0 = len(reported_ranges(r))
+    r.run(4.0)
+    assert len(reported_ranges(r)) == n0
+    p = r.alloc.alloc_pages(9)  # Linux clears PageReported when the block is allocated
+    assert p is not None
+    r.pages.write_range(p, 512, "data")
+    r.alloc.free_pages(p, 9)
+    r.run(2.5)
+    new = reported_ranges(r)[n0:]
+    assert len(new) == 1
+    a, n = new[0]
+    assert a >> 12 <= p and p + 512 <= (a + n) >> 12
+    r.alloc.check()
+
+
+def test_reporting_leaves_a_small_zone_alone() -> None:
+    # page_reporting_process_zone: a zone must keep its low watermark plus a full chain
+    # (32 x 2 MiB) free, which a 64 MiB guest never has.
+    r = Rig(offered=REPORTING).probe()
+    r.run(5.0)
+    assert r.drv.has(VIRTIO_BALLOON_F_REPORTING) and r.of(PagesReported) == []
 
 
 # -- device faults ---------------------------------------------------------------------------------

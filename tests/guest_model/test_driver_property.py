@@ -15,8 +15,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_model.buddy import PG_BALLOON
-from protocol.balloon import VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_REPORTING
+from guest_model.buddy import PG_BALLOON, PG_ISOLATED
+from protocol.balloon import (
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_REPORTING,
+)
 from protocol.virtio import feature_mask
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES
 from tests.guest_model.test_driver import Rig
@@ -33,9 +37,10 @@ OPS = st.one_of(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, max_size=30), st.sampled_from(["capture", "walk", "off"]), st.booleans(),
-       st.booleans())
+       st.booleans(), st.booleans())
 def test_random_host_and_guest_activity_keeps_books(ops: list[tuple], strategy: str,
-                                                     must_tell: bool, reporting: bool) -> None:
+                                                     must_tell: bool, reporting: bool,
+                                                     deflate_on_oom: bool) -> None:
     logging.disable(logging.WARNING)
     try:
         offered = DEFAULT_OFFERED_FEATURES
@@ -43,7 +48,11 @@ def test_random_host_and_guest_activity_keeps_books(ops: list[tuple], strategy: 
             offered |= feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST)
         if reporting:
             offered |= feature_mask(VIRTIO_BALLOON_F_REPORTING)
-        r = Rig(offered=offered, strategy=strategy, ram=32 << 20, hint_batch=2).probe()
+        if deflate_on_oom:
+            offered |= feature_mask(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+        # Reporting needs a zone with a chain's worth (64 MiB) above its low watermark.
+        ram = 160 << 20 if reporting else 32 << 20
+        r = Rig(offered=offered, strategy=strategy, ram=ram, hint_batch=2).probe()
         guest_blocks: list[tuple[int, int]] = []
         for op in ops:
             kind = op[0]
@@ -77,6 +86,10 @@ def test_random_host_and_guest_activity_keeps_books(ops: list[tuple], strategy: 
             assert not mine[p:p + n].any(), "a page is held twice"
             mine[p:p + n] = True
         assert (mine == (r.alloc.state == PG_BALLOON)).all()
+        iso = np.zeros(r.alloc.ram_pages, dtype=bool)
+        for p, n in r.drv.isolated_pfn_ranges():
+            iso[p:p + n] = True
+        assert (iso == (r.alloc.state == PG_ISOLATED)).all()
         assert r.drv.s.num_pages == len(r.drv.s.balloon_pfns)
         assert r.dev.dr_violations == {}
         assert r.drv.counters["vring_broken"] == 0
@@ -87,6 +100,7 @@ def test_random_host_and_guest_activity_keeps_books(ops: list[tuple], strategy: 
         r.run(1.0)
         assert r.dev.actual == 0 and r.drv.s.num_pages == 0
         assert not (r.alloc.state == PG_BALLOON).any()
+        assert not (r.alloc.state == PG_ISOLATED).any()
         r.alloc.check()
     finally:
         logging.disable(logging.NOTSET)
