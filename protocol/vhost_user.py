@@ -9,6 +9,7 @@ Everything on a vhost-user socket is **host-endian** (these layouts use native-e
     vring addr (40 B)  | index u32 | flags u32 | desc u64 | used u64 | avail u64 | log u64 |
     memory table       | nregions u32 | padding u32 | region[nregions] ... |
     memory region      | guest_phys_addr u64 | memory_size u64 | userspace_addr u64 | mmap_offset u64 |
+    add/rem mem reg    | padding u64 | memory region |
     config             | offset u32 | size u32 | flags u32 | data[size] |
 
 File descriptors travel as ``SCM_RIGHTS`` with the message (at most 8). Both directions use the
@@ -193,6 +194,7 @@ VRING_STATE_SIZE = VhostVringState.sizeof()
 VRING_ADDR_SIZE = VhostVringAddr.sizeof()
 MEMORY_REGION_SIZE = VhostUserMemoryRegion.sizeof()
 MEMORY_HEADER_SIZE = 8
+MEM_REG_MSG_SIZE = VhostUserMemRegMsg.sizeof()
 U64_SIZE = 8
 
 
@@ -294,7 +296,8 @@ class ConfigAccess:
     data: bytes
 
 
-Payload = int | VringState | VringAddr | VringFile | MemoryTable | ConfigAccess | None
+Payload = (int | VringState | VringAddr | VringFile | MemoryTable | MemoryRegion | ConfigAccess
+           | None)
 
 # Payload shape per request. Requests not listed are not decoded (the session rejects them).
 _U64_REQUESTS = frozenset({
@@ -421,6 +424,11 @@ def _decode(request: int, payload: bytes) -> Payload:
         return MemoryTable(tuple(
             MemoryRegion(int(r.guest_phys_addr), int(r.memory_size), int(r.userspace_addr),
                          int(r.mmap_offset)) for r in m.regions))
+    if request in (VhostUserRequest.ADD_MEM_REG, VhostUserRequest.REM_MEM_REG):
+        _need_size(request, payload, MEM_REG_MSG_SIZE)
+        r = VhostUserMemRegMsg.parse(payload).region
+        return MemoryRegion(int(r.guest_phys_addr), int(r.memory_size), int(r.userspace_addr),
+                            int(r.mmap_offset))
     if request in (VhostUserRequest.GET_CONFIG, VhostUserRequest.SET_CONFIG):
         if len(payload) < CONFIG_HEADER_SIZE:
             raise VhostUserPayloadError(request, f"payload is {len(payload)} bytes, too short")
@@ -465,6 +473,13 @@ def build_memory_table(regions: tuple[MemoryRegion, ...] | list[MemoryRegion]) -
         "regions": [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
                      "userspace_addr": r.userspace_addr, "mmap_offset": r.mmap_offset}
                     for r in regions]}))
+
+
+def build_mem_reg(r: MemoryRegion) -> bytes:
+    """ADD_MEM_REG / REM_MEM_REG payload: 8 bytes of padding, then one region."""
+    return bytes(VhostUserMemRegMsg.build({"padding": 0, "region": {
+        "guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
+        "userspace_addr": r.userspace_addr, "mmap_offset": r.mmap_offset}}))
 
 
 def build_config(offset: int, data: bytes, flags: int = 0) -> bytes:

@@ -60,22 +60,23 @@ import logging
 import mmap
 import os
 import stat
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import Effect
 from guestmem import GuestMemory, GuestMemoryError
-from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
+from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL, BalloonQueue
 from protocol.vhost_user import (
     REPLY_REQUESTS,
-    VHOST_MEMORY_BASELINE_NREGIONS,
     VHOST_SET_CONFIG_TYPE_FRONTEND,
     VHOST_SET_CONFIG_TYPE_MIGRATION,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     ConfigAccess,
     Message,
+    MemoryRegion,
     MemoryTable,
     VhostUserBackendRequest,
     VhostUserPayloadError,
@@ -106,13 +107,16 @@ NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
 PF = VhostUserProtocolFeature
 #: Protocol features offered by default (protocol.md 8.4/8.5): REPLY_ACK for NEED_REPLY acks,
 #: CONFIG (the front-end has a config window), BACKEND_REQ for CONFIG_CHANGE_MSG, RESET_DEVICE and
-#: STATUS so the front-end's status byte drives the device. Not offered: MQ (one device, fixed
-#: queues), LOG_SHMFD (the generic front-end is unmigratable anyway), CONFIGURE_MEM_SLOTS (ADD/REM
-#: MEM_REG are not implemented; SET_MEM_TABLE is used instead).
+#: STATUS so the front-end's status byte drives the device, CONFIGURE_MEM_SLOTS (ADD/REM_MEM_REG:
+#: more than 8 regions, memory hot-plug). Not offered: MQ (one device, fixed queues), LOG_SHMFD
+#: (the generic front-end is unmigratable anyway).
 DEFAULT_PROTOCOL_FEATURES = (
     (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG) | (1 << PF.RESET_DEVICE)
-    | (1 << PF.STATUS)
+    | (1 << PF.STATUS) | (1 << PF.CONFIGURE_MEM_SLOTS)
 )
+#: Memory slots offered with CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS): more than the 8 of a
+#: SET_MEM_TABLE, so DIMM hot-plug has room; each slot is one mmap.
+MAX_MEM_SLOTS = 32
 #: Driver-writable 32-bit config fields of the balloon (protocol.md 3.2).
 DRIVER_CONFIG_FIELDS = (CFG_ACTUAL, CFG_POISON_VAL)
 
@@ -210,6 +214,8 @@ class VhostUserSession:
         self.counters: Counter[str] = Counter()
         self._maps: list[_Mapping] = []
         self._pending_config: dict[int, bytes] = {}
+        layout = getattr(dev, "queue_layout", None)
+        self._stats_queue = (layout() if layout is not None else {}).get(BalloonQueue.STATS, -1)
         self._reset_rings()
 
     # -- queries the server uses ----------------------------------------------------------
@@ -285,7 +291,7 @@ class VhostUserSession:
                 self.counters["kicks_before_live"] += 1
                 return effects
             return effects  # going live notified every runnable ring, this one included
-        effects += self.dev.notify(q)
+        effects += self._notify(q)
         return effects
 
     def close(self) -> list[Effect]:
@@ -373,6 +379,37 @@ class VhostUserSession:
         self.stopped = True
         return []
 
+    def _notify(self, q: int) -> list[Effect]:
+        """``dev.notify(q)``, then re-check the ring until the device has caught up.
+
+        The guest runs concurrently and kicks only when ``avail_event`` (written by the device
+        after a pop) lies in the window of entries it just published. If it publishes while the
+        device is between its last read of ``avail.idx`` and its write of ``avail_event``, it
+        sees the old ``avail_event``, does not kick, and the device never looks again: a lost
+        wake-up (protocol.md 1.4: re-check the ring after re-enabling notifications). So after
+        each notify (which ends by writing ``avail_event``), fence, and if the guest has
+        published entries the device has not used, notify again. The balloon uses every buffer
+        as soon as it pops it, except the statistics buffer it holds, so "published but not
+        used" means "not seen" on every queue but statsq, which is not re-checked (a missed
+        stats kick only delays statistics until the next request).
+        """
+        effects = self.dev.notify(q)
+        ring = self.rings[q] if 0 <= q < len(self.rings) else None
+        if ring is None or ring.addr is None or q == self._stats_queue:
+            return effects
+        for _ in range(_RECHECK_LIMIT):
+            _fence()
+            try:
+                avail = self.mem.read_u16(ring.avail_gpa + 2)
+                used = self.mem.read_u16(ring.used_gpa + 2)
+            except GuestMemoryError:
+                return effects
+            if avail == used or self.dev.status & NEEDS_RESET:
+                break
+            self.counters["kick_rechecks"] += 1
+            effects += self.dev.notify(q)
+        return effects
+
     def _device_reset(self) -> list[Effect]:
         self.live = False
         self.stopped = False
@@ -416,13 +453,16 @@ class VhostUserSession:
         self.mem.clear()
         maps, self._maps = self._maps, []
         for m in maps:
-            m.view.release()
-            try:
-                m.mm.close()
-            except BufferError:
-                # The device still holds a view (e.g. a numpy array over a ring); the mapping
-                # goes away when that view is dropped.
-                self.counters["unmap_deferred"] += 1
+            self._unmap(m)
+
+    def _unmap(self, m: _Mapping) -> None:
+        m.view.release()
+        try:
+            m.mm.close()
+        except BufferError:
+            # The device still holds a view (e.g. a numpy array over a ring); the mapping
+            # goes away when that view is dropped.
+            self.counters["unmap_deferred"] += 1
 
     # -- device status ------------------------------------------------------------------------
     def _drive_status(self, want: int) -> list[Effect]:
@@ -478,7 +518,7 @@ class VhostUserSession:
                 self.live = True
                 for q, ring in enumerate(self.rings):
                     if self._runnable(ring):
-                        effects += self.dev.notify(q)
+                        effects += self._notify(q)
                 return effects
             # A guest reset (or anything else): start from a fresh device.
             effects += self._device_reset()
@@ -505,7 +545,7 @@ class VhostUserSession:
         self.live = True
         for q, ring in enumerate(self.rings):
             if self._runnable(ring):
-                effects += self.dev.notify(q)
+                effects += self._notify(q)
         return effects
 
     def _set_queue_base(self, q: int, base: int) -> None:
@@ -600,7 +640,36 @@ class VhostUserSession:
         return _Outcome(payload=build_u64(self.dev.num_queues))
 
     def _get_max_mem_slots(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
-        return _Outcome(payload=build_u64(VHOST_MEMORY_BASELINE_NREGIONS))
+        return _Outcome(payload=build_u64(MAX_MEM_SLOTS))
+
+    @staticmethod
+    def _map_region(i: int, r: MemoryRegion, fd: int, others: list[_Mapping],
+                    counter: str) -> _Mapping:
+        """mmap one region's fd (shared); ``others`` are the regions it must not overlap."""
+        if r.memory_size == 0 or r.guest_phys_addr + r.memory_size > 1 << 64:
+            raise _Reject(counter, f"region {i} has an invalid range "
+                          f"{r.guest_phys_addr:#x}+{r.memory_size:#x}")
+        for m in others:
+            if r.guest_phys_addr < m.gpa + m.size and m.gpa < r.guest_phys_addr + r.memory_size:
+                raise _Reject(counter, f"region {i} at {r.guest_phys_addr:#x} overlaps the "
+                              f"region at {m.gpa:#x}")
+        need = r.mmap_offset + r.memory_size
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise _Reject(counter, f"region {i}: fd {fd}: {e}") from None
+        if stat.S_ISREG(st.st_mode) and st.st_size < need:
+            # Touching a mapping past the end of its file kills us with SIGBUS.
+            raise _Reject(counter, f"region {i}: {r.mmap_offset:#x}+{r.memory_size:#x} runs "
+                          f"past the end of its file ({st.st_size:#x} bytes)")
+        try:
+            # Map from offset 0 so mmap_offset need not be page-aligned.
+            mm = mmap.mmap(fd, need, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise _Reject(counter, f"region {i}: cannot map fd {fd} "
+                          f"({r.mmap_offset:#x}+{r.memory_size:#x}): {e}") from None
+        view = memoryview(mm)[r.mmap_offset:need]
+        return _Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr)
 
     def _set_mem_table(self, table: MemoryTable, fds: tuple[int, ...]) -> _Outcome:
         if len(fds) != len(table.regions):
@@ -609,32 +678,7 @@ class VhostUserSession:
         maps: list[_Mapping] = []
         try:
             for i, (r, fd) in enumerate(zip(table.regions, fds)):
-                if r.memory_size == 0 or r.guest_phys_addr + r.memory_size > 1 << 64:
-                    raise _Reject("bad_mem_table", f"region {i} has an invalid range "
-                                  f"{r.guest_phys_addr:#x}+{r.memory_size:#x}")
-                for m in maps:
-                    if r.guest_phys_addr < m.gpa + m.size and m.gpa < r.guest_phys_addr + r.memory_size:
-                        raise _Reject("bad_mem_table", f"region {i} at {r.guest_phys_addr:#x} "
-                                      f"overlaps the region at {m.gpa:#x}")
-                need = r.mmap_offset + r.memory_size
-                try:
-                    st = os.fstat(fd)
-                except OSError as e:
-                    raise _Reject("bad_mem_table", f"region {i}: fd {fd}: {e}") from None
-                if stat.S_ISREG(st.st_mode) and st.st_size < need:
-                    # Touching a mapping past the end of its file kills us with SIGBUS.
-                    raise _Reject("bad_mem_table", f"region {i}: {r.mmap_offset:#x}+"
-                                  f"{r.memory_size:#x} runs past the end of its file "
-                                  f"({st.st_size:#x} bytes)")
-                try:
-                    # Map from offset 0 so mmap_offset need not be page-aligned.
-                    mm = mmap.mmap(fd, r.mmap_offset + r.memory_size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
-                except (OSError, ValueError, OverflowError) as e:
-                    raise _Reject("bad_mem_table", f"region {i}: cannot map fd {fd} "
-                                  f"({r.mmap_offset:#x}+{r.memory_size:#x}): {e}") from None
-                view = memoryview(mm)[r.mmap_offset:r.mmap_offset + r.memory_size]
-                maps.append(_Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr))
+                maps.append(self._map_region(i, r, fd, maps, "bad_mem_table"))
         except _Reject:
             for m in maps:
                 m.view.release()
@@ -647,6 +691,32 @@ class VhostUserSession:
             self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {i}")
         self.counters["mem_tables"] += 1
         # The fds are not needed once mapped: a mapping keeps the memory alive.
+        return _Outcome()
+
+    def _add_mem_reg(self, r: MemoryRegion, fds: tuple[int, ...]) -> _Outcome:
+        # CONFIGURE_MEM_SLOTS: one region at a time, each with its fd.
+        if len(fds) != 1:
+            raise _Reject("bad_mem_reg", f"ADD_MEM_REG needs 1 fd, got {len(fds)}")
+        if len(self._maps) >= MAX_MEM_SLOTS:
+            raise _Reject("bad_mem_reg", f"all {MAX_MEM_SLOTS} memory slots are in use")
+        m = self._map_region(len(self._maps), r, fds[0], self._maps, "bad_mem_reg")
+        self._maps.append(m)
+        self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {m.gpa:#x}")
+        self.counters["mem_regions_added"] += 1
+        return _Outcome()
+
+    def _rem_mem_reg(self, r: MemoryRegion, _fds: tuple[int, ...]) -> _Outcome:
+        # Matched on guest address and size (an fd sent along is closed as unused).
+        for i, m in enumerate(self._maps):
+            if m.gpa == r.guest_phys_addr and m.size == r.memory_size:
+                break
+        else:
+            raise _Reject("bad_mem_reg", f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} "
+                          "to remove")
+        del self._maps[i]
+        self.mem.remove_region(m.gpa)
+        self._unmap(m)
+        self.counters["mem_regions_removed"] += 1
         return _Outcome()
 
     def _set_vring_num(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
@@ -724,7 +794,7 @@ class VhostUserSession:
             # vhost-user.rst: a ring starts when its kick fd arrives.
             ring.started = True
             if self.live and self._runnable(ring):
-                effects += self.dev.notify(f.index)
+                effects += self._notify(f.index)
             effects += self._maybe_go_live()
         return _Outcome(effects=effects, kept_fds=() if new is None else (new,))
 
@@ -737,7 +807,7 @@ class VhostUserSession:
         effects: list[Effect] = []
         if ring.enabled and not was and self._runnable(ring) and self.live:
             # Buffers may have been queued while the ring was disabled.
-            effects += self.dev.notify(s.index)
+            effects += self._notify(s.index)
         effects += self._maybe_go_live()
         return _Outcome(effects=effects)
 
@@ -790,6 +860,20 @@ class VhostUserSession:
         return _Outcome(payload=build_u64(st))
 
 
+#: Re-checks after one notify: each round catches entries published during the previous one; a
+#: guest can keep a queue busy forever, so the kick path stays bounded and the next kick resumes.
+_RECHECK_LIMIT = 8
+_FENCE_LOCK = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier: our ``avail_event`` store must be visible before we load
+    ``avail.idx`` (x86 may otherwise satisfy the load first). Taking a lock is an atomic
+    read-modify-write, which orders both on every architecture CPython runs on."""
+    with _FENCE_LOCK:
+        pass
+
+
 def _close(fd: int) -> None:
     try:
         os.close(fd)
@@ -820,6 +904,8 @@ _HANDLERS: dict[int, Any] = {
     _R.SET_CONFIG: VhostUserSession._set_config,
     _R.RESET_DEVICE: VhostUserSession._reset_device,
     _R.GET_MAX_MEM_SLOTS: VhostUserSession._get_max_mem_slots,
+    _R.ADD_MEM_REG: VhostUserSession._add_mem_reg,
+    _R.REM_MEM_REG: VhostUserSession._rem_mem_reg,
     _R.SET_STATUS: VhostUserSession._set_status,
     _R.GET_STATUS: VhostUserSession._get_status,
 }

@@ -52,6 +52,16 @@ def test_memory_table_round_trip_and_size_rules() -> None:
         vu.decode_payload(R.SET_MEM_TABLE, struct.pack("=II", 9, 0) + bytes(9 * 32))
 
 
+def test_mem_reg_payload() -> None:
+    r = vu.MemoryRegion(0x100000000, 0x40000000, 0x7F0080000000, 0x80000000)
+    raw = vu.build_mem_reg(r)
+    assert raw == struct.pack("=QQQQQ", 0, 0x100000000, 0x40000000, 0x7F0080000000, 0x80000000)
+    assert vu.decode_payload(R.ADD_MEM_REG, raw) == r
+    assert vu.decode_payload(R.REM_MEM_REG, raw) == r
+    with pytest.raises(vu.VhostUserPayloadError, match="expected 40"):
+        vu.decode_payload(R.ADD_MEM_REG, raw[:32])
+
+
 def test_config_payload() -> None:
     raw = vu.build_config(4, b"\x01\x02\x03\x04")
     assert raw == struct.pack("=III", 4, 4, 0) + b"\x01\x02\x03\x04"

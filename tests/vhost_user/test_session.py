@@ -71,10 +71,11 @@ def test_protocol_features_offer_and_ack(fe: Frontend) -> None:
     r = fe.request(R.GET_PROTOCOL_FEATURES)
     assert r is not None
     offered = r.u64
-    for bit in (PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE):
+    for bit in (PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.STATUS, PF.RESET_DEVICE,
+                PF.CONFIGURE_MEM_SLOTS):
         assert offered >> bit & 1, bit.name
-    # Not offered: MQ (fixed queue count), LOG_SHMFD, CONFIGURE_MEM_SLOTS (not implemented).
-    for bit in (PF.MQ, PF.LOG_SHMFD, PF.CONFIGURE_MEM_SLOTS):
+    # Not offered: MQ (fixed queue count), LOG_SHMFD (the front-end is unmigratable anyway).
+    for bit in (PF.MQ, PF.LOG_SHMFD):
         assert not offered >> bit & 1, bit.name
     assert fe.request(R.SET_PROTOCOL_FEATURES, vu.build_u64(offered)) is None
     assert fe.session.protocol_features == offered
@@ -162,6 +163,35 @@ def test_set_mem_table_overlapping_regions_rejected(fe: Frontend) -> None:
                    need_reply=True)
     assert r is not None and r.u64 == 1
     assert fe.session.counters["bad_mem_table"] == 1
+
+
+def test_add_and_remove_memory_regions(fe: Frontend) -> None:
+    # CONFIGURE_MEM_SLOTS: QEMU 11.1 sends ADD_MEM_REG per region instead of SET_MEM_TABLE.
+    fe.init()
+    r = fe.request(R.GET_MAX_MEM_SLOTS)
+    assert r is not None and r.u64 >= 8
+    half = RAM_SIZE // 2
+    low = vu.MemoryRegion(0, half, RAM_UADDR, 0)
+    high = vu.MemoryRegion(1 << 32, half, RAM_UADDR + half, half)
+    for reg in (low, high):
+        r = fe.request(R.ADD_MEM_REG, vu.build_mem_reg(reg), fds=[fe.memfd], need_reply=True)
+        assert r is not None and r.u64 == 0
+    assert [(x.gpa, x.size) for x in fe.be_mem.regions] == [(0, half), (1 << 32, half)]
+    fe.mem.write(half + 8, b"hi")
+    assert fe.be_mem.read((1 << 32) + 8, 2) == b"hi"
+    # Overlap, missing fd, unknown region: peer errors; the table is unchanged.
+    r = fe.request(R.ADD_MEM_REG, vu.build_mem_reg(low), fds=[fe.memfd], need_reply=True)
+    assert r is not None and r.u64 == 1
+    r = fe.request(R.ADD_MEM_REG, vu.build_mem_reg(vu.MemoryRegion(1 << 40, 4096, 0, 0)),
+                   need_reply=True)
+    assert r is not None and r.u64 == 1
+    r = fe.request(R.REM_MEM_REG, vu.build_mem_reg(vu.MemoryRegion(1 << 40, 4096, 0, 0)),
+                   need_reply=True)
+    assert r is not None and r.u64 == 1
+    assert fe.session.counters["bad_mem_reg"] == 3
+    r = fe.request(R.REM_MEM_REG, vu.build_mem_reg(high), need_reply=True)
+    assert r is not None and r.u64 == 0
+    assert [(x.gpa, x.size) for x in fe.be_mem.regions] == [(0, half)]
 
 
 def test_vring_addr_is_translated_from_frontend_virtual_addresses(fe: Frontend) -> None:
@@ -357,6 +387,33 @@ def test_inflate_through_the_ring(live: Frontend) -> None:
     vr.add_buf(out=[(buf, 4)])
     assert live.kick_ring(0) == []  # stopped ring: kick ignored
     assert live.session.counters["kicks_ignored"] == 1
+
+
+def test_buffers_published_during_a_notify_are_not_lost(live: Frontend) -> None:
+    # The guest runs concurrently: a buffer published while the device is finishing a notify
+    # (after its last avail.idx read, before its avail_event write) comes with no kick. The
+    # session re-checks the ring after each notify, so it is still processed.
+    vr = live.vrings[0]
+    bufs = [live.area.alloc(4) for _ in range(2)]
+    live.mem.write_u32(bufs[0], 0x500)
+    live.mem.write_u32(bufs[1], 0x501)
+    real_notify = live.dev.notify
+    published: list[bool] = []
+
+    def notify_racing_with_guest(q: int) -> list:
+        effects = real_notify(q)
+        if not published:
+            published.append(True)
+            vr.add_buf(out=[(bufs[1], 4)])  # no kick: the guest saw an old avail_event
+        return effects
+
+    live.dev.notify = notify_racing_with_guest  # type: ignore[method-assign]
+    vr.add_buf(out=[(bufs[0], 4)])
+    effects = live.kick_ring(0)
+    assert [e for e in effects if isinstance(e, Inflated)] == [Inflated((0x500,)),
+                                                                Inflated((0x501,))]
+    assert live.session.counters["kick_rechecks"] == 1
+    assert vr.in_flight == 2 and len(vr.get_bufs()[0]) == 2
 
 
 def test_disabled_ring_ignores_kicks(live: Frontend) -> None:
