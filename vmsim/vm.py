@@ -33,8 +33,6 @@ live set at ``footprint``) with the allocator's bulk numpy calls, one tick at a 
 from __future__ import annotations
 
 import logging
-import mmap
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -154,13 +152,8 @@ class SimVM:
         self.mem = GuestMemory()
         self.driver_area = bytearray(DRIVER_AREA_SIZE)
         self.mem.add_region(DRIVER_AREA_GPA, self.driver_area, "driver-area")
-        # The rest of RAM: the device checks every buffer against guest memory (V-8), hint
-        # buffers included, but never reads RAM pages (their content is PageVersions). So it is
-        # backed by a sparse anonymous mapping nothing touches: no host memory is used.
-        end = DRIVER_AREA_GPA + DRIVER_AREA_SIZE
-        self._sparse = [_sparse_map(DRIVER_AREA_GPA), _sparse_map(g.ram_bytes - end)]
-        self.mem.add_region(0, self._sparse[0], "ram-low")
-        self.mem.add_region(end, self._sparse[1], "ram")
+        # The rest of RAM has no bytes: its content is PageVersions. The device checks buffers
+        # (V-8) against [0, ram) given as ram_pages, and never reads hinted or reported pages.
         self.mem.dirty_log = self.dirty
         # -- host --
         self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=self.ram_pages))
@@ -269,14 +262,6 @@ class SimVM:
                 if v:
                     out[f"{name}_{k}"] = out.get(f"{name}_{k}", 0) + int(v)
         return out
-
-
-def _sparse_map(size: int) -> mmap.mmap:
-    """An anonymous private mapping that reserves no memory (pages appear only if touched)."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if sys.platform.startswith("linux"):
-        flags |= getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python 3.11 lacks it
-    return mmap.mmap(-1, size, flags=flags)
 
 
 def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: str | None = None,
