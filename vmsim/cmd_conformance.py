@@ -21,7 +21,7 @@ test, e.g. legacy-interface items), else from the skip reason, else "no conforma
 Collection errors (a test module that does not import) are printed and count as failures. The
 last line is ``N passed, M failed, K not covered``; the exit status is 0 only with no failure.
 
-``--target vfio-user:SOCKET_PATH`` turns the check around: instead of our device against
+``--target vfio-user:SOCKET_PATH`` (or ``vhost-user:SOCKET_PATH``) turns the check around: instead of our device against
 drivers, an *external* device (anyone's vfio-user virtio-balloon back-end) is checked against
 our driver. The tests under ``tests/conformance_target`` connect to it with
 ``vmsim.vfio_user_client`` (QEMU's role), drive it with the guest model and raw ring writes, and
@@ -53,8 +53,8 @@ TARGET_TESTS = REPO_ROOT / "tests" / "conformance_target"
 #: Environment variables the target tests read (tests/conformance_target/harness.py).
 TARGET_ENV = "BALLOON_HINT_TARGET"
 TARGET_CONTROL_ENV = "BALLOON_HINT_TARGET_CONTROL"
-#: Transports a target may be reached by (vmsim/vfio_user_client.py).
-TARGET_KINDS = ("vfio-user",)
+#: Transports a target may be reached by (vmsim/vfio_user_client.py, vmsim/vhost_user_client.py).
+TARGET_KINDS = ("vfio-user", "vhost-user")
 
 REQUIREMENT_IDS: tuple[str, ...] = tuple(
     [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)])

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conformance_target.harness import (ALL_FEATURES, DriverGuest, RawGuest, Target,
+from tests.conformance_target.harness import (ALL_FEATURES, Client, DriverGuest, RawGuest, Target,
                                               connect, env_target, start_server, stop_server)
-from vmsim.vfio_user_client import VfioUserClient
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +36,7 @@ def target() -> Iterator[Target]:
 
 
 @pytest.fixture
-def client(target: Target) -> Iterator[VfioUserClient]:
+def client(target: Target) -> Iterator[Client]:
     c = connect(target)
     try:
         yield c
@@ -46,12 +45,12 @@ def client(target: Target) -> Iterator[VfioUserClient]:
 
 
 @pytest.fixture
-def raw(client: VfioUserClient) -> RawGuest:
+def raw(client: Client) -> RawGuest:
     return RawGuest(client)
 
 
 @pytest.fixture
-def guest(client: VfioUserClient) -> DriverGuest:
+def guest(client: Client) -> DriverGuest:
     return DriverGuest(client)
 
 

@@ -1,7 +1,7 @@
 """Driver-side harness for checking an *external* virtio-balloon device (conformance_target).
 
-The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` (QEMU's role); nothing
-here imports ``balloon_dev``: the device under test is a peer seen only through its socket,
+The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` or
+``vmsim.vhost_user_client.VhostUserClient`` (QEMU's role); nothing here imports ``balloon_dev``: the device under test is a peer seen only through its socket,
 guest memory, config bytes and interrupts.
 
 Two ways to drive it:
@@ -44,6 +44,10 @@ from tests.ringbuilder import RawRing
 from vmsim.cmd_conformance import TARGET_CONTROL_ENV, TARGET_ENV, parse_target
 from vmsim.cmd_ctl import call as ctl_call
 from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
+from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
+
+#: Either front-end: both implement VirtioTransport plus the same interrupt helpers.
+Client = VfioUserClient | VhostUserClient
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +76,7 @@ class HostError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "vfio-user" (the only transport the client speaks so far)
+    kind: str  # "vfio-user" or "vhost-user"
     path: str
     control: str | None = None
 
@@ -90,23 +94,27 @@ class Target:
                         "(pass --target-control)")
 
 
-def connect(target: Target) -> VfioUserClient:
+def connect(target: Target) -> Client:
     """A connected client. A server that serves one client at a time may refuse us while it
     is still noticing that the previous check's client left; that is retried for a while."""
     deadline = time.monotonic() + WAIT
     while True:
-        c = VfioUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
+        c: Client
+        if target.kind == "vhost-user":
+            c = VhostUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
+        else:
+            c = VfioUserClient(target.path, ram_bytes=RAM_BYTES, timeout=WAIT)
         try:
             c.connect()
             return c
-        except VfioUserClientError as e:
-            if e.errno is not None or time.monotonic() > deadline:
+        except (VfioUserClientError, VhostUserClientError) as e:
+            if getattr(e, "errno", None) is not None or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT,
-             client: VfioUserClient | None = None) -> bool:
+             client: Client | None = None) -> bool:
     """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -121,7 +129,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = WAIT,
             time.sleep(min(left, 0.005))
 
 
-def wait_irq(client: VfioUserClient, vector: int, baseline: int, timeout: float = WAIT) -> bool:
+def wait_irq(client: Client, vector: int, baseline: int, timeout: float = WAIT) -> bool:
     """Wait until ``vector`` has been signalled more than ``baseline`` times in all."""
     def fired() -> bool:
         client.wait_interrupt(0.01)
@@ -169,7 +177,7 @@ class Canary:
 class RawGuest:
     """Hand-driven initialisation and hand-written rings (see the module docstring)."""
 
-    def __init__(self, client: VfioUserClient) -> None:
+    def __init__(self, client: Client) -> None:
         self.c = client
         self.mem = client.mem
         self.rings: dict[BalloonQueue, RawRing] = {}
@@ -274,7 +282,7 @@ class RawGuest:
 class DriverGuest:
     """Our guest (allocator + balloon driver) probed over the client."""
 
-    def __init__(self, client: VfioUserClient, **driver: Any) -> None:
+    def __init__(self, client: Client, **driver: Any) -> None:
         self.c = client
         self.sched = Scheduler(SimClock(0.0))
         self.pages = PageVersions(RAM_BYTES // PAGE)
