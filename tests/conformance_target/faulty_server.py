@@ -1,8 +1,9 @@
 """A deliberately broken virtio-balloon device server, for proving that the conformance_target
 checks can fail (a check that cannot fail is worthless).
 
-Run as ``python -m tests.conformance_target.faulty_server --fault NAME[,NAME] SOCK CTL``: our
-own device and vfio-user server (as ``balloon-hint serve`` builds them) with the device core
+Run as ``python -m tests.conformance_target.faulty_server --fault NAME[,NAME] [--vhost-user]
+SOCK CTL``: our own device and vfio-user (or vhost-user) server, as ``balloon-hint serve`` builds
+them, with the device core
 wrapped in ``FaultyDevice``, which breaks exactly one rule per fault. ``FAULTS`` maps each fault
 to the requirement ids whose checks must then FAIL (tests/test_cmd_conformance_target.py runs
 them). The wrapper sees what the device sees (guest memory, ring addresses) and nothing more.
@@ -20,6 +21,7 @@ from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import (ConfigChanged, Deflated, Inflated, NeedsReset, NotifyQueue,
                                  PagesReported)
 from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
+from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory, GuestMemoryError
 from protocol.balloon import BalloonQueue
@@ -198,24 +200,29 @@ class FaultyDevice:
         return [] if "keep-stats" in self._faults else self._dev.request_stats()
 
 
-def build(sock: str, faults: set[str], features: str | None) -> tuple[VfioUserServer,
-                                                                       HostControl]:
+def build(sock: str, faults: set[str], features: str | None,
+          vhost_user: bool = False) -> tuple[Any, HostControl]:
     unknown = faults - set(FAULTS)
     if unknown:
         raise SystemExit(f"--fault: unknown {sorted(unknown)} (known: {', '.join(FAULTS)})")
     mem = GuestMemory()
     core = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(features)))
     dev = FaultyDevice(core, mem, faults)
-    pci = VirtioPciFunction(dev, mem=mem)  # type: ignore[arg-type]
     holder: list[HostControl] = []
-    server = VfioUserServer(sock, pci, mem, on_effects=lambda e: holder[0].on_effects(e))
+    server: Any
+    if vhost_user:
+        server = VhostUserServer(dev, mem, sock,  # type: ignore[arg-type]
+                                 on_effects=lambda e: holder[0].on_effects(e))
+    else:
+        pci = VirtioPciFunction(dev, mem=mem)  # type: ignore[arg-type]
+        server = VfioUserServer(sock, pci, mem, on_effects=lambda e: holder[0].on_effects(e))
     control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
                           extra_stats=server.stats)
     holder.append(control)
     return server, control
 
 
-async def _main(server: VfioUserServer, control: HostControl, ctl: str) -> None:
+async def _main(server: Any, control: HostControl, ctl: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, ctl, control)
         await nursery.start(server.run)
@@ -225,11 +232,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fault", required=True, help="comma-separated: " + ", ".join(FAULTS))
     p.add_argument("--features", default=None)
+    p.add_argument("--vhost-user", action="store_true", help="serve vhost-user, not vfio-user")
     p.add_argument("sock")
     p.add_argument("ctl")
     a = p.parse_args(argv)
     server, control = build(a.sock, {f.strip() for f in a.fault.split(",") if f.strip()},
-                            a.features)
+                            a.features, a.vhost_user)
     try:
         trio.run(_main, server, control, a.ctl)
     except KeyboardInterrupt:
