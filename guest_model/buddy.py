@@ -368,7 +368,7 @@ class BuddyAllocator:
     def _setup_watermarks(self) -> None:
         """min_free_kbytes, per-zone min/low/high, lowmem_reserve, pcp batch/high as Linux does."""
         lowmem_kb = sum(z.managed_pages for z in self.zones) * 4
-        min_free_kb = int(math.isqrt(lowmem_kb * 16))
+        min_free_kb = math.isqrt(lowmem_kb * 16)
         min_free_kb = max(128, min(min_free_kb, 262144))
         pages_min = min_free_kb >> 2
         total = sum(z.managed_pages for z in self.zones) or 1
@@ -380,7 +380,7 @@ class BuddyAllocator:
             # rounded to 2^n - 1 to avoid cache aliasing; high = 6 * batch.
             batch = min(z.managed_pages // 1024, (1 << 20) >> PAGE_SHIFT) // 4
             batch = max(batch, 1)
-            batch = (1 << int(math.floor(math.log2(batch + batch // 2)))) - 1 if batch > 1 else 1
+            batch = (1 << math.floor(math.log2(batch + batch // 2))) - 1 if batch > 1 else 1
             z.pcp_batch = max(batch, 1)
             z.pcp_high = 6 * z.pcp_batch
         for z in self.zones:

@@ -42,13 +42,31 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   or the ID changes, the STOP buffer (le32 0) is sent.
 * balloon resize (``_balloon_work``): up to 256 pfns per buffer, one buffer in flight; the next
   step waits for the device to use it (interrupt or poll), then ``actual`` is written.
-  Inflated pages are allocated with ``owner=OWNER_BALLOON``; deflated pages are given back to the
-  allocator only after the device acknowledged them (always, as Linux does; with MUST_TELL_HOST
-  it is required).
+  Inflated pages are allocated with ``owner=OWNER_BALLOON`` and ``noretry`` (Linux's
+  ``balloon_page_alloc`` is ``__GFP_NORETRY``: inflating never reclaims); deflated pages are
+  given back to the allocator only after the device acknowledged them (always, as Linux does;
+  with MUST_TELL_HOST it is required).
+* deflate on OOM (``oom_notify``, registered with the allocator at probe when DEFLATE_ON_OOM is
+  negotiated): up to 256 balloon pages per call. Without MUST_TELL_HOST they are freed at once
+  and reported on deflateq afterwards; with it, only once the device used the deflate buffer.
+  It never restarts a resize: Linux leaves ``actual`` below the target until the next one.
 * stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
-* free page reporting: every ``report_interval`` seconds, up to 32 order-9 (pageblock) blocks are
-  isolated (allocated), posted as one chain of writable elements, and freed when the device
-  used the chain. See ``_report_step`` for the approximation this makes.
+* free page reporting (Linux ``mm/page_reporting.c`` + ``virtballoon_free_page_report``): every
+  ``report_interval`` seconds, up to 32 free blocks of order 9 or 10 not yet reported are
+  isolated off the free lists without being written (``BuddyAllocator.isolate_free_block``),
+  posted as one chain of writable elements, and put back when the device used the chain, marked
+  reported. The allocator clears the mark when a block is allocated (or merged), so memory
+  reused and freed again is reported again. See ``_report_step`` for the remaining deviations.
+
+*DEVICE_NEEDS_RESET.* Linux's virtio core never resets a device on its own when it sets
+NEEDS_RESET, and virtio_balloon has no handler for it (only freeze/restore reset the device);
+the driver does not even read the bit, so it keeps posting, and every activity that waits for a
+used buffer (resize, reporting, stats) waits forever. The model reads the status on a config
+interrupt and stops device work at once (``needs_reset``; no buffer is posted again, scheduled
+steps are cancelled), which the device sees the same way: nothing it would use. What Linux would
+keep stays kept: balloon pages, blocks isolated for an unanswered report; held hint blocks stay
+shrinkable, and a DONE read from config space still frees them. A new driver instance (unbind
+and probe again) is how a guest recovers; this class does not re-probe.
 
 Simulated costs (seconds, all overridable in ``DriverOptions``): ``hint_cost_per_block`` 5 us (a
 4 MiB allocation or a free-list visit plus adding a descriptor), ``balloon_cost_per_page``
@@ -70,9 +88,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from guestmem import GuestMemory
-from guestmem.clock import Scheduler
-from guestmem.units import PAGE_SHIFT
 from guest_model.buddy import (
     MAX_ORDER,
     MIGRATE_MOVABLE,
@@ -84,8 +99,11 @@ from guest_model.buddy import (
     pageblock_order,
 )
 from guest_model.transport import VirtioTransport
-from guest_model.walk import FreeBlockWalker
 from guest_model.vring import DriverArea, DriverVring, VringBroken, VringFull, alloc_vring
+from guest_model.walk import FreeBlockWalker
+from guestmem import GuestMemory
+from guestmem.clock import Scheduler
+from guestmem.units import PAGE_SHIFT
 from protocol.balloon import (
     CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
@@ -258,7 +276,9 @@ class BalloonDriver:
             if not isinstance(allocator, BuddyAllocator):
                 raise ValueError("hint strategy 'walk' needs a walker_factory for this allocator")
             buddy, safe = allocator, self.opts.walk_safe
-            walker_factory = lambda mo: FreeBlockWalker(buddy, mo, safe=safe)  # noqa: E731
+
+            def walker_factory(mo: int) -> BlockWalker:
+                return FreeBlockWalker(buddy, mo, safe=safe)
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
         self.vqs: dict[BalloonQueue, DriverVring] = {}

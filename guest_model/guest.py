@@ -12,8 +12,10 @@ reclaim gives held hint blocks back before an allocation fails, as in Linux; wor
 
 Two masks serve the migration verifier: ``in_use_mask()`` is every page whose content the guest
 relies on (allocated by the guest, plus reserved pages: firmware and the driver area), and
-``held_by_driver_mask()`` is every page the balloon driver owns (held hint blocks, balloon pages,
-pages isolated for reporting), whose content the guest does not rely on.
+``held_by_driver_mask()`` is every page the balloon driver owns (held hint blocks, balloon pages),
+whose content the guest does not rely on. Free blocks isolated for a report in flight are in
+neither: they are free memory whose content (the poison pattern under page poisoning) the
+guest still checks when it allocates them, so the verifier must treat them as free.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from guestmem import GuestMemory, PageVersions
-from guestmem.clock import Scheduler
 from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_RESERVED, BuddyAllocator
 from guest_model.driver import BalloonDriver, BlockWalker, DriverOptions
 from guest_model.transport import VirtioTransport
 from guest_model.vring import DriverArea
 from guest_model.workloads import Workload, make_workload
+from guestmem import GuestMemory, PageVersions
+from guestmem.clock import Scheduler
 
 #: vmsim's default driver area: 4 MiB at 1 MiB (docs/interfaces.md).
 DEFAULT_DRIVER_AREA = (0x100000, 4 << 20)
@@ -83,7 +85,8 @@ class SimGuest:
         self.driver = BalloonDriver(transport, mem, allocator, sched, self.area, dopts,
                                     walker_factory=walker_factory)
         # Direct reclaim reaches the balloon's shrinker (protocol.md 6.3): held hint blocks
-        # are the first memory a guest under pressure gets back.
+        # are the first memory a guest under pressure gets back. (The OOM notifier for
+        # DEFLATE_ON_OOM is registered by the driver at probe, only if negotiated.)
         allocator.register_shrinker(self.driver.shrink_count, self.driver.shrink)
         self.driver.probe()
         self.workloads: list[Workload] = []
@@ -108,7 +111,8 @@ class SimGuest:
         return (st == PG_ALLOC) | (st == PG_RESERVED)
 
     def held_by_driver_mask(self) -> np.ndarray:
-        """Pages the balloon driver owns (hint blocks held, balloon pages, reporting)."""
+        """Pages the balloon driver owns (hint blocks held, balloon pages). Blocks isolated for
+        free page reporting are ``PG_ISOLATED``: free, not held (see the module docstring)."""
         return self.allocator.state == PG_BALLOON
 
     def reclaim(self, nr_pages: int) -> int:

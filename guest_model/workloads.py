@@ -339,7 +339,7 @@ class PageCache(Workload):
         return self.cache.count + self.slab.count
 
     def _read(self, n: int) -> None:
-        ns = int(round(n * self.recl))
+        ns = round(n * self.recl)
         slab = self.alloc0(ns, MIGRATE_RECLAIMABLE)
         self.write(slab)
         self.slab.add(slab)
@@ -350,7 +350,7 @@ class PageCache(Workload):
     def _evict(self) -> None:
         over = self.held_pages() - self.target
         if over > 0:
-            ns = min(self.slab.count, int(round(over * self.recl)))
+            ns = min(self.slab.count, round(over * self.recl))
             self.free0(self.slab.take_oldest(ns))
             self.free0(self.cache.take_oldest(over - ns))
 
@@ -458,7 +458,7 @@ class Churn(Workload):
             heapq.heappush(self.live, (t0 + life, self._seq, p, order))
 
     def run_phase(self) -> None:
-        steps = int(round(self.duration / self.tick))
+        steps = round(self.duration / self.tick)
         for _ in range(steps):
             self._local_now += self.tick
             self._work(self._local_now, self.tick)

@@ -24,10 +24,10 @@ from balloon_dev.effects import (
     StatsReceived,
 )
 from balloon_dev.transport.inprocess import InProcessTransport
-from guestmem import DirtyLog, GuestMemory, PageVersions
-from guestmem.clock import Scheduler
 from guest_model.buddy import PG_BALLOON, BuddyAllocator
 from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
+from guestmem import DirtyLog, GuestMemory, PageVersions
+from guestmem.clock import Scheduler
 
 RAM = 256 << 20
 

@@ -5,6 +5,7 @@ made by wrapping the transport or poking ring memory.
 """
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -21,9 +22,6 @@ from balloon_dev.effects import (
     StatsReceived,
 )
 from balloon_dev.transport.inprocess import InProcessTransport
-from guestmem import DirtyLog, GuestMemory, PageVersions
-from guestmem.pages import POISON
-from guestmem.clock import Scheduler
 from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_ISOLATED, BuddyAllocator
 from guest_model.driver import (
     HINT_BLOCK_PAGES,
@@ -33,7 +31,12 @@ from guest_model.driver import (
     ProbeError,
 )
 from guest_model.vring import DriverArea
+from guest_model.walk import FreeBlockWalker
+from guestmem import DirtyLog, GuestMemory, PageVersions
+from guestmem.clock import Scheduler
+from guestmem.pages import POISON
 from protocol.balloon import (
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
@@ -555,20 +558,6 @@ def test_qemu_style_cmd_id_read_ends_round_on_unrelated_config_change() -> None:
     assert r.dev.actual == 16
 
 
-def test_device_needs_reset_makes_driver_idle() -> None:
-    r = Rig().probe()
-    vq = r.drv.vqs[BalloonQueue.INFLATE]
-    # Corrupt our own avail.idx so the device sees a jump past the queue size (V-1) and breaks.
-    r.mem.write_u16(vq.avail_gpa + 2, 500)
-    r.t.notify(r.drv.qindex[BalloonQueue.INFLATE])
-    r.run(0.001)
-    assert r.dev.status & DeviceStatus.DEVICE_NEEDS_RESET
-    assert r.drv.counters["device_needs_reset"] == 1 and not r.drv.ready
-    r.host(r.dev.set_target, 10)
-    r.run(0.01)
-    assert r.drv.s.num_pages == 0  # no work on a device that needs a reset
-
-
 def test_walk_safety_option_reaches_the_walker_and_bad_strategy_is_refused() -> None:
     assert Rig(strategy="walk").drv.walker_factory(10).safe is True  # type: ignore[attr-defined,union-attr]
     seed = Rig(strategy="walk", walk_safe=False)
@@ -592,3 +581,197 @@ def test_golden_control_and_stats_buffers() -> None:
     r.run(0.01)
     assert r.mem.read(r.drv._start_buf, 4) == struct.pack("<I", r.dev.hint.cmd_id)
     assert r.mem.read(r.drv._stop_buf, 4) == b"\0\0\0\0"
+
+
+# -- deflate on OOM ----------------------------------------------------------------------------
+
+OOM = DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_DEFLATE_ON_OOM)
+
+
+def exhaust(r: Rig) -> list[int]:
+    """Take every page a guest can get without reclaim or OOM (noretry)."""
+    held = r.alloc.alloc_pages_bulk(1 << 30, noretry=True).tolist()
+    while (p := r.alloc.alloc_pages(0, noretry=True)) is not None:
+        held.append(p)
+    return held
+
+
+def test_oom_deflates_256_pages_at_once_and_tells_the_host_after() -> None:
+    r = Rig(offered=OOM).probe()
+    r.host(r.dev.set_target, 2048)
+    r.run(0.05)
+    assert r.drv.s.num_pages == 2048
+    balloon = set(r.drv.s.balloon_pfns)
+    exhaust(r)
+    p = r.alloc.alloc_pages(0)  # fails after reclaim: the OOM notifier deflates
+    assert p is not None
+    assert r.alloc.counters["oom_runs"] == 1
+    c = r.drv.counters
+    assert c["oom_deflated_pages"] == 256 and r.drv.s.num_pages == 2048 - 256
+    assert r.dev.actual == 2048 - 256  # actual follows at once (update_balloon_size)
+    assert not r.of(Deflated)  # the host hears of them afterwards (no MUST_TELL_HOST)
+    r.run(0.05)
+    told = [q for e in r.of(Deflated) for q in e.pfns]
+    assert len(told) == 256 and set(told) <= balloon and c["deflate_told_late_pages"] == 256
+    assert set(told).isdisjoint(r.drv.s.balloon_pfns)
+    # Linux does not re-inflate on its own after an OOM deflate.
+    assert r.drv.s.num_pages == 2048 - 256 and r.dev.actual == 2048 - 256
+    assert r.dev.dr_violations == {}
+    # A new target is followed again.
+    r.host(r.dev.set_target, 1000)
+    r.run(0.05)
+    assert r.drv.s.num_pages == 1000 == r.dev.actual
+    r.alloc.check()
+
+
+@pytest.mark.spec("DR-5")
+def test_oom_with_must_tell_host_frees_only_acknowledged_pages() -> None:
+    r = Rig(offered=OOM | feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST)).probe()
+    r.host(r.dev.set_target, 1024)
+    r.run(0.05)
+    exhaust(r)
+    # The in-process device uses the deflate buffer inside the kick: like Linux waiting for
+    # the ack, the pages are freed within the OOM call, after the host was told.
+    n_effects = len(r.effects)
+    p = r.alloc.alloc_pages(0)
+    assert p is not None and r.drv.counters["oom_deflated_pages"] == 256
+    told = [q for e in r.effects[n_effects:] if isinstance(e, Deflated) for q in e.pfns]
+    assert len(told) == 256
+    # A device that does not answer at once: nothing is freed until it does.
+    dq = r.drv.qindex[BalloonQueue.DEFLATE]
+    r.t.stalled.add(dq)
+    exhaust(r)
+    assert r.alloc.alloc_pages(0) is None
+    assert r.drv.counters["oom_deflated_pages"] == 256 and r.drv.s.num_pages == 768
+    # Further OOM calls wait for that buffer (one in flight) instead of posting another.
+    assert r.alloc.alloc_pages(0) is None and r.drv.counters["oom_deflate_blocked"] >= 1
+    r.t.release(dq)
+    r.run(0.01)
+    # The late ack frees them (counted as deflated, not as freed by the OOM call).
+    assert r.drv.s.num_pages == 512 and r.drv.counters["deflated_pages"] == 512
+    assert r.drv.counters["oom_deflated_pages"] == 256
+    assert r.alloc.alloc_pages(0) is not None
+    assert r.dev.dr_violations == {}
+    r.alloc.check()
+
+
+def test_no_oom_deflate_without_the_feature() -> None:
+    r = Rig().probe()
+    r.host(r.dev.set_target, 1024)
+    r.run(0.05)
+    exhaust(r)
+    assert r.alloc.alloc_pages(0) is None
+    assert r.drv.s.num_pages == 1024 and r.alloc.oom_notifiers == []
+
+
+def test_inflating_never_reclaims_or_deflates() -> None:
+    r = Rig(offered=OOM).probe()
+    r.host(r.dev.free_page_start)
+    r.run(0.05)
+    held = r.drv.shrink_count()
+    assert held > 0
+    r.host(r.dev.set_target, 1 << 20)  # far more than the guest has
+    r.run(0.5)
+    # balloon_page_alloc is __GFP_NORETRY: no shrinker, no OOM notifier.
+    assert r.drv.shrink_count() == held and r.alloc.counters["oom_runs"] == 0
+    assert r.drv.counters["inflate_alloc_failed"] >= 1
+
+
+# -- DEVICE_NEEDS_RESET --------------------------------------------------------------------------
+
+def break_inflateq(r: Rig) -> None:
+    """Corrupt our own avail.idx so the device sees a jump past the queue size (V-1)."""
+    vq = r.drv.vqs[BalloonQueue.INFLATE]
+    r.mem.write_u16(vq.avail_gpa + 2, 500)
+    r.t.notify(r.drv.qindex[BalloonQueue.INFLATE])
+
+
+def test_device_needs_reset_stops_device_work_and_keeps_what_linux_keeps() -> None:
+    r = Rig(offered=OOM | feature_mask(VIRTIO_BALLOON_F_REPORTING), ram=256 << 20,
+            hint_batch=1).probe()
+    r.host(r.dev.set_target, 512)
+    r.run(0.05)
+    r.host(r.dev.free_page_start)
+    r.run(50e-6)  # a capture round under way
+    assert r.drv.hinting and r.drv.s.held_blocks
+    hints = r.drv.counters["hints_sent"]
+    break_inflateq(r)
+    r.run(0.001)
+    assert r.dev.status & DeviceStatus.DEVICE_NEEDS_RESET
+    c = r.drv.counters
+    assert c["device_needs_reset"] == 1 and r.drv.needs_reset and not r.drv.ready
+    # Linux does not reset the device itself: no more buffers, nothing scheduled.
+    assert not r.drv.hinting and c["hints_sent"] == hints
+    avail = {q: vq.avail_idx for q, vq in r.drv.vqs.items()}
+    r.host(r.dev.set_target, 10)
+    r.run(5.0)  # past a reporting interval, with a resize asked for
+    assert {q: vq.avail_idx for q, vq in r.drv.vqs.items()} == avail
+    assert r.drv.s.num_pages == 512 and c["reports"] == 0
+    assert r.sched.pending() == 0
+    # The balloon stays (deflating needs the device); the OOM notifier gives nothing back
+    # (Linux would wait for an ack that never comes).
+    assert r.drv.oom_notify() == 0 and c["oom_deflate_blocked"] == 1
+    assert r.drv.s.num_pages == 512
+    # Held hint blocks: the shrinker still frees them, and DONE (config space only) the rest.
+    held = len(r.drv.s.held_blocks)
+    assert held >= 2 and r.drv.shrink(1) == HINT_BLOCK_PAGES
+    assert len(r.drv.s.held_blocks) == held - 1
+    r.host(r.dev.free_page_done)
+    r.run(0.01)
+    assert r.drv.s.held_blocks == [] and c["device_needs_reset"] == 1
+    r.alloc.check()
+
+
+# -- walk granularity ----------------------------------------------------------------------------
+
+class LoggingWalker:
+    """A FreeBlockWalker that notes the simulated time of each block it reports."""
+
+    def __init__(self, r: Rig, min_order: int) -> None:
+        self.inner = FreeBlockWalker(r.alloc, min_order)
+        self.r = r
+        self.log: list[tuple[float, int]] = []
+
+    def step(self) -> tuple[int, int] | None:
+        blk = self.inner.step()
+        if blk is not None:
+            self.log.append((self.r.sched.now, blk[0]))
+        return blk
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_walk_batch_sets_where_guest_events_can_land(batch: int) -> None:
+    r = Rig(ram=256 << 20, strategy="walk", hint_batch=batch)
+    walkers: list[LoggingWalker] = []
+    r.drv.walker_factory = lambda mo: walkers.append(LoggingWalker(r, mo)) or walkers[-1]
+    r.probe()
+    r.host(r.dev.free_page_start)
+    t0 = r.sched.now
+    taken: list[tuple[float, int]] = []
+
+    def guest() -> None:  # another CPU allocates 4 MiB while the walk is under way
+        q = r.alloc.alloc_pages(10)
+        assert q is not None
+        taken.append((r.sched.now, q))
+
+    r.sched.at(t0 + 12e-6, guest)
+    r.run(0.01)
+    log = walkers[0].log
+    assert len(log) > 20 and r.drv.counters["stop_sent"] == 1
+    times = [t for t, _ in log]
+    when, q = taken[0]
+    if batch == 1:
+        # One block per event: every report has its own instant, and the guest's event fell
+        # between two of them.
+        assert len(set(times)) == len(times)
+        assert any(a < when < b for a, b in itertools.pairwise(times))
+    else:
+        # Sixteen blocks share an instant: nothing can happen between them.
+        assert len(set(times[:16])) == 1 and times[16] > times[0]
+    # The safe walk never reports the block once it is taken.
+    assert q not in [p for t, p in log if t > when]
+
+
+def test_hint_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="hint_batch"):
+        Rig(hint_batch=0)

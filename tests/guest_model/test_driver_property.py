@@ -15,6 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES
 from guest_model.buddy import PG_BALLOON, PG_ISOLATED
 from protocol.balloon import (
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -22,7 +23,6 @@ from protocol.balloon import (
     VIRTIO_BALLOON_F_REPORTING,
 )
 from protocol.virtio import feature_mask
-from balloon_dev.device import DEFAULT_OFFERED_FEATURES
 from tests.guest_model.test_driver import Rig
 
 OPS = st.one_of(

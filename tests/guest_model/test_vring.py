@@ -7,6 +7,7 @@ misunderstanding in the ring shows up as a byte mismatch rather than being mirro
 """
 from __future__ import annotations
 
+import itertools
 import struct
 
 import numpy as np
@@ -14,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guestmem import DirtyLog, GuestMemory
 from guest_model.vring import (
     DriverArea,
     DriverVring,
@@ -22,6 +22,7 @@ from guest_model.vring import (
     VringFull,
     alloc_vring,
 )
+from guestmem import DirtyLog, GuestMemory
 from protocol.virtqueue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -56,7 +57,7 @@ class RawDevice:
         head = self.mem.read_u16(self.avail + 4 + 2 * (self.last_avail % self.n))
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         elems = []
-        addr, ln, flags, nxt = self.read_desc(self.desc, head)
+        addr, ln, flags, _nxt = self.read_desc(self.desc, head)
         if flags & VIRTQ_DESC_F_INDIRECT:
             base, count, i = addr, ln // 16, 0
             for _ in range(count):
@@ -162,10 +163,10 @@ def test_golden_batched_hints_match_single_adds() -> None:
 
 
 def test_alloc_vring_alignment_and_separation() -> None:
-    mem, area, vq, _ = make_ring(1024)
+    _mem, _area, vq, _ = make_ring(1024)
     assert vq.desc_gpa % 16 == 0 and vq.avail_gpa % 2 == 0 and vq.used_gpa % 4 == 0
     spans = sorted([(vq.desc_gpa, 16 * 1024), (vq.avail_gpa, 6 + 2048), (vq.used_gpa, 6 + 8192)])
-    for (a, n), (b, _) in zip(spans, spans[1:]):
+    for (a, n), (b, _) in itertools.pairwise(spans):
         assert a + n <= b
     assert all(AREA <= a and a + n <= AREA + AREA_SIZE for a, n in spans)
 
@@ -205,7 +206,7 @@ def test_out_of_order_completion_frees_right_chains() -> None:
 
 
 def test_ring_full_raises_and_num_free() -> None:
-    _, _, vq, dev = make_ring(4)
+    _, _, vq, _dev = make_ring(4)
     vq.add_buf(in_=[(0x1000, 1)] * 3)
     with pytest.raises(VringFull):
         vq.add_buf(in_=[(0x1000, 1)] * 2)
@@ -260,7 +261,7 @@ def test_indirect_falls_back_to_direct_when_area_is_full() -> None:
 # -- notifications ------------------------------------------------------------------------------
 
 def test_kick_honours_no_notify_without_event_idx() -> None:
-    mem, _, vq, dev = make_ring(8)
+    mem, _, vq, _dev = make_ring(8)
     assert vq.kick_prepare() is False  # nothing added
     vq.add_buf(in_=[(0x1000, 1)])
     assert vq.kick_prepare() is True
@@ -329,7 +330,7 @@ def test_indices_wrap_at_65536() -> None:
     seen = []
     for i in range(12):
         vq.add_buf(in_=[(0x1000 * (i + 1), 8)], token=i)
-        h, elems = dev.pop()
+        h, _elems = dev.pop()
         dev.push(h, 8)
         seen.append(vq.get_buf())
         assert dev.used_event() == vq.last_used_idx

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balloon_dev.virtqueue import DeviceVirtqueue
-from guestmem import GuestMemory
 from guest_model.vring import DriverArea, DriverVring, alloc_vring
+from guestmem import GuestMemory
 
 AREA = 0x100000
 AREA_SIZE = 0x80000

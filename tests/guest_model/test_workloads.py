@@ -56,7 +56,7 @@ def test_registry_and_usage_errors() -> None:
 
 
 def test_fill_phase_allocates_and_writes() -> None:
-    a, pv, log = vm()
+    a, pv, _log = vm()
     free0 = a.nr_free_pages()
     w = Fill(a, pv, size=32 * MiB)
     w.run_phase()
