@@ -60,14 +60,13 @@ import logging
 import mmap
 import os
 import stat
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import Effect
 from guestmem import GuestMemory, GuestMemoryError
-from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL, BalloonQueue
+from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
 from protocol.vhost_user import (
     REPLY_REQUESTS,
     VHOST_SET_CONFIG_TYPE_FRONTEND,
@@ -214,8 +213,6 @@ class VhostUserSession:
         self.counters: Counter[str] = Counter()
         self._maps: list[_Mapping] = []
         self._pending_config: dict[int, bytes] = {}
-        layout = getattr(dev, "queue_layout", None)
-        self._stats_queue = (layout() if layout is not None else {}).get(BalloonQueue.STATS, -1)
         self._reset_rings()
 
     # -- queries the server uses ----------------------------------------------------------
@@ -291,7 +288,7 @@ class VhostUserSession:
                 self.counters["kicks_before_live"] += 1
                 return effects
             return effects  # going live notified every runnable ring, this one included
-        effects += self._notify(q)
+        effects += self.dev.notify(q)
         return effects
 
     def close(self) -> list[Effect]:
@@ -378,37 +375,6 @@ class VhostUserSession:
         self.live = False
         self.stopped = True
         return []
-
-    def _notify(self, q: int) -> list[Effect]:
-        """``dev.notify(q)``, then re-check the ring until the device has caught up.
-
-        The guest runs concurrently and kicks only when ``avail_event`` (written by the device
-        after a pop) lies in the window of entries it just published. If it publishes while the
-        device is between its last read of ``avail.idx`` and its write of ``avail_event``, it
-        sees the old ``avail_event``, does not kick, and the device never looks again: a lost
-        wake-up (protocol.md 1.4: re-check the ring after re-enabling notifications). So after
-        each notify (which ends by writing ``avail_event``), fence, and if the guest has
-        published entries the device has not used, notify again. The balloon uses every buffer
-        as soon as it pops it, except the statistics buffer it holds, so "published but not
-        used" means "not seen" on every queue but statsq, which is not re-checked (a missed
-        stats kick only delays statistics until the next request).
-        """
-        effects = self.dev.notify(q)
-        ring = self.rings[q] if 0 <= q < len(self.rings) else None
-        if ring is None or ring.addr is None or q == self._stats_queue:
-            return effects
-        for _ in range(_RECHECK_LIMIT):
-            _fence()
-            try:
-                avail = self.mem.read_u16(ring.avail_gpa + 2)
-                used = self.mem.read_u16(ring.used_gpa + 2)
-            except GuestMemoryError:
-                return effects
-            if avail == used or self.dev.status & NEEDS_RESET:
-                break
-            self.counters["kick_rechecks"] += 1
-            effects += self.dev.notify(q)
-        return effects
 
     def _device_reset(self) -> list[Effect]:
         self.live = False
@@ -518,7 +484,7 @@ class VhostUserSession:
                 self.live = True
                 for q, ring in enumerate(self.rings):
                     if self._runnable(ring):
-                        effects += self._notify(q)
+                        effects += self.dev.notify(q)
                 return effects
             # A guest reset (or anything else): start from a fresh device.
             effects += self._device_reset()
@@ -545,7 +511,7 @@ class VhostUserSession:
         self.live = True
         for q, ring in enumerate(self.rings):
             if self._runnable(ring):
-                effects += self._notify(q)
+                effects += self.dev.notify(q)
         return effects
 
     def _set_queue_base(self, q: int, base: int) -> None:
@@ -794,7 +760,7 @@ class VhostUserSession:
             # vhost-user.rst: a ring starts when its kick fd arrives.
             ring.started = True
             if self.live and self._runnable(ring):
-                effects += self._notify(f.index)
+                effects += self.dev.notify(f.index)
             effects += self._maybe_go_live()
         return _Outcome(effects=effects, kept_fds=() if new is None else (new,))
 
@@ -807,7 +773,7 @@ class VhostUserSession:
         effects: list[Effect] = []
         if ring.enabled and not was and self._runnable(ring) and self.live:
             # Buffers may have been queued while the ring was disabled.
-            effects += self._notify(s.index)
+            effects += self.dev.notify(s.index)
         effects += self._maybe_go_live()
         return _Outcome(effects=effects)
 
@@ -858,20 +824,6 @@ class VhostUserSession:
         # not read it as running: its add_status() would echo DRIVER_OK back before the rings.
         st = self.dev.status if self.live else self.dev.status & ~DRIVER_OK
         return _Outcome(payload=build_u64(st))
-
-
-#: Re-checks after one notify: each round catches entries published during the previous one; a
-#: guest can keep a queue busy forever, so the kick path stays bounded and the next kick resumes.
-_RECHECK_LIMIT = 8
-_FENCE_LOCK = threading.Lock()
-
-
-def _fence() -> None:
-    """A full memory barrier: our ``avail_event`` store must be visible before we load
-    ``avail.idx`` (x86 may otherwise satisfy the load first). Taking a lock is an atomic
-    read-modify-write, which orders both on every architecture CPython runs on."""
-    with _FENCE_LOCK:
-        pass
 
 
 def _close(fd: int) -> None:
