@@ -21,10 +21,11 @@ test, e.g. legacy-interface items), else from the skip reason, else "no conforma
 Collection errors (a test module that does not import) are printed and count as failures. The
 last line is ``N passed, M failed, K not covered``; the exit status is 0 only with no failure.
 
-``--target vfio-user:SOCKET_PATH`` (or ``vhost-user:SOCKET_PATH``) turns the check around: instead of our device against
-drivers, an *external* device (anyone's vfio-user virtio-balloon back-end) is checked against
-our driver. The tests under ``tests/conformance_target`` connect to it with
-``vmsim.vfio_user_client`` (QEMU's role), drive it with the guest model and raw ring writes, and
+``--target vfio-user:SOCKET_PATH`` (or ``vhost-user:SOCKET_PATH``) turns the check around:
+instead of our device against drivers, an *external* device (anyone's vfio-user or vhost-user
+virtio-balloon back-end) is checked against our driver. The tests under
+``tests/conformance_target`` connect to it with ``vmsim.vfio_user_client`` or
+``vmsim.vhost_user_client`` (QEMU's role), drive it with the guest model and raw ring writes, and
 check the device requirements observable from the driver side. The target reaches them through
 the environment (``BALLOON_HINT_TARGET``, and ``BALLOON_HINT_TARGET_CONTROL`` for
 ``--target-control``, a balloon-hint style host-control socket needed by checks that start hint

@@ -57,7 +57,6 @@ from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
 
-#: Largest number of fds we send in one message when the server does not say (protocol.md 7.3).
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
 
@@ -121,6 +120,7 @@ class VfioUserClient:
         self.queue_vectors: dict[int, int] = {}
         self._on_queue: Callable[[int], None] | None = None
         self._on_config: Callable[[], None] | None = None
+        self._queue_vector_default = 1  # set from the MSI-X table size at connect()
         self._notify_off: dict[int, int] = {}
         self._queue_size: dict[int, int] = {}
 
@@ -356,8 +356,9 @@ class VfioUserClient:
 
     def _setup_msix(self) -> None:
         cmd = struct.unpack("<H", self.config_read(vp.PCI_COMMAND, 2))[0]
-        self.config_write(vp.PCI_COMMAND, struct.pack(
-            "<H", cmd | vp.PCI_COMMAND_MEMORY | vp.PCI_COMMAND_MASTER | vp.PCI_COMMAND_INTX_DISABLE))
+        # Memory decoding and bus mastering on; INTx off, since interrupts come by MSI-X.
+        cmd |= vp.PCI_COMMAND_MEMORY | vp.PCI_COMMAND_MASTER | vp.PCI_COMMAND_INTX_DISABLE
+        self.config_write(vp.PCI_COMMAND, struct.pack("<H", cmd))
         assert self.pci.msix_pos is not None
         ctrl_at = self.pci.msix_pos + vp.PCI_MSIX_FLAGS
         ctrl = struct.unpack("<H", self.config_read(ctrl_at, 2))[0]

@@ -1,8 +1,9 @@
 """Driver-side harness for checking an *external* virtio-balloon device (conformance_target).
 
 The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` or
-``vmsim.vhost_user_client.VhostUserClient`` (QEMU's role); nothing here imports ``balloon_dev``: the device under test is a peer seen only through its socket,
-guest memory, config bytes and interrupts.
+``vmsim.vhost_user_client.VhostUserClient`` (QEMU's role); nothing here imports ``balloon_dev``:
+the device under test is a peer seen only through its socket, guest memory, config bytes and
+interrupts.
 
 Two ways to drive it:
 
@@ -263,7 +264,8 @@ class RawGuest:
     def used_idx(self, q: BalloonQueue) -> int:
         return self.rings[q].used_idx()
 
-    def wait_used(self, q: BalloonQueue, n: int = 1, timeout: float = WAIT) -> list[tuple[int, int]]:
+    def wait_used(self, q: BalloonQueue, n: int = 1,
+                  timeout: float = WAIT) -> list[tuple[int, int]]:
         """Wait until ``n`` more used elements than last time appeared; return the new ones."""
         r = self.rings[q]
         first = self.seen_used[q]

@@ -12,7 +12,7 @@ from protocol.balloon import (CFG_ACTUAL, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAG
                               BalloonQueue, queue_layout)
 from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (ACK, DOK, DRV, FOK, NEEDS_RESET, QUIET, WAIT,
+from tests.conformance_target.harness import (ACK, FOK, NEEDS_RESET, QUIET, WAIT,
                                               DriverGuest, RawGuest, wait_for, wait_irq)
 
 Q = BalloonQueue
