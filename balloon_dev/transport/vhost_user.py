@@ -264,6 +264,11 @@ class VhostUserSession:
         except _Reject as e:
             ok = False
             self._peer_error(e.counter, req, str(e))
+        except Exception:  # noqa: BLE001 - a bug of ours must not take the VM's device down
+            ok = False
+            outcome = _Outcome()
+            self.counters["internal_errors"] += 1
+            log.exception("vhost-user: internal error handling %s", request_name(req))
         self._close_unkept(msg.fds, outcome.kept_fds if ok else ())
         return HandleResult(self._reply(msg, ok, outcome), tuple(outcome.effects))
 

@@ -554,6 +554,18 @@ def test_reply_flag_on_a_request_is_rejected(live: Frontend) -> None:
     assert live.session.counters["unexpected_replies"] == 1
 
 
+def test_internal_error_is_answered_and_survived(live: Frontend, monkeypatch) -> None:
+    def broken(_off: int, _size: int) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(live.dev, "read_config", broken)
+    r = live.request(R.GET_CONFIG, vu.build_config(0, bytes(4)))
+    assert r is not None and r.payload == b""  # a failure the front-end can see
+    assert live.session.counters["internal_errors"] == 1
+    monkeypatch.undo()
+    assert len(live.get_config(0, 4)) == 4
+
+
 def test_close_releases_every_fd_and_mapping(fe: Frontend) -> None:
     baseline = open_fds()
     fe.init()
