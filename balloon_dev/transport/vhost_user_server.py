@@ -190,6 +190,9 @@ class VhostUserServer:
             async with trio.open_nursery() as nursery:
                 await self._read_loop(conn, nursery)
                 nursery.cancel_scope.cancel()
+        except Exception:  # noqa: BLE001 - one front-end's trouble must not end the server
+            self.counters["internal_errors"] += 1
+            log.exception("vhost-user: connection ended by an internal error")
         finally:
             self._stop_all_watchers()
             # The device is reset before the mappings go (inside session.close), so nothing
@@ -273,7 +276,13 @@ class VhostUserServer:
                     log.warning("vhost-user: kick fd of ring %d failed: %s", q, e)
                     return
                 self.counters["kicks"] += 1
-                self._deliver_host(self.session.kick(q))
+                try:
+                    effects = self.session.kick(q)
+                except Exception:  # noqa: BLE001 - a bug of ours must not end the server
+                    self.counters["internal_errors"] += 1
+                    log.exception("vhost-user: internal error on a kick of ring %d", q)
+                    continue
+                self._deliver_host(effects)
 
     # -- effects ----------------------------------------------------------------------------
     def _deliver_host(self, effects: list[Effect], guest: bool = True) -> list[Effect]:
