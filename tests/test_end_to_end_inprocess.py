@@ -13,21 +13,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-from balloon_dev.device import BalloonDevice, DeviceConfig
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
 from balloon_dev.effects import (
     ActualChanged,
     Deflated,
     HintRoundStopped,
     Inflated,
     PagesHinted,
+    PagesReported,
     PrecopyEvent,
     StatsReceived,
 )
 from balloon_dev.transport.inprocess import InProcessTransport
-from guest_model.buddy import PG_BALLOON, BuddyAllocator
+from guest_model.buddy import PG_BALLOON, PG_ISOLATED, BuddyAllocator
 from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
 from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
+from guestmem.pages import POISON
+from protocol.balloon import VIRTIO_BALLOON_F_REPORTING
+from protocol.virtio import feature_mask
 
 RAM = 256 << 20
 
@@ -45,7 +49,7 @@ class VM:
     bytearray, with the driver area inside it."""
 
     def __init__(self, strategy: str = "capture", *, backed: bool = False,
-                 **gopts: Any) -> None:
+                 offered: int = DEFAULT_OFFERED_FEATURES, **gopts: Any) -> None:
         pages = RAM >> 12
         self.sched = Scheduler()
         self.dirty = DirtyLog(pages)
@@ -59,7 +63,8 @@ class VM:
             self.mem.add_region(0, _sparse(gpa), "ram-low")
             self.mem.add_region(gpa + size, _sparse(RAM - gpa - size), "ram")
         self.mem.dirty_log = self.dirty
-        self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=pages))
+        self.dev = BalloonDevice(self.mem, DeviceConfig(offered_features=offered,
+                                                        ram_pages=pages))
         self.t = InProcessTransport(self.dev)
         self.effects: list[Any] = []
         self.t.add_host_listener(self.effects.append)
@@ -211,4 +216,31 @@ def test_workloads_interleave_with_a_walk_round() -> None:
         hinted[a >> 12:(a + n) >> 12] = True
     assert not (hinted & kept).any()
     assert mid[0][0] and mid[0][1] > writes  # the churn wrote while the round was walking
+    vm.guest.allocator.check()
+
+
+@pytest.mark.spec("DR-13")
+def test_poisoning_guest_reports_free_memory_without_writing_it() -> None:
+    vm = VM("off", page_poisoning=True,
+            offered=DEFAULT_OFFERED_FEATURES | feature_mask(VIRTIO_BALLOON_F_REPORTING))
+    drv = vm.guest.driver
+    assert drv.poison_val == 0xAAAAAAAA and vm.dev.poison_val == 0xAAAAAAAA
+    w = vm.guest.add_workload("churn", background=True)
+    vm.run(1.0)
+    w.stop()
+    gpa, size = DEFAULT_DRIVER_AREA
+    writes = vm.pages.writes
+    vm.dirty.start()
+    vm.run(6.0)  # three reporting intervals
+    ranges = [r for e in vm.of(PagesReported) for r in e.ranges]
+    assert ranges and drv.counters["reports"] >= 1
+    # Reporting wrote nothing but its ring (driver area); the pages keep the poison pattern.
+    dirty = vm.dirty.peek().copy()
+    dirty[gpa >> 12:(gpa + size) >> 12] = False
+    assert not dirty.any() and vm.pages.writes == writes
+    for a, n in ranges:
+        assert (vm.pages.version[a >> 12:(a + n) >> 12] == POISON).all()
+    assert not (vm.guest.allocator.state == PG_ISOLATED).any()
+    assert not vm.guest.held_by_driver_mask().any()
+    assert vm.dev.dr_violations == {}
     vm.guest.allocator.check()

@@ -775,3 +775,20 @@ def test_walk_batch_sets_where_guest_events_can_land(batch: int) -> None:
 def test_hint_batch_must_be_positive() -> None:
     with pytest.raises(ValueError, match="hint_batch"):
         Rig(hint_batch=0)
+
+
+def test_needs_reset_leaves_an_unanswered_report_isolated() -> None:
+    r = Rig(offered=REPORTING, ram=256 << 20).probe()
+    rq = r.drv.qindex[BalloonQueue.REPORTING]
+    r.t.stalled.add(rq)  # the device never gets to the report
+    r.run(2.1)
+    iso = r.drv.isolated_pfn_ranges()
+    assert iso and all((r.alloc.state[p:p + n] == PG_ISOLATED).all() for p, n in iso)
+    break_inflateq(r)
+    r.run(5.0)
+    assert r.drv.needs_reset
+    # Linux's reporting worker waits for the used buffer forever: the blocks stay isolated,
+    # free memory the guest cannot use, never written.
+    assert r.drv.isolated_pfn_ranges() == iso and r.drv.counters["reports"] == 0
+    assert (r.alloc.state == PG_ISOLATED).sum() == sum(n for _, n in iso)
+    r.alloc.check()
