@@ -110,8 +110,9 @@ def test_broken_device_fails_the_matching_ids(fault, capsys):
     _, must_fail = FAULTS[fault]
     with serve(lambda s, c: ["-m", "tests.conformance_target.faulty_server", "--fault", fault,
                              "--features", ALL_FEATURES, s, c]) as (sock, ctl):
+        # In this process: a fresh pytest per fault would cost a second of start-up each.
         code, lines = run_cli(capsys, "--target", f"vfio-user:{sock}", "--target-control", ctl,
-                              "-k", KEYWORDS[fault])
+                              "--in-process", "-k", KEYWORDS[fault])
     assert code == 1, lines
     v = verdicts(lines)
     assert {rid: v.get(rid) for rid in must_fail} == {rid: "FAIL" for rid in must_fail}, lines
