@@ -220,15 +220,18 @@ class VhostUserServer:
                 return
             self.counters["messages"] += 1
             result = self.session.handle(msg)
+            # Watchers and channel follow the session before the reply goes out: a front-end
+            # that waits for the reply (NEED_REPLY) may rely on the change having happened, e.g.
+            # that a replaced kick fd is no longer read.
+            self._sync_watchers(nursery)
+            self._sync_backend()
+            self._deliver_host(list(result.effects))
             if result.reply is not None:
                 try:
                     await _send_all(conn, result.reply)
                 except OSError as e:
                     log.warning("vhost-user: cannot send a reply: %s", e)
                     return
-            self._sync_backend()
-            self._deliver_host(list(result.effects))
-            self._sync_watchers(nursery)
             if result.close:
                 return
 

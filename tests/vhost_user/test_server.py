@@ -127,6 +127,37 @@ def test_inflate_kick_reaches_device_and_call_eventfd_fires() -> None:
     assert server.counters["kicks"] >= 1 and server.counters["calls"] >= 1
 
 
+def test_replaced_kick_fd_is_watched_instead_of_the_old_one() -> None:
+    def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> None:
+        fe = Frontend(connect=str(server.path))
+        try:
+            fe.init()
+            fe.start()
+            assert wait_until(token, lambda: server.session.live)
+            old = fe.kick[0]
+            fe.kick[0] = os.eventfd(0, os.EFD_NONBLOCK)
+            # NEED_REPLY: wait until the server has switched before the guest adds a buffer.
+            r = fe.request(R.SET_VRING_KICK, vu.build_vring_file(0), fds=[fe.kick[0]],
+                           need_reply=True)
+            assert r is not None and r.u64 == 0
+            vr = fe.vrings[0]
+            buf = fe.area.alloc(4)
+            fe.mem.write_u32(buf, 0x444)
+            vr.add_buf(out=[(buf, 4)])
+            os.write(old, struct.pack("=Q", 1))  # the old fd is no longer watched
+            assert not readable(fe.call[0], 0.3)
+            assert not vr.more_used()
+            fe.kick_ring(0)  # the new one is
+            assert readable(fe.call[0])
+            assert vr.more_used()
+            os.close(old)
+        finally:
+            fe.close()
+
+    _server, effects, _ = run_with_server(client)
+    assert Inflated((0x444,)) in effects
+
+
 def test_host_call_sends_config_change_and_hints_arrive() -> None:
     def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> int:
         fe = Frontend(connect=str(server.path))

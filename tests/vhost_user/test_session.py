@@ -528,6 +528,31 @@ def test_unknown_request_with_fds_is_refused_and_fds_closed(live: Frontend) -> N
     assert live.request(R.GET_QUEUE_NUM) is not None
 
 
+@pytest.mark.parametrize("req, payload, with_fd", [
+    (R.SET_LOG_BASE, struct.pack("=QQ", 4096, 0), True),  # LOG_SHMFD not offered
+    (R.SET_LOG_FD, b"", True),
+    (R.SET_VRING_ENDIAN, vu.build_vring_state(0, 1), False),
+    (R.SEND_RARP, bytes(8), False),
+    (R.POSTCOPY_LISTEN, b"", False),
+])
+def test_known_but_unimplemented_requests_are_refused(live: Frontend, req: int, payload: bytes,
+                                                      with_fd: bool) -> None:
+    fds = [eventfd()] if with_fd else []
+    before = open_fds()
+    r = live.request(req, payload, fds=fds, need_reply=True)
+    assert r is not None and r.request == req and r.u64 == 1
+    assert open_fds() == before
+    for fd in fds:
+        os.close(fd)
+    assert live.session.live  # nothing else changed
+
+
+def test_unimplemented_request_that_always_replies_gets_an_empty_reply(live: Frontend) -> None:
+    # GET_INFLIGHT_FD is defined with a reply payload: QEMU reads a reply whatever happens.
+    r = live.request(R.GET_INFLIGHT_FD, struct.pack("=QQHH", 0, 0, 4, 128) + bytes(4))
+    assert r is not None and r.request == R.GET_INFLIGHT_FD and r.payload == b""
+
+
 def test_bad_payload_size_is_a_peer_error(live: Frontend) -> None:
     r = live.request(R.SET_VRING_NUM, b"\0" * 4, need_reply=True)
     assert r is not None and r.u64 == 1
