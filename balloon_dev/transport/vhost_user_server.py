@@ -5,8 +5,9 @@ a unix socket (created mode 0600 inside a folder the user chose), accepts one fr
 three kinds of task for it:
 
 * the reader: reads a 12-byte header (with any ``SCM_RIGHTS`` fds), then the payload, hands the
-  ``Message`` to the session, sends the reply, performs the effects, then re-synchronises the
-  kick watchers with the session's started rings. A framing error or EOF ends the connection.
+  ``Message`` to the session, re-synchronises the kick watchers with the session's started
+  rings, performs the effects, and only then sends the reply (so a front-end waiting for it sees
+  the change done). A framing error or EOF ends the connection.
 * one kick watcher per started ring: waits until the ring's kick eventfd is readable
   (``trio.lowlevel.wait_readable``), drains it and calls ``session.kick(q)``. A watcher waits on
   its own ``dup`` of the eventfd, so the session may close or replace the original at any time;
