@@ -935,7 +935,8 @@ class BalloonDriver:
         """(first pfn, count) of every page the driver holds: hint blocks and balloon pages."""
         out = [(p, HINT_BLOCK_PAGES) for p in self.s.held_blocks]
         out += [(p, 1) for p in self.s.balloon_pfns]
-        if self._balloon_inflight is not None:
+        if self._balloon_inflight is not None and self._balloon_inflight[0] != "told":
+            # (A "told" deflate names pages the guest took back on OOM: no longer held.)
             out += [(int(p), 1) for p in self._balloon_inflight[1]]
         return out
 

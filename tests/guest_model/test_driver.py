@@ -610,6 +610,13 @@ def test_oom_deflates_256_pages_at_once_and_tells_the_host_after() -> None:
     assert c["oom_deflated_pages"] == 256 and r.drv.s.num_pages == 2048 - 256
     assert r.dev.actual == 2048 - 256  # actual follows at once (update_balloon_size)
     assert not r.of(Deflated)  # the host hears of them afterwards (no MUST_TELL_HOST)
+    dq = r.drv.qindex[BalloonQueue.DEFLATE]
+    r.t.stalled.add(dq)
+    r.run(0.01)
+    # The late deflate buffer is in flight; its pages are the guest's already, not held.
+    assert r.drv.counters["balloon_buffers"] == 9  # 8 inflates of 256, then this one
+    assert sum(n for _, n in r.drv.held_pfn_ranges()) == 2048 - 256
+    r.t.release(dq)
     r.run(0.05)
     told = [q for e in r.of(Deflated) for q in e.pfns]
     assert len(told) == 256 and set(told) <= balloon and c["deflate_told_late_pages"] == 256

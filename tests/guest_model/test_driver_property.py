@@ -35,6 +35,20 @@ OPS = st.one_of(
 )
 
 
+def books(r: Rig) -> None:
+    """The driver's idea of what it holds and isolates is exactly the allocator's."""
+    mine = np.zeros(r.alloc.ram_pages, dtype=bool)
+    for p, n in r.drv.held_pfn_ranges():
+        assert not mine[p:p + n].any(), "a page is held twice"
+        mine[p:p + n] = True
+    assert (mine == (r.alloc.state == PG_BALLOON)).all()
+    iso = np.zeros(r.alloc.ram_pages, dtype=bool)
+    for p, n in r.drv.isolated_pfn_ranges():
+        iso[p:p + n] = True
+    assert (iso == (r.alloc.state == PG_ISOLATED)).all()
+    assert r.drv.s.num_pages == len(r.drv.s.balloon_pfns)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, max_size=30), st.sampled_from(["capture", "walk", "off"]), st.booleans(),
        st.booleans(), st.booleans())
@@ -79,18 +93,10 @@ def test_random_host_and_guest_activity_keeps_books(ops: list[tuple], strategy: 
                 r.alloc.free_pages(p, o)
             else:
                 r.run(op[1] if kind == "run" else 0.0)
+            books(r)
         r.run(0.5)
         r.alloc.check()
-        mine = np.zeros(r.alloc.ram_pages, dtype=bool)
-        for p, n in r.drv.held_pfn_ranges():
-            assert not mine[p:p + n].any(), "a page is held twice"
-            mine[p:p + n] = True
-        assert (mine == (r.alloc.state == PG_BALLOON)).all()
-        iso = np.zeros(r.alloc.ram_pages, dtype=bool)
-        for p, n in r.drv.isolated_pfn_ranges():
-            iso[p:p + n] = True
-        assert (iso == (r.alloc.state == PG_ISOLATED)).all()
-        assert r.drv.s.num_pages == len(r.drv.s.balloon_pfns)
+        books(r)
         assert r.dev.dr_violations == {}
         assert r.drv.counters["vring_broken"] == 0
         assert r.drv.counters["control_buffer_failed"] == 0
