@@ -257,12 +257,12 @@ class BuddyAllocator:
                                     MIGRATE_MOVABLE, dtype=np.uint8)
         self.reported = np.zeros(self.pageblock_mt.size, dtype=np.bool_)
         # Scalar access through memoryviews is several times faster than numpy item access.
-        self._nx = memoryview(self.next)
-        self._pv = memoryview(self.prev)
-        self._bo = memoryview(self.buddy_order)
-        self._st = memoryview(self.state)
-        self._pb = memoryview(self.pageblock_mt)
-        self._rp = memoryview(self.reported)
+        self._nx = self.next.data
+        self._pv = self.prev.data
+        self._bo = self.buddy_order.data
+        self._st = self.state.data
+        self._pb = self.pageblock_mt.data
+        self._rp = self.reported.data
 
         self._first = [list_sentinel(i) for i in range(NR_LISTS)]
         self._last = [list_sentinel(i) for i in range(NR_LISTS)]

@@ -277,8 +277,10 @@ class BalloonDriver:
                 raise ValueError("hint strategy 'walk' needs a walker_factory for this allocator")
             buddy, safe = allocator, self.opts.walk_safe
 
-            def walker_factory(mo: int) -> BlockWalker:
+            def buddy_walker(mo: int) -> BlockWalker:
                 return FreeBlockWalker(buddy, mo, safe=safe)
+
+            walker_factory = buddy_walker
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
         self.vqs: dict[BalloonQueue, DriverVring] = {}

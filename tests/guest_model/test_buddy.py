@@ -149,6 +149,7 @@ def test_pcp_high_flushes_a_batch() -> None:
     a.drain_pcp()
     flushes = a.counters["pcp_flush"]
     for p in pfns:
+        assert p is not None
         a.free_pages(p, 0)
     assert a.counters["pcp_flush"] > flushes
     assert a.nr_pcp_pages() < z.pcp_high
@@ -292,8 +293,8 @@ def test_deterministic_from_seed() -> None:
         out: list[int | None] = []
         for _ in range(300):
             if held and rng.random() < 0.45:
-                p, o = held.pop(int(rng.integers(len(held))))
-                a.free_pages(p, o)
+                hp, o = held.pop(int(rng.integers(len(held))))
+                a.free_pages(hp, o)
             else:
                 o = int(rng.integers(0, 6))
                 p = a.alloc_pages(o, int(rng.integers(0, 3)))
@@ -564,9 +565,9 @@ def test_isolation_and_putback_write_nothing(poisoning: bool) -> None:
     assert _isolate_all(a) == []
     assert not log.peek().any() and pv.writes == writes0
     # Without skipping, reported blocks can be taken again.
-    p = a.isolate_free_block(MAX_ORDER - 1, skip_reported=False)
-    assert p is not None and not a.is_reported(p)
-    a.putback_block(p, MAX_ORDER - 1)
+    q = a.isolate_free_block(MAX_ORDER - 1, skip_reported=False)
+    assert q is not None and not a.is_reported(q)
+    a.putback_block(q, MAX_ORDER - 1)
     a.check()
 
 
@@ -679,6 +680,11 @@ def test_oom_notifier_that_frees_nothing_ends_the_retry() -> None:
     while a.alloc_pages(0) is not None:
         pass
     calls = []
-    a.register_oom_notifier(lambda: calls.append(1) or 0)
+
+    def notify() -> int:
+        calls.append(1)
+        return 0
+
+    a.register_oom_notifier(notify)
     assert a.alloc_pages(0) is None
     assert calls == [1] and a.counters["oom_freed_pages"] == 0

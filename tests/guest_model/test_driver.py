@@ -559,9 +559,11 @@ def test_qemu_style_cmd_id_read_ends_round_on_unrelated_config_change() -> None:
 
 
 def test_walk_safety_option_reaches_the_walker_and_bad_strategy_is_refused() -> None:
-    assert Rig(strategy="walk").drv.walker_factory(10).safe is True  # type: ignore[attr-defined,union-attr]
+    walk = Rig(strategy="walk").drv.walker_factory
+    assert walk is not None and isinstance(w := walk(10), FreeBlockWalker) and w.safe is True
     seed = Rig(strategy="walk", walk_safe=False)
-    assert seed.drv.walker_factory(10).safe is False  # type: ignore[attr-defined,union-attr]
+    walk = seed.drv.walker_factory
+    assert walk is not None and isinstance(w := walk(10), FreeBlockWalker) and w.safe is False
     seed.probe()
     seed.host(seed.dev.free_page_start)
     seed.run(0.01)
@@ -750,7 +752,12 @@ class LoggingWalker:
 def test_walk_batch_sets_where_guest_events_can_land(batch: int) -> None:
     r = Rig(ram=256 << 20, strategy="walk", hint_batch=batch)
     walkers: list[LoggingWalker] = []
-    r.drv.walker_factory = lambda mo: walkers.append(LoggingWalker(r, mo)) or walkers[-1]
+
+    def factory(mo: int) -> LoggingWalker:
+        walkers.append(LoggingWalker(r, mo))
+        return walkers[-1]
+
+    r.drv.walker_factory = factory
     r.probe()
     r.host(r.dev.free_page_start)
     t0 = r.sched.now

@@ -49,11 +49,10 @@ class RawDevice:
     def read_desc(self, base: int, i: int) -> tuple[int, int, int, int]:
         return struct.unpack("<QIHH", self.mem.read(base + 16 * i, 16))
 
-    def pop(self) -> tuple[int, list[tuple[int, int, bool]]] | None:
-        """(head, [(addr, len, writable)]) of the next available chain."""
+    def pop(self) -> tuple[int, list[tuple[int, int, bool]]]:
+        """(head, [(addr, len, writable)]) of the next available chain (there must be one)."""
         aidx = self.mem.read_u16(self.avail + 2)
-        if aidx == self.last_avail:
-            return None
+        assert aidx != self.last_avail, "no chain available"
         head = self.mem.read_u16(self.avail + 4 + 2 * (self.last_avail % self.n))
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         elems = []
@@ -433,8 +432,8 @@ def test_random_interleavings_conserve_descriptors(ops: list[tuple[str, int, boo
             assert c is not None
             popped.append(c)
         elif op == "done" and popped:
-            h, elems = popped.pop(n % len(popped))
-            tok = next(t for t, e in posted.items() if e == elems)
+            h, chain = popped.pop(n % len(popped))
+            tok = next(t for t, e in posted.items() if e == chain)
             dev.push(h, 0)
             got.append(tok)
         elif op == "reap":

@@ -50,8 +50,8 @@ def fragment(a: BuddyAllocator, seed: int, ops: int = 400) -> list[tuple[int, in
     held: list[tuple[int, int]] = []
     for _ in range(ops):
         if held and rng.random() < 0.4:
-            p, o = held.pop(int(rng.integers(len(held))))
-            a.free_pages(p, o)
+            hp, o = held.pop(int(rng.integers(len(held))))
+            a.free_pages(hp, o)
         else:
             o = int(rng.integers(0, MAX_ORDER))
             p = a.alloc_pages(o, int(rng.integers(0, 3)))
@@ -212,8 +212,8 @@ def churn_event(sched: Scheduler, a: BuddyAllocator, pv: PageVersions, rng: np.r
                 held: list[tuple[int, int]], dt: float) -> None:
     """Background guest activity: allocate (and write) or free a block of a random order."""
     if held and rng.random() < 0.5:
-        p, o = held.pop(int(rng.integers(len(held))))
-        a.free_pages(p, o, cpu=int(rng.integers(2)))
+        hp, o = held.pop(int(rng.integers(len(held))))
+        a.free_pages(hp, o, cpu=int(rng.integers(2)))
     else:
         o = int(rng.choice([0, 0, 1, 3, 9, 10]))
         p = a.alloc_pages(o, int(rng.integers(3)), cpu=int(rng.integers(2)))

@@ -163,7 +163,7 @@ def test_memhog_then_free_phase_and_background() -> None:
     m = MemhogThenFree(c, pv3, fraction=0.5, rate=1024 * MiB, hold=0.1)
     m.start(sched)
     sched.run_until(0.04)
-    assert 0 < m.held_pages() < m.target
+    assert m.target is not None and 0 < m.held_pages() < m.target
     sched.run_until(1.0)
     assert m.finished and m.held_pages() == 0
     c.check()
@@ -253,6 +253,7 @@ def test_fill_free_keeps_a_fragmenting_share() -> None:
     a, pv, _ = vm()
     w = make_workload("fill_free", a, pv, seed=9, size=64 * MiB, keep=0.25)
     w.run_phase()
+    assert isinstance(w, MemhogThenFree)
     kept = w.kept.view()
     assert abs(kept.size - 4096) < 300 and w.held_pages() == kept.size
     assert int(a.in_use_mask().sum()) == kept.size
