@@ -47,9 +47,10 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   given back to the allocator only after the device acknowledged them (always, as Linux does;
   with MUST_TELL_HOST it is required).
 * deflate on OOM (``oom_notify``, registered with the allocator at probe when DEFLATE_ON_OOM is
-  negotiated): up to 256 balloon pages per call. Without MUST_TELL_HOST they are freed at once
-  and reported on deflateq afterwards; with it, only once the device used the deflate buffer.
-  It never restarts a resize: Linux leaves ``actual`` below the target until the next one.
+  negotiated): up to 256 balloon pages per call, told to the device first as Linux does; a
+  device that has not used the buffer by the end of the kick delays the pages only with
+  MUST_TELL_HOST (without it they are freed at once, the spec allows it). It never restarts a
+  resize: Linux leaves ``actual`` below the target until the next one.
 * stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
 * free page reporting (Linux ``mm/page_reporting.c`` + ``virtballoon_free_page_report``): every
   ``report_interval`` seconds, up to 32 free blocks of order 9 or 10 not yet reported are
@@ -152,6 +153,11 @@ DRIVER_FEATURES = feature_mask(
     VIRTIO_F_VERSION_1, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING)
+
+
+def _token(kind: str) -> str:
+    """The ring token of a pfn buffer: a "told" deflate (pages already free) is a deflate."""
+    return "deflate" if kind == "told" else kind
 
 
 class ProbeError(Exception):
@@ -743,7 +749,7 @@ class BalloonDriver:
             return False
         self.mem.write(self._pfn_buf, pfns.astype("<u4").tobytes())
         try:
-            self.vqs[q].add_buf(out=[(self._pfn_buf, 4 * int(pfns.size))], token=kind)
+            self.vqs[q].add_buf(out=[(self._pfn_buf, 4 * int(pfns.size))], token=_token(kind))
         except (VringFull, VringBroken) as e:
             log.warning("virtio-balloon: cannot post %s buffer: %s", kind, e)
             self._undo_balloon(kind, pfns)
@@ -769,7 +775,7 @@ class BalloonDriver:
         if not self._vq_ok(q):
             return False
         toks, _ = self.vqs[q].get_bufs()
-        if kind not in toks:
+        if _token(kind) not in toks:
             return False  # spurious interrupt; keep waiting (one buffer in flight)
         self._balloon_inflight = None
         n = int(pfns.size)
@@ -797,46 +803,46 @@ class BalloonDriver:
         """Linux's OOM notifier with DEFLATE_ON_OOM (registered with the allocator at probe):
         give up to 256 balloon pages back; returns the pages freed now (protocol.md 6.3).
 
-        Without MUST_TELL_HOST the pages are freed at once (DR-4 lets the guest use them) and
-        reported on deflateq afterwards (DR-5). With it, Linux posts the deflate buffer and
-        waits for the ack before freeing (DR-5, DR-6); the model cannot wait inside an
-        allocation, so it posts and looks once: a device that answers inside the kick (the
-        in-process one) has used it, and the pages are freed now; otherwise they are freed when
-        the ack arrives and this call frees nothing. A buffer already in flight, or a device
-        that needs a reset, would make Linux wait too: nothing is freed (counted).
+        Linux's ``leak_balloon`` always tells the host first, waits for the used buffer, then
+        frees, with or without MUST_TELL_HOST. The model cannot wait inside an allocation, so
+        it posts the deflate buffer and looks once: a device that answered inside the kick (the
+        in-process one) has used it, and the pages are freed now, in Linux's order. Otherwise,
+        with MUST_TELL_HOST the pages wait for the ack (DR-5, DR-6) and this call frees nothing;
+        without it they are freed at once, which the spec allows (DR-4, DR-5), and the buffer
+        in flight only informs the host. If another pfn buffer is in flight (Linux would wait
+        for the balloon lock): with MUST_TELL_HOST nothing is freed (counted), without it the
+        pages are freed and reported on deflateq once the queue is free. A device that needs a
+        reset frees nothing (Linux would wait for an ack that never comes).
         """
         if not self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             return 0
         n = min(OOM_NR_PAGES, len(self.s.balloon_pfns))
         if n == 0:
             return 0
-        if not self.ready:
-            self.counters["oom_deflate_blocked"] += 1
-            return 0
-        if not self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST):
-            pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
-            del self.s.balloon_pfns[-n:]
-            self.alloc.free_pages_bulk(pfns)
-            self.s.num_pages -= n
-            self.counters["oom_deflated_pages"] += n
-            self._deflate_untold.extend(pfns.tolist())
-            # update_balloon_size: actual follows at once; the deflate buffer follows when the
-            # queue is free.
-            self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
-            if self._balloon_inflight is None and self._balloon_event is None:
-                self._balloon_event = self.sched.after(0.0, self._balloon_work)
-            return n
-        if self._balloon_inflight is not None:
+        must_tell = self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST)
+        if not self.ready or (must_tell and self._balloon_inflight is not None):
             self.counters["oom_deflate_blocked"] += 1
             return 0
         pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
         del self.s.balloon_pfns[-n:]
-        if not self._post_balloon(BalloonQueue.DEFLATE, "deflate", pfns):
-            return 0
-        if self._balloon_ack():
-            self.counters["oom_deflated_pages"] += n
-            return n
-        return 0
+        if self._balloon_inflight is None:
+            if not self._post_balloon(BalloonQueue.DEFLATE, "deflate", pfns):
+                return 0  # the queue is broken; the pages went back into the balloon
+            if self._balloon_ack():  # freed them, updated actual
+                self.counters["oom_deflated_pages"] += n
+                return n
+            if must_tell:
+                return 0  # freed when the device uses the buffer
+            # Not used yet: the pages need not wait; the buffer in flight frees nothing.
+            self._balloon_inflight = ("told", pfns)
+        else:
+            self._deflate_untold.extend(pfns.tolist())
+        self.alloc.free_pages_bulk(pfns)
+        self.s.num_pages -= n
+        self.counters["oom_deflated_pages"] += n
+        # update_balloon_size: actual follows at once.
+        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
+        return n
 
     # ==== stats ==================================================================================
     def _fill_stats(self) -> None:
