@@ -16,7 +16,7 @@ from guest_model.transport import VirtioTransport
 from protocol import vhost_user as vu
 from protocol.balloon import CFG_NUM_PAGES
 from protocol.virtio import DeviceStatus
-from tests.conformance_target.harness import start_server, stop_server, wait_for
+from tests.conformance_target.harness import Target, connect, start_server, stop_server, wait_for
 from vmsim.cmd_ctl import call as ctl_call
 from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
 
@@ -38,8 +38,8 @@ def server() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture
 def client(server) -> Iterator[VhostUserClient]:
-    c = VhostUserClient(server[0], ram_bytes=8 << 20)
-    c.connect()
+    # The socket file exists from bind() on; until listen() a connect is refused: retry.
+    c = connect(Target("vhost-user", server[0]))
     yield c
     c.close()
 
@@ -49,6 +49,7 @@ def test_connect_negotiates_and_emulates_the_transport(client: VhostUserClient):
     assert client.offered >> 32 & 1 and not client.offered >> vu.VHOST_USER_F_PROTOCOL_FEATURES & 1
     assert client.protocol_features >> vu.VhostUserProtocolFeature.CONFIG & 1
     assert client.channel is not None
+    assert isinstance(client, VhostUserClient)
     assert client.num_queues() == 4 and client.queue_max_size(3) == 128
     assert client.queue_max_size(4) == 0
     client.reset()

@@ -24,7 +24,9 @@ pages that changed: the device may only change pages the spec lets it change.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable
@@ -314,21 +316,43 @@ class DriverGuest:
 
 def start_server(argv: list[str], sock: str, ctl: str | None,
                  timeout: float = 20.0) -> subprocess.Popen[bytes]:
-    """Start a device server ``argv`` and wait until its sockets exist."""
+    """Start a device server ``argv`` and wait until its sockets exist and the control socket
+    (if any) accepts connections. Its log goes to a temporary file, not a pipe: a server that
+    logs every guest error at warning would block once a pipe nobody reads filled up."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=log)
     deadline = time.monotonic() + timeout
-    while not (os.path.exists(sock) and (ctl is None or os.path.exists(ctl))):
+
+    def ready() -> bool:
+        if not os.path.exists(sock) or (ctl is not None and not os.path.exists(ctl)):
+            return False
+        if ctl is None:
+            return True
+        # The file exists from bind(); connections are taken only after listen().
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(ctl)
+            except OSError:
+                return False
+        return True
+
+    while not ready():
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            log.close()
             raise RuntimeError(f"device server exited with {proc.returncode}: {err[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
+            log.close()
             raise RuntimeError(f"device server did not create {sock} within {timeout} s")
         time.sleep(0.02)
+    log.close()  # the child keeps its own descriptor
     return proc
 
 
@@ -339,8 +363,6 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def env_target() -> Target | None:
