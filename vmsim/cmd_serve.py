@@ -19,9 +19,10 @@ import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
+from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
+from balloon_dev.transport.vhost_user import BalloonDeviceLike
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
-from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
 from guestmem import GuestMemory
 from protocol.balloon import BALLOON_FEATURE_NAMES
 from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
@@ -93,18 +94,24 @@ def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
     return server, control, args.control or f"{args.vfio_user}.ctl"
 
 
-def vhost_user_qemu_options(path: str, dev: BalloonDevice, ram: str = "1G") -> list[str]:
+#: QEMU's generic vhost-user front-end gives every ring one size (`vq_size`), so the device's
+#: queues are all this size in vhost-user mode (the reporting queue too: Linux needs >= 32).
+VHOST_USER_VQ_SIZE = 128
+
+
+def vhost_user_qemu_options(path: str, dev: BalloonDeviceLike, ram: str = "1G") -> list[str]:
     """QEMU 11.1's generic front-end: num_vqs must equal the device's compacted queue count and
     config_size its config window (protocol.md 3.3, 8.5)."""
     return ["-object", f"memory-backend-memfd,id=mem,size={ram},share=on",
             "-machine", "q35,memory-backend=mem", "-chardev", f"socket,id=vb,path={path}",
             "-device", f"vhost-user-test-device-pci,chardev=vb,virtio-id=5,"
-            f"num_vqs={dev.num_queues},vq_size=128,config_size={dev.config_size}"]
+            f"num_vqs={dev.num_queues},vq_size={VHOST_USER_VQ_SIZE},config_size={dev.config_size}"]
 
 
 def build_vhost_user(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
     mem = GuestMemory()
-    dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
+    dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features),
+                                          queue_sizes=(VHOST_USER_VQ_SIZE,) * 5))
     control_holder: list[HostControl] = []
 
     def on_effects(effects: list[Any]) -> None:
