@@ -33,8 +33,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from balloon_dev.effects import (ActualChanged, Deflated, HintRoundStopped, Inflated, NeedsReset,
-                                 PagesHinted, PagesReported, StatsReceived)
+from balloon_dev.effects import (
+    ActualChanged,
+    Deflated,
+    HintRoundStopped,
+    Inflated,
+    NeedsReset,
+    PagesHinted,
+    PagesReported,
+    StatsReceived,
+)
 from protocol.balloon import CFG_ACTUAL, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, HINT_BLOCK_BYTES
 
 log = logging.getLogger(__name__)

@@ -100,8 +100,8 @@ from balloon_dev.effects import (
     Range,
     StatsReceived,
 )
-from balloon_dev.hint import Act, HintEvent, HintSession
 from balloon_dev.hint import START as HINT_START
+from balloon_dev.hint import Act, HintEvent, HintSession
 from balloon_dev.status import (
     DRIVER_OK,
     FAILED,
@@ -205,7 +205,7 @@ class DeviceConfig:
         if len(self.queue_sizes) != 5:
             raise ValueError("DeviceConfig.queue_sizes needs 5 sizes (inflate, deflate, stats, "
                              "free_page, reporting)")
-        for q, n in zip(BalloonQueue, self.queue_sizes):
+        for q, n in zip(BalloonQueue, self.queue_sizes, strict=True):
             if n <= 0 or n > VIRTQ_MAX_SIZE or n & (n - 1):
                 raise ValueError(f"DeviceConfig.queue_sizes[{q.name}] = {n} is not a power of "
                                  "two <= 32768")
@@ -785,7 +785,7 @@ class BalloonDevice:
                          ch.head, sorted(tagset), sorted(self.state.stats_tags))
             self.state.stats_tags = tagset
             stats: dict[str, int] = {}
-            for tag, val in zip(tags, vals):
+            for tag, val in zip(tags, vals, strict=True):
                 try:
                     stats[StatTag(tag).name] = int(val)
                 except ValueError:

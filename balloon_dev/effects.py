@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 # A (guest-physical address, length in bytes) pair, as found in a descriptor.
 Range = tuple[int, int]
@@ -102,8 +101,8 @@ class NeedsReset:
     reason: str
 
 
-Effect = Union[NotifyQueue, ConfigChanged, PagesHinted, PagesReported, Inflated, Deflated,
-               StatsReceived, ActualChanged, HintRoundStopped, NeedsReset]
+Effect = (NotifyQueue | ConfigChanged | PagesHinted | PagesReported | Inflated | Deflated
+          | StatsReceived | ActualChanged | HintRoundStopped | NeedsReset)
 
 #: Effects a transport delivers to the guest; every other effect is for the host.
 GUEST_EFFECTS = (NotifyQueue, ConfigChanged)

@@ -306,11 +306,12 @@ class DeviceVirtqueue:
         if ok.all():
             chains = [Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ())
                       for h, a, ln, w in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
-                                             wr.tolist())]
+                                             wr.tolist(), strict=True)]
         else:
             chains = []
             for h, a, ln, w, good, row in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
-                                              wr.tolist(), ok.tolist(), rows.tolist()):
+                                              wr.tolist(), ok.tolist(), rows.tolist(),
+                                              strict=True):
                 if good:
                     chains.append(Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ()))
                 else:
@@ -475,7 +476,7 @@ class DeviceVirtqueue:
         addrs = t["addr"]
         if not self._contains_many(addrs, lens).all():
             return False
-        bufs = list(zip(addrs.tolist(), lens.tolist()))
+        bufs = list(zip(addrs.tolist(), lens.tolist(), strict=True))
         nr = count - int(writable.sum())
         out.extend(bufs[:nr])
         in_.extend(bufs[nr:])

@@ -1,4 +1,8 @@
-"""Guest physical memory shared by the simulated guest and the device: regions, bounds, dirty log."""
+"""Guest physical memory shared by the simulated guest and the device.
+
+Regions with bounds checks (``memory``), the migration dirty log (``dirty``), page contents as
+versions (``pages``), simulated time (``clock``) and the typed units (``units``).
+"""
 from guestmem.dirty import DirtyLog
 from guestmem.memory import GuestMemory, GuestMemoryError, Region
 from guestmem.pages import POISON, ZERO, PageVersions

@@ -33,7 +33,7 @@ import errno
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from construct import Bytes, ConstructError, GreedyBytes, Int16un, Int32un, Int64un, Struct
 
@@ -311,10 +311,10 @@ class DeviceReset:
     pass
 
 
-Request = Union[
-    Version, DmaMap, DmaUnmap, DeviceGetInfo, GetRegionInfo, GetRegionIoFds, GetIrqInfo, SetIrqs,
-    RegionRead, RegionWrite, DeviceReset,
-]
+Request = (
+    Version | DmaMap | DmaUnmap | DeviceGetInfo | GetRegionInfo | GetRegionIoFds | GetIrqInfo
+    | SetIrqs | RegionRead | RegionWrite | DeviceReset
+)
 
 
 # -- decoding -------------------------------------------------------------------------------------

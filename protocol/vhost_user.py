@@ -1,4 +1,6 @@
-"""vhost-user wire format: header, payload layouts, request and protocol-feature ids (protocol.md 8).
+"""vhost-user wire format: header, payload layouts, request and protocol-feature ids.
+
+(shared/docs/protocol.md section 8.)
 
 Everything on a vhost-user socket is **host-endian** (these layouts use native-endian integers)::
 
@@ -8,7 +10,8 @@ Everything on a vhost-user socket is **host-endian** (these layouts use native-e
     vring state        | index u32 | num u32 |
     vring addr (40 B)  | index u32 | flags u32 | desc u64 | used u64 | avail u64 | log u64 |
     memory table       | nregions u32 | padding u32 | region[nregions] ... |
-    memory region      | guest_phys_addr u64 | memory_size u64 | userspace_addr u64 | mmap_offset u64 |
+    memory region      | guest_phys_addr u64 | memory_size u64 | userspace_addr u64 |
+                         mmap_offset u64 |
     add/rem mem reg    | padding u64 | memory region |
     config             | offset u32 | size u32 | flags u32 | data[size] |
 
@@ -36,7 +39,8 @@ VHOST_USER_VERSION_MASK = 0x3
 VHOST_USER_REPLY_MASK = 0x4
 VHOST_USER_NEED_REPLY_MASK = 0x8
 #: Flags a sender may set: version bits, REPLY and NEED_REPLY. Others are reserved.
-VHOST_USER_KNOWN_FLAGS = VHOST_USER_VERSION_MASK | VHOST_USER_REPLY_MASK | VHOST_USER_NEED_REPLY_MASK
+VHOST_USER_KNOWN_FLAGS = (VHOST_USER_VERSION_MASK | VHOST_USER_REPLY_MASK
+                          | VHOST_USER_NEED_REPLY_MASK)
 
 HEADER_SIZE = 12
 #: Most fds one message may carry (protocol.md 8.1).

@@ -30,6 +30,7 @@ Usage: ``scripts/bench_qemu.py [--ram 1G] [--no-baseline] [--skip-ours] [--skip-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -137,7 +138,7 @@ def analyse_round(samples: list[tuple[float, int]], before_kib: int, t_request: 
 
 
 def _median_period(samples: list[tuple[float, int]]) -> float:
-    d = sorted(b[0] - a[0] for a, b in zip(samples, samples[1:]))
+    d = sorted(b[0] - a[0] for a, b in itertools.pairwise(samples))
     return round(d[len(d) // 2], 3) if d else 0.0
 
 
@@ -312,9 +313,9 @@ def report(results: list[dict[str, Any]], baseline: dict[str, Any] | None) -> No
     cols = [r["device"] for r in results]
     w0 = max(len(n) for n, _ in rows) + 2
     ws = [max(len(c), 14) + 2 for c in cols]
-    print("".ljust(w0) + "".join(c.ljust(w) for c, w in zip(cols, ws)))
+    print("".ljust(w0) + "".join(c.ljust(w) for c, w in zip(cols, ws, strict=True)))
     for name, fn in rows:
-        print(name.ljust(w0) + "".join(fn(r).ljust(w) for r, w in zip(results, ws)))
+        print(name.ljust(w0) + "".join(fn(r).ljust(w) for r, w in zip(results, ws, strict=True)))
     if baseline:
         print(f"(QEMU host-view hinted bytes = pages scanned with free-page-hint=off "
               f"({baseline['scanned_pages']}) minus with it on, x 4096)")

@@ -113,7 +113,8 @@ def with_qemu(rounds: int) -> dict[str, Any]:
             assert "error" not in ans, ans
             return ans["return"]
 
-        dev = "vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=4,vq_size=128,config_size=16"
+        dev = ("vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=4,vq_size=128,"
+               "config_size=16")
         t0 = time.monotonic()
         with lab.boot(ram="1G", devices=[dev], extra_args=["-chardev", f"socket,id=vb,path={sock}"],
                       append="init_on_alloc=0", timeout=180) as vm:

@@ -1,8 +1,9 @@
 """``balloon-hint migrate``: run a simulated pre-copy migration of a scenario, verify it, report.
 
 With no scenario it runs the embedded default (built-in ``compile-8g``, the published 8 GiB
-kernel-compile set-up) in all three hinting modes and prints them side by side. Exit status: 0 when every run verified, 1 when one did not (a
-fault switched on is expected to do that), 2 for a bad scenario file or argument.
+kernel-compile set-up) in all three hinting modes and prints them side by side. Exit status: 0
+when every run verified, 1 when one did not (a fault switched on is expected to do that), 2 for a
+bad scenario file or argument.
 """
 from __future__ import annotations
 

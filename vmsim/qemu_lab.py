@@ -44,8 +44,9 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class QemuLab:
         self.qemu_version: str = manifest["qemu_version"]
 
     @classmethod
-    def find(cls) -> "QemuLab":
+    def find(cls) -> QemuLab:
         cache = cache_dir()
         mf = cache / "lab.json"
         if not mf.exists():
@@ -199,7 +200,7 @@ class QemuLab:
 
     def boot(self, *, ram: str = "1G", devices: Sequence[str] = (),
              extra_args: Sequence[str] = (), append: str = "", timeout: float = 120,
-             wait_ready: bool = True) -> "GuestVM":
+             wait_ready: bool = True) -> GuestVM:
         """Start a guest and wait for its shell. Use as a context manager: QEMU is killed on
         exit. Raises GuestError (with the console tail) when the guest does not come up.
 
@@ -366,10 +367,11 @@ class GuestVM:
             try:
                 s.connect(self.qmp_path)
                 break
-            except OSError:
+            except OSError as e:
                 s.close()
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise GuestError(f"cannot connect to QMP at {self.qmp_path}\n{self._tail()}")
+                    raise GuestError(f"cannot connect to QMP at {self.qmp_path}: {e}\n"
+                                     f"{self._tail()}") from e
                 time.sleep(0.1)
         s.settimeout(60)
         self._qmp_sock = s
@@ -419,7 +421,7 @@ class GuestVM:
         self._reader.join(timeout=5)
         self._stderr.close()
 
-    def __enter__(self) -> "GuestVM":
+    def __enter__(self) -> GuestVM:
         return self
 
     def __exit__(self, *exc: object) -> None:

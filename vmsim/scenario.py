@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -354,7 +354,7 @@ class _KeyLines:
 
 
 def _check_table(file: str, lines: _KeyLines, table: str, index: int, label: str,
-                 data: Any, schema: dict[str, Conv]) -> dict[str, Any]:
+                 data: Any, schema: Mapping[str, Conv]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ScenarioError(file, label, lines.key(table, index, ""),
                             f"expected a table, got {type(data).__name__}")
@@ -443,12 +443,12 @@ def loads(text: str, file: str = "<string>") -> Scenario:
             raise ScenarioError(file, f"{label}.size", lines.key("workload", i, "size"),
                                 "larger than the guest's RAM")
         workloads.append(WorkloadSpec(kind, during, p, lines.key("workload", i, "kind")))
-    m = _check_table(file, lines, "migration", 0, "migration", data.get("migration", {}),
-                     _MIGRATION)
+    mg = _check_table(file, lines, "migration", 0, "migration", data.get("migration", {}),
+                      _MIGRATION)
     d = MigrationSpec()
-    mig = MigrationSpec(bandwidth_Bps=m.get("bandwidth", d.bandwidth_Bps),
-                        downtime_limit_s=m.get("downtime_limit", d.downtime_limit_s),
-                        max_rounds=m.get("max_rounds", d.max_rounds))
+    mig = MigrationSpec(bandwidth_Bps=mg.get("bandwidth", d.bandwidth_Bps),
+                        downtime_limit_s=mg.get("downtime_limit", d.downtime_limit_s),
+                        max_rounds=mg.get("max_rounds", d.max_rounds))
     h = _check_table(file, lines, "hinting", 0, "hinting", data.get("hinting", {}), _HINTING)
     hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10),
                        block_cost_s=h.get("block_cost"))

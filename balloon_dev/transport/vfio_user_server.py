@@ -37,8 +37,12 @@ from typing import Any
 import trio
 
 from balloon_dev.control import HostControl
-from balloon_dev.transport.vfio_user import (SERVER_MAX_MSG_FDS, Reply, SignalEventfd,
-                                             VfioUserSession)
+from balloon_dev.transport.vfio_user import (
+    SERVER_MAX_MSG_FDS,
+    Reply,
+    SignalEventfd,
+    VfioUserSession,
+)
 from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu

@@ -74,9 +74,9 @@ from protocol.vhost_user import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     ConfigAccess,
-    Message,
     MemoryRegion,
     MemoryTable,
+    Message,
     VhostUserBackendRequest,
     VhostUserPayloadError,
     VhostUserProtocolFeature,
@@ -162,7 +162,7 @@ class Vring:
 
 @dataclass(frozen=True, slots=True)
 class HandleResult:
-    """What the server must do after one message: send ``reply``, act on ``effects``, maybe close."""
+    """What the server does after one message: send ``reply``, act on ``effects``, maybe close."""
 
     reply: bytes | None = None
     effects: tuple[Effect, ...] = ()
@@ -350,7 +350,8 @@ class VhostUserSession:
     def _ring_enabled(self, ring: Vring) -> bool:
         # vhost-user.rst: without VHOST_USER_F_PROTOCOL_FEATURES rings are enabled when started;
         # with it they start disabled until SET_VRING_ENABLE 1.
-        if self.features_acked is None or not self.features_acked >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+        acked = self.features_acked
+        if acked is None or not acked >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             return True
         return ring.enabled
 
@@ -648,7 +649,7 @@ class VhostUserSession:
                           f"{len(table.regions)} regions but {len(fds)} fds attached")
         maps: list[_Mapping] = []
         try:
-            for i, (r, fd) in enumerate(zip(table.regions, fds)):
+            for i, (r, fd) in enumerate(zip(table.regions, fds, strict=True)):
                 maps.append(self._map_region(i, r, fd, maps, "bad_mem_table"))
         except _Reject:
             for m in maps:
@@ -678,13 +679,12 @@ class VhostUserSession:
 
     def _rem_mem_reg(self, r: MemoryRegion, _fds: tuple[int, ...]) -> _Outcome:
         # Matched on guest address and size (an fd sent along is closed as unused).
-        for i, m in enumerate(self._maps):
-            if m.gpa == r.guest_phys_addr and m.size == r.memory_size:
-                break
-        else:
+        i = next((i for i, m in enumerate(self._maps)
+                  if m.gpa == r.guest_phys_addr and m.size == r.memory_size), None)
+        if i is None:
             raise _Reject("bad_mem_reg", f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} "
                           "to remove")
-        del self._maps[i]
+        m = self._maps.pop(i)
         self.mem.remove_region(m.gpa)
         self._unmap(m)
         self.counters["mem_regions_removed"] += 1
@@ -795,7 +795,8 @@ class VhostUserSession:
     def _get_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Outcome:
         if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
             raise _Reject("bad_config_access",
-                          f"config read {c.offset:#x}+{c.size:#x} beyond {VHOST_USER_MAX_CONFIG_SIZE}")
+                          f"config read {c.offset:#x}+{c.size:#x} "
+                          f"beyond {VHOST_USER_MAX_CONFIG_SIZE}")
         have = max(0, min(c.size, self.dev.config_size - c.offset))
         data = self.dev.read_config(c.offset, have) if have else b""
         # Bytes past the device's window read as zero (as a PCI config window would).
@@ -807,7 +808,8 @@ class VhostUserSession:
             raise _Reject("bad_config_access", f"SET_CONFIG flags {c.flags:#x}")
         if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
             raise _Reject("bad_config_access",
-                          f"config write {c.offset:#x}+{c.size:#x} beyond {VHOST_USER_MAX_CONFIG_SIZE}")
+                          f"config write {c.offset:#x}+{c.size:#x} "
+                          f"beyond {VHOST_USER_MAX_CONFIG_SIZE}")
         effects: list[Effect] = []
         for off in DRIVER_CONFIG_FIELDS:
             if not (c.offset <= off and off + 4 <= c.offset + c.size):

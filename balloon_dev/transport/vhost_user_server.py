@@ -290,7 +290,7 @@ class VhostUserServer:
 
     # -- effects ----------------------------------------------------------------------------
     def _deliver_host(self, effects: list[Effect], guest: bool = True) -> list[Effect]:
-        host = self._perform(effects) if guest else [
+        host: list[Effect] = self._perform(effects) if guest else [
             e for e in effects if not isinstance(e, (NotifyQueue, ConfigChanged))]
         if host and self.on_effects is not None:
             self.on_effects(host)

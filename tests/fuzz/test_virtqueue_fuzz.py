@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, DeviceVirtqueue, RingBroken
-from protocol.virtqueue import DESC_DTYPE
 from guestmem import GuestMemory
+from protocol.virtqueue import DESC_DTYPE
 from tests.ringbuilder import pack_desc
 
 SIZE = 8

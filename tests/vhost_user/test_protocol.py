@@ -1,4 +1,4 @@
-"""protocol/vhost_user.py: golden bytes, round trips, and "parse or raise our error" on any input."""
+"""protocol/vhost_user.py: golden bytes, round trips, "parse or raise our error" on any input."""
 from __future__ import annotations
 
 import struct
