@@ -53,7 +53,8 @@ pageblocks: the model has no atomic high-order allocations. The balloon's own al
 ``noretry=True``: min watermark, no reclaim, no drain, no dipping below min.
 ``set_migratetype_isolate`` isolates a pageblock as memory offlining does.
 
-Free page reporting (Linux ``mm/page_reporting.c``) uses ``isolate_free_block`` /
+Free page reporting (Linux ``mm/page_reporting.c``) is told of frees that leave a block of order
+>= ``pageblock_order`` (``register_free_notifier``) and uses ``isolate_free_block`` /
 ``putback_block``: the first unreported free block of an order is unlinked without touching its
 pages (``__isolate_free_page``: no init_on_alloc zeroing, no poison check, only the min watermark
 plus the block must stay free), and later returned to the *tail* of its list
@@ -297,6 +298,9 @@ class BuddyAllocator:
         self.shrinkers: list[tuple[Callable[[], int], Callable[[int], int]]] = []
         # Linux's oom_notify_list: each returns the pages it freed.
         self.oom_notifiers: list[Callable[[], int]] = []
+        # page_reporting_notify_free: told the order of a block >= pageblock_order that a free
+        # (not a putback) left on the lists.
+        self.free_notifiers: list[Callable[[int], None]] = []
 
         self._boot(reserved)
 
@@ -328,7 +332,7 @@ class BuddyAllocator:
         for zone in self.zones:
             if zone.end_pfn <= zone.start_pfn:
                 continue
-            for s, e in zip(starts.tolist(), ends.tolist()):
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
                 s, e = max(s, zone.start_pfn), min(e, zone.end_pfn)
                 if s >= e:
                     continue
@@ -361,7 +365,7 @@ class BuddyAllocator:
         self._setup_watermarks()
         if self.page_poisoning and self.pages is not None:
             # Boot memory goes through free_pages_prepare too: freed pages carry the poison.
-            for s, e in zip(starts.tolist(), ends.tolist()):
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
                 self.pages.write_range(s, e - s, "poison")
         # init_on_free at boot writes zeros; the simulated RAM already starts zeroed.
 
@@ -579,6 +583,18 @@ class BuddyAllocator:
         about to fail after reclaim; returns the pages it freed."""
         self.oom_notifiers.append(notify)
 
+    def register_free_notifier(self, notify: Callable[[int], None]) -> None:
+        """Call ``notify(order)`` whenever a free (``free_pages``, a per-cpu flush, a bulk
+        free) leaves a free block of order >= ``pageblock_order`` after merging: Linux's
+        ``page_reporting_notify_free`` hook. Boot, splits and ``putback_block`` do not notify
+        (FPI_SKIP_REPORT_NOTIFY). ``notify`` must not call back into the allocator."""
+        self.free_notifiers.append(notify)
+
+    def nr_unreported_blocks(self, zone: int, order: int, migratetype: int) -> int:
+        """Free blocks on one list not marked reported."""
+        lid = list_id(zone, order, migratetype)
+        return self._count[lid] - self._nr_reported[lid]
+
     def _out_of_memory(self) -> int:
         """out_of_memory() reduced to its notifier chain; pages the notifiers freed."""
         freed = 0
@@ -607,11 +623,13 @@ class BuddyAllocator:
         return total
 
     def isolate_free_block(self, order: int, *, zone: int | None = None,
+                           migratetype: int | None = None,
                            skip_reported: bool = True) -> int | None:
         """Take one free block of exactly ``order`` off its free list without touching its
         pages (Linux ``__isolate_free_page`` as page reporting uses it); its first pfn, or None.
 
-        Zones low to high (or only ``zone``), migratetypes in order, the isolate type skipped;
+        Zones low to high (or only ``zone``), migratetypes in order (or only ``migratetype``),
+        the isolate type skipped;
         within a list the first block not yet reported (``skip_reported``), in list order. The
         zone must keep more than its min watermark plus the block free. The pages become
         ``PG_ISOLATED`` (not free, not in use, never written) until ``putback_block``.
@@ -626,7 +644,7 @@ class BuddyAllocator:
             z = self.zone_of(zs)
             if self._zone_free[z] <= self.zones[z].watermark[WMARK_MIN] + (1 << order):
                 continue
-            for mt in range(MIGRATE_TYPES):
+            for mt in range(MIGRATE_TYPES) if migratetype is None else (migratetype,):
                 if mt == MIGRATE_ISOLATE:
                     continue
                 lid = list_id(z, order, mt)
@@ -862,9 +880,11 @@ class BuddyAllocator:
         higher_buddy = parent ^ (1 << (order + 1))
         return higher_buddy < zend and self._bo[higher_buddy] == order + 1
 
-    def _free_one(self, pfn: int, order: int, to_tail: bool = False) -> None:
+    def _free_one(self, pfn: int, order: int, to_tail: bool = False,
+                  notify: bool = False) -> None:
         """Merge a freed block (pages already marked PG_BUDDY) and put it on its list;
-        ``to_tail`` is Linux's FPI_TO_TAIL (used when putting back an isolated block)."""
+        ``to_tail`` is Linux's FPI_TO_TAIL (used when putting back an isolated block);
+        ``notify``: a real free (not a putback), which tells the free notifiers."""
         zs, ze = self._zone_bounds[self.zone_of(pfn)]
         bo, pb = self._bo, self._pb
         while order < MAX_ORDER - 1:
@@ -892,6 +912,12 @@ class BuddyAllocator:
         else:
             tail = self._buddy_merge_likely(pfn, order, ze)
         self._list_add(pfn, order, lid, tail)
+        if notify and order >= pageblock_order and self.free_notifiers:
+            self._notify_free(order)
+
+    def _notify_free(self, order: int) -> None:
+        for fn in list(self.free_notifiers):
+            fn(order)
 
     def _check_free(self, pfn: int, order: int) -> None:
         n = 1 << order
@@ -935,7 +961,7 @@ class BuddyAllocator:
                 self._free_pcppages_bulk(cpu, z, self.zones[z].pcp_batch)
             return
         self.state[pfn:pfn + n] = PG_BUDDY
-        self._free_one(pfn, order)
+        self._free_one(pfn, order, notify=True)
 
     def _free_pcppages_bulk(self, cpu: int, z: int, count: int) -> None:
         """Give ``count`` cold pages of one cpu's zone lists back to the buddy, round-robin."""
@@ -948,7 +974,7 @@ class BuddyAllocator:
                     self._pcp_count[cpu][z] -= 1
                     count -= 1
                     self._st[p] = PG_BUDDY
-                    self._free_one(p, 0)
+                    self._free_one(p, 0, notify=True)
 
     def drain_pcp(self, cpu: int | None = None) -> None:
         """Return every per-cpu page (of one cpu, or all) to the buddy lists (drain_all_pages)."""
@@ -1140,6 +1166,8 @@ class BuddyAllocator:
         was_rep = old_orders >= pageblock_order
         was_rep[was_rep] = self.reported[old_heads[was_rep] >> pageblock_order]
         rep_heads, rep_orders = old_heads[was_rep], old_orders[was_rep]
+        old_big = set(zip(old_heads[old_orders >= pageblock_order].tolist(),
+                          old_orders[old_orders >= pageblock_order].tolist(), strict=True))
         self._list_del_many(old_heads)
         full = (self.state[idxc] == PG_BUDDY) & inside
         levels = [full]
@@ -1176,9 +1204,16 @@ class BuddyAllocator:
             lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
             for lid in np.unique(lids).tolist():
                 self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
-        for h, o in zip(rep_heads.tolist(), rep_orders.tolist()):
+        for h, o in zip(rep_heads.tolist(), rep_orders.tolist(), strict=True):
             if self._bo[h] == o:
                 self._mark_reported(h, self._lid_of_block(h, o))
+        if self.free_notifiers:
+            # One free that left a new large block (a merge result), as page by page frees
+            # would have notified: the biggest such order.
+            new_big = [o for o, arr in new_heads if o >= pageblock_order
+                       for h in arr[0].tolist() if (h, o) not in old_big]
+            if new_big:
+                self._notify_free(max(new_big))
 
     def _lids_of_blocks(self, heads: np.ndarray) -> np.ndarray:
         orders = self.buddy_order[heads].astype(np.int64)
@@ -1229,9 +1264,9 @@ class BuddyAllocator:
         pm, sm = P >= 0, S >= 0
         self.next[P[pm]] = S[pm]
         self.prev[S[sm]] = P[sm]
-        for p_, s_ in zip(P[~pm].tolist(), S[~pm].tolist()):
+        for p_, s_ in zip(P[~pm].tolist(), S[~pm].tolist(), strict=True):
             self._first[-1 - p_] = s_
-        for p_, s_ in zip(P[~sm].tolist(), S[~sm].tolist()):
+        for p_, s_ in zip(P[~sm].tolist(), S[~sm].tolist(), strict=True):
             self._last[-1 - s_] = p_
         self.buddy_order[R] = -1
         big = orders >= pageblock_order
@@ -1240,7 +1275,7 @@ class BuddyAllocator:
             rep = self.reported[pbs]
             if rep.any():
                 self.reported[pbs[rep]] = False
-                for lid, c in zip(*np.unique(lids[big][rep], return_counts=True)):
+                for lid, c in zip(*np.unique(lids[big][rep], return_counts=True), strict=True):
                     self._nr_reported[int(lid)] -= int(c)
         per_list = np.bincount(lids, minlength=NR_LISTS)
         pages = np.bincount(lids, weights=(1 << orders), minlength=NR_LISTS)

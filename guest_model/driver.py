@@ -52,12 +52,14 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   MUST_TELL_HOST (without it they are freed at once, the spec allows it). It never restarts a
   resize: Linux leaves ``actual`` below the target until the next one.
 * stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
-* free page reporting (Linux ``mm/page_reporting.c`` + ``virtballoon_free_page_report``): every
-  ``report_interval`` seconds, up to 32 free blocks of order 9 or 10 not yet reported are
-  isolated off the free lists without being written (``BuddyAllocator.isolate_free_block``),
-  posted as one chain of writable elements, and put back when the device used the chain, marked
-  reported. The allocator clears the mark when a block is allocated (or merged), so memory
-  reused and freed again is reported again. See ``_report_step`` for the remaining deviations.
+* free page reporting (Linux ``mm/page_reporting.c`` + ``virtballoon_free_page_report``): a
+  pass runs ``report_interval`` (2 s) after it is requested, at probe and whenever a free leaves
+  a block of order >= 9 (the allocator's free notifier). A pass isolates free blocks of order 9
+  or 10 not yet reported off the free lists without writing them
+  (``BuddyAllocator.isolate_free_block``), posts them 32 to a chain of writable elements, and
+  puts them back, marked reported, when the device used the chain. The allocator clears the
+  mark when a block is allocated (or merged), so memory reused and freed again is reported
+  again. See ``_report_work`` for a pass's rules (zones, watermark, budget).
 
 *DEVICE_NEEDS_RESET.* Linux's virtio core never resets a device on its own when it sets
 NEEDS_RESET, and virtio_balloon has no handler for it (only freeze/restore reset the device);
@@ -91,7 +93,9 @@ import numpy as np
 
 from guest_model.buddy import (
     MAX_ORDER,
+    MIGRATE_ISOLATE,
     MIGRATE_MOVABLE,
+    MIGRATE_TYPES,
     MIGRATE_UNMOVABLE,
     OWNER_BALLOON,
     WMARK_LOW,
@@ -184,7 +188,14 @@ class PageAllocator(Protocol):
     zones: list[Zone]
 
     def isolate_free_block(self, order: int, *, zone: int | None = None,
+                           migratetype: int | None = None,
                            skip_reported: bool = True) -> int | None: ...
+
+    def nr_unreported_blocks(self, zone: int, order: int, migratetype: int) -> int: ...
+
+    def free_counts(self) -> np.ndarray: ...
+
+    def register_free_notifier(self, notify: Callable[[int], None]) -> None: ...
 
     def putback_block(self, pfn: int, order: int, *, reported: bool = False) -> None: ...
 
@@ -198,7 +209,7 @@ class BlockWalker(Protocol):
     def step(self) -> tuple[int, int] | None: ...
 
 
-class HintStrategy(str, enum.Enum):
+class HintStrategy(enum.StrEnum):
     OFF = "off"
     WALK = "walk"  # the 2017 seed: hint blocks while they stay on the free lists
     CAPTURE = "capture"  # Linux >= 4.20: allocate order-10 blocks and hold them until DONE
@@ -229,9 +240,27 @@ class DriverOptions:
     #: Simulation deviation: Linux spins allocating and freeing while the ring is full; we wait
     #: this long before the next try so a stalled device does not cost millions of events.
     ring_full_poll: float = 1e-3
-    report_interval: float = 2.0  # Linux page_reporting delay: 2 s
+    #: Linux's PAGE_REPORTING_DELAY: a requested pass starts this much later.
+    report_interval: float = 2.0
     report_cost_per_block: float = 5e-6
     stats: Callable[[], dict[int, int]] | None = None
+
+
+# Linux's page_reporting states.
+_REPORTING_IDLE, _REPORTING_REQUESTED, _REPORTING_ACTIVE = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _ReportPass:
+    """Where a reporting pass is: zone (index into ``zones``), order (-1: zone not entered),
+    migratetype, the current list's chain budget, and the chain being filled."""
+
+    zones: list[int]
+    zone_i: int = 0
+    order: int = -1
+    mt: int = 0
+    budget: int | None = None
+    sgl: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -307,6 +336,8 @@ class BalloonDriver:
         self.needs_reset = False
         self._report_event: Any = None
         self._report_inflight: list[tuple[int, int]] | None = None  # (pfn, order) isolated
+        self._rep_state = _REPORTING_IDLE
+        self._rep_pass: _ReportPass | None = None
         self.poison_val: int | None = None
         self.stats_sent = 0
         self.counters: dict[str, int] = {
@@ -391,7 +422,10 @@ class BalloonDriver:
             # Linux registers its OOM notifier at probe only with DEFLATE_ON_OOM (protocol.md 6.3).
             self.alloc.register_oom_notifier(self.oom_notify)
         if self.has(VIRTIO_BALLOON_F_REPORTING):
-            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+            # page_reporting_register: frees of large blocks request passes; the first pass
+            # ("initial flush of zones") is requested now.
+            self.alloc.register_free_notifier(self._report_request)
+            self._report_request()
         # Linux probe ends with virtballoon_changed() if the target already differs.
         self._schedule_config_work()
 
@@ -642,7 +676,7 @@ class BalloonDriver:
         if (lens >= 1 << 32).any():
             pieces_p, pieces_n = [], []
             step = 1 << (31 - PAGE_SHIFT)
-            for p, n in zip(pfns.tolist(), nr_pages.tolist()):
+            for p, n in zip(pfns.tolist(), nr_pages.tolist(), strict=True):
                 for off in range(0, n, step):
                     pieces_p.append(p + off)
                     pieces_n.append(min(step, n - off))
@@ -873,51 +907,105 @@ class BalloonDriver:
         self._kick(BalloonQueue.STATS)
 
     # ==== free page reporting ====================================================================
-    def _report_step(self) -> None:
-        """Isolate up to 32 free blocks and report them in one chain (Linux page_reporting).
+    def _report_request(self, order: int = PAGE_REPORTING_ORDER) -> None:
+        """Linux ``__page_reporting_notify`` (the allocator's free notifier, and the initial
+        request at probe): ask for a pass in ``report_interval`` unless one is asked for or
+        running (a running pass then ends by scheduling the next one)."""
+        if not self.ready or self._rep_state == _REPORTING_REQUESTED:
+            return
+        prev, self._rep_state = self._rep_state, _REPORTING_REQUESTED
+        if prev == _REPORTING_IDLE:
+            self._report_event = self.sched.after(self.opts.report_interval, self._report_work)
 
-        As ``page_reporting_process_zone`` does: zones low to high, a zone only while it keeps
-        more than its low watermark plus a full chain of pageblocks free; orders from
-        ``pageblock_order`` up, every migratetype but isolate; blocks already reported are
-        skipped (``BuddyAllocator.isolate_free_block``). Isolation writes nothing, so the pages
-        keep whatever they held (the poison pattern under page poisoning: DR-13 / protocol.md
-        3.6, 3.7). One chain holds blocks of one zone. Deviation: Linux is woken by frees of
-        large blocks and bounds each pass by a budget; the model polls every
-        ``report_interval`` and has no budget.
+    def _report_work(self) -> None:
+        """One step of a reporting pass (Linux ``page_reporting_process``): fill the next chain
+        and post it, or end the pass.
+
+        A pass walks zones low to high; a zone is skipped unless it keeps more than its low
+        watermark plus a full chain of pageblocks free; in a zone, orders from
+        ``pageblock_order`` up and every migratetype but isolate; each list gets a budget of
+        ``ceil(blocks of that order / (32 * 16))`` full chains (so a pass reports about a
+        sixteenth of a large free list), and a list that still has unreported blocks when the
+        budget is spent asks for another pass. Blocks already reported are skipped; isolation
+        writes nothing, so the pages keep what they held (the poison pattern under page
+        poisoning: DR-13, protocol.md 3.6, 3.7). A chain holds blocks of one zone: the zone's
+        leftover is reported before the next zone. After the last zone the pass goes idle,
+        unless a free notified meanwhile or a budget ran out: then the next pass comes
+        ``report_interval`` later. Not modelled: the list rotation Linux does so the next pass
+        starts where this one stopped (reported blocks are skipped instead).
         """
         self._report_event = None
         if not self.ready or self._report_inflight is not None \
                 or not self._vq_ok(BalloonQueue.REPORTING):
             return
-        got: list[tuple[int, int]] = []
-        for zone in self.alloc.zones:
-            if not zone.populated:
-                continue
-            need = zone.watermark[WMARK_LOW] + (PAGE_REPORTING_CAPACITY << PAGE_REPORTING_ORDER)
-            if self.alloc.nr_free_pages(zone.idx) <= need:
-                continue
-            for order in range(PAGE_REPORTING_ORDER, MAX_ORDER):
-                while len(got) < PAGE_REPORTING_CAPACITY:
-                    pfn = self.alloc.isolate_free_block(order, zone=zone.idx)
-                    if pfn is None:
-                        break
-                    got.append((pfn, order))
-            if got:
-                break
-        if not got:
-            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+        if self._rep_pass is None:
+            self._rep_state = _REPORTING_ACTIVE
+            self._rep_pass = _ReportPass([z.idx for z in self.alloc.zones if z.populated])
+        chain = self._report_fill(self._rep_pass)
+        if chain is None:
+            self._rep_pass = None
+            if self._rep_state == _REPORTING_REQUESTED:
+                self._report_event = self.sched.after(self.opts.report_interval,
+                                                      self._report_work)
+            else:
+                self._rep_state = _REPORTING_IDLE
             return
-        elems = [(p << PAGE_SHIFT, 1 << (o + PAGE_SHIFT)) for p, o in got]
+        elems = [(p << PAGE_SHIFT, 1 << (o + PAGE_SHIFT)) for p, o in chain]
         try:
             self.vqs[BalloonQueue.REPORTING].add_buf(in_=elems, token="report")
         except (VringFull, VringBroken) as e:
             log.warning("virtio-balloon: cannot post report: %s", e)
-            for pfn, order in got:
+            for pfn, order in chain:
                 self.alloc.putback_block(pfn, order)
-            self._report_event = self.sched.after(self.opts.report_interval, self._report_step)
+            self._rep_pass = None
+            self._rep_state = _REPORTING_IDLE
             return
-        self._report_inflight = got
+        self._report_inflight = chain
         self._kick(BalloonQueue.REPORTING)
+
+    def _report_fill(self, p: _ReportPass) -> list[tuple[int, int]] | None:
+        """Isolate blocks until a chain is full or a zone is done; None when the pass is."""
+        a = self.alloc
+        while p.zone_i < len(p.zones):
+            z = p.zones[p.zone_i]
+            if p.order < 0:
+                zone = a.zones[z]
+                need = zone.watermark[WMARK_LOW] + (PAGE_REPORTING_CAPACITY
+                                                    << PAGE_REPORTING_ORDER)
+                if a.nr_free_pages(z) <= need:
+                    p.zone_i += 1
+                    continue
+                p.order, p.mt, p.budget = PAGE_REPORTING_ORDER, 0, None
+            while p.order < MAX_ORDER:
+                while p.mt < MIGRATE_TYPES:
+                    if p.mt == MIGRATE_ISOLATE:
+                        p.mt += 1
+                        continue
+                    if p.budget is None:
+                        nr_free = int(a.free_counts()[z, p.order].sum())
+                        p.budget = -(-nr_free // (PAGE_REPORTING_CAPACITY * 16))
+                    while a.nr_unreported_blocks(z, p.order, p.mt) > 0:
+                        if p.budget < 0:
+                            self._rep_state = _REPORTING_REQUESTED  # more next pass
+                            break
+                        pfn = a.isolate_free_block(p.order, zone=z, migratetype=p.mt)
+                        if pfn is None:
+                            break  # the zone is at its min watermark
+                        p.sgl.append((pfn, p.order))
+                        if len(p.sgl) == PAGE_REPORTING_CAPACITY:
+                            p.budget -= 1
+                            chain, p.sgl = p.sgl, []
+                            return chain
+                    p.mt += 1
+                    p.budget = None
+                p.order += 1
+                p.mt = 0
+            p.zone_i += 1
+            p.order = -1
+            if p.sgl:  # the zone's leftover, before going on
+                chain, p.sgl = p.sgl, []
+                return chain
+        return None
 
     def _report_ack(self) -> None:
         if self._report_inflight is None or not self._vq_ok(BalloonQueue.REPORTING):
@@ -933,10 +1021,9 @@ class BalloonDriver:
             self.alloc.putback_block(pfn, order, reported=True)
         self.counters["reports"] += 1
         self.counters["reported_pages"] += sum(1 << o for _, o in got)
-        cost = len(got) * self.opts.report_cost_per_block
-        # More to report right away if the chain was full, else wait for the next interval.
-        delay = cost if len(got) == PAGE_REPORTING_CAPACITY else self.opts.report_interval
-        self._report_event = self.sched.after(delay, self._report_step)
+        # The pass goes on once the driver has done its part of the work.
+        self._report_event = self.sched.after(len(got) * self.opts.report_cost_per_block,
+                                              self._report_work)
 
     # ==== views for the guest assembly ===========================================================
     def held_pfn_ranges(self) -> list[tuple[int, int]]:

@@ -220,7 +220,7 @@ class DriverVring:
         if total > self.size:
             # virtio 1.x 2.7.5.3.1 / 2.7.13.3.1: no chain longer than the queue size.
             raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
-        for a, n, _ in elems:
+        for _, n, _ in elems:
             if n <= 0 or n >= 1 << 32:
                 raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
         tbl = 0

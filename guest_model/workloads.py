@@ -440,7 +440,7 @@ class Churn(Workload):
         lives = self.rng.exponential(self.lifetime, size=n)
         # Arrivals spread over the tick: expiry from the arrival instant.
         arrive = now - dt + self.rng.random(n) * dt
-        for k, life, t0 in zip(kinds.tolist(), lives.tolist(), arrive.tolist()):
+        for k, life, t0 in zip(kinds.tolist(), lives.tolist(), arrive.tolist(), strict=True):
             order, mt = self.mix[k]
             if self.cap is not None:
                 while self.live and self.live_pages + (1 << order) > self.cap:

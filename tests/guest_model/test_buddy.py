@@ -53,7 +53,7 @@ def recount(a: BuddyAllocator) -> np.ndarray:
     np.add.at(out, (zones, orders, mts), 1)
     # The blocks cover exactly the pages in state PG_BUDDY, without overlap.
     cover = np.zeros(a.ram_pages, dtype=np.int64)
-    for h, o in zip(heads.tolist(), orders.tolist()):
+    for h, o in zip(heads.tolist(), orders.tolist(), strict=True):
         cover[h:h + (1 << o)] += 1
     assert cover.max(initial=0) <= 1, "free blocks overlap"
     assert np.array_equal(cover == 1, a.state == PG_BUDDY), "free blocks != PG_BUDDY pages"
@@ -688,3 +688,32 @@ def test_oom_notifier_that_frees_nothing_ends_the_retry() -> None:
     a.register_oom_notifier(notify)
     assert a.alloc_pages(0) is None
     assert calls == [1] and a.counters["oom_freed_pages"] == 0
+
+
+def test_free_notifier_sees_frees_that_leave_large_blocks() -> None:
+    a = BuddyAllocator(64 * MiB)
+    seen: list[int] = []
+    a.register_free_notifier(seen.append)
+    p = a.alloc_pages(pageblock_order)
+    x, y = a.alloc_pages(1), a.alloc_pages(1)
+    assert p is not None and x is not None and y is not None and x >> 9 == y >> 9
+    a.free_pages(x, 1)  # y still holds its 2 MiB block: no large block appears
+    assert seen == []
+    a.free_pages(y, 1)
+    assert seen and seen[-1] >= pageblock_order
+    seen.clear()
+    a.free_pages(p, pageblock_order)
+    assert seen == [MAX_ORDER - 1]  # merged with its buddy: a 4 MiB block
+    # Isolation and putback are silent (FPI_SKIP_REPORT_NOTIFY).
+    r = a.isolate_free_block(MAX_ORDER - 1)
+    assert r is not None
+    a.putback_block(r, MAX_ORDER - 1, reported=True)
+    assert seen == [MAX_ORDER - 1]
+    # Bulk frees notify only when they complete a large block.
+    pf = a.alloc_pages_bulk(1024)
+    seen.clear()
+    a.free_pages_bulk(pf[:100])
+    assert seen == []
+    a.free_pages_bulk(pf[100:])
+    assert seen and max(seen) >= pageblock_order
+    a.check()

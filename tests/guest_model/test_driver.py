@@ -6,6 +6,7 @@ made by wrapping the transport or poking ring memory.
 from __future__ import annotations
 
 import itertools
+import mmap
 import struct
 from typing import Any
 
@@ -84,7 +85,10 @@ class Rig:
                  ram: int = RAM, queue_sizes: tuple[int, ...] | None = None,
                  qemu_cmd_id_read: bool = False, **opts: Any) -> None:
         self.mem = GuestMemory()
-        self.mem.add_region(0, bytearray(ram), "ram")
+        # Big guests: a sparse mapping (only the driver area is ever touched).
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.mem.add_region(0, bytearray(ram) if ram <= RAM else mmap.mmap(-1, ram, flags=flags),
+                            "ram")
         self.pages = PageVersions(ram >> 12)
         poisoning = opts.get("page_poisoning", False)
         self.alloc = BuddyAllocator(ram, pages=self.pages, reserved=[(AREA_GPA, AREA_SIZE)],
@@ -475,6 +479,44 @@ def test_block_allocated_and_freed_between_passes_is_reported_again() -> None:
     assert len(new) == 1
     a, n = new[0]
     assert a >> 12 <= p and p + 512 <= (a + n) >> 12
+    r.alloc.check()
+
+
+def test_reporting_passes_are_requested_by_frees_and_go_idle() -> None:
+    r = Rig(offered=REPORTING, ram=256 << 20).probe()
+    r.run(1.9)
+    assert r.of(PagesReported) == []  # the initial pass waits PAGE_REPORTING_DELAY (2 s)
+    r.run(0.2)
+    n0 = len(reported_ranges(r))
+    assert n0 > 0
+    r.run(10.0)
+    assert len(reported_ranges(r)) == n0 and r.sched.pending() == 0  # idle: nothing scheduled
+    p = r.alloc.alloc_pages(9)
+    assert p is not None
+    t0 = r.sched.now
+    r.alloc.free_pages(p, 9)  # a large block freed: a pass is requested for 2 s later
+    r.run(1.9)
+    assert len(reported_ranges(r)) == n0
+    r.run(0.2)
+    assert len(reported_ranges(r)) == n0 + 1 and r.sched.now - t0 < 2.2
+
+
+def test_reporting_pass_budget_spreads_a_large_free_list_over_passes() -> None:
+    # 4 GiB: about a thousand free 4 MiB blocks in DMA32. Each list's budget is
+    # ceil(1019 / 512) = 2 full chains, and the third chain taken ends the list's turn.
+    r = Rig(offered=REPORTING, ram=4 << 30).probe()
+    order10 = int(r.alloc.free_counts()[1, 10].sum())
+    r.run(2.1)
+    first = reported_ranges(r)
+    budget = -(-order10 // 512)
+    assert len(r.of(PagesReported)) == budget + 1
+    assert len(first) == 32 * (budget + 1) and all(n == 4 << 20 for _, n in first)
+    # Blocks were left: the pass asked for another, 2 s later, and so on until all are done.
+    r.run(2.0)
+    assert len(reported_ranges(r)) > len(first)
+    r.run(60.0)
+    assert r.alloc.nr_unreported_blocks(1, 10, 1) == 0 and r.sched.pending() == 0
+    assert len(set(reported_ranges(r))) == len(reported_ranges(r))
     r.alloc.check()
 
 

@@ -170,7 +170,7 @@ def test_alloc_vring_alignment_and_separation() -> None:
     assert all(AREA <= a and a + n <= AREA + AREA_SIZE for a, n in spans)
 
 
-# -- behaviour against the raw device ---------------------------------------------------------------
+# -- behaviour against the raw device --------------------------------------------------------------
 
 def test_round_trip_tokens_and_lengths() -> None:
     _, _, vq, dev = make_ring(8)

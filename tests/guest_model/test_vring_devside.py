@@ -126,7 +126,7 @@ def test_random_traffic_round_trips(ops: list[tuple[int, int]], event_idx: bool,
             dq.push_many([(c.head, c.in_len) for c in held[:k]])
             held = held[k:]
             toks, lens = vq.get_bufs()
-            for t, ln in zip(toks, lens):
+            for t, ln in zip(toks, lens, strict=True):
                 assert ln == sum(x for _, x in sent.pop(t))
                 reaped += 1
     assert not vq.broken
