@@ -81,7 +81,7 @@ def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
         return build_vhost_user(args)
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
-    pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors, mem=mem)
+    pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors)
     control_holder: list[HostControl] = []
 
     def on_effects(effects: list[Any]) -> None:

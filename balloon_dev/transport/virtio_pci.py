@@ -22,8 +22,9 @@ is off); a ``ConfigChanged`` sets ISR bit 1 and fires the config vector (or INTx
 configuration generation is the core's, which moves on every config change. ISR is
 read-to-clear and clearing it drops INTx.
 
-After each kick the ring is looked at again while the core makes progress (``_kick``): a
-buffer published while the core re-enabled notifications would otherwise never be kicked for.
+A notify write is exactly one ``notify(q)``: the core itself looks at the ring once more after
+re-enabling notifications (``BalloonDevice._process``), so a buffer a concurrent guest publishes
+mid-drain is not left without a kick, and the transport needs no second look.
 
 Accesses the guest gets wrong (a notify for a missing queue, an MSI-X vector beyond the table, an
 access outside every register) are logged at warning and counted; none raises.
@@ -38,12 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import ConfigChanged, NotifyQueue
-from guestmem import GuestMemory, GuestMemoryError
+from guestmem import GuestMemory
 from protocol import virtio_pci as vp
-from protocol.virtio import VIRTIO_ID_BALLOON, DeviceStatus
-
-DRIVER_OK = int(DeviceStatus.DRIVER_OK)
-_NOT_LIVE = int(DeviceStatus.DEVICE_NEEDS_RESET | DeviceStatus.FAILED)
+from protocol.virtio import VIRTIO_ID_BALLOON
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +128,9 @@ class VirtioPciFunction:
         if not 1 <= msix_vectors <= 64:
             raise ValueError(f"msix_vectors={msix_vectors}: must be 1..64")
         self.dev = dev
-        self.mem = mem  # for the kick re-check (see _kick); None disables it
+        # ``mem`` is accepted and ignored: it served a transport-side ring re-check that the
+        # core now does itself (device.py ``_process``); kept so existing callers still work.
+        del mem
         self.msix_vectors = msix_vectors
         self.counters: Counter[str] = Counter()
         self.config = bytearray(vp.PCI_CONFIG_SPACE_SIZE)
@@ -400,50 +400,12 @@ class VirtioPciFunction:
                             self.dev.num_queues)
                 return []
             self.counters["notifies"] += 1
-            return self.translate(self._kick(q))
+            return self.translate(self.dev.notify(q))
         if page == vp.ISR_CFG_OFFSET:
             self.counters["isr_write_ignored"] += 1
             return []
         self._unmapped(bar, offset, size)
         return []
-
-    def _ring_idx(self, gpa: int) -> int | None:
-        try:
-            return self.mem.read_u16(gpa + 2) if self.mem is not None else None
-        except GuestMemoryError:
-            return None
-
-    def _kick(self, q: int) -> list[Any]:
-        """``dev.notify(q)``, repeated while it makes progress and buffers remain.
-
-        Why: with EVENT_IDX the device publishes ``avail_event`` after popping; a buffer the
-        driver publishes between the pop and that write is never kicked for (the driver saw the
-        old ``avail_event``), so a device must look at the ring once more after re-enabling
-        notifications (virtio 1.x 2.7.10). The core's ``notify`` does not yet, and against a
-        real guest on another CPU the race happens (a hint round stalled with every block
-        posted). So the transport re-kicks while the used index moved and the avail index is
-        still ahead of it; a queue whose device holds a buffer (stats) stops after one call that
-        used nothing. Bounded by the queue size.
-        """
-        regs = self.state.queues[q] if q < len(self.state.queues) else None
-        effects = self.dev.notify(q)
-        # Only a live ring is re-checked: before DRIVER_OK the core defers kicks (D-16), after
-        # NEEDS_RESET / FAILED it ignores them, and a disabled queue has no ring to look at.
-        st = self.dev.status
-        if regs is None or self.mem is None or not st & DRIVER_OK or st & _NOT_LIVE \
-                or not self.dev.queue_enabled(q):
-            return effects
-        for _ in range(max(regs.size, 1)):
-            avail, used = self._ring_idx(regs.driver), self._ring_idx(regs.device)
-            if avail is None or used is None or avail == used:
-                break
-            more = self.dev.notify(q)
-            if self._ring_idx(regs.device) == used:
-                effects += more
-                break  # nothing was used: what is left is held by the device
-            self.counters["kick_recheck_progress"] += 1
-            effects += more
-        return effects
 
     def _unmapped(self, bar: int, offset: int, size: int) -> bytes:
         self.counters["unmapped_bar_access"] += 1

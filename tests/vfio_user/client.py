@@ -64,7 +64,7 @@ class Client:
         self.mem = GuestMemory()
         cfg = DeviceConfig() if features is None else DeviceConfig(offered_features=features)
         self.dev = BalloonDevice(self.mem, cfg)
-        self.pci = VirtioPciFunction(self.dev, msix_vectors=msix_vectors, mem=self.mem)
+        self.pci = VirtioPciFunction(self.dev, msix_vectors=msix_vectors)
         self.session = VfioUserSession(self.pci, self.mem)
         self.msg_id = 0
         self.ram_fd: int | None = None

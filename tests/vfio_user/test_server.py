@@ -78,7 +78,7 @@ def make_server(path: str) -> tuple[VfioUserServer, BalloonDevice, GuestMemory, 
     mem = GuestMemory()
     dev = BalloonDevice(mem)
     effects: list[Any] = []
-    server = VfioUserServer(path, VirtioPciFunction(dev, mem=mem), mem, on_effects=effects.extend,
+    server = VfioUserServer(path, VirtioPciFunction(dev), mem, on_effects=effects.extend,
                             busy_wait=0.5)
     return server, dev, mem, effects
 
