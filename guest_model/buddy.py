@@ -629,10 +629,10 @@ class BuddyAllocator:
         pages (Linux ``__isolate_free_page`` as page reporting uses it); its first pfn, or None.
 
         Zones low to high (or only ``zone``), migratetypes in order (or only ``migratetype``),
-        the isolate type skipped;
-        within a list the first block not yet reported (``skip_reported``), in list order. The
-        zone must keep more than its min watermark plus the block free. The pages become
-        ``PG_ISOLATED`` (not free, not in use, never written) until ``putback_block``.
+        the isolate type skipped; within a list the first block not yet reported (with
+        ``skip_reported``), in list order. The zone must keep more than its min watermark plus
+        the block free. The pages become ``PG_ISOLATED`` (not free, not in use, never written)
+        until ``putback_block``.
         """
         if not pageblock_order <= order < MAX_ORDER:
             raise BuddyError(f"isolate_free_block(order={order}): only orders "
