@@ -124,18 +124,18 @@ def round_trip(kicks: int) -> dict[str, Any]:
 
 
 def with_qemu(rounds: int) -> dict[str, Any]:
-    from tests.qemu.test_vfio_user_guest import _mem_free, _run_round, _wait_mem_free, start_served
+    from tests.qemu.served import mem_free, run_round, start_served, wait_mem_free
     from vmsim.qemu_lab import QemuLab
 
-    gen = start_served(QemuLab.find())
+    gen = start_served(QemuLab.find(), "vfio-user")
     s = next(gen)
     out = []
     try:
         for _ in range(rounds):
-            free = _mem_free(s)
-            r = _run_round(s)
+            free = mem_free(s)
+            r = run_round(s)
             s.ctl_call("hint-done")
-            _wait_mem_free(s, free)
+            wait_mem_free(s, free)
             out.append({"cmd_id": hex(r["cmd_id"]), "hints": r["hints"],
                         "hinted_mib": r["hinted_bytes"] >> 20,
                         "outside_ram": r["outside_ram"],

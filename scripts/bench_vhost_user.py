@@ -7,7 +7,8 @@
    call eventfd; the time from kick to interrupt is what a guest would see (median and p90 over
    ``--kicks`` round trips).
 2. **With QEMU** (``--qemu``): ``balloon-hint serve --vhost-user`` as a subprocess, the QEMU lab's
-   1 GiB Linux guest with ``vhost-user-test-device-pci`` (virtio-id 5, 4 queues of 128);
+   1 GiB Linux guest with ``vhost-user-test-device-pci`` (virtio-id 5, 4 queues of 128; started
+   by tests/qemu/served.py, as the QEMU tests do);
    ``--rounds`` hint rounds started with ``balloon-hint ctl``'s ``hint-start``, each followed by
    ``hint-done`` and a wait for the guest to free its blocks. Per round: hints, hinted MiB and the
    time from the request to the guest's STOP (the control socket's round log).
@@ -22,7 +23,6 @@ import os
 import select
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -93,60 +93,32 @@ def round_trip(kicks: int) -> dict[str, Any]:
 
 
 def with_qemu(rounds: int) -> dict[str, Any]:
-    from vmsim.cmd_ctl import call
+    from tests.qemu.served import mem_free, run_round, start_served, wait_mem_free
     from vmsim.qemu_lab import QemuLab
 
-    lab = QemuLab.find()
-    tmp = tempfile.mkdtemp(prefix="bh-vhost-bench-")
-    sock, ctl = os.path.join(tmp, "b.sock"), os.path.join(tmp, "b.sock.ctl")
-    log = open(os.path.join(tmp, "serve.log"), "w")
-    srv = subprocess.Popen([sys.executable, "-m", "vmsim", "serve", "--vhost-user", sock],
-                           stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    t0 = time.monotonic()
+    gen = start_served(QemuLab.find(), "vhost-user", append="init_on_alloc=0")
+    s = next(gen)
     out: dict[str, Any] = {"rounds": []}
     try:
-        while not os.path.exists(ctl):
-            assert srv.poll() is None, "server died"
-            time.sleep(0.05)
-
-        def ctl_call(cmd: str, **kw: Any) -> Any:
-            ans = call(ctl, cmd, kw or None, timeout=30)
-            assert "error" not in ans, ans
-            return ans["return"]
-
-        dev = ("vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=4,vq_size=128,"
-               "config_size=16")
-        t0 = time.monotonic()
-        with lab.boot(ram="1G", devices=[dev], extra_args=["-chardev", f"socket,id=vb,path={sock}"],
-                      append="init_on_alloc=0", timeout=180) as vm:
-            while not ctl_call("stats")["live"]:
-                time.sleep(0.1)
-            out["boot_to_live_s"] = round(time.monotonic() - t0, 2)
-            for _ in range(rounds):
-                free0 = int(vm.run("grep MemFree /proc/meminfo").split()[1])
-                cmd_id = ctl_call("hint-start")["cmd-id"]
-                while True:
-                    r = next(x for x in ctl_call("stats")["rounds"] if x["cmd_id"] == cmd_id)
-                    if r["stopped_after_s"] is not None:
-                        break
-                    time.sleep(0.2)
-                ctl_call("hint-done")
-                # Wait until the guest gave its blocks back, so the next round can hint again.
-                deadline = time.monotonic() + 60
-                while (int(vm.run("grep MemFree /proc/meminfo").split()[1]) < free0 - 65536
-                       and time.monotonic() < deadline):
-                    time.sleep(0.5)
-                out["rounds"].append({"hints": r["hints"],
-                                      "hinted_mib": r["hinted_bytes"] >> 20,
-                                      "stop_after_s": round(r["stopped_after_s"], 3),
-                                      "outside_ram": r["outside_ram"]})
-            st = ctl_call("stats")
-            out["peer_errors"] = st["session_counters"].get("peer_errors", 0)
-            out["kicks"] = st["server_counters"].get("kicks", 0)
-            out["calls"] = st["server_counters"].get("calls", 0)
+        s.wait_stats(lambda st: st["live"], "the back-end to go live", timeout=60)
+        out["start_to_live_s"] = round(time.monotonic() - t0, 2)
+        for _ in range(rounds):
+            free = mem_free(s)
+            r = run_round(s)
+            s.ctl_call("hint-done")
+            # Wait until the guest gave its blocks back, so the next round can hint again.
+            wait_mem_free(s, free - (64 << 20))
+            out["rounds"].append({"hints": r["hints"],
+                                  "hinted_mib": r["hinted_bytes"] >> 20,
+                                  "stop_after_s": round(r["stopped_after_s"], 3),
+                                  "outside_ram": r["outside_ram"]})
+        st = s.stats()
+        out["peer_errors"] = st["session_counters"].get("peer_errors", 0)
+        out["kicks"] = st["server_counters"].get("kicks", 0)
+        out["calls"] = st["server_counters"].get("calls", 0)
     finally:
-        srv.terminate()
-        srv.wait(timeout=10)
-        log.close()
+        gen.close()
     return out
 
 
@@ -168,7 +140,7 @@ def main() -> None:
           f"p90 {rt['p90_us']} us ({rt['kicks']} inflate buffers)")
     if "qemu" in res:
         q = res["qemu"]
-        print(f"QEMU 11.1 + Linux guest (1 GiB): boot to live {q['boot_to_live_s']} s, "
+        print(f"QEMU 11.1 + Linux guest (1 GiB): start to live {q['start_to_live_s']} s, "
               f"kicks {q['kicks']}, calls {q['calls']}, peer errors {q['peer_errors']}")
         for i, r in enumerate(q["rounds"], 1):
             print(f"  round {i}: {r['hints']} hints, {r['hinted_mib']} MiB, STOP after "

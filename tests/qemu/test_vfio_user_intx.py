@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.qemu.test_vfio_user_guest import Served, _balloon_dev_dir, _run_round, start_served
+from tests.qemu.served import Served, balloon_dev_dir, run_round, start_served
 from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
@@ -23,11 +23,11 @@ def served_intx(lab: QemuLab):  # type: ignore[no-untyped-def]
 
 def test_intx_guest_binds_hints_and_inflates(served_intx: Served) -> None:
     s = served_intx
-    d = _balloon_dev_dir(s.vm)
+    d = balloon_dev_dir(s.vm)
     assert s.vm.run(f"basename $(readlink {d}/driver)").strip() == "virtio_balloon"
     irqs = s.vm.run("cat /proc/interrupts")
     assert not re.search(r"PCI-MSI.*virtio", irqs), irqs  # no MSI-X vectors: INTx
-    r = _run_round(s)
+    r = run_round(s)
     assert r["hints"] > 0 and r["outside_ram"] == 0 and r["not_block_aligned"] == 0
     s.ctl_call("hint-done")
     s.ctl_call("set-target", pages=4096)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.qemu.test_vfio_user_guest import Served, _balloon_dev_dir, _run_round, start_served
+from tests.qemu.served import Served, balloon_dev_dir, run_round, start_served
 from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
@@ -22,10 +22,10 @@ def served_reporting(lab: QemuLab):  # type: ignore[no-untyped-def]
 @pytest.mark.spec("D-17")
 def test_guest_reports_freed_blocks(served_reporting: Served) -> None:
     s = served_reporting
-    d = _balloon_dev_dir(s.vm)
+    d = balloon_dev_dir(s.vm)
     feats = s.vm.run(f"cat {d}/features").strip()
     assert feats[VIRTIO_BALLOON_F_REPORTING] == "1", feats
-    r = _run_round(s)  # the guest grabs its free memory ...
+    r = run_round(s)  # the guest grabs its free memory ...
     assert r["hints"] > 0
     s.ctl_call("hint-done")  # ... and frees it on DONE: page_reporting reports the blocks
     st = s.wait_stats(lambda x: x["totals"]["reported_ranges"] >= 16, "reported ranges",

@@ -7,10 +7,9 @@ the whole module (TCG guests are slow, the machine's cores are shared): ``balloo
 ``-chardev socket``, and the tests drive the device through the control socket (``balloon-hint
 ctl``'s ``call``), reading the guest with shell commands and its kernel log.
 
-``num_vqs=4`` because the default offer (STATS_VQ, FREE_PAGE_HINT) gives four compacted queues
-(protocol.md 3.3; Linux fails probe with fewer); ``vq_size=128`` is the one size the front-end
-gives every queue, so the free page queue is 128 here (Linux needs >= 2); ``config_size=16``
-because PAGE_POISON is offered (protocol.md 3.2).
+The front-end's options (``num_vqs=4,vq_size=128,config_size=16``: four compacted queues, one
+ring size for all, a 16-byte config window) are explained at ``VHOST_USER_DEVICE`` in
+``tests/qemu/served.py``, which also holds the helpers shared with the vfio-user guest tests.
 
 What is checked: the Linux driver binds and negotiates FREE_PAGE_HINT; the back-end went live and
 maps guest RAM; host-driven hint rounds run to their STOP and every hint lies in guest RAM as a
@@ -22,124 +21,35 @@ no driver-checker violation, no vhost-user peer error.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from vmsim.cmd_ctl import call
+from tests.qemu.served import (
+    HINT_BLOCK,
+    RAM_BYTES,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    Served,
+    balloon_dev_dir,
+    mem_free,
+    run_round,
+    start_served,
+    virtio_errors,
+    wait_mem_free,
+)
 from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
 
-RAM_BYTES = 1 << 30
-HINT_BLOCK = 4 << 20
-VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
-DEVICE = "vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs=4,vq_size=128,config_size=16"
-
-
-class Served:
-    def __init__(self, vm: Any, ctl: str, log_path: str) -> None:
-        self.vm = vm
-        self.ctl = ctl
-        self.log_path = log_path
-
-    def ctl_call(self, command: str, **arguments: Any) -> Any:
-        ans = call(self.ctl, command, arguments or None, timeout=30)
-        assert "error" not in ans, ans
-        return ans["return"]
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self.ctl_call("stats"))
-
-    def wait_stats(self, pred: Any, what: str, timeout: float = 180) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.stats()
-            if pred(st):
-                return st
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}; last stats: {json.dumps(st)[:3000]}"
-                            f"\nserver log tail:\n{self.server_log()[-3000:]}")
-            time.sleep(0.5)
-
-    def server_log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
 
 @pytest.fixture(scope="module")
 def served(lab: QemuLab) -> Iterator[Served]:
-    tmp = tempfile.mkdtemp(prefix="bh-vhost-")
-    sock = os.path.join(tmp, "balloon.sock")
-    ctl = sock + ".ctl"
-    log_path = os.path.join(tmp, "serve.log")
-    with open(log_path, "w") as log:
-        srv = subprocess.Popen([sys.executable, "-m", "vmsim", "-v", "serve", "--vhost-user", sock,
-                                "--control", ctl], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(sock) and os.path.exists(ctl)):
-            assert srv.poll() is None, open(log_path).read()
-            assert time.monotonic() < deadline, "server socket did not appear"
-            time.sleep(0.05)
-        assert os.stat(sock).st_mode & 0o777 == 0o600
-        with lab.boot(ram="1G", devices=[DEVICE],
-                      extra_args=["-chardev", f"socket,id=vb,path={sock}"], timeout=180) as vm:
-            yield Served(vm, ctl, log_path)
-    finally:
-        srv.terminate()
-        try:
-            srv.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
-
-
-def _balloon_dev_dir(vm: Any) -> str:
-    out = vm.run("for d in /sys/bus/virtio/devices/*; do echo $d $(cat $d/device); done")
-    for line in out.splitlines():
-        path, _, devid = line.strip().partition(" ")
-        if devid.strip() in ("0x0005", "5"):
-            return path
-    pytest.fail(f"no virtio balloon device in the guest: {out!r}")
-
-
-def _mem_free(served: Served) -> int:
-    out = served.vm.run("grep MemFree /proc/meminfo")
-    return int(out.split()[1]) * 1024
-
-
-def _wait_mem_free(served: Served, at_least: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while (free := _mem_free(served)) < at_least:
-        assert time.monotonic() < deadline, f"MemFree {free} never reached {at_least}"
-        time.sleep(0.5)
-
-
-def _round_done(cmd_id: int) -> Any:
-    def pred(st: dict[str, Any]) -> bool:
-        return any(r["cmd_id"] == cmd_id and r["stopped_after_s"] is not None
-                   for r in st["rounds"])
-    return pred
-
-
-def _run_round(served: Served) -> dict[str, Any]:
-    cmd_id = served.ctl_call("hint-start")["cmd-id"]
-    assert cmd_id >= 0x80000001
-    st = served.wait_stats(_round_done(cmd_id), f"hint round {cmd_id:#x} to stop")
-    return next(r for r in st["rounds"] if r["cmd_id"] == cmd_id)
+    yield from start_served(lab, "vhost-user")
 
 
 def test_driver_binds_and_negotiates_free_page_hint(served: Served) -> None:
-    d = _balloon_dev_dir(served.vm)
+    d = balloon_dev_dir(served.vm)
     driver = served.vm.run(f"basename $(readlink {d}/driver)").strip()
     assert driver == "virtio_balloon"
     features = served.vm.run(f"cat {d}/features").strip()
@@ -158,12 +68,12 @@ def test_hint_rounds_lie_in_guest_ram(served: Served) -> None:
     # queue shows up as a round that never stops).
     rounds = []
     for _ in range(4):
-        held_free = _mem_free(served)
-        r = _run_round(served)
+        held_free = mem_free(served)
+        r = run_round(served)
         rounds.append(r)
         served.ctl_call("hint-done")
         # DONE: the driver returns every held block; wait for that before the next round.
-        _wait_mem_free(served, held_free - HINT_BLOCK)
+        wait_mem_free(served, held_free - HINT_BLOCK)
     # Idle 1 GiB guest: at least half of RAM comes back as hints in a round, even through a
     # 128-entry free page queue.
     for r in rounds:
@@ -218,7 +128,7 @@ def test_vm_stop_cont_resumes_the_device(served: Served) -> None:
 
 
 def test_driver_rebind_is_a_stop_and_restart(served: Served) -> None:
-    d = _balloon_dev_dir(served.vm)
+    d = balloon_dev_dir(served.vm)
     name = os.path.basename(d)
     stops = served.stats()["session_counters"].get("device_stops", 0)
     # Unbinding resets the device: QEMU stops the vhost device (GET_VRING_BASE on every ring).
@@ -227,16 +137,14 @@ def test_driver_rebind_is_a_stop_and_restart(served: Served) -> None:
                       and not s["live"], "the vhost-user stop")
     served.vm.run(f"echo {name} > /sys/bus/virtio/drivers/virtio_balloon/bind")
     served.wait_stats(lambda s: s["live"] and s["status"] & 0x4, "the restart", timeout=60)
-    r = _run_round(served)
+    r = run_round(served)
     served.ctl_call("hint-done")
     assert r["hinted_bytes"] > 0 and r["outside_ram"] == 0, r
 
 
 def test_guest_kernel_log_has_no_virtio_error(served: Served) -> None:
     log = served.vm.dmesg()
-    bad = [line for line in log.splitlines()
-           if re.search(r"virtio|balloon", line, re.I)
-           and re.search(r"error|fail|bug|warn|invalid|broken|call trace", line, re.I)]
+    bad = virtio_errors(log)
     assert bad == [], "\n".join(bad)
     assert "Call Trace" not in log
 
