@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from guestmem.clock import Scheduler
+from guestmem.clock import ScheduledEvent, Scheduler
 from guestmem.dirty import DirtyLog
 from guestmem.pages import POISON, ZERO, PageVersions
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE, whole_pages_in
@@ -225,8 +225,8 @@ class PrecopyMigration:
         self._sync_gen = 0  # bumped by every bitmap sync: a hint from an older one is stale
         # QEMU's migration thread holds bitmap_mutex while it sends a batch of pages; hints wait.
         self._mutex_busy_until = 0.0
-        self._hint_event: object | None = None
-        self._chunk_event: object | None = None
+        self._hint_event: ScheduledEvent | None = None  # the hint thread's next run
+        self._chunk_event: ScheduledEvent | None = None
 
     # -- the precopy notifier ------------------------------------------------------------------
     def _notify(self, event: str, vm_running: bool) -> None:
@@ -389,9 +389,7 @@ class PrecopyMigration:
         self.phase = "done"
         self.done = True
         self.dirty_log.stop()
-        if self._hint_event is not None:
-            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
-            self._hint_event = None
+        self._cancel_hint_thread()
 
     # -- hints ---------------------------------------------------------------------------------
     def hint(self, cmd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
@@ -436,10 +434,13 @@ class PrecopyMigration:
             gen, cmd_id, first, count = self._queue.popleft()
             dt += self.cost.host_hint_s + count * self.cost.host_hint_page_s
             self._apply(gen, cmd_id, first, count)
-        if self._hint_event is not None:
-            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
-            self._hint_event = None
+        self._cancel_hint_thread()  # nothing left for it to do
         return dt
+
+    def _cancel_hint_thread(self) -> None:
+        if self._hint_event is not None:
+            self.sched.cancel(self._hint_event)
+            self._hint_event = None
 
     def _apply(self, gen: int, cmd_id: int, first: int, count: int) -> None:
         current = (self._accepting and gen == self._sync_gen
@@ -468,9 +469,7 @@ class PrecopyMigration:
             return
         self.stats.stale_hints_dropped += len(self._queue)
         self._queue.clear()
-        if self._hint_event is not None:
-            self.sched.cancel(self._hint_event)  # type: ignore[arg-type]
-            self._hint_event = None
+        self._cancel_hint_thread()
 
     def _apply_queue_now(self) -> None:
         # Only under the accept-stale-hints fault: the queued hints of the old round land on the

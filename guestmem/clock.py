@@ -23,7 +23,9 @@ class SimClock:
 
 
 @dataclass(order=True, slots=True)
-class _Event:
+class ScheduledEvent:
+    """A call waiting in a ``Scheduler``: the handle ``at``/``after`` return, for ``cancel``."""
+
     time: float
     seq: int
     fn: Callable[..., Any] = field(compare=False)
@@ -34,7 +36,7 @@ class _Event:
 class Scheduler:
     def __init__(self, clock: SimClock | None = None) -> None:
         self.clock = clock if clock is not None else SimClock()
-        self._heap: list[_Event] = []
+        self._heap: list[ScheduledEvent] = []
         self._seq = itertools.count()
         self.events_run = 0
 
@@ -42,17 +44,17 @@ class Scheduler:
     def now(self) -> float:
         return self.clock.now
 
-    def at(self, t: float, fn: Callable[..., Any], *args: Any) -> _Event:
+    def at(self, t: float, fn: Callable[..., Any], *args: Any) -> ScheduledEvent:
         """Run ``fn(*args)`` at simulated time ``t`` (not before now)."""
-        ev = _Event(max(t, self.clock.now), next(self._seq), fn, args)
+        ev = ScheduledEvent(max(t, self.clock.now), next(self._seq), fn, args)
         heapq.heappush(self._heap, ev)
         return ev
 
-    def after(self, dt: float, fn: Callable[..., Any], *args: Any) -> _Event:
+    def after(self, dt: float, fn: Callable[..., Any], *args: Any) -> ScheduledEvent:
         return self.at(self.clock.now + max(dt, 0.0), fn, *args)
 
     @staticmethod
-    def cancel(ev: _Event) -> None:
+    def cancel(ev: ScheduledEvent) -> None:
         ev.cancelled = True
 
     def peek_time(self) -> float | None:
