@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -28,7 +29,6 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     import numpy as np
 
     from guest_model.buddy import MAX_ORDER, BuddyAllocator
-    from guest_model.walk import FreeBlockWalker
     from guestmem.pages import PageVersions
 
     out: dict[str, float] = {"gib": gib}
@@ -40,12 +40,7 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     out["rss_after_setup_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # A walk of the fresh guest: every max-order block once.
-    w = FreeBlockWalker(a, 0)
-    t = time.perf_counter()
-    n = 0
-    while w.step() is not None:
-        n += 1
-    dt = time.perf_counter() - t
+    n, dt = _timed_walk(a)
     out["walk_boot_blocks"] = n
     out["walk_boot_blocks_per_s"] = n / dt
 
@@ -72,12 +67,7 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     out["ops_per_s"] = ops / dt
 
     # Walk of the fragmented guest.
-    w = FreeBlockWalker(a, 0)
-    t = time.perf_counter()
-    n = 0
-    while w.step() is not None:
-        n += 1
-    dt = time.perf_counter() - t
+    n, dt = _timed_walk(a)
     out["walk_frag_blocks"] = n
     out["walk_frag_blocks_per_s"] = n / dt
 
@@ -96,6 +86,18 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     out["bulk_free_pages_per_s"] = pf.size / dt_f
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+def _timed_walk(allocator: Any) -> tuple[int, float]:
+    """Walk every free block once (the seed's walker, from pfn 0): (blocks, seconds)."""
+    from guest_model.walk import FreeBlockWalker
+
+    w = FreeBlockWalker(allocator, 0)
+    t = time.perf_counter()
+    n = 0
+    while w.step() is not None:
+        n += 1
+    return n, time.perf_counter() - t
 
 
 def _order_weights(k: int) -> list[float]:

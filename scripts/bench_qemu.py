@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vmsim.qemu_lab import GuestVM, LabMissing, QemuLab  # noqa: E402
+from vmsim.qemu_lab import GuestVM, LabMissing, QemuLab, stop_process  # noqa: E402
 
 PAGE = 4096
 BLOCK = 4 << 20  # Linux hints MAX_ORDER-1 blocks: 4 MiB on x86-64
@@ -142,6 +142,18 @@ def _median_period(samples: list[tuple[float, int]]) -> float:
     return round(d[len(d) // 2], 3) if d else 0.0
 
 
+def begin_measure(vm: GuestVM, device: str) -> tuple[dict[str, Any], int]:
+    """What both measurements start with once the guest is up: the result record (device name,
+    boot time, whether hinting was negotiated), MemFree before the round (KiB), and the guest's
+    tracing and MemFree sampler switched on."""
+    res: dict[str, Any] = {"device": device, "boot_s": round(vm.boot_seconds, 2)}
+    res["free_page_hint_negotiated"] = balloon_features(vm)[FREE_PAGE_HINT_BIT] == "1"
+    before = mem_free_kib(vm)
+    start_ftrace(vm)
+    start_sampler(vm)
+    return res, before
+
+
 # -- QEMU's own balloon ---------------------------------------------------------------------------
 
 
@@ -150,14 +162,8 @@ def measure_qemu(lab: QemuLab, ram: str, hint: bool, append: str) -> dict[str, A
     t0 = time.monotonic()
     with lab.boot(ram=ram, devices=[dev], extra_args=["-object", "iothread,id=io0"],
                   append=append, timeout=180) as vm:
-        res: dict[str, Any] = {"device": "QEMU virtio-balloon-pci free-page-hint="
-                               + ("on" if hint else "off"),
-                               "boot_s": round(vm.boot_seconds, 2)}
-        feats = balloon_features(vm)
-        res["free_page_hint_negotiated"] = feats[FREE_PAGE_HINT_BIT] == "1"
-        before = mem_free_kib(vm)
-        start_ftrace(vm)
-        start_sampler(vm)
+        res, before = begin_measure(
+            vm, "QEMU virtio-balloon-pci free-page-hint=" + ("on" if hint else "off"))
         vm.qmp("migrate-set-parameters", **{"max-bandwidth": 256 << 20, "downtime-limit": 300})
         t_req = guest_uptime(vm)
         t_mig = time.monotonic()
@@ -226,13 +232,7 @@ def measure_ours(lab: QemuLab, ram: str, append: str) -> dict[str, Any]:
             dev = json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
                               "socket": {"type": "unix", "path": sock}})
             with lab.boot(ram=ram, devices=[dev], append=append, timeout=180) as vm:
-                res: dict[str, Any] = {"device": "ours over vfio-user",
-                                       "boot_s": round(vm.boot_seconds, 2)}
-                feats = balloon_features(vm)
-                res["free_page_hint_negotiated"] = feats[FREE_PAGE_HINT_BIT] == "1"
-                before = mem_free_kib(vm)
-                start_ftrace(vm)
-                start_sampler(vm)
+                res, before = begin_measure(vm, "ours over vfio-user")
                 t_req = guest_uptime(vm)
                 cmd = ctl(ctl_path, "hint-start")
                 cmd_id = cmd.get("cmd-id")
@@ -260,12 +260,7 @@ def measure_ours(lab: QemuLab, ram: str, append: str) -> dict[str, Any]:
                 res["mem_free_after_done_kib"] = mem_free_kib(vm)
                 res["guest_work_calls_s"] = read_ftrace(vm)
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server)
     res["wall_s"] = round(time.monotonic() - t0, 1)
     return res
 

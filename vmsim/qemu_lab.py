@@ -219,6 +219,17 @@ class QemuLab:
         return vm
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a helper process (a device server next to the guest): SIGTERM so it can clean up,
+    then SIGKILL if it is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _kill(proc: subprocess.Popen, tmpdir: str) -> None:
     """Finalizer: never leave a QEMU behind, even if a GuestVM is dropped without close()."""
     if proc.poll() is None:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import pytest
 
 from vmsim.cmd_ctl import call
-from vmsim.qemu_lab import QemuLab
+from vmsim.qemu_lab import QemuLab, stop_process
 
 RAM_BYTES = 1 << 30
 HINT_BLOCK = 4 << 20
@@ -82,16 +82,6 @@ def vfio_user_device(sock: str) -> str:
                        "socket": {"type": "unix", "path": sock}})
 
 
-def stop_server(srv: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not gone within 10 s."""
-    srv.terminate()
-    try:
-        srv.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        srv.kill()
-        srv.wait()
-
-
 def start_served(lab: QemuLab, transport: Transport = "vfio-user", *, append: str = "",
                  features: str | None = None) -> Iterator[Served]:
     """Serve the device from a ``balloon-hint serve`` subprocess and boot a 1 GiB guest on it."""
@@ -120,7 +110,7 @@ def start_served(lab: QemuLab, transport: Transport = "vfio-user", *, append: st
                       timeout=180) as vm:
             yield Served(vm, ctl, log_path)
     finally:
-        stop_server(srv)
+        stop_process(srv)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,7 +13,8 @@ import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,19 @@ def wait_until(token: trio.lowlevel.TrioToken, cond: Callable[[], bool],
     return False
 
 
+@contextmanager
+def live_frontend(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> Iterator[Frontend]:
+    """A front-end that has set the device up and started its rings; closed on leaving."""
+    fe = Frontend(connect=str(server.path))
+    try:
+        fe.init()
+        fe.start()
+        assert wait_until(token, lambda: server.session.live)
+        yield fe
+    finally:
+        fe.close()
+
+
 # -- the listening socket ------------------------------------------------------------------------
 def test_socket_is_created_mode_0600_and_stale_socket_replaced() -> None:
     with tempfile.TemporaryDirectory() as d:
@@ -104,11 +118,7 @@ def test_refuses_to_replace_a_regular_file_or_use_a_missing_folder() -> None:
 # -- end to end ----------------------------------------------------------------------------------
 def test_inflate_kick_reaches_device_and_call_eventfd_fires() -> None:
     def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> None:
-        fe = Frontend(connect=str(server.path))
-        try:
-            fe.init()
-            fe.start()
-            assert wait_until(token, lambda: server.session.live)
+        with live_frontend(server, token) as fe:
             vr = fe.vrings[0]
             buf = fe.area.alloc(8)
             fe.mem.write(buf, struct.pack("<2I", 0x300, 0x301))
@@ -119,8 +129,6 @@ def test_inflate_kick_reaches_device_and_call_eventfd_fires() -> None:
             assert readable(fe.call[0])
             assert os.read(fe.call[0], 8) == struct.pack("=Q", 1)
             assert vr.get_buf() is not None
-        finally:
-            fe.close()
 
     server, effects, _ = run_with_server(client)
     assert Inflated((0x300, 0x301)) in effects
@@ -129,11 +137,7 @@ def test_inflate_kick_reaches_device_and_call_eventfd_fires() -> None:
 
 def test_replaced_kick_fd_is_watched_instead_of_the_old_one() -> None:
     def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> None:
-        fe = Frontend(connect=str(server.path))
-        try:
-            fe.init()
-            fe.start()
-            assert wait_until(token, lambda: server.session.live)
+        with live_frontend(server, token) as fe:
             old = fe.kick[0]
             fe.kick[0] = os.eventfd(0, os.EFD_NONBLOCK)
             # NEED_REPLY: wait until the server has switched before the guest adds a buffer.
@@ -151,8 +155,6 @@ def test_replaced_kick_fd_is_watched_instead_of_the_old_one() -> None:
             assert readable(fe.call[0])
             assert vr.more_used()
             os.close(old)
-        finally:
-            fe.close()
 
     _server, effects, _ = run_with_server(client)
     assert Inflated((0x444,)) in effects
@@ -160,11 +162,7 @@ def test_replaced_kick_fd_is_watched_instead_of_the_old_one() -> None:
 
 def test_host_call_sends_config_change_and_hints_arrive() -> None:
     def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> int:
-        fe = Frontend(connect=str(server.path))
-        try:
-            fe.init()
-            fe.start()
-            assert wait_until(token, lambda: server.session.live)
+        with live_frontend(server, token) as fe:
             assert fe.channel is not None
             host(token, server, lambda d: d.free_page_start())
             # CONFIG_CHANGE_MSG on the back-end channel (protocol.md 8.4).
@@ -180,8 +178,6 @@ def test_host_call_sends_config_change_and_hints_arrive() -> None:
             fe.kick_ring(3)
             assert wait_until(token, lambda: fpq.more_used())
             return cmd_id
-        finally:
-            fe.close()
 
     _server, effects, cmd_id = run_with_server(client)
     hints = [e for e in effects if isinstance(e, PagesHinted)]
