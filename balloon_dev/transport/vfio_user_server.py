@@ -299,21 +299,34 @@ async def _control_conn(stream: trio.SocketStream, control: HostControl) -> None
                     line, buf = buf.split(b"\n", 1)
                     if not line.strip():
                         continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        reply: dict[str, Any] = {"error": {"class": "GenericError",
-                                                           "desc": f"bad JSON: {e}"}}
-                    else:
-                        try:
-                            reply = control.execute(obj)
-                        except Exception as e:  # noqa: BLE001 - keep serving the device
-                            log.exception("control command %r failed", obj)
-                            reply = {"error": {"class": "GenericError",
-                                               "desc": f"internal error: {e}"}}
-                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                    await stream.send_all(_control_reply(control, line))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+def _control_reply(control: HostControl, line: bytes) -> bytes:
+    """The reply line (newline included) to one request line; never raises.
+
+    Deeply nested JSON makes the parser (and ``json.dumps`` of an echoed ``id``) raise
+    ``RecursionError``, not ``ValueError``: it is bad input like any other, answered with an
+    error, and must not end the control server (which shares the device server's nursery).
+    """
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        reply: dict[str, Any] = {"error": {"class": "GenericError",
+                                           "desc": f"bad JSON: {str(e)[:200]}"}}
+    else:
+        try:
+            reply = control.execute(obj)
+        except Exception as e:  # noqa: BLE001 - keep serving the device
+            log.exception("control command %.200r failed", line)
+            reply = {"error": {"class": "GenericError", "desc": f"internal error: {e}"}}
+    try:
+        return json.dumps(reply).encode() + b"\n"
+    except (ValueError, RecursionError) as e:  # an unencodable echoed id
+        return json.dumps({"error": {"class": "GenericError",
+                                     "desc": f"unencodable reply: {e}"}}).encode() + b"\n"
 
 
 def wall_clock() -> float:
