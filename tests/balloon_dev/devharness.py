@@ -10,6 +10,7 @@ import struct
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import Effect
+from balloon_dev.hint import START
 from guestmem import GuestMemory
 from protocol.balloon import (
     CFG_POISON_VAL,
@@ -115,6 +116,16 @@ class Harness:
 
     def read_cmd_id(self) -> int:
         return int.from_bytes(self.dev.read_config(8, 4), "little")
+
+    def open_hint_round(self) -> int:
+        """Host starts a hint round, the driver answers with its cmd id: the round is in START.
+        Returns the cmd id."""
+        self.dev.free_page_start()
+        cid = self.read_cmd_id()
+        self.post_out(BalloonQueue.FREE_PAGE, cmd(cid))
+        self.kick(BalloonQueue.FREE_PAGE)
+        assert self.dev.hint.status == START
+        return cid
 
 
 def pfn_bytes(*pfns: int) -> bytes:

@@ -19,7 +19,7 @@ from balloon_dev.effects import (
     PrecopyEvent,
     StatsReceived,
 )
-from balloon_dev.hint import DONE, REQUESTED, START, STOP
+from balloon_dev.hint import DONE, REQUESTED, STOP
 from guestmem import GuestMemory
 from protocol.balloon import (
     CFG_ACTUAL,
@@ -349,15 +349,6 @@ def test_reporting_chain():
 
 
 # -- free page hinting --------------------------------------------------------------------------
-def start_round(h: Harness) -> int:
-    h.dev.free_page_start()
-    cid = h.read_cmd_id()
-    h.post_out(Q.FREE_PAGE, cmd(cid))
-    h.kick(Q.FREE_PAGE)
-    assert h.dev.hint.status == START
-    return cid
-
-
 def test_hint_round():
     h = live()
     fq = h.tq(Q.FREE_PAGE)
@@ -386,7 +377,7 @@ def test_hint_round():
 
 def test_host_stop_races_with_hints_not_a_violation():
     h = live()
-    cid = start_round(h)
+    cid = h.open_hint_round()
     assert h.dev.free_page_stop() == [HintRoundStopped(cid), ConfigChanged()]
     h.post_in(Q.FREE_PAGE, [(0x800000, 0x400000)])
     h.post_out(Q.FREE_PAGE, cmd(0))
@@ -408,7 +399,7 @@ def test_bad_cmd_length_is_dr9_and_changes_nothing():
 
 def test_second_start_is_dr9_and_ends_round():
     h = live()
-    cid = start_round(h)
+    cid = h.open_hint_round()
     h.post_out(Q.FREE_PAGE, cmd(cid))
     eff = h.kick(Q.FREE_PAGE)
     assert HintRoundStopped(cid) in eff and h.dev.hint.status == STOP
@@ -428,7 +419,7 @@ def test_stale_start_ignored():
 
 def test_host_start_supersedes_round():
     h = live()
-    cid = start_round(h)
+    cid = h.open_hint_round()
     eff = h.dev.free_page_start()
     assert eff == [HintRoundStopped(cid), ConfigChanged()]
     assert h.read_cmd_id() == cid + 1
@@ -436,7 +427,7 @@ def test_host_start_supersedes_round():
 
 def test_qemu_cmd_id_read():
     h = live(qemu_cmd_id_read=True)
-    start_round(h)
+    h.open_hint_round()
     assert h.read_cmd_id() == 0
 
 
@@ -470,7 +461,7 @@ def test_hinting_not_negotiated_or_not_offered():
 
 def test_hint_ranges_beyond_ram_dropped():
     h = live(ram_pages=4096)  # 16 MiB
-    cid = start_round(h)
+    cid = h.open_hint_round()
     h.post_in(Q.FREE_PAGE, [(0x800000, 0x400000)])
     h.post_chain(Q.FREE_PAGE, [(0xC00000, 0x400000, True)])
     eff = h.kick(Q.FREE_PAGE)
@@ -483,7 +474,7 @@ def test_reset_returns_to_power_on_but_keeps_target_and_counter():
     d = h.dev
     d.set_target(50)
     d.write_config(CFG_ACTUAL, struct.pack("<I", 5))
-    cid = start_round(h)
+    cid = h.open_hint_round()
     h.post_out(Q.STATS, stats_bytes((4, 1)))
     h.kick(Q.STATS)
     gen = d.config_generation

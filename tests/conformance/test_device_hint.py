@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from balloon_dev.effects import ConfigChanged, HintRoundStopped, PagesHinted, PrecopyEvent
-from balloon_dev.hint import DONE, START, STOP
+from balloon_dev.hint import DONE, STOP
 from protocol.balloon import BalloonQueue
 from tests.balloon_dev.devharness import Harness, cmd
 
@@ -22,20 +22,11 @@ def hinted(effects) -> list[PagesHinted]:
     return [e for e in effects if isinstance(e, PagesHinted)]
 
 
-def open_round(h: Harness) -> int:
-    h.dev.free_page_start()
-    cid = h.read_cmd_id()
-    h.post_out(Q.FREE_PAGE, cmd(cid))
-    h.kick(Q.FREE_PAGE)
-    assert h.dev.hint.status == START
-    return cid
-
-
 @pytest.mark.spec("D-8")
 def test_stop_published_whenever_hints_cannot_be_used():
     """STOP is published (with a config interrupt) before every bitmap sync and on reset"""
     h = live()
-    cid = open_round(h)
+    cid = h.open_hint_round()
     eff = h.dev.precopy_notify(PrecopyEvent.BEFORE_BITMAP_SYNC, True)
     assert eff == [HintRoundStopped(cid), ConfigChanged()]
     assert h.read_cmd_id() == 0
@@ -75,7 +66,7 @@ def test_ids_never_reused_before_stop():
 def test_pages_under_non_current_id_ignored():
     """hints after the host replaced the round, or sent with a stale start, are ignored"""
     h = live()
-    old = open_round(h)
+    old = h.open_hint_round()
     h.dev.free_page_start()  # the host moves on; the driver has not noticed yet
     new = h.read_cmd_id()
     h.post_in(Q.FREE_PAGE, [(0x800000, BLOCK)])
@@ -105,7 +96,7 @@ def test_hints_attributed_only_to_the_round_they_follow():
 def test_no_hints_after_done():
     """after DONE no hint is passed on, whatever the driver sends"""
     h = live()
-    cid = open_round(h)
+    cid = h.open_hint_round()
     eff = h.dev.free_page_done()
     assert eff == [HintRoundStopped(cid), ConfigChanged()] and h.read_cmd_id() == 1
     h.post_in(Q.FREE_PAGE, [(0x800000, BLOCK)])
