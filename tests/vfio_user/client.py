@@ -19,6 +19,7 @@ from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from tests.fdutil import eventfd
 
 RAM_SIZE = 16 << 20
 BAR4 = vp.MODERN_BAR
@@ -29,26 +30,6 @@ def memfd(size: int = RAM_SIZE) -> int:
     fd = os.memfd_create("guest-ram")
     os.ftruncate(fd, size)
     return fd
-
-
-def eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK)
-
-
-def eventfd_count(fd: int) -> int:
-    """Read (and reset) an eventfd's counter; 0 if it was not signalled."""
-    try:
-        return int.from_bytes(os.read(fd, 8), "little")
-    except BlockingIOError:
-        return 0
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def perform(actions: list[Any]) -> list[Any]:

@@ -58,7 +58,7 @@ def test_dirty_bitmap_is_not_supported(client: Client) -> None:
 
 
 def test_unmap_with_an_fd_closes_it(client: Client) -> None:
-    from tests.vfio_user.client import fd_is_open
+    from tests.fdutil import fd_is_open
     mapped(client, (0, MIB))
     fd = memfd(MIB)
     assert client.error(C, vu.build_dma_unmap(0, 0, MIB), [fd]) == errno.EINVAL

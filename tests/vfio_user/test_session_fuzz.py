@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from balloon_dev.transport.vfio_user import Reply
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client, eventfd, perform
+from tests.fdutil import eventfd
+from tests.vfio_user.client import Client, perform
 
 commands = st.sampled_from([int(c) for c in vu.Command] + [0, 99])
 payloads = st.one_of(

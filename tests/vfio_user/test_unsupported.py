@@ -6,7 +6,8 @@ import errno
 import pytest
 
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client, eventfd, fd_is_open
+from tests.fdutil import eventfd, fd_is_open
+from tests.vfio_user.client import Client
 
 
 @pytest.mark.parametrize("cmd", [

@@ -22,6 +22,7 @@ from guest_model.vring import DriverArea, DriverVring
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
 from protocol.virtio import DeviceStatus
+from tests.fdutil import eventfd, eventfd_count
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -37,26 +38,6 @@ AREA_SIZE = 1 << 20
 POISON = 0xAAAAAAAA
 STATUS_ALL = int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
                  | DeviceStatus.DRIVER_OK)
-
-
-def eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-def fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def eventfd_read(fd: int) -> int:
-    """The eventfd counter (0 when nothing was signalled)."""
-    try:
-        return struct.unpack("=Q", os.read(fd, 8))[0]
-    except BlockingIOError:
-        return 0
 
 
 def recv_message_sync(sock: socket.socket) -> vu.Message:
@@ -288,5 +269,5 @@ class Frontend:
         os.write(self.kick[q], struct.pack("=Q", 1))
         if self.backend is None:
             return []  # the server's watcher reads the eventfd
-        assert eventfd_read(self.kick[q]) == 1  # what the server's watcher does
+        assert eventfd_count(self.kick[q]) == 1  # what the server's watcher does
         return self.session.kick(q)

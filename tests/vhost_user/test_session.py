@@ -22,15 +22,8 @@ from balloon_dev.effects import (
 from protocol import vhost_user as vu
 from protocol.balloon import VIRTIO_BALLOON_F_FREE_PAGE_HINT
 from protocol.virtio import DeviceStatus
-from tests.vhost_user.frontend import (
-    AREA_GPA,
-    RAM_SIZE,
-    RAM_UADDR,
-    STATUS_ALL,
-    Frontend,
-    eventfd,
-    fd_is_open,
-)
+from tests.fdutil import eventfd, fd_is_open
+from tests.vhost_user.frontend import AREA_GPA, RAM_SIZE, RAM_UADDR, STATUS_ALL, Frontend
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature

@@ -1,0 +1,26 @@
+"""File-descriptor helpers shared by the vfio-user and vhost-user tests: eventfds as a front-end
+passes them (non-blocking, so an unsignalled read returns at once), their counters, and whether
+an fd the device was handed is still open (the device must close what it rejects or drops)."""
+from __future__ import annotations
+
+import os
+
+
+def eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def eventfd_count(fd: int) -> int:
+    """Read (and reset) an eventfd's counter; 0 if it was not signalled."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
