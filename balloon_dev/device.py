@@ -32,7 +32,8 @@ mistakes (a host asking for hint rounds on a device that does not offer them, a 
 
 Decisions
 ---------
-- FEATURES_OK is refused when the driver's features are not a subset of the offered ones, lack
+- (Modern interface; see "Legacy interface" below for the other one.)
+  FEATURES_OK is refused when the driver's features are not a subset of the offered ones, lack
   VERSION_1, or (compacted numbering) decline an offered stats/hint queue while accepting a later
   one: the driver would then number its queues differently from us (protocol.md Open question
   1; Linux counts negotiated features, QEMU offered ones). With
@@ -70,11 +71,43 @@ Observable here:
 - DR-12: ``poison_val`` changed after DRIVER_OK; PAGE_POISON negotiated but ``poison_val``
   never written before DRIVER_OK.
 - DR-13 (in part): free page reporting kicked before DRIVER_OK.
+- DR-7 (legacy interface only): a write to ``actual`` that is not one 4-byte write.
 
 Not observable from the device (it cannot see guest page contents, page use or intentions):
 DR-2 (whether the guest poisons or zeroes freed pages, and what it expects of them), DR-3 and
-DR-7 (inflate/deflate/actual timing: the driver may batch, so no single moment is wrong),
-DR-4, DR-5, DR-11 and the rest of DR-13 (page use and page contents).
+the rest of DR-7 (inflate/deflate/actual timing: the driver may batch, so no single moment is
+wrong), DR-4, DR-5, DR-11 and the rest of DR-13 (page use and page contents).
+
+Legacy interface (``DeviceConfig.legacy``)
+------------------------------------------
+The same core can present the virtio 0.9.5 interface a legacy driver speaks (protocol.md 1.7,
+3.2-3.5, 4.6). What differs, and only with ``legacy=True``:
+
+- Features: one 32-bit word; the driver sees bits 0-31 of the offered features (never
+  VERSION_1) and its write is taken at once, minus bits not offered (counted). There is no
+  FEATURES_OK (``status.LEGACY_PREREQUISITES``: DRIVER_OK follows DRIVER), so nothing can be
+  refused: a driver that declines MUST_TELL_HOST is served whatever
+  ``refuse_without_must_tell_host`` says (D-2), only noted as DR-1 at DRIVER_OK. Without
+  MUST_TELL_HOST the driver may reuse balloon pages before the deflate is used; the device asks
+  nothing else of it. Feature writes after a ring is set up are ignored and counted (the rings
+  were built for the earlier ones).
+- ``actual`` (D-5): config reads show the bytes as written, but the device acts on the value
+  (``actual``, ``ActualChanged``) only when a write covers its most significant byte (offset 7),
+  so a driver writing it byte by byte, low to high, is never taken at a half-written value.
+  A write that is not all 4 bytes at once is noted as DR-7. Config fields stay little-endian
+  (protocol.md 3.2); config writes are accepted at any time (no FEATURES_OK step).
+- Statistics (D-7): the first stats buffer after initialisation is held, as always, but its
+  values are not read (no ``StatsReceived``, no DR-8 tag-set baseline); counted as
+  ``stats_first_buffer_ignored``.
+- Endianness: legacy rings, pfn arrays and stats entries are guest-endian. The device assumes a
+  little-endian guest (x86-64, and arm64 as Linux runs it), where guest-endian is little-endian,
+  so they are read exactly as on the modern interface. Big-endian legacy guests are not served.
+- Rings: a transport that has only the legacy single address calls ``set_queue_legacy(q, pfn)``
+  (one block at ``pfn << 12``, the queue's fixed size, used ring on the next 4 KiB); a
+  transport that knows the three addresses may keep using ``set_queue``.
+- DEVICE_NEEDS_RESET does not exist there: a broken ring still stops the device (and emits
+  ``NeedsReset`` for the host), but ``status`` does not show the bit and no config interrupt is
+  sent.
 """
 from __future__ import annotations
 
@@ -140,10 +173,12 @@ from protocol.virtio import (
     VIRTIO_F_VERSION_1,
     feature_mask,
 )
-from protocol.virtqueue import VIRTQ_MAX_SIZE
+from protocol.virtqueue import VIRTQ_MAX_SIZE, avail_ring_size, desc_table_size
 
 log = logging.getLogger(__name__)
 
+#: Legacy virtio-pci's ring alignment (the used ring starts on the next 4 KiB boundary).
+LEGACY_VRING_ALIGN = 4096
 #: Bound on drain passes per kick (each pass pops up to a queue's worth of buffers).
 _MAX_PASSES_PER_KICK = 64
 
@@ -192,12 +227,20 @@ class DeviceConfig:
     #: RAM is modelled by PageVersions; V-8 is checked against RAM plus the byte-backed
     #: regions). None: buffers must lie in byte-backed regions; pfns are not bound-checked.
     ram_pages: int | None = None
+    #: The legacy (virtio 0.9.5) interface instead of the modern one (module docstring, "Legacy
+    #: interface"): the driver sees only bits 0-31 of ``offered_features`` (so no VERSION_1;
+    #: offering it is allowed, as a transitional device does on its modern interface), features
+    #: are taken when written and never refused (D-2), ``actual`` is acted on once its most
+    #: significant byte is written (D-5), the first stats buffer's values are ignored (D-7), and
+    #: ``set_queue_legacy(q, pfn)`` places a ring from one address (protocol.md 1.7).
+    #: ``refuse_without_must_tell_host`` does not apply to the legacy interface (D-2).
+    legacy: bool = False
 
     def __post_init__(self) -> None:
         f = self.offered_features
-        if not _has(f, VIRTIO_F_VERSION_1):
+        if not self.legacy and not _has(f, VIRTIO_F_VERSION_1):
             raise ValueError("DeviceConfig.offered_features: a virtio 1.x device must offer "
-                             "VERSION_1 (bit 32)")
+                             "VERSION_1 (bit 32); a legacy device needs legacy=True")
         if _has(f, VIRTIO_F_UNUSED_30):
             raise ValueError("DeviceConfig.offered_features: bit 30 must never be offered")
         if f < 0 or f > U64_MASK:
@@ -238,6 +281,13 @@ class DeviceState:
     config_generation: int = 0
     stats_head: int | None = None
     stats_tags: frozenset[int] | None = None
+    #: Legacy: a stats buffer has arrived since initialisation (D-7: the first one's values are
+    #: ignored).
+    stats_first_seen: bool = False
+    #: Legacy: ``actual`` as the driver has written it so far, byte by byte (what config reads
+    #: show); ``actual`` is the value acted on, taken from here when the most significant byte
+    #: is written (D-5).
+    actual_written: int = 0
     last_started_id: int | None = None
     driver_stopped: bool = True  # no hint round opened by the driver yet
     deferred_kicks: set[int] = field(default_factory=set)
@@ -290,6 +340,9 @@ class BalloonDevice:
         self.mem = mem
         self.cfg = cfg if cfg is not None else DeviceConfig()
         self._offered = self.cfg.offered_features
+        self._legacy = self.cfg.legacy
+        #: What the driver is shown: the legacy interface has one 32-bit feature word.
+        self._visible = self._offered & U32_MAX if self._legacy else self._offered
         self._config_size = config_size(self._offered)
         self._layout = queue_layout(self._offered, fixed=self.cfg.fixed_queue_numbering)
         self._num_queues = max(self._layout.values()) + 1
@@ -338,7 +391,15 @@ class BalloonDevice:
         return bool(st & DRIVER_OK) and not st & (NEEDS_RESET | FAILED)
 
     def _negotiated(self, bit: int) -> bool:
+        if self._legacy:
+            # Legacy features hold from the moment they are written (no FEATURES_OK step).
+            return _has(self.state.driver_features, bit)
         return bool(self.state.status & FEATURES_OK) and _has(self.state.driver_features, bit)
+
+    @property
+    def legacy(self) -> bool:
+        """True when the device presents the legacy (virtio 0.9.5) interface."""
+        return self._legacy
 
     def _config_changed(self, effects: list[Effect], notify: bool = True) -> None:
         """A device-side config change: always a new generation; an interrupt if DRIVER_OK
@@ -355,19 +416,24 @@ class BalloonDevice:
         self.state.status |= NEEDS_RESET
         effects.append(NeedsReset(reason))
         # protocol.md 2.2: setting NEEDS_RESET while DRIVER_OK requires a config notification.
-        self._config_changed(effects)
+        # A legacy driver has no such bit to read (the device only goes quiet, as QEMU's
+        # broken legacy devices do), so there is nothing to notify it of.
+        self._config_changed(effects, notify=not self._legacy)
         return effects
 
     # == features and status ==================================================================
     @property
     def device_features(self) -> int:
-        return self._offered
+        return self._visible
 
     @property
     def driver_features(self) -> int:
         return self.state.driver_features
 
     def write_driver_features(self, value: int) -> None:
+        if self._legacy:
+            self._write_legacy_features(value)
+            return
         if self.state.status & FEATURES_OK:
             # virtio 1.x 3.1.1: features are fixed once FEATURES_OK is set.
             self._count("features_write_after_features_ok", "driver features %#x written after "
@@ -377,6 +443,42 @@ class BalloonDevice:
             self._count("features_write_out_of_range", "driver features %#x", value)
             value &= U64_MASK
         self.state.driver_features = value
+
+    def _write_legacy_features(self, value: int) -> None:
+        """Legacy: one 32-bit word, taken as written; nothing can be refused (D-2)."""
+        if self.state.status & DRIVER_OK or any(s.vq is not None for s in self._slots.values()):
+            # The rings were built for the features written before them (event idx, indirect).
+            self._count("features_write_after_queue_setup", "legacy driver features %#x written "
+                        "after queue set-up or DRIVER_OK (kept %#x)", value,
+                        self.state.driver_features)
+            return
+        if value < 0 or value > U32_MAX:
+            self._count("features_write_out_of_range", "legacy driver features %#x: only bits "
+                        "0-31 exist", value)
+            value &= U32_MAX
+        if value & ~self._visible:
+            # No FEATURES_OK to refuse with: keep the offered part, as QEMU does.
+            self._count("features_not_offered", "legacy driver accepted %#x, offered %#x "
+                        "(extra %#x dropped)", value, self._visible, value & ~self._visible)
+            value &= self._visible
+        self.state.driver_features = value
+
+    def _check_legacy_features(self) -> None:
+        """At DRIVER_OK, a legacy driver's final features: note what a modern device would
+        have refused, refuse nothing (D-2: the legacy interface cannot report a refusal)."""
+        f = self.state.driver_features
+        if _has(self._visible, VIRTIO_BALLOON_F_MUST_TELL_HOST) and not _has(
+                f, VIRTIO_BALLOON_F_MUST_TELL_HOST):
+            # D-2: a legacy driver without MUST_TELL_HOST is served (refuse_without_must_tell_host
+            # is a modern-interface choice); the driver still broke a "should".
+            self._dr("DR-1", "MUST_TELL_HOST offered and not accepted (legacy features %#x)", f)
+        if not self.cfg.fixed_queue_numbering:
+            ours = queue_layout(self._offered)
+            theirs = queue_layout(f)
+            if any(ours[q] != i for q, i in theirs.items()):
+                self._count("features_queue_layout_mismatch", "legacy driver features %#x decline "
+                            "an offered queue before an accepted one: its queue numbering differs "
+                            "from ours (offered %#x)", f, self._visible)
 
     def _validate_features(self) -> bool:
         f = self.state.driver_features
@@ -407,6 +509,8 @@ class BalloonDevice:
 
     @property
     def status(self) -> int:
+        if self._legacy:
+            return self.state.status & ~NEEDS_RESET  # no such bit in the legacy interface
         return self.state.status
 
     def write_status(self, v: int) -> list[Effect]:
@@ -416,7 +520,7 @@ class BalloonDevice:
         old = self.state.status
         verdict = judge_status_write(
             old, v, suspend_negotiated=self._negotiated(VIRTIO_F_SUSPEND),
-            validate_features=self._validate_features)
+            validate_features=self._validate_features, legacy=self._legacy)
         for name in verdict.ignored:
             self._count(name, "status write %#04x (status %#04x): bit ignored", v, old)
         self.state.status = verdict.status
@@ -432,6 +536,8 @@ class BalloonDevice:
 
     def _on_driver_ok(self) -> list[Effect]:
         effects: list[Effect] = []
+        if self._legacy:
+            self._check_legacy_features()
         if self._negotiated(VIRTIO_BALLOON_F_PAGE_POISON) and not self.state.poison_written:
             self._dr("DR-12", "PAGE_POISON negotiated but poison_val not written before DRIVER_OK")
         # Kicks that came before DRIVER_OK were not acted on (D-16); act on them now.
@@ -463,7 +569,10 @@ class BalloonDevice:
 
     def _config_bytes(self) -> bytes:
         s = self.state
-        raw = struct.pack("<IIII", s.num_pages, s.actual, self.hint.config_value(), s.poison_val)
+        # Little-endian even on the legacy interface (protocol.md 3.2). Legacy reads show
+        # ``actual`` as written so far, including a half-written value (D-5).
+        actual = s.actual_written if self._legacy else s.actual
+        raw = struct.pack("<IIII", s.num_pages, actual, self.hint.config_value(), s.poison_val)
         return raw[:self._config_size]
 
     def read_config(self, offset: int, size: int) -> bytes:
@@ -489,8 +598,9 @@ class BalloonDevice:
             end = offset + len(data)
         if not data:
             return effects
-        if not self.state.status & FEATURES_OK:
+        if not self._legacy and not self.state.status & FEATURES_OK:
             # protocol.md 2.3 step 4: config may be read, not written, before FEATURES_OK.
+            # (The legacy interface has no such step: its config is writable at any time.)
             self._count("config_write_before_features_ok", "write [%#x, +%#x) = %s ignored",
                         offset, len(data), data.hex())
             return effects
@@ -506,12 +616,30 @@ class BalloonDevice:
                 self._count("config_write_readonly", "driver wrote read-only %s at %#x "
                             "(%#x -> %#x ignored)", name, foff, old_v, new_v)
             elif name == "actual":
-                if new_v != old_v:
+                if self._legacy:
+                    effects += self._write_legacy_actual(offset, end, new_v)
+                elif new_v != old_v:
                     self.state.actual = new_v
                     effects.append(ActualChanged(new_v))
             elif name == "poison_val":
                 effects += self._write_poison(old_v, new_v)
         return effects
+
+    def _write_legacy_actual(self, offset: int, end: int, new_v: int) -> list[Effect]:
+        """A legacy write touching ``actual`` (``new_v``: the field with it applied)."""
+        self.state.actual_written = new_v
+        if not (offset <= CFG_ACTUAL and end >= CFG_ACTUAL + 4):
+            # DR-7 (legacy): all 4 bytes in one write. Old Linux wrote them one by one.
+            self._dr("DR-7", "legacy write of `actual` bytes [%#x, %#x) is not one 4-byte write",
+                     max(offset, CFG_ACTUAL), min(end, CFG_ACTUAL + 4))
+        if end < CFG_ACTUAL + 4:
+            # D-5: until its most significant byte is written the value is half-written; the
+            # device must not act on it (e.g. report a bogus balloon size to the host).
+            return []
+        if new_v == self.state.actual:
+            return []
+        self.state.actual = new_v
+        return [ActualChanged(new_v)]
 
     def _write_poison(self, old_v: int, new_v: int) -> list[Effect]:
         if not self._negotiated(VIRTIO_BALLOON_F_PAGE_POISON):
@@ -581,7 +709,8 @@ class BalloonDevice:
         if not slot.configured:
             self._count("queue_enable_unconfigured", "queue %d enabled without a valid set-up", q)
             return []
-        if not self.state.status & FEATURES_OK:
+        if not self._legacy and not self.state.status & FEATURES_OK:
+            # (Legacy has no FEATURES_OK: its features hold from when they were written.)
             self._count("queue_enable_before_features_ok", "queue %d enabled before FEATURES_OK",
                         q)
             return []
@@ -600,6 +729,24 @@ class BalloonDevice:
         if self.cfg.ram_pages is None:
             return None
         return [(0, self.cfg.ram_pages << 12)] + [(r.gpa, r.size) for r in self.mem.regions]
+
+    def set_queue_legacy(self, q: int, pfn: int, align: int = LEGACY_VRING_ALIGN) -> list[Effect]:
+        """Legacy queue set-up: the driver gives one page frame number; the ring is one block
+        there (protocol.md 1.7), of the queue's fixed size (a legacy driver cannot choose it).
+        A non-zero pfn sets the queue up and enables it; 0 (Linux writes it when tearing a
+        queue down, after a reset) sets nothing up."""
+        if not self._legacy:
+            raise ValueError(f"set_queue_legacy(queue {q}): the device presents the modern "
+                             "interface (DeviceConfig.legacy is False)")
+        slot = self._slot(q, "set_queue_legacy")
+        if slot is None or pfn == 0:
+            return []
+        if pfn < 0 or pfn << 12 > U64_MASK:
+            self._count("queue_bad_pfn", "queue %d: legacy pfn %#x out of range", q, pfn)
+            return []
+        desc, driver, device = legacy_ring_layout(pfn << 12, slot.max_size, align)
+        self.set_queue(q, slot.max_size, desc, driver, device)
+        return self.enable_queue(q)
 
     def queue_enabled(self, q: int) -> bool:
         slot = self._slots.get(q)
@@ -762,6 +909,15 @@ class BalloonDevice:
                          "one is returned", ch.head, self.state.stats_head)
                 used.append((self.state.stats_head, 0))
             self.state.stats_head = ch.head
+            if self._legacy and not self.state.stats_first_seen:
+                # D-7 (legacy): the first buffer after initialisation is kept (it is the one a
+                # request for stats gives back) but its values are not read: old drivers posted
+                # it uninitialised, so its tags say nothing about the driver either (DR-8).
+                self.state.stats_first_seen = True
+                self._count("stats_first_buffer_ignored", "stats head %d: first buffer since "
+                            "initialisation, values ignored (legacy)", ch.head,
+                            level=logging.INFO)
+                continue
             if ch.in_:
                 self._count("stats_writable_desc", "stats head %d: %d writable descriptors ignored",
                             ch.head, len(ch.in_))
@@ -1002,6 +1158,16 @@ class BalloonDevice:
             slot.size = slot.desc = slot.driver = slot.device = 0
         self._ballooned.clear()
         return effects
+
+
+def legacy_ring_layout(base: int, size: int, align: int = LEGACY_VRING_ALIGN
+                       ) -> tuple[int, int, int]:
+    """(desc, driver, device) areas of a legacy ring of ``size`` entries at ``base``
+    (protocol.md 1.7): the descriptor table, the available ring right after it, the used ring
+    at the next ``align`` boundary (a real round-up, not the spec's printed macro)."""
+    driver = base + desc_table_size(size)
+    device = (driver + avail_ring_size(size) + align - 1) & ~(align - 1)
+    return base, driver, device
 
 
 def _ranges_hex(ranges: tuple[Range, ...], limit: int = 4) -> str:

@@ -10,12 +10,18 @@ order and checks each against ``PREREQUISITES``; the device then acts on the ver
 - bits a driver may not write (DEVICE_NEEDS_RESET, SUSPEND when not negotiated) are dropped and
   reported as ``ignored``;
 - a write that clears a driver bit without resetting, or sets a bit whose prerequisite is not
-  set (e.g. DRIVER_OK without FEATURES_OK, which only a legacy driver would do and we implement
-  no legacy interface), is a guest error: the verdict is ``broken`` and the device enters
-  DEVICE_NEEDS_RESET (virtio 1.x 2.1.2: the device sets it when it needs a reset to recover).
+  set (e.g. DRIVER_OK without FEATURES_OK on the modern interface), is a guest error: the
+  verdict is ``broken`` and the device enters DEVICE_NEEDS_RESET (virtio 1.x 2.1.2: the device
+  sets it when it needs a reset to recover).
 - FEATURES_OK newly set asks the device to validate the features; ``features_ok`` is the
   device's answer, and when it is False the bit is not kept (the driver sees it gone on re-read,
   step 6 of protocol.md 2.3).
+
+The legacy interface (virtio 0.9.5, ``legacy=True``) has only ACKNOWLEDGE, DRIVER, DRIVER_OK and
+FAILED: features are taken when written, never confirmed, so DRIVER_OK follows DRIVER directly
+(``LEGACY_PREREQUISITES``) and the device cannot refuse them. Any other bit a legacy driver writes
+(FEATURES_OK, SUSPEND, DEVICE_NEEDS_RESET, bit 5) means nothing there: dropped and reported as
+``status_not_legacy_bit``.
 """
 from __future__ import annotations
 
@@ -43,6 +49,14 @@ PREREQUISITES: dict[int, int] = {
     SUSPEND: ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
 }
 DRIVER_BITS = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK | FAILED | SUSPEND
+#: The legacy interface's table: no FEATURES_OK step (features are never confirmed there).
+LEGACY_PREREQUISITES: dict[int, int] = {
+    ACKNOWLEDGE: 0,
+    DRIVER: ACKNOWLEDGE,
+    DRIVER_OK: ACKNOWLEDGE | DRIVER,
+    FAILED: 0,
+}
+LEGACY_DRIVER_BITS = ACKNOWLEDGE | DRIVER | DRIVER_OK | FAILED
 UNDEFINED_BITS = 0xFF & ~(DRIVER_BITS | NEEDS_RESET)  # bit 5: no meaning in virtio 1.x
 
 
@@ -56,11 +70,19 @@ class StatusVerdict:
 
 
 def judge_status_write(old: int, value: int, *, suspend_negotiated: bool,
-                       validate_features: Callable[[], bool]) -> StatusVerdict:
+                       validate_features: Callable[[], bool],
+                       legacy: bool = False) -> StatusVerdict:
     """Judge a non-zero status write. ``validate_features()`` is called only when the write
-    newly sets FEATURES_OK (with its prerequisites met) and says whether to accept it."""
+    newly sets FEATURES_OK (with its prerequisites met) and says whether to accept it.
+    ``legacy``: judge by the legacy interface's bits and table (module docstring)."""
     value &= 0xFF
     ignored: list[str] = []
+    prerequisites = PREREQUISITES
+    if legacy:
+        prerequisites = LEGACY_PREREQUISITES
+        if value & ~LEGACY_DRIVER_BITS:
+            ignored.append("status_not_legacy_bit")
+            value &= LEGACY_DRIVER_BITS
     if value & NEEDS_RESET and not old & NEEDS_RESET:
         ignored.append("status_write_needs_reset_bit")  # device-owned bit
     if value & SUSPEND and not suspend_negotiated:
@@ -82,7 +104,7 @@ def judge_status_write(old: int, value: int, *, suspend_negotiated: bool,
     newly = value & ~old_driver
     have = old_driver
     refused = False
-    for bit, needs in PREREQUISITES.items():
+    for bit, needs in prerequisites.items():
         if not newly & bit:
             continue
         if needs & ~have:
