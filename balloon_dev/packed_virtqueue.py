@@ -1,0 +1,577 @@
+"""The device side of a packed virtqueue over guest memory (VIRTIO_F_RING_PACKED, protocol.md 1.8).
+
+Theory of operation
+-------------------
+A packed queue has one ring of N 16-byte descriptors (``addr, len, id, flags``) shared by both
+directions, plus two 4-byte event suppression areas: the *driver* area (written by the driver,
+read by us: when does it want interrupts) and the *device* area (written by us: when do we want
+kicks). N is any size in 1..32768, not only a power of two.
+
+There are no indices in memory. Each side keeps a position in the ring and a *wrap counter*
+that starts at 1 and flips whenever its position passes the end. The driver makes descriptor
+``i`` available by writing ``AVAIL = its wrap, USED = !its wrap`` into its flags; we therefore
+see slot ``last_avail_idx`` as available when ``AVAIL == avail_wrap`` and ``USED != avail_wrap``.
+A chain occupies consecutive slots (``NEXT`` means "the following slot"); the buffer id is the
+``id`` of the chain's last descriptor, and the driver writes the head's flags last, so once the
+head is available the whole chain is. We do not look at the availability of the other slots of
+a chain (QEMU does not either); the head decides.
+
+Using a chain writes one used descriptor at slot ``used_idx`` (id = buffer id, len = bytes
+written, ``AVAIL = USED = used_wrap``) and moves ``used_idx`` on by the number of ring slots that
+chain occupied, as QEMU and Linux do. Chains may be used out of order, so we remember the slot
+count per buffer id while the chain is in flight. A batch of used descriptors is written with
+the first one's flags last, so the driver never sees half a batch.
+
+Reads are snapshots (conventions 6): ``pop`` reads the chain's descriptors one at a time and only
+once; ``pop_many`` copies the whole ring once and works on the copy; an indirect table is copied
+once before it is checked. Walks are bounded (conventions 9): a chain may span at most the slots
+not held by chains in flight (at most N, V-4), an indirect table has at most 32768 entries.
+
+Guest errors, mirroring balloon_dev/virtqueue.py:
+
+* a malformed *chain* whose extent is known (V-5..V-8, and the packed rules on INDIRECT: only a
+  chain of one descriptor may point to a table, no flag but WRITE inside it): returned as a
+  ``Chain`` with ``error = "<counter>: <detail>"``, counted, logged; the device uses it with len 0;
+* a broken *ring*: a ring area outside guest memory, or a chain whose ``NEXT`` flags run on past
+  every free slot (V-4: the chain's end, hence where the next chain starts, is unknowable;
+  QEMU's "Looped descriptor"): ``RingBroken``, counted; the call consumes nothing.
+
+V-1 and V-2 have no packed counterpart (there is no index to jump and no head index to range
+check); the buffer id is opaque to the device, so any 16-bit id is accepted.
+
+Event suppression (protocol.md 1.8). Our device area: with notifications enabled and EVENT_IDX
+negotiated we write ``flags = DESC`` and ``off_wrap`` = the slot and wrap we will consume next,
+republished after every pop (as QEMU); enabled without EVENT_IDX: ``flags = ENABLE``; disabled:
+``flags = DISABLE``. ``should_notify`` reads the driver area: ``DISABLE`` -> no, ``ENABLE`` -> yes,
+``DESC`` (only meaningful with EVENT_IDX; treated as ENABLE without it) -> whether the used
+descriptors written since the last decision passed the named slot. An ``off_wrap`` whose wrap
+bit differs from ours names a slot of the previous lap, i.e. ``off - N`` (Linux and QEMU agree).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from balloon_dev.virtqueue import Chain, RingBroken
+from guestmem.memory import GuestMemory, GuestMemoryError
+from guestmem.units import U64_LIMIT
+from protocol.virtqueue import (
+    DESC_SIZE,
+    PACKED_DESC_DTYPE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_PACKED_DESC_F_AVAIL,
+    VIRTQ_PACKED_DESC_F_USED,
+    pack_off_wrap,
+    unpack_off_wrap,
+    vring_need_event,
+)
+
+__all__ = ["CHAIN_ERROR_COUNTERS", "RING_ERROR_COUNTERS", "Chain", "PackedDeviceVirtqueue",
+           "PackedVirtqueueState", "RingBroken"]
+
+log = logging.getLogger(__name__)
+
+_PDESC = struct.Struct("<QIHH")  # addr, len, id, flags (protocol.md 1.8)
+_U16 = struct.Struct("<H")
+_CHAIN_LEN_LIMIT = 1 << 32
+_U32_LIMIT = 1 << 32
+_AVAIL_BIT = 7
+_USED_BIT = 15
+
+#: Guest-error counters of a chain, all present from the start so stats show zeros too.
+CHAIN_ERROR_COUNTERS = (
+    "readable_after_writable",  # V-5
+    "indirect_nested",          # V-6: INDIRECT inside a table
+    "indirect_with_next",       # V-6 / packed: INDIRECT only on a chain of one descriptor
+    "indirect_bad_len",         # V-6
+    "indirect_too_long",        # V-6 (our bound on the table copy)
+    "indirect_not_negotiated",  # INDIRECT only with RING_INDIRECT_DESC
+    "zero_len_buffer",          # V-7
+    "buffer_outside_memory",    # V-8
+    "chain_too_long",           # total length < 2^32
+)
+RING_ERROR_COUNTERS = ("chain_unterminated", "ring_outside_memory")
+OTHER_COUNTERS = ("buffer_vanished",)
+
+_Row = tuple[int, int, int, int]  # addr, len, id, flags
+
+
+class _ChainError(Exception):
+    def __init__(self, counter: str, detail: str) -> None:
+        super().__init__(detail)
+        self.counter = counter
+
+
+@dataclass(frozen=True, slots=True)
+class PackedVirtqueueState:
+    """Everything a packed queue remembers besides guest memory (conventions 8)."""
+
+    last_avail_idx: int
+    avail_wrap: int
+    used_idx: int
+    used_wrap: int
+    notifications: bool
+    signalled_used: int
+    signalled_wrap: int
+    signalled_valid: bool
+    in_flight: tuple[tuple[int, tuple[int, ...]], ...] = field(default=())  # id -> slot counts
+
+
+class PackedDeviceVirtqueue:
+    """The device side of one packed virtqueue of ``size`` descriptors.
+
+    ``desc`` is the descriptor ring, ``driver`` the driver event suppression area, ``device`` the
+    device event suppression area (the transport's queue_desc / queue_driver / queue_device)."""
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
+                 event_idx: bool = False, indirect: bool = True, reject_zero_len: bool = True,
+                 name: str = "vq", ram: Sequence[tuple[int, int]] | None = None) -> None:
+        if not 0 < size <= VIRTQ_MAX_SIZE:
+            # protocol.md 1.8: any size up to 2^15; the transport refuses others first.
+            raise RingBroken(f"{name}: packed queue size {size} not in 1..32768")
+        self.mem = mem
+        self.size = size
+        self.desc = desc
+        self.driver = driver
+        self.device = device
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.reject_zero_len = reject_zero_len
+        self.name = name
+        self.ram: tuple[tuple[int, int], ...] | None = (
+            None if ram is None else tuple(sorted((int(g), int(s)) for g, s in ram)))
+        self.counters: dict[str, int] = dict.fromkeys(
+            CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS, 0)
+        self.reset()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all ring state (device reset). Counters are cumulative and kept."""
+        self.last_avail_idx = 0
+        self.avail_wrap = 1   # protocol.md 1.8: both wrap counters start at 1
+        self.used_idx = 0
+        self.used_wrap = 1
+        self._notifications = True
+        self._signalled = (0, 1)
+        self._signalled_valid = True
+        # buffer id -> ring slots of each in-flight chain with that id (FIFO; a driver reusing an
+        # id still in flight is its own bug, but we still return every chain once).
+        self._inflight: dict[int, deque[int]] = {}
+        self._inflight_chains = 0
+        self._inflight_slots = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed back."""
+        return self._inflight_chains
+
+    def state(self) -> PackedVirtqueueState:
+        return PackedVirtqueueState(
+            self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap,
+            self._notifications, self._signalled[0], self._signalled[1], self._signalled_valid,
+            tuple((i, tuple(d)) for i, d in sorted(self._inflight.items())))
+
+    def restore(self, st: PackedVirtqueueState) -> None:
+        """Resume from ``state()``; counters are kept."""
+        self.last_avail_idx, self.avail_wrap = st.last_avail_idx % self.size, st.avail_wrap & 1
+        self.used_idx, self.used_wrap = st.used_idx % self.size, st.used_wrap & 1
+        self._notifications = st.notifications
+        self._signalled = (st.signalled_used, st.signalled_wrap & 1)
+        self._signalled_valid = st.signalled_valid
+        self._inflight = {i: deque(d) for i, d in st.in_flight if d}
+        self._inflight_chains = sum(len(d) for d in self._inflight.values())
+        self._inflight_slots = sum(sum(d) for d in self._inflight.values())
+
+    def _count(self, counter: str, detail: str) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        log.warning("%s: guest error %s: %s", self.name, counter, detail)
+
+    def _broken(self, counter: str, detail: str) -> RingBroken:
+        self._count(counter, detail)
+        return RingBroken(f"{self.name}: {counter}: {detail}")
+
+    def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
+        return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
+
+    # -- available side --------------------------------------------------------------------
+    def _room(self) -> int:
+        """Slots not held by chains in flight: the most a new walk may look at."""
+        return self.size - self._inflight_slots
+
+    def _snapshot(self) -> np.ndarray:
+        """One copy of the whole descriptor ring (the only version pop_many looks at)."""
+        try:
+            return self.mem.array(self.desc, PACKED_DESC_DTYPE, self.size).copy()
+        except GuestMemoryError as e:
+            raise self._area_broken("descriptor ring", self.desc, e) from None
+
+    def _avail_mask(self, flags: np.ndarray, room: int) -> np.ndarray:
+        """For the next ``room`` slots from last_avail_idx (in order): is each available?"""
+        k = np.arange(room)
+        slots = self.last_avail_idx + k
+        wrap = np.where(slots < self.size, self.avail_wrap, self.avail_wrap ^ 1)
+        f = flags[slots % self.size].astype(np.int64)
+        return ((f >> _AVAIL_BIT) & 1 == wrap) & ((f >> _USED_BIT) & 1 != wrap)
+
+    def _is_avail(self, flags: int, k: int) -> bool:
+        wrap = self.avail_wrap if self.last_avail_idx + k < self.size else self.avail_wrap ^ 1
+        return (flags >> _AVAIL_BIT & 1) == wrap and (flags >> _USED_BIT & 1) != wrap
+
+    def pending(self) -> int:
+        """Available chains not yet consumed (0 when the next slot is not available).
+
+        RingBroken when a chain runs past every free slot (see the module docstring)."""
+        room = self._room()
+        if room <= 0:
+            return 0
+        snap = self._snapshot()
+        flags = snap["flags"]
+        avail = self._avail_mask(flags, room)
+        run = room if avail.all() else int(np.argmin(avail))
+        if run == 0:
+            return 0
+        order = (self.last_avail_idx + np.arange(room)) % self.size
+        nxt = (flags[order] & VIRTQ_DESC_F_NEXT) != 0
+        if not nxt[:run].any():
+            return run  # one-descriptor chains, the usual case
+        n = k = 0
+        while k < room and avail[k]:
+            k = self._chain_end(lambda j: int(flags[order[j]]), k, room) + 1
+            n += 1
+        return n
+
+    def _chain_end(self, flag_at: Callable[[int], int], k: int, room: int) -> int:
+        """Offset of the last descriptor of the chain whose head is at offset ``k``."""
+        j = k
+        while flag_at(j) & VIRTQ_DESC_F_NEXT:
+            j += 1
+            if j >= room:
+                raise self._unterminated(k, j, room)
+        return j
+
+    def _unterminated(self, k: int, j: int, room: int) -> RingBroken:
+        # V-4 (QEMU "Looped descriptor"): no end within the free slots, so where the next
+        # chain starts is unknowable.
+        return self._broken(
+            "chain_unterminated",
+            f"chain at slot {(self.last_avail_idx + k) % self.size:#x} still has NEXT after "
+            f"{j - k:#x} descriptors ({room:#x} slots free, size {self.size:#x})")
+
+    def _read_row(self, k: int) -> _Row:
+        slot = (self.last_avail_idx + k) % self.size
+        try:
+            return _PDESC.unpack(self.mem.read(self.desc + DESC_SIZE * slot, DESC_SIZE))
+        except GuestMemoryError as e:
+            raise self._area_broken("descriptor ring", self.desc, e) from None
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. Reads only that chain's descriptors, each once."""
+        room = self._room()
+        if room <= 0:
+            return None
+        head = self._read_row(0)
+        if not self._is_avail(head[3], 0):
+            return None
+        rows = [head]
+        while rows[-1][3] & VIRTQ_DESC_F_NEXT:
+            if len(rows) >= room:
+                raise self._unterminated(0, len(rows), room)
+            rows.append(self._read_row(len(rows)))
+        chain = self._check(rows)
+        self._publish_avail_event(self._advance(self.last_avail_idx, self.avail_wrap, len(rows)))
+        self._take(chain, len(rows))
+        return chain
+
+    def pop_many(self, max_n: int | None = None) -> list[Chain]:
+        """Every available chain (at most ``max_n``) from one snapshot of the ring. Same results
+        as repeated pop(); a RingBroken anywhere consumes nothing."""
+        room = self._room()
+        if room <= 0 or (max_n is not None and max_n <= 0):
+            return []
+        snap = self._snapshot()
+        flags = snap["flags"]
+        avail = self._avail_mask(flags, room)
+        run = room if avail.all() else int(np.argmin(avail))
+        if run == 0:
+            return []
+        order = (self.last_avail_idx + np.arange(run)) % self.size
+        rows = snap[order]
+        rf = rows["flags"]
+        # Fast path: a prefix of plain one-descriptor chains that pass every check, in one batch.
+        plain = (rf & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) == 0
+        lens = rows["len"].astype(np.uint64)
+        plain &= lens > 0
+        plain &= self._contains_many(rows["addr"], lens)
+        nfast = run if plain.all() else int(np.argmin(plain))
+        if max_n is not None:
+            nfast = min(nfast, max_n)
+        chains: list[Chain] = []
+        slots: list[int] = []
+        if nfast:
+            wr = ((rf[:nfast] & VIRTQ_DESC_F_WRITE) != 0).tolist()
+            for bid, a, ln, w in zip(rows["id"][:nfast].tolist(), rows["addr"][:nfast].tolist(),
+                                     lens[:nfast].tolist(), wr, strict=True):
+                chains.append(Chain(bid, (), ((a, ln),)) if w else Chain(bid, ((a, ln),), ()))
+            slots = [1] * nfast
+        k = nfast
+        full = snap.tolist()
+        while k < run and (max_n is None or len(chains) < max_n):
+            end = self._chain_end(lambda j: int(flags[(self.last_avail_idx + j) % self.size]),
+                                  k, room)
+            chains.append(self._check([full[(self.last_avail_idx + j) % self.size]
+                                       for j in range(k, end + 1)]))
+            slots.append(end + 1 - k)
+            k = end + 1
+        self._publish_avail_event(self._advance(self.last_avail_idx, self.avail_wrap, k))
+        for ch, n in zip(chains, slots, strict=True):
+            self._take(ch, n)
+        return chains
+
+    def _advance(self, idx: int, wrap: int, n: int) -> tuple[int, int]:
+        idx += n
+        if idx >= self.size:
+            idx -= self.size
+            wrap ^= 1
+        return idx, wrap
+
+    def _take(self, chain: Chain, nslots: int) -> None:
+        self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx,
+                                                             self.avail_wrap, nslots)
+        self._inflight.setdefault(chain.head, deque()).append(nslots)
+        self._inflight_chains += 1
+        self._inflight_slots += nslots
+
+    # -- chain checks ----------------------------------------------------------------------
+    def _check(self, rows: list[_Row]) -> Chain:
+        bid = rows[-1][2]  # protocol.md 1.8: the buffer id lives in the chain's last descriptor
+        out: list[tuple[int, int]] = []
+        in_: list[tuple[int, int]] = []
+        try:
+            self._check_into(rows, out, in_)
+        except _ChainError as e:
+            self._count(e.counter, f"chain of id {bid:#x}: {e}")
+            return Chain(bid, tuple(out), tuple(in_), f"{e.counter}: {e}")
+        return Chain(bid, tuple(out), tuple(in_))
+
+    def _check_into(self, rows: list[_Row], out: list[tuple[int, int]],
+                    in_: list[tuple[int, int]]) -> None:
+        total = 0
+        for i, (addr, length, _, flags) in enumerate(rows):
+            where = f"desc +{i:#x}"
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise _ChainError("indirect_not_negotiated",
+                                      f"{where}: INDIRECT without RING_INDIRECT_DESC")
+                if len(rows) > 1:
+                    # virtio 1.3 2.8.19: no INDIRECT descriptor in a list linked by NEXT.
+                    raise _ChainError("indirect_with_next",
+                                      f"{where}: INDIRECT in a chain of {len(rows)} (V-6)")
+                self._check_table(addr, length, out, in_)
+                return
+            total = self._buffer(where, addr, length, flags, total, out, in_)
+
+    def _check_table(self, addr: int, length: int, out: list[tuple[int, int]],
+                     in_: list[tuple[int, int]]) -> None:
+        if length == 0 or length % DESC_SIZE:
+            raise _ChainError("indirect_bad_len", f"indirect table length {length:#x} (V-6)")
+        count = length // DESC_SIZE
+        if count > VIRTQ_MAX_SIZE:
+            raise _ChainError("indirect_too_long",
+                              f"indirect table of {count:#x} entries > 0x8000")
+        if not self.mem.contains(addr, length):
+            raise _ChainError("buffer_outside_memory",
+                              f"indirect table [{addr:#x}, +{length:#x}) outside guest memory"
+                              " (V-8)")
+        # One copy: each entry is read once. All entries belong to the buffer (packed tables have
+        # no NEXT links); WRITE is the only flag that means anything there.
+        table = np.frombuffer(self.mem.read(addr, length), dtype=PACKED_DESC_DTYPE)
+        total = 0
+        for i, (a, ln, _, f) in enumerate(table.tolist()):
+            where = f"indirect[{addr:#x}] {i:#x}"
+            if f & VIRTQ_DESC_F_INDIRECT:
+                raise _ChainError("indirect_nested", f"{where}: INDIRECT inside a table (V-6)")
+            total = self._buffer(where, a, ln, f, total, out, in_)
+
+    def _buffer(self, where: str, addr: int, length: int, flags: int, total: int,
+                out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> int:
+        if length == 0 and self.reject_zero_len:
+            raise _ChainError("zero_len_buffer", f"{where}: zero sized buffer (V-7)")
+        if not self._contains(addr, length):
+            raise _ChainError("buffer_outside_memory",
+                              f"{where}: [{addr:#x}, +{length:#x}) outside guest memory (V-8)")
+        total += length
+        if total >= _CHAIN_LEN_LIMIT:
+            raise _ChainError("chain_too_long", f"{where}: total length {total:#x} >= 2^32")
+        if flags & VIRTQ_DESC_F_WRITE:
+            in_.append((addr, length))
+        else:
+            if in_:
+                raise _ChainError("readable_after_writable",
+                                  f"{where}: readable after writable (V-5)")
+            out.append((addr, length))
+        return total
+
+    # -- bounds (the same rules as the split side) -------------------------------------------
+    def _ranges(self) -> tuple[tuple[int, int], ...]:
+        if self.ram is not None:
+            return self.ram
+        return tuple((r.gpa, r.size) for r in self.mem.regions)
+
+    def _contains(self, addr: int, length: int) -> bool:
+        if addr + length > U64_LIMIT:
+            return False
+        if self.ram is None:
+            return self.mem.contains(addr, length)
+        for gpa, size in self.ram:
+            off = addr - gpa
+            if 0 <= off and off + length <= size and (off < size or length == 0):
+                return True
+        return False
+
+    def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        ok = np.zeros(addrs.shape, dtype=np.bool_)
+        for gpa, size in self._ranges():
+            start = np.uint64(gpa)
+            fits = (addrs >= start) & (lens <= np.uint64(size))
+            off = np.where(fits, addrs - start, np.uint64(0))
+            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
+            ok |= fits & (off <= room)
+        return ok
+
+    def read_out(self, chain: Chain, max_len: int) -> bytes:
+        """Up to ``max_len`` of the chain's readable bytes, gathered now (bounds re-checked at
+        the moment of use: ``buffer_vanished`` and b"" if a buffer left guest memory)."""
+        parts = []
+        left = max_len
+        try:
+            for addr, length in chain.out:
+                if left <= 0:
+                    break
+                take = min(length, left)
+                parts.append(self.mem.read(addr, take))
+                left -= take
+        except GuestMemoryError as e:
+            self._count("buffer_vanished", f"chain of id {chain.head:#x}: {e}")
+            return b""
+        return b"".join(parts)
+
+    # -- used side -------------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Return the chain of buffer id ``head`` with ``written`` bytes written."""
+        self.push_many([(head, written)])
+
+    def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
+        """Return chains: one used descriptor each, in order, the first one's flags last."""
+        if not elems:
+            return
+        need: dict[int, int] = {}
+        for bid, ln in elems:
+            if not (0 <= bid <= 0xFFFF and 0 <= ln < _U32_LIMIT):
+                raise ValueError(f"{self.name}: bad used element id={bid} len={ln}")
+            need[bid] = need.get(bid, 0) + 1
+        for bid, n in need.items():
+            if len(self._inflight.get(bid, ())) < n:
+                # Our own caller's bug (usage error): this id is not in flight that often.
+                raise ValueError(f"{self.name}: pushing id {bid:#x} {n} times, "
+                                 f"{len(self._inflight.get(bid, ()))} in flight")
+        # Ring slots each chain took, in push order (FIFO per id).
+        seen: dict[int, int] = {}
+        nslots = np.empty(len(elems), dtype=np.int64)
+        for k, (bid, _) in enumerate(elems):
+            c = seen.get(bid, 0)
+            nslots[k] = self._inflight[bid][c]
+            seen[bid] = c + 1
+        arr = np.asarray(elems, dtype=np.int64).reshape(len(elems), 2)
+        # Linear positions: used descriptor k goes where the slots of the chains before it end.
+        pos = self.used_idx + np.concatenate(([0], np.cumsum(nslots[:-1])))
+        slots = pos % self.size
+        wraps = (self.used_wrap + pos // self.size) & 1
+        used_flags = np.where(wraps == 1, VIRTQ_PACKED_DESC_F_AVAIL | VIRTQ_PACKED_DESC_F_USED,
+                              0).astype(np.uint16)
+        end = int(pos[-1] + nslots[-1])
+        try:
+            ring = self.mem.array(self.desc, PACKED_DESC_DTYPE, self.size, writable=True)
+        except GuestMemoryError as e:
+            raise self._area_broken("descriptor ring", self.desc, e) from None
+        ring["len"][slots] = arr[:, 1]
+        ring["id"][slots] = arr[:, 0]
+        # Flags publish a used descriptor: the later ones first, the first one last, so the
+        # driver (which reads from the first) never sees half a batch.
+        ring["flags"][slots[1:]] = used_flags[1:]
+        ring["flags"][slots[0]] = used_flags[0]
+        lo, hi = int(slots.min()), int(slots.max())
+        self.mem.mark_dirty(self.desc + DESC_SIZE * lo, DESC_SIZE * (hi - lo + 1))
+        for bid, _ in elems:
+            n = self._inflight[bid].popleft()
+            if not self._inflight[bid]:
+                del self._inflight[bid]
+            self._inflight_chains -= 1
+            self._inflight_slots -= n
+        idx, wrap = end % self.size, (self.used_wrap + end // self.size) & 1
+        self.used_idx, self.used_wrap = idx, wrap
+
+    # -- notifications -------------------------------------------------------------------
+    def should_notify(self) -> bool:
+        """Whether the used descriptors written since the previous decision call for an
+        interrupt, per the driver's event suppression area."""
+        old, old_wrap = self._signalled
+        new, new_wrap = self.used_idx, self.used_wrap
+        valid = self._signalled_valid
+        self._signalled, self._signalled_valid = (new, new_wrap), True
+        if valid and (old, old_wrap) == (new, new_wrap):
+            return False
+        try:
+            off_wrap = self.mem.read_u16(self.driver)
+            flags = self.mem.read_u16(self.driver + 2) & 3
+        except GuestMemoryError as e:
+            raise self._area_broken("driver event area", self.driver, e) from None
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx or not valid:
+            return True  # ENABLE (and DESC without EVENT_IDX, or after a restore: be safe)
+        if old_wrap != new_wrap:
+            old -= self.size  # the previous decision was on the previous lap
+            if old < new - self.size:
+                return True
+        off, ewrap = unpack_off_wrap(off_wrap)
+        if ewrap != new_wrap:
+            off -= self.size  # the driver names a slot of the previous lap
+        return vring_need_event(off & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+
+    def _write_event(self, off_wrap: int | None, flags: int) -> None:
+        try:
+            if off_wrap is not None:
+                self.mem.write(self.device, _U16.pack(off_wrap))
+            self.mem.write(self.device + 2, _U16.pack(flags))
+        except GuestMemoryError as e:
+            raise self._area_broken("device event area", self.device, e) from None
+
+    def _publish_avail_event(self, nxt: tuple[int, int]) -> None:
+        # Published before committing, so a bad device area consumes nothing.
+        if self.event_idx and self._notifications:
+            self._write_event(pack_off_wrap(*nxt), RING_EVENT_FLAGS_DESC)
+
+    def enable_notifications(self) -> None:
+        """Ask the driver to kick again. Callers re-check ``pending()`` afterwards."""
+        self._notifications = True
+        if self.event_idx:
+            self._write_event(pack_off_wrap(self.last_avail_idx, self.avail_wrap),
+                              RING_EVENT_FLAGS_DESC)
+        else:
+            self._write_event(None, RING_EVENT_FLAGS_ENABLE)
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed (advisory)."""
+        self._notifications = False
+        self._write_event(None, RING_EVENT_FLAGS_DISABLE)

@@ -1,0 +1,388 @@
+"""The driver side of a packed virtqueue (VIRTIO_F_RING_PACKED, protocol.md 1.8).
+
+Theory of operation
+-------------------
+Written apart from the device side (balloon_dev/packed_virtqueue.py); the two agree only through
+the layouts in ``protocol.virtqueue``. The public surface is ``guest_model.vring.DriverVring``'s,
+so the balloon driver uses either ring without knowing which: ``desc_gpa`` is the descriptor
+ring, ``avail_gpa`` the *driver* event suppression area (we write it) and ``used_gpa`` the
+*device* event suppression area (the device writes it) -- the transport's queue_desc /
+queue_driver / queue_device.
+
+State, as Linux's virtio_ring keeps it: ``next_avail`` (slot) with ``avail_wrap`` (starts at 1),
+``last_used`` (slot) with ``used_wrap`` (starts at 1), a stack of free buffer ids, and per id
+the ring slots its chain took, its token, its indirect table and its writable byte count (a
+private shadow: nothing the device writes is trusted when a buffer comes back).
+
+Adding a buffer of k elements takes k consecutive slots (or one slot pointing to an indirect
+table of k packed descriptors when RING_INDIRECT_DESC was negotiated and k >= ``indirect_min``).
+Every descriptor carries the buffer id; flags carry NEXT (all but the last), WRITE, and
+``AVAIL = avail_wrap, USED = !avail_wrap`` for the lap of *its own* slot. The head's flags are
+written last: that single write makes the whole chain available.
+
+Reaping reads the descriptor at ``last_used``: it is used when ``AVAIL == USED == used_wrap``.
+Its id must name a buffer in flight (else the ring is broken: counted, logged, the device is at
+fault); ``last_used`` then moves on by the slots that buffer's chain took.
+
+Notifications: ``kick_prepare`` reads the device area: DISABLE -> no kick, ENABLE -> kick, DESC
+(with EVENT_IDX) -> kick when the slots published since the last kick passed ``off_wrap`` (a
+wrap bit unlike ours means the previous lap: ``off - N``). ``disable_cb`` writes DISABLE into the
+driver area; ``enable_cb`` writes ENABLE, or with EVENT_IDX ``DESC`` at ``(last_used,
+used_wrap)``, re-armed after every reap.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from guestmem import GuestMemory
+from guest_model.vring import Buf, DriverArea, DriverAreaFull, VringBroken, VringFull
+from protocol.virtqueue import (
+    DESC_SIZE,
+    PACKED_DESC_DTYPE,
+    PACKED_EVENT_SUPPRESS_SIZE,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_MAX_SIZE,
+    VIRTQ_PACKED_DESC_F_AVAIL,
+    VIRTQ_PACKED_DESC_F_USED,
+    pack_off_wrap,
+    unpack_off_wrap,
+    vring_need_event,
+)
+
+log = logging.getLogger(__name__)
+
+_U16 = struct.Struct("<H")
+_BOTH = VIRTQ_PACKED_DESC_F_AVAIL | VIRTQ_PACKED_DESC_F_USED
+
+
+def _avail_bits(wrap: int) -> int:
+    """Flags that make a slot available in a lap with driver wrap counter ``wrap``."""
+    return VIRTQ_PACKED_DESC_F_AVAIL if wrap else VIRTQ_PACKED_DESC_F_USED
+
+
+class PackedDriverVring:
+    """The driver side of one packed virtqueue; same methods as ``DriverVring``."""
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int,
+                 event_idx: bool = False, indirect: bool = False, *,
+                 area: DriverArea | None = None, indirect_min: int = 2, name: str = "") -> None:
+        if not 0 < size <= VIRTQ_MAX_SIZE:
+            raise ValueError(f"packed queue size {size} not in 1..{VIRTQ_MAX_SIZE}")
+        if desc % 16 or driver % 4 or device % 4:
+            raise ValueError(f"ring areas misaligned: desc {desc:#x} driver {driver:#x} "
+                             f"device {device:#x} (need 16/4/4)")
+        self.mem = mem
+        self.size = size
+        self.desc_gpa, self.avail_gpa, self.used_gpa = desc, driver, device
+        self.event_idx = event_idx
+        self.indirect = indirect and area is not None
+        self.area = area
+        self.indirect_min = max(2, indirect_min)
+        self.name = name
+        mem.fill(desc, DESC_SIZE * size, 0)
+        mem.fill(driver, PACKED_EVENT_SUPPRESS_SIZE, 0)
+        mem.fill(device, PACKED_EVENT_SUPPRESS_SIZE, 0)
+        self._ring = mem.array(desc, PACKED_DESC_DTYPE, size, writable=True)
+        self.next_avail, self.avail_wrap = 0, 1
+        self.last_used, self.used_wrap = 0, 1
+        self._free_ids = list(range(size - 1, -1, -1))  # stack of buffer ids
+        self._nfree = size                               # free ring slots
+        self._slots = np.zeros(size, dtype=np.int64)     # ring slots per id (0 = id free)
+        self._tbl = np.zeros(size, dtype=np.int64)
+        self._in_bytes = np.zeros(size, dtype=np.int64)
+        self._tokens = np.empty(size, dtype=object)
+        self._num_added = 0
+        self._cb_enabled = True
+        self.broken = False
+        self.counters: dict[str, int] = {
+            "added": 0, "added_indirect": 0, "reaped": 0, "kicks": 0, "kicks_suppressed": 0,
+            "bad_used_id": 0, "used_len_too_big": 0, "bad_used_idx": 0,
+        }
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Free ring slots (a buffer of k direct elements needs k of them)."""
+        return min(self._nfree, len(self._free_ids))
+
+    @property
+    def in_flight(self) -> int:
+        return self.size - len(self._free_ids)
+
+    def more_used(self) -> bool:
+        if self.in_flight == 0:
+            return False
+        f = int(self._ring["flags"][self.last_used])
+        return self._is_used(f, self.used_wrap)
+
+    @staticmethod
+    def _is_used(flags: int, wrap: int) -> bool:
+        return (flags & _BOTH) == (_BOTH if wrap else 0)
+
+    # -- adding ----------------------------------------------------------------------------
+    def _take_slots(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` slots and each one's avail flag bits; moves next_avail on."""
+        pos = self.next_avail + np.arange(n)
+        slots = pos % self.size
+        wraps = (self.avail_wrap + pos // self.size) & 1
+        end = self.next_avail + n
+        self.next_avail = end % self.size
+        self.avail_wrap = (self.avail_wrap + end // self.size) & 1
+        self._nfree -= n
+        bits = np.where(wraps == 1, VIRTQ_PACKED_DESC_F_AVAIL, VIRTQ_PACKED_DESC_F_USED)
+        return slots, bits.astype(np.uint16)
+
+    def _mark(self, slots: np.ndarray) -> None:
+        lo, hi = int(slots.min()), int(slots.max())
+        self.mem.mark_dirty(self.desc_gpa + DESC_SIZE * lo, DESC_SIZE * (hi - lo + 1))
+
+    def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (), token: Any = None) -> int:
+        """Post one buffer (readable ``out`` then writable ``in_``); returns its buffer id.
+
+        ``VringFull`` when slots or ids are short, ``ValueError`` for an empty or over-long
+        chain, ``VringBroken`` once the ring is broken."""
+        if self.broken:
+            raise VringBroken(f"vring {self.name!r} is broken")
+        elems = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        total = len(elems)
+        if total == 0:
+            raise ValueError("a buffer needs at least one element")
+        if total > self.size:
+            raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
+        for _, n, _ in elems:
+            if n <= 0 or n >= 1 << 32:
+                raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
+        tbl = 0
+        if self.indirect and total >= self.indirect_min and self.num_free >= 1:
+            assert self.area is not None
+            try:
+                tbl = self.area.alloc(DESC_SIZE * total, 16, zero=False)
+            except DriverAreaFull:
+                tbl = 0
+        need = 1 if tbl else total
+        if self.num_free < need:
+            if tbl:
+                assert self.area is not None
+                self.area.free(tbl)
+            raise VringFull(f"vring {self.name!r}: {need} slots needed, {self.num_free} free")
+        bid = self._free_ids.pop()
+        slots, bits = self._take_slots(need)
+        if tbl:
+            t = self.mem.array(tbl, PACKED_DESC_DTYPE, total, writable=True)
+            t["addr"] = [a for a, _, _ in elems]
+            t["len"] = [n for _, n, _ in elems]
+            t["id"] = 0
+            t["flags"] = [f for _, _, f in elems]  # WRITE is the only flag in a table
+            self.mem.mark_dirty(tbl, DESC_SIZE * total)
+            self._ring[["addr", "len", "id"]][slots[0]] = (tbl, DESC_SIZE * total, bid)
+            flags = np.array([VIRTQ_DESC_F_INDIRECT], dtype=np.uint16)
+            self.counters["added_indirect"] += 1
+        else:
+            r = self._ring
+            r["addr"][slots] = [a for a, _, _ in elems]
+            r["len"][slots] = [n for _, n, _ in elems]
+            r["id"][slots] = bid
+            flags = np.array([f for _, _, f in elems], dtype=np.uint16)
+            flags[:-1] |= VIRTQ_DESC_F_NEXT
+        flags = flags | bits
+        # The rest of the chain first, the head last: the head's flags publish the buffer.
+        self._ring["flags"][slots[1:]] = flags[1:]
+        self._ring["flags"][slots[0]] = flags[0]
+        self._mark(slots)
+        self._slots[bid] = need
+        self._tbl[bid] = tbl
+        self._in_bytes[bid] = sum(n for _, n, f in elems if f)
+        self._tokens[bid] = bid if token is None else token
+        self._num_added += need
+        self.counters["added"] += 1
+        return bid
+
+    def add_single_bufs(self, addrs: np.ndarray, lens: np.ndarray, *, writable: bool,
+                        tokens: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+        """Post ``len(addrs)`` one-descriptor buffers in one batch; returns their ids.
+        All or nothing (``VringFull``); tokens default to the buffer's address."""
+        if self.broken:
+            raise VringBroken(f"vring {self.name!r} is broken")
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        lens = np.asarray(lens, dtype=np.int64)
+        k = int(addrs.size)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64)
+        if lens.shape != addrs.shape:
+            raise ValueError("addrs and lens differ in length")
+        if (lens <= 0).any() or (lens >= 1 << 32).any():
+            raise ValueError("every element length must be in (0, 2^32) (V-7)")
+        if k > self.num_free:
+            raise VringFull(f"vring {self.name!r}: {k} slots needed, {self.num_free} free")
+        ids = np.array(self._free_ids[len(self._free_ids) - k:][::-1], dtype=np.int64)
+        del self._free_ids[len(self._free_ids) - k:]
+        slots, bits = self._take_slots(k)
+        r = self._ring
+        r["addr"][slots] = addrs
+        r["len"][slots] = lens
+        r["id"][slots] = ids
+        flags = bits | (VIRTQ_DESC_F_WRITE if writable else 0)
+        r["flags"][slots[1:]] = flags[1:]
+        r["flags"][slots[0]] = flags[0]
+        self._mark(slots)
+        self._slots[ids] = 1
+        self._tbl[ids] = 0
+        self._in_bytes[ids] = lens if writable else 0
+        if tokens is None:
+            self._tokens[ids] = addrs.astype(np.int64).tolist()
+        else:
+            tok = np.empty(k, dtype=object)
+            tok[:] = list(tokens)
+            self._tokens[ids] = tok
+        self._num_added += k
+        self.counters["added"] += k
+        return ids
+
+    # -- notifications ---------------------------------------------------------------------
+    def kick_prepare(self) -> bool:
+        """True when the device wants a notification for the slots published since last time."""
+        added = self._num_added
+        self._num_added = 0
+        if added == 0:
+            return False
+        off_wrap = self.mem.read_u16(self.used_gpa)
+        flags = self.mem.read_u16(self.used_gpa + 2) & 3
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            need = False
+        elif flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            new = self.next_avail
+            old = new - added  # linear: may be negative after a wrap
+            off, wrap = unpack_off_wrap(off_wrap)
+            if wrap != self.avail_wrap:
+                off -= self.size
+            need = vring_need_event(off & 0xFFFF, new & 0xFFFF, old & 0xFFFF)
+        else:
+            need = True
+        self.counters["kicks" if need else "kicks_suppressed"] += 1
+        return need
+
+    def _write_driver_event(self, off_wrap: int | None, flags: int) -> None:
+        if off_wrap is not None:
+            self.mem.write(self.avail_gpa, _U16.pack(off_wrap))
+        self.mem.write(self.avail_gpa + 2, _U16.pack(flags))
+
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt for used buffers (advisory)."""
+        self._cb_enabled = False
+        self._write_driver_event(None, RING_EVENT_FLAGS_DISABLE)
+
+    def enable_cb(self) -> bool:
+        """Re-enable used interrupts; False if used buffers arrived meanwhile."""
+        self._cb_enabled = True
+        self._arm()
+        return not self.more_used()
+
+    def _arm(self) -> None:
+        if self.event_idx:
+            self._write_driver_event(pack_off_wrap(self.last_used, self.used_wrap),
+                                     RING_EVENT_FLAGS_DESC)
+        else:
+            self._write_driver_event(None, RING_EVENT_FLAGS_ENABLE)
+
+    # -- reaping ---------------------------------------------------------------------------
+    def get_buf(self) -> tuple[Any, int] | None:
+        toks, lens = self.get_bufs(1)
+        if not toks:
+            return None
+        return toks[0], lens[0]
+
+    def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
+        """Reap up to ``max_n`` used buffers: (tokens, lens) in the order the device used them."""
+        if self.broken:
+            return [], []
+        limit = self.in_flight if max_n is None else min(max_n, self.in_flight)
+        if limit == 0:
+            return [], []
+        snap = self._ring.copy()  # one copy: the device may keep writing
+        flags = snap["flags"].tolist()
+        ids = snap["id"].tolist()
+        lens_all = snap["len"].tolist()
+        toks: list[Any] = []
+        lens: list[int] = []
+        idx, wrap = self.last_used, self.used_wrap
+        freed = 0
+        while len(toks) < limit and self._is_used(flags[idx], wrap):
+            bid = ids[idx]
+            if bid >= self.size or self._slots[bid] == 0:
+                self._break("bad_used_id", f"used descriptor at slot {idx:#x} names id "
+                            f"{bid:#x}, which is not in flight")
+                break
+            n = int(self._slots[bid])
+            ln = lens_all[idx]
+            if ln > self._in_bytes[bid]:
+                self.counters["used_len_too_big"] += 1
+                log.warning("vring %s: used len %#x exceeds id %#x's writable bytes %#x",
+                            self.name, ln, bid, int(self._in_bytes[bid]))
+                ln = int(self._in_bytes[bid])
+            toks.append(self._tokens[bid])
+            lens.append(ln)
+            self._release(bid)
+            freed += n
+            end = idx + n
+            idx, wrap = end % self.size, (wrap + end // self.size) & 1
+        self.last_used, self.used_wrap = idx, wrap
+        self.counters["reaped"] += len(toks)
+        if toks and self.event_idx and self._cb_enabled:
+            self._arm()
+        return toks, lens
+
+    def _release(self, bid: int) -> None:
+        self._nfree += int(self._slots[bid])
+        tbl = int(self._tbl[bid])
+        if tbl and self.area is not None:
+            self.area.free(tbl)
+        self._slots[bid] = 0
+        self._tbl[bid] = 0
+        self._tokens[bid] = None
+        self._free_ids.append(bid)
+
+    def _break(self, counter: str, detail: str) -> None:
+        self.counters[counter] += 1
+        self.broken = True
+        log.warning("vring %s: device error, ring marked broken: %s", self.name, detail)
+
+    # -- teardown --------------------------------------------------------------------------
+    def detach_unused(self) -> list[Any]:
+        """After a device reset: drop every buffer in flight, return their tokens, and start
+        the ring over (slots and wrap counters as after set-up)."""
+        ids = np.nonzero(self._slots)[0]
+        toks = self._tokens[ids].tolist()
+        for bid in ids.tolist():
+            tbl = int(self._tbl[bid])
+            if tbl and self.area is not None:
+                self.area.free(tbl)
+        self._slots[:] = 0
+        self._tbl[:] = 0
+        self._tokens[:] = None
+        self._free_ids = list(range(self.size - 1, -1, -1))
+        self._nfree = self.size
+        self.next_avail, self.avail_wrap = 0, 1
+        self.last_used, self.used_wrap = 0, 1
+        self.mem.fill(self.desc_gpa, DESC_SIZE * self.size, 0)
+        return toks
+
+
+def alloc_packed_vring(mem: GuestMemory, area: DriverArea, size: int, *,
+                       event_idx: bool = False, indirect: bool = False,
+                       name: str = "") -> PackedDriverVring:
+    """Carve a packed ring (16-aligned) and its two 4-byte event areas out of ``area``."""
+    desc = area.alloc(DESC_SIZE * size, 16)
+    driver = area.alloc(PACKED_EVENT_SUPPRESS_SIZE, 4)
+    device = area.alloc(PACKED_EVENT_SUPPRESS_SIZE, 4)
+    return PackedDriverVring(mem, size, desc, driver, device, event_idx, indirect, area=area,
+                             name=name)
