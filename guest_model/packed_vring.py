@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from guestmem import GuestMemory
 from guest_model.vring import Buf, DriverArea, DriverAreaFull, VringBroken, VringFull
+from guestmem import GuestMemory
 from protocol.virtqueue import (
     DESC_SIZE,
     PACKED_DESC_DTYPE,

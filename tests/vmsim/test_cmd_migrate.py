@@ -62,6 +62,20 @@ def test_scenarios_lists_builtins(capsys) -> None:
     assert "[migration]" in capsys.readouterr().out
 
 
+def test_scenarios_list_fits_80_columns_when_piped(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["scenarios"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert all(ln == ln.rstrip() for ln in lines)  # no padding to the console width
+    # Each scenario: its fields on one line starting with its name, then its workloads and
+    # the whole description (wrapped, indented) below it.
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("memhog-freed-8g "))
+    assert lines[i].split()[1:] == ["8.0", "GiB", "capture", "100", "Gbit/s", "400", "ms"]
+    assert lines[i + 1].strip() == "workloads: fill, fill_free, dirty*"
+    assert "6 GiB free but full of old data" in " ".join(ln.strip() for ln in lines[i + 2:i + 4])
+
+
 @pytest.mark.parametrize("args", [["--mode", "sideways"], ["--fault", "gremlins"]])
 def test_bad_arguments_exit_2(args) -> None:
     with pytest.raises(SystemExit) as ei:
