@@ -443,7 +443,9 @@ def _decode_caps(raw: bytes) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: JSON nested deeper than the parser's stack (a peer error like any
+        # other malformed JSON, not a bug of ours).
         raise VfioUserError(errno.EINVAL, f"VERSION JSON does not parse: {e}") from None
     if not isinstance(obj, dict):
         raise VfioUserError(errno.EINVAL, "VERSION JSON is not an object")
