@@ -62,7 +62,7 @@ def test_verdicts_and_format_subprocess(tmp_path, capsys):
     fail = [x for x in lines if x.startswith("FAIL D-3 ")]
     assert len(fail) == 1 and "inflate before use" in fail[0] and "boom" in fail[0]
     assert "NOT COVERED V-1 : skipped: host lacks frobnicator" in lines
-    assert any(x.startswith("NOT COVERED D-2 : legacy interface only") for x in lines)
+    assert f"NOT COVERED D-2 : {cc.NO_TEST_REASON}" in lines  # no id is excused any more
     assert f"NOT COVERED D-1 : {cc.NO_TEST_REASON}" in lines
     assert "PASS DR-9 an id outside the V/D list" in lines
     # one line per V-1..V-10 and D-1..D-17, in order, then extras, then the total
@@ -111,9 +111,7 @@ def test_judge_fail_wins_over_pass():
 def test_real_suite_device_ids_pass(capsys):
     """the real conformance suite: every device id our device tests carry passes"""
     code, lines = run_cli(capsys, "-k", "test_device_")
-    mine = ["D-1", "D-3", "D-4", "D-6", "D-8", "D-9", "D-10", "D-11", "D-12", "D-13", "D-14",
-            "D-15", "D-16", "D-17", "V-10"]
+    mine = ["D-1", "D-2", "D-3", "D-4", "D-5", "D-6", "D-7", "D-8", "D-9", "D-10", "D-11",
+            "D-12", "D-13", "D-14", "D-15", "D-16", "D-17", "V-10"]
     for rid in mine:
         assert any(x.startswith(f"PASS {rid} ") for x in lines), (rid, lines)
-    for rid in ("D-2", "D-5", "D-7"):
-        assert any(x.startswith(f"NOT COVERED {rid} : legacy") for x in lines)
