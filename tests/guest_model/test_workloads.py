@@ -124,9 +124,9 @@ def test_churn_holds_rate_times_lifetime() -> None:
     sched.run_until(0.5)
     # Little's law: about rate * lifetime = 5 MiB = 1280 pages alive.
     assert 900 <= w.held_pages() <= 1700
-    assert w.held_pages() == sum(1 << o for _, _, _, o in w.live)
-    orders = {o for _, _, _, o in w.live}
-    assert orders >= {0, 2}
+    _, _, orders = w.live_blocks()
+    assert w.held_pages() == int((1 << orders.astype(np.int64)).sum())
+    assert set(orders.tolist()) >= {0, 2}
     w.stop()
     w.release()
     a.drain_pcp()
@@ -138,7 +138,7 @@ def test_churn_phase_frees_at_the_end_and_dirties_free_memory() -> None:
     a, pv, _ = vm()
     w = Churn(a, pv, seed=1, rate=20 * MiB, duration=0.2)
     w.run_phase()
-    assert w.stats["alloc_pages"] > 0 and not w.live
+    assert w.stats["alloc_pages"] > 0 and w.live_blocks()[0].size == 0
     assert a.in_use_mask().sum() == 0
     free = a.free_mask()
     assert np.any(pv.version[free] >= 2)  # free pages still hold the build's data
@@ -245,7 +245,7 @@ def test_churn_footprint_and_fixed_order() -> None:
     sched.run_until(0.3)
     # 120 MiB allocated, at most 8 MiB live at once, every allocation order 2.
     assert w.stats["alloc_pages"] > 20000
-    assert w.held_pages() <= 2048 and {o for _, _, _, o in w.live} == {2}
+    assert w.held_pages() <= 2048 and set(w.live_blocks()[2].tolist()) == {2}
     assert int(a.in_use_mask().sum()) == w.held_pages()
 
 
@@ -281,3 +281,117 @@ def test_dirty_over_existing_pages_skips_freed_ones() -> None:
     assert dirty.size > 0
     assert not np.isin(dirty, first_half).any()  # nobody writes pages after their free
     assert np.isin(dirty, fill.held.view()[1024:]).all()
+
+
+def _every_tick(sched: Scheduler, w: Churn, check: object, until: float) -> None:
+    """Run ``sched`` to ``until``, calling ``check(now)`` right after each of ``w``'s ticks."""
+    t = 0.0
+    while t < until:
+        t += w.tick
+        sched.run_until(t + w.tick / 2)
+        check(sched.now)  # type: ignore[operator]
+
+
+def test_churn_at_compile_rate_uses_bulk_calls_with_exponential_lifetimes_and_mixed_orders(
+) -> None:
+    """600 MiB/s (the compile scenarios) goes through the allocator's bulk calls: only the
+    order 1-3 allocations and the small order-0 kinds of a tick take one call each. The
+    semantics stay: Poisson arrivals of the kernel-build mix, exponential lifetimes (the
+    residual life of what is live is exponential too, same mean), every death freed at the
+    first tick at or after it, every allocation written."""
+    a, pv, log = vm(1024 * MiB, nr_cpus=4)
+    log.start()
+    sched = Scheduler()
+    w = Churn(a, pv, seed=6, rate=600 * MiB, lifetime=0.2, tick=0.005)
+    w.start(sched)
+    late: list[float] = []
+    residual: list[np.ndarray] = []
+
+    def check(now: float) -> None:
+        exp, _, _ = w.live_blocks()
+        late.append(float(exp[0]) - now if exp.size else 1.0)
+        if now > 0.5:
+            residual.append(exp - now)
+        assert np.all(np.diff(exp) >= 0)
+
+    _every_tick(sched, w, check, 1.0)
+    assert min(late) > -w.tick / 2  # nothing overstays a tick: due deaths are all freed
+    # ~153,600 pages allocated in 1 s; Little's law: rate x lifetime = 120 MiB = 30,720 live
+    assert 140_000 <= w.stats["alloc_pages"] <= 168_000
+    assert 25_000 <= w.held_pages() <= 36_000
+    res = np.concatenate(residual)
+    assert 0.17 <= float(res.mean()) <= 0.23  # memoryless: mean residual life = lifetime
+    assert 0.55 <= float(np.mean(res < 0.2)) <= 0.72  # P(residual < mean) = 1 - 1/e = 0.63
+    _, pfn, orders = w.live_blocks()
+    share = np.bincount(orders, minlength=4) / orders.size
+    assert 0.87 <= share[0] <= 0.93 and 0.04 <= share[2] <= 0.06 and share[3] > 0.01
+    assert np.all(pfn % (1 << orders.astype(np.int64)) == 0)  # blocks aligned to their order
+    # the bulk calls did the order-0 movable work and nearly all frees; per-call ones are few
+    allocs = w.stats["alloc_pages"]
+    assert a.counters["bulk_alloc_pages"] > 0.5 * allocs  # order-0 movable: 57% of the pages
+    assert a.counters["bulk_free_pages"] > 0.9 * w.stats["freed_pages"]
+    assert a.counters["alloc"] < 0.25 * allocs
+    # every page allocated was written: the live ones carry data, in the dirty log
+    live = w._block_pages(pfn, orders)
+    assert np.all(pv.version[live] >= 2) and np.all(log.peek()[live])
+    assert int(a.in_use_mask().sum()) == w.held_pages() == live.size
+    assert w.stats["written_pages"] == allocs
+    w.stop()
+    w.release()
+    assert w.held_pages() == 0 and int(a.in_use_mask().sum()) == 0
+    assert w.stats["freed_pages"] == allocs
+    a.check()
+
+
+def test_churn_footprint_frees_the_soonest_deaths_and_is_never_exceeded() -> None:
+    """With the cap binding (400 MiB/s x 1 s >> 16 MiB) what is live never exceeds it after a
+    tick, and what survives is the longest-lived: the early deaths were the soonest due."""
+    a, pv, _ = vm(256 * MiB)
+    sched = Scheduler()
+    w = Churn(a, pv, seed=8, rate=400 * MiB, lifetime=1.0, footprint=16 * MiB, tick=0.005)
+    w.start(sched)
+    peak = 0
+    floor: list[float] = []
+
+    def check(now: float) -> None:
+        nonlocal peak
+        peak = max(peak, w.held_pages())
+        exp, _, _ = w.live_blocks()
+        floor.append(float(exp[0]) - now)
+
+    _every_tick(sched, w, check, 0.5)
+    assert peak <= 4096 and w.held_pages() > 3900
+    # surviving the cap takes a long life: once it has been binding for 0.2 s the shortest
+    # residual life left is above the mean of an uncapped churn (1 s), and still rising
+    assert min(floor[40:]) > 1.0 and floor[-1] > floor[40]
+    assert w.stats["alloc_pages"] > 40_000 and int(a.in_use_mask().sum()) == w.held_pages()
+    a.check()
+
+
+def test_churn_is_deterministic_at_bulk_rates() -> None:
+    def run(seed: int) -> tuple[bytes, bytes, dict[str, int]]:
+        a, pv, _ = vm(256 * MiB)
+        sched = Scheduler()
+        w = Churn(a, pv, seed=seed, rate=300 * MiB, lifetime=0.1, footprint=24 * MiB)
+        w.start(sched, until=0.3)
+        sched.run_until(0.4)
+        return a.state.tobytes(), pv.version.tobytes(), dict(w.stats)
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_churn_out_of_memory_counts_failures_and_survives() -> None:
+    """A churn that cannot fit (16 MiB guest, 200 MiB/s for 1 s lifetimes) gets what memory
+    there is, counts each allocation it could not make, and its books stay right."""
+    a, pv, _ = vm(16 * MiB)
+    sched = Scheduler()
+    w = Churn(a, pv, seed=2, rate=200 * MiB, lifetime=1.0)
+    w.start(sched)
+    sched.run_until(0.2)
+    assert w.stats["alloc_failures"] > 0
+    assert int(a.in_use_mask().sum()) == w.held_pages() > 1000
+    w.stop()
+    w.release()
+    assert int(a.in_use_mask().sum()) == 0
+    a.check()
