@@ -264,6 +264,13 @@ class Frontend:
         assert isinstance(c, vu.ConfigAccess)
         return c.data
 
+    def add_u32(self, vr: DriverVring, value: int) -> None:
+        """Post a 4-byte driver buffer holding ``value`` on ``vr`` (a pfn on the inflate or
+        deflate queue, a cmd id on the free page queue)."""
+        buf = self.area.alloc(4)
+        self.mem.write_u32(buf, value)
+        vr.add_buf(out=[(buf, 4)])
+
     def kick_ring(self, q: int) -> list[Effect]:
         """The guest kicks ring q; the back-end (as its server would) drains and handles it."""
         os.write(self.kick[q], struct.pack("=Q", 1))

@@ -145,9 +145,7 @@ def test_replaced_kick_fd_is_watched_instead_of_the_old_one() -> None:
                            need_reply=True)
             assert r is not None and r.u64 == 0
             vr = fe.vrings[0]
-            buf = fe.area.alloc(4)
-            fe.mem.write_u32(buf, 0x444)
-            vr.add_buf(out=[(buf, 4)])
+            fe.add_u32(vr, 0x444)
             os.write(old, struct.pack("=Q", 1))  # the old fd is no longer watched
             assert not readable(fe.call[0], 0.3)
             assert not vr.more_used()
@@ -171,9 +169,7 @@ def test_host_call_sends_config_change_and_hints_arrive() -> None:
                 vu.VhostUserBackendRequest.CONFIG_CHANGE_MSG)
             cmd_id = struct.unpack("<I", fe.get_config(8, 4))[0]
             fpq = fe.vrings[3]
-            start = fe.area.alloc(4)
-            fe.mem.write_u32(start, cmd_id)
-            fpq.add_buf(out=[(start, 4)])
+            fe.add_u32(fpq, cmd_id)
             fpq.add_buf(in_=[(0x200000, 0x400000 - 0x200000)])
             fe.kick_ring(3)
             assert wait_until(token, lambda: fpq.more_used())

@@ -298,9 +298,7 @@ def test_no_buffer_used_before_the_rings_are_handed_over(fe: Frontend) -> None:
     fe.start(enable=(0, 1, 2), driver_ok=False)
     assert not fe.session.live and not fe.dev.status & DRIVER_OK
     vr = fe.vrings[0]
-    buf = fe.area.alloc(4)
-    fe.mem.write_u32(buf, 0x300)
-    vr.add_buf(out=[(buf, 4)])
+    fe.add_u32(vr, 0x300)
     assert fe.kick_ring(0) == []
     assert not vr.more_used()
     assert fe.session.counters["kicks_before_live"] == 1
@@ -320,9 +318,7 @@ def test_qemu_11_sequence_goes_live_without_driver_ok_status(fe: Frontend) -> No
 
 def test_stop_then_guest_reset_restart_gets_a_fresh_device(live: Frontend) -> None:
     vr = live.vrings[0]
-    buf = live.area.alloc(4)
-    live.mem.write_u32(buf, 0x321)
-    vr.add_buf(out=[(buf, 4)])
+    live.add_u32(vr, 0x321)
     assert Inflated((0x321,)) in live.kick_ring(0)
     live.request(R.SET_CONFIG, vu.build_config(4, struct.pack("<I", 1)))
     assert live.dev.actual == 1
@@ -337,16 +333,13 @@ def test_stop_then_guest_reset_restart_gets_a_fresh_device(live: Frontend) -> No
     assert live.dev.actual == 0  # the device was reset
     assert live.session.counters["device_resumes"] == 0
     vr = live.vrings[0]
-    live.mem.write_u32(buf, 0x322)
-    vr.add_buf(out=[(buf, 4)])
+    live.add_u32(vr, 0x322)
     assert Inflated((0x322,)) in live.kick_ring(0)
 
 
 def test_vm_stop_cont_resumes_where_the_rings_stopped(live: Frontend) -> None:
     vr = live.vrings[0]
-    buf = live.area.alloc(4)
-    live.mem.write_u32(buf, 0x321)
-    vr.add_buf(out=[(buf, 4)])
+    live.add_u32(vr, 0x321)
     assert Inflated((0x321,)) in live.kick_ring(0)
     assert vr.get_buf() is not None
     live.request(R.SET_CONFIG, vu.build_config(4, struct.pack("<I", 1)))
@@ -358,8 +351,7 @@ def test_vm_stop_cont_resumes_where_the_rings_stopped(live: Frontend) -> None:
     assert live.session.counters["device_resumes"] == 1
     assert live.dev.actual == 1  # not reset
     # Only the new buffer is processed: the old one is not replayed.
-    live.mem.write_u32(buf, 0x322)
-    vr.add_buf(out=[(buf, 4)])
+    live.add_u32(vr, 0x322)
     effects = live.kick_ring(0)
     inflated = [e for e in live.backend.effects + effects if isinstance(e, Inflated)]
     assert inflated == [Inflated((0x322,))]
@@ -388,9 +380,7 @@ def test_inflate_through_the_ring(live: Frontend) -> None:
 def test_disabled_ring_ignores_kicks(live: Frontend) -> None:
     live.request(R.SET_VRING_ENABLE, vu.build_vring_state(1, 0))
     vr = live.vrings[1]
-    buf = live.area.alloc(4)
-    live.mem.write_u32(buf, 0x200)
-    vr.add_buf(out=[(buf, 4)])
+    live.add_u32(vr, 0x200)
     assert live.kick_ring(1) == []
     assert not vr.more_used()
     # Re-enabling processes what was queued meanwhile.
@@ -430,9 +420,7 @@ def test_without_status_feature_features_then_first_kick_go_live() -> None:
         fe.request(R.SET_VRING_KICK, vu.build_vring_file(0), fds=[fe.kick[0]])
         fe.request(R.SET_VRING_CALL, vu.build_vring_file(0), fds=[fe.call[0]])
         fe.request(R.SET_VRING_ENABLE, vu.build_vring_state(0, 1))
-        buf = fe.area.alloc(4)
-        fe.mem.write_u32(buf, 0x222)
-        vr.add_buf(out=[(buf, 4)])
+        fe.add_u32(vr, 0x222)
         effects = fe.kick_ring(0)
         assert fe.dev.status & DRIVER_OK
         assert Inflated((0x222,)) in effects
@@ -495,9 +483,7 @@ def test_hint_round_over_vhost_user(live: Frontend) -> None:
     cmd_id = struct.unpack("<I", live.get_config(8, 4))[0]
     assert cmd_id >= 0x80000000
     fpq = live.vrings[3]  # compacted index of free_page_vq (protocol.md 3.3)
-    start = live.area.alloc(4)
-    live.mem.write_u32(start, cmd_id)
-    fpq.add_buf(out=[(start, 4)])
+    live.add_u32(fpq, cmd_id)
     blocks = np.array([0x200000, 0x300000], dtype=np.uint64)
     fpq.add_single_bufs(blocks, np.full(2, 0x1000), writable=True)
     effects = live.kick_ring(3)
