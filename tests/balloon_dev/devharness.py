@@ -73,6 +73,27 @@ class Harness:
             return self.dev.write_status(ACK | DRV | FOK | DOK)
         return []
 
+    def init_legacy(self, features: int | None = None, poison: int | None = 0) -> list[Effect]:
+        """A legacy (virtio 0.9.5) driver's initialisation of a ``DeviceConfig(legacy=True)``
+        device: reset, ACKNOWLEDGE, DRIVER, one 32-bit feature word, each ring given as one
+        page frame number (``set_queue_legacy``; ``RawRing.layout`` puts the areas where
+        protocol.md 1.7 does, so tests read the rings independently of the device), DRIVER_OK.
+        No FEATURES_OK step."""
+        d = self.dev
+        d.write_status(0)
+        d.write_status(ACK)
+        d.write_status(ACK | DRV)
+        d.write_driver_features(d.device_features if features is None else features)
+        for lq, tq in d.queue_layout().items():
+            base = RING_BASE + RING_STRIDE * int(lq)
+            self.rings[lq] = RawRing.layout(self.mem, base, d.queue_max_size(tq))
+            self._next_desc[lq] = 0
+            d.set_queue_legacy(tq, base >> 12)
+            assert d.queue_enabled(tq), f"legacy queue {tq} not enabled: {d.counters}"
+        if poison is not None and d.driver_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
+            d.write_config(CFG_POISON_VAL, struct.pack("<I", poison))
+        return d.write_status(ACK | DRV | DOK)
+
     # -- buffers ---------------------------------------------------------------------------
     def tq(self, lq: BalloonQueue) -> int:
         return self.dev.queue_layout()[lq]

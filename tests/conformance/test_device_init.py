@@ -1,6 +1,5 @@
 """Device conformance, initialisation and transport-level items: D-1, D-16, D-17, V-10
-(protocol.md 4.6). D-2, D-5 and D-7 are legacy-interface items: no legacy interface is
-implemented, so they are reported NOT COVERED by ``balloon-hint conformance``."""
+(protocol.md 4.6). The legacy-interface items D-2, D-5 and D-7 are in test_device_legacy.py."""
 from __future__ import annotations
 
 import struct

@@ -14,24 +14,12 @@ from balloon_dev.device import DEFAULT_OFFERED_FEATURES, DeviceConfig
 from balloon_dev.effects import ActualChanged, Deflated, Inflated, NotifyQueue, StatsReceived
 from protocol.balloon import (
     CFG_ACTUAL,
-    CFG_POISON_VAL,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
-    VIRTIO_BALLOON_F_PAGE_POISON,
     VIRTIO_BALLOON_F_REPORTING,
     BalloonQueue,
 )
 from protocol.virtio import feature_mask
-from tests.balloon_dev.devharness import (
-    ACK,
-    DOK,
-    DRV,
-    RING_BASE,
-    RING_STRIDE,
-    Harness,
-    pfn_bytes,
-    stats_bytes,
-)
-from tests.ringbuilder import RawRing
+from tests.balloon_dev.devharness import ACK, DOK, DRV, Harness, pfn_bytes, stats_bytes
 
 Q = BalloonQueue
 MTH = feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST)
@@ -39,29 +27,9 @@ ALL = DEFAULT_OFFERED_FEATURES | MTH | feature_mask(VIRTIO_BALLOON_F_REPORTING)
 LOW32 = 0xFFFFFFFF
 
 
-def legacy_init(h: Harness, features: int | None = None) -> None:
-    """A legacy driver's initialisation; every ring at one pfn (RawRing.layout places the
-    areas where protocol.md 1.7 puts them, so the test reads the rings independently)."""
-    d = h.dev
-    d.write_status(0)
-    d.write_status(ACK)
-    d.write_status(ACK | DRV)
-    d.write_driver_features(d.device_features if features is None else features)
-    for lq, tq in d.queue_layout().items():
-        base = RING_BASE + RING_STRIDE * int(lq)
-        size = d.queue_max_size(tq)
-        h.rings[lq] = RawRing.layout(h.mem, base, size)
-        h._next_desc[lq] = 0
-        d.set_queue_legacy(tq, base >> 12)
-        assert d.queue_enabled(tq), d.counters
-    if d.driver_features >> VIRTIO_BALLOON_F_PAGE_POISON & 1:
-        d.write_config(CFG_POISON_VAL, struct.pack("<I", 0))
-    d.write_status(ACK | DRV | DOK)
-
-
 def legacy(**kw) -> Harness:
     h = Harness(DeviceConfig(offered_features=ALL, legacy=True, **kw))
-    legacy_init(h)
+    h.init_legacy()
     return h
 
 
@@ -74,7 +42,7 @@ def test_legacy_driver_without_must_tell_host_is_served():
     assert not modern.negotiate(ALL & ~MTH)  # the option is really on
     h = Harness(DeviceConfig(legacy=True, **cfg))
     assert h.dev.device_features >> VIRTIO_BALLOON_F_MUST_TELL_HOST & 1
-    legacy_init(h, features=h.dev.device_features & ~MTH)
+    h.init_legacy(features=h.dev.device_features & ~MTH)
     assert h.dev.status == ACK | DRV | DOK
     assert h.dev.driver_features == ALL & LOW32 & ~MTH
     inf = h.tq(Q.INFLATE)
@@ -169,7 +137,7 @@ def test_first_stats_buffer_ignored_again_after_reset():
     h.dev.request_stats()
     h.post_out(Q.STATS, stats_bytes((4, 2)))
     assert h.kick(Q.STATS) == [StatsReceived({"MEMFREE": 2})]
-    legacy_init(h)  # reset and initialise again
+    h.init_legacy()  # reset and initialise again
     h.post_out(Q.STATS, stats_bytes((4, 3)))
     assert h.kick(Q.STATS) == []
     modern = Harness(DeviceConfig(offered_features=ALL))
