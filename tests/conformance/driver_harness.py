@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from guest_model.guest import DEFAULT_DRIVER_AREA, GuestOptions, SimGuest
 from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from protocol.balloon import (
+    CFG_FREE_PAGE_HINT_CMD_ID,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_REPORTING,
@@ -63,7 +64,9 @@ def without(features: int, *bits: int) -> int:
 @dataclass(frozen=True, slots=True)
 class Posted:
     """One buffer the driver made available: its elements as (gpa, len), readable ("out")
-    then writable ("in"), the readable bytes at kick time, when, and the device status then."""
+    then writable ("in"), the readable bytes at kick time, when, the device status then, the
+    buffers outstanding on its ring then (made available, not used; this one included) and the
+    ``free_page_hint_cmd_id`` the device published then (None without that field)."""
 
     head: int
     out: tuple[tuple[int, int], ...]
@@ -72,6 +75,8 @@ class Posted:
     time: float
     status: int
     error: str = ""
+    in_flight: int = 0
+    cmd_id: int | None = None
 
     @property
     def out_len(self) -> int:
@@ -102,7 +107,7 @@ class RingSpy:
         return (self.mem.read_u64(base), self.mem.read_u32(base + 8),
                 self.mem.read_u16(base + 12), self.mem.read_u16(base + 14))
 
-    def _chain(self, head: int, time: float, status: int) -> Posted:
+    def _chain(self, head: int, time: float, status: int, cmd_id: int | None) -> Posted:
         out: list[tuple[int, int]] = []
         in_: list[tuple[int, int]] = []
         error = ""
@@ -130,17 +135,18 @@ class RingSpy:
         else:
             error = "descriptor chain longer than the queue"
         data = b"".join(self.mem.read(a, n) for a, n in out if n and self.mem.contains(a, n))
-        return Posted(head, tuple(out), tuple(in_), data, time, status, error)
+        return Posted(head, tuple(out), tuple(in_), data, time, status, error, cmd_id=cmd_id)
 
-    def scan(self, time: float, status: int) -> list[Posted]:
+    def scan(self, time: float, status: int, cmd_id: int | None = None) -> list[Posted]:
         idx = self.avail_idx()
         new: list[Posted] = []
         for _ in range(self.size + 1):
             if self.seen == idx:
                 break
             head = self.mem.read_u16(self.avail + 4 + 2 * (self.seen % self.size))
-            new.append(self._chain(head, time, status))
             self.seen = (self.seen + 1) & 0xFFFF
+            p = self._chain(head, time, status, cmd_id)
+            new.append(replace(p, in_flight=(self.seen - self.used_idx()) & 0xFFFF))
         self.posted.extend(new)
         return new
 
@@ -191,7 +197,13 @@ class ObservedTransport(InProcessTransport):
 
     def scan(self, q: int) -> list[Posted]:
         spy = self.spies.get(q)
-        return [] if spy is None else spy.scan(self.clock(), self.device.status)
+        if spy is None:
+            return []
+        cmd_id = None
+        if self.device.config_size >= CFG_FREE_PAGE_HINT_CMD_ID + 4:
+            cmd_id = int.from_bytes(self.device.read_config(CFG_FREE_PAGE_HINT_CMD_ID, 4),
+                                    "little")
+        return spy.scan(self.clock(), self.device.status, cmd_id)
 
     def notify(self, q: int) -> None:
         self.scan(q)
