@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balloon_dev.device import (
     DEFAULT_OFFERED_FEATURES,
@@ -130,3 +132,25 @@ def test_legacy_config_writable_without_features_ok_and_reset_clears_actual():
     assert d.write_status(0) == [ActualChanged(0)]
     assert d.read_config(CFG_ACTUAL, 4) == b"\0\0\0\0" and d.actual == 0
     assert FOK & d.status == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4), st.binary(min_size=4,
+                                                                         max_size=4)),
+                max_size=12))
+def test_actual_changes_only_on_writes_covering_its_top_byte(writes):
+    """any sequence of narrow writes into `actual`: the acted-on value moves only on a write
+    that covers byte 3 of the field, and then equals the field's bytes as read back (D-5)"""
+    h = Harness(LEGACY)
+    h.init_legacy()
+    d = h.dev
+    for start, width, data in writes:
+        width = min(width, 4 - start)
+        before = d.actual
+        effects = d.write_config(CFG_ACTUAL + start, data[:width])
+        shown = int.from_bytes(d.read_config(CFG_ACTUAL, 4), "little")
+        if start + width == 4:
+            assert d.actual == shown
+            assert effects == ([ActualChanged(shown)] if shown != before else [])
+        else:
+            assert d.actual == before and effects == []
