@@ -59,9 +59,9 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
             a.free_pages(p, o, cpu=i & 1)
         else:
             o = int(orders[i])
-            p = a.alloc_pages(o, int(mts[i]), cpu=i & 1)
-            if p is not None:
-                held.append((p, o))
+            got = a.alloc_pages(o, int(mts[i]), cpu=i & 1)
+            if got is not None:
+                held.append((got, o))
     dt = time.perf_counter() - t
     out["ops"] = ops
     out["ops_per_s"] = ops / dt

@@ -44,6 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from vmsim.cmd_ctl import call  # noqa: E402
 from vmsim.qemu_lab import GuestVM, LabMissing, QemuLab, stop_process  # noqa: E402
 
 PAGE = 4096
@@ -146,7 +147,7 @@ def begin_measure(vm: GuestVM, device: str) -> tuple[dict[str, Any], int]:
     """What both measurements start with once the guest is up: the result record (device name,
     boot time, whether hinting was negotiated), MemFree before the round (KiB), and the guest's
     tracing and MemFree sampler switched on."""
-    res: dict[str, Any] = {"device": device, "boot_s": round(vm.boot_seconds, 2)}
+    res: dict[str, Any] = {"device": device, "boot_s": round(vm.boot_seconds or 0.0, 2)}
     res["free_page_hint_negotiated"] = balloon_features(vm)[FREE_PAGE_HINT_BIT] == "1"
     before = mem_free_kib(vm)
     start_ftrace(vm)
@@ -193,28 +194,17 @@ def measure_qemu(lab: QemuLab, ram: str, hint: bool, append: str) -> dict[str, A
 
 
 def ctl(ctl_path: str, command: str, timeout: float = 20) -> Any:
-    """``balloon-hint ctl CTL COMMAND``: in-process through ``vmsim.cmd_ctl.call`` (a plain
-    socket client), so the request time is not a Python start-up; the CLI as a fallback."""
-    try:
-        from vmsim.cmd_ctl import call
-    except ImportError:
-        call = None
-    if call is not None:
-        ans = call(ctl_path, command, timeout=timeout)
-        if "error" in ans:
-            raise RuntimeError(f"balloon-hint ctl {command} failed: {ans['error']}")
-        return ans.get("return", ans)
-    out = subprocess.run([sys.executable, "-m", "vmsim", "ctl", ctl_path, command],
-                         capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if out.returncode != 0:
-        raise RuntimeError(f"balloon-hint ctl {command} failed: {out.stdout}{out.stderr}")
-    ans = json.loads(out.stdout)
+    """``balloon-hint ctl CTL COMMAND``, in-process through ``vmsim.cmd_ctl.call`` (a plain
+    socket client) so the request time is not a Python start-up."""
+    ans = call(ctl_path, command, timeout=timeout)
+    if "error" in ans:
+        raise RuntimeError(f"balloon-hint ctl {command} failed: {ans['error']}")
     return ans.get("return", ans)
 
 
 def measure_ours(lab: QemuLab, ram: str, append: str) -> dict[str, Any]:
-    """OUR DEVICE: `balloon-hint serve --vfio-user` + `balloon-hint ctl` (vfio-user engineer's
-    commands). Returns the same figures as measure_qemu, plus the device's own round log."""
+    """Our device: `balloon-hint serve --vfio-user` + `balloon-hint ctl`. Returns the same
+    figures as measure_qemu, plus the device's own round log."""
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bh-bench-") as d:
         sock, ctl_path = os.path.join(d, "vfu.sock"), os.path.join(d, "ctl.sock")
@@ -263,14 +253,6 @@ def measure_ours(lab: QemuLab, ram: str, append: str) -> dict[str, Any]:
             stop_process(server)
     res["wall_s"] = round(time.monotonic() - t0, 1)
     return res
-
-
-def ours_available() -> str | None:
-    """None when `balloon-hint serve`/`ctl` exist, else why not."""
-    for mod in ("cmd_serve", "cmd_ctl"):
-        if not (REPO / "vmsim" / f"{mod}.py").exists():
-            return f"vmsim/{mod}.py is not there yet"
-    return None
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -347,14 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results.append(on)
     if not args.skip_ours:
-        why = ours_available()
-        if why:
-            print(f"bench_qemu: our device skipped: {why}", flush=True)
-        else:
-            print("bench_qemu: our device over vfio-user ...", flush=True)
-            ours = measure_ours(lab, args.ram, append)
-            ours["host_hinted_bytes"] = ours.get("device_hinted_bytes")
-            results.append(ours)
+        print("bench_qemu: our device over vfio-user ...", flush=True)
+        ours = measure_ours(lab, args.ram, append)
+        ours["host_hinted_bytes"] = ours.get("device_hinted_bytes")
+        results.append(ours)
     if not results:
         return 1
     report(results, baseline)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any, Literal
 
 import pytest
@@ -83,7 +83,7 @@ def vfio_user_device(sock: str) -> str:
 
 
 def start_served(lab: QemuLab, transport: Transport = "vfio-user", *, append: str = "",
-                 features: str | None = None) -> Iterator[Served]:
+                 features: str | None = None) -> Generator[Served, None, None]:
     """Serve the device from a ``balloon-hint serve`` subprocess and boot a 1 GiB guest on it."""
     tmp = tempfile.mkdtemp(prefix=f"bh-{transport}-")
     sock = os.path.join(tmp, "balloon.sock")

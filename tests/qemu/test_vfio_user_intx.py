@@ -7,6 +7,7 @@ test_vfio_user_guest.py so only one guest runs at a time.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
-def served_intx(lab: QemuLab):  # type: ignore[no-untyped-def]
+def served_intx(lab: QemuLab) -> Iterator[Served]:
     yield from start_served(lab, append="pci=nomsi")
 
 

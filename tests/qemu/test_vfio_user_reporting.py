@@ -3,6 +3,8 @@ offered (five queues, reporting_vq of 32), the blocks the guest frees after a hi
 come back as reported ranges inside guest RAM."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from tests.qemu.served import Served, balloon_dev_dir, run_round, start_served
@@ -15,7 +17,7 @@ VIRTIO_BALLOON_F_REPORTING = 5
 
 
 @pytest.fixture(scope="module")
-def served_reporting(lab: QemuLab):  # type: ignore[no-untyped-def]
+def served_reporting(lab: QemuLab) -> Iterator[Served]:
     yield from start_served(lab, features=FEATURES)
 
 
