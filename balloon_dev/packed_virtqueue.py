@@ -351,6 +351,9 @@ class PackedDeviceVirtqueue:
         self._inflight.setdefault(chain.head, deque()).append(nslots)
         self._inflight_chains += 1
         self._inflight_slots += nslots
+        if chain.error is not None:
+            counter, _, detail = chain.error.partition(": ")
+            self._count(counter, detail)
 
     # -- chain checks ----------------------------------------------------------------------
     def _check(self, rows: list[_Row]) -> Chain:
@@ -360,8 +363,9 @@ class PackedDeviceVirtqueue:
         try:
             self._check_into(rows, out, in_)
         except _ChainError as e:
-            self._count(e.counter, f"chain of id {bid:#x}: {e}")
-            return Chain(bid, tuple(out), tuple(in_), f"{e.counter}: {e}")
+            # Counted by _take, once the chain is really consumed (a RingBroken later in the
+            # same batch consumes nothing, and then counts nothing of it either).
+            return Chain(bid, tuple(out), tuple(in_), f"{e.counter}: chain of id {bid:#x}: {e}")
         return Chain(bid, tuple(out), tuple(in_))
 
     def _check_into(self, rows: list[_Row], out: list[tuple[int, int]],
