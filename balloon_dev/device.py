@@ -135,6 +135,7 @@ from balloon_dev.effects import (
 )
 from balloon_dev.hint import START as HINT_START
 from balloon_dev.hint import Act, HintEvent, HintSession
+from balloon_dev.packed_virtqueue import PackedDeviceVirtqueue
 from balloon_dev.status import (
     DRIVER_OK,
     FAILED,
@@ -168,6 +169,7 @@ from protocol.balloon import (
 from protocol.virtio import (
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_SUSPEND,
     VIRTIO_F_UNUSED_30,
     VIRTIO_F_VERSION_1,
@@ -176,6 +178,9 @@ from protocol.virtio import (
 from protocol.virtqueue import VIRTQ_MAX_SIZE, avail_ring_size, desc_table_size
 
 log = logging.getLogger(__name__)
+
+#: Either ring layout; the device uses both through the same methods.
+_Vq = DeviceVirtqueue | PackedDeviceVirtqueue
 
 #: Legacy virtio-pci's ring alignment (the used ring starts on the next 4 KiB boundary).
 LEGACY_VRING_ALIGN = 4096
@@ -265,7 +270,7 @@ class _QueueSlot:
     driver: int = 0
     device: int = 0
     configured: bool = False
-    vq: DeviceVirtqueue | None = None
+    vq: _Vq | None = None
 
 
 @dataclass(slots=True)
@@ -687,7 +692,9 @@ class BalloonDevice:
             self._count("queue_setup_after_driver_ok", "queue %d: set_queue after DRIVER_OK "
                         "ignored", q)
             return
-        if size <= 0 or size > slot.max_size or size & (size - 1):
+        # Packed queue sizes need not be powers of two (protocol.md 1.8); split ones must.
+        pow2 = not self._negotiated(VIRTIO_F_RING_PACKED)
+        if size <= 0 or size > slot.max_size or (pow2 and size & (size - 1)):
             self._count("queue_bad_size", "queue %d: size %d not a power of two <= %d", q, size,
                         slot.max_size)
             slot.configured = False
@@ -715,7 +722,10 @@ class BalloonDevice:
                         q)
             return []
         f = self.state.driver_features
-        slot.vq = DeviceVirtqueue(
+        # RING_PACKED negotiated: every queue is packed (virtio 1.3 2.8); only offered when
+        # DeviceConfig.offered_features asks for it (default off, as QEMU's packed=off).
+        ring = PackedDeviceVirtqueue if _has(f, VIRTIO_F_RING_PACKED) else DeviceVirtqueue
+        slot.vq = ring(
             self.mem, slot.size, slot.desc, slot.driver, slot.device,
             event_idx=_has(f, VIRTIO_F_RING_EVENT_IDX),
             indirect=_has(f, VIRTIO_F_RING_INDIRECT_DESC),
@@ -784,7 +794,7 @@ class BalloonDevice:
             self._counters["internal_error"] = self._counters.get("internal_error", 0) + 1
             return self._needs_reset(f"internal error on queue {q}: {type(e).__name__}: {e}")
 
-    def _process(self, q: int, slot: _QueueSlot, vq: DeviceVirtqueue) -> list[Effect]:
+    def _process(self, q: int, slot: _QueueSlot, vq: _Vq) -> list[Effect]:
         """Drain the queue. After re-enabling notifications the ring is checked once more: a
         buffer the driver published between our last pop and the re-enable would otherwise
         get no kick (its avail idx already passed the avail_event we had written), and a real,
@@ -812,7 +822,7 @@ class BalloonDevice:
                         _MAX_PASSES_PER_KICK)
         return effects
 
-    def _handle_chains(self, q: int, slot: _QueueSlot, vq: DeviceVirtqueue,
+    def _handle_chains(self, q: int, slot: _QueueSlot, vq: _Vq,
                        chains: list[Chain]) -> list[Effect]:
         effects: list[Effect] = []
         used: list[tuple[int, int]] = []
@@ -840,7 +850,7 @@ class BalloonDevice:
                     ch.head, ch.error)
 
     # -- inflate / deflate (protocol.md 3.4) --------------------------------------------------
-    def _do_pfns(self, lq: BalloonQueue, vq: DeviceVirtqueue, chains: list[Chain],
+    def _do_pfns(self, lq: BalloonQueue, vq: _Vq, chains: list[Chain],
                  effects: list[Effect], used: list[tuple[int, int]]) -> None:
         name = lq.name.lower()
         parts: list[np.ndarray] = []
@@ -896,7 +906,7 @@ class BalloonDevice:
                 effects.append(Deflated(tuple(pfns.tolist())))
 
     # -- statistics (protocol.md 3.5) ---------------------------------------------------------
-    def _do_stats(self, vq: DeviceVirtqueue, chains: list[Chain], effects: list[Effect],
+    def _do_stats(self, vq: _Vq, chains: list[Chain], effects: list[Effect],
                   used: list[tuple[int, int]]) -> None:
         for ch in chains:
             if ch.error is not None:
@@ -981,7 +991,7 @@ class BalloonDevice:
             self.state.config_generation += 1
         return act
 
-    def _do_free_page(self, vq: DeviceVirtqueue, chains: list[Chain], effects: list[Effect],
+    def _do_free_page(self, vq: _Vq, chains: list[Chain], effects: list[Effect],
                       used: list[tuple[int, int]]) -> None:
         # Every element is used with len 0 (protocol.md 4.2), in order.
         used.extend((ch.head, 0) for ch in chains)
@@ -1036,7 +1046,7 @@ class BalloonDevice:
                         len(ranges) - len(ok), limit)
         return ok
 
-    def _free_page_cmd(self, vq: DeviceVirtqueue, ch: Chain, effects: list[Effect]) -> None:
+    def _free_page_cmd(self, vq: _Vq, ch: Chain, effects: list[Effect]) -> None:
         if ch.in_:
             self._count("free_page_mixed_chain", "free_page head %d: command buffer with %d "
                         "writable descriptors (ignored)", ch.head, len(ch.in_))
