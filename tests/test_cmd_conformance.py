@@ -36,8 +36,12 @@ def test_skipped():
     pass
 
 @pytest.mark.spec("DR-9")
+def test_driver_id():
+    """a driver id"""
+
+@pytest.mark.spec("X-1")
 def test_extra_id():
-    """an id outside the V/D list"""
+    """an id outside the list"""
 '''
 
 
@@ -64,12 +68,15 @@ def test_verdicts_and_format_subprocess(tmp_path, capsys):
     assert "NOT COVERED V-1 : skipped: host lacks frobnicator" in lines
     assert f"NOT COVERED D-2 : {cc.NO_TEST_REASON}" in lines  # no id is excused any more
     assert f"NOT COVERED D-1 : {cc.NO_TEST_REASON}" in lines
-    assert "PASS DR-9 an id outside the V/D list" in lines
-    # one line per V-1..V-10 and D-1..D-17, in order, then extras, then the total
+    assert "PASS DR-9 a driver id" in lines
+    assert f"NOT COVERED DR-1 : {cc.NO_TEST_REASON}" in lines
+    assert "PASS X-1 an id outside the list" in lines
+    # one line per V-1..V-10, D-1..D-17 and DR-1..DR-13, in order, then extras, then the total
     ids = [x.split(" ")[2] if x.startswith("NOT COVERED") else x.split(" ")[1]
            for x in lines[:-1]]
-    assert ids == list(cc.REQUIREMENT_IDS) + ["DR-9"]
-    assert lines[-1] == "2 passed, 1 failed, 25 not covered"
+    assert ids == list(cc.REQUIREMENT_IDS) + ["X-1"]
+    assert ids.index("D-17") + 1 == ids.index("DR-1")
+    assert lines[-1] == f"3 passed, 1 failed, {len(cc.REQUIREMENT_IDS) - 3} not covered"
 
 
 def test_all_passing_exits_zero_in_process(tmp_path, capsys):
@@ -83,7 +90,7 @@ def test_all_passing_exits_zero_in_process(tmp_path, capsys):
     code, lines = run_cli(capsys, "--tests", str(d), "--in-process")
     assert code == 0
     assert "PASS V-2 works" in lines
-    assert lines[-1] == "1 passed, 0 failed, 26 not covered"
+    assert lines[-1] == f"1 passed, 0 failed, {len(cc.REQUIREMENT_IDS) - 1} not covered"
 
 
 def test_collection_error_is_a_failure(tmp_path, capsys):
@@ -91,7 +98,7 @@ def test_collection_error_is_a_failure(tmp_path, capsys):
     code, lines = run_cli(capsys, "--tests", str(d))
     assert code == 1
     assert any(x.startswith("ERROR collecting") for x in lines)
-    assert lines[-1] == "0 passed, 1 failed, 27 not covered"
+    assert lines[-1] == f"0 passed, 1 failed, {len(cc.REQUIREMENT_IDS)} not covered"
 
 
 def test_missing_folder_is_a_usage_error(tmp_path, capsys):
@@ -108,10 +115,28 @@ def test_judge_fail_wins_over_pass():
     assert verdicts["D-2"] == "NOT COVERED"
 
 
+def test_target_listing_leaves_the_driver_ids_out():
+    """with --target the DR ids (checks of our driver) are not listed; the V and D ids are"""
+    r = cc.Report()
+    r.tests["a"] = cc.TestResult("a", ["D-4"], "one", "passed")
+    ids = [rid for _, rid, _ in cc.judge(r, cc.TARGET_NOT_COVERED_REASONS,
+                                         cc.TARGET_REQUIREMENT_IDS)]
+    assert ids == [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)]
+    assert "DR-1..DR-13" in cc.TARGET_DR_NOTE
+    assert not cc.TARGET_DR_NOTE.startswith(("PASS", "FAIL", "NOT COVERED"))
+
+
 def test_real_suite_device_ids_pass(capsys):
     """the real conformance suite: every device id our device tests carry passes"""
     code, lines = run_cli(capsys, "-k", "test_device_")
     mine = ["D-1", "D-2", "D-3", "D-4", "D-5", "D-6", "D-7", "D-8", "D-9", "D-10", "D-11",
             "D-12", "D-13", "D-14", "D-15", "D-16", "D-17", "V-10"]
     for rid in mine:
+        assert any(x.startswith(f"PASS {rid} ") for x in lines), (rid, lines)
+
+
+def test_real_suite_driver_ids_pass(capsys):
+    """the real conformance suite: DR-1..DR-13, checked against our driver, all pass"""
+    code, lines = run_cli(capsys, "-k", "test_driver_")
+    for rid in cc.DRIVER_REQUIREMENT_IDS:
         assert any(x.startswith(f"PASS {rid} ") for x in lines), (rid, lines)

@@ -8,8 +8,9 @@ with ``-p vmsim.cmd_conformance`` and writes a JSON report to the file named by
 records, for each test, its spec ids, the first line of its docstring (or its name) and its
 outcome (a failure in setup, call or teardown fails it; a skip makes it "skipped").
 
-Each id of ``REQUIREMENT_IDS`` (V-1..V-10, D-1..D-17), then any other id found on a test, gets one
-line:
+Each id of ``REQUIREMENT_IDS`` (V-1..V-10, D-1..D-17, then the driver requirements DR-1..DR-13,
+checked against our own guest driver by ``tests/conformance/test_driver_*.py``), then any other id
+found on a test, gets one line:
 
     PASS D-10 <summary of its first test> [(+N more)]
     FAIL D-3 <summary of a failing test>: <first line of the failure>
@@ -31,8 +32,10 @@ check the device requirements observable from the driver side. The target reache
 the environment (``BALLOON_HINT_TARGET``, and ``BALLOON_HINT_TARGET_CONTROL`` for
 ``--target-control``, a balloon-hint style host-control socket needed by checks that start hint
 rounds, move the balloon target or ask for stats; without it those checks are skipped and their
-ids NOT COVERED). The output is the same list, after one line naming the target. Without
-``--target`` those tests run against our own server (what CI does through plain pytest).
+ids NOT COVERED). The output is the same list, after one line naming the target and one
+saying the DR ids are not run (they judge our driver, not the target; ``TARGET_DR_NOTE``), and
+without the DR section. Without ``--target`` those tests run against our own server (what CI
+does through plain pytest).
 """
 from __future__ import annotations
 
@@ -58,8 +61,17 @@ TARGET_CONTROL_ENV = "BALLOON_HINT_TARGET_CONTROL"
 #: Transports a target may be reached by (vmsim/vfio_user_client.py, vmsim/vhost_user_client.py).
 TARGET_KINDS = ("vfio-user", "vhost-user")
 
+#: Driver requirements (protocol.md 4.6), checked against our guest driver (guest_model).
+DRIVER_REQUIREMENT_IDS: tuple[str, ...] = tuple(f"DR-{i}" for i in range(1, 14))
 REQUIREMENT_IDS: tuple[str, ...] = tuple(
-    [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)])
+    [f"V-{i}" for i in range(1, 11)] + [f"D-{i}" for i in range(1, 18)]
+    + list(DRIVER_REQUIREMENT_IDS))
+#: With --target the DR checks are not run (they judge our driver, which is the checker there):
+#: the listing leaves the DR section out and says so once.
+TARGET_REQUIREMENT_IDS: tuple[str, ...] = tuple(
+    i for i in REQUIREMENT_IDS if i not in DRIVER_REQUIREMENT_IDS)
+TARGET_DR_NOTE = ("driver requirements DR-1..DR-13: not run with --target (they check our own "
+                  "guest driver, not the target; see balloon-hint conformance without --target)")
 
 #: Ids no conformance test covers on purpose, and why. (The legacy-interface ids D-2, D-5, D-7
 #: are covered since the device core has a legacy mode: tests/conformance/test_device_legacy.py.)
@@ -224,17 +236,19 @@ def run_in_process(tests: Path, extra: list[str],
     return collector.report, int(code), ""
 
 
-def judge(report: Report, reasons: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
-    """(verdict, id, text) per id: REQUIREMENT_IDS first, then other ids found, sorted.
-    ``reasons``: why ids are deliberately not covered (default ``NOT_COVERED_REASONS``)."""
+def judge(report: Report, reasons: dict[str, str] | None = None,
+          ids: tuple[str, ...] = REQUIREMENT_IDS) -> list[tuple[str, str, str]]:
+    """(verdict, id, text) per id: ``ids`` (default REQUIREMENT_IDS) first, then other ids
+    found, sorted. ``reasons``: why ids are deliberately not covered (default
+    ``NOT_COVERED_REASONS``)."""
     reasons = NOT_COVERED_REASONS if reasons is None else reasons
     by_id: dict[str, list[TestResult]] = {}
     for t in report.tests.values():
         for i in t.ids:
             by_id.setdefault(i, []).append(t)
-    extra = sorted((i for i in by_id if i not in REQUIREMENT_IDS), key=_id_key)
+    extra = sorted((i for i in by_id if i not in ids), key=_id_key)
     lines = []
-    for rid in list(REQUIREMENT_IDS) + extra:
+    for rid in list(ids) + extra:
         tests = by_id.get(rid, [])
         failed = [t for t in tests if t.outcome == "failed"]
         passed = [t for t in tests if t.outcome == "passed"]
@@ -322,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     if env_extra:
         ctl = args.target_control or "none (host-driven checks not covered)"
         print(f"target: {args.target}  control: {ctl}", flush=True)
+        print(TARGET_DR_NOTE, flush=True)
     if args.in_process:
         report, code, output = run_in_process(tests, extra, env_extra)
     else:
@@ -334,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
         if output and not args.show_pytest:
             print(output[-4000:], file=sys.stderr)
         return 2
-    lines = judge(report, TARGET_NOT_COVERED_REASONS if env_extra else None)
+    lines = (judge(report, TARGET_NOT_COVERED_REASONS, TARGET_REQUIREMENT_IDS) if env_extra
+             else judge(report))
     for line in format_lines(lines, report.collect_errors):
         print(line)
     failed = any(v == "FAIL" for v, _, _ in lines) or bool(report.collect_errors)
