@@ -273,11 +273,19 @@ class VhostUserServer:
                 except (trio.ClosedResourceError, OSError):
                     return
                 try:
-                    os.read(fd, 8)  # drain the eventfd counter
+                    drained = os.read(fd, 8)  # drain the eventfd counter
                 except BlockingIOError:
                     continue
                 except OSError as e:
                     log.warning("vhost-user: kick fd of ring %d failed: %s", q, e)
+                    return
+                if not drained:
+                    # Not an eventfd: a pipe or socket at EOF is readable forever and would
+                    # spin this loop (and the server's only thread). Stop watching it; a new
+                    # SET_VRING_KICK starts a new watcher.
+                    self.counters["kick_fd_eof"] += 1
+                    log.warning("vhost-user: kick fd of ring %d is at EOF (not an eventfd); "
+                                "no longer watched", q)
                     return
                 self.counters["kicks"] += 1
                 try:
