@@ -336,13 +336,21 @@ class VhostUserServer:
             return
         self._close_backend()
         if fd is not None:
+            # Tried once per fd: an unusable one is remembered, not retried on every message.
+            self._backend_fd = fd
+            dup = -1
             try:
-                s = socket.socket(fileno=os.dup(fd))
-                s.settimeout(self.backend_timeout)
-                self._backend_sock = s
-                self._backend_fd = fd
+                dup = os.dup(fd)
+                s = socket.socket(fileno=dup)
             except OSError as e:
+                # Not a socket (ENOTSOCK): socket() does not take ownership of the dup.
+                if dup >= 0:
+                    _close(dup)
+                self.counters["backend_fd_unusable"] += 1
                 log.warning("vhost-user: back-end channel fd %d unusable: %s", fd, e)
+                return
+            s.settimeout(self.backend_timeout)
+            self._backend_sock = s
 
     def _close_backend(self) -> None:
         if self._backend_sock is not None:
