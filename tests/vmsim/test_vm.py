@@ -112,3 +112,74 @@ def test_done_is_published_and_the_driver_releases_its_blocks() -> None:
     assert not vm.guest.held_by_driver_mask().any()
     assert vm.guest.driver.counters["hint_blocks_returned_done"] > 0
     assert vm.migration.stats.hint_rounds >= 1 and vm.ram_pages == (256 << 20) >> PAGE_SHIFT
+
+
+SCENARIO_CHURN_DEFAULTS = """\
+name = "churn-defaults"
+description = "an idle phase, then a churn without lifetime and a dirty rate during migration"
+
+[guest]
+ram = "128MiB"
+seed = 4
+
+[[workload]]
+kind = "fill"
+size = "16MiB"
+
+[[workload]]
+kind = "idle"
+duration = "0.25s"
+
+[[workload]]
+kind = "churn"
+during = true
+rate = "100MiB/s"
+
+[[workload]]
+kind = "dirty"
+during = true
+rate = "20MiB/s"
+
+[migration]
+bandwidth = "1Gbit/s"
+downtime_limit = "50ms"
+
+[hinting]
+mode = "capture"
+"""
+
+
+def test_scenario_workloads_are_guest_models_and_counted_once() -> None:
+    """Every scenario workload is a guest_model workload of the guest (no vmsim copy): the idle
+    phase moves the clock by its duration; a churn without lifetime lives CHURN_LIFETIME_S on
+    average and ticks at churn_tick of it; each workload's counters are reported once."""
+    from guest_model.workloads import Churn, Dirty, Fill, Idle
+    from vmsim.scenario import loads
+    from vmsim.vm import CHURN_LIFETIME_S, TICK_S, SimVM, VMOptions, churn_tick
+
+    vm = SimVM(loads(SCENARIO_CHURN_DEFAULTS), VMOptions(mode="capture", seed=4))
+    t0 = vm.sched.now
+    vm.prepare()
+    assert vm.sched.now - t0 >= 0.25
+    vm.migrate()
+    assert vm.migration.verify_result is not None and vm.migration.verify_result.verified
+    kinds = [type(w) for w in vm.guest.workloads]
+    assert kinds == [Fill, Idle, Churn, Dirty]
+    churn = vm.guest.workloads[2]
+    assert isinstance(churn, Churn)
+    assert churn.lifetime == CHURN_LIFETIME_S and churn.tick == churn_tick(CHURN_LIFETIME_S)
+    assert churn.stats["alloc_pages"] > 0 and churn.stats["freed_pages"] > 0
+    assert vm.guest.workloads[3].tick == TICK_S
+    counters = vm.guest_counters()
+    for w in vm.guest.workloads[2:]:
+        for k, v in w.stats.items():
+            if v:
+                assert counters[f"{w.name}_{k}"] == v, (w.name, k)
+
+
+def test_churn_tick_follows_the_lifetime() -> None:
+    from vmsim.vm import CHURN_TICK_MAX_S, TICK_S, churn_tick
+
+    assert churn_tick(0.03) == TICK_S  # small-churn: as fine as the other workloads
+    assert churn_tick(0.5) == 0.01
+    assert churn_tick(1.0) == churn_tick(10.0) == CHURN_TICK_MAX_S
