@@ -103,6 +103,7 @@ from guest_model.buddy import (
     Zone,
     pageblock_order,
 )
+from guest_model.packed_vring import PackedDriverVring, alloc_packed_vring
 from guest_model.transport import VirtioTransport
 from guest_model.vring import DriverArea, DriverVring, VringBroken, VringFull, alloc_vring
 from guest_model.walk import FreeBlockWalker
@@ -133,12 +134,16 @@ from protocol.virtio import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     DeviceStatus,
     feature_mask,
 )
 
 log = logging.getLogger(__name__)
+
+#: Either ring layout; the driver uses both through the same methods.
+_Vring = DriverVring | PackedDriverVring
 
 HINT_BLOCK_PAGES = 1 << VIRTIO_BALLOON_HINT_BLOCK_ORDER
 #: Linux's PAGE_REPORTING_CAPACITY: blocks per reporting chain.
@@ -152,9 +157,10 @@ OOM_NR_PAGES = 256
 _CONFIG_READ_RETRIES = 16
 _U32 = struct.Struct("<I")
 
-#: Features this driver knows (Linux's ``features[]`` table plus the ring features).
+#: Features this driver knows (Linux's ``features[]`` table plus the ring features; Linux's
+#: virtio_ring keeps RING_PACKED too, and then every queue is packed).
 DRIVER_FEATURES = feature_mask(
-    VIRTIO_F_VERSION_1, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING)
 
@@ -318,7 +324,7 @@ class BalloonDriver:
             walker_factory = buddy_walker
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
-        self.vqs: dict[BalloonQueue, DriverVring] = {}
+        self.vqs: dict[BalloonQueue, _Vring] = {}
         self.qindex: dict[BalloonQueue, int] = {}
         self._by_index: dict[int, BalloonQueue] = {}
         self._broken_seen: set[BalloonQueue] = set()
@@ -434,21 +440,23 @@ class BalloonDriver:
         t = self.t
         event_idx = self.has(VIRTIO_F_RING_EVENT_IDX)
         indirect = self.has(VIRTIO_F_RING_INDIRECT_DESC)
+        packed = self.has(VIRTIO_F_RING_PACKED)
         if t.num_queues() < len(layout):
             raise self._fail(f"device has {t.num_queues()} queues, features need {len(layout)}")
         for q, idx in sorted(layout.items(), key=lambda kv: kv[1]):
             size = t.queue_max_size(idx)
             if size == 0:
                 raise self._fail(f"queue {idx} ({q.name}) does not exist")
-            if size & (size - 1):
+            if size & (size - 1) and not packed:  # packed sizes need not be (protocol.md 1.8)
                 raise self._fail(f"queue {idx} ({q.name}) size {size} is not a power of two")
             if q is BalloonQueue.FREE_PAGE and size < 2:
                 raise self._fail(f"free_page_vq has {size} entries; at least 2 needed")
             if q is BalloonQueue.REPORTING and size < PAGE_REPORTING_CAPACITY:
                 raise self._fail(f"reporting_vq has {size} entries; at least "
                                  f"{PAGE_REPORTING_CAPACITY} needed")
-            vq = alloc_vring(self.mem, self.area, size, event_idx=event_idx, indirect=indirect,
-                             name=q.name.lower())
+            alloc = alloc_packed_vring if packed else alloc_vring
+            vq = alloc(self.mem, self.area, size, event_idx=event_idx, indirect=indirect,
+                       name=q.name.lower())
             t.setup_queue(idx, size, vq.desc_gpa, vq.avail_gpa, vq.used_gpa)
             t.enable_queue(idx)
             if q is BalloonQueue.FREE_PAGE:
@@ -626,7 +634,7 @@ class BalloonDriver:
             delay = max(delay, self.opts.ring_full_poll)
         r.event = self.sched.after(delay, self._hint_step)
 
-    def _capture_batch(self, vq: DriverVring, room: int) -> tuple[int, bool]:
+    def _capture_batch(self, vq: _Vring, room: int) -> tuple[int, bool]:
         """Allocate up to hint_batch order-10 blocks; post those that fit, drop the rest."""
         got: list[int] = []
         dropped = 0
@@ -652,7 +660,7 @@ class BalloonDriver:
             self.s.held_blocks.extend(got)
         return len(got) + dropped, exhausted
 
-    def _walk_batch(self, vq: DriverVring, room: int) -> tuple[int, bool]:
+    def _walk_batch(self, vq: _Vring, room: int) -> tuple[int, bool]:
         r = self._round
         assert r is not None and r.walker is not None
         blocks: list[tuple[int, int]] = []
@@ -670,7 +678,7 @@ class BalloonDriver:
             self._post_hints(vq, arr[:, 0], arr[:, 1])
         return len(blocks), exhausted
 
-    def _post_hints(self, vq: DriverVring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:
+    def _post_hints(self, vq: _Vring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:
         lens = nr_pages << PAGE_SHIFT
         # A descriptor length is 32 bits; split anything of 4 GiB or more (never for order <= 10).
         if (lens >= 1 << 32).any():
