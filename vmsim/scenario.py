@@ -44,6 +44,7 @@ Workload kinds and their keys are listed in ``WORKLOAD_KINDS``; their meaning li
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -95,7 +96,10 @@ def _split(text: str) -> tuple[float, str]:
         raise UnitError(f"{text!r} is not a number with a unit")
     if m.group(1):
         raise UnitError(f"{text!r} is negative")
-    return float(m.group(2)), m.group(3)
+    num = float(m.group(2))
+    if not math.isfinite(num):  # "1e400GiB": float() says inf, and int(inf) would raise
+        raise UnitError(f"{text!r} is too large")
+    return num, m.group(3)
 
 
 def parse_size(value: str | int) -> int:
@@ -134,6 +138,8 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise UnitError("a duration must be a string with a unit")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):  # TOML has inf and nan
+            raise UnitError(f"{value} is not a finite number of seconds")
         if value < 0:
             raise UnitError(f"{value} is negative")
         return float(value)
@@ -278,7 +284,19 @@ def _duration(v: Any) -> float:
 
 
 _TOP = {"name": _str, "description": _str}
-_GUEST = {"ram": _positive(_size), "seed": _int(0), "init_on_alloc": _bool,
+#: The simulator keeps a few bytes of state per 4 KiB page: 1 TiB is 256 Mi pages, already more
+#: than a workstation holds; beyond it a run would die of MemoryError instead of a clear error.
+MAX_GUEST_RAM = 1 << 40
+
+
+def _ram(v: Any) -> int:
+    out = _positive(_size)(v)
+    if out > MAX_GUEST_RAM:
+        raise UnitError(f"{v!r} is more than the simulator supports ({format_size(MAX_GUEST_RAM)})")
+    return int(out)
+
+
+_GUEST = {"ram": _ram, "seed": _int(0, 2**64 - 1), "init_on_alloc": _bool,
           "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64)}
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
               "max_rounds": _int(1, 10000)}
@@ -289,6 +307,8 @@ _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
 def _num(v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"expected a number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):  # TOML has inf and nan; nan would pass every range check
+        raise UnitError(f"{v} is not a finite number")
     return float(v)
 
 
@@ -353,6 +373,19 @@ class _KeyLines:
         return self.lines.get((table, index, key)) or self.headers.get((table, index))
 
 
+def _key_on_line(text: str, line: int | None) -> str | None:
+    """The key or table a line declares (tomllib's errors give only the line)."""
+    lines = text.splitlines()
+    if line is None or not 1 <= line <= len(lines):
+        return None
+    raw = lines[line - 1]
+    k = _KeyLines._KEY.match(raw)
+    if k:
+        return k.group(1).strip('"')
+    h = _KeyLines._HEADER.match(raw)
+    return h.group(2).replace('"', "").strip() if h else None
+
+
 def _check_table(file: str, lines: _KeyLines, table: str, index: int, label: str,
                  data: Any, schema: Mapping[str, Conv]) -> dict[str, Any]:
     if not isinstance(data, dict):
@@ -379,7 +412,8 @@ def loads(text: str, file: str = "<string>") -> Scenario:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
-        raise ScenarioError(file, None, int(m.group(1)) if m else None,
+        line = int(m.group(1)) if m else None
+        raise ScenarioError(file, _key_on_line(text, line), line,
                             f"not valid TOML: {e}") from None
     lines = _KeyLines(text)
     tables = {"guest": _GUEST, "migration": _MIGRATION, "hinting": _HINTING,
