@@ -7,6 +7,10 @@ Workloads, queue size 1024 (QEMU's free_page_vq):
   indirect  one INDIRECT descriptor to a 32-entry table (a page-reporting chain)
   indirect256  the same with 256 entries (checked as one numpy batch, >= indirect_batch_min)
 
+The same workloads run on a packed ring (balloon_dev/packed_virtqueue.py, rows "packed ..."):
+the driver's writes (descriptors with the lap's AVAIL/USED bits, head flags last) are outside the
+timed region there too.
+
 The driver's cost (writing the avail ring) is outside the timed region. Compare ratios from one
 run: the machines are shared and noisy. Usage: scripts/bench virtqueue [--rounds N]
 """
@@ -21,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from balloon_dev.packed_virtqueue import PackedDeviceVirtqueue  # noqa: E402
 from balloon_dev.virtqueue import DeviceVirtqueue  # noqa: E402
+from tests.packedringbuilder import RawPackedRing, pack_pdesc  # noqa: E402
 from tests.ringbuilder import INDIRECT, WRITE, RawRing, make_memory, write_table  # noqa: E402
 
 SIZE = 1024
@@ -87,21 +93,71 @@ def run(kind: str, batched: bool, rounds: int) -> tuple[float, float]:
     return n / t_pop, n / t_push
 
 
+def _packed_chains(kind: str) -> tuple[list[list[tuple[int, int, int]]], int]:
+    """The chains (lists of (addr, len, flags)) one packed fill posts, and the table gpa."""
+    tbl = 0x600000
+    if kind == "hint":
+        return [[(BUF + 0x1000 * i, 0x1000, WRITE)] for i in range(SIZE)], tbl
+    if kind == "chain3":
+        return [[(BUF + 0x100 * c, 16, 0), (BUF + 0x100 * c + 16, 64, WRITE),
+                 (BUF + 0x100 * c + 80, 64, WRITE)] for c in range(SIZE // 3)], tbl
+    entries = 32 if kind == "indirect" else 256
+    per_fill = SIZE if kind == "indirect" else SIZE // 8
+    return [[(tbl, 16 * entries, INDIRECT)] for _ in range(per_fill)], tbl
+
+
+def run_packed(kind: str, batched: bool, rounds: int) -> tuple[float, float]:
+    mem = make_memory(8 << 20)
+    r = RawPackedRing.layout(mem, 0x1000, SIZE)
+    chains_spec, tbl = _packed_chains(kind)
+    if kind.startswith("indirect"):
+        entries = 32 if kind == "indirect" else 256
+        mem.write(tbl, b"".join(pack_pdesc(BUF + 0x1000 * j, 0x1000, 0, WRITE)
+                                for j in range(entries)))
+    q = PackedDeviceVirtqueue(mem, SIZE, r.desc, r.driver, r.device)
+    per_fill = len(chains_spec)
+    t_pop = t_push = 0.0
+    for _ in range(rounds):
+        for i, bufs in enumerate(chains_spec):
+            r.add(bufs, bid=i)
+        t0 = time.perf_counter()
+        if batched:
+            chains = q.pop_many()
+        else:
+            chains = []
+            while (c := q.pop()) is not None:
+                chains.append(c)
+        t1 = time.perf_counter()
+        if batched:
+            q.push_many([(c.head, 0) for c in chains])
+        else:
+            for c in chains:
+                q.push(c.head, 0)
+        t2 = time.perf_counter()
+        assert len(chains) == per_fill and all(c.error is None for c in chains)
+        t_pop += t1 - t0
+        t_push += t2 - t1
+    n = per_fill * rounds
+    return n / t_pop, n / t_push
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=60, help="ring fills per measurement")
     args = ap.parse_args(argv)
     print(f"queue size {SIZE}, {args.rounds} fills per row")
-    print(f"{'workload':11} {'mode':10} {'pops/s':>12} {'pushes/s':>12}")
-    for kind in ("hint", "chain3", "indirect", "indirect256"):
-        res = {}
-        for batched in (False, True):
-            pops, pushes = run(kind, batched, args.rounds)
-            res[batched] = pops, pushes
-            mode = "batched" if batched else "one"
-            print(f"{kind:11} {mode:10} {pops:12,.0f} {pushes:12,.0f}")
-        print(f"{kind:11} {'ratio':10} {res[True][0] / res[False][0]:11.1f}x "
-              f"{res[True][1] / res[False][1]:11.1f}x")
+    print(f"{'workload':18} {'mode':10} {'pops/s':>12} {'pushes/s':>12}")
+    for ring, runner in (("split", run), ("packed", run_packed)):
+        for kind in ("hint", "chain3", "indirect", "indirect256"):
+            res = {}
+            label = kind if ring == "split" else f"packed {kind}"
+            for batched in (False, True):
+                pops, pushes = runner(kind, batched, args.rounds)
+                res[batched] = pops, pushes
+                mode = "batched" if batched else "one"
+                print(f"{label:18} {mode:10} {pops:12,.0f} {pushes:12,.0f}")
+            print(f"{label:18} {'ratio':10} {res[True][0] / res[False][0]:11.1f}x "
+                  f"{res[True][1] / res[False][1]:11.1f}x")
     return 0
 
 

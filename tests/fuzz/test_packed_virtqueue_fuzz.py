@@ -82,6 +82,7 @@ ring_st = st.fixed_dictionaries({
     "event_idx": st.booleans(),
     "indirect": st.booleans(),
     "reject_zero_len": st.booleans(),
+    "indirect_batch_min": st.sampled_from([1, 2, 64]),  # batched table check on or off
 })
 
 
@@ -96,6 +97,7 @@ def build(p: dict[str, Any]) -> tuple[TrackingMemory, PackedDeviceVirtqueue, byt
     backing[TABLES:TABLES + len(raw)] = raw
     q = PackedDeviceVirtqueue(mem, SIZE, DESC, DRIVER, DEVICE, event_idx=p["event_idx"],
                               indirect=p["indirect"], reject_zero_len=p["reject_zero_len"])
+    q.indirect_batch_min = p["indirect_batch_min"]
     held, start, wrap = p["held"], p["start"], p["wrap"]
     used = start - held
     q.restore(PackedVirtqueueState(
