@@ -7,7 +7,9 @@ what a transport observes (feature and status writes, config reads/writes, queue
 queue kick, reset) and what the host asks (set the balloon target, ask for statistics, start /
 stop / end a free page hint round, migration events). Each returns a list of effects
 (``balloon_dev.effects``) and performs nothing itself; the only guest memory it writes is the
-used rings, through ``balloon_dev.virtqueue.DeviceVirtqueue``.
+used rings, through ``balloon_dev.virtqueue.DeviceVirtqueue`` (or, when the driver negotiates
+RING_PACKED, ``balloon_dev.packed_virtqueue.PackedDeviceVirtqueue``: used descriptors and the
+device event area). RING_PACKED is offered only when ``DeviceConfig.offered_features`` says so.
 
 Queues are numbered as protocol.md 3.3 says: from the *offered* features, compacted (0
 inflate, 1 deflate, then stats, free_page, reporting if offered), or the spec's literal 0..4
