@@ -330,7 +330,9 @@ class PackedDeviceVirtqueue:
             slots = [1] * nfast
         k = nfast
         full = snap.tolist()
-        while k < run and (max_n is None or len(chains) < max_n):
+        # Heads are judged one by one (as pop does): a chain's later slots need not be marked
+        # available, so the next head may lie past the end of the available run.
+        while k < room and avail[k] and (max_n is None or len(chains) < max_n):
             end = self._chain_end(lambda j: int(flags[(self.last_avail_idx + j) % self.size]),
                                   k, room)
             chains.append(self._check([full[(self.last_avail_idx + j) % self.size]

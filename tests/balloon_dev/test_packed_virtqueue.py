@@ -440,3 +440,14 @@ def test_driver_breaks_on_bad_used_id() -> None:
     mem.write(d.desc_gpa + 12, (3).to_bytes(2, "little"))
     assert d.get_bufs() == ([], [])
     assert d.broken and d.counters["bad_used_id"] == 1
+
+
+def test_chain_tail_need_not_be_marked_available() -> None:
+    """Only the head's flags publish a chain (QEMU reads the rest without checking them); one
+    pop_many gives every chain a run of pops gives."""
+    _, r, q = make()
+    r.add([(BUF, 4, 0), (BUF + 8, 4, WRITE)], bid=1)
+    r.set_desc(1, BUF + 8, 4, 1, WRITE)  # tail without AVAIL
+    r.add([(BUF, 4, WRITE)], bid=2)
+    assert q.pending() == 2
+    assert [c.head for c in q.pop_many()] == [1, 2]
