@@ -1,0 +1,165 @@
+"""Driver-side packed ring (guest_model/packed_vring.py) against raw memory expectations.
+
+Golden tests spell the bytes the driver must leave in guest memory (protocol.md 1.8); behaviour
+tests play the device by hand with a few struct writes (no code shared with
+balloon_dev/packed_virtqueue.py), so a misreading of the layout shows up as a byte mismatch."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from guest_model.packed_vring import PackedDriverVring, alloc_packed_vring
+from guest_model.vring import DriverArea, VringFull
+from guestmem import DirtyLog, GuestMemory
+from protocol.virtqueue import (
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    VirtqPackedDesc,
+    pack_off_wrap,
+)
+
+AVAIL, USED = 1 << 7, 1 << 15
+NEXT, WRITE, INDIRECT = 1, 2, 4
+AREA, AREA_SIZE = 0x10000, 0x40000
+BUF = 0x80000
+
+
+def make(size: int = 4, *, event_idx: bool = False, indirect: bool = False
+         ) -> tuple[GuestMemory, PackedDriverVring]:
+    mem = GuestMemory()
+    mem.add_region(0, bytearray(1 << 20), "ram")
+    area = DriverArea(mem, AREA, AREA_SIZE)
+    return mem, alloc_packed_vring(mem, area, size, event_idx=event_idx, indirect=indirect,
+                                   name="t")
+
+
+def desc(mem: GuestMemory, v: PackedDriverVring, slot: int) -> tuple[int, int, int, int]:
+    d = VirtqPackedDesc.parse(mem.read(v.desc_gpa + 16 * slot, 16))
+    return d.addr, d.len, d.id, d.flags
+
+
+def use(mem: GuestMemory, v: PackedDriverVring, slot: int, bid: int, length: int,
+        wrap: int) -> None:
+    """Play the device: write a used descriptor at ``slot``."""
+    mem.write(v.desc_gpa + 16 * slot + 8, struct.pack("<IHH", length, bid,
+                                                        AVAIL | USED if wrap else 0))
+
+
+def test_golden_chain_bytes() -> None:
+    mem, v = make()
+    bid = v.add_buf(out=[(0x1122334455667788, 4)], in_=[(BUF, 0x100)], token="x")
+    assert bid == 0
+    assert mem.read(v.desc_gpa, 32) == bytes.fromhex(
+        "8877665544332211" "04000000" "0000" "8100"    # NEXT | AVAIL (wrap 1)
+        "0000080000000000" "00010000" "0000" "8200")   # WRITE | AVAIL
+    assert mem.read(v.avail_gpa, 8) == bytes(8)          # both event areas start zeroed
+
+
+def test_wrap_flips_avail_bits_and_used_detection() -> None:
+    mem, v = make(size=4)
+    ids = [v.add_buf(in_=[(BUF + 0x100 * i, 8)], token=i) for i in range(3)]
+    for slot, bid in enumerate(ids):
+        use(mem, v, slot, bid, 8, 1)
+    assert v.get_bufs() == ([0, 1, 2], [8, 8, 8])
+    # Slot 3 (lap 1), then slots 0 and 1 (lap 2: AVAIL clear, USED set).
+    ids = [v.add_buf(in_=[(BUF, 8)], token=t) for t in ("a", "b", "c")]
+    assert [desc(mem, v, s)[3] for s in (3, 0, 1)] == [WRITE | AVAIL, WRITE | USED, WRITE | USED]
+    assert (v.next_avail, v.avail_wrap) == (2, 0)
+    use(mem, v, 3, ids[0], 0, 1)
+    use(mem, v, 0, ids[1], 0, 1)  # the old lap's used marking: not used in lap 2
+    assert v.get_bufs() == (["a"], [0])
+    use(mem, v, 0, ids[1], 0, 0)  # lap 2 used: AVAIL == USED == 0
+    use(mem, v, 1, ids[2], 0, 0)
+    assert v.get_bufs() == (["b", "c"], [0, 0])
+    assert (v.last_used, v.used_wrap) == (2, 0) and v.in_flight == 0
+
+
+def test_used_moves_by_chain_slots_and_out_of_order() -> None:
+    mem, v = make(size=8)
+    a = v.add_buf(out=[(BUF, 4)] * 3, token="a")   # slots 0-2
+    b = v.add_buf(in_=[(BUF, 16)], token="b")      # slot 3
+    assert v.num_free == 4
+    use(mem, v, 0, b, 9, 1)   # the device used b first, at slot 0
+    use(mem, v, 1, a, 0, 1)   # then a, at slot 1 (a's 3 slots: next used at 4)
+    assert v.get_bufs() == (["b", "a"], [9, 0])
+    assert v.last_used == 4 and v.num_free == 8
+
+
+def test_indirect_table_layout() -> None:
+    mem, v = make(indirect=True)
+    bid = v.add_buf(out=[(BUF, 4)], in_=[(BUF + 0x100, 8), (BUF + 0x200, 8)])
+    addr, length, got_id, flags = desc(mem, v, 0)
+    assert (length, got_id, flags) == (48, bid, INDIRECT | AVAIL)
+    table = [VirtqPackedDesc.parse(mem.read(addr + 16 * i, 16)) for i in range(3)]
+    assert [(d.addr, d.len, d.flags) for d in table] == [
+        (BUF, 4, 0), (BUF + 0x100, 8, WRITE), (BUF + 0x200, 8, WRITE)]  # WRITE only
+    assert v.counters["added_indirect"] == 1 and v.num_free == 3
+
+
+def test_batch_add_and_full() -> None:
+    mem, v = make(size=4)
+    mem.dirty_log = DirtyLog(256)
+    mem.dirty_log.start()
+    ids = v.add_single_bufs(np.array([BUF, BUF + 0x1000]), np.array([0x1000, 0x1000]),
+                            writable=True)
+    assert ids.tolist() == [0, 1]
+    assert [desc(mem, v, s) for s in (0, 1)] == [
+        (BUF, 0x1000, 0, WRITE | AVAIL), (BUF + 0x1000, 0x1000, 1, WRITE | AVAIL)]
+    assert mem.dirty_log.peek()[v.desc_gpa >> 12]
+    with pytest.raises(VringFull):
+        v.add_single_bufs(np.array([BUF] * 3), np.array([8] * 3), writable=False)
+    with pytest.raises(VringFull):
+        v.add_buf(out=[(BUF, 4)] * 3)
+    v.add_buf(out=[(BUF, 4)] * 2)
+    assert v.num_free == 0
+
+
+def test_kick_and_interrupt_suppression_words() -> None:
+    mem, v = make(size=4, event_idx=True)
+    v.add_buf(in_=[(BUF, 8)])
+    assert v.kick_prepare()  # device area zero: ENABLE
+    mem.write(v.used_gpa, struct.pack("<HH", 0, RING_EVENT_FLAGS_DISABLE))
+    v.add_buf(in_=[(BUF, 8)])
+    assert not v.kick_prepare()
+    # The device wants a kick when slot 3 of lap 1 is published; 2 -> 3 does not reach it.
+    mem.write(v.used_gpa, struct.pack("<HH", pack_off_wrap(3, 1), RING_EVENT_FLAGS_DESC))
+    v.add_buf(in_=[(BUF, 8)])
+    assert not v.kick_prepare()
+    v.add_buf(in_=[(BUF, 8)])   # slot 3: 3 -> 0 (lap 2) passes it
+    assert v.kick_prepare()
+    v.disable_cb()
+    assert struct.unpack("<HH", mem.read(v.avail_gpa, 4))[1] == RING_EVENT_FLAGS_DISABLE
+    assert v.enable_cb()
+    assert struct.unpack("<HH", mem.read(v.avail_gpa, 4)) == (pack_off_wrap(0, 1),
+                                                              RING_EVENT_FLAGS_DESC)
+    use(mem, v, 0, 0, 0, 1)
+    assert not v.enable_cb()  # a used buffer arrived: reap first
+    v.get_bufs()
+    assert struct.unpack("<HH", mem.read(v.avail_gpa, 4)) == (pack_off_wrap(1, 1),
+                                                              RING_EVENT_FLAGS_DESC)
+    _, v2 = make(event_idx=False)
+    v2.enable_cb()
+    assert struct.unpack("<HH", v2.mem.read(v2.avail_gpa, 4))[1] == RING_EVENT_FLAGS_ENABLE
+
+
+def test_bad_used_id_and_len_from_the_device() -> None:
+    mem, v = make()
+    v.add_buf(in_=[(BUF, 8)], token="a")
+    v.add_buf(in_=[(BUF, 8)], token="b")
+    use(mem, v, 0, 0, 100, 1)  # len beyond the buffer: clamped and counted
+    assert v.get_bufs() == (["a"], [8]) and v.counters["used_len_too_big"] == 1
+    use(mem, v, 1, 0, 0, 1)    # id 0 is no longer in flight
+    assert v.get_bufs() == ([], [])
+    assert v.broken and v.counters["bad_used_id"] == 1
+
+
+def test_detach_unused_starts_over() -> None:
+    mem, v = make(indirect=True)
+    v.add_buf(out=[(BUF, 4)] * 2, token="a")
+    v.add_buf(in_=[(BUF, 4)], token="b")
+    assert sorted(v.detach_unused()) == ["a", "b"]
+    assert (v.num_free, v.in_flight, v.next_avail, v.avail_wrap) == (4, 0, 0, 1)
+    assert mem.read(v.desc_gpa, 64) == bytes(64)
