@@ -380,11 +380,13 @@ def _pair(size: int, *, event_idx: bool, indirect: bool):
     return mem, d, q
 
 
+@pytest.mark.parametrize("size", [1, 2, 7])
 @pytest.mark.parametrize("event_idx", [False, True])
 @pytest.mark.parametrize("indirect", [False, True])
-def test_driver_and_device_agree_over_many_laps(event_idx: bool, indirect: bool) -> None:
-    mem, d, q = _pair(7, event_idx=event_idx, indirect=indirect)
-    rng = np.random.default_rng(1)
+def test_driver_and_device_agree_over_many_laps(size: int, event_idx: bool,
+                                                indirect: bool) -> None:
+    mem, d, q = _pair(size, event_idx=event_idx, indirect=indirect)
+    rng = np.random.default_rng(size)
     expect: dict[object, tuple[tuple, tuple]] = {}
     held: list[Chain] = []
     kicks = 0
@@ -393,6 +395,8 @@ def test_driver_and_device_agree_over_many_laps(event_idx: bool, indirect: bool)
             nout, nin = int(rng.integers(0, 3)), int(rng.integers(0, 3))
             if nout + nin == 0:
                 nin = 1
+            nout = min(nout, size - 1 if nin else size)
+            nin = min(nin, size - nout)
             out = tuple((BUF + 0x100 * k, 8 + k) for k in range(nout))
             in_ = tuple((BUF + 0x1000 + 0x100 * k, 16 + k) for k in range(nin))
             if d.num_free < (1 if indirect else nout + nin):
