@@ -316,6 +316,19 @@ def _num(v: Any) -> float:
 _PUBLISHED = {"without_hints_ms": _positive(_num), "with_hints_ms": _positive(_num)}
 
 
+#: The simulator's work grows with a workload's rate (pages allocated or written per simulated
+#: second): at 1 TiB/s, already faster than any memory system, a 64 MiB guest takes seconds; a
+#: rate far above it makes a run allocate arrays no machine holds (MemoryError) or never end.
+MAX_WORKLOAD_RATE = float(1 << 40)
+
+
+def _workload_rate(v: Any) -> float:
+    out = float(_positive(_rate)(v))
+    if out > MAX_WORKLOAD_RATE:
+        raise UnitError(f"{v!r} is faster than the simulator supports (1 TiB/s)")
+    return out
+
+
 # Workload kinds: key -> converter. "kind" and "during" are common to all.
 WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     # allocate and write ``size`` of memory that stays in use (anonymous memory, page cache)
@@ -324,10 +337,10 @@ WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     # random fraction of the pages allocated (partly reclaimed memory: fragmented free lists)
     "fill_free": {"size": _size, "keep": _fraction},
     # rewrite pages already in use, ``rate`` bytes per second, spread over ``working_set``
-    "dirty": {"rate": _positive(_rate), "working_set": _size},
+    "dirty": {"rate": _workload_rate, "working_set": _size},
     # allocate, write and free memory continuously: ``rate`` bytes per second allocated,
     # each allocation lives ``lifetime``; ``footprint`` caps what is live at once
-    "churn": {"rate": _positive(_rate), "lifetime": _positive(_duration), "footprint": _size},
+    "churn": {"rate": _workload_rate, "lifetime": _positive(_duration), "footprint": _size},
     # keep the simulated clock moving (an idle phase before migration)
     "idle": {"duration": _duration},
 }
