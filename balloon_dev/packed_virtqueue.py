@@ -108,6 +108,79 @@ OTHER_COUNTERS = ("buffer_vanished",)
 _Row = tuple[int, int, int, int]  # addr, len, id, flags
 
 
+class _InFlight:
+    """Ring slots held by each in-flight chain, by buffer id, oldest first per id.
+
+    numpy arrays over all 2^16 ids (``first``: slots of the oldest chain, ``count``: chains) so a
+    batch is booked in a few numpy operations; chains beyond the first of one id (a driver
+    reusing an id still in flight: its bug, but we still return every chain once) wait in
+    ``more``."""
+
+    def __init__(self) -> None:
+        self.first = np.zeros(1 << 16, dtype=np.int64)
+        self.count = np.zeros(1 << 16, dtype=np.int64)
+        self.more: dict[int, deque[int]] = {}
+        self.chains = 0
+        self.slots = 0
+
+    def add_many(self, ids: np.ndarray, nslots: np.ndarray) -> None:
+        if ids.size == 0:
+            return
+        if np.unique(ids).size == ids.size and not self.count[ids].any():
+            self.first[ids] = nslots
+            self.count[ids] = 1
+        else:
+            for i, n in zip(ids.tolist(), nslots.tolist(), strict=True):
+                if self.count[i]:
+                    self.more.setdefault(i, deque()).append(n)
+                else:
+                    self.first[i] = n
+                self.count[i] += 1
+        self.chains += int(ids.size)
+        self.slots += int(nslots.sum())
+
+    def missing(self, ids: np.ndarray) -> int | None:
+        """An id of ``ids`` that is not in flight as often as it appears, or None."""
+        uniq, times = np.unique(ids, return_counts=True)
+        short = np.flatnonzero(self.count[uniq] < times)
+        return int(uniq[short[0]]) if short.size else None
+
+    def peek_many(self, ids: np.ndarray) -> np.ndarray:
+        """What ``take_many(ids)`` would return, changing nothing."""
+        if np.unique(ids).size == ids.size:
+            return self.first[ids].copy()
+        seen: dict[int, int] = {}
+        ns = np.empty(ids.size, dtype=np.int64)
+        for k, i in enumerate(ids.tolist()):
+            c = seen.get(i, 0)
+            ns[k] = self.first[i] if c == 0 else self.more[i][c - 1]
+            seen[i] = c + 1
+        return ns
+
+    def take_many(self, ids: np.ndarray) -> np.ndarray:
+        """Slots of the oldest chain of each id, in order (``missing`` checked first)."""
+        if np.unique(ids).size == ids.size and (self.count[ids] == 1).all():
+            ns = self.first[ids].copy()
+            self.count[ids] = 0
+        else:
+            ns = np.empty(ids.size, dtype=np.int64)
+            for k, i in enumerate(ids.tolist()):
+                ns[k] = self.first[i]
+                self.count[i] -= 1
+                q = self.more.get(i)
+                if q:
+                    self.first[i] = q.popleft()
+                    if not q:
+                        del self.more[i]
+        self.chains -= int(ids.size)
+        self.slots -= int(ns.sum())
+        return ns
+
+    def items(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        return tuple((i, (int(self.first[i]), *self.more.get(i, ())))
+                     for i in np.flatnonzero(self.count).tolist())
+
+
 class _ChainError(Exception):
     def __init__(self, counter: str, detail: str) -> None:
         super().__init__(detail)
@@ -171,20 +244,18 @@ class PackedDeviceVirtqueue:
         self._signalled_valid = True
         # buffer id -> ring slots of each in-flight chain with that id (FIFO; a driver reusing an
         # id still in flight is its own bug, but we still return every chain once).
-        self._inflight: dict[int, deque[int]] = {}
-        self._inflight_chains = 0
-        self._inflight_slots = 0
+        self._inflight = _InFlight()
 
     @property
     def in_flight(self) -> int:
         """Chains popped and not yet pushed back."""
-        return self._inflight_chains
+        return self._inflight.chains
 
     def state(self) -> PackedVirtqueueState:
         return PackedVirtqueueState(
             self.last_avail_idx, self.avail_wrap, self.used_idx, self.used_wrap,
             self._notifications, self._signalled[0], self._signalled[1], self._signalled_valid,
-            tuple((i, tuple(d)) for i, d in sorted(self._inflight.items())))
+            self._inflight.items())
 
     def restore(self, st: PackedVirtqueueState) -> None:
         """Resume from ``state()``; counters are kept."""
@@ -193,9 +264,10 @@ class PackedDeviceVirtqueue:
         self._notifications = st.notifications
         self._signalled = (st.signalled_used, st.signalled_wrap & 1)
         self._signalled_valid = st.signalled_valid
-        self._inflight = {i: deque(d) for i, d in st.in_flight if d}
-        self._inflight_chains = sum(len(d) for d in self._inflight.values())
-        self._inflight_slots = sum(sum(d) for d in self._inflight.values())
+        self._inflight = _InFlight()
+        pairs = [(i, n) for i, d in st.in_flight for n in d]
+        self._inflight.add_many(np.array([i for i, _ in pairs], dtype=np.int64),
+                                np.array([n for _, n in pairs], dtype=np.int64))
 
     def _count(self, counter: str, detail: str) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + 1
@@ -211,7 +283,7 @@ class PackedDeviceVirtqueue:
     # -- available side --------------------------------------------------------------------
     def _room(self) -> int:
         """Slots not held by chains in flight: the most a new walk may look at."""
-        return self.size - self._inflight_slots
+        return self.size - self._inflight.slots
 
     def _snapshot(self) -> np.ndarray:
         """One copy of the whole descriptor ring (the only version pop_many looks at)."""
@@ -294,7 +366,7 @@ class PackedDeviceVirtqueue:
             rows.append(self._read_row(len(rows)))
         chain = self._check(rows)
         self._publish_avail_event(self._advance(self.last_avail_idx, self.avail_wrap, len(rows)))
-        self._take(chain, len(rows))
+        self._take([chain], [len(rows)])
         return chain
 
     def pop_many(self, max_n: int | None = None) -> list[Chain]:
@@ -329,19 +401,20 @@ class PackedDeviceVirtqueue:
                 chains.append(Chain(bid, (), ((a, ln),)) if w else Chain(bid, ((a, ln),), ()))
             slots = [1] * nfast
         k = nfast
-        full = snap.tolist()
+        full: list[_Row] | None = None  # the snapshot as tuples, made only if a walk needs it
         # Heads are judged one by one (as pop does): a chain's later slots need not be marked
         # available, so the next head may lie past the end of the available run.
         while k < room and avail[k] and (max_n is None or len(chains) < max_n):
             end = self._chain_end(lambda j: int(flags[(self.last_avail_idx + j) % self.size]),
                                   k, room)
+            if full is None:
+                full = snap.tolist()
             chains.append(self._check([full[(self.last_avail_idx + j) % self.size]
                                        for j in range(k, end + 1)]))
             slots.append(end + 1 - k)
             k = end + 1
         self._publish_avail_event(self._advance(self.last_avail_idx, self.avail_wrap, k))
-        for ch, n in zip(chains, slots, strict=True):
-            self._take(ch, n)
+        self._take(chains, slots)
         return chains
 
     def _advance(self, idx: int, wrap: int, n: int) -> tuple[int, int]:
@@ -351,15 +424,17 @@ class PackedDeviceVirtqueue:
             wrap ^= 1
         return idx, wrap
 
-    def _take(self, chain: Chain, nslots: int) -> None:
+    def _take(self, chains: list[Chain], slots: list[int]) -> None:
+        """Commit popped chains: move last_avail_idx, book them in flight, count their errors."""
         self.last_avail_idx, self.avail_wrap = self._advance(self.last_avail_idx,
-                                                             self.avail_wrap, nslots)
-        self._inflight.setdefault(chain.head, deque()).append(nslots)
-        self._inflight_chains += 1
-        self._inflight_slots += nslots
-        if chain.error is not None:
-            counter, _, detail = chain.error.partition(": ")
-            self._count(counter, detail)
+                                                             self.avail_wrap, sum(slots))
+        self._inflight.add_many(np.fromiter((c.head for c in chains), dtype=np.int64,
+                                            count=len(chains)),
+                                np.asarray(slots, dtype=np.int64))
+        for chain in chains:
+            if chain.error is not None:
+                counter, _, detail = chain.error.partition(": ")
+                self._count(counter, detail)
 
     # -- chain checks ----------------------------------------------------------------------
     def _check(self, rows: list[_Row]) -> Chain:
@@ -504,8 +579,8 @@ class PackedDeviceVirtqueue:
         descriptor at used_idx (len and id first, flags last)."""
         if not (0 <= head <= 0xFFFF and 0 <= written < _U32_LIMIT):
             raise ValueError(f"{self.name}: bad used element id={head} len={written}")
-        pending = self._inflight.get(head)
-        if not pending:
+        if not self._inflight.count[head]:
+            # Our own caller's bug (usage error).
             raise ValueError(f"{self.name}: pushing id {head:#x}, which is not in flight")
         gpa = self.desc + DESC_SIZE * self.used_idx
         used_flags = (VIRTQ_PACKED_DESC_F_AVAIL | VIRTQ_PACKED_DESC_F_USED) if self.used_wrap else 0
@@ -514,35 +589,24 @@ class PackedDeviceVirtqueue:
             self.mem.write(gpa + 14, _U16.pack(used_flags))
         except GuestMemoryError as e:
             raise self._area_broken("descriptor ring", self.desc, e) from None
-        n = pending.popleft()
-        if not pending:
-            del self._inflight[head]
-        self._inflight_chains -= 1
-        self._inflight_slots -= n
+        n = int(self._inflight.take_many(np.array([head], dtype=np.int64))[0])
         self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, n)
 
     def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
         """Return chains: one used descriptor each, in order, the first one's flags last."""
-        if not elems:
+        n = len(elems)
+        if n == 0:
             return
-        need: dict[int, int] = {}
-        for bid, ln in elems:
-            if not (0 <= bid <= 0xFFFF and 0 <= ln < _U32_LIMIT):
-                raise ValueError(f"{self.name}: bad used element id={bid} len={ln}")
-            need[bid] = need.get(bid, 0) + 1
-        for bid, n in need.items():
-            if len(self._inflight.get(bid, ())) < n:
-                # Our own caller's bug (usage error): this id is not in flight that often.
-                raise ValueError(f"{self.name}: pushing id {bid:#x} {n} times, "
-                                 f"{len(self._inflight.get(bid, ()))} in flight")
-        # Ring slots each chain took, in push order (FIFO per id).
-        seen: dict[int, int] = {}
-        nslots = np.empty(len(elems), dtype=np.int64)
-        for k, (bid, _) in enumerate(elems):
-            c = seen.get(bid, 0)
-            nslots[k] = self._inflight[bid][c]
-            seen[bid] = c + 1
-        arr = np.asarray(elems, dtype=np.int64).reshape(len(elems), 2)
+        arr = np.asarray(elems, dtype=np.int64).reshape(n, 2)
+        ids, lens = arr[:, 0], arr[:, 1]
+        if ids.min() < 0 or ids.max() > 0xFFFF or lens.min() < 0 or lens.max() >= _U32_LIMIT:
+            raise ValueError(f"{self.name}: used elements out of range (id < 2^16, "
+                             "0 <= len < 2^32)")
+        bad = self._inflight.missing(ids)
+        if bad is not None:
+            # Our own caller's bug (usage error): this id is not in flight that often.
+            raise ValueError(f"{self.name}: pushing id {bad:#x} more often than it is in flight")
+        nslots = self._inflight.peek_many(ids)
         # Linear positions: used descriptor k goes where the slots of the chains before it end.
         pos = self.used_idx + np.concatenate(([0], np.cumsum(nslots[:-1])))
         slots = pos % self.size
@@ -554,22 +618,16 @@ class PackedDeviceVirtqueue:
             ring = self.mem.array(self.desc, PACKED_DESC_DTYPE, self.size, writable=True)
         except GuestMemoryError as e:
             raise self._area_broken("descriptor ring", self.desc, e) from None
-        ring["len"][slots] = arr[:, 1]
-        ring["id"][slots] = arr[:, 0]
+        ring["len"][slots] = lens
+        ring["id"][slots] = ids
         # Flags publish a used descriptor: the later ones first, the first one last, so the
         # driver (which reads from the first) never sees half a batch.
         ring["flags"][slots[1:]] = used_flags[1:]
         ring["flags"][slots[0]] = used_flags[0]
         lo, hi = int(slots.min()), int(slots.max())
         self.mem.mark_dirty(self.desc + DESC_SIZE * lo, DESC_SIZE * (hi - lo + 1))
-        for bid, _ in elems:
-            n = self._inflight[bid].popleft()
-            if not self._inflight[bid]:
-                del self._inflight[bid]
-            self._inflight_chains -= 1
-            self._inflight_slots -= n
-        idx, wrap = end % self.size, (self.used_wrap + end // self.size) & 1
-        self.used_idx, self.used_wrap = idx, wrap
+        self._inflight.take_many(ids)
+        self.used_idx, self.used_wrap = end % self.size, (self.used_wrap + end // self.size) & 1
 
     # -- notifications -------------------------------------------------------------------
     def should_notify(self) -> bool:

@@ -455,3 +455,28 @@ def test_chain_tail_need_not_be_marked_available() -> None:
     r.add([(BUF, 4, WRITE)], bid=2)
     assert q.pending() == 2
     assert [c.head for c in q.pop_many()] == [1, 2]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_id_reused_while_in_flight_is_returned_once_per_chain(batched: bool) -> None:
+    """A driver reusing an id still in flight (its bug): every chain still goes back once, the
+    oldest first, each moving used_idx by its own slot count."""
+    _, r, q = make(size=8)
+    r.add([(BUF, 4, 0), (BUF, 4, 0)], bid=5)  # slots 0-1
+    r.add([(BUF, 4, 0)], bid=5)               # slot 2
+    r.add([(BUF, 4, 0)], bid=6)               # slot 3
+    assert [c.head for c in q.pop_many()] == [5, 5, 6]
+    st = q.state()
+    assert st.in_flight == ((5, (2, 1)), (6, (1,)))
+    if batched:
+        q.push_many([(6, 0), (5, 1), (5, 2)])
+    else:
+        for bid, n in ((6, 0), (5, 1), (5, 2)):
+            q.push(bid, n)
+    assert [r.used(s)[:2] for s in (0, 1, 3)] == [(6, 0), (5, 1), (5, 2)]
+    assert q.used_idx == 4 and q.in_flight == 0
+    with pytest.raises(ValueError):
+        q.push(5, 0)
+    q2 = PackedDeviceVirtqueue(q.mem, 8, r.desc, r.driver, r.device)
+    q2.restore(st)
+    assert q2.state() == st and q2.in_flight == 3
