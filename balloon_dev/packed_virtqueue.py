@@ -145,6 +145,19 @@ class _InFlight:
         short = np.flatnonzero(self.count[uniq] < times)
         return int(uniq[short[0]]) if short.size else None
 
+    def take_one(self, i: int) -> int:
+        """Slots of the oldest chain of id ``i`` (in flight: checked by the caller)."""
+        n = int(self.first[i])
+        self.count[i] -= 1
+        q = self.more.get(i)
+        if q:
+            self.first[i] = q.popleft()
+            if not q:
+                del self.more[i]
+        self.chains -= 1
+        self.slots -= n
+        return n
+
     def peek_many(self, ids: np.ndarray) -> np.ndarray:
         """What ``take_many(ids)`` would return, changing nothing."""
         if np.unique(ids).size == ids.size:
@@ -162,19 +175,10 @@ class _InFlight:
         if np.unique(ids).size == ids.size and (self.count[ids] == 1).all():
             ns = self.first[ids].copy()
             self.count[ids] = 0
-        else:
-            ns = np.empty(ids.size, dtype=np.int64)
-            for k, i in enumerate(ids.tolist()):
-                ns[k] = self.first[i]
-                self.count[i] -= 1
-                q = self.more.get(i)
-                if q:
-                    self.first[i] = q.popleft()
-                    if not q:
-                        del self.more[i]
-        self.chains -= int(ids.size)
-        self.slots -= int(ns.sum())
-        return ns
+            self.chains -= int(ids.size)
+            self.slots -= int(ns.sum())
+            return ns
+        return np.array([self.take_one(i) for i in ids.tolist()], dtype=np.int64)
 
     def items(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         return tuple((i, (int(self.first[i]), *self.more.get(i, ())))
@@ -589,7 +593,7 @@ class PackedDeviceVirtqueue:
             self.mem.write(gpa + 14, _U16.pack(used_flags))
         except GuestMemoryError as e:
             raise self._area_broken("descriptor ring", self.desc, e) from None
-        n = int(self._inflight.take_many(np.array([head], dtype=np.int64))[0])
+        n = self._inflight.take_one(head)
         self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, n)
 
     def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
