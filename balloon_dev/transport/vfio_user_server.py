@@ -206,13 +206,23 @@ class VfioUserServer:
                     log.warning("unexpected reply msg_id %#x command %d", header.msg_id,
                                 header.command)
                     continue
+                lost: ConnectionLost | None = None
                 for a in session.handle(header, payload, fds):
                     if isinstance(a, Reply):
-                        await self._send(conn, a.data)
+                        if lost is None:
+                            try:
+                                await self._send(conn, a.data)
+                            except ConnectionLost as e:
+                                lost = e
                     elif isinstance(a, SignalEventfd):
                         self._signal(a)
                     elif self.on_effects is not None:
-                        self.on_effects([a])
+                        self.on_effects([a])  # the message's effects happened: deliver them
+                if lost is not None:
+                    # The client left without reading its reply (EPIPE): this connection
+                    # ends, the server does not.
+                    log.info("vfio-user client left: %s", lost)
+                    return
         finally:
             # The device is reset before the mappings go, so nothing touches unmapped memory,
             # and the next client finds a device fresh from reset.
