@@ -495,3 +495,23 @@ def test_many_dma_maps_are_bounded() -> None:
 
 
 
+
+
+def test_client_that_leaves_without_reading_its_replies() -> None:
+    """A client pipelines many requests and closes at once: the replies cannot be sent (EPIPE);
+    that ends this connection only, and the next client is served."""
+    with served() as (path, server):
+        baseline = open_fds()
+        for _ in range(3):
+            c = SocketClient(path)
+            c.healthy()
+            burst = b"".join(vu.encode_request(100 + i, vu.Command.DEVICE_GET_INFO,
+                                               struct.pack("=IIII", 16, 0, 0, 0))
+                             for i in range(200))
+            c.sock.sendall(burst)
+            c.close()
+        c = SocketClient(path)
+        c.healthy()
+        c.close()
+        assert wait_fds(baseline) <= baseline
+        assert server.connections == 4
