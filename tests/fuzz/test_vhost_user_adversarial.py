@@ -328,3 +328,25 @@ def test_too_many_fds_and_lost_framing_close_only_that_connection() -> None:
         assert wait_until(lambda: not server._busy)
         assert wait_until(lambda: open_fds() <= baseline), (open_fds(), baseline)
         assert server.counters["framing_errors"] >= 3
+
+
+def test_frontend_that_leaves_without_reading_its_replies() -> None:
+    """A front-end pipelines requests that all reply and closes at once (the server's sends fail
+    with EPIPE): only that connection ends; the next front-end is served."""
+    with served() as (path, server):
+        baseline = open_fds()
+        for _ in range(3):
+            p = Peer(path)
+            p.fe.init()
+            p.fe.send_raw(b"".join(vu.build_request(R.GET_FEATURES, b"") for _ in range(300)))
+            p.fe.close()
+            del p
+            assert wait_until(lambda: not server._busy)
+        p = Peer(path)
+        p.fe.init()
+        p.barrier(p.fe.offered)
+        p.fe.close()
+        del p
+        assert wait_until(lambda: not server._busy)
+        assert wait_until(lambda: open_fds() <= baseline), (open_fds(), baseline)
+        assert server.connections == 4
