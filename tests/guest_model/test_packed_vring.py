@@ -9,6 +9,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guest_model.packed_vring import PackedDriverVring, alloc_packed_vring
 from guest_model.vring import DriverArea, VringFull
@@ -163,3 +165,33 @@ def test_detach_unused_starts_over() -> None:
     assert sorted(v.detach_unused()) == ["a", "b"]
     assert (v.num_free, v.in_flight, v.next_avail, v.avail_wrap) == (4, 0, 0, 1)
     assert mem.read(v.desc_gpa, 64) == bytes(64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 6), nbufs=st.integers(0, 6),
+       writes=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 0xFFFF),
+                                 st.integers(0, 0xFFFFFFFF),
+                                 st.sampled_from([0, AVAIL, USED, AVAIL | USED, 0xFFFF])),
+                       max_size=12))
+def test_any_device_writes_are_survived(size: int, nbufs: int,
+                                        writes: list[tuple[int, int, int, int]]) -> None:
+    """Whatever the device scribbles over the ring, reaping never raises, never returns a buffer
+    twice or one not in flight, and keeps the free-slot books: a bad id breaks the ring."""
+    mem, v = make(size=size)
+    toks = []
+    for i in range(min(nbufs, size)):
+        v.add_buf(in_=[(BUF + 0x100 * i, 16)], token=("t", i))
+        toks.append(("t", i))
+    for slot, bid, length, flags in writes:
+        if slot < size:
+            mem.write(v.desc_gpa + 16 * slot + 8, struct.pack("<IHH", length, bid, flags))
+    got: list[object] = []
+    for _ in range(3):
+        t, lens = v.get_bufs()
+        got += t
+        assert all(0 <= n <= 16 for n in lens)
+    assert len(got) == len(set(got)) and set(got) <= set(toks)
+    assert v.in_flight == len(toks) - len(got)
+    assert v.num_free == size - v.in_flight  # one-slot buffers
+    if v.broken:
+        assert v.counters["bad_used_id"] == 1
