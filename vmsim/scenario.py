@@ -467,7 +467,7 @@ def loads(text: str, file: str = "<string>") -> Scenario:
         if kind is None:
             raise ScenarioError(file, f"{label}.kind", lines.key("workload", i, ""),
                                 "missing key (one of " + ", ".join(WORKLOAD_KINDS) + ")")
-        if kind not in WORKLOAD_KINDS:
+        if not isinstance(kind, str) or kind not in WORKLOAD_KINDS:  # a list is unhashable
             raise ScenarioError(file, f"{label}.kind", lines.key("workload", i, "kind"),
                                 f"unknown workload kind {kind!r} (one of "
                                 + ", ".join(WORKLOAD_KINDS) + ")")
