@@ -353,7 +353,8 @@ class _KeyLines:
     """Line numbers of headers and keys, from a scan of the text (tomllib keeps none)."""
 
     _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
-    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+    _KEY = re.compile(r"^\s*((?:[A-Za-z0-9_\-]+|\"[^\"]*\")"
+                      r"(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|\"[^\"]*\"))*)\s*=")
 
     def __init__(self, text: str) -> None:
         self.lines: dict[tuple[str, int, str], int] = {}
@@ -380,10 +381,19 @@ class _KeyLines:
                 continue
             k = self._KEY.match(raw)
             if k:
-                self.lines.setdefault((table, index, k.group(1).strip('"')), no)
+                # A dotted key (``guest.ram = ...``) is key ``ram`` of table ``guest``; its
+                # first part is also recorded, as the line where that table is defined.
+                parts = [p.strip().strip('"') for p in k.group(1).split(".")]
+                self.lines.setdefault((table, index, parts[0]), no)
+                if len(parts) > 1:
+                    sub = ".".join([table, *parts[:-1]] if table else parts[:-1])
+                    self.lines.setdefault((sub, 0, parts[-1]), no)
 
     def key(self, table: str, index: int, key: str) -> int | None:
-        return self.lines.get((table, index, key)) or self.headers.get((table, index))
+        # Last resort for a table written inline (``guest = { ram = "1GiB" }``,
+        # ``workload = [{ ... }]``): the line that assigns it.
+        return (self.lines.get((table, index, key)) or self.headers.get((table, index))
+                or (self.lines.get(("", 0, table)) if table else None))
 
 
 def _key_on_line(text: str, line: int | None) -> str | None:
