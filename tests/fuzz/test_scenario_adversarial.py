@@ -184,3 +184,20 @@ def test_unreadable_and_binary_files_exit_2(tmp_path: Path,
         status = main(["migrate", str(path)])
         err = capsys.readouterr().err
         assert status == 2 and "Traceback" not in err and name in err, (name, err)
+
+
+@pytest.mark.parametrize(("text", "key", "line"), [
+    ('guest = { ram = "-1GiB" }\n', "guest.ram", 1),
+    ('name = "x"\nguest.ram = "12parsec"\n', "guest.ram", 2),
+    ('[guest]\nram = "64MiB"\n\n[[workload]]\nkind = "fill"\nsize = { a = 1 }\n',
+     "workload[1].size", 6),
+    ('name = "x"\nworkload = [ { kind = "fill", size = "9TiB" } ]\n[guest]\nram = "64MiB"\n',
+     "workload[1].size", 2),
+    ('[guest]\nram = "64MiB"\nvcpus.x = 1\n', "guest.vcpus", 3),
+])
+def test_inline_tables_and_dotted_keys_get_a_line_too(text: str, key: str, line: int) -> None:
+    """Valid TOML the built-ins do not use (inline tables, dotted keys): the error still carries
+    the line that assigns the bad value."""
+    with pytest.raises(ScenarioError) as ei:
+        loads(text, "f.toml")
+    assert ei.value.line == line and ei.value.key == key, str(ei.value)
