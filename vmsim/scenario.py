@@ -36,8 +36,13 @@ Theory of operation: ``tomllib`` parses the text (a syntax error carries its own
 schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
 values raise ``ScenarioError`` naming the file, the dotted key (``workload[2].rate``) and its
 line. ``tomllib`` keeps no positions, so ``_KeyLines`` scans the text once and records the line of
-each ``[table]`` / ``[[array]]`` header and of each ``key =`` inside it; that is enough for the
-flat files this format allows (no inline tables, no dotted keys).
+each ``[table]`` / ``[[array]]`` header and of each ``key =`` (or dotted ``a.b =``) inside it.
+
+Limits a file cannot exceed (each refused with the same kind of error): numbers must be finite
+(TOML's ``inf``/``nan`` and ``"1e400GiB"`` are refused), guest RAM is at most ``MAX_GUEST_RAM``
+(1 TiB), a workload's rate at most ``MAX_WORKLOAD_RATE`` (1 TiB/s), the seed fits in 64 bits.
+Inline tables and dotted keys are valid TOML and are checked the same way; their errors point at
+the line that assigns them.
 
 Workload kinds and their keys are listed in ``WORKLOAD_KINDS``; their meaning lives in
 ``vmsim.vm`` which turns them into guest-model activity.
