@@ -350,3 +350,37 @@ def test_frontend_that_leaves_without_reading_its_replies() -> None:
         assert wait_until(lambda: not server._busy)
         assert wait_until(lambda: open_fds() <= baseline), (open_fds(), baseline)
         assert server.connections == 4
+
+
+def test_memory_table_replaced_under_running_rings() -> None:
+    """A live device whose guest RAM is swapped for a 4 KiB table (the rings now lie outside
+    guest memory): the next kicks must not touch the old mapping or crash; the device goes to
+    DEVICE_NEEDS_RESET, and a fresh start with the real RAM brings it back."""
+    with served() as (path, server):
+        baseline = open_fds()
+        p = Peer(path)
+        p.fe.init()
+        p.fe.start()
+        assert wait_until(lambda: server.session.live)
+        small = os.memfd_create("small")
+        os.ftruncate(small, 4096)
+        table = vu.build_memory_table([vu.MemoryRegion(0, 4096, RAM_UADDR, 0)])
+        r = p.fe.request(R.SET_MEM_TABLE, table, fds=[small], need_reply=True)
+        os.close(small)
+        assert r is not None
+        for q in list(p.fe.kick):
+            os.write(p.fe.kick[q], struct.pack("=Q", 1))
+        assert wait_until(lambda: bool(server.dev.status & 0x40)), server.dev.status
+        p.barrier(p.fe.offered)
+        # Recovery as QEMU does it after the guest resets the device: stop, then start afresh.
+        p.fe.stop()
+        p.fe.request(R.SET_STATUS, vu.build_u64(0))
+        p.fe.start()
+        assert wait_until(lambda: server.session.live and not server.dev.status & 0x40)
+        p.fe.add_u32(p.fe.vrings[0], 42)  # inflate pfn 42 on the fresh rings
+        os.write(p.fe.kick[0], struct.pack("=Q", 1))
+        assert wait_until(p.fe.vrings[0].more_used)
+        p.fe.close()
+        del p
+        assert wait_until(lambda: not server._busy)
+        assert wait_until(lambda: open_fds() <= baseline), (open_fds(), baseline)
