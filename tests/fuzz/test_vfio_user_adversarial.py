@@ -39,13 +39,14 @@ from typing import Any
 import pytest
 import trio
 
-from balloon_dev.device import BalloonDevice
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
 from balloon_dev.transport.vfio_user import SERVER_MAX_MSG_FDS
 from balloon_dev.transport.vfio_user_server import VfioUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from protocol.virtio import VIRTIO_F_RING_PACKED
 from tests.fdutil import eventfd, eventfd_count
 from tests.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 
@@ -131,10 +132,11 @@ class SocketClient(Client):
 
 
 @contextmanager
-def served() -> Iterator[tuple[str, VfioUserServer]]:
+def served(features: int | None = None) -> Iterator[tuple[str, VfioUserServer]]:
     """A ``VfioUserServer`` running in a thread; yields (socket path, server)."""
     mem = GuestMemory()
-    pci = VirtioPciFunction(BalloonDevice(mem), msix_vectors=2)
+    cfg = DeviceConfig() if features is None else DeviceConfig(offered_features=features)
+    pci = VirtioPciFunction(BalloonDevice(mem, cfg), msix_vectors=2)
     errors: list[BaseException] = []
     ready = threading.Event()
     stop: list[Any] = []
@@ -305,7 +307,10 @@ def framing_breaker(rng: random.Random, c: SocketClient) -> None:
 def test_server_survives_random_messages(seed: int, caplog: pytest.LogCaptureFixture) -> None:
     rng = random.Random(seed)
     caplog.set_level(logging.WARNING)
-    with served() as (path, server):
+    # Even seeds offer RING_PACKED (the driver takes every offered feature): the scribbled
+    # rings are then read as packed rings.
+    features = DEFAULT_OFFERED_FEATURES | (1 << VIRTIO_F_RING_PACKED if seed % 2 == 0 else 0)
+    with served(features) as (path, server):
         baseline = open_fds()
         for _conn in range(5):
             c = SocketClient(path)
@@ -321,8 +326,12 @@ def test_server_survives_random_messages(seed: int, caplog: pytest.LogCaptureFix
                         # Guest garbage in the rings (driver_init puts them at 1 MiB + 64 KiB
                         # per queue), then a kick: the device must survive any ring content.
                         q = rng.randrange(4)
+                        # Mostly the first descriptor slots (where the device looks next, split
+                        # or packed), sometimes anywhere in the ring areas.
+                        off = rng.choice([16 * rng.randrange(16), 16 * rng.randrange(16),
+                                          rng.randrange(0, 0x9000)])
                         os.pwrite(c.ram_fd, rng.randbytes(rng.choice([2, 16, 64, 512])),
-                                  0x100000 + 0x10000 * q + rng.randrange(0, 0x9000))
+                                  0x100000 + 0x10000 * q + off)
                         c.wr(BAR4, 0x3000 + 4 * q, q, 2)
                         continue
                     data, fds = random_message(rng, step + 1)
