@@ -32,6 +32,7 @@ from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import Deflated, Inflated, PagesHinted, PagesReported
 from guestmem import GuestMemory
 from protocol.balloon import VIRTIO_BALLOON_F_REPORTING, BalloonQueue
+from protocol.virtio import VIRTIO_F_RING_PACKED
 from tests.balloon_dev.devharness import (
     DATA_BASE,
     NEEDS_RESET,
@@ -42,6 +43,8 @@ from tests.balloon_dev.devharness import (
     pfn_bytes,
     stats_bytes,
 )
+from tests.packedringbuilder import RawPackedRing
+from tests.ringbuilder import WRITE
 
 RAM_PAGES = RAM_BYTES >> 12
 BLOCK = 4 << 20
@@ -85,13 +88,14 @@ class RacingMemory(GuestMemory):
 
 
 class RacingHarness(Harness):
-    def __init__(self, rng: random.Random) -> None:  # noqa: D107 - Harness with RacingMemory
+    def __init__(self, rng: random.Random, features: int | None = None) -> None:  # noqa: D107
         self.mem = RacingMemory(rng)
         self.ram = bytearray(RAM_BYTES)
         self.mem.add_region(0, self.ram, "ram")
-        self.dev = BalloonDevice(self.mem, DeviceConfig(
-            ram_pages=RAM_PAGES, offered_features=DeviceConfig().offered_features
-            | 1 << VIRTIO_BALLOON_F_REPORTING))
+        if features is None:
+            features = DeviceConfig().offered_features | 1 << VIRTIO_BALLOON_F_REPORTING
+        self.dev = BalloonDevice(self.mem, DeviceConfig(ram_pages=RAM_PAGES,
+                                                        offered_features=features))
         self.rings = {}
         self._next_desc = {}
         self._data = DATA_BASE
@@ -208,3 +212,70 @@ def test_device_survives_a_guest_racing_on_its_rings(seed: int) -> None:
     effects = h.kick(BalloonQueue.INFLATE)
     assert Inflated((5, 6, 7)) in effects, effects
     assert h.used(BalloonQueue.INFLATE)[-1][1] == 0
+
+
+def _packed_init(h: RacingHarness) -> dict[BalloonQueue, RawPackedRing]:
+    """Negotiate every offered feature (RING_PACKED among them) and lay out packed rings."""
+    h.ram[RING_BASE:DATA_BASE] = bytes(DATA_BASE - RING_BASE)
+    h._data = DATA_BASE
+    assert h.negotiate()
+    assert h.dev.driver_features >> VIRTIO_F_RING_PACKED & 1
+    rings = {}
+    for lq, tq in h.dev.queue_layout().items():
+        size = h.dev.queue_max_size(tq)
+        r = RawPackedRing.layout(h.mem, RING_BASE + 0x10000 * int(lq), size)
+        h.dev.set_queue(tq, size, r.desc, r.driver, r.device)
+        h.dev.enable_queue(tq)
+        rings[lq] = r
+    h.dev.write_status(0xF)
+    return rings
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_device_survives_a_guest_racing_on_packed_rings(seed: int) -> None:
+    """The same race on packed rings: the guest rewrites the descriptor it just made available
+    (address, length, id, flags: the avail/used bits included), the buffer it points at and the
+    driver event area while the device reads them. The device may write only descriptors of its
+    ring (used ones) and its device event area."""
+    rng = random.Random(seed)
+    h = RacingHarness(rng, features=DeviceConfig().offered_features | 1 << VIRTIO_F_RING_PACKED
+                      | 1 << VIRTIO_BALLOON_F_REPORTING)
+    mem = h.mem
+    assert isinstance(mem, RacingMemory)
+    rings = _packed_init(h)
+    seen: dict[str, int] = {}
+    for _step in range(300):
+        if h.dev.status & NEEDS_RESET or h._data > DATA_BASE + 0x1C0000:
+            mem.racing = False
+            rings = _packed_init(h)
+        lq = rng.choice(sorted(rings))
+        r = rings[lq]
+        mem.targets.clear()
+        if lq in (BalloonQueue.FREE_PAGE, BalloonQueue.REPORTING) and rng.random() < 0.7:
+            blk = rng.randrange(RAM_BYTES // BLOCK) * BLOCK
+            bufs = [(blk, BLOCK, WRITE)]
+        else:
+            data = pfn_bytes(*[rng.randrange(RAM_PAGES) for _ in range(rng.randint(1, 32))])
+            if lq == BalloonQueue.FREE_PAGE:
+                data = cmd(h.read_cmd_id())
+            gpa = h.alloc(data)
+            bufs = [(gpa, len(data), 0)]
+            mem.targets.append((gpa, len(data)))
+        if lq == BalloonQueue.FREE_PAGE and rng.random() < 0.2:
+            h.dev.free_page_start()
+        head = r.add(bufs, bid=r.next_avail)
+        mem.targets += [(r.desc + 16 * head, 16), (r.driver, 4)]
+        mem.racing = True
+        mem.writes.clear()
+        effects = h.kick(lq)
+        mem.racing = False
+        _check_effects(effects)
+        for e in effects:
+            seen[type(e).__name__] = seen.get(type(e).__name__, 0) + 1
+        assert not mem.refused, mem.refused[:4]
+        allowed = [(q.desc, 16 * q.size) for q in rings.values()] + [
+            (q.device, 4) for q in rings.values()]
+        for gpa, n in mem.writes:
+            assert any(a <= gpa and gpa + n <= a + m for a, m in allowed), (hex(gpa), n)
+    assert mem.scribbles > 50
+    assert seen.get("Inflated", 0) >= 5, seen
