@@ -51,6 +51,8 @@ from protocol.virtio import DeviceStatus, feature_mask
 from protocol.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 RAM = 256 << 20
+#: Events one ``DriverVM.run`` may take; the checks here need at most a few dozen.
+MAX_EVENTS = 5_000
 RAM_PAGES = RAM >> 12
 #: Everything our device can offer: the default offer plus the three it leaves out by default.
 ALL_FEATURES = DEFAULT_OFFERED_FEATURES | feature_mask(
@@ -233,6 +235,7 @@ class DriverVM:
     def __init__(self, offered: int = ALL_FEATURES, *, strategy: str = "off",
                  device: dict[str, Any] | None = None, **guest: Any) -> None:
         self.sched = Scheduler()
+        self.max_events = 0  # most events one run() took (how far from MAX_EVENTS checks are)
         self.dirty = DirtyLog(RAM_PAGES)
         self.pages = PageVersions(RAM_PAGES, self.dirty)
         self.mem = GuestMemory()
@@ -253,7 +256,20 @@ class DriverVM:
 
     # -- driving ---------------------------------------------------------------------------
     def run(self, dt: float) -> None:
-        self.sched.run_until(self.sched.now + dt)
+        """Run ``dt`` simulated seconds. A driver that keeps scheduling work without time moving
+        on (a livelock) fails the check instead of hanging it: at most ``MAX_EVENTS`` events."""
+        t = self.sched.now + dt
+        before = self.sched.events_run
+        for _ in range(MAX_EVENTS):
+            nt = self.sched.peek_time()
+            if nt is None or nt > t:
+                break
+            self.sched.run_next()
+        else:
+            raise AssertionError(f"the driver ran {MAX_EVENTS} events before t={t:.3f} s "
+                                 f"(stuck at t={self.sched.now:.6f} s): a livelock")
+        self.sched.run_until(t)  # (moves the clock to t)
+        self.max_events = max(self.max_events, self.sched.events_run - before)
 
     def host(self, fn: Callable[..., Any], *args: Any) -> None:
         self.t.host_call(fn, *args)

@@ -42,7 +42,8 @@ def test_must_tell_host_accepted_when_offered(poisoning: bool) -> None:
 
 @pytest.mark.spec("DR-2")
 @pytest.mark.parametrize("offered", [ALL_FEATURES, without(ALL_FEATURES,
-                                                           VIRTIO_BALLOON_F_REPORTING)])
+                                                           VIRTIO_BALLOON_F_REPORTING)],
+                         ids=["all", "no-reporting"])
 def test_page_poison_declined_by_a_guest_that_does_not_poison(offered: int) -> None:
     """a guest that neither poisons nor zeroes freed pages declines PAGE_POISON and writes no
     poison_val"""
@@ -53,7 +54,8 @@ def test_page_poison_declined_by_a_guest_that_does_not_poison(offered: int) -> N
 
 
 @pytest.mark.spec("DR-2")
-@pytest.mark.parametrize("poisoning,init_on_free", [(True, False), (False, True)])
+@pytest.mark.parametrize("poisoning,init_on_free", [(True, False), (False, True)],
+                         ids=["poisoning", "init_on_free"])
 def test_page_poison_taken_only_by_a_guest_that_fills_freed_pages(poisoning: bool,
                                                                   init_on_free: bool) -> None:
     """a guest that poisons or zeroes freed pages accepts PAGE_POISON"""
@@ -75,7 +77,8 @@ def test_poisoning_guest_refuses_reporting_without_page_poison() -> None:
 
 @pytest.mark.spec("DR-12")
 @pytest.mark.parametrize("poisoning,init_on_free,value", [
-    (True, False, POISON_PATTERN), (False, True, 0), (True, True, POISON_PATTERN)])
+    (True, False, POISON_PATTERN), (False, True, 0), (True, True, POISON_PATTERN)],
+    ids=["poisoning", "init_on_free", "both"])
 def test_poison_val_written_before_driver_ok_and_never_changed(poisoning: bool,
                                                                init_on_free: bool,
                                                                value: int) -> None:
@@ -102,7 +105,8 @@ def test_poison_val_written_before_driver_ok_and_never_changed(poisoning: bool,
 
 @pytest.mark.spec("DR-12")
 @pytest.mark.parametrize("poisoning,init_on_free,fill", [(True, False, POISON),
-                                                          (False, True, ZERO)])
+                                                          (False, True, ZERO)],
+                         ids=["poisoning", "init_on_free"])
 def test_deflated_pages_are_refilled_with_poison_val(poisoning: bool, init_on_free: bool,
                                                      fill: int) -> None:
     """pages taken back from the balloon hold poison_val again before the guest may use them,
