@@ -212,6 +212,33 @@ def _blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+# Bit lengths of 0 .. 2 * MAX_ORDER_NR_PAGES - 1 (``_run_blocks``' table).
+_BITLEN = np.array([v.bit_length() for v in range(2 * MAX_ORDER_NR_PAGES)], dtype=np.int64)
+_BITS = np.arange(MAX_ORDER, dtype=np.int64)
+
+
+def _run_blocks(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut runs ``[s, e)`` (offsets in a max-order block, ``0 <= s < e <= 1024``) into their
+    maximal aligned power-of-two blocks, as ``_blocks_of_range`` does for one run; returns
+    (run index, first offset, order) of every block.
+
+    Let ``m`` be the most aligned point of the run (``e`` with the bits below the highest bit
+    where ``s`` and ``e`` differ cleared). Blocks grow from ``s`` up to ``m``, one per set bit of
+    ``m - s`` (low to high), then shrink from ``m`` to ``e``, one per set bit of ``e - m``.
+    """
+    hb = _BITLEN[s ^ e] - 1
+    m = (e >> hb) << hb
+    up_n, down_n = (m - s)[:, None], (e - m)[:, None]
+    up = ((up_n >> _BITS) & 1).astype(np.bool_)
+    down = ((down_n >> _BITS) & 1).astype(np.bool_)
+    up_at = s[:, None] + (up_n & ((1 << _BITS) - 1))
+    down_at = m[:, None] + (down_n & ~((2 << _BITS) - 1))
+    r1, o1 = np.nonzero(up)
+    r2, o2 = np.nonzero(down)
+    return (np.concatenate((r1, r2)), np.concatenate((up_at[up], down_at[down])),
+            np.concatenate((o1, o2)).astype(np.int64))
+
+
 class BuddyAllocator:
     """A Linux-like zoned buddy allocator over ``ram_bytes`` of guest RAM (see module docstring)."""
 
@@ -279,6 +306,7 @@ class BuddyAllocator:
             self.zones.append(Zone(z, ZONE_NAMES[z], start, max(start, end), allocator=self))
             start = max(start, end)
         self._zone_bounds = [(zz.start_pfn, zz.end_pfn) for zz in self.zones]
+        self._zonelist_cache: tuple[int, ...] | None = None
 
         # pcp[cpu][zone][mt]: deque, left = hot end (allocate and free there), right = cold.
         self.pcp: list[list[list[deque[int]]]] = [
@@ -552,8 +580,13 @@ class BuddyAllocator:
                 return True
         return False
 
-    def _zonelist(self) -> list[int]:
-        return [z.idx for z in reversed(self.zones) if z.populated]
+    def _zonelist(self) -> tuple[int, ...]:
+        # Populated zones, highest first; fixed once boot has counted the managed pages (an
+        # allocation asks for it every time, so it is computed once).
+        zl = self._zonelist_cache
+        if zl is None:
+            zl = self._zonelist_cache = tuple(z.idx for z in reversed(self.zones) if z.populated)
+        return zl
 
     # ---- reclaim ----------------------------------------------------------------------------
     def register_shrinker(self, count: Callable[[], int], scan: Callable[[int], int]) -> None:
@@ -1024,29 +1057,89 @@ class BuddyAllocator:
                 self._free_one(h, pageblock_order)
 
     # ---- bulk operations (workloads) --------------------------------------------------------
-    def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[int, int]]) -> int:
+    # Bulk calls do what many one-block calls would do, with the same resulting free lists
+    # (block order along each list included: the walker and determinism depend on it), but the
+    # per-block work is numpy. Taken pages are collected as runs: (first pfns, pages per run).
+
+    def _unlink_prefix(self, lid: int, order: int, k: int) -> np.ndarray:
+        """Take the first ``k`` blocks off list ``lid`` (``k`` times ``_list_del`` of its first
+        block, batched); their first pfns in list order.
+
+        Only the walk along the list is a Python loop (one link read per block). The links
+        left behind are those the one-at-a-time unlinking leaves: ``next`` untouched, ``prev``
+        of every block but the first pointing at the list head (each was first in turn).
+        """
+        nx = self._nx
+        p = self._first[lid]
+        got: list[int] = []
+        app = got.append
+        for _ in range(k):
+            app(p)
+            p = nx[p]
+        s = list_sentinel(lid)
+        self._first[lid] = p
+        if p < 0:
+            self._last[lid] = s
+        else:
+            self._pv[p] = s
+        heads = np.array(got, dtype=np.int64)
+        if k > 1:
+            self.prev[heads[1:]] = s
+        self.buddy_order[heads] = -1
+        self._count[lid] -= k
+        self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= k << order
+        if order >= pageblock_order:
+            # del_page_from_free_list: blocks leaving their list are no longer "reported".
+            pbs = heads >> pageblock_order
+            rep = self.reported[pbs]
+            nrep = int(np.count_nonzero(rep))
+            if nrep:
+                self.reported[pbs[rep]] = False
+                self._nr_reported[lid] -= nrep
+        return heads
+
+    def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[np.ndarray, int]]) -> int:
         """Take up to ``want`` order-0 pages from ``mt``'s lists smallest-first; pages taken.
 
         Repeated order-0 ``__rmqueue_smallest`` eats whole small blocks first and, when it must
         split one, ends with the low pages allocated and the rest free: so do that directly.
+        Per order: the blocks wholly consumed are a prefix of the list (unlinked at once);
+        at most one block, the last one touched, is split.
         """
         got = 0
-        first = self._first
+        first, count = self._first, self._count
         for o in range(MAX_ORDER):
-            lid = list_id(z, o, mt)
-            size = 1 << o
-            while got < want and first[lid] >= 0:
-                pfn = first[lid]
-                self._list_del(pfn, o, lid)
-                take = min(size, want - got)
-                out.append((pfn, take))
-                got += take
-                if take < size:
-                    for bp, bo in _blocks_of_range(pfn + take, pfn + size):
-                        self._list_add(bp, bo, self._lid_of_block(bp, bo))
             if got >= want:
                 break
+            lid = list_id(z, o, mt)
+            c = count[lid]
+            if c == 0:
+                continue
+            size = 1 << o
+            nfull = min(c, (want - got) >> o)
+            if nfull:
+                out.append((self._unlink_prefix(lid, o, nfull), size))
+                got += nfull << o
+            if got < want and nfull < c:
+                # The next block is split (want - got < size): its low pages are taken, the
+                # rest goes back in maximal blocks, at the heads of the (lower) lists.
+                pfn = first[lid]
+                self._list_del(pfn, o, lid)
+                take = want - got
+                out.append((np.array([pfn], dtype=np.int64), take))
+                got += take
+                for bp, bo in _blocks_of_range(pfn + take, pfn + size):
+                    self._list_add(bp, bo, self._lid_of_block(bp, bo))
         return got
+
+    @staticmethod
+    def _run_pfns(runs: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """Every pfn of ``runs`` in run order, ascending within a run."""
+        parts = [heads if k == 1 else (heads[:, None] + np.arange(k, dtype=np.int64)).ravel()
+                 for heads, k in runs]
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def alloc_pages_bulk(self, nr_pages: int, migratetype: int = MIGRATE_MOVABLE, *,
                          owner: int = OWNER_GUEST, noretry: bool = False) -> np.ndarray:
@@ -1060,47 +1153,45 @@ class BuddyAllocator:
             raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
         if owner not in (OWNER_GUEST, OWNER_BALLOON):
             raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
-        runs: list[tuple[int, int]] = []
+        taken: list[np.ndarray] = []
         remaining = max(0, int(nr_pages))
-        remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+        remaining = self._bulk_pass(remaining, migratetype, taken, owner)
         if remaining > 0 and not noretry and self.shrinkers and self._reclaim(0, remaining):
-            remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+            remaining = self._bulk_pass(remaining, migratetype, taken, owner)
         if remaining > 0 and self.nr_pcp_pages():
             self.drain_pcp()
-            remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+            remaining = self._bulk_pass(remaining, migratetype, taken, owner)
         if remaining > 0 and not noretry and self.oom_notifiers:
             # As many order-0 allocations would: OOM notifiers, retry while they free pages.
             for _ in range(_OOM_MAX_ROUNDS):
                 if remaining <= 0 or not self._out_of_memory():
                     break
-                remaining = self._bulk_pass(remaining, migratetype, runs, owner)
+                remaining = self._bulk_pass(remaining, migratetype, taken, owner)
         if remaining > 0:
             self.counters["alloc_fail"] += 1
-        if not runs:
+        taken = [t for t in taken if t.size]
+        if not taken:
             return np.empty(0, dtype=np.int64)
-        starts = np.array([r[0] for r in runs], dtype=np.int64)
-        lens = np.array([r[1] for r in runs], dtype=np.int64)
-        offs = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        pfns = np.repeat(starts, lens) + offs
-        self.state[pfns] = owner
+        pfns = taken[0] if len(taken) == 1 else np.concatenate(taken)
         self.counters["bulk_alloc_pages"] += int(pfns.size)
         if self.init_on_alloc and self.pages is not None:
             self.pages.write_pfns(pfns, "zero")
         return pfns
 
-    def _bulk_pass(self, remaining: int, migratetype: int, runs: list[tuple[int, int]],
+    def _bulk_pass(self, remaining: int, migratetype: int, taken: list[np.ndarray],
                    owner: int) -> int:
-        """Take pages into ``runs``; their state is set at once, because reclaim and OOM
-        notifiers run between passes and may free pages (a bulk free re-lays out free blocks
-        from ``state``, so taken pages must not look free)."""
-        first_new = len(runs)
+        """Take pages (their pfns appended to ``taken``); their state is set at once, because
+        reclaim and OOM notifiers run between passes and may free pages (a bulk free re-lays
+        out free blocks from ``state``, so taken pages must not look free)."""
+        runs: list[tuple[np.ndarray, int]] = []
         remaining = self._bulk_pass_take(remaining, migratetype, runs)
-        for p, k in runs[first_new:]:
-            self.state[p:p + k] = owner
+        pfns = self._run_pfns(runs)
+        self.state[pfns] = owner
+        taken.append(pfns)
         return remaining
 
     def _bulk_pass_take(self, remaining: int, migratetype: int,
-                        runs: list[tuple[int, int]]) -> int:
+                        runs: list[tuple[np.ndarray, int]]) -> int:
         for z in self._zonelist():
             zone = self.zones[z]
             while remaining > 0:
@@ -1115,7 +1206,7 @@ class BuddyAllocator:
                     p = self._rmqueue_fallback(z, 0, migratetype)
                     if p is None:
                         break
-                    runs.append((p, 1))
+                    runs.append((np.array([p], dtype=np.int64), 1))
                     remaining -= 1
         return remaining
 
@@ -1148,72 +1239,137 @@ class BuddyAllocator:
         self.state[pfns] = PG_BUDDY
         self.counters["bulk_free_pages"] += int(pfns.size)
         self.counters["free"] += int(pfns.size)
-        self._relayout(np.unique(pfns >> (MAX_ORDER - 1)))
+        # pfns are sorted: the touched max-order blocks are where the block number changes.
+        mb = pfns >> (MAX_ORDER - 1)
+        self._relayout(mb[np.r_[True, mb[1:] != mb[:-1]]])
+
+    def _mblock_rows(self, arr: np.ndarray, mblocks: np.ndarray, fill: int) -> np.ndarray:
+        """``arr`` (one value per page) for each max-order block in ``mblocks`` (ascending,
+        unique) as rows of MAX_ORDER_NR_PAGES; pages past the end of RAM read ``fill``."""
+        M = MAX_ORDER_NR_PAGES
+        whole = self.ram_pages // M
+        grid = arr[:whole * M].reshape(whole, M)
+        if int(mblocks[-1]) < whole:
+            return grid[mblocks]
+        # Only the last block can be partial (RAM not a multiple of 4 MiB).
+        out = np.full((mblocks.size, M), fill, dtype=arr.dtype)
+        out[:-1] = grid[mblocks[:-1]]
+        tail = arr[whole * M:]
+        out[-1, :tail.size] = tail
+        return out
 
     def _relayout(self, mblocks: np.ndarray) -> None:
-        """Rebuild the free blocks inside the given max-order blocks from ``state``."""
+        """Rebuild the free blocks inside the given max-order blocks (ascending, unique) from
+        ``state``: every old free block there leaves its list, every new one goes to the head
+        of its list, each list's new blocks in ascending order.
+
+        The new layout comes from the runs of free pages in each max-order block: merging
+        buddies as far as they go leaves each run cut into its maximal aligned blocks (a block
+        whose parent were wholly free would have merged; its parent reaches outside the run).
+        """
         M = MAX_ORDER_NR_PAGES
-        n = self.ram_pages
-        idx = (mblocks[:, None] * M + np.arange(M, dtype=np.int64)[None, :])
-        inside = idx < n
-        idxc = np.minimum(idx, n - 1)
+        shift = MAX_ORDER - 1
+        nb = int(mblocks.size)
+        base = mblocks * M
         # Take the old blocks off their lists.
-        old = np.flatnonzero((self.buddy_order[idxc] >= 0) & inside)
-        old_heads = idx.ravel()[old]
+        bo = self._mblock_rows(self.buddy_order, mblocks, -1).ravel()
+        old = np.flatnonzero(bo >= 0)
+        old_heads = base[old >> shift] + (old & (M - 1))
+        old_orders = bo[old].astype(np.int64)
         # Blocks that were reported and come out of the re-layout unchanged (nothing merged
         # with them) keep the mark, as they would under Linux's one-page-at-a-time frees.
-        old_orders = self.buddy_order[old_heads].astype(np.int64)
-        was_rep = old_orders >= pageblock_order
-        was_rep[was_rep] = self.reported[old_heads[was_rep] >> pageblock_order]
-        rep_heads, rep_orders = old_heads[was_rep], old_orders[was_rep]
-        old_big = set(zip(old_heads[old_orders >= pageblock_order].tolist(),
-                          old_orders[old_orders >= pageblock_order].tolist(), strict=True))
+        big = old_orders >= pageblock_order
+        big_heads, big_orders = old_heads[big], old_orders[big]
+        was_rep = self.reported[big_heads >> pageblock_order]
+        rep_heads, rep_orders = big_heads[was_rep], big_orders[was_rep]
+        old_big = set(zip(big_heads.tolist(), big_orders.tolist(), strict=True))
         self._list_del_many(old_heads)
-        full = (self.state[idxc] == PG_BUDDY) & inside
-        levels = [full]
-        for _ in range(MAX_ORDER - 1):
-            f = levels[-1]
-            levels.append(f[:, 0::2] & f[:, 1::2])
+        # Runs of free pages; a non-free column after each block keeps runs inside it.
+        free = np.zeros((nb, M + 1), dtype=np.bool_)
+        free[:, :M] = self._mblock_rows(self.state, mblocks, PG_RESERVED) == PG_BUDDY
+        flat = free.ravel()
+        edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        if flat[0]:
+            edges = np.concatenate(([0], edges))
+        row = edges[0::2] // (M + 1)
+        s = edges[0::2] - row * (M + 1)
+        e = edges[1::2] - row * (M + 1)
         # Two pageblocks merge into a max-order block only if their types may mix.
-        pb0 = self.pageblock_mt[(mblocks * M) >> pageblock_order]
-        pb1i = np.minimum(((mblocks * M) >> pageblock_order) + 1, self.pageblock_mt.size - 1)
+        pb0i = base >> pageblock_order
+        pb1i = np.minimum(pb0i + 1, self.pageblock_mt.size - 1)
+        pb0 = self.pageblock_mt[pb0i]
         pb1 = self.pageblock_mt[pb1i]
         mix_ok = (pb0 == pb1) | ((pb0 < MIGRATE_PCPTYPES) & (pb1 < MIGRATE_PCPTYPES))
-        levels[-1] = levels[-1] & mix_ok[:, None]
-        # A merged max-order block's second pageblock takes the first one's type.
-        merged = np.flatnonzero(levels[-1][:, 0])
-        if merged.size:
-            self.pageblock_mt[pb1i[merged]] = pb0[merged]
-        zone_of_block = np.searchsorted(
-            np.array([self._zone_bounds[0][1], self._zone_bounds[1][1]], dtype=np.int64),
-            mblocks * M, side="right")
-        new_heads: list[tuple[int, np.ndarray]] = []
-        for o in range(MAX_ORDER):
-            f = levels[o]
-            if o < MAX_ORDER - 1:
-                parent = np.repeat(levels[o + 1], 2, axis=1)
-                f = f & ~parent
-            r, c = np.nonzero(f)
-            if r.size == 0:
-                continue
-            heads = mblocks[r] * M + (c.astype(np.int64) << o)
-            new_heads.append((o, np.stack([heads, zone_of_block[r]])))
-        for o, arr in new_heads:
-            heads, zs = arr[0], arr[1]
+        whole = (s == 0) & (e == M)
+        if whole.any():
+            mix = mix_ok[row[whole]]
+            # A merged max-order block's second pageblock takes the first one's type.
+            merged = row[whole][mix]
+            if merged.size:
+                self.pageblock_mt[pb1i[merged]] = pb0[merged]
+            # A wholly free block whose halves may not mix stays two pageblock-sized blocks:
+            # split its run in two.
+            split = np.flatnonzero(whole)[~mix]
+            if split.size:
+                row = np.concatenate((row, row[split]))
+                s = np.concatenate((s, s[split] + M // 2))
+                e = np.concatenate((e, e[split]))
+                e[split] = M // 2
+        run, heads, orders = _run_blocks(s, e)
+        if heads.size:
+            rr = row[run]
+            heads = base[rr] + heads
+            zone_of_block = np.searchsorted(
+                np.array([self._zone_bounds[0][1], self._zone_bounds[1][1]], dtype=np.int64),
+                base, side="right")
             mts = self.pageblock_mt[heads >> pageblock_order].astype(np.int64)
-            lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
-            for lid in np.unique(lids).tolist():
-                self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
+            lids = (zone_of_block[rr] * MAX_ORDER + orders) * MIGRATE_TYPES + mts
+            # Each list's blocks in ascending order: sort by list, then by pfn.
+            idx = np.lexsort((heads, lids))
+            heads, orders, lids = heads[idx], orders[idx], lids[idx]
+            self._splice_many_at_head(heads, orders, lids)
         for h, o in zip(rep_heads.tolist(), rep_orders.tolist(), strict=True):
             if self._bo[h] == o:
                 self._mark_reported(h, self._lid_of_block(h, o))
-        if self.free_notifiers:
+        if self.free_notifiers and nb:
             # One free that left a new large block (a merge result), as page by page frees
             # would have notified: the biggest such order.
-            new_big = [o for o, arr in new_heads if o >= pageblock_order
-                       for h in arr[0].tolist() if (h, o) not in old_big]
+            bigs = orders >= pageblock_order
+            new_big = [o for h, o in zip(heads[bigs].tolist(), orders[bigs].tolist(),
+                                         strict=True) if (h, o) not in old_big]
             if new_big:
                 self._notify_free(max(new_big))
+
+    def _splice_many_at_head(self, heads: np.ndarray, orders: np.ndarray,
+                             lids: np.ndarray) -> None:
+        """Put blocks on the heads of their lists (``lids`` grouped: equal ids adjacent): each
+        list's blocks, in the order given, become its first ones (``_splice_heads(lid, ...,
+        at_tail=False)`` for every list at once: links inside each group by numpy, each
+        group's two ends and the list's bookkeeping per list)."""
+        self.buddy_order[heads] = orders
+        same = lids[1:] == lids[:-1]
+        a, b = heads[:-1][same], heads[1:][same]
+        self.next[a] = b
+        self.prev[b] = a
+        cut = np.flatnonzero(~same) + 1
+        g_first = np.concatenate(([0], cut))
+        g_end = np.concatenate((cut, [heads.size]))
+        nx, pv = self._nx, self._pv
+        for i0, i1, lid in zip(g_first.tolist(), g_end.tolist(), lids[g_first].tolist(),
+                               strict=True):
+            h0, h1 = int(heads[i0]), int(heads[i1 - 1])
+            first = self._first[lid]
+            nx[h1] = first
+            pv[h0] = list_sentinel(lid)
+            if first < 0:
+                self._last[lid] = h1
+            else:
+                pv[first] = h1
+            self._first[lid] = h0
+            k = i1 - i0
+            self._count[lid] += k
+            self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] += k << (
+                (lid // MIGRATE_TYPES) % MAX_ORDER)
 
     def _lids_of_blocks(self, heads: np.ndarray) -> np.ndarray:
         orders = self.buddy_order[heads].astype(np.int64)
@@ -1228,6 +1384,9 @@ class BuddyAllocator:
 
         Removed blocks form runs along their lists; each run is bridged by linking its outside
         predecessor to its outside successor, found by pointer jumping over the removed set.
+        The removed blocks are marked in ``buddy_order`` (-2) so that membership is one gather,
+        and the jumping runs in their own ``next``/``prev`` slots, restored afterwards: the
+        removed blocks keep their links as they were (stale, see the module docstring).
         """
         R = np.asarray(heads, dtype=np.int64)
         if R.size > 1 and not bool(np.all(R[1:] > R[:-1])):
@@ -1236,30 +1395,35 @@ class BuddyAllocator:
         if k == 0:
             return
         if k <= 32:
+            # Few blocks: one at a time (cheaper here; the links this leaves on the removed
+            # blocks differ from the batched path's, and determinism keeps the cut at 32).
             for h in R.tolist():
                 o = self._bo[h]
                 self._list_del(h, o, self._lid_of_block(h, o))
             return
         lids = self._lids_of_blocks(R)
         orders = self.buddy_order[R].astype(np.int64)
-
-        def member(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            pos = np.minimum(np.searchsorted(R, x), k - 1)
-            return (x >= 0) & (R[pos] == x), pos
-
-        succ = self.next[R].astype(np.int64)
-        pred = self.prev[R].astype(np.int64)
-        for arr in (succ, pred):
+        bo = self.buddy_order
+        bo[R] = -2
+        saved_next: np.ndarray = self.next[R]
+        saved_prev: np.ndarray = self.prev[R]
+        for links in (self.next, self.prev):
             # Pointer jumping: every removed block ends up pointing past its whole run.
             for _ in range(64):
-                m, pos = member(arr)
+                t: np.ndarray = links[R]
+                m = t >= 0
+                m[m] = bo[t[m]] == -2
                 if not m.any():
                     break
-                arr[m] = arr[pos[m]]
+                links[R[m]] = links[t[m]]
             else:  # pragma: no cover - would mean a cycle in a free list
                 raise AssertionError("free list cycle while unlinking")
-        in_pred, _ = member(self.prev[R].astype(np.int64))
+        succ, pred = self.next[R].astype(np.int64), self.prev[R].astype(np.int64)
+        self.next[R], self.prev[R] = saved_next, saved_prev
+        in_pred = saved_prev >= 0
+        in_pred[in_pred] = bo[saved_prev[in_pred]] == -2
         starts = ~in_pred  # first block of each removed run
+        bo[R] = -1
         P, S = pred[starts], succ[starts]
         pm, sm = P >= 0, S >= 0
         self.next[P[pm]] = S[pm]
@@ -1268,7 +1432,6 @@ class BuddyAllocator:
             self._first[-1 - p_] = s_
         for p_, s_ in zip(P[~sm].tolist(), S[~sm].tolist(), strict=True):
             self._last[-1 - s_] = p_
-        self.buddy_order[R] = -1
         big = orders >= pageblock_order
         if big.any():
             pbs = R[big] >> pageblock_order
