@@ -80,6 +80,22 @@ def test_keeps_inflating_when_memory_comes_back() -> None:
     assert vm.posted(Q.DEFLATE) == []
 
 
+@pytest.mark.spec("DR-3")
+def test_inflates_again_after_an_oom_deflate_when_the_host_asks() -> None:
+    """after an OOM deflate (which may leave actual below num_pages: Linux does not refill a
+    balloon it just gave back for stability) the next target is inflated to again"""
+    vm = DriverVM(BALLOON)
+    vm.host(vm.dev.set_target, 2000)
+    vm.run(1.0)
+    got = pressure(vm)
+    vm.run(1.0)
+    assert vm.dev.actual < 2000
+    vm.alloc.free_pages_bulk(got)
+    vm.host(vm.dev.set_target, 2100)
+    vm.run(1.0)
+    assert vm.dev.actual == 2100 == vm.balloon_pages().size
+
+
 # -- DR-4 ------------------------------------------------------------------------------------
 
 @pytest.mark.spec("DR-4")
