@@ -20,6 +20,13 @@ actions are mapped to the eventfds the client installed with SET_IRQS. INTx is l
 and automasked: a raised line signals the trigger eventfd once and masks; the client's UNMASK
 (after the guest's EOI) re-signals if the line is still high.
 
+Guest RAM safety: a client that shrinks (``ftruncate``) a DMA fd after mapping it would make our
+next access to the lost pages a SIGBUS, which kills the whole server. Each DMA_MAP fd is therefore
+sealed against shrinking first (``balloon_dev.transport.memfd``: QEMU's memfd backend is sealed
+already; a memfd created with MFD_ALLOW_SEALING gets F_SEAL_SHRINK from us). An fd that cannot be
+sealed (a regular file, hugetlbfs, a memfd without MFD_ALLOW_SEALING) is still mapped, with one
+warning and the ``dma_map_unsealed`` counter: an accepted risk (docs/interfaces.md, vfio-user).
+
 A malformed or unacceptable message is a peer error: logged at warning with hex detail,
 counted by errno in ``counters``, answered with an error reply; the session goes on. Only framing
 errors (raised by the server's header decode) end a connection.
@@ -36,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from balloon_dev.transport.memfd import SealResult, report_unsealed, seal_against_shrink
 from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
@@ -246,12 +254,16 @@ class VfioUserSession:
         if len(self.dma) >= SERVER_MAX_DMA_MAPS:
             raise vu.VfioUserError(errno.ENOSPC, "too many DMA mappings")
         mm = None
+        seal: SealResult | None = None
         if fds:
             fd = fds.pop()
             writable = bool(m.flags & vu.VFIO_DMA_MAP_FLAG_WRITE)
             base = m.offset - m.offset % mmap.ALLOCATIONGRANULARITY
             delta = m.offset - base
             try:
+                # Seal before the size check: a sealed file cannot shrink below what fstat
+                # saw, so a client's later ftruncate cannot SIGBUS us (balloon_dev.transport.memfd).
+                seal = seal_against_shrink(fd)
                 st = os.fstat(fd)
                 if stat.S_ISREG(st.st_mode) and st.st_size < m.offset + m.size:
                     # Touching a mapping past the end of the file raises SIGBUS in the server.
@@ -275,6 +287,8 @@ class VfioUserSession:
                 raise vu.VfioUserError(errno.EEXIST, str(e)) from None
         self.dma[m.addr] = DmaMapping(m.addr, m.size, m.flags, mm)
         self.counters["dma_maps"] += 1
+        if seal is not None:
+            report_unsealed(seal, self.counters, f"DMA_MAP [{m.addr:#x}, +{m.size:#x})")
         log.info("DMA_MAP [%#x, +%#x) flags %#x offset %#x %s", m.addr, m.size, m.flags,
                  m.offset, "fd" if mm is not None else "no fd")
         return b"", []

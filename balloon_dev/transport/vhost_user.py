@@ -34,9 +34,15 @@ effects, and whether the connection must close. It drives the device's status in
   buffer) are popped again; every other balloon buffer is used as soon as it is popped.
 
 Memory: every SET_MEM_TABLE region fd is mmapped (shared) and added to the ``GuestMemory`` the
-device reads, at its ``guest_phys_addr``. SET_VRING_ADDR gives *front-end virtual* addresses; they
-are translated through the regions' ``userspace_addr`` into guest-physical ones, which is what the
-device core takes. Descriptor addresses inside the rings are guest-physical already.
+device reads, at its ``guest_phys_addr``. Each region fd is first sealed against shrinking
+(``balloon_dev.transport.memfd``): a front-end that ``ftruncate``s guest RAM under our mapping
+would otherwise make the device's next access a SIGBUS that kills the server. QEMU's memfd
+backend comes sealed; a memfd with MFD_ALLOW_SEALING gets F_SEAL_SHRINK from us; an fd that cannot
+be sealed (regular file, hugetlbfs, memfd without MFD_ALLOW_SEALING) is mapped anyway with one
+warning and the ``dma_map_unsealed`` counter, an accepted risk (docs/interfaces.md, vhost-user).
+SET_VRING_ADDR gives *front-end virtual* addresses; they are translated through the regions'
+``userspace_addr`` into guest-physical ones, which is what the device core takes. Descriptor
+addresses inside the rings are guest-physical already.
 
 Driver-writable config fields (``actual``, ``poison_val``) written by the guest before the device
 has seen FEATURES_OK are kept and applied right after FEATURES_OK: Linux writes ``poison_val``
@@ -65,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import Effect
+from balloon_dev.transport.memfd import SealResult, report_unsealed, seal_against_shrink
 from guestmem import GuestMemory, GuestMemoryError
 from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
 from protocol.vhost_user import (
@@ -176,6 +183,7 @@ class _Mapping:
     gpa: int
     size: int
     uaddr: int
+    seal: SealResult  # how the fd stands against shrinking (UNSEALABLE: reported, risk accepted)
 
 
 class _Reject(Exception):
@@ -617,7 +625,9 @@ class VhostUserSession:
     @staticmethod
     def _map_region(i: int, r: MemoryRegion, fd: int, others: list[_Mapping],
                     counter: str) -> _Mapping:
-        """mmap one region's fd (shared); ``others`` are the regions it must not overlap."""
+        """mmap one region's fd (shared); ``others`` are the regions it must not overlap.
+        The fd is sealed against shrinking first (``_Mapping.seal`` says how that went; the
+        caller reports an unprotected one once the table is accepted)."""
         if r.memory_size == 0 or r.guest_phys_addr + r.memory_size > 1 << 64:
             raise _Reject(counter, f"region {i} has an invalid range "
                           f"{r.guest_phys_addr:#x}+{r.memory_size:#x}")
@@ -626,6 +636,9 @@ class VhostUserSession:
                 raise _Reject(counter, f"region {i} at {r.guest_phys_addr:#x} overlaps the "
                               f"region at {m.gpa:#x}")
         need = r.mmap_offset + r.memory_size
+        # Seal before the size check: a sealed file cannot shrink below what fstat saw, so a
+        # front-end's later ftruncate cannot SIGBUS us (balloon_dev.transport.memfd).
+        seal = seal_against_shrink(fd)
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -641,7 +654,7 @@ class VhostUserSession:
             raise _Reject(counter, f"region {i}: cannot map fd {fd} "
                           f"({r.mmap_offset:#x}+{r.memory_size:#x}): {e}") from None
         view = memoryview(mm)[r.mmap_offset:need]
-        return _Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr)
+        return _Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr, seal)
 
     def _set_mem_table(self, table: MemoryTable, fds: tuple[int, ...]) -> _Outcome:
         if len(fds) != len(table.regions):
@@ -661,6 +674,8 @@ class VhostUserSession:
         self._maps = maps
         for i, m in enumerate(maps):
             self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {i}")
+            report_unsealed(m.seal, self.counters,
+                            f"SET_MEM_TABLE region {i} [{m.gpa:#x}, +{m.size:#x})")
         self.counters["mem_tables"] += 1
         # The fds are not needed once mapped: a mapping keeps the memory alive.
         return _Outcome()
@@ -675,6 +690,7 @@ class VhostUserSession:
         self._maps.append(m)
         self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {m.gpa:#x}")
         self.counters["mem_regions_added"] += 1
+        report_unsealed(m.seal, self.counters, f"ADD_MEM_REG [{m.gpa:#x}, +{m.size:#x})")
         return _Outcome()
 
     def _rem_mem_reg(self, r: MemoryRegion, _fds: tuple[int, ...]) -> _Outcome:
