@@ -212,31 +212,38 @@ def _blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-# Bit lengths of 0 .. 2 * MAX_ORDER_NR_PAGES - 1 (``_run_blocks``' table).
-_BITLEN = np.array([v.bit_length() for v in range(2 * MAX_ORDER_NR_PAGES)], dtype=np.int64)
-_BITS = np.arange(MAX_ORDER, dtype=np.int64)
+# Tables for ``_run_blocks``, indexed by an offset or a length within a max-order block:
+# the order an offset is aligned to (0 counts as aligned to the top order), and floor(log2(n)).
+_ALIGN_ORDER = np.array([MAX_ORDER - 1 if p == 0 else min(MAX_ORDER - 1, (p & -p).bit_length() - 1)
+                         for p in range(MAX_ORDER_NR_PAGES + 1)], dtype=np.int64)
+_FLOOR_LOG2 = np.array([0] + [n.bit_length() - 1 for n in range(1, MAX_ORDER_NR_PAGES + 1)],
+                       dtype=np.int64)
 
 
 def _run_blocks(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut runs ``[s, e)`` (offsets in a max-order block, ``0 <= s < e <= 1024``) into their
     maximal aligned power-of-two blocks, as ``_blocks_of_range`` does for one run; returns
-    (run index, first offset, order) of every block.
+    (run index, first offset, order) of every block, in no particular order.
 
-    Let ``m`` be the most aligned point of the run (``e`` with the bits below the highest bit
-    where ``s`` and ``e`` differ cleared). Blocks grow from ``s`` up to ``m``, one per set bit of
-    ``m - s`` (low to high), then shrink from ``m`` to ``e``, one per set bit of ``e - m``.
+    All runs step together: each step takes, at every unfinished run's next offset, the
+    largest block both aligned there and fitting in what is left (two table lookups). A run
+    needs at most 2 * MAX_ORDER steps, and most runs of a fragmented block end after one.
     """
-    hb = _BITLEN[s ^ e] - 1
-    m = (e >> hb) << hb
-    up_n, down_n = (m - s)[:, None], (e - m)[:, None]
-    up = ((up_n >> _BITS) & 1).astype(np.bool_)
-    down = ((down_n >> _BITS) & 1).astype(np.bool_)
-    up_at = s[:, None] + (up_n & ((1 << _BITS) - 1))
-    down_at = m[:, None] + (down_n & ~((2 << _BITS) - 1))
-    r1, o1 = np.nonzero(up)
-    r2, o2 = np.nonzero(down)
-    return (np.concatenate((r1, r2)), np.concatenate((up_at[up], down_at[down])),
-            np.concatenate((o1, o2)).astype(np.int64))
+    runs, firsts, orders = [], [], []
+    idx = np.arange(s.size)
+    p, end = s, e
+    while idx.size:
+        o = np.minimum(_ALIGN_ORDER[p], _FLOOR_LOG2[end - p])
+        runs.append(idx)
+        firsts.append(p)
+        orders.append(o)
+        p = p + (1 << o)
+        more = p < end
+        if not more.all():
+            idx, p, end = idx[more], p[more], end[more]
+    if not runs:
+        return (np.empty(0, dtype=np.int64),) * 3
+    return np.concatenate(runs), np.concatenate(firsts), np.concatenate(orders)
 
 
 class BuddyAllocator:
