@@ -172,8 +172,8 @@ def assert_server_alive(proc: subprocess.Popen[bytes], transport: str, sock: str
             assert h.is_reply and not h.flags & vu.VFIO_USER_F_ERROR
         else:
             s.sendall(vhu.build_request(vhu.VhostUserRequest.GET_FEATURES, b""))
-            h = vhu.parse_header(s.recv(vhu.HEADER_SIZE, socket.MSG_WAITALL))
-            assert h.request == vhu.VhostUserRequest.GET_FEATURES and h.size == 8
+            vh = vhu.parse_header(s.recv(vhu.HEADER_SIZE, socket.MSG_WAITALL))
+            assert vh.request == vhu.VhostUserRequest.GET_FEATURES and vh.size == 8
     assert proc.poll() is None
 
 
