@@ -1421,16 +1421,17 @@ class BuddyAllocator:
         saved_next = self.next[R]
         saved_prev = self.prev[R]
         nx, pv, first, last = self._nx, self._pv, self._first, self._last
-        for h in R.tolist():
-            n, p = nx[h], pv[h]
-            if p < 0:
-                first[-1 - p] = n
-            else:
-                nx[p] = n
-            if n < 0:
-                last[-1 - n] = p
-            else:
-                pv[n] = p
+        for lo in range(0, k, 1 << 16):  # chunks: never millions of Python ints at once
+            for h in R[lo:lo + (1 << 16)].tolist():
+                n, p = nx[h], pv[h]
+                if p < 0:
+                    first[-1 - p] = n
+                else:
+                    nx[p] = n
+                if n < 0:
+                    last[-1 - n] = p
+                else:
+                    pv[n] = p
         self.next[R] = saved_next
         self.prev[R] = saved_prev
         self.buddy_order[R] = -1
