@@ -44,6 +44,18 @@ fault ``accept_stale_hints`` keeps them and applies them to the bitmap the sync 
 is the unsafe behaviour 5.7 warns about (a page written between the hint and the sync loses its
 new content); the verifier must catch it.
 
+Time budget: ``MigrationParams.time_budget_s`` bounds the simulated time of the whole migration,
+switchover included. A migration that will not be over by then (a link far too slow for the
+guest's RAM, or a dirty rate that keeps every round long) would otherwise make its caller run the
+guest's workloads for days of simulated time, i.e. for ever in wall time. The engine checks
+the budget each time it schedules its own next step (the next chunk, the next round, the
+stop-and-copy) and at switchover: as soon as a step would end past ``start + time_budget_s`` the
+migration is *cancelled* at once (what a management layer does to a migration that overruns):
+no switchover, no verification, CLEANUP raised with the VM running (the device publishes DONE, as
+QEMU's notifier does on cancel), ``stats.timed_out`` set and ``error`` saying so. Cancelling at
+the first step that cannot fit, rather than at the deadline itself, spends no simulated time on
+a result that is already known.
+
 Verification (``verify``): at switchover every page the guest has in use, except pages the balloon
 driver holds for hinting, must have on the destination the version (or bytes) the source has;
 with page poisoning on, every free page must read as the poison value on the destination
@@ -117,6 +129,13 @@ class MigrationParams:
     max_rounds: int = 30
     chunk_pages: int = 16384             # bitmap positions sent between two scheduler steps
     accept_stale_hints: bool = False     # fault: apply hints that arrive after a sync
+    # Safety budget on simulated time for the whole migration (see the module docstring): one
+    # hour. A pre-copy migration still running after an hour is one an operator cancels (QEMU
+    # itself has no limit), and every simulated hour costs the simulator minutes of wall time
+    # when the guest runs background workloads (measured: a 64 MiB guest churning 50 MiB/s
+    # over a 150 kbit/s link, 2 h simulated = 453 s wall). vmsim refuses up front a scenario
+    # whose first round alone exceeds the same hour (vmsim.scenario.MAX_FIRST_ROUND_S).
+    time_budget_s: float = 3600.0
 
 
 @dataclass(slots=True)
@@ -157,6 +176,7 @@ class MigrationStats:
     stale_hints_applied: int = 0
     bad_hints: int = 0
     converged: bool = False
+    timed_out: bool = False    # cancelled: it would not be over within params.time_budget_s
 
 
 class MigrationError(Exception):
@@ -191,6 +211,8 @@ class PrecopyMigration:
         self.params = params or MigrationParams()
         if self.params.bandwidth_Bps <= 0 or self.params.chunk_pages <= 0:
             raise MigrationError("bandwidth and chunk size must be positive")
+        if not self.params.time_budget_s > 0:  # also refuses nan
+            raise MigrationError("the time budget must be positive")
         self.cost = cost or CostModel()
         self.versions = versions
         self.dirty_log = dirty_log
@@ -211,7 +233,8 @@ class PrecopyMigration:
         self.stats = MigrationStats()
         self.rounds: list[RoundRecord] = []
         self.verify_result: VerifyResult | None = None
-        self.phase = "idle"  # idle, precopy, stopped (stop-and-copy), done
+        self.error: str | None = None  # why the migration was cancelled (None: it completed)
+        self.phase = "idle"  # idle, precopy, stopped (stop-and-copy), done, cancelled
         self.done = False
         self._cursor = 0
         self._round: RoundRecord | None = None
@@ -264,6 +287,8 @@ class PrecopyMigration:
 
     # -- rounds --------------------------------------------------------------------------------
     def _begin_round(self, t: float) -> None:
+        if self._over_budget(t, f"round {len(self.rounds) + 1} would start"):
+            return
         self._round = RoundRecord(index=len(self.rounds) + 1, start_s=t - self._t0)
         self.rounds.append(self._round)
         self._cursor = 0
@@ -281,6 +306,8 @@ class PrecopyMigration:
         dt += self._send_range(lo, hi, rnd)
         self._mutex_busy_until = self.sched.now + dt
         self._cursor = hi
+        if self._over_budget(self.sched.now + dt, f"round {rnd.index} would still be sending"):
+            return
         if hi >= self.ram_pages:
             self._chunk_event = self.sched.after(dt, self._end_round)
         else:
@@ -361,7 +388,8 @@ class PrecopyMigration:
             # bandwidth measurement, one BUFFER_DELAY window after the start: no switchover
             # before that.
             t = max(self.sched.now + t_sync, self._t0 + self.cost.check_period_s)
-            self.sched.at(t, self._stop_and_copy)
+            if not self._over_budget(t, "the stop-and-copy would start"):
+                self.sched.at(t, self._stop_and_copy)
         else:
             self._begin_round(self.sched.now + t_sync)
 
@@ -379,9 +407,11 @@ class PrecopyMigration:
         dt += self.cost.switchover_s
         rnd.end_s = rnd.start_s + dt
         self.stats.rounds = len(self.rounds)
+        self.stats.hint_rounds = len(self._cmd_ids_seen)
+        if self._over_budget(t_stop + dt, "the stop-and-copy would end"):
+            return  # the source VM resumes; what was sent is thrown away
         self.stats.downtime_s = dt
         self.stats.total_time_s = (t_stop - self._t0) + dt
-        self.stats.hint_rounds = len(self._cmd_ids_seen)
         self._notify(COMPLETE, False)
         if self.on_switchover is not None:
             self.on_switchover(self)
@@ -391,11 +421,47 @@ class PrecopyMigration:
         self.dirty_log.stop()
         self._cancel_hint_thread()
 
+    # -- the time budget -----------------------------------------------------------------------
+    def _over_budget(self, t: float, what: str) -> bool:
+        """If a step ending at ``t`` overruns the budget, cancel the migration now; say so."""
+        budget = self.params.time_budget_s
+        if t - self._t0 <= budget:
+            return False
+        self.error = (f"did not converge within {budget:g} s simulated: {what} at "
+                      f"{t - self._t0:.6g} s ({len(self.rounds)} round(s) begun, "
+                      f"{self.stats.pages_sent} pages sent)")
+        log.warning("migration cancelled: %s", self.error)
+        self._cancel()
+        return True
+
+    def _cancel(self) -> None:
+        """End the migration without switchover (QEMU's migrate_cancel): the VM runs on."""
+        if self._chunk_event is not None:
+            self.sched.cancel(self._chunk_event)
+            self._chunk_event = None
+        self._cancel_hint_thread()
+        self._queue.clear()
+        self._accepting = False
+        if self.rounds and not self.rounds[-1].end_s:
+            self.rounds[-1].end_s = self.sched.now - self._t0  # the round cut short
+        self.stats.timed_out = True
+        self.stats.converged = False
+        self.stats.rounds = len(self.rounds)
+        self.stats.hint_rounds = len(self._cmd_ids_seen)
+        self.stats.total_time_s = self.sched.now - self._t0
+        self.stats.downtime_s = 0.0
+        # QEMU's notifier on cleanup after a cancel: the device publishes DONE so the guest
+        # frees the pages its driver holds for hinting.
+        self._notify(CLEANUP, True)
+        self.phase = "cancelled"
+        self.done = True
+        self.dirty_log.stop()
+
     # -- hints ---------------------------------------------------------------------------------
     def hint(self, cmd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
         """The device reports free pages ``ranges`` [(gpa, len)] under ``cmd_id``. Pages wholly
         inside a range may be skipped in this round (QEMU ``qemu_guest_free_page_hint``)."""
-        if self.phase in ("idle", "done"):
+        if self.phase in ("idle", "done", "cancelled"):
             # No migration running: QEMU ignores hints then (5.5).
             return
         for gpa, length in ranges:
@@ -412,7 +478,7 @@ class PrecopyMigration:
         self._kick_hint_thread()
 
     def _kick_hint_thread(self) -> None:
-        if self._hint_event is None and self._queue and self.phase != "stopped":
+        if self._hint_event is None and self._queue and self.phase == "precopy":
             count = self._queue[0][3]
             dt = self.cost.host_hint_s + count * self.cost.host_hint_page_s
             start = max(self.sched.now + dt, self._mutex_busy_until)

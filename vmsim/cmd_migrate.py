@@ -2,8 +2,9 @@
 
 With no scenario it runs the embedded default (built-in ``compile-8g``, the published 8 GiB
 kernel-compile set-up) in all three hinting modes and prints them side by side. Exit status: 0
-when every run verified, 1 when one did not (a fault switched on is expected to do that), 2 for a
-bad scenario file or argument.
+when every run verified, 1 when one did not (a fault switched on is expected to do that) or did
+not finish (the migration was cancelled by its simulated time budget, ``migration.time_limit``:
+"did not converge within N s simulated"), 2 for a bad scenario file or argument.
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     bad = [r for r in results if not r.verified]
     for r in bad:
+        if r.error:
+            err.print(f"[red]error:[/] mode {r.mode}: {r.error}", highlight=False)
+            continue
         err.print(f"[red]verification failed[/] for mode {r.mode}: {r.mismatched_pages} "
                   f"mismatched pages, {r.poison_violations} poison violations", highlight=False)
     return 1 if bad else 0

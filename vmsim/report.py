@@ -48,6 +48,9 @@ class RunResult:
     guest_held_pages: int = 0       # held by the balloon driver at switchover
     device_counters: dict[str, int] = field(default_factory=dict)
     guest_counters: dict[str, int] = field(default_factory=dict)
+    # Set when the run did not complete (the migration was cancelled by its time budget): why.
+    # Such a run has verified = False without any page checked.
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +99,11 @@ def build_table(results: Sequence[RunResult], title: str | None = None) -> Table
     for name, key, fmt in ROWS:
         t.add_row(name, *(fmt(getattr(r, key)) for r in results))
     if any(not r.converged for r in results):
-        t.add_row("converged", *("yes" if r.converged else "no (round limit)" for r in results))
+        t.add_row("converged", *("yes" if r.converged else
+                                 "no (time limit)" if r.error else "no (round limit)"
+                                 for r in results))
+    if any(r.error for r in results):
+        t.add_row("error", *(f"[bold red]{r.error}[/]" if r.error else "" for r in results))
     return t
 
 

@@ -26,6 +26,7 @@ A scenario looks like this (sizes, rates and durations take units)::
     bandwidth = "100Gbit/s"
     downtime_limit = "400ms"
     max_rounds = 30
+    time_limit = "1h"       # cancel a migration not over by then (simulated; the default)
 
     [hinting]
     mode = "capture"        # off | walk | capture
@@ -40,7 +41,10 @@ each ``[table]`` / ``[[array]]`` header and of each ``key =`` (or dotted ``a.b =
 
 Limits a file cannot exceed (each refused with the same kind of error): numbers must be finite
 (TOML's ``inf``/``nan`` and ``"1e400GiB"`` are refused), guest RAM is at most ``MAX_GUEST_RAM``
-(1 TiB), a workload's rate at most ``MAX_WORKLOAD_RATE`` (1 TiB/s), the seed fits in 64 bits.
+(1 TiB), a workload's rate at most ``MAX_WORKLOAD_RATE`` (1 TiB/s), the seed fits in 64 bits,
+the first pre-copy round (guest RAM / ``migration.bandwidth``) takes at most
+``MAX_FIRST_ROUND_S`` (1 hour simulated) and ``migration.time_limit`` is at most
+``MAX_TIME_LIMIT_S`` (24 hours simulated); the reasons are given where the constants are.
 Inline tables and dotted keys are valid TOML and are checked the same way; their errors point at
 the line that assigns them.
 
@@ -88,7 +92,8 @@ _RATE_UNITS = {  # bytes per second
     "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
     "kib/s": 1 << 10, "mib/s": 1 << 20, "gib/s": 1 << 30,
 }
-_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0}
+_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0,
+               "h": 3600.0}
 
 
 class UnitError(ValueError):
@@ -139,7 +144,7 @@ def parse_rate(value: str) -> float:
 
 
 def parse_duration(value: str | int | float) -> float:
-    """Seconds: ``"300ms"``, ``"1.5s"``, ``"50us"``; a bare number is seconds."""
+    """Seconds: ``"300ms"``, ``"1.5s"``, ``"50us"``, ``"2h"``; a bare number is seconds."""
     if isinstance(value, bool):
         raise UnitError("a duration must be a string with a unit")
     if isinstance(value, (int, float)):
@@ -151,7 +156,7 @@ def parse_duration(value: str | int | float) -> float:
     num, unit = _split(value)
     mult = _TIME_UNITS.get(unit.lower() if unit != "µs" else unit)
     if mult is None:
-        raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s, min)")
+        raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s, min, h)")
     return num * mult
 
 
@@ -186,6 +191,7 @@ class MigrationSpec:
     bandwidth_Bps: float = 100e9 / 8
     downtime_limit_s: float = 0.3
     max_rounds: int = 30
+    time_limit_s: float | None = None  # None: the engine's own budget (MigrationParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +309,31 @@ def _ram(v: Any) -> int:
 
 _GUEST = {"ram": _ram, "seed": _int(0, 2**64 - 1), "init_on_alloc": _bool,
           "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64)}
+#: A scenario's first pre-copy round sends every page of guest RAM; at the scenario's bandwidth
+#: that alone takes at least guest RAM / bandwidth of simulated time (all pages as data; zero
+#: pages go faster). The guest's background workloads tick every 5-20 ms of simulated time, so
+#: one simulated hour is already 180,000-720,000 steps of each, minutes of wall time; a link
+#: slow enough for more (e.g. "1bit/s", or 8 GiB over 10 Mbit/s) made `migrate` run for ever.
+#: No live migration whose bulk pass takes over an hour is run in practice either: one raises
+#: the bandwidth or uses post-copy. Hence the bound: 1 hour simulated, the same hour as the
+#: engine's default time budget for the whole migration (``MigrationParams.time_budget_s``),
+#: so a scenario refused here is one that could never finish within that budget anyway.
+MAX_FIRST_ROUND_S = 3600.0
+#: ``migration.time_limit`` (the engine's safety budget for the whole migration, default
+#: 1 hour): at most a day of simulated time, for the same reason (steps of the background
+#: workloads grow with simulated time).
+MAX_TIME_LIMIT_S = 86400.0
+
+
+def _time_limit(v: Any) -> float:
+    out = float(_positive(_duration)(v))
+    if out > MAX_TIME_LIMIT_S:
+        raise UnitError(f"{v!r} is longer than the simulator allows (24 h simulated)")
+    return out
+
+
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
-              "max_rounds": _int(1, 10000)}
+              "max_rounds": _int(1, 10000), "time_limit": _time_limit}
 _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
             "block_cost": _positive(_duration)}
 
@@ -510,7 +539,17 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     d = MigrationSpec()
     mig = MigrationSpec(bandwidth_Bps=mg.get("bandwidth", d.bandwidth_Bps),
                         downtime_limit_s=mg.get("downtime_limit", d.downtime_limit_s),
-                        max_rounds=mg.get("max_rounds", d.max_rounds))
+                        max_rounds=mg.get("max_rounds", d.max_rounds),
+                        time_limit_s=mg.get("time_limit"))
+    first_round_s = guest.ram_bytes / mig.bandwidth_Bps
+    if first_round_s > MAX_FIRST_ROUND_S:
+        # Checked here, not in the engine: the run would otherwise simulate hours of guest
+        # activity before its time budget could cancel it (MAX_FIRST_ROUND_S says why).
+        raise ScenarioError(file, "migration.bandwidth", lines.key("migration", 0, "bandwidth"),
+                            f"too slow for {format_size(guest.ram_bytes)} of guest RAM: the "
+                            f"first pre-copy round alone would take {first_round_s:.3g} s "
+                            f"simulated (guest RAM / bandwidth), more than the simulator's "
+                            f"bound of {MAX_FIRST_ROUND_S:g} s (1 hour)")
     h = _check_table(file, lines, "hinting", 0, "hinting", data.get("hinting", {}), _HINTING)
     hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10),
                        block_cost_s=h.get("block_cost"))

@@ -21,7 +21,10 @@ Theory of operation
 ``run_scenario`` runs the set-up workload phases, starts the background (``during``) workloads,
 migrates, verifies at switchover (pages in use = allocated by the guest or reserved; pages the
 balloon driver holds are excluded; free pages must read as poison when page poisoning is on) and
-returns a ``vmsim.report.RunResult``.
+returns a ``vmsim.report.RunResult``. A migration the engine cancels because it would not be
+over within its time budget (``MigrationParams.time_budget_s``, the scenario's
+``migration.time_limit``) returns a result with ``error`` set ("did not converge within N s
+simulated ...") and ``verified`` false; ``balloon-hint migrate`` reports it as an error.
 
 Workloads (scenario ``[[workload]]`` kinds, ``vmsim.scenario.WORKLOAD_KINDS``) are
 ``guest_model.workloads`` run through ``SimGuest.add_workload``, set-up phases and background
@@ -37,14 +40,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import PagesHinted, PrecopyEvent
-from balloon_dev.migration import CostModel, MigrationParams, PrecopyMigration
+from balloon_dev.migration import CostModel, MigrationParams, PrecopyMigration, VerifyResult
 from balloon_dev.transport.inprocess import InProcessTransport
 from guest_model.buddy import MIGRATE_UNMOVABLE, BuddyAllocator
 from guest_model.guest import GuestOptions, SimGuest
@@ -121,6 +124,8 @@ class SimVM:
                                  downtime_limit_s=scn.migration.downtime_limit_s,
                                  max_rounds=scn.migration.max_rounds,
                                  accept_stale_hints=opts.fault == "accept-stale-hints")
+        if scn.migration.time_limit_s is not None:  # else the engine's default budget
+            params = replace(params, time_budget_s=scn.migration.time_limit_s)
         self.migration = PrecopyMigration(
             self.pages, self.dirty, self.sched, params, opts.cost,
             notify=self._precopy_notify if opts.mode != "off" else None,
@@ -238,7 +243,12 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
     mig = vm.migration
     st = mig.stats
     vr = mig.verify_result
-    assert vr is not None
+    if vr is None:
+        # Cancelled by the engine's time budget: no switchover happened, nothing was verified.
+        # Reported as an error, never as a quiet "verified = false".
+        assert mig.error is not None
+        vr = VerifyResult(verified=False, mismatched_pages=0, poison_violations=0,
+                          checked_pages=0)
     dev_dropped = int(vm.dev.counters.get("hint_outside_round", 0))
     return RunResult(
         scenario=scn.name, mode=mode, guest_ram_bytes=scn.guest.ram_bytes, page_size=PAGE_SIZE,
@@ -253,5 +263,5 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
         setup_s=setup_s, guest_in_use_pages=vm.in_use_at_switch,
         guest_held_pages=vm.held_at_switch,
         device_counters={k: int(v) for k, v in vm.dev.counters.items() if v},
-        guest_counters=vm.guest_counters(),
+        guest_counters=vm.guest_counters(), error=mig.error,
     )
