@@ -219,9 +219,9 @@ def _blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:
 # Tables for ``_run_blocks``, indexed by an offset or a length within a max-order block:
 # the order an offset is aligned to (0 counts as aligned to the top order), and floor(log2(n)).
 _ALIGN_ORDER = np.array([MAX_ORDER - 1 if p == 0 else min(MAX_ORDER - 1, (p & -p).bit_length() - 1)
-                         for p in range(MAX_ORDER_NR_PAGES + 1)], dtype=np.int64)
+                         for p in range(MAX_ORDER_NR_PAGES + 1)], dtype=np.int32)
 _FLOOR_LOG2 = np.array([0] + [n.bit_length() - 1 for n in range(1, MAX_ORDER_NR_PAGES + 1)],
-                       dtype=np.int64)
+                       dtype=np.int32)
 
 
 def _run_blocks(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,9 +232,10 @@ def _run_blocks(s: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     All runs step together: each step takes, at every unfinished run's next offset, the
     largest block both aligned there and fitting in what is left (two table lookups). A run
     needs at most 2 * MAX_ORDER steps, and most runs of a fragmented block end after one.
+    Offsets and orders are int32 (a free of millions of scattered pages has as many runs).
     """
     runs, firsts, orders = [], [], []
-    idx = np.arange(s.size)
+    idx = np.arange(s.size, dtype=np.int32)
     p, end = s, e
     while idx.size:
         o = np.minimum(_ALIGN_ORDER[p], _FLOOR_LOG2[end - p])
@@ -1306,8 +1307,9 @@ class BuddyAllocator:
         if flat[0]:
             edges = np.concatenate(([0], edges))
         row = edges[0::2] // (M + 1)
-        s = edges[0::2] - row * (M + 1)
-        e = edges[1::2] - row * (M + 1)
+        s = (edges[0::2] - row * (M + 1)).astype(np.int32)
+        e = (edges[1::2] - row * (M + 1)).astype(np.int32)
+        del edges
         # Two pageblocks merge into a max-order block only if their types may mix.
         pb0i = base >> pageblock_order
         pb1i = np.minimum(pb0i + 1, self.pageblock_mt.size - 1)
