@@ -56,6 +56,7 @@ from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
+from vmsim.guest_ram import create_guest_ram
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
@@ -199,7 +200,7 @@ class VfioUserClient:
             except vu.FramingError as e:
                 raise VfioUserClientError(f"{name}: reply header unusable: {e}") from None
             body = self._recv_exact(h.payload_size, name)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise VfioUserClientError(f"{name}: no reply within {self.timeout} s") from None
         except OSError as e:
             raise VfioUserClientError(f"{name}: connection failed: {e}") from None
@@ -247,11 +248,8 @@ class VfioUserClient:
         self.max_msg_fds = fds if isinstance(fds, int) and fds > 0 else vu.DEFAULT_MAX_MSG_FDS
 
     def _map_ram(self) -> None:
-        fd = os.memfd_create("balloon-hint-guest-ram")
-        os.ftruncate(fd, self.ram_bytes)
+        fd, self._ram = create_guest_ram(self.ram_bytes)
         self._memfd = fd
-        self._ram = mmap.mmap(fd, self.ram_bytes, flags=mmap.MAP_SHARED,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.mem.add_region(0, self._ram, name="ram")
         self.request(vu.Command.DMA_MAP, vu.build_dma_map(
             vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE, 0, 0, self.ram_bytes), [fd])

@@ -47,6 +47,7 @@ from protocol import vhost_user as vu
 from protocol.balloon import queue_layout
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_MAX_SIZE
+from vmsim.guest_ram import create_guest_ram
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -138,11 +139,7 @@ class VhostUserClient:
                 ours.setblocking(False)
                 self.channel = ours
             self.request(R.SET_OWNER)
-            fd = os.memfd_create("balloon-hint-guest-ram", os.MFD_CLOEXEC)
-            self._memfd = fd
-            os.ftruncate(fd, self.ram_bytes)
-            self._ram = mmap.mmap(fd, self.ram_bytes, flags=mmap.MAP_SHARED,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._memfd, self._ram = create_guest_ram(self.ram_bytes)
             self.mem.add_region(0, self._ram, name="ram")
         except BaseException:
             self.close()
@@ -199,7 +196,7 @@ class VhostUserClient:
                 return None
             h = vu.parse_header(self._exact(vu.HEADER_SIZE, name))
             body = self._exact(h.size, name) if h.size else b""
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise VhostUserClientError(f"{name}: no reply within {self.timeout} s") from None
         except vu.VhostUserError as e:
             raise VhostUserClientError(f"{name}: reply unusable: {e}") from None
