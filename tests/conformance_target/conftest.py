@@ -15,8 +15,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conformance_target.harness import (ALL_FEATURES, Client, DriverGuest, RawGuest, Target,
-                                              connect, env_target, start_server, stop_server)
+from tests.conformance_target.harness import (
+    ALL_FEATURES,
+    Client,
+    DriverGuest,
+    RawGuest,
+    Target,
+    connect,
+    env_target,
+    start_server,
+    stop_server,
+)
 
 
 @pytest.fixture(scope="session")

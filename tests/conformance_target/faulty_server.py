@@ -18,8 +18,14 @@ import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.device import BalloonDevice, DeviceConfig
-from balloon_dev.effects import (ConfigChanged, Deflated, Inflated, NeedsReset, NotifyQueue,
-                                 PagesReported)
+from balloon_dev.effects import (
+    ConfigChanged,
+    Deflated,
+    Inflated,
+    NeedsReset,
+    NotifyQueue,
+    PagesReported,
+)
 from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction

@@ -28,9 +28,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,12 @@ from guest_model.guest import GuestOptions, SimGuest
 from guestmem import GuestMemory, PageVersions
 from guestmem.clock import Scheduler, SimClock
 from protocol.balloon import VIRTIO_BALLOON_F_PAGE_POISON, BalloonQueue, queue_layout
-from protocol.virtio import (VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_EVENT_IDX, DeviceStatus,
-                             feature_mask)
+from protocol.virtio import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_RING_EVENT_IDX,
+    DeviceStatus,
+    feature_mask,
+)
 from protocol.virtqueue import used_ring_size
 from tests.ringbuilder import RawRing
 from vmsim.cmd_conformance import TARGET_CONTROL_ENV, TARGET_ENV, parse_target

@@ -7,12 +7,15 @@ import struct
 
 import pytest
 
-from protocol.balloon import (VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON,
-                              VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
-                              BalloonQueue)
+from protocol.balloon import (
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    BalloonQueue,
+)
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (NEEDS_RESET, PAGE, QUIET, Canary, RawGuest,
-                                              wait_for)
+from tests.conformance_target.harness import NEEDS_RESET, PAGE, QUIET, Canary, RawGuest, wait_for
 
 Q = BalloonQueue
 W = VIRTQ_DESC_F_WRITE

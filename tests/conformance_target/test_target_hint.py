@@ -11,11 +11,22 @@ import struct
 
 import pytest
 
-from protocol.balloon import (CFG_FREE_PAGE_HINT_CMD_ID, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                              BalloonQueue)
+from protocol.balloon import (
+    CFG_FREE_PAGE_HINT_CMD_ID,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    BalloonQueue,
+)
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (PAGE, QUIET, Canary, DriverGuest, RawGuest,
-                                              Target, wait_for, wait_irq)
+from tests.conformance_target.harness import (
+    PAGE,
+    QUIET,
+    Canary,
+    DriverGuest,
+    RawGuest,
+    Target,
+    wait_for,
+    wait_irq,
+)
 
 Q = BalloonQueue
 W = VIRTQ_DESC_F_WRITE

@@ -6,14 +6,30 @@ import struct
 
 import pytest
 
-from protocol.balloon import (CFG_ACTUAL, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES,
-                              CFG_POISON_VAL, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                              VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON,
-                              BalloonQueue, queue_layout)
+from protocol.balloon import (
+    CFG_ACTUAL,
+    CFG_FREE_PAGE_HINT_CMD_ID,
+    CFG_NUM_PAGES,
+    CFG_POISON_VAL,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    BalloonQueue,
+    queue_layout,
+)
 from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (ACK, FOK, NEEDS_RESET, QUIET, WAIT,
-                                              DriverGuest, RawGuest, wait_for, wait_irq)
+from tests.conformance_target.harness import (
+    ACK,
+    FOK,
+    NEEDS_RESET,
+    QUIET,
+    WAIT,
+    DriverGuest,
+    RawGuest,
+    wait_for,
+    wait_irq,
+)
 
 Q = BalloonQueue
 MTH = feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST)

@@ -16,8 +16,16 @@ import pytest
 from protocol.balloon import BalloonQueue
 from protocol.virtio import VIRTIO_F_RING_INDIRECT_DESC
 from protocol.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (DRIVER_AREA, NEEDS_RESET, QUIET, WAIT, Canary,
-                                              RawGuest, wait_for, wait_irq)
+from tests.conformance_target.harness import (
+    DRIVER_AREA,
+    NEEDS_RESET,
+    QUIET,
+    WAIT,
+    Canary,
+    RawGuest,
+    wait_for,
+    wait_irq,
+)
 from tests.ringbuilder import write_table
 
 Q = BalloonQueue
