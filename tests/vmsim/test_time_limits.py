@@ -4,7 +4,6 @@ longer than ``MAX_FIRST_ROUND_S``) or cancelled by the migration's time budget
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,9 +86,9 @@ def test_one_bit_per_second_past_validation_still_ends_at_once() -> None:
     # that missed a case): the bulk pass would take ~1e9 s simulated under background churn.
     scn = loads(scenario('bandwidth = "1Gbit/s"\n'), "slow.toml")
     scn = replace(scn, migration=MigrationSpec(bandwidth_Bps=1 / 8))
-    t0 = time.perf_counter()
+    # Ending at once is shown by the error and the simulated time, not by wall-clock time (a
+    # speed target would belong in scripts/bench): without the budget this run never returns.
     r = run_scenario(scn, "capture")
-    assert time.perf_counter() - t0 < 30
     assert r.error is not None and "did not converge within 3600 s simulated" in r.error
     assert not r.verified and r.total_time_s <= 3600
 
@@ -113,9 +112,7 @@ def test_migrate_cli_refuses_a_hopeless_link_with_exit_2(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "slow.toml"
     path.write_text(scenario('bandwidth = "1bit/s"\n'), encoding="utf-8")
-    t0 = time.perf_counter()
     status = main(["migrate", str(path)])
-    assert time.perf_counter() - t0 < 30
     err = " ".join(capsys.readouterr().err.replace(str(path), "FILE").split())
     assert status == 2 and "Traceback" not in err
     assert "FILE:10: key 'migration.bandwidth'" in err.replace("\n", ""), err
