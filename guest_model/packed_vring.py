@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from guest_model.vring import Buf, DriverArea, DriverAreaFull, VringBroken, VringFull
+from guest_model.vring import Buf, DriverArea, DriverRingBase
 from guestmem import GuestMemory
 from protocol.virtqueue import (
     DESC_SIZE,
@@ -70,8 +70,9 @@ def _avail_bits(wrap: int) -> int:
     return VIRTQ_PACKED_DESC_F_AVAIL if wrap else VIRTQ_PACKED_DESC_F_USED
 
 
-class PackedDriverVring:
-    """The driver side of one packed virtqueue; same methods as ``DriverVring``."""
+class PackedDriverVring(DriverRingBase):
+    """The driver side of one packed virtqueue; same methods as ``DriverVring`` (argument
+    checks, indirect-table allocation, tokens and breaking come from ``DriverRingBase``)."""
 
     def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int,
                  event_idx: bool = False, indirect: bool = False, *,
@@ -81,14 +82,8 @@ class PackedDriverVring:
         if desc % 16 or driver % 4 or device % 4:
             raise ValueError(f"ring areas misaligned: desc {desc:#x} driver {driver:#x} "
                              f"device {device:#x} (need 16/4/4)")
-        self.mem = mem
-        self.size = size
+        self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, driver, device
-        self.event_idx = event_idx
-        self.indirect = indirect and area is not None
-        self.area = area
-        self.indirect_min = max(2, indirect_min)
-        self.name = name
         mem.fill(desc, DESC_SIZE * size, 0)
         mem.fill(driver, PACKED_EVENT_SUPPRESS_SIZE, 0)
         mem.fill(device, PACKED_EVENT_SUPPRESS_SIZE, 0)
@@ -100,14 +95,8 @@ class PackedDriverVring:
         self._slots = np.zeros(size, dtype=np.int64)     # ring slots per id (0 = id free)
         self._tbl = np.zeros(size, dtype=np.int64)
         self._in_bytes = np.zeros(size, dtype=np.int64)
-        self._tokens = np.empty(size, dtype=object)
         self._num_added = 0
         self._cb_enabled = True
-        self.broken = False
-        self.counters: dict[str, int] = {
-            "added": 0, "added_indirect": 0, "reaped": 0, "kicks": 0, "kicks_suppressed": 0,
-            "bad_used_id": 0, "used_len_too_big": 0, "bad_used_idx": 0,
-        }
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -151,30 +140,11 @@ class PackedDriverVring:
 
         ``VringFull`` when slots or ids are short, ``ValueError`` for an empty or over-long
         chain, ``VringBroken`` once the ring is broken."""
-        if self.broken:
-            raise VringBroken(f"vring {self.name!r} is broken")
-        elems = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        elems = self._chain_elems(out, in_)
         total = len(elems)
-        if total == 0:
-            raise ValueError("a buffer needs at least one element")
-        if total > self.size:
-            raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
-        for _, n, _ in elems:
-            if n <= 0 or n >= 1 << 32:
-                raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
-        tbl = 0
-        if self.indirect and total >= self.indirect_min and self.num_free >= 1:
-            assert self.area is not None
-            try:
-                tbl = self.area.alloc(DESC_SIZE * total, 16, zero=False)
-            except DriverAreaFull:
-                tbl = 0
+        tbl = self._indirect_table(total)
         need = 1 if tbl else total
-        if self.num_free < need:
-            if tbl:
-                assert self.area is not None
-                self.area.free(tbl)
-            raise VringFull(f"vring {self.name!r}: {need} slots needed, {self.num_free} free")
+        self._check_room(need, tbl)
         bid = self._free_ids.pop()
         slots, bits = self._take_slots(need)
         if tbl:
@@ -211,19 +181,10 @@ class PackedDriverVring:
                         tokens: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
         """Post ``len(addrs)`` one-descriptor buffers in one batch; returns their ids.
         All or nothing (``VringFull``); tokens default to the buffer's address."""
-        if self.broken:
-            raise VringBroken(f"vring {self.name!r} is broken")
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        lens = np.asarray(lens, dtype=np.int64)
+        addrs, lens = self._single_args(addrs, lens)
         k = int(addrs.size)
         if k == 0:
             return np.zeros(0, dtype=np.int64)
-        if lens.shape != addrs.shape:
-            raise ValueError("addrs and lens differ in length")
-        if (lens <= 0).any() or (lens >= 1 << 32).any():
-            raise ValueError("every element length must be in (0, 2^32) (V-7)")
-        if k > self.num_free:
-            raise VringFull(f"vring {self.name!r}: {k} slots needed, {self.num_free} free")
         ids = np.array(self._free_ids[len(self._free_ids) - k:][::-1], dtype=np.int64)
         del self._free_ids[len(self._free_ids) - k:]
         slots, bits = self._take_slots(k)
@@ -238,12 +199,7 @@ class PackedDriverVring:
         self._slots[ids] = 1
         self._tbl[ids] = 0
         self._in_bytes[ids] = lens if writable else 0
-        if tokens is None:
-            self._tokens[ids] = addrs.astype(np.int64).tolist()
-        else:
-            tok = np.empty(k, dtype=object)
-            tok[:] = list(tokens)
-            self._tokens[ids] = tok
+        self._set_tokens(ids, addrs, tokens)
         self._num_added += k
         self.counters["added"] += k
         return ids
@@ -295,12 +251,6 @@ class PackedDriverVring:
             self._write_driver_event(None, RING_EVENT_FLAGS_ENABLE)
 
     # -- reaping ---------------------------------------------------------------------------
-    def get_buf(self) -> tuple[Any, int] | None:
-        toks, lens = self.get_bufs(1)
-        if not toks:
-            return None
-        return toks[0], lens[0]
-
     def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
         """Reap up to ``max_n`` used buffers: (tokens, lens) in the order the device used them."""
         if self.broken:
@@ -350,11 +300,6 @@ class PackedDriverVring:
         self._tbl[bid] = 0
         self._tokens[bid] = None
         self._free_ids.append(bid)
-
-    def _break(self, counter: str, detail: str) -> None:
-        self.counters[counter] += 1
-        self.broken = True
-        log.warning("vring %s: device error, ring marked broken: %s", self.name, detail)
 
     # -- teardown --------------------------------------------------------------------------
     def detach_unused(self) -> list[Any]:

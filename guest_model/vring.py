@@ -131,7 +131,113 @@ class DriverArea:
         return first, last - first
 
 
-class DriverVring:
+class DriverRingBase:
+    """What the split and packed driver rings share, so the two ring classes hold only what
+    differs between the layouts: the checks of ``add_buf`` / ``add_single_bufs`` arguments (usage
+    errors, raised), the indirect table's allocation with its fall-back to a direct chain, the
+    tokens handed back by ``get_bufs``, ``get_buf`` and marking the ring broken."""
+
+    def _init_common(self, mem: GuestMemory, size: int, event_idx: bool, indirect: bool,
+                     area: DriverArea | None, indirect_min: int, name: str) -> None:
+        self.mem = mem
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect and area is not None
+        self.area = area
+        self.indirect_min = max(2, indirect_min)
+        self.name = name
+        self._tokens = np.empty(size, dtype=object)  # per head / buffer id
+        self.broken = False
+        self.counters: dict[str, int] = {
+            "added": 0, "added_indirect": 0, "reaped": 0, "kicks": 0, "kicks_suppressed": 0,
+            "bad_used_id": 0, "used_len_too_big": 0, "bad_used_idx": 0,
+        }
+
+    @property
+    def num_free(self) -> int:
+        raise NotImplementedError
+
+    def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
+        raise NotImplementedError
+
+    def _check_usable(self) -> None:
+        if self.broken:
+            raise VringBroken(f"vring {self.name!r} is broken")
+
+    def _chain_elems(self, out: Sequence[Buf], in_: Sequence[Buf]) -> list[tuple[int, int, int]]:
+        """One buffer's elements as (gpa, length, WRITE or 0), readable ones first
+        (protocol.md 1.2); ``ValueError`` for an empty or over-long chain or a bad length."""
+        self._check_usable()
+        elems = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        total = len(elems)
+        if total == 0:
+            raise ValueError("a buffer needs at least one element")
+        if total > self.size:
+            # virtio 1.x 2.7.5.3.1 / 2.7.13.3.1: no chain longer than the queue size.
+            raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
+        for _, n, _ in elems:
+            if n <= 0 or n >= 1 << 32:
+                raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
+        return elems
+
+    def _indirect_table(self, total: int) -> int:
+        """gpa of a fresh table for a chain of ``total`` elements, or 0 for a direct chain
+        (indirect not negotiated, chain too short, no free slot, or the area is full)."""
+        if not (self.indirect and total >= self.indirect_min and self.num_free >= 1):
+            return 0
+        assert self.area is not None
+        try:
+            return self.area.alloc(DESC_SIZE * total, 16, zero=False)
+        except DriverAreaFull:
+            return 0  # fall back to a direct chain, as Linux does when kmalloc fails
+
+    def _check_room(self, need: int, tbl: int) -> None:
+        """``VringFull`` (giving the table back) when fewer than ``need`` slots are free."""
+        if self.num_free >= need:
+            return
+        if tbl:
+            assert self.area is not None
+            self.area.free(tbl)
+        raise VringFull(f"vring {self.name!r}: {need} descriptors needed, "
+                        f"{self.num_free} free")
+
+    def _single_args(self, addrs: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``add_single_bufs``'s arguments checked and typed; ``VringFull`` if they do not fit
+        (all or nothing)."""
+        self._check_usable()
+        addrs = np.asarray(addrs, dtype=np.uint64)
+        lens = np.asarray(lens, dtype=np.int64)
+        if lens.shape != addrs.shape:
+            raise ValueError("addrs and lens differ in length")
+        if (lens <= 0).any() or (lens >= 1 << 32).any():
+            raise ValueError("every element length must be in (0, 2^32) (V-7)")
+        self._check_room(int(addrs.size), 0)
+        return addrs, lens
+
+    def _set_tokens(self, ids: np.ndarray, addrs: np.ndarray,
+                    tokens: Sequence[Any] | np.ndarray | None) -> None:
+        """Tokens for a batch of one-descriptor buffers; by default each buffer's address."""
+        if tokens is None:
+            self._tokens[ids] = addrs.astype(np.int64).tolist()
+        else:
+            tok = np.empty(ids.size, dtype=object)
+            tok[:] = list(tokens)
+            self._tokens[ids] = tok
+
+    def get_buf(self) -> tuple[Any, int] | None:
+        """The next used buffer as ``(token, len)``, or None when none is pending (or broken)."""
+        toks, lens = self.get_bufs(1)
+        if not toks:
+            return None
+        return toks[0], lens[0]
+
+    def _break(self, counter: str, detail: str) -> None:
+        self.counters[counter] += 1
+        self.broken = True
+        log.warning("vring %s: device error, ring marked broken: %s", self.name, detail)
+
+
+class DriverVring(DriverRingBase):
     """The driver side of one split virtqueue of size ``size`` at the given guest addresses.
 
     ``event_idx`` / ``indirect`` say whether VIRTIO_F_RING_EVENT_IDX / RING_INDIRECT_DESC were
@@ -147,14 +253,8 @@ class DriverVring:
         if desc % 16 or avail % 2 or used % 4:
             raise ValueError(f"ring areas misaligned: desc {desc:#x} avail {avail:#x} "
                              f"used {used:#x} (need 16/2/4)")
-        self.mem = mem
-        self.size = size
+        self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, avail, used
-        self.event_idx = event_idx
-        self.indirect = indirect and area is not None
-        self.area = area
-        self.indirect_min = max(2, indirect_min)
-        self.name = name
         for gpa, n in ((desc, desc_table_size(size)), (avail, avail_ring_size(size)),
                        (used, used_ring_size(size))):
             mem.fill(gpa, n, 0)
@@ -172,16 +272,10 @@ class DriverVring:
         self._next = np.zeros(size, dtype=np.int64)
         self._indirect_tbl = np.zeros(size, dtype=np.int64)  # gpa of the head's table or 0
         self._in_bytes = np.zeros(size, dtype=np.int64)  # writable bytes, to check used len
-        self._tokens = np.empty(size, dtype=object)
         self.avail_idx = 0  # shadow of avail.idx
         self.last_used_idx = 0
         self._num_added = 0  # published since the last kick_prepare
         self._avail_flags = 0
-        self.broken = False
-        self.counters: dict[str, int] = {
-            "added": 0, "added_indirect": 0, "reaped": 0, "kicks": 0, "kicks_suppressed": 0,
-            "bad_used_id": 0, "used_len_too_big": 0, "bad_used_idx": 0,
-        }
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -211,32 +305,11 @@ class DriverVring:
         head). Raises ``VringFull`` when descriptors are short, ``ValueError`` for an empty or
         over-long chain (usage errors), ``VringBroken`` once the ring is broken.
         """
-        if self.broken:
-            raise VringBroken(f"vring {self.name!r} is broken")
-        elems = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        elems = self._chain_elems(out, in_)
         total = len(elems)
-        if total == 0:
-            raise ValueError("a buffer needs at least one element")
-        if total > self.size:
-            # virtio 1.x 2.7.5.3.1 / 2.7.13.3.1: no chain longer than the queue size.
-            raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
-        for _, n, _ in elems:
-            if n <= 0 or n >= 1 << 32:
-                raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
-        tbl = 0
-        if self.indirect and total >= self.indirect_min and self._nfree >= 1:
-            assert self.area is not None
-            try:
-                tbl = self.area.alloc(DESC_SIZE * total, 16, zero=False)
-            except DriverAreaFull:
-                tbl = 0  # fall back to a direct chain, as Linux does when kmalloc fails
+        tbl = self._indirect_table(total)
         need = 1 if tbl else total
-        if self._nfree < need:
-            if tbl:
-                assert self.area is not None
-                self.area.free(tbl)
-            raise VringFull(f"vring {self.name!r}: {need} descriptors needed, "
-                            f"{self._nfree} free")
+        self._check_room(need, tbl)
         ids = self._free[self._nfree - need:self._nfree][::-1].copy()
         self._nfree -= need
         head = int(ids[0])
@@ -280,19 +353,10 @@ class DriverVring:
         All or nothing: raises ``VringFull`` if fewer descriptors are free than buffers given.
         Tokens default to the buffer's address.
         """
-        if self.broken:
-            raise VringBroken(f"vring {self.name!r} is broken")
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        lens = np.asarray(lens, dtype=np.int64)
+        addrs, lens = self._single_args(addrs, lens)
         k = int(addrs.size)
         if k == 0:
             return np.zeros(0, dtype=np.int64)
-        if lens.shape != addrs.shape:
-            raise ValueError("addrs and lens differ in length")
-        if (lens <= 0).any() or (lens >= 1 << 32).any():
-            raise ValueError("every element length must be in (0, 2^32) (V-7)")
-        if k > self._nfree:
-            raise VringFull(f"vring {self.name!r}: {k} descriptors needed, {self._nfree} free")
         ids = self._free[self._nfree - k:self._nfree][::-1].copy()
         self._nfree -= k
         d = self._desc[ids]
@@ -305,12 +369,7 @@ class DriverVring:
         self._chain_len[ids] = 1
         self._indirect_tbl[ids] = 0
         self._in_bytes[ids] = lens if writable else 0
-        if tokens is None:
-            self._tokens[ids] = addrs.astype(np.int64).tolist()
-        else:
-            tok = np.empty(k, dtype=object)
-            tok[:] = list(tokens)
-            self._tokens[ids] = tok
+        self._set_tokens(ids, addrs, tokens)
         self._publish(ids)
         return ids
 
@@ -384,13 +443,6 @@ class DriverVring:
         self.mem.mark_dirty(self.avail_gpa + 4 + 2 * self.size, 2)
 
     # -- reaping ---------------------------------------------------------------------------
-    def get_buf(self) -> tuple[Any, int] | None:
-        """The next used buffer as ``(token, len)``, or None when none is pending (or broken)."""
-        toks, lens = self.get_bufs(1)
-        if not toks:
-            return None
-        return toks[0], lens[0]
-
     def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
         """Reap up to ``max_n`` used buffers at once: (tokens, lens) in used-ring order."""
         if self.broken:
@@ -474,11 +526,6 @@ class DriverVring:
         k = int(ids.size)
         self._free[self._nfree:self._nfree + k] = ids
         self._nfree += k
-
-    def _break(self, counter: str, detail: str) -> None:
-        self.counters[counter] += 1
-        self.broken = True
-        log.warning("vring %s: device error, ring marked broken: %s", self.name, detail)
 
     # -- teardown --------------------------------------------------------------------------
     def detach_unused(self) -> list[Any]:
