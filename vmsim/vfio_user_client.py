@@ -56,7 +56,7 @@ from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
-from vmsim.guest_ram import create_guest_ram
+from vmsim.guest_ram import create_guest_ram, release_guest_ram
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
@@ -162,17 +162,8 @@ class VfioUserClient:
             except OSError:
                 pass
         self.eventfds = []
-        for r in list(self.mem.regions):
-            self.mem.remove_region(r.gpa).buf.release()
-        if self._ram is not None:
-            try:
-                self._ram.close()
-            except BufferError:
-                pass  # a numpy view of the rings still exists; the mapping goes with it
-            self._ram = None
-        if self._memfd is not None:
-            os.close(self._memfd)
-            self._memfd = None
+        release_guest_ram(self.mem, self._ram, self._memfd)
+        self._ram = self._memfd = None
 
     # -- messages ---------------------------------------------------------------------------
     def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None,

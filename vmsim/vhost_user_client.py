@@ -47,7 +47,7 @@ from protocol import vhost_user as vu
 from protocol.balloon import queue_layout
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_MAX_SIZE
-from vmsim.guest_ram import create_guest_ram
+from vmsim.guest_ram import create_guest_ram, release_guest_ram
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -151,17 +151,8 @@ class VhostUserClient:
                 s.close()
         self.sock = self.channel = None
         self._close_ring_fds()
-        for r in list(self.mem.regions):
-            self.mem.remove_region(r.gpa).buf.release()
-        if self._ram is not None:
-            try:
-                self._ram.close()
-            except BufferError:
-                pass  # a numpy view of the rings still exists; the mapping goes with it
-            self._ram = None
-        if self._memfd is not None:
-            os.close(self._memfd)
-            self._memfd = None
+        release_guest_ram(self.mem, self._ram, self._memfd)
+        self._ram = self._memfd = None
 
     def _close_ring_fds(self) -> None:
         for fd in list(self.kick_fds.values()) + list(self.call_fds.values()):
