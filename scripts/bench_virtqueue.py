@@ -61,6 +61,27 @@ def setup(kind: str) -> tuple[RawRing, DeviceVirtqueue, int]:
     return r, DeviceVirtqueue(mem, SIZE, r.desc, r.driver, r.device), per_fill
 
 
+def _pop_push(q: DeviceVirtqueue | PackedDeviceVirtqueue, batched: bool,
+              per_fill: int) -> tuple[float, float]:
+    """Pop every chain the driver posted and push them all back used: (pop s, push s)."""
+    t0 = time.perf_counter()
+    if batched:
+        chains = q.pop_many()
+    else:
+        chains = []
+        while (c := q.pop()) is not None:
+            chains.append(c)
+    t1 = time.perf_counter()
+    if batched:
+        q.push_many([(c.head, 0) for c in chains])
+    else:
+        for c in chains:
+            q.push(c.head, 0)
+    t2 = time.perf_counter()
+    assert len(chains) == per_fill and all(c.error is None for c in chains)
+    return t1 - t0, t2 - t1
+
+
 def run(kind: str, batched: bool, rounds: int) -> tuple[float, float]:
     r, q, per_fill = setup(kind)
     stride = 3 if kind == "chain3" else 1
@@ -72,23 +93,9 @@ def run(kind: str, batched: bool, rounds: int) -> tuple[float, float]:
         slots = (r.avail_idx + np.arange(per_fill)) % SIZE
         ring[slots] = heads
         r.set_avail_idx(r.avail_idx + per_fill)
-        t0 = time.perf_counter()
-        if batched:
-            chains = q.pop_many()
-        else:
-            chains = []
-            while (c := q.pop()) is not None:
-                chains.append(c)
-        t1 = time.perf_counter()
-        if batched:
-            q.push_many([(c.head, 0) for c in chains])
-        else:
-            for c in chains:
-                q.push(c.head, 0)
-        t2 = time.perf_counter()
-        assert len(chains) == per_fill and all(c.error is None for c in chains)
-        t_pop += t1 - t0
-        t_push += t2 - t1
+        dt_pop, dt_push = _pop_push(q, batched, per_fill)
+        t_pop += dt_pop
+        t_push += dt_push
     n = per_fill * rounds
     return n / t_pop, n / t_push
 
@@ -120,23 +127,9 @@ def run_packed(kind: str, batched: bool, rounds: int) -> tuple[float, float]:
     for _ in range(rounds):
         for i, bufs in enumerate(chains_spec):
             r.add(bufs, bid=i)
-        t0 = time.perf_counter()
-        if batched:
-            chains = q.pop_many()
-        else:
-            chains = []
-            while (c := q.pop()) is not None:
-                chains.append(c)
-        t1 = time.perf_counter()
-        if batched:
-            q.push_many([(c.head, 0) for c in chains])
-        else:
-            for c in chains:
-                q.push(c.head, 0)
-        t2 = time.perf_counter()
-        assert len(chains) == per_fill and all(c.error is None for c in chains)
-        t_pop += t1 - t0
-        t_push += t2 - t1
+        dt_pop, dt_push = _pop_push(q, batched, per_fill)
+        t_pop += dt_pop
+        t_push += dt_push
     n = per_fill * rounds
     return n / t_pop, n / t_push
 
