@@ -1,6 +1,7 @@
 """File-descriptor helpers shared by the vfio-user and vhost-user tests: eventfds as a front-end
 passes them (non-blocking, so an unsignalled read returns at once), their counters, and whether
-an fd the device was handed is still open (the device must close what it rejects or drops)."""
+an fd the device was handed is still open (the device must close what it rejects or drops), and
+how many fds the process holds (leak checks compare it before and after a peer)."""
 from __future__ import annotations
 
 import os
@@ -24,3 +25,8 @@ def fd_is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def open_fds() -> int:
+    """How many fds this process has open now."""
+    return len(os.listdir("/proc/self/fd"))

@@ -27,11 +27,8 @@ import trio
 from balloon_dev.control import HostControl
 from balloon_dev.transport.vfio_user_server import MAX_CONTROL_LINE, serve_control
 from protocol.balloon import CFG_NUM_PAGES
+from tests.fdutil import open_fds
 from tests.vfio_user.client import Client
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> Any:

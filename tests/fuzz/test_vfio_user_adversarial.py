@@ -30,14 +30,12 @@ import random
 import socket
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
-import trio
 
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
 from balloon_dev.transport.vfio_user import SERVER_MAX_MSG_FDS
@@ -47,16 +45,13 @@ from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_F_RING_PACKED
-from tests.fdutil import eventfd, eventfd_count
+from tests.fdutil import eventfd, eventfd_count, open_fds
+from tests.serverthread import trio_server_in_thread
 from tests.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
 NEEDS_RESET = 0x40
 PAGE = 4096
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class FramingLost(Exception):
@@ -137,40 +132,11 @@ def served(features: int | None = None) -> Iterator[tuple[str, VfioUserServer]]:
     mem = GuestMemory()
     cfg = DeviceConfig() if features is None else DeviceConfig(offered_features=features)
     pci = VirtioPciFunction(BalloonDevice(mem, cfg), msix_vectors=2)
-    errors: list[BaseException] = []
-    ready = threading.Event()
-    stop: list[Any] = []
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "vfio-user.sock")
         server = VfioUserServer(path, pci, mem, on_effects=lambda _e: None, busy_wait=5.0)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                stop.append((trio.lowlevel.current_trio_token(), nursery.cancel_scope))
-                await nursery.start(server.run)
-                ready.set()
-
-        def thread() -> None:
-            try:
-                trio.run(main)
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                errors.append(e)
-                ready.set()
-
-        t = threading.Thread(target=thread, daemon=True)
-        t.start()
-        assert ready.wait(10)
-        try:
+        with trio_server_in_thread(server.run):
             yield path, server
-        finally:
-            if stop:
-                token, scope = stop[0]
-                try:
-                    trio.from_thread.run_sync(scope.cancel, trio_token=token)
-                except trio.RunFinishedError:
-                    pass
-            t.join(10)
-    assert not errors, errors  # nothing escaped the server's loop
 
 
 def wait_fds(baseline: int, timeout: float = 5.0) -> int:

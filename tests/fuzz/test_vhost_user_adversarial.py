@@ -27,7 +27,6 @@ import random
 import socket
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,22 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 from balloon_dev.device import BalloonDevice
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
-from tests.fdutil import eventfd
+from tests.fdutil import eventfd, open_fds
+from tests.serverthread import trio_server_in_thread
 from tests.vhost_user.frontend import RAM_SIZE, RAM_UADDR, Frontend
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
 V = vu.VHOST_USER_VERSION
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def fd_table() -> dict[str, str]:
@@ -66,42 +61,13 @@ def fd_table() -> dict[str, str]:
 @contextmanager
 def served() -> Iterator[tuple[str, VhostUserServer]]:
     """A ``VhostUserServer`` running in a thread; yields (socket path, server)."""
-    errors: list[BaseException] = []
-    ready = threading.Event()
-    stop: list[Any] = []
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "vhost-user.sock"
         mem = GuestMemory()
         server = VhostUserServer(BalloonDevice(mem), mem, path, on_effects=lambda _e: None,
                                  backend_timeout=0.2)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                stop.append((trio.lowlevel.current_trio_token(), nursery.cancel_scope))
-                await nursery.start(server.run)
-                ready.set()
-
-        def thread() -> None:
-            try:
-                trio.run(main)
-            except BaseException as e:  # noqa: BLE001 - reported by the test
-                errors.append(e)
-                ready.set()
-
-        t = threading.Thread(target=thread, daemon=True)
-        t.start()
-        assert ready.wait(10)
-        try:
+        with trio_server_in_thread(server.run):
             yield str(path), server
-        finally:
-            if stop:
-                token, scope = stop[0]
-                try:
-                    trio.from_thread.run_sync(scope.cancel, trio_token=token)
-                except trio.RunFinishedError:
-                    pass
-            t.join(10)
-    assert not errors, errors
 
 
 def wait_until(cond: Any, timeout: float = 5.0) -> bool:

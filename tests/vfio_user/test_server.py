@@ -21,14 +21,10 @@ from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
-from tests.fdutil import eventfd, eventfd_count
+from tests.fdutil import eventfd, eventfd_count, open_fds
 from tests.vfio_user.client import memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Peer:

@@ -3,14 +3,12 @@ answer, and never leaks an fd (h11's rule: parse, or raise the peer's error, nev
 """
 from __future__ import annotations
 
-import os
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balloon_dev.transport.vfio_user import Reply
 from protocol import vfio_user as vu
-from tests.fdutil import eventfd
+from tests.fdutil import eventfd, open_fds
 from tests.vfio_user.client import Client, perform
 
 commands = st.sampled_from([int(c) for c in vu.Command] + [0, 99])
@@ -23,10 +21,6 @@ payloads = st.one_of(
     st.builds(vu.build_dma_unmap, st.integers(0, 3), st.integers(0, 1 << 24),
               st.integers(0, 1 << 24)),
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,6 +22,7 @@ from balloon_dev.effects import (
 from protocol import vhost_user as vu
 from protocol.balloon import VIRTIO_BALLOON_F_FREE_PAGE_HINT
 from protocol.virtio import DeviceStatus
+from tests import fdutil
 from tests.fdutil import eventfd, fd_is_open
 from tests.vhost_user.frontend import AREA_GPA, RAM_SIZE, RAM_UADDR, STATUS_ALL, Frontend
 
@@ -34,7 +35,7 @@ FEATURES_OK = int(DeviceStatus.FEATURES_OK)
 def open_fds() -> int:
     # Collect first: a mapping the device still viewed is closed when that view is garbage.
     gc.collect()
-    return len(os.listdir("/proc/self/fd"))
+    return fdutil.open_fds()
 
 
 @pytest.fixture

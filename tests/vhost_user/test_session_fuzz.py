@@ -18,6 +18,7 @@ from balloon_dev.device import BalloonDevice
 from balloon_dev.transport.vhost_user import VhostUserSession
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
+from tests.fdutil import open_fds
 
 R = vu.VhostUserRequest
 
@@ -52,10 +53,6 @@ messages = st.tuples(
     payloads,
     st.booleans(),  # attach an eventfd
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def assert_no_fd_leak(baseline: int) -> None:
