@@ -45,6 +45,24 @@ def make_memory(size: int = 1 << 20, gpa: int = 0) -> GuestMemory:
     return mem
 
 
+class TrackingMemory(GuestMemory):
+    """A ``GuestMemory`` that records every view a device-side queue asks for (``writes``: the
+    writable ones) and every one outside its regions (``refused``), for fuzz properties such as
+    "bounds are checked before reading" and "only the used ring is written"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[int, int]] = []
+        self.refused: list[tuple[int, int]] = []
+
+    def view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
+        if not self.contains(gpa, length):
+            self.refused.append((gpa, length))
+        if writable:
+            self.writes.append((gpa, length))
+        return super().view(gpa, length, writable=writable)
+
+
 def write_table(mem: GuestMemory, gpa: int,
                 descs: Sequence[tuple[int, int] | tuple[int, int, int] | tuple[int, int, int, int]]
                 ) -> int:

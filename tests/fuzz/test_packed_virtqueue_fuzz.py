@@ -32,28 +32,13 @@ from balloon_dev.packed_virtqueue import (
 from guestmem import GuestMemory
 from protocol.virtqueue import PACKED_DESC_DTYPE
 from tests.packedringbuilder import pack_pdesc
+from tests.ringbuilder import TrackingMemory
 
 SIZE = 6  # packed sizes need not be powers of two
 MEM = 0x10000
 EXTRA = 0x20000
 EXTRA_SIZE = 0x1000
 DESC, DRIVER, DEVICE, TABLES = 0x1000, 0x2000, 0x2010, 0x4000
-
-
-class TrackingMemory(GuestMemory):
-    """Records every view the queue asks for, and every one that was refused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[tuple[int, int]] = []
-        self.refused: list[tuple[int, int]] = []
-
-    def view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
-        if not self.contains(gpa, length):
-            self.refused.append((gpa, length))
-        if writable:
-            self.writes.append((gpa, length))
-        return super().view(gpa, length, writable=writable)
 
 
 near = st.sampled_from([0, 8, DESC, TABLES, MEM - 0x10, MEM - 1, MEM, EXTRA - 8, EXTRA,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, DeviceVirtqueue, RingBroken
 from guestmem import GuestMemory
 from protocol.virtqueue import DESC_DTYPE
-from tests.ringbuilder import pack_desc
+from tests.ringbuilder import TrackingMemory, pack_desc
 
 SIZE = 8
 MEM = 0x10000
@@ -32,22 +32,6 @@ EXTRA = 0x20000  # a second, small region: buffers may not straddle the gap
 EXTRA_SIZE = 0x1000
 DESC, DRIVER, DEVICE, TABLES = 0x1000, 0x2000, 0x3000, 0x4000
 USED_LO, USED_HI = DEVICE, DEVICE + 6 + 8 * SIZE
-
-
-class TrackingMemory(GuestMemory):
-    """Records every view the queue asks for, and every one that was refused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[tuple[int, int]] = []
-        self.refused: list[tuple[int, int]] = []
-
-    def view(self, gpa: int, length: int, *, writable: bool = False) -> memoryview:
-        if not self.contains(gpa, length):
-            self.refused.append((gpa, length))
-        if writable:
-            self.writes.append((gpa, length))
-        return super().view(gpa, length, writable=writable)
 
 
 near = st.sampled_from([0, 8, DESC, TABLES, TABLES + 0x10, MEM - 0x10, MEM - 1, MEM,
