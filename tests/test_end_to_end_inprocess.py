@@ -81,6 +81,15 @@ class VM:
     def of(self, kind: type) -> list[Any]:
         return [e for e in self.effects if isinstance(e, kind)]
 
+    def hinted(self) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """Every (gpa, len) range the host got in ``PagesHinted`` so far, and the pages they
+        cover (a bool per page of RAM)."""
+        ranges = [r for e in self.of(PagesHinted) for r in e.ranges]
+        mask = np.zeros(RAM >> 12, bool)
+        for a, n in ranges:
+            mask[a >> 12:(a + n) >> 12] = True
+        return ranges, mask
+
 
 @pytest.mark.spec("DR-10")
 @pytest.mark.parametrize("backed", [True, False])
@@ -98,11 +107,8 @@ def test_precopy_round_trip(strategy: str, backed: bool) -> None:
     vm.run(0.05)
     hints = vm.of(PagesHinted)
     assert hints and {e.cmd_id for e in hints} == {first_id}
-    ranges = [r for e in hints for r in e.ranges]
+    ranges, hinted = vm.hinted()
     assert len(ranges) == drv.counters["hints_sent"]
-    hinted = np.zeros(RAM >> 12, bool)
-    for a, n in ranges:
-        hinted[a >> 12:(a + n) >> 12] = True
     # Never a page the guest uses, never the driver area.
     assert not (hinted & vm.guest.in_use_mask()).any()
     assert hinted.sum() == drv.counters["hinted_pages"]
@@ -208,12 +214,9 @@ def test_workloads_interleave_with_a_walk_round() -> None:
     vm.sched.after(0.05, lambda: mid.append((vm.guest.driver.hinting, vm.pages.writes)))
     vm.run(0.5)
     w.stop()
-    ranges = [r for e in vm.of(PagesHinted) for r in e.ranges]
+    ranges, hinted = vm.hinted()
     assert ranges and vm.guest.driver.counters["stop_sent"] == 1
     # The walk hints free memory only: never the fill's pages (they stay allocated).
-    hinted = np.zeros(RAM >> 12, bool)
-    for a, n in ranges:
-        hinted[a >> 12:(a + n) >> 12] = True
     assert not (hinted & kept).any()
     assert mid[0][0] and mid[0][1] > writes  # the churn wrote while the round was walking
     vm.guest.allocator.check()
