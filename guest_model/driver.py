@@ -618,6 +618,11 @@ class BalloonDriver:
             return
         vq = self.vqs[BalloonQueue.FREE_PAGE]
         vq.get_bufs()  # poll: reclaim descriptors of hints the device already used
+        if not self._vq_ok(BalloonQueue.FREE_PAGE):
+            # The reap found a used element the device made up and broke the ring: nothing
+            # can be posted (not even STOP), and captured blocks would have nowhere to go.
+            self._round = None
+            return
         room = max(0, vq.num_free - 1)  # keep one slot for the STOP buffer (protocol.md 4.4/9)
         if self.strategy is HintStrategy.CAPTURE:
             n, exhausted = self._capture_batch(vq, room)

@@ -873,3 +873,27 @@ def test_needs_reset_leaves_an_unanswered_report_isolated() -> None:
     assert r.drv.isolated_pfn_ranges() == iso and r.drv.counters["reports"] == 0
     assert (r.alloc.state == PG_ISOLATED).sum() == sum(n for _, n in iso)
     r.alloc.check()
+
+
+def test_ring_broken_by_the_reap_inside_a_hint_round_ends_the_round() -> None:
+    # A 1 GiB guest has enough order-10 blocks for a round of several steps. The device
+    # answers none of them, then makes up a used element: the driver's own reap at the next
+    # step breaks the ring, and the round must end there (no VringBroken out of the event).
+    r = Rig(ram=1 << 30).probe()
+    fq = r.drv.qindex[BalloonQueue.FREE_PAGE]
+    r.t.stalled.add(fq)
+    r.host(r.dev.free_page_start)
+    r.run(0.0001)
+    vq = r.drv.vqs[BalloonQueue.FREE_PAGE]
+    assert r.drv.hinting and vq.in_flight > 1
+    held = len(r.drv.s.held_blocks)
+    r.mem.write(vq.used_gpa + 4, struct.pack("<II", vq.size - 1, 0))
+    r.mem.write_u16(vq.used_gpa + 2, 1)
+    r.run(0.002)
+    assert vq.broken and r.drv.counters["vring_broken"] == 1 and not r.drv.hinting
+    # Nothing was captured after the break: every PG_BALLOON block is one the driver holds.
+    assert len(r.drv.s.held_blocks) == held
+    assert int((r.alloc.state == PG_BALLOON).sum()) == held * HINT_BLOCK_PAGES
+    r.host(r.dev.set_target, 10)  # the rest of the driver keeps working
+    r.run(0.01)
+    assert r.dev.actual == 10
