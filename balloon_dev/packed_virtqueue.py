@@ -57,9 +57,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from balloon_dev.virtqueue import Chain, RingBroken
+from balloon_dev.virtqueue import (
+    _U32_LIMIT,
+    Chain,
+    QueueCommon,
+    RingBroken,
+    _ChainError,
+)
 from guestmem.memory import GuestMemory, GuestMemoryError
-from guestmem.units import U64_LIMIT
 from protocol.virtqueue import (
     DESC_SIZE,
     PACKED_DESC_DTYPE,
@@ -85,8 +90,6 @@ log = logging.getLogger(__name__)
 _PDESC = struct.Struct("<QIHH")  # addr, len, id, flags (protocol.md 1.8)
 _U16 = struct.Struct("<H")
 _LEN_ID = struct.Struct("<IH")  # len le32 @8, id le16 @12 of a used descriptor
-_CHAIN_LEN_LIMIT = 1 << 32
-_U32_LIMIT = 1 << 32
 _AVAIL_BIT = 7
 _USED_BIT = 15
 
@@ -185,12 +188,6 @@ class _InFlight:
                      for i in np.flatnonzero(self.count).tolist())
 
 
-class _ChainError(Exception):
-    def __init__(self, counter: str, detail: str) -> None:
-        super().__init__(detail)
-        self.counter = counter
-
-
 @dataclass(frozen=True, slots=True)
 class PackedVirtqueueState:
     """Everything a packed queue remembers besides guest memory (conventions 8)."""
@@ -206,11 +203,13 @@ class PackedVirtqueueState:
     in_flight: tuple[tuple[int, tuple[int, ...]], ...] = field(default=())  # id -> slot counts
 
 
-class PackedDeviceVirtqueue:
+class PackedDeviceVirtqueue(QueueCommon):
     """The device side of one packed virtqueue of ``size`` descriptors.
 
     ``desc`` is the descriptor ring, ``driver`` the driver event suppression area, ``device`` the
     device event suppression area (the transport's queue_desc / queue_driver / queue_device)."""
+
+    _chain_label = "chain of id"
 
     def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
                  event_idx: bool = False, indirect: bool = True, reject_zero_len: bool = True,
@@ -218,22 +217,9 @@ class PackedDeviceVirtqueue:
         if not 0 < size <= VIRTQ_MAX_SIZE:
             # protocol.md 1.8: any size up to 2^15; the transport refuses others first.
             raise RingBroken(f"{name}: packed queue size {size} not in 1..32768")
-        self.mem = mem
-        self.size = size
-        self.desc = desc
-        self.driver = driver
-        self.device = device
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self.reject_zero_len = reject_zero_len
-        self.name = name
-        self.ram: tuple[tuple[int, int], ...] | None = (
-            None if ram is None else tuple(sorted((int(g), int(s)) for g, s in ram)))
-        self.counters: dict[str, int] = dict.fromkeys(
-            CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS, 0)
-        #: Indirect tables with at least this many entries are checked as one numpy batch
-        #: (below it the entry-by-entry loop is cheaper, as on the split side).
-        self.indirect_batch_min = 64
+        super().__init__(mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect,
+                         reject_zero_len=reject_zero_len, name=name, ram=ram,
+                         counters=CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS)
         self.reset()
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -272,17 +258,6 @@ class PackedDeviceVirtqueue:
         pairs = [(i, n) for i, d in st.in_flight for n in d]
         self._inflight.add_many(np.array([i for i, _ in pairs], dtype=np.int64),
                                 np.array([n for _, n in pairs], dtype=np.int64))
-
-    def _count(self, counter: str, detail: str) -> None:
-        self.counters[counter] = self.counters.get(counter, 0) + 1
-        log.warning("%s: guest error %s: %s", self.name, counter, detail)
-
-    def _broken(self, counter: str, detail: str) -> RingBroken:
-        self._count(counter, detail)
-        return RingBroken(f"{self.name}: {counter}: {detail}")
-
-    def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
-        return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
 
     # -- available side --------------------------------------------------------------------
     def _room(self) -> int:
@@ -457,18 +432,17 @@ class PackedDeviceVirtqueue:
                     in_: list[tuple[int, int]]) -> None:
         total = 0
         for i, (addr, length, _, flags) in enumerate(rows):
-            where = f"desc +{i:#x}"
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise _ChainError("indirect_not_negotiated",
-                                      f"{where}: INDIRECT without RING_INDIRECT_DESC")
+                                      f"desc +{i:#x}: INDIRECT without RING_INDIRECT_DESC")
                 if len(rows) > 1:
                     # virtio 1.3 2.8.19: no INDIRECT descriptor in a list linked by NEXT.
                     raise _ChainError("indirect_with_next",
-                                      f"{where}: INDIRECT in a chain of {len(rows)} (V-6)")
+                                      f"desc +{i:#x}: INDIRECT in a chain of {len(rows)} (V-6)")
                 self._check_table(addr, length, out, in_)
                 return
-            total = self._buffer(where, addr, length, flags, total, out, in_)
+            total = self._buffer("desc +", i, addr, length, flags, total, out, in_)
 
     def _check_table(self, addr: int, length: int, out: list[tuple[int, int]],
                      in_: list[tuple[int, int]]) -> None:
@@ -485,97 +459,15 @@ class PackedDeviceVirtqueue:
         # One copy: each entry is read once. All entries belong to the buffer (packed tables have
         # no NEXT links); WRITE is the only flag that means anything there.
         table = np.frombuffer(self.mem.read(addr, length), dtype=PACKED_DESC_DTYPE)
-        if count >= self.indirect_batch_min and self._table_batch(table, out, in_):
+        if count >= self.indirect_batch_min and self._table_buffers(table, 0, out, in_):
             return
         total = 0
+        where = f"indirect[{addr:#x}] "
         for i, (a, ln, _, f) in enumerate(table.tolist()):
-            where = f"indirect[{addr:#x}] {i:#x}"
             if f & VIRTQ_DESC_F_INDIRECT:
-                raise _ChainError("indirect_nested", f"{where}: INDIRECT inside a table (V-6)")
-            total = self._buffer(where, a, ln, f, total, out, in_)
-
-    def _table_batch(self, table: np.ndarray, out: list[tuple[int, int]],
-                     in_: list[tuple[int, int]]) -> bool:
-        """A table whose entries all pass, checked as one numpy batch and appended to out/in_.
-        False, with out/in_ untouched, otherwise: the entry-by-entry check then gives the
-        exact answer (error, counter, log)."""
-        flags = table["flags"]
-        lens = table["len"].astype(np.uint64)
-        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
-        if (flags & VIRTQ_DESC_F_INDIRECT).any() or (writable[:-1] & ~writable[1:]).any():
-            return False
-        if not lens.all() or int(lens.sum()) >= _CHAIN_LEN_LIMIT:
-            return False
-        if not self._contains_many(table["addr"], lens).all():
-            return False
-        bufs = list(zip(table["addr"].tolist(), lens.tolist(), strict=True))
-        nr = len(bufs) - int(writable.sum())
-        out.extend(bufs[:nr])
-        in_.extend(bufs[nr:])
-        return True
-
-    def _buffer(self, where: str, addr: int, length: int, flags: int, total: int,
-                out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> int:
-        if length == 0 and self.reject_zero_len:
-            raise _ChainError("zero_len_buffer", f"{where}: zero sized buffer (V-7)")
-        if not self._contains(addr, length):
-            raise _ChainError("buffer_outside_memory",
-                              f"{where}: [{addr:#x}, +{length:#x}) outside guest memory (V-8)")
-        total += length
-        if total >= _CHAIN_LEN_LIMIT:
-            raise _ChainError("chain_too_long", f"{where}: total length {total:#x} >= 2^32")
-        if flags & VIRTQ_DESC_F_WRITE:
-            in_.append((addr, length))
-        else:
-            if in_:
-                raise _ChainError("readable_after_writable",
-                                  f"{where}: readable after writable (V-5)")
-            out.append((addr, length))
-        return total
-
-    # -- bounds (the same rules as the split side) -------------------------------------------
-    def _ranges(self) -> tuple[tuple[int, int], ...]:
-        if self.ram is not None:
-            return self.ram
-        return tuple((r.gpa, r.size) for r in self.mem.regions)
-
-    def _contains(self, addr: int, length: int) -> bool:
-        if addr + length > U64_LIMIT:
-            return False
-        if self.ram is None:
-            return self.mem.contains(addr, length)
-        for gpa, size in self.ram:
-            off = addr - gpa
-            if 0 <= off and off + length <= size and (off < size or length == 0):
-                return True
-        return False
-
-    def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        ok = np.zeros(addrs.shape, dtype=np.bool_)
-        for gpa, size in self._ranges():
-            start = np.uint64(gpa)
-            fits = (addrs >= start) & (lens <= np.uint64(size))
-            off = np.where(fits, addrs - start, np.uint64(0))
-            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
-            ok |= fits & (off <= room)
-        return ok
-
-    def read_out(self, chain: Chain, max_len: int) -> bytes:
-        """Up to ``max_len`` of the chain's readable bytes, gathered now (bounds re-checked at
-        the moment of use: ``buffer_vanished`` and b"" if a buffer left guest memory)."""
-        parts = []
-        left = max_len
-        try:
-            for addr, length in chain.out:
-                if left <= 0:
-                    break
-                take = min(length, left)
-                parts.append(self.mem.read(addr, take))
-                left -= take
-        except GuestMemoryError as e:
-            self._count("buffer_vanished", f"chain of id {chain.head:#x}: {e}")
-            return b""
-        return b"".join(parts)
+                raise _ChainError("indirect_nested",
+                                  f"{where}{i:#x}: INDIRECT inside a table (V-6)")
+            total = self._buffer(where, i, a, ln, f, total, out, in_)
 
     # -- used side -------------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:

@@ -36,6 +36,12 @@ Two kinds of guest error (architecture "Errors name whose fault it is"):
 
 ``GuestMemoryError`` never escapes this module.
 
+Shared with the packed ring. ``QueueCommon`` holds what both ring formats check the same way:
+counters and log lines, the V-8 bounds (``ram`` ranges or ``mem``'s regions, one buffer or a
+numpy batch), the per-buffer rules of a chain (V-5, V-7, V-8, total length), the batched check
+of an indirect table's buffers and ``read_out``. ``DeviceVirtqueue`` (here) and
+``balloon_dev.packed_virtqueue.PackedDeviceVirtqueue`` add their ring layout on top.
+
 Guest RAM vs readable memory. V-8 asks that every buffer lie in guest RAM. By default that is
 ``mem``'s regions (wholly inside one of them). A host whose ``GuestMemory`` holds only the bytes
 it reads (the driver area) while hints point at RAM modelled by ``PageVersions`` passes
@@ -149,16 +155,18 @@ class _ChainError(Exception):
         self.counter = counter
 
 
-class DeviceVirtqueue:
-    """The device side of one split virtqueue of ``size`` entries at the given guest addresses."""
+class QueueCommon:
+    """What the split and the packed device queue share: the queue's addresses and options, the
+    guest-error counters and their log lines, the V-8 bounds checks (one buffer or a numpy batch),
+    the per-buffer checks of a chain walk (V-5, V-7, V-8, total length) and ``read_out``. The
+    ring formats themselves (popping, pushing, notifications) live in the subclasses."""
+
+    #: How a chain is named in log lines: split chains by head index, packed ones by buffer id.
+    _chain_label = "chain at head"
 
     def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
-                 event_idx: bool = False, indirect: bool = True, reject_zero_len: bool = True,
-                 name: str = "vq", ram: Sequence[tuple[int, int]] | None = None) -> None:
-        if size <= 0 or size > VIRTQ_MAX_SIZE or size & (size - 1):
-            # The transport must refuse such a size before it gets here; reaching us is a broken
-            # ring (a split queue size is a power of two <= 32768, protocol.md 1.1).
-            raise RingBroken(f"{name}: queue size {size} is not a power of two <= 32768")
+                 event_idx: bool, indirect: bool, reject_zero_len: bool, name: str,
+                 ram: Sequence[tuple[int, int]] | None, counters: Sequence[str]) -> None:
         self.mem = mem
         self.size = size
         self.desc = desc
@@ -170,8 +178,140 @@ class DeviceVirtqueue:
         self.name = name
         self.ram: tuple[tuple[int, int], ...] | None = (
             None if ram is None else tuple(sorted((int(g), int(s)) for g, s in ram)))
-        self.counters: dict[str, int] = dict.fromkeys(
-            CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS, 0)
+        self.counters: dict[str, int] = dict.fromkeys(counters, 0)
+        #: Indirect tables with at least this many entries are checked as one numpy batch.
+        #: The batch costs a fixed ~15 numpy calls, so below this the entry-by-entry walk is
+        #: cheaper (measured per split chain: 32 entries walk 42 us / batch 68 us, 64: 93 / 79,
+        #: 512: 692 / 225). Linux's 32-entry reporting tables therefore take the walk.
+        self.indirect_batch_min = 64
+
+    # -- guest errors ------------------------------------------------------------------------
+    def _count(self, counter: str, detail: str) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        log.warning("%s: guest error %s: %s", self.name, counter, detail)
+
+    def _broken(self, counter: str, detail: str) -> RingBroken:
+        self._count(counter, detail)
+        return RingBroken(f"{self.name}: {counter}: {detail}")
+
+    def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
+        return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
+
+    # -- bounds (V-8) ------------------------------------------------------------------------
+    def _ranges(self) -> tuple[tuple[int, int], ...]:
+        if self.ram is not None:
+            return self.ram
+        return tuple((r.gpa, r.size) for r in self.mem.regions)
+
+    def _contains(self, addr: int, length: int) -> bool:
+        """Does [addr, addr+length) lie inside one RAM range (or region)? Never wraps past 2^64."""
+        if addr + length > U64_LIMIT:
+            return False
+        if self.ram is None:
+            return self.mem.contains(addr, length)
+        for gpa, size in self.ram:
+            off = addr - gpa
+            if 0 <= off and off + length <= size and (off < size or length == 0):
+                return True
+        return False
+
+    def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """Vectorised ``_contains`` for non-zero lengths (uint64 arithmetic, no overflow)."""
+        ok = np.zeros(addrs.shape, dtype=np.bool_)
+        for gpa, size in self._ranges():
+            start = np.uint64(gpa)
+            # a >= start and (a - start) + n <= size, written so nothing wraps in uint64:
+            # n <= size and (a - start) <= size - n.
+            fits = (addrs >= start) & (lens <= np.uint64(size))
+            off = np.where(fits, addrs - start, np.uint64(0))
+            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
+            ok |= fits & (off <= room)
+        return ok
+
+    # -- chain contents ----------------------------------------------------------------------
+    def _buffer(self, where: str, i: int, addr: int, length: int, flags: int, total: int,
+                out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> int:
+        """Check descriptor ``i`` of a chain or table and append its buffer to ``out`` or
+        ``in_``; returns the chain's total length so far. Raises ``_ChainError``, named by
+        ``where`` + ``i`` (formatted only then: this runs per descriptor of every walk)."""
+        if length == 0 and self.reject_zero_len:
+            raise _ChainError("zero_len_buffer", f"{where}{i:#x}: zero sized buffer (V-7)")
+        if not self._contains(addr, length):
+            raise _ChainError("buffer_outside_memory",
+                              f"{where}{i:#x}: [{addr:#x}, +{length:#x}) outside guest memory"
+                              " (V-8)")
+        total += length
+        if total >= _CHAIN_LEN_LIMIT:
+            raise _ChainError("chain_too_long", f"{where}{i:#x}: total length {total:#x} >= 2^32")
+        if flags & VIRTQ_DESC_F_WRITE:
+            in_.append((addr, length))
+        else:
+            if in_:
+                raise _ChainError("readable_after_writable",
+                                  f"{where}{i:#x}: readable after writable (V-5)")
+            out.append((addr, length))
+        return total
+
+    def _table_buffers(self, table: np.ndarray, total: int, out: list[tuple[int, int]],
+                       in_: list[tuple[int, int]]) -> bool:
+        """The buffers of an indirect table (split or packed dtype: both have addr, len, flags)
+        whose entries all pass, checked as one numpy batch and appended to out/in_. False, with
+        out/in_ untouched, for anything else: the entry-by-entry check then gives the exact
+        answer (and the error, counter and log of a malformed table). Links are the caller's."""
+        flags = table["flags"]
+        if (flags & VIRTQ_DESC_F_INDIRECT).any():
+            return False  # nested (V-6)
+        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
+        if in_ and not writable.all():
+            return False  # readable after the writable part before the table (V-5)
+        if (writable[:-1] & ~writable[1:]).any():
+            return False  # readable after writable inside the table (V-5)
+        lens = table["len"].astype(np.uint64)
+        if not lens.all() or total + int(lens.sum()) >= _CHAIN_LEN_LIMIT:
+            return False
+        addrs = table["addr"]
+        if not self._contains_many(addrs, lens).all():
+            return False
+        bufs = list(zip(addrs.tolist(), lens.tolist(), strict=True))
+        nr = len(bufs) - int(writable.sum())
+        out.extend(bufs[:nr])
+        in_.extend(bufs[nr:])
+        return True
+
+    def read_out(self, chain: Chain, max_len: int) -> bytes:
+        """Up to ``max_len`` of the chain's readable bytes, gathered now.
+
+        Bounds are checked again at the moment of use (conventions 6): if a buffer is no longer
+        in guest memory, ``buffer_vanished`` is counted and b"" returned (callers treat a short
+        read as a malformed buffer)."""
+        parts = []
+        left = max_len
+        try:
+            for addr, length in chain.out:
+                if left <= 0:
+                    break
+                take = min(length, left)
+                parts.append(self.mem.read(addr, take))
+                left -= take
+        except GuestMemoryError as e:
+            self._count("buffer_vanished", f"{self._chain_label} {chain.head:#x}: {e}")
+            return b""
+        return b"".join(parts)
+
+
+class DeviceVirtqueue(QueueCommon):
+    """The device side of one split virtqueue of ``size`` entries at the given guest addresses."""
+
+    def __init__(self, mem: GuestMemory, size: int, desc: int, driver: int, device: int, *,
+                 event_idx: bool = False, indirect: bool = True, reject_zero_len: bool = True,
+                 name: str = "vq", ram: Sequence[tuple[int, int]] | None = None) -> None:
+        if size <= 0 or size > VIRTQ_MAX_SIZE or size & (size - 1):
+            # The transport must refuse such a size before it gets here; reaching us is a broken
+            # ring (a split queue size is a power of two <= 32768, protocol.md 1.1).
+            raise RingBroken(f"{name}: queue size {size} is not a power of two <= 32768")
+        super().__init__(mem, size, desc, driver, device, event_idx=event_idx, indirect=indirect,
+                         reject_zero_len=reject_zero_len, name=name, ram=ram,
+                         counters=CHAIN_ERROR_COUNTERS + RING_ERROR_COUNTERS + OTHER_COUNTERS)
         self.last_avail_idx = 0
         self._used_idx = 0
         self._signalled_used = 0
@@ -179,11 +319,6 @@ class DeviceVirtqueue:
         # decision notifies unconditionally. A fresh queue knows nothing was signalled before 0.
         self._signalled_valid = True
         self._notifications = True
-        #: Indirect tables with at least this many entries are checked as one numpy batch.
-        #: The batch costs a fixed ~15 numpy calls, so below this the entry-by-entry walk is
-        #: cheaper (measured per chain: 32 entries walk 42 us / batch 68 us, 64: 93 / 79,
-        #: 512: 692 / 225). Linux's 32-entry reporting tables therefore take the walk.
-        self.indirect_batch_min = 64
 
     # -- bookkeeping ----------------------------------------------------------------------
     @property
@@ -221,17 +356,6 @@ class DeviceVirtqueue:
         self._signalled_used = 0
         self._signalled_valid = True
         self._notifications = True
-
-    def _count(self, counter: str, detail: str) -> None:
-        self.counters[counter] = self.counters.get(counter, 0) + 1
-        log.warning("%s: guest error %s: %s", self.name, counter, detail)
-
-    def _broken(self, counter: str, detail: str) -> RingBroken:
-        self._count(counter, detail)
-        return RingBroken(f"{self.name}: {counter}: {detail}")
-
-    def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
-        return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
 
     # -- available side --------------------------------------------------------------------
     def _avail_idx(self) -> int:
@@ -339,37 +463,6 @@ class DeviceVirtqueue:
             raise self._area_broken("avail ring", self.driver, e) from None
         return np.concatenate((part, rest)).astype(np.intp)
 
-    # -- bounds ------------------------------------------------------------------------------
-    def _ranges(self) -> tuple[tuple[int, int], ...]:
-        if self.ram is not None:
-            return self.ram
-        return tuple((r.gpa, r.size) for r in self.mem.regions)
-
-    def _contains(self, addr: int, length: int) -> bool:
-        """Does [addr, addr+length) lie inside one RAM range (or region)? Never wraps past 2^64."""
-        if addr + length > U64_LIMIT:
-            return False
-        if self.ram is None:
-            return self.mem.contains(addr, length)
-        for gpa, size in self.ram:
-            off = addr - gpa
-            if 0 <= off and off + length <= size and (off < size or length == 0):
-                return True
-        return False
-
-    def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """Vectorised ``_contains`` for non-zero lengths (uint64 arithmetic, no overflow)."""
-        ok = np.zeros(addrs.shape, dtype=np.bool_)
-        for gpa, size in self._ranges():
-            start = np.uint64(gpa)
-            # a >= start and (a - start) + n <= size, written so nothing wraps in uint64:
-            # n <= size and (a - start) <= size - n.
-            fits = (addrs >= start) & (lens <= np.uint64(size))
-            off = np.where(fits, addrs - start, np.uint64(0))
-            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
-            ok |= fits & (off <= room)
-        return ok
-
     # -- the general walk -------------------------------------------------------------------
     def _walk(self, head: int, first: tuple[int, int, int, int], table: memoryview) -> Chain:
         out: list[tuple[int, int]] = []
@@ -384,7 +477,7 @@ class DeviceVirtqueue:
     def _walk_into(self, head: int, d: tuple[int, int, int, int], src: memoryview | bytes,
                    out: list[tuple[int, int]], in_: list[tuple[int, int]]) -> None:
         limit = self.size          # entries in the table being walked
-        where = "desc"             # for messages: main table or indirect table
+        where = "desc "            # for messages: main table or indirect table
         in_table = False
         i = head
         seen = 1                   # descriptors visited in the current table
@@ -394,59 +487,43 @@ class DeviceVirtqueue:
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if in_table:
                     raise _ChainError("indirect_nested",
-                                      f"{where} {i:#x}: INDIRECT inside an indirect table (V-6)")
+                                      f"{where}{i:#x}: INDIRECT inside an indirect table (V-6)")
                 if not self.indirect:
                     raise _ChainError("indirect_not_negotiated",
-                                      f"{where} {i:#x}: INDIRECT without RING_INDIRECT_DESC")
+                                      f"{where}{i:#x}: INDIRECT without RING_INDIRECT_DESC")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise _ChainError("indirect_with_next",
-                                      f"{where} {i:#x}: INDIRECT with NEXT (V-6)")
+                                      f"{where}{i:#x}: INDIRECT with NEXT (V-6)")
                 if length == 0 or length % DESC_SIZE:
                     raise _ChainError("indirect_bad_len",
-                                      f"{where} {i:#x}: indirect table length {length:#x} (V-6)")
+                                      f"{where}{i:#x}: indirect table length {length:#x} (V-6)")
                 count = length // DESC_SIZE
                 if count > VIRTQ_MAX_SIZE:
                     raise _ChainError("indirect_too_long",
-                                      f"{where} {i:#x}: indirect table of {count:#x} entries"
+                                      f"{where}{i:#x}: indirect table of {count:#x} entries"
                                       " > 0x8000")
                 # Bounds first (the table is read, so it must be byte-backed memory), then one
                 # copy of the whole table: its entries are read once (no TOCTOU).
                 if not self.mem.contains(addr, length):
                     raise _ChainError("buffer_outside_memory",
-                                      f"{where} {i:#x}: indirect table [{addr:#x}, +{length:#x})"
+                                      f"{where}{i:#x}: indirect table [{addr:#x}, +{length:#x})"
                                       " outside guest memory (V-8)")
                 src = self.mem.read(addr, length)
                 if count >= self.indirect_batch_min and self._table_batch(src, total, out, in_):
                     return
-                limit, in_table, where, i, seen = count, True, f"indirect[{addr:#x}]", 0, 1
+                limit, in_table, where, i, seen = count, True, f"indirect[{addr:#x}] ", 0, 1
                 d = _DESC.unpack_from(src, 0)
                 continue
-            if length == 0 and self.reject_zero_len:
-                raise _ChainError("zero_len_buffer", f"{where} {i:#x}: zero sized buffer (V-7)")
-            if not self._contains(addr, length):
-                raise _ChainError("buffer_outside_memory",
-                                  f"{where} {i:#x}: [{addr:#x}, +{length:#x}) outside guest memory"
-                                  " (V-8)")
-            total += length
-            if total >= _CHAIN_LEN_LIMIT:
-                raise _ChainError("chain_too_long",
-                                  f"{where} {i:#x}: total length {total:#x} >= 2^32")
-            if flags & VIRTQ_DESC_F_WRITE:
-                in_.append((addr, length))
-            else:
-                if in_:
-                    raise _ChainError("readable_after_writable",
-                                      f"{where} {i:#x}: readable after writable (V-5)")
-                out.append((addr, length))
+            total = self._buffer(where, i, addr, length, flags, total, out, in_)
             if not flags & VIRTQ_DESC_F_NEXT:
                 return
             if nxt >= limit:
                 raise _ChainError("next_out_of_range",
-                                  f"{where} {i:#x}: next {nxt:#x} >= {limit:#x} (V-3)")
+                                  f"{where}{i:#x}: next {nxt:#x} >= {limit:#x} (V-3)")
             if seen >= limit:
                 # V-4: more descriptors than the table holds can only be a loop.
                 raise _ChainError("desc_loop",
-                                  f"{where} {i:#x}: more than {limit:#x} descriptors (V-4)")
+                                  f"{where}{i:#x}: more than {limit:#x} descriptors (V-4)")
             seen += 1
             i = nxt
             d = _DESC.unpack_from(src, DESC_SIZE * i)
@@ -454,53 +531,16 @@ class DeviceVirtqueue:
     def _table_batch(self, src: bytes, total: int, out: list[tuple[int, int]],
                      in_: list[tuple[int, int]]) -> bool:
         """An indirect table laid out as drivers write it (entry k -> k+1, the last without
-        NEXT) whose buffers all pass, checked as one numpy batch and appended to out/in_.
-        False, with out/in_ untouched, for anything else: the entry-by-entry walk then gives
-        the exact answer (and the error, counter and log of a malformed table)."""
+        NEXT) whose buffers all pass ``_table_buffers``; False, with out/in_ untouched, for
+        anything else (the entry-by-entry walk then gives the exact answer)."""
         t = np.frombuffer(src, dtype=DESC_DTYPE)
-        count = t.shape[0]
         flags = t["flags"]
-        if (flags & VIRTQ_DESC_F_INDIRECT).any() or flags[-1] & VIRTQ_DESC_F_NEXT:
+        if flags[-1] & VIRTQ_DESC_F_NEXT:
             return False
         if not ((flags[:-1] & VIRTQ_DESC_F_NEXT).all()
-                and (t["next"][:-1] == np.arange(1, count)).all()):
+                and (t["next"][:-1] == np.arange(1, t.shape[0])).all()):
             return False
-        lens = t["len"].astype(np.uint64)
-        writable = (flags & VIRTQ_DESC_F_WRITE) != 0
-        if in_ and not writable.all():
-            return False  # readable after the writable part before the table (V-5)
-        if (writable[:-1] & ~writable[1:]).any():
-            return False  # readable after writable inside the table (V-5)
-        if not lens.all() or total + int(lens.sum()) >= _CHAIN_LEN_LIMIT:
-            return False
-        addrs = t["addr"]
-        if not self._contains_many(addrs, lens).all():
-            return False
-        bufs = list(zip(addrs.tolist(), lens.tolist(), strict=True))
-        nr = count - int(writable.sum())
-        out.extend(bufs[:nr])
-        in_.extend(bufs[nr:])
-        return True
-
-    def read_out(self, chain: Chain, max_len: int) -> bytes:
-        """Up to ``max_len`` of the chain's readable bytes, gathered now.
-
-        Bounds are checked again at the moment of use (conventions 6): if a buffer is no longer
-        in guest memory, ``buffer_vanished`` is counted and b"" returned (callers treat a short
-        read as a malformed buffer)."""
-        parts = []
-        left = max_len
-        try:
-            for addr, length in chain.out:
-                if left <= 0:
-                    break
-                take = min(length, left)
-                parts.append(self.mem.read(addr, take))
-                left -= take
-        except GuestMemoryError as e:
-            self._count("buffer_vanished", f"chain at head {chain.head:#x}: {e}")
-            return b""
-        return b"".join(parts)
+        return self._table_buffers(t, total, out, in_)
 
     # -- used side -------------------------------------------------------------------------
     def _check_push(self, n: int) -> None:
