@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -84,16 +85,27 @@ def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
     pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors)
-    control_holder: list[HostControl] = []
+    server, control = _with_control(
+        dev, mem, lambda on_effects: VfioUserServer(args.vfio_user, pci, mem,
+                                                    on_effects=on_effects))
+    return server, control, args.control or f"{args.vfio_user}.ctl"
+
+
+def _with_control(dev: BalloonDevice, mem: GuestMemory,
+                  make_server: Callable[[Callable[[list[Any]], None]], Any]
+                  ) -> tuple[Any, HostControl]:
+    """The server ``make_server(on_effects)`` builds, and the host control over it. The server
+    needs the control's effect handler and the control needs the server's ``host_call``, so
+    the handler looks the control up when effects arrive (after both exist)."""
+    holder: list[HostControl] = []
 
     def on_effects(effects: list[Any]) -> None:
-        control_holder[0].on_effects(effects)
+        holder[0].on_effects(effects)
 
-    server = VfioUserServer(args.vfio_user, pci, mem, on_effects=on_effects)
-    control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
-                          extra_stats=server.stats)
-    control_holder.append(control)
-    return server, control, args.control or f"{args.vfio_user}.ctl"
+    server = make_server(on_effects)
+    holder.append(HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
+                              extra_stats=server.stats))
+    return server, holder[0]
 
 
 #: QEMU's generic vhost-user front-end gives every ring one size (`vq_size`), so the device's
@@ -119,15 +131,9 @@ def build_vhost_user(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=features,
                                           queue_sizes=(VHOST_USER_VQ_SIZE,) * 5))
-    control_holder: list[HostControl] = []
-
-    def on_effects(effects: list[Any]) -> None:
-        control_holder[0].on_effects(effects)
-
-    server = VhostUserServer(dev, mem, args.vhost_user, on_effects=on_effects)
-    control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
-                          extra_stats=server.stats)
-    control_holder.append(control)
+    server, control = _with_control(
+        dev, mem, lambda on_effects: VhostUserServer(dev, mem, args.vhost_user,
+                                                     on_effects=on_effects))
     return server, control, args.control or f"{args.vhost_user}.ctl"
 
 
@@ -146,10 +152,36 @@ async def _main(server: Any, control: HostControl, ctl_path: str) -> None:
             f"'{o}'" if o.startswith("{") else o for o in opts), flush=True)
 
 
+def _startup_error(e: BaseException) -> OSError | ValueError | None:
+    """The first OSError or ValueError in ``e`` (trio wraps errors of nursery tasks in
+    exception groups): what the servers raise for a socket path they cannot create (the
+    vhost-user server says ValueError for a file in the way, the vfio-user one OSError)."""
+    if isinstance(e, (OSError, ValueError)):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            if (found := _startup_error(sub)) is not None:
+                return found
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    server, control, ctl_path = build(args)
+    try:
+        server, control, ctl_path = build(args)
+    except ValueError as e:  # a bad option value (e.g. --msix-vectors 0): usage error
+        print(f"serve: {e}", file=sys.stderr)
+        return 2
     try:
         trio.run(_main, server, control, ctl_path)
     except KeyboardInterrupt:
         print("balloon-hint: stopped", file=sys.stderr)
+    except (OSError, ValueError, BaseExceptionGroup) as e:
+        # A socket path that cannot be created (missing folder, a file in the way, ...): say
+        # which sockets, not a traceback. Anything else is a bug and keeps its traceback.
+        err = _startup_error(e)
+        if err is None:
+            raise
+        print(f"serve: cannot serve on {server.path} (control {ctl_path}): "
+              f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
