@@ -30,9 +30,10 @@ def make(size: int = 8, **kw) -> tuple[GuestMemory, RawRing, DeviceVirtqueue]:
     return mem, r, q
 
 
-def pop_both(build, **kw):
-    """Build the same ring twice; pop it once with pop() and once with pop_many(). Returns the
-    two chain lists (asserted equal) and the queue of the batched run."""
+def pop_both(build, make=make, **kw):
+    """Build the same ring twice (with ``make``: the split ring's, or ``make_packed``); pop it
+    once with pop() and once with pop_many(). Returns the chain list (the two asserted equal)
+    and the queue of the batched run."""
     results = []
     for batched in (False, True):
         mem, r, q = make(**kw)
@@ -295,15 +296,7 @@ def make_packed(size: int = 8, **kw) -> tuple[GuestMemory, RawPackedRing, Packed
 
 def pop_both_packed(build, **kw):
     """As pop_both, on a packed ring."""
-    results = []
-    for batched in (False, True):
-        mem, r, q = make_packed(**kw)
-        build(mem, r)
-        chains = q.pop_many() if batched else list(iter(q.pop, None))
-        results.append((chains, q))
-    (one, _), (many, q) = results
-    assert one == many
-    return many, q
+    return pop_both(build, make_packed, **kw)
 
 
 @pytest.mark.spec("V-4")
