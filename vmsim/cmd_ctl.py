@@ -31,7 +31,7 @@ def call(path: str, command: str, arguments: dict[str, Any] | None = None,
         s.connect(path)
         f = s.makefile("rwb")
         welcome = json.loads(f.readline())
-        if "QMP" not in welcome:
+        if not isinstance(welcome, dict) or "QMP" not in welcome:
             raise RuntimeError(f"{path}: not a balloon-hint control socket ({welcome!r})")
         msg: dict[str, Any] = {"execute": command}
         if arguments:
@@ -41,7 +41,10 @@ def call(path: str, command: str, arguments: dict[str, Any] | None = None,
         line = f.readline()
         if not line:
             raise RuntimeError(f"{path}: connection closed without an answer")
-        return dict(json.loads(line))
+        ans = json.loads(line)
+        if not isinstance(ans, dict):
+            raise RuntimeError(f"{path}: answer is not a JSON object ({ans!r})")
+        return ans
 
 
 def run(args: argparse.Namespace) -> int:
