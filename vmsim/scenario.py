@@ -88,9 +88,10 @@ _SIZE_UNITS = {
 _RATE_UNITS = {  # bytes per second
     "b/s": 1, "bit/s": 1 / 8, "bps": 1 / 8,
     "kbit/s": 1e3 / 8, "mbit/s": 1e6 / 8, "gbit/s": 1e9 / 8, "tbit/s": 1e12 / 8,
-    "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8,
-    "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9,
-    "kib/s": 1 << 10, "mib/s": 1 << 20, "gib/s": 1 << 30,
+    "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8, "tbps": 1e12 / 8,
+    "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "tb/s": 1e12,
+    # The T units too: sizes have them, and MAX_WORKLOAD_RATE's error names "1 TiB/s".
+    "kib/s": 1 << 10, "mib/s": 1 << 20, "gib/s": 1 << 30, "tib/s": 1 << 40,
 }
 _TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0,
                "h": 3600.0}

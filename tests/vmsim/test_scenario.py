@@ -55,7 +55,7 @@ def test_sizes(text, expected) -> None:
 
 @pytest.mark.parametrize("text,expected", [
     ("10Gbit/s", 1.25e9), ("100Gbps", 12.5e9), ("1.25GB/s", 1.25e9), ("1MiB/s", 1 << 20),
-    ("800Mbit/s", 1e8),
+    ("800Mbit/s", 1e8), ("1TiB/s", 1 << 40), ("2TB/s", 2e12), ("8Tbps", 1e12),
 ])
 def test_rates(text, expected) -> None:
     assert parse_rate(text) == pytest.approx(expected)
