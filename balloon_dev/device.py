@@ -791,63 +791,74 @@ class BalloonDevice:
             return []
         try:
             return self._process(q, slot, slot.vq)
-        except RingBroken as e:
-            return self._needs_reset(f"queue {q} ({slot.logical.name.lower()}): {e}")
         except Exception as e:  # noqa: BLE001 - a bug of ours must not crash the VMM either
             log.exception("internal error while processing queue %d", q)
             self._counters["internal_error"] = self._counters.get("internal_error", 0) + 1
             return self._needs_reset(f"internal error on queue {q}: {type(e).__name__}: {e}")
 
     def _process(self, q: int, slot: _QueueSlot, vq: _Vq) -> list[Effect]:
-        """Drain the queue. After re-enabling notifications the ring is checked once more: a
+        """Drain the queue: host effects of every pass in order, then one ``NotifyQueue`` if
+        any pass asked for it, so the guest is told last even when a concurrent guest made us
+        take several passes. After re-enabling notifications the ring is checked once more: a
         buffer the driver published between our last pop and the re-enable would otherwise
         get no kick (its avail idx already passed the avail_event we had written), and a real,
-        concurrent guest would stall with that buffer pending."""
+        concurrent guest would stall with that buffer pending.
+
+        A ring that breaks in any pass (pop, push, notification area: ``RingBroken``) ends the
+        drain in DEVICE_NEEDS_RESET; what earlier passes did (host effects, used elements
+        already written and their notification) is still returned, since the device's state
+        (e.g. the balloon's pfns) already reflects it."""
         effects: list[Effect] = []
-        for _ in range(_MAX_PASSES_PER_KICK):
-            chains = vq.pop_many()
-            if not chains:
-                # With EVENT_IDX, ask for a kick on the next buffer the driver adds.
-                vq.enable_notifications()
-                try:
+        notify = False
+        try:
+            for _ in range(_MAX_PASSES_PER_KICK):
+                chains = vq.pop_many()
+                if not chains:
+                    # With EVENT_IDX, ask for a kick on the next buffer the driver adds.
+                    vq.enable_notifications()
                     if vq.pending() == 0:
                         break
-                except RingBroken as e:
-                    return effects + self._needs_reset(
-                        f"queue {q} ({slot.logical.name.lower()}): {e}")
-                continue
-            for eff in self._handle_chains(q, slot, vq, chains):
-                if not (isinstance(eff, NotifyQueue) and eff in effects):
-                    effects.append(eff)
+                    continue
+                notify |= self._handle_chains(slot, vq, chains, effects)
+            else:
+                # The driver keeps adding as fast as we drain: leave the rest for the next kick,
+                # which the driver will send because notifications stay enabled.
+                self._count("kick_pass_limit", "queue %d: still busy after %d passes", q,
+                            _MAX_PASSES_PER_KICK)
+        except RingBroken as e:
+            broken = self._needs_reset(f"queue {q} ({slot.logical.name.lower()}): {e}")
         else:
-            # The driver keeps adding as fast as we drain: leave the rest for the next kick,
-            # which the driver will send because notifications stay enabled.
-            self._count("kick_pass_limit", "queue %d: still busy after %d passes", q,
-                        _MAX_PASSES_PER_KICK)
-        return effects
+            broken = []
+        if notify:
+            effects.append(NotifyQueue(q))
+        return effects + broken
 
-    def _handle_chains(self, q: int, slot: _QueueSlot, vq: _Vq,
-                       chains: list[Chain]) -> list[Effect]:
-        effects: list[Effect] = []
+    def _handle_chains(self, slot: _QueueSlot, vq: _Vq, chains: list[Chain],
+                       effects: list[Effect]) -> bool:
+        """Act on popped chains: host effects go to ``host_sink`` or are appended to
+        ``effects`` (before the used elements are written, so they survive a used ring that
+        turns out broken); returns whether the driver wants a used-buffer notification."""
+        host: list[Effect] = []
         used: list[tuple[int, int]] = []
         lq = slot.logical
         if lq == BalloonQueue.INFLATE or lq == BalloonQueue.DEFLATE:
-            self._do_pfns(lq, vq, chains, effects, used)
+            self._do_pfns(lq, vq, chains, host, used)
         elif lq == BalloonQueue.STATS:
-            self._do_stats(vq, chains, effects, used)
+            self._do_stats(vq, chains, host, used)
         elif lq == BalloonQueue.FREE_PAGE:
-            self._do_free_page(vq, chains, effects, used)
+            self._do_free_page(vq, chains, host, used)
         else:
-            self._do_reporting(chains, effects, used)
-        if self.host_sink is not None and effects:
+            self._do_reporting(chains, host, used)
+        if self.host_sink is not None:
             # QEMU order: act on the buffers (discard, hint) before using them (D-3, D-4, D-15).
-            self.host_sink(effects)
-            effects = []
-        if used:
-            vq.push_many(used)  # D-17: len 0 on every balloon used element
-            if vq.should_notify():
-                effects.append(NotifyQueue(q))
-        return effects
+            if host:
+                self.host_sink(host)
+        else:
+            effects += host
+        if not used:
+            return False
+        vq.push_many(used)  # D-17: len 0 on every balloon used element
+        return vq.should_notify()
 
     def _malformed(self, lq: BalloonQueue, ch: Chain) -> None:
         self._count("malformed_chain", "%s head %d: %s (used with len 0)", lq.name.lower(),
