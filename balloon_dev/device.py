@@ -388,10 +388,7 @@ class BalloonDevice:
         "<queue>.<name>"."""
         out = dict(self._counters)
         for slot in self._slots.values():
-            if slot.vq is not None:
-                for k, v in slot.vq.counters.items():
-                    key = f"{slot.logical.name.lower()}.{k}"
-                    out[key] = out.get(key, 0) + v
+            _fold_queue_counters(slot, out)
         return out
 
     @property
@@ -481,13 +478,10 @@ class BalloonDevice:
             # D-2: a legacy driver without MUST_TELL_HOST is served (refuse_without_must_tell_host
             # is a modern-interface choice); the driver still broke a "should".
             self._dr("DR-1", "MUST_TELL_HOST offered and not accepted (legacy features %#x)", f)
-        if not self.cfg.fixed_queue_numbering:
-            ours = queue_layout(self._offered)
-            theirs = queue_layout(f)
-            if any(ours[q] != i for q, i in theirs.items()):
-                self._count("features_queue_layout_mismatch", "legacy driver features %#x decline "
-                            "an offered queue before an accepted one: its queue numbering differs "
-                            "from ours (offered %#x)", f, self._visible)
+        if self._layout_differs(f):
+            self._count("features_queue_layout_mismatch", "legacy driver features %#x decline "
+                        "an offered queue before an accepted one: its queue numbering differs "
+                        "from ours (offered %#x)", f, self._visible)
 
     def _validate_features(self) -> bool:
         f = self.state.driver_features
@@ -506,15 +500,20 @@ class BalloonDevice:
                 # D-1: the device may refuse FEATURES_OK here.
                 self._count("features_refused_must_tell_host", "refusing FEATURES_OK (D-1)")
                 return False
-        if not self.cfg.fixed_queue_numbering:
-            ours = queue_layout(self._offered)
-            theirs = queue_layout(f)
-            if any(ours[q] != i for q, i in theirs.items()):
-                self._count("features_queue_layout_mismatch", "driver features %#x decline an "
-                            "offered queue before an accepted one: queue numbering would differ "
-                            "(offered %#x)", f, self._offered)
-                return False
+        if self._layout_differs(f):
+            self._count("features_queue_layout_mismatch", "driver features %#x decline an "
+                        "offered queue before an accepted one: queue numbering would differ "
+                        "(offered %#x)", f, self._offered)
+            return False
         return True
+
+    def _layout_differs(self, f: int) -> bool:
+        """Would a driver counting only the queues of features ``f`` number them differently
+        from our compacted layout (protocol.md 3.3)? Never with fixed numbering."""
+        if self.cfg.fixed_queue_numbering:
+            return False
+        theirs = queue_layout(f)
+        return any(self._layout[q] != i for q, i in theirs.items())
 
     @property
     def status(self) -> int:
@@ -1123,8 +1122,7 @@ class BalloonDevice:
 
     def precopy_notify(self, event: PrecopyEvent, vm_running: bool) -> list[Effect]:
         """QEMU's precopy notifier (protocol.md 5.4)."""
-        if not _has(self._offered, VIRTIO_BALLOON_F_FREE_PAGE_HINT) or not self._negotiated(
-                VIRTIO_BALLOON_F_FREE_PAGE_HINT):
+        if not self._negotiated(VIRTIO_BALLOON_F_FREE_PAGE_HINT):  # (negotiated => offered)
             return []
         if event is PrecopyEvent.BEFORE_BITMAP_SYNC:
             return self.free_page_stop()
@@ -1172,17 +1170,23 @@ class BalloonDevice:
         num_pages = self.state.num_pages
         self.state = DeviceState(num_pages=num_pages, config_generation=gen + 1)
         for slot in self._slots.values():
-            if slot.vq is not None:
-                # Keep the queue's guest-error counts: counters cover the device's whole life.
-                for k, v in slot.vq.counters.items():
-                    if v:
-                        key = f"{slot.logical.name.lower()}.{k}"
-                        self._counters[key] = self._counters.get(key, 0) + v
+            # Keep the queue's guest-error counts: counters cover the device's whole life.
+            _fold_queue_counters(slot, self._counters)
             slot.vq = None
             slot.configured = False
             slot.size = slot.desc = slot.driver = slot.device = 0
         self._ballooned.clear()
         return effects
+
+
+def _fold_queue_counters(slot: _QueueSlot, into: dict[str, int]) -> None:
+    """Add the slot's live queue counters to ``into`` as "<queue>.<name>"."""
+    if slot.vq is None:
+        return
+    prefix = slot.logical.name.lower()
+    for k, v in slot.vq.counters.items():
+        key = f"{prefix}.{k}"
+        into[key] = into.get(key, 0) + v
 
 
 def legacy_ring_layout(base: int, size: int, align: int = LEGACY_VRING_ALIGN
