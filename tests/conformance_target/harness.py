@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -75,6 +76,11 @@ QUIET = 0.3
 ACK, DRV, FOK, DOK = (DeviceStatus.ACKNOWLEDGE, DeviceStatus.DRIVER, DeviceStatus.FEATURES_OK,
                       DeviceStatus.DRIVER_OK)
 NEEDS_RESET = DeviceStatus.DEVICE_NEEDS_RESET
+
+
+def pfn_bytes(*pfns: int) -> bytes:
+    """An inflate/deflate buffer: the pfns as little-endian u32s (protocol.md 3.4)."""
+    return struct.pack(f"<{len(pfns)}I", *pfns)
 
 
 class HostError(Exception):

@@ -15,14 +15,18 @@ from protocol.balloon import (
     BalloonQueue,
 )
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import NEEDS_RESET, PAGE, QUIET, Canary, RawGuest, wait_for
+from tests.conformance_target.harness import (
+    NEEDS_RESET,
+    PAGE,
+    QUIET,
+    Canary,
+    RawGuest,
+    pfn_bytes,
+    wait_for,
+)
 
 Q = BalloonQueue
 W = VIRTQ_DESC_F_WRITE
-
-
-def pfns(*p: int) -> bytes:
-    return struct.pack(f"<{len(p)}I", *p)
 
 
 def pages(*pfn: int) -> list[tuple[int, int]]:
@@ -41,7 +45,7 @@ def test_only_inflated_pages_may_change(raw: RawGuest):
     raw.start()
     canary = Canary(raw.mem)
     inflated = list(range(0x2000, 0x2000 + 64, 2))  # every other page of a range
-    a, n = raw.buf(pfns(*inflated))
+    a, n = raw.buf(pfn_bytes(*inflated))
     raw.post(Q.INFLATE, [(a, n, 0)])
     assert raw.wait_used(Q.INFLATE) == [(0, 0)]
     wait_for(lambda: False, QUIET)
@@ -58,7 +62,7 @@ def test_deflated_pages_stable_after_acknowledgement(raw: RawGuest):
     raw.start()
     assert raw.features >> VIRTIO_BALLOON_F_MUST_TELL_HOST & 1
     back = list(range(0x2400, 0x2410))
-    a, n = raw.buf(pfns(*back))
+    a, n = raw.buf(pfn_bytes(*back))
     raw.post(Q.INFLATE, [(a, n, 0)])
     assert raw.wait_used(Q.INFLATE)
     raw.post(Q.DEFLATE, [(a, n, 0)])
@@ -66,7 +70,7 @@ def test_deflated_pages_stable_after_acknowledgement(raw: RawGuest):
     # The guest reuses the pages only now (DR-5), writing new content.
     canary = Canary(raw.mem, pages(*back), seed=7)
     other = list(range(0x2800, 0x2840))
-    b, m = raw.buf(pfns(*other))
+    b, m = raw.buf(pfn_bytes(*other))
     raw.post(Q.INFLATE, [(b, m, 0)], head=1)
     assert raw.wait_used(Q.INFLATE)
     wait_for(lambda: False, QUIET)
@@ -110,7 +114,7 @@ def test_any_poison_value_is_only_a_hint(raw: RawGuest):
     need(raw, VIRTIO_BALLOON_F_PAGE_POISON, "PAGE_POISON")
     raw.start(poison=0x5A17C0DE)
     canary = Canary(raw.mem)
-    a, n = raw.buf(pfns(0x3000, 0x3001))
+    a, n = raw.buf(pfn_bytes(0x3000, 0x3001))
     raw.post(Q.INFLATE, [(a, n, 0)])
     raw.post(Q.DEFLATE, [(a, n, 0)])
     assert raw.wait_used(Q.INFLATE) and raw.wait_used(Q.DEFLATE)

@@ -27,16 +27,13 @@ from tests.conformance_target.harness import (
     WAIT,
     DriverGuest,
     RawGuest,
+    pfn_bytes,
     wait_for,
     wait_irq,
 )
 
 Q = BalloonQueue
 MTH = feature_mask(VIRTIO_BALLOON_F_MUST_TELL_HOST)
-
-
-def pfn_list(*pfns: int) -> bytes:
-    return struct.pack(f"<{len(pfns)}I", *pfns)
 
 
 @pytest.mark.spec("D-1")
@@ -88,7 +85,7 @@ def test_kicks_before_driver_ok_use_nothing(raw: RawGuest, target):
         pytest.skip("vhost-user: the front-end hands the rings over only at DRIVER_OK, so the "
                     "back-end cannot see an early kick")
     raw.start(driver_ok=False)
-    a, n = raw.buf(pfn_list(0x2000, 0x2001))
+    a, n = raw.buf(pfn_bytes(0x2000, 0x2001))
     raw.post(Q.INFLATE, [(a, n, 0)])
     raw.post(Q.DEFLATE, [(a, n, 0)])
     before = list(raw.c.irq_counts)
@@ -145,7 +142,7 @@ def test_queue_indices_follow_offered_features(raw: RawGuest, target):
 def test_used_len_is_zero_on_balloon_queues(raw: RawGuest):
     """every used element of inflate, deflate, free page and reporting buffers has len 0"""
     raw.start()
-    a, n = raw.buf(pfn_list(0x2100, 0x2101, 0x2102))
+    a, n = raw.buf(pfn_bytes(0x2100, 0x2101, 0x2102))
     raw.post(Q.INFLATE, [(a, n, 0)])
     assert raw.wait_used(Q.INFLATE) == [(0, 0)]
     raw.post(Q.DEFLATE, [(a, n, 0)])

@@ -23,6 +23,7 @@ from tests.conformance_target.harness import (
     WAIT,
     Canary,
     RawGuest,
+    pfn_bytes,
     wait_for,
     wait_irq,
 )
@@ -30,10 +31,6 @@ from tests.ringbuilder import write_table
 
 Q = BalloonQueue
 W, N, IND = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT
-
-
-def pfns(*p: int) -> bytes:
-    return struct.pack(f"<{len(p)}I", *p)
 
 
 def settle(raw: RawGuest, q: Q, timeout: float = WAIT) -> tuple[bool, list[tuple[int, int]]]:
@@ -55,7 +52,7 @@ def assert_reset_signalled(raw: RawGuest, irq_before: int) -> None:
 
 def assert_still_serves(raw: RawGuest, q: Q) -> None:
     """A well-formed buffer posted now is used with len 0."""
-    a, n = raw.buf(pfns(0x3000))
+    a, n = raw.buf(pfn_bytes(0x3000))
     head = raw.rings[q].size - 1
     raw.post(q, [(a, n, 0)], head=head)
     used = raw.wait_used(q)
@@ -84,7 +81,7 @@ def test_avail_index_jump_beyond_queue_size(raw: RawGuest):
     """avail.idx moved by more than N: nothing is used; NEEDS_RESET (signalled) or ignored"""
     irq = live(raw)
     r = raw.rings[Q.DEFLATE]
-    a, n = raw.buf(pfns(0x3100))
+    a, n = raw.buf(pfn_bytes(0x3100))
     for i in range(r.size):
         r.set_desc(i, a, n)
         r.set_ring(i, i)
@@ -117,7 +114,7 @@ def test_next_out_of_range(raw: RawGuest):
     """a descriptor's next >= N"""
     irq = live(raw)
     r = raw.rings[Q.INFLATE]
-    a, n = raw.buf(pfns(0x3200))
+    a, n = raw.buf(pfn_bytes(0x3200))
     r.set_desc(0, a, n, N, r.size + 5)
     r.publish(0)
     raw.kick(Q.INFLATE)
@@ -129,7 +126,7 @@ def test_looped_chain(raw: RawGuest):
     """a chain that loops (0 -> 1 -> 0)"""
     irq = live(raw)
     r = raw.rings[Q.DEFLATE]
-    a, n = raw.buf(pfns(0x3300))
+    a, n = raw.buf(pfn_bytes(0x3300))
     r.set_desc(0, a, n, N, 1)
     r.set_desc(1, a, n, N, 0)
     r.publish(0)
@@ -141,7 +138,7 @@ def test_looped_chain(raw: RawGuest):
 def test_readable_after_writable(raw: RawGuest):
     """a readable descriptor after a writable one"""
     irq = live(raw)
-    a, n = raw.buf(pfns(0x3400))
+    a, n = raw.buf(pfn_bytes(0x3400))
     b, m = raw.buf(64)
     head = raw.post(Q.INFLATE, [(b, m, W), (a, n, 0)])
     check_chain_error(raw, Q.INFLATE, head, irq)
@@ -155,7 +152,7 @@ def test_bad_indirect_descriptor(raw: RawGuest, bad: str):
     if not raw.offered >> VIRTIO_F_RING_INDIRECT_DESC & 1:
         pytest.skip("the target does not offer RING_INDIRECT_DESC")
     irq = live(raw)
-    a, n = raw.buf(pfns(0x3500))
+    a, n = raw.buf(pfn_bytes(0x3500))
     tbl, _ = raw.buf(64)
     r = raw.rings[Q.INFLATE]
     if bad == "len_not_multiple_of_16":
@@ -179,7 +176,7 @@ def test_bad_indirect_descriptor(raw: RawGuest, bad: str):
 def test_zero_length_buffer(raw: RawGuest):
     """a zero-length element: refused (QEMU) or harmless; never a non-zero used len"""
     irq = live(raw)
-    a, _ = raw.buf(pfns(0x3600))
+    a, _ = raw.buf(pfn_bytes(0x3600))
     head = raw.post(Q.DEFLATE, [(a, 0, 0)])
     check_chain_error(raw, Q.DEFLATE, head, irq)
 
@@ -200,7 +197,7 @@ def test_device_writes_only_used_rings_and_writable_buffers(raw: RawGuest):
     raw.start()
     area_lo, area_n = DRIVER_AREA
     ram = Canary(raw.mem)
-    a, n = raw.buf(pfns(0x3700, 0x3701, 0x3702, 0x3703))
+    a, n = raw.buf(pfn_bytes(0x3700, 0x3701, 0x3702, 0x3703))
     stats, sn = raw.buf(struct.pack("<HQ", 4, 1 << 30) * 3)
     posted = [(Q.INFLATE, [(a, n, 0)]), (Q.DEFLATE, [(a, n, 0)]), (Q.STATS, [(stats, sn, 0)]),
               (Q.FREE_PAGE, [(0x2000000, 0x400000, W)]), (Q.REPORTING, [(0x2800000, 0x200000, W)])]
