@@ -19,6 +19,14 @@ def eventfd_count(fd: int) -> int:
         return 0
 
 
+def sealable_memfd(size: int) -> int:
+    """A memfd of ``size`` bytes created with MFD_ALLOW_SEALING and no seal yet: what a server
+    must seal against shrinking itself before mapping it."""
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    return fd
+
+
 def fd_is_open(fd: int) -> bool:
     try:
         os.fstat(fd)

@@ -21,18 +21,13 @@ from balloon_dev.transport.memfd import (
     report_unsealed,
     seal_against_shrink,
 )
+from tests.fdutil import sealable_memfd
 
 SIZE = 1 << 20
 
 
-def sealable_memfd(size: int = SIZE) -> int:
-    fd = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    return fd
-
-
 def test_sealable_memfd_gets_sealed_and_can_no_longer_shrink() -> None:
-    fd = sealable_memfd()
+    fd = sealable_memfd(SIZE)
     try:
         res = seal_against_shrink(fd)
         assert res.state is SealState.SEALED and res.protected
@@ -52,7 +47,7 @@ def test_sealable_memfd_gets_sealed_and_can_no_longer_shrink() -> None:
 
 def test_memfd_sealed_as_qemu_does_is_accepted_as_it_is() -> None:
     # memory-backend-memfd seal=on (QEMU's default): GROW | SHRINK | SEAL.
-    fd = sealable_memfd()
+    fd = sealable_memfd(SIZE)
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
                     fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
@@ -77,7 +72,7 @@ def test_memfd_without_allow_sealing_is_unsealable() -> None:
 
 
 def test_sealed_memfd_with_seal_seal_but_no_shrink_is_unsealable() -> None:
-    fd = sealable_memfd()
+    fd = sealable_memfd(SIZE)
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
         assert seal_against_shrink(fd).state is SealState.UNSEALABLE
@@ -86,7 +81,7 @@ def test_sealed_memfd_with_seal_seal_but_no_shrink_is_unsealable() -> None:
 
 
 def test_read_only_fd_of_a_sealable_memfd_is_unsealable() -> None:
-    fd = sealable_memfd()
+    fd = sealable_memfd(SIZE)
     ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     try:
         res = seal_against_shrink(ro)
@@ -113,7 +108,7 @@ def test_regular_file_and_pipe_are_unsealable_and_nothing_raises() -> None:
 def test_report_counts_and_warns_only_for_unprotected_fds(
         caplog: pytest.LogCaptureFixture) -> None:
     counters: Counter[str] = Counter()
-    fd = sealable_memfd()
+    fd = sealable_memfd(SIZE)
     try:
         with caplog.at_level(logging.WARNING):
             report_unsealed(seal_against_shrink(fd), counters, "DMA_MAP [0x0, +0x100000)")

@@ -12,6 +12,7 @@ import tempfile
 import pytest
 
 from protocol import vfio_user as vu
+from tests.fdutil import sealable_memfd
 from tests.vfio_user.client import Client, memfd
 
 C = vu.Command.DMA_MAP
@@ -19,15 +20,9 @@ RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
 MIB = 1 << 20
 
 
-def sealable(size: int = MIB) -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    return fd
-
-
 def test_sealable_memfd_is_sealed_by_dma_map(client: Client,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    fd = sealable(4 * MIB)
+    fd = sealable_memfd(4 * MIB)
     mine = os.dup(fd)
     try:
         with caplog.at_level(logging.WARNING):
@@ -45,7 +40,7 @@ def test_sealable_memfd_is_sealed_by_dma_map(client: Client,
 
 
 def test_memfd_already_sealed_is_accepted(client: Client) -> None:
-    fd = sealable(MIB)
+    fd = sealable_memfd(MIB)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     client.ok(C, vu.build_dma_map(RW, 0, 0x200000, MIB), [fd])
     assert client.mem.contains(0x200000, MIB)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from protocol import vhost_user as vu
+from tests.fdutil import sealable_memfd
 from tests.vhost_user.frontend import RAM_UADDR, Frontend
 
 R = vu.VhostUserRequest
@@ -28,12 +29,6 @@ def fe() -> Iterator[Frontend]:
     f.close()
 
 
-def sealable(size: int = MIB) -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    return fd
-
-
 def table(*sizes: int) -> bytes:
     regs, gpa = [], 0
     for s in sizes:
@@ -43,7 +38,7 @@ def table(*sizes: int) -> bytes:
 
 
 def test_set_mem_table_seals_a_sealable_memfd(fe: Frontend) -> None:
-    fd = sealable(2 * MIB)
+    fd = sealable_memfd(2 * MIB)
     try:
         r = fe.request(R.SET_MEM_TABLE, table(2 * MIB), fds=[fd], need_reply=True)
         assert r is not None and r.u64 == 0
@@ -59,7 +54,7 @@ def test_set_mem_table_seals_a_sealable_memfd(fe: Frontend) -> None:
 
 
 def test_add_mem_reg_seals_and_accepts_an_already_sealed_memfd(fe: Frontend) -> None:
-    mine, qemu = sealable(MIB), sealable(MIB)
+    mine, qemu = sealable_memfd(MIB), sealable_memfd(MIB)
     fcntl.fcntl(qemu, fcntl.F_ADD_SEALS,
                 fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     try:
