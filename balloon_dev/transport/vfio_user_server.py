@@ -176,6 +176,11 @@ class VfioUserServer:
                 await self._serve(conn)
             finally:
                 self._one_client.release()
+        except Exception:  # noqa: BLE001 - one client's trouble must not end the server
+            # A bug of ours (or a host ``on_effects`` that raised) would otherwise leave this
+            # task, cancel the nursery and stop the server for every later client.
+            self.counters["internal_errors"] += 1
+            log.exception("vfio-user: connection ended by an internal error")
         finally:
             conn.close()
 
@@ -225,12 +230,16 @@ class VfioUserServer:
                     return
         finally:
             # The device is reset before the mappings go, so nothing touches unmapped memory,
-            # and the next client finds a device fresh from reset.
-            effects = [a for a in self.pci.reset() if not isinstance(a, (MsixFire, IntxLevel))]
-            if self.on_effects is not None and effects:
-                self.on_effects(effects)
-            session.close()
-            self.session = None
+            # and the next client finds a device fresh from reset. The session is closed (its
+            # mappings and eventfds released) even if the reset or the host's handler raised.
+            try:
+                effects = [a for a in self.pci.reset()
+                           if not isinstance(a, (MsixFire, IntxLevel))]
+                if self.on_effects is not None and effects:
+                    self.on_effects(effects)
+            finally:
+                session.close()
+                self.session = None
 
     async def _send(self, conn: Any, data: bytes) -> None:
         view = memoryview(data)

@@ -263,3 +263,33 @@ def test_a_second_client_is_turned_away_while_one_is_served() -> None:
         c.sock.close()
 
     run_with_server(body)
+
+
+def test_an_internal_error_ends_only_that_connection() -> None:
+    async def body(server: VfioUserServer, path: str, dev: BalloonDevice,
+                   mem: GuestMemory) -> None:
+        real_reset = server.pci.reset
+        calls = []
+
+        def reset_that_fails_once() -> list[Any]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected: a bug while resetting after a client left")
+            return real_reset()
+
+        server.pci.reset = reset_that_fails_once  # type: ignore[method-assign]
+        p = await connect(path)
+        await p.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
+        fd = memfd(1 << 20)
+        await p.ok(vu.Command.DMA_MAP, vu.build_dma_map(RW, 0, 0, 1 << 20), [fd])
+        os.close(fd)
+        p.sock.close()
+        # The next client is served: the error ended one connection, not the server, and the
+        # failed clean-up still released the first client's mapping.
+        q = await connect(path)
+        await q.ok(vu.Command.VERSION, vu.build_version(0, 0, {}))
+        assert server.counters["internal_errors"] == 1
+        assert calls and not mem.regions
+        q.sock.close()
+
+    run_with_server(body)
