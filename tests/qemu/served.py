@@ -25,12 +25,12 @@ from typing import Any, Literal
 
 import pytest
 
+from protocol.balloon import HINT_BLOCK_BYTES
 from vmsim.cmd_ctl import call
 from vmsim.qemu_lab import QemuLab, stop_process
 
 RAM_BYTES = 1 << 30
-HINT_BLOCK = 4 << 20
-VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
+HINT_BLOCK = HINT_BLOCK_BYTES
 
 Transport = Literal["vfio-user", "vhost-user"]
 

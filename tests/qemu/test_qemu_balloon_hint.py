@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from protocol.balloon import VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_STATS_VQ
+from protocol.virtio import VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON
 from vmsim.qemu_lab import GuestVM
 
 pytestmark = pytest.mark.qemu
 
-VIRTIO_ID_BALLOON = 5
-VIRTIO_BALLOON_F_STATS_VQ = 1
-VIRTIO_BALLOON_F_FREE_PAGE_HINT = 3
-VIRTIO_F_VERSION_1 = 32
 RAM = "512M"
 RAM_PAGES = 512 * 256
 

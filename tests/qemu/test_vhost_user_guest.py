@@ -26,10 +26,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from protocol.balloon import VIRTIO_BALLOON_F_FREE_PAGE_HINT
 from tests.qemu.served import (
     HINT_BLOCK,
     RAM_BYTES,
-    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     Served,
     balloon_dev_dir,
     mem_free,
