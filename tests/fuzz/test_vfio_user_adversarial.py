@@ -44,13 +44,13 @@ from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
-from protocol.virtio import VIRTIO_F_RING_PACKED
+from protocol.virtio import VIRTIO_F_RING_PACKED, DeviceStatus
 from tests.fdutil import eventfd, eventfd_count, open_fds
 from tests.serverthread import trio_server_in_thread
 from tests.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
-NEEDS_RESET = 0x40
+NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
 PAGE = 4096
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from protocol.virtio import VIRTIO_F_RING_PACKED
 from tests.qemu.served import (
     HINT_BLOCK,
     RAM_BYTES,
@@ -26,7 +27,6 @@ from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
 
-VIRTIO_F_RING_PACKED = 34
 FEATURES = "STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,RING_EVENT_IDX,RING_INDIRECT_DESC,RING_PACKED"
 
 

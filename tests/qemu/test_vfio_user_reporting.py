@@ -7,13 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from protocol.balloon import VIRTIO_BALLOON_F_REPORTING
 from tests.qemu.served import Served, balloon_dev_dir, run_round, start_served
 from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
 
 FEATURES = "STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,RING_INDIRECT_DESC"
-VIRTIO_BALLOON_F_REPORTING = 5
 
 
 @pytest.fixture(scope="module")
