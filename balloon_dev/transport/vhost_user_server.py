@@ -199,7 +199,11 @@ class VhostUserServer:
             # The device is reset before the mappings go (inside session.close), so nothing
             # touches unmapped memory, and the next front-end finds a device fresh from reset.
             # No guest to interrupt any more: only the host hears about the reset's effects.
-            self._deliver_host(self.session.close(), guest=False)
+            try:
+                self._deliver_host(self.session.close(), guest=False)
+            except Exception:  # noqa: BLE001 - raised here it would end the whole server
+                self.counters["internal_errors"] += 1
+                log.exception("vhost-user: internal error while closing the connection")
             self._close_backend()
             conn.close()
             self._busy = False

@@ -242,3 +242,24 @@ def test_peer_closing_mid_message_is_survived() -> None:
     server, _e, _ = run_with_server(client)
     assert server.connections == 1
 
+
+
+def test_a_host_handler_raising_while_a_front_end_leaves_does_not_end_the_server() -> None:
+    def client(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> None:
+        def broken_host(effects: list[Effect]) -> None:
+            raise RuntimeError("injected: the host's effect handler failed")
+
+        with live_frontend(server, token):
+            host(token, server, lambda d: d.free_page_start())  # a round the reset will end
+            server.on_effects = broken_host  # the reset's HintRoundStopped reaches it
+        assert wait_until(token, lambda: not server._busy)
+        fe2 = Frontend(connect=str(server.path))
+        try:
+            r = fe2.request(R.GET_FEATURES)
+            assert r is not None and r.u64 >> 32 & 1
+        finally:
+            fe2.close()
+
+    server, _e, _ = run_with_server(client)
+    assert server.counters["internal_errors"] == 1
+    assert server.connections == 2
