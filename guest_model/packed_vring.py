@@ -252,54 +252,105 @@ class PackedDriverVring(DriverRingBase):
 
     # -- reaping ---------------------------------------------------------------------------
     def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
-        """Reap up to ``max_n`` used buffers: (tokens, lens) in the order the device used them."""
+        """Reap up to ``max_n`` used buffers: (tokens, lens) in the order the device used them.
+
+        Runs of used one-slot buffers (every hint, every pfn buffer) are checked and released
+        as numpy batches (``_reap_run``); a buffer the batch cannot take -- a chain of several
+        slots, or an id not in flight -- gets one step in order (``_reap_one``), then batching
+        resumes."""
         if self.broken:
             return [], []
         limit = self.in_flight if max_n is None else min(max_n, self.in_flight)
-        if limit == 0:
-            return [], []
-        snap = self._ring.copy()  # one copy: the device may keep writing
-        flags = snap["flags"].tolist()
-        ids = snap["id"].tolist()
-        lens_all = snap["len"].tolist()
         toks: list[Any] = []
         lens: list[int] = []
         idx, wrap = self.last_used, self.used_wrap
-        freed = 0
-        while len(toks) < limit and self._is_used(flags[idx], wrap):
-            bid = ids[idx]
-            if bid >= self.size or self._slots[bid] == 0:
-                self._break("bad_used_id", f"used descriptor at slot {idx:#x} names id "
-                            f"{bid:#x}, which is not in flight")
+        while len(toks) < limit:
+            idx, wrap = self._reap_run(idx, wrap, limit - len(toks), toks, lens)
+            if len(toks) >= limit:
                 break
-            n = int(self._slots[bid])
-            ln = lens_all[idx]
-            if ln > self._in_bytes[bid]:
-                self.counters["used_len_too_big"] += 1
-                log.warning("vring %s: used len %#x exceeds id %#x's writable bytes %#x",
-                            self.name, ln, bid, int(self._in_bytes[bid]))
-                ln = int(self._in_bytes[bid])
-            toks.append(self._tokens[bid])
-            lens.append(ln)
-            self._release(bid)
-            freed += n
-            end = idx + n
-            idx, wrap = end % self.size, (wrap + end // self.size) & 1
+            step = self._reap_one(idx, wrap, toks, lens)
+            if step is None:
+                break  # not used yet, or the ring broke
+            idx, wrap = step
         self.last_used, self.used_wrap = idx, wrap
         self.counters["reaped"] += len(toks)
         if toks and self.event_idx and self._cb_enabled:
             self._arm()
         return toks, lens
 
-    def _release(self, bid: int) -> None:
-        self._nfree += int(self._slots[bid])
-        tbl = int(self._tbl[bid])
-        if tbl and self.area is not None:
-            self.area.free(tbl)
-        self._slots[bid] = 0
-        self._tbl[bid] = 0
-        self._tokens[bid] = None
-        self._free_ids.append(bid)
+    def _reap_run(self, idx: int, wrap: int, max_n: int, toks: list[Any],
+                  lens: list[int]) -> tuple[int, int]:
+        """Reap the used one-slot buffers from slot ``idx`` (lap ``wrap``) on, at most
+        ``max_n``; returns the slot and lap after them. Stops before the first slot that is not
+        used, names an id not in flight or of a longer chain, or repeats an id of the run."""
+        pos = idx + np.arange(max_n)
+        slots = pos % self.size
+        laps = (wrap + pos // self.size) & 1
+        d = self._ring[slots]  # a copy: the device may keep writing
+        ids = d["id"].astype(np.int64)
+        known = ids < self.size
+        ok = ((d["flags"] & _BOTH) == np.where(laps == 1, _BOTH, 0)) & known
+        ok &= self._slots[np.where(known, ids, 0)] == 1
+        k = max_n if ok.all() else int(np.argmin(ok))
+        ids = ids[:k]
+        if k > 1:
+            uniq, first = np.unique(ids, return_index=True)
+            if uniq.size != k:  # the second use of an id is of a buffer already reaped
+                dup = np.ones(k, dtype=bool)
+                dup[first] = False
+                k = int(np.argmax(dup))
+                ids = ids[:k]
+        if k == 0:
+            return idx, wrap
+        ln = d["len"][:k].astype(np.int64)
+        cap = self._in_bytes[ids]
+        too_big = ln > cap
+        if too_big.any():
+            # The device may under-report, never over-report (protocol.md 1.2): clamp, count.
+            self.counters["used_len_too_big"] += int(too_big.sum())
+            log.warning("vring %s: %d used lengths exceed their buffers' writable bytes",
+                        self.name, int(too_big.sum()))
+            ln = np.minimum(ln, cap)
+        toks.extend(self._tokens[ids].tolist())
+        lens.extend(ln.tolist())
+        self._release(ids)
+        end = idx + k
+        return end % self.size, (wrap + end // self.size) & 1
+
+    def _reap_one(self, idx: int, wrap: int, toks: list[Any],
+                  lens: list[int]) -> tuple[int, int] | None:
+        """Reap the buffer at slot ``idx`` if the device used it; the slot and lap after its
+        chain, or None when it is not used or names an id not in flight (the ring breaks)."""
+        # Flags first: only a used descriptor's id and len are the device's answer.
+        if not self._is_used(int(self._ring["flags"][idx]), wrap):
+            return None
+        bid, ln = int(self._ring["id"][idx]), int(self._ring["len"][idx])
+        if bid >= self.size or self._slots[bid] == 0:
+            self._break("bad_used_id", f"used descriptor at slot {idx:#x} names id "
+                        f"{bid:#x}, which is not in flight")
+            return None
+        if ln > self._in_bytes[bid]:
+            self.counters["used_len_too_big"] += 1
+            log.warning("vring %s: used len %#x exceeds id %#x's writable bytes %#x",
+                        self.name, ln, bid, int(self._in_bytes[bid]))
+            ln = int(self._in_bytes[bid])
+        toks.append(self._tokens[bid])
+        lens.append(ln)
+        end = idx + int(self._slots[bid])
+        self._release(np.array([bid], dtype=np.int64))
+        return end % self.size, (wrap + end // self.size) & 1
+
+    def _release(self, ids: np.ndarray) -> None:
+        """Give the slots, tables and ids of reaped buffers back (ids in reap order)."""
+        self._nfree += int(self._slots[ids].sum())
+        if self.area is not None:
+            tbls = self._tbl[ids]
+            for tbl in tbls[tbls != 0].tolist():
+                self.area.free(int(tbl))
+        self._slots[ids] = 0
+        self._tbl[ids] = 0
+        self._tokens[ids] = None
+        self._free_ids.extend(ids.tolist())
 
     # -- teardown --------------------------------------------------------------------------
     def detach_unused(self) -> list[Any]:

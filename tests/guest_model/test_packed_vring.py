@@ -195,3 +195,78 @@ def test_any_device_writes_are_survived(size: int, nbufs: int,
     assert v.num_free == size - v.in_flight  # one-slot buffers
     if v.broken:
         assert v.counters["bad_used_id"] == 1
+
+
+def _reference_reap(v: PackedDriverVring, ring: np.ndarray, slots_of: dict[int, int],
+                    in_bytes: dict[int, int], tokens: dict[int, object],
+                    max_n: int | None) -> tuple[list[object], list[int], bool]:
+    """The reaping rule one buffer at a time, over a copy of the ring and of the driver's
+    shadow (slots per id in flight, writable bytes, tokens): what ``get_bufs`` must return in
+    batches."""
+    in_flight = len(slots_of)
+    limit = in_flight if max_n is None else min(max_n, in_flight)
+    idx, wrap = v.last_used, v.used_wrap
+    toks: list[object] = []
+    lens: list[int] = []
+    while len(toks) < limit:
+        flags, bid, ln = int(ring["flags"][idx]), int(ring["id"][idx]), int(ring["len"][idx])
+        if (flags & (AVAIL | USED)) != (AVAIL | USED if wrap else 0):
+            return toks, lens, False
+        if bid not in slots_of:
+            return toks, lens, True  # bad id: the ring breaks
+        toks.append(tokens[bid])
+        lens.append(min(ln, in_bytes[bid]))
+        end = idx + slots_of.pop(bid)
+        idx, wrap = end % v.size, (wrap + end // v.size) & 1
+    return toks, lens, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(2, 16),
+       chains=st.lists(st.integers(1, 3), min_size=1, max_size=16),
+       order=st.randoms(use_true_random=False),
+       scribbles=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 20),
+                                    st.integers(0, 0x30)), max_size=3),
+       max_n=st.one_of(st.none(), st.integers(1, 8)),
+       laps=st.integers(0, 2))
+def test_batched_reap_matches_one_at_a_time(size: int, chains: list[int], order: object,
+                                            scribbles: list[tuple[int, int, int]],
+                                            max_n: int | None, laps: int) -> None:
+    """A device that uses buffers in any order, some chains of several slots, ids repeated or
+    made up: the batched reap returns what reaping one buffer at a time returns, breaks the
+    ring in the same cases and keeps the same books."""
+    import random
+    assert isinstance(order, random.Random)
+    mem, v = make(size=size)
+    # Start somewhere in a later lap so runs cross the ring's end.
+    for _ in range(laps * size + order.randrange(size)):
+        v.add_buf(in_=[(BUF, 16)])
+        use(mem, v, v.last_used, int(v._ring["id"][v.last_used]), 0, v.used_wrap)
+        v.get_bufs()
+    posted: list[tuple[int, int]] = []  # (id, slots)
+    for i, n in enumerate(chains):
+        try:
+            bid = v.add_buf(in_=[(BUF + 0x100 * i, 16)] * min(n, size), token=("t", i))
+        except VringFull:
+            break
+        posted.append((bid, min(n, size)))
+    # The device uses them in a shuffled order, in consecutive slots from last_used on.
+    order.shuffle(posted)
+    idx, wrap = v.last_used, v.used_wrap
+    for bid, n in posted[:order.randrange(len(posted) + 1)]:
+        use(mem, v, idx, bid, order.randrange(40), wrap)
+        end = idx + n
+        idx, wrap = end % size, (wrap + end // size) & 1
+    for k, bid, ln in scribbles:
+        k %= size
+        use(mem, v, k, bid, ln, order.randrange(2))
+    want_toks, want_lens, want_broken = _reference_reap(
+        v, v._ring.copy(), {b: int(v._slots[b]) for b in range(size) if v._slots[b]},
+        {b: int(v._in_bytes[b]) for b in range(size)}, {b: v._tokens[b] for b in range(size)},
+        max_n)
+    in_flight = v.in_flight
+    toks, lens = v.get_bufs(max_n)
+    assert (toks, lens, v.broken) == (want_toks, want_lens, want_broken)
+    assert v.in_flight == in_flight - len(toks)
+    assert len(v._free_ids) == len(set(v._free_ids)) == size - v.in_flight
+    assert v._nfree == size - int(v._slots.sum())
