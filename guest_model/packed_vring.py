@@ -283,6 +283,8 @@ class PackedDriverVring(DriverRingBase):
         """Reap the used one-slot buffers from slot ``idx`` (lap ``wrap``) on, at most
         ``max_n``; returns the slot and lap after them. Stops before the first slot that is not
         used, names an id not in flight or of a longer chain, or repeats an id of the run."""
+        if not self._is_used(int(self._ring["flags"][idx]), wrap):
+            return idx, wrap  # the common poll: nothing new, no batch to build
         pos = idx + np.arange(max_n)
         slots = pos % self.size
         laps = (wrap + pos // self.size) & 1
