@@ -2,10 +2,13 @@
 vfio-user client or vhost-user front-end): the server's own trio loop runs in a daemon thread,
 the test talks to its socket from the main thread, and on leaving the loop is cancelled from
 outside (``trio.from_thread``) and joined. Whatever escaped the server's loop fails the test:
-a server must survive every peer."""
+a server must survive every peer. ``wait_until`` polls for what the server does after a peer
+left (it cleans up after EOF, in its own thread)."""
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,3 +51,13 @@ def trio_server_in_thread(run: Callable[..., Awaitable[Any]]) -> Iterator[None]:
                 pass
         t.join(10)
     assert not errors, errors  # nothing escaped the server's loop
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` s passed; returns whether it holds."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        # A peer's own mmap of guest RAM holds a dup of its memfd until it is collected.
+        gc.collect()
+        time.sleep(0.02)
+    return bool(cond())

@@ -30,7 +30,6 @@ import random
 import socket
 import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,7 +45,7 @@ from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_F_RING_PACKED, DeviceStatus
 from tests.fdutil import eventfd, eventfd_count, open_fds
-from tests.serverthread import trio_server_in_thread
+from tests.serverthread import trio_server_in_thread, wait_until
 from tests.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
@@ -137,14 +136,6 @@ def served(features: int | None = None) -> Iterator[tuple[str, VfioUserServer]]:
         server = VfioUserServer(path, pci, mem, on_effects=lambda _e: None, busy_wait=5.0)
         with trio_server_in_thread(server.run):
             yield path, server
-
-
-def wait_fds(baseline: int, timeout: float = 5.0) -> int:
-    """Open fds once the server has noticed the last client left (it cleans up after EOF)."""
-    deadline = time.monotonic() + timeout
-    while open_fds() > baseline and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return open_fds()
 
 
 # -- hostile fds --------------------------------------------------------------------------------
@@ -316,7 +307,7 @@ def test_server_survives_random_messages(seed: int, caplog: pytest.LogCaptureFix
         c = SocketClient(path)
         c.healthy()
         c.close()
-        assert wait_fds(baseline) <= baseline, f"seed {seed}: fds leaked"
+        assert wait_until(lambda: open_fds() <= baseline), f"seed {seed}: fds leaked"
         counters = server.stats()["server_counters"]
     internal = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not internal, [r.getMessage() for r in internal]
@@ -353,7 +344,7 @@ def test_ring_memory_unmapped_while_running_sets_needs_reset() -> None:
         for fd in irq + irq2:
             os.close(fd)
         c.close()
-        assert wait_fds(baseline) <= baseline
+        assert wait_until(lambda: open_fds() <= baseline)
 
 
 def test_unmap_every_ring_byte_range_while_running() -> None:
@@ -380,7 +371,7 @@ def test_unmap_every_ring_byte_range_while_running() -> None:
         for fd in irq:
             os.close(fd)
         c.close()
-        assert wait_fds(baseline) <= baseline
+        assert wait_until(lambda: open_fds() <= baseline)
 
 
 def test_second_client_after_framing_loss_gets_a_reset_device() -> None:
@@ -402,7 +393,7 @@ def test_second_client_after_framing_loss_gets_a_reset_device() -> None:
         assert c2.rd(BAR4, vp.COMMON_STATUS, 1) == 0
         assert server.stats()["dma_regions"] == []
         c2.close()
-        assert wait_fds(baseline) <= baseline
+        assert wait_until(lambda: open_fds() <= baseline)
 
 
 def test_version_json_bomb_is_refused() -> None:
@@ -465,7 +456,7 @@ def test_many_dma_maps_are_bounded() -> None:
         c.ok(vu.Command.DMA_UNMAP, vu.build_dma_unmap(vu.VFIO_DMA_UNMAP_FLAG_ALL, 0, 0))
         c.healthy()
         c.close()
-        assert wait_fds(baseline) <= baseline
+        assert wait_until(lambda: open_fds() <= baseline)
 
 
 
@@ -487,5 +478,5 @@ def test_client_that_leaves_without_reading_its_replies() -> None:
         c = SocketClient(path)
         c.healthy()
         c.close()
-        assert wait_fds(baseline) <= baseline
+        assert wait_until(lambda: open_fds() <= baseline)
         assert server.connections == 4

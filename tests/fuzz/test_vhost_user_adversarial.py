@@ -20,7 +20,6 @@ Seeded-random sequences (a failing seed replays exactly). The properties:
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import random
@@ -31,7 +30,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -40,7 +38,7 @@ from balloon_dev.transport.vhost_user_server import VhostUserServer
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
 from tests.fdutil import eventfd, open_fds
-from tests.serverthread import trio_server_in_thread
+from tests.serverthread import trio_server_in_thread, wait_until
 from tests.vhost_user.frontend import RAM_SIZE, RAM_UADDR, Frontend
 
 R = vu.VhostUserRequest
@@ -68,15 +66,6 @@ def served() -> Iterator[tuple[str, VhostUserServer]]:
                                  backend_timeout=0.2)
         with trio_server_in_thread(server.run):
             yield str(path), server
-
-
-def wait_until(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        # The test front-end's own mmap of guest RAM holds a dup of its memfd until collected.
-        gc.collect()
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def hostile_fds(rng: random.Random, kind: str) -> list[int]:
