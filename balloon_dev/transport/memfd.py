@@ -34,6 +34,9 @@ grow, so a range found inside the file stays inside it.
 Sealing changes the peer's file for good (seals cannot be removed). F_SEAL_SHRINK alone is the
 least we can ask: the peer may still grow the file and write to it, which is all guest RAM
 needs.
+
+``close_quietly(fd)`` is the one fd-closing helper of the transports: a peer's fd we no longer
+want is closed, and an fd the peer (or an earlier error path) already made invalid is no error.
 """
 from __future__ import annotations
 
@@ -106,6 +109,14 @@ def _read_only(fd: int) -> bool:
         return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
     except OSError:
         return False
+
+
+def close_quietly(fd: int) -> None:
+    """Close ``fd``, ignoring an error (EBADF: already closed; nothing to do about EIO here)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def report_unsealed(res: SealResult, counters: Counter[str], what: str) -> None:

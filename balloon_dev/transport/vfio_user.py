@@ -43,7 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from balloon_dev.transport.memfd import SealResult, report_unsealed, seal_against_shrink
+from balloon_dev.transport.memfd import (
+    SealResult,
+    close_quietly,
+    report_unsealed,
+    seal_against_shrink,
+)
 from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
@@ -88,12 +93,6 @@ class IrqIndexState:
 Result = tuple[bytes, list[Any]]
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
 
 class VfioUserSession:
     def __init__(self, pci: VirtioPciFunction, mem: GuestMemory, *,
@@ -133,7 +132,7 @@ class VfioUserSession:
             payload_out, actions = handler(self, header, req, fds)
         except vu.VfioUserError as e:
             for fd in fds:
-                _close(fd)  # architecture: fds of a rejected message are closed
+                close_quietly(fd)  # architecture: fds of a rejected message are closed
             self.counters[f"peer_error_{errno.errorcode.get(e.errno, e.errno)}"] += 1
             self.counters["peer_errors"] += 1
             log.warning("vfio-user msg_id %#x command %d (size %#x flags %#x, %d fds) rejected: %s",
@@ -143,7 +142,7 @@ class VfioUserSession:
             return [Reply(vu.encode_error(header, e.errno))]
         except Exception:  # noqa: BLE001 - a bug of ours must not take the VM's device down
             for fd in fds:
-                _close(fd)
+                close_quietly(fd)
             self.counters["internal_errors"] += 1
             log.exception("internal error serving vfio-user msg_id %#x command %d",
                           header.msg_id, header.command)
@@ -204,7 +203,7 @@ class VfioUserSession:
     def _disable_index(self, st: IrqIndexState) -> None:
         for i, fd in enumerate(st.fds):
             if fd is not None:
-                _close(fd)
+                close_quietly(fd)
                 st.fds[i] = None
         st.enabled = False
         st.masked = False
@@ -277,7 +276,7 @@ class VfioUserSession:
                 raise vu.VfioUserError(err, f"mmap of DMA fd (offset {m.offset:#x} size "
                                        f"{m.size:#x}) failed: {e}") from None
             finally:
-                _close(fd)  # the mapping keeps the memory; the fd is not needed any more
+                close_quietly(fd)  # the mapping keeps the memory; the fd is not needed any more
             view = memoryview(mm)[delta:delta + m.size]
             try:
                 self.mem.add_region(m.addr, view, name=f"dma@{m.addr:#x}", readonly=not writable)
@@ -401,7 +400,7 @@ class VfioUserSession:
                 for i in range(m.count):
                     old = st.fds[m.start + i]
                     if old is not None:
-                        _close(old)
+                        close_quietly(old)
                     # No fds at all means "de-assign these vectors" (QEMU sends none for -1).
                     st.fds[m.start + i] = fds[i] if fds else None
                 fds.clear()

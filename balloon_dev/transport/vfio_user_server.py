@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from balloon_dev.control import HostControl
+from balloon_dev.transport.memfd import close_quietly
 from balloon_dev.transport.vfio_user import (
     SERVER_MAX_MSG_FDS,
     Reply,
@@ -81,10 +82,7 @@ def _unlink_quietly(path: str) -> None:
 
 def _close_fds(fds: list[int]) -> None:
     for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        close_quietly(fd)
 
 
 class VfioUserServer:

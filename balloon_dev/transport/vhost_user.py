@@ -71,7 +71,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import Effect
-from balloon_dev.transport.memfd import SealResult, report_unsealed, seal_against_shrink
+from balloon_dev.transport.memfd import (
+    SealResult,
+    close_quietly,
+    report_unsealed,
+    seal_against_shrink,
+)
 from guestmem import GuestMemory, GuestMemoryError
 from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
 from protocol.vhost_user import (
@@ -311,7 +316,7 @@ class VhostUserSession:
             self._close_ring_fds(ring)
         self._reset_rings()
         if self.backend_fd is not None:
-            _close(self.backend_fd)
+            close_quietly(self.backend_fd)
             self.backend_fd = None
         self._unmap_all()
         self._pending_config.clear()
@@ -340,7 +345,7 @@ class VhostUserSession:
     def _close_unkept(self, fds: tuple[int, ...], kept: tuple[int, ...]) -> None:
         for fd in fds:
             if fd not in kept:
-                _close(fd)
+                close_quietly(fd)
                 self.counters["fds_closed"] += 1
 
     # -- helpers ------------------------------------------------------------------------------
@@ -418,7 +423,7 @@ class VhostUserSession:
         for name in ("kick_fd", "call_fd", "err_fd"):
             fd = getattr(ring, name)
             if fd is not None:
-                _close(fd)
+                close_quietly(fd)
                 setattr(ring, name, None)
 
     def _uaddr_to_gpa(self, uaddr: int, length: int, what: str) -> int:
@@ -747,7 +752,7 @@ class VhostUserSession:
         ring.base = base
         self._reported_base[s.index] = base
         if ring.kick_fd is not None:
-            _close(ring.kick_fd)
+            close_quietly(ring.kick_fd)
             ring.kick_fd = None
         return _Outcome(payload=build_vring_state(s.index, base), effects=self._maybe_stopped())
 
@@ -768,7 +773,7 @@ class VhostUserSession:
             raise _Reject("bad_vring_fd", f"ring {f.index}: expected 1 fd, got {len(fds)}")
         old = getattr(ring, attr)
         if old is not None:
-            _close(old)
+            close_quietly(old)
         new = None if f.nofd else fds[0]
         setattr(ring, attr, new)
         effects: list[Effect] = []
@@ -804,7 +809,7 @@ class VhostUserSession:
         if len(fds) != 1:
             raise _Reject("bad_backend_fd", f"expected 1 fd, got {len(fds)}")
         if self.backend_fd is not None:
-            _close(self.backend_fd)
+            close_quietly(self.backend_fd)
         self.backend_fd = fds[0]
         return _Outcome(kept_fds=(fds[0],))
 
@@ -848,12 +853,6 @@ class VhostUserSession:
         st = self.dev.status if self.live else self.dev.status & ~DRIVER_OK
         return _Outcome(payload=build_u64(st))
 
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 _R = VhostUserRequest

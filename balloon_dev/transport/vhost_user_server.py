@@ -45,6 +45,7 @@ from typing import Any
 import trio
 
 from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
+from balloon_dev.transport.memfd import close_quietly
 from balloon_dev.transport.vhost_user import (
     DEFAULT_PROTOCOL_FEATURES,
     BalloonDeviceLike,
@@ -97,7 +98,7 @@ async def read_message(sock: trio.socket.SocketType) -> Message:
         payload = await _recv_exact(sock, header.size, fds) if header.size else b""
     except BaseException:
         for fd in fds:
-            _close(fd)
+            close_quietly(fd)
         raise
     return Message(header, payload, tuple(fds))
 
@@ -263,7 +264,7 @@ class VhostUserServer:
         _fd, dup, scope = self._watchers.pop(q)
         scope.cancel()
         trio.lowlevel.notify_closing(dup)
-        _close(dup)
+        close_quietly(dup)
 
     def _stop_all_watchers(self) -> None:
         for q in list(self._watchers):
@@ -349,7 +350,7 @@ class VhostUserServer:
             except OSError as e:
                 # Not a socket (ENOTSOCK): socket() does not take ownership of the dup.
                 if dup >= 0:
-                    _close(dup)
+                    close_quietly(dup)
                 self.counters["backend_fd_unusable"] += 1
                 log.warning("vhost-user: back-end channel fd %d unusable: %s", fd, e)
                 return
@@ -382,9 +383,3 @@ async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
         n = await sock.send(view)
         view = view[n:]
 
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
