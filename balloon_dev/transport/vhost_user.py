@@ -296,17 +296,14 @@ class VhostUserSession:
             # lost: going live (or re-enabling) notifies every runnable ring once.
             self.counters["kicks_ignored"] += 1
             return []
-        effects: list[Effect] = []
+        if self.live:
+            return self.dev.notify(q)
+        # Fallback trigger: a front-end that set up fewer rings than the device has and never
+        # sends DRIVER_OK. Only once every ring it gave an address to can run; going live then
+        # notifies every runnable ring, this one included.
+        effects = self._go_live() if self._set_up_rings_runnable() else []
         if not self.live:
-            # Fallback trigger: a front-end that set up fewer rings than the device has and
-            # never sends DRIVER_OK. Only once every ring it gave an address to can run.
-            if all(self._runnable(r) for r in self.rings if r.addr is not None):
-                effects += self._go_live()
-            if not self.live:
-                self.counters["kicks_before_live"] += 1
-                return effects
-            return effects  # going live notified every runnable ring, this one included
-        effects += self.dev.notify(q)
+            self.counters["kicks_before_live"] += 1
         return effects
 
     def close(self) -> list[Effect]:
@@ -370,6 +367,19 @@ class VhostUserSession:
 
     def _runnable(self, ring: Vring) -> bool:
         return ring.addr is not None and ring.started and self._ring_enabled(ring)
+
+    def _set_up_rings_runnable(self) -> bool:
+        """Every ring the front-end gave an address to can run."""
+        return all(self._runnable(r) for r in self.rings if r.addr is not None)
+
+    def _notify_runnable(self) -> list[Effect]:
+        """One notification per runnable ring: buffers may have been queued while the device
+        was not live (spurious notifications are allowed, protocol.md 1.4)."""
+        effects: list[Effect] = []
+        for q, ring in enumerate(self.rings):
+            if self._runnable(ring):
+                effects += self.dev.notify(q)
+        return effects
 
     def _maybe_go_live(self) -> list[Effect]:
         """Go live once every device ring can run (see the module docstring)."""
@@ -460,7 +470,7 @@ class VhostUserSession:
         if want & (FEATURES_OK | DRIVER_OK) and not self.dev.status & FEATURES_OK:
             effects += self._features_ok()
         if want & DRIVER_OK and not self.live:
-            if not self.stopped or all(self._runnable(r) for r in self.rings if r.addr is not None):
+            if not self.stopped or self._set_up_rings_runnable():
                 effects += self._go_live()
             # else: restarting after a stop; the last ring handed back goes live.
         elif want & (ACK | DRIVER):
@@ -501,10 +511,7 @@ class VhostUserSession:
                 # VM stop/cont: the device kept its state and its queue indices; carry on.
                 self.counters["device_resumes"] += 1
                 self.live = True
-                for q, ring in enumerate(self.rings):
-                    if self._runnable(ring):
-                        effects += self.dev.notify(q)
-                return effects
+                return effects + self._notify_runnable()
             # A guest reset (or anything else): start from a fresh device.
             effects += self._device_reset()
         if not self.dev.status & FEATURES_OK:
@@ -528,10 +535,7 @@ class VhostUserSession:
             log.warning("vhost-user: device refused DRIVER_OK (status %#x)", self.dev.status)
             return effects
         self.live = True
-        for q, ring in enumerate(self.rings):
-            if self._runnable(ring):
-                effects += self.dev.notify(q)
-        return effects
+        return effects + self._notify_runnable()
 
     def _set_queue_base(self, q: int, base: int) -> None:
         # Both indices restart at ``base``: GET_VRING_BASE reported the used index (see
