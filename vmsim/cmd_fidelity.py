@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from balloon_dev.migration import CostModel
+from vmsim import report
 from vmsim.scenario import ScenarioError, load_builtin
 
 HELP = "compare simulated migration times and hint savings with the published figures"
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
 
     # the table has nine columns: give it room even when the output is not a terminal
     console = Console() if sys.stdout.isatty() else Console(width=120)
+    if args.json and (why := report.output_problem(args.json)):
+        console.print(f"[red]error:[/] --json {args.json}: {why}", highlight=False)
+        return 2
     if args.calibrate:
         calibrate(console)
     names = args.only or list(SCENARIOS)
@@ -112,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
                   "cut. * calibration point: zero_page_s is fitted to idle-8g's 2970 ms, every "
                   "other figure is a prediction (docs/cost-model.md)[/]")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=2)
+        except OSError as e:
+            console.print(f"[red]error:[/] cannot write the comparison: {e}", highlight=False)
+            return 2
     return 0 if all(r["verified"] for r in rows) else 1

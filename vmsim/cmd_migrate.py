@@ -60,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     except ScenarioError as e:
         err.print(f"[red]error:[/] {e}", highlight=False)
         return 2
+    for opt, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and (why := report.output_problem(path)):
+            err.print(f"[red]error:[/] {opt} {path}: {why}", highlight=False)
+            return 2
     mode = args.mode or ("all" if embedded else scn.hinting.mode)
     modes = list(HINT_MODES) if mode == "all" else [mode]
     results: list[report.RunResult] = []
@@ -77,14 +81,17 @@ def run(args: argparse.Namespace) -> int:
             prog.update(task, completed=1.0)
     title = f"{scn.name}: {scn.description}" if scn.description else scn.name
     report.print_table(results, console, title=title)
-    if args.json:
-        report.write_json(results, args.json)
-    if args.plot:
-        try:
+    try:
+        if args.json:
+            report.write_json(results, args.json)
+        if args.plot:
             report.write_plot(results, args.plot)
-        except ImportError:
-            err.print("[red]error:[/] --plot needs matplotlib (pip install balloon-hint[plot])")
-            return 2
+    except ImportError:
+        err.print("[red]error:[/] --plot needs matplotlib (pip install balloon-hint[plot])")
+        return 2
+    except OSError as e:
+        err.print(f"[red]error:[/] cannot write the results: {e}", highlight=False)
+        return 2
     bad = [r for r in results if not r.verified]
     for r in bad:
         if r.error:

@@ -3,11 +3,14 @@
 ``RunResult`` is one migration of one scenario in one hinting mode (the JSON object, key for
 key). ``print_table`` puts several modes side by side (one column per mode, one row per
 measure), ``write_json`` writes a list of objects, ``write_plot`` draws pages sent per round with
-one line per mode (matplotlib, imported only when a plot is asked for).
+one line per mode (matplotlib, imported only when a plot is asked for). ``output_problem``
+checks an output path before a run, so a typo in ``--json``/``--plot`` does not cost the
+results of a run that took minutes.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +113,21 @@ def build_table(results: Sequence[RunResult], title: str | None = None) -> Table
 def print_table(results: Sequence[RunResult], console: Console | None = None,
                 title: str | None = None) -> None:
     (console or Console()).print(build_table(results, title))
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be written as an output file (its folder is missing or not
+    writable, or it is a folder), or None. Writing can still fail later (a full disk): callers
+    catch OSError there too."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a folder"
+    parent = p.resolve().parent
+    if not parent.is_dir():
+        return f"folder {parent} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"folder {parent} is not writable"
+    return None
 
 
 def write_json(results: Sequence[RunResult], path: str | Path) -> None:

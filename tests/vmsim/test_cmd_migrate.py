@@ -81,3 +81,21 @@ def test_bad_arguments_exit_2(args) -> None:
     with pytest.raises(SystemExit) as ei:
         main(["migrate", *args])
     assert ei.value.code == 2
+
+
+@pytest.mark.parametrize("opt", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_unwritable_output_is_refused_before_the_run(tmp_path, capsys, opt: str,
+                                                     where: str) -> None:
+    out = tmp_path / "no" / "such" / "x" if where == "missing folder" else tmp_path
+    assert main(["migrate", "--builtin", "small-idle", opt, str(out)]) == 2
+    cap = capsys.readouterr()
+    err = " ".join(cap.err.split())  # rich wraps long lines at the console width
+    assert f"{opt} {out}:" in err and "Traceback" not in err
+    assert "pages sent" not in cap.out  # refused before anything ran
+
+
+def test_fidelity_unwritable_json_is_refused_before_the_run(tmp_path, capsys) -> None:
+    out = tmp_path / "missing" / "x.json"
+    assert main(["fidelity", "--json", str(out)]) == 2
+    assert f"--json {out}: folder" in " ".join(capsys.readouterr().out.split())
