@@ -32,19 +32,21 @@ class PageVersions:
         self._next += n
         return out
 
+    def _content(self, kind: str, n: int) -> np.ndarray | int:
+        """The versions ``n`` pages get from a write of ``kind`` (data, zero or poison)."""
+        if kind == "data":
+            return self._bump(n)
+        if kind == "zero":
+            return ZERO
+        if kind == "poison":
+            return POISON
+        raise ValueError(f"unknown write kind {kind!r}")
+
     def write_range(self, first_pfn: int, count: int, kind: str = "data") -> None:
         """Write ``count`` pages from ``first_pfn``: ``kind`` is data, zero or poison."""
         if count <= 0:
             return
-        sl = slice(first_pfn, first_pfn + count)
-        if kind == "data":
-            self.version[sl] = self._bump(count)
-        elif kind == "zero":
-            self.version[sl] = ZERO
-        elif kind == "poison":
-            self.version[sl] = POISON
-        else:
-            raise ValueError(f"unknown write kind {kind!r}")
+        self.version[first_pfn:first_pfn + count] = self._content(kind, count)
         self.writes += count
         if self.dirty_log is not None:
             self.dirty_log.mark_range(first_pfn, count)
@@ -53,14 +55,7 @@ class PageVersions:
         pfns = np.asarray(pfns, dtype=np.int64)
         if pfns.size == 0:
             return
-        if kind == "data":
-            self.version[pfns] = self._bump(pfns.size)
-        elif kind == "zero":
-            self.version[pfns] = ZERO
-        elif kind == "poison":
-            self.version[pfns] = POISON
-        else:
-            raise ValueError(f"unknown write kind {kind!r}")
+        self.version[pfns] = self._content(kind, int(pfns.size))
         self.writes += int(pfns.size)
         if self.dirty_log is not None:
             self.dirty_log.mark_pfns(pfns)
