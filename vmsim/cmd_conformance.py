@@ -200,7 +200,7 @@ def parse_target(text: str) -> tuple[str, str]:
     return kind, path
 
 
-def run_subprocess(tests: Path, extra: list[str], verbose: bool,
+def run_subprocess(tests: Path, extra: list[str],
                    env_extra: dict[str, str] | None = None) -> tuple[Report, int, str]:
     with tempfile.TemporaryDirectory(prefix="bh-conformance-") as tmp:
         out = Path(tmp) / "report.json"
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process:
         report, code, output = run_in_process(tests, extra, env_extra)
     else:
-        report, code, output = run_subprocess(tests, extra, args.show_pytest, env_extra)
+        report, code, output = run_subprocess(tests, extra, env_extra)
     if args.show_pytest and output:
         print(output)
     if not report.tests and not report.collect_errors and code not in (0, 5):
