@@ -161,7 +161,6 @@ from protocol.balloon import (
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
-    VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ,
     BalloonQueue,
     StatTag,
@@ -207,9 +206,6 @@ _STAT_DTYPE = np.dtype([("tag", "<u2"), ("val", "<u8")])  # itemsize 10, no padd
 _CONFIG_FIELDS = ((CFG_NUM_PAGES, "num_pages"), (CFG_ACTUAL, "actual"),
                   (CFG_FREE_PAGE_HINT_CMD_ID, "free_page_hint_cmd_id"),
                   (CFG_POISON_VAL, "poison_val"))
-_QUEUE_FEATURE = {BalloonQueue.STATS: VIRTIO_BALLOON_F_STATS_VQ,
-                  BalloonQueue.FREE_PAGE: VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-                  BalloonQueue.REPORTING: VIRTIO_BALLOON_F_REPORTING}
 
 
 def _has(features: int, bit: int) -> bool:

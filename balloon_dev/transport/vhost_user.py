@@ -105,6 +105,7 @@ from protocol.vhost_user import (
     request_name,
 )
 from protocol.virtio import DeviceStatus
+from protocol.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 
 log = logging.getLogger(__name__)
 
@@ -733,9 +734,11 @@ class VhostUserSession:
         if a.flags & 1:
             raise _Reject("vring_log_unsupported", f"ring {a.index} asks for used-ring logging")
         n = ring.num or self.dev.queue_max_size(a.index)
-        ring.desc_gpa = self._uaddr_to_gpa(a.desc_user_addr, 16 * n, "descriptor table")
-        ring.avail_gpa = self._uaddr_to_gpa(a.avail_user_addr, 6 + 2 * n, "available ring")
-        ring.used_gpa = self._uaddr_to_gpa(a.used_user_addr, 6 + 8 * n, "used ring")
+        ring.desc_gpa = self._uaddr_to_gpa(a.desc_user_addr, desc_table_size(n),
+                                           "descriptor table")
+        ring.avail_gpa = self._uaddr_to_gpa(a.avail_user_addr, avail_ring_size(n),
+                                            "available ring")
+        ring.used_gpa = self._uaddr_to_gpa(a.used_user_addr, used_ring_size(n), "used ring")
         ring.addr = a
         return _Outcome(effects=self._maybe_go_live())
 
