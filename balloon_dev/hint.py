@@ -151,11 +151,6 @@ class HintSession:
     def cmd_id(self) -> int:
         return self.state.cmd_id
 
-    @property
-    def active(self) -> bool:
-        """A round is REQUESTED or START (its id is the one the driver may use)."""
-        return self.state.status in (REQUESTED, START)
-
     def fire(self, event: HintEvent) -> tuple[FreePageHintStatus, FreePageHintStatus, Act]:
         """Apply ``event``; returns (old state, new state, actions). NEW_ID is done here."""
         old = self.state.status
