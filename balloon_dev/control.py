@@ -1,9 +1,10 @@
 """Host control of a served balloon device: a small QMP-style JSON command set, sans-I/O.
 
-Theory of operation: a ``HostControl`` sits beside a running device. The socket server (in
-``balloon_dev.transport.vfio_user_server``) greets each control client with ``welcome()`` and
-passes every JSON object it reads to ``execute(obj)``; the returned object is written back. The
-wire form is one JSON object per line::
+Theory of operation: a ``HostControl`` sits beside a running device. The socket server
+(``serve_control`` in ``balloon_dev.transport.vfio_user_server``, for either transport) greets
+each control client with ``welcome()`` and passes every JSON object it reads to
+``execute(obj)``; the returned object is written back. The wire form is one JSON object per
+line::
 
     <- {"QMP": {"version": {"package": "balloon-hint"}, "capabilities": []}}
     -> {"execute": "hint-start"}
@@ -14,9 +15,10 @@ wire form is one JSON object per line::
     <- {"error": {"class": "CommandNotFound", "desc": "..."}}
 
 Commands: ``hint-start``, ``hint-stop``, ``hint-done`` (protocol.md 4.1: a new command id, STOP,
-DONE), ``set-target`` (``num_pages``), ``stats`` (device, transport and session counters, the
-driver checker's violations, and the hint-round log), ``qmp_capabilities`` (accepted, for QMP
-clients).
+DONE), ``set-target`` (``arguments.pages`` -> ``num_pages``), ``request-stats`` (give the held
+statistics buffer back to the driver), ``stats`` (device, transport and session counters, the
+driver checker's violations, the guest's last statistics and the hint-round log),
+``qmp_capabilities`` (accepted, for QMP clients). A request's ``id`` is echoed in its answer.
 
 Device calls go through ``host_call(fn)``, which the server provides: it runs ``fn(dev)``,
 delivers the interrupts and returns the host effects, which come back here through

@@ -549,7 +549,7 @@ class PrecopyMigration:
         """Check the destination against the source at switchover; see ``verify_pages``."""
         res = verify_pages(self.versions.version, self.dest_version, in_use, held,
                            page_poison=page_poison, poison_version=poison_version,
-                           byte_regions=[(f, n, mv, d) for f, n, mv, d in self._byte_regions])
+                           byte_regions=self._byte_regions)
         self.verify_result = res
         return res
 
