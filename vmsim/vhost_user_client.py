@@ -230,6 +230,10 @@ class VhostUserClient:
                 data = self.channel.recv(4096)
             except BlockingIOError:
                 break
+            except OSError:
+                # Reset by the back-end (it closed with our replies unread): the channel is
+                # gone just as after an orderly close; what arrived before is still handled.
+                data = b""
             if not data:
                 self.channel.close()
                 self.channel = None
@@ -247,7 +251,11 @@ class VhostUserClient:
                 changes += 1
             if h.flags & vu.VHOST_USER_NEED_REPLY_MASK and self.channel is not None:
                 ok = 0 if h.request == vu.VhostUserBackendRequest.CONFIG_CHANGE_MSG else 1
-                self.channel.sendall(vu.build_reply(h.request, vu.build_u64(ok)))
+                try:
+                    self.channel.sendall(vu.build_reply(h.request, vu.build_u64(ok)))
+                except OSError as e:
+                    raise VhostUserClientError(f"back-end channel: cannot reply to "
+                                               f"{h.request}: {e}") from None
         return changes
 
     def _drain(self) -> list[int]:
