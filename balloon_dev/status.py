@@ -13,9 +13,9 @@ order and checks each against ``PREREQUISITES``; the device then acts on the ver
   set (e.g. DRIVER_OK without FEATURES_OK on the modern interface), is a guest error: the
   verdict is ``broken`` and the device enters DEVICE_NEEDS_RESET (virtio 1.x 2.1.2: the device
   sets it when it needs a reset to recover).
-- FEATURES_OK newly set asks the device to validate the features; ``features_ok`` is the
-  device's answer, and when it is False the bit is not kept (the driver sees it gone on re-read,
-  step 6 of protocol.md 2.3).
+- FEATURES_OK newly set asks the device to validate the features (the ``validate_features``
+  callback); when it says no, the bit is not kept and the verdict's ``features_refused`` is set
+  (the driver sees the bit gone on re-read, step 6 of protocol.md 2.3).
 
 The legacy interface (virtio 0.9.5, ``legacy=True``) has only ACKNOWLEDGE, DRIVER, DRIVER_OK and
 FAILED: features are taken when written, never confirmed, so DRIVER_OK follows DRIVER directly

@@ -45,9 +45,10 @@ of an indirect table's buffers and ``read_out``. ``DeviceVirtqueue`` (here) and
 Guest RAM vs readable memory. V-8 asks that every buffer lie in guest RAM. By default that is
 ``mem``'s regions (wholly inside one of them). A host whose ``GuestMemory`` holds only the bytes
 it reads (the driver area) while hints point at RAM modelled by ``PageVersions`` passes
-``ram=[(gpa, size), ...]``, and buffers are checked against those ranges instead (vmsim needs
-none: it backs all RAM with sparse regions). Descriptor and indirect tables are read, so they
-must always lie in ``mem``.
+``ram=[(gpa, size), ...]``, and buffers are checked against those ranges instead (vmsim does:
+only its driver area is byte-backed, and ``BalloonDevice`` passes RAM plus the byte-backed
+regions when ``DeviceConfig.ram_pages`` is set). Descriptor and indirect tables are read, so
+they must always lie in ``mem``.
 
 Pushing. ``push``/``push_many`` write used elements, then publish ``used.idx`` once, through
 ``GuestMemory`` so the dirty log sees them. The device writes nothing but the used ring
