@@ -325,8 +325,10 @@ class VfioUserClient:
                 if cfg_type not in lay.caps and bar <= 5:
                     lay.caps[cfg_type] = VirtioCap(cfg_type, bar, off, length, pos)
                     if cfg_type == vp.VIRTIO_PCI_CAP_NOTIFY_CFG:
-                        if cap_len < vp.VIRTIO_PCI_NOTIFY_CAP_LEN:
-                            raise VfioUserClientError(f"notify capability of {cap_len} bytes")
+                        if cap_len < vp.VIRTIO_PCI_NOTIFY_CAP_LEN \
+                                or pos + vp.VIRTIO_PCI_NOTIFY_CAP_LEN > len(cfg):
+                            raise VfioUserClientError(f"notify capability of {cap_len} bytes "
+                                                      f"at {pos:#x}")
                         lay.notify_off_multiplier = struct.unpack_from(
                             "<I", cfg, pos + vp.VIRTIO_PCI_CAP_EXTRA)[0]
             elif cap_id == vp.PCI_CAP_ID_MSIX and lay.msix_pos is None:
