@@ -188,8 +188,16 @@ def test_random_packed_rings(p: dict[str, Any], max_n: int | None) -> None:
             q.push(c.head, 1)
         q.should_notify()
         assert not mem.refused
-        # Pushing rewrites only len/id/flags (bytes 8..15) of the used slots.
-        slots = {(used_at + sum(n for _, n in want[:i])) % SIZE for i in range(len(chains))}
+        # Pushing rewrites only len/id/flags (bytes 8..15) of the used slots. Each push returns
+        # the oldest chain in flight with its id, so a popped chain reusing the held chain's id
+        # (0xFFFF) returns the held one (and its slot count) first.
+        fifo: dict[int, list[int]] = {0xFFFF: [p["held"]]} if p["held"] else {}
+        for c, (_, nslots) in zip(chains, want, strict=False):
+            fifo.setdefault(c.head, []).append(nslots)
+        slots, at = set(), used_at
+        for c in chains:  # the push order above
+            slots.add(at % SIZE)
+            at += fifo[c.head].pop(0)
         diff = np.flatnonzero(np.frombuffer(backing, np.uint8) != np.frombuffer(before, np.uint8))
         for b in diff.tolist():
             if DEVICE <= b < DEVICE + 4:
