@@ -205,6 +205,16 @@ class VfioUserClient:
                 h.error)
         return body
 
+    @staticmethod
+    def _reply(layout: str, body: bytes, size: int) -> dict[str, Any]:
+        """The fixed-size head of a reply payload, decoded; a short or undecodable one is the
+        device's error (``VfioUserClientError``), not a protocol-module exception."""
+        try:
+            return vu.parse_reply_payload(layout, body[:size])
+        except vu.VfioUserError as e:
+            raise VfioUserClientError(f"{layout} reply of {len(body)} bytes unusable: "
+                                      f"{e}") from None
+
     def _recv_exact(self, n: int, name: str) -> bytes:
         assert self.sock is not None
         buf = bytearray()
@@ -248,14 +258,14 @@ class VfioUserClient:
     def _device_info(self) -> None:
         body = self.request(vu.Command.DEVICE_GET_INFO,
                             vu.build_device_info(vu.DEVICE_INFO_SIZE, 0, 0, 0))
-        info = vu.parse_reply_payload("device_info", body[:vu.DEVICE_INFO_SIZE])
+        info = self._reply("device_info", body, vu.DEVICE_INFO_SIZE)
         if not info["flags"] & vu.VFIO_DEVICE_FLAGS_PCI:
             raise VfioUserClientError(f"DEVICE_GET_INFO: not a PCI device (flags "
                                       f"{info['flags']:#x})")
         for idx in range(min(info["num_regions"], vu.VFIO_PCI_NUM_REGIONS)):
             body = self.request(vu.Command.DEVICE_GET_REGION_INFO,
                                 vu.build_region_info(vu.REGION_INFO_SIZE, 0, idx, 0))
-            r = vu.parse_reply_payload("region_info", body[:vu.REGION_INFO_SIZE])
+            r = self._reply("region_info", body, vu.REGION_INFO_SIZE)
             self.region_sizes[idx] = r["size"]
         if self.region_sizes.get(vu.VFIO_PCI_CONFIG_REGION_INDEX, 0) < vp.PCI_CONFIG_SPACE_SIZE:
             raise VfioUserClientError("the device has no 256-byte PCI config region")
@@ -357,7 +367,7 @@ class VfioUserClient:
                                                & ~vp.PCI_MSIX_FLAGS_MASKALL))
         body = self.request(vu.Command.DEVICE_GET_IRQ_INFO, vu.build_irq_info(
             vu.IRQ_INFO_SIZE, 0, vu.VFIO_PCI_MSIX_IRQ_INDEX, 0))
-        info = vu.parse_reply_payload("irq_info", body[:vu.IRQ_INFO_SIZE])
+        info = self._reply("irq_info", body, vu.IRQ_INFO_SIZE)
         count = min(info["count"], self.pci.msix_table_size)
         if count < 1 or not info["flags"] & vu.VFIO_IRQ_INFO_EVENTFD:
             raise VfioUserClientError(f"MSI-X irq index: count {info['count']} flags "

@@ -1,4 +1,4 @@
-"""vmsim.vfio_user_client's capability walk over config space a device made up: every layout
+"""vmsim.vfio_user_client against replies and config space a device made up: every layout
 problem is a ``VfioUserClientError`` naming it, never a struct or index error."""
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ def test_capability_loop_is_a_clear_error() -> None:
     cap = bytes([vp.PCI_CAP_ID_MSIX, 0x40, 0, 0])  # points at itself
     with pytest.raises(VfioUserClientError, match="capability list broken at 0x40"):
         _walk(_config_with_cap_at(0x40, cap))
+
+
+def test_short_device_info_reply_is_a_clear_error() -> None:
+    c = VfioUserClient("unused")
+    c.request = lambda *a, **k: b"\x00" * 4  # type: ignore[method-assign]
+    with pytest.raises(VfioUserClientError, match="device_info reply of 4 bytes unusable"):
+        c._device_info()
