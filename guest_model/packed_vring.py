@@ -22,7 +22,12 @@ written last: that single write makes the whole chain available.
 
 Reaping reads the descriptor at ``last_used``: it is used when ``AVAIL == USED == used_wrap``.
 Its id must name a buffer in flight (else the ring is broken: counted, logged, the device is at
-fault); ``last_used`` then moves on by the slots that buffer's chain took.
+fault); ``last_used`` then moves on by the slots that buffer's chain took. Since one-slot
+buffers (hints, pfn arrays) sit in consecutive slots, a run of them is checked and released as
+one numpy batch; a longer chain or a bad id is taken one descriptor at a time, in order.
+
+What both ring layouts share (argument checks, indirect tables, tokens, breaking the ring) is
+``guest_model.vring.DriverRingBase``.
 
 Notifications: ``kick_prepare`` reads the device area: DISABLE -> no kick, ENABLE -> kick, DESC
 (with EVENT_IDX) -> kick when the slots published since the last kick passed ``off_wrap`` (a

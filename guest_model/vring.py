@@ -30,6 +30,10 @@ All indices are free-running ``uint16`` and wrap at 65536; slots are ``idx & (N 
 
 Hot paths batch: ``add_single_bufs`` posts many one-descriptor buffers (free page hints) with a
 few numpy assignments, and ``get_bufs`` reaps every pending used element at once.
+
+``DriverRingBase`` holds what this ring and the packed one (``guest_model.packed_vring``) share:
+the checks of ``add_buf`` / ``add_single_bufs`` arguments, the indirect table with its fall-back
+to a direct chain, tokens, ``get_buf`` and marking the ring broken.
 """
 from __future__ import annotations
 
