@@ -279,6 +279,14 @@ class PackedDeviceVirtqueue(QueueCommon):
         f = flags[slots % self.size].astype(np.int64)
         return ((f >> _AVAIL_BIT) & 1 == wrap) & ((f >> _USED_BIT) & 1 != wrap)
 
+    def _available(self, room: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One snapshot of the ring, which of the next ``room`` slots are available, and the
+        length of the available run from last_avail_idx (what pending and pop_many start from)."""
+        snap = self._snapshot()
+        avail = self._avail_mask(snap["flags"], room)
+        run = room if avail.all() else int(np.argmin(avail))
+        return snap, avail, run
+
     def _is_avail(self, flags: int, k: int) -> bool:
         wrap = self.avail_wrap if self.last_avail_idx + k < self.size else self.avail_wrap ^ 1
         return (flags >> _AVAIL_BIT & 1) == wrap and (flags >> _USED_BIT & 1) != wrap
@@ -290,12 +298,10 @@ class PackedDeviceVirtqueue(QueueCommon):
         room = self._room()
         if room <= 0:
             return 0
-        snap = self._snapshot()
-        flags = snap["flags"]
-        avail = self._avail_mask(flags, room)
-        run = room if avail.all() else int(np.argmin(avail))
+        snap, avail, run = self._available(room)
         if run == 0:
             return 0
+        flags = snap["flags"]
         order = (self.last_avail_idx + np.arange(room)) % self.size
         nxt = (flags[order] & VIRTQ_DESC_F_NEXT) != 0
         if not nxt[:run].any():
@@ -354,12 +360,10 @@ class PackedDeviceVirtqueue(QueueCommon):
         room = self._room()
         if room <= 0 or (max_n is not None and max_n <= 0):
             return []
-        snap = self._snapshot()
-        flags = snap["flags"]
-        avail = self._avail_mask(flags, room)
-        run = room if avail.all() else int(np.argmin(avail))
+        snap, avail, run = self._available(room)
         if run == 0:
             return []
+        flags = snap["flags"]
         order = (self.last_avail_idx + np.arange(run)) % self.size
         rows = snap[order]
         rf = rows["flags"]
