@@ -170,18 +170,17 @@ class FreeBlockWalker:
         if self._zi >= len(self._zones):
             self.done = True
 
-    def _merge_list_stats(self, ls: WalkStats) -> None:
-        for k, v in vars(ls).items():
-            setattr(self.stats, k, getattr(self.stats, k) + v)
-
     def step(self) -> tuple[int, int] | None:
         while not self.done:
             zone = self._zones[self._zi]
+            # The call counts into the list's own stats (its restart bound is per list);
+            # what it added goes to the walk's totals.
             ls = self._list_stats
             before = vars(ls).copy()
             pfn = report_free_page_block(zone, self._order, self._mt, self._page, safe=self.safe,
                                          stats=ls, max_restarts=self.max_restarts)
-            self._merge_list_stats(WalkStats(**{k: getattr(ls, k) - before[k] for k in before}))
+            for k, v in vars(ls).items():
+                setattr(self.stats, k, getattr(self.stats, k) + v - before[k])
             if pfn is None:
                 self._advance()
                 continue
