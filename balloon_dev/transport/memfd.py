@@ -37,14 +37,18 @@ needs.
 
 ``close_quietly(fd)`` is the one fd-closing helper of the transports: a peer's fd we no longer
 want is closed, and an fd the peer (or an earlier error path) already made invalid is no error.
+``received_fds(ancillary)`` takes the fds out of what ``recvmsg`` returned (both servers read
+messages that carry fds this way).
 """
 from __future__ import annotations
 
+import array
 import enum
 import errno
 import fcntl
 import logging
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 
@@ -117,6 +121,18 @@ def close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of the SCM_RIGHTS control messages in ``recvmsg``'s ancillary data (a partial
+    trailing int, as a truncated buffer can leave, is ignored)."""
+    fds: list[int] = []
+    for level, typ, cdata in ancillary:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
+            fds.extend(got)
+    return fds
 
 
 def report_unsealed(res: SealResult, counters: Counter[str], what: str) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from balloon_dev.control import HostControl
-from balloon_dev.transport.memfd import close_quietly
+from balloon_dev.transport.memfd import close_quietly, received_fds
 from balloon_dev.transport.vfio_user import (
     SERVER_MAX_MSG_FDS,
     Reply,
@@ -255,11 +255,7 @@ class VfioUserServer:
                 data, anc, flags, _ = await conn.recvmsg(n - len(buf), _ANC_SIZE)
             except OSError as e:
                 raise ConnectionLost(f"recv failed: {e}") from None
-            for level, typ, cdata in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
-                    fds.extend(got)
+            fds.extend(received_fds(anc))
             if flags & socket.MSG_CTRUNC:
                 # More fds than max_msg_fds: the kernel dropped some. The message can still be
                 # served (and will be rejected for its fd count).

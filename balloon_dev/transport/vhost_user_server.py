@@ -45,7 +45,7 @@ from typing import Any
 import trio
 
 from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
-from balloon_dev.transport.memfd import close_quietly
+from balloon_dev.transport.memfd import close_quietly, received_fds
 from balloon_dev.transport.vhost_user import (
     DEFAULT_PROTOCOL_FEATURES,
     BalloonDeviceLike,
@@ -75,11 +75,7 @@ async def _recv_exact(sock: trio.socket.SocketType, n: int, fds: list[int]) -> b
     while len(buf) < n:
         data, anc, flags, _ = await sock.recvmsg(
             n - len(buf), socket.CMSG_SPACE(VHOST_USER_MAX_FDS * _FD_SIZE))
-        for level, typ, cdata in anc:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(cdata[:len(cdata) - len(cdata) % _FD_SIZE])
-                fds.extend(got)
+        fds.extend(received_fds(anc))
         if flags & socket.MSG_CTRUNC:
             # More fds than any message may carry: those past the buffer are lost to us and the
             # peer is misbehaving; what did arrive is closed by the caller.
