@@ -70,11 +70,6 @@ _U16 = struct.Struct("<H")
 _BOTH = VIRTQ_PACKED_DESC_F_AVAIL | VIRTQ_PACKED_DESC_F_USED
 
 
-def _avail_bits(wrap: int) -> int:
-    """Flags that make a slot available in a lap with driver wrap counter ``wrap``."""
-    return VIRTQ_PACKED_DESC_F_AVAIL if wrap else VIRTQ_PACKED_DESC_F_USED
-
-
 class PackedDriverVring(DriverRingBase):
     """The driver side of one packed virtqueue; same methods as ``DriverVring`` (argument
     checks, indirect-table allocation, tokens and breaking come from ``DriverRingBase``)."""
