@@ -554,6 +554,8 @@ class BuddyAllocator:
 
     def is_free(self, pfn: int) -> bool:
         """Free in the guest's sense: on a buddy list or a per-cpu list."""
+        if not 0 <= pfn < self.ram_pages:  # a negative pfn would index from the end
+            raise BuddyError(f"is_free(pfn={pfn:#x}): outside RAM")
         st = self._st[pfn]
         return st == PG_BUDDY or st == PG_PCP
 

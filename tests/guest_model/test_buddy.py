@@ -205,6 +205,9 @@ def test_misuse_raises_with_the_culprit() -> None:
         a.alloc_pages(0, 4)
     with pytest.raises(BuddyError, match="outside RAM"):
         a.free_pages(a.ram_pages, 0)
+    for pfn in (-1, a.ram_pages):  # -1 used to answer for the last page
+        with pytest.raises(BuddyError, match="outside RAM"):
+            a.is_free(pfn)
     a.check()
 
 
