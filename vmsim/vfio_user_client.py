@@ -43,20 +43,17 @@ from __future__ import annotations
 
 import array
 import errno
-import mmap
 import os
 import select
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
-from vmsim.guest_ram import create_guest_ram, release_guest_ram
+from vmsim.client_base import QemuRoleClient
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
@@ -92,24 +89,17 @@ class PciLayout:
     msix_table_size: int = 0
 
 
-class VfioUserClient:
+class VfioUserClient(QemuRoleClient):
     """QEMU's side of a vfio-user connection to a virtio-pci balloon (see the module docstring).
 
     ``ram_bytes`` of guest RAM at gpa 0 (a multiple of the page size). ``connect()`` runs the
     whole set-up; use the object as a context manager to close it.
     """
 
+    error = VfioUserClientError
+
     def __init__(self, path: str, *, ram_bytes: int = 64 << 20, timeout: float = 5.0) -> None:
-        if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
-            raise ValueError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "
-                             f"{mmap.PAGESIZE}")
-        self.path = path
-        self.ram_bytes = ram_bytes
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-        self.mem = GuestMemory()
-        self._memfd: int | None = None
-        self._ram: mmap.mmap | None = None
+        super().__init__(path, ram_bytes=ram_bytes, timeout=timeout)
         self._msg_id = 0
         self.server_caps: dict[str, Any] = {}
         self.max_msg_fds = vu.DEFAULT_MAX_MSG_FDS
@@ -119,29 +109,13 @@ class VfioUserClient:
         self.irq_counts: list[int] = []
         self.config_vector = vp.VIRTIO_MSI_NO_VECTOR
         self.queue_vectors: dict[int, int] = {}
-        self._on_queue: Callable[[int], None] | None = None
-        self._on_config: Callable[[], None] | None = None
         self._queue_vector_default = 1  # set from the MSI-X table size at connect()
         self._notify_off: dict[int, int] = {}
         self._queue_size: dict[int, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
-    def __enter__(self) -> VfioUserClient:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except OSError as e:
-            s.close()
-            raise VfioUserClientError(f"{self.path}: cannot connect: {e}") from None
-        self.sock = s
+        self._open_socket()
         try:
             self._version()
             self._map_ram()
@@ -162,8 +136,7 @@ class VfioUserClient:
             except OSError:
                 pass
         self.eventfds = []
-        release_guest_ram(self.mem, self._ram, self._memfd)
-        self._ram = self._memfd = None
+        self._release_guest_ram()
 
     # -- messages ---------------------------------------------------------------------------
     def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None,
@@ -249,9 +222,7 @@ class VfioUserClient:
         self.max_msg_fds = fds if isinstance(fds, int) and fds > 0 else vu.DEFAULT_MAX_MSG_FDS
 
     def _map_ram(self) -> None:
-        fd, self._ram = create_guest_ram(self.ram_bytes)
-        self._memfd = fd
-        self.mem.add_region(0, self._ram, name="ram")
+        fd = self._map_guest_ram()
         self.request(vu.Command.DMA_MAP, vu.build_dma_map(
             vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE, 0, 0, self.ram_bytes), [fd])
 
@@ -503,10 +474,6 @@ class VfioUserClient:
             raise VfioUserClientError(f"queue {q}: notify offset {at:#x} beyond the notify "
                                       f"window of {cap.length:#x} bytes")
         self.region_write(cap.bar, cap.offset + at, struct.pack("<H", q))
-
-    def set_interrupt_handlers(self, on_queue: Callable[[int], None],
-                               on_config: Callable[[], None]) -> None:
-        self._on_queue, self._on_config = on_queue, on_config
 
     def reset(self) -> None:
         """virtio reset: write status 0 and wait until it reads back 0 (protocol.md 2.2)."""

@@ -34,20 +34,17 @@ this is a test harness, not a VMM. It imports nothing from ``balloon_dev``.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import select
 import socket
 import struct
-from collections.abc import Callable
 from typing import Any
 
-from guestmem import GuestMemory
 from protocol import vhost_user as vu
 from protocol.balloon import queue_layout
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_MAX_SIZE
-from vmsim.guest_ram import create_guest_ram, release_guest_ram
+from vmsim.client_base import QemuRoleClient
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -66,26 +63,19 @@ class VhostUserClientError(Exception):
     """The back-end (the peer) misbehaved or refused a request."""
 
 
-class VhostUserClient:
+class VhostUserClient(QemuRoleClient):
     """QEMU's side of a vhost-user connection to a balloon back-end (see the module docstring)."""
+
+    error = VhostUserClientError
 
     def __init__(self, path: str, *, ram_bytes: int = 64 << 20, timeout: float = 5.0,
                  num_vqs: int | None = None, vq_size: int = DEFAULT_VQ_SIZE) -> None:
-        if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
-            raise ValueError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "
-                             f"{mmap.PAGESIZE}")
+        super().__init__(path, ram_bytes=ram_bytes, timeout=timeout)
         if not 0 < vq_size <= VIRTQ_MAX_SIZE or vq_size & (vq_size - 1):
             raise ValueError(f"vq_size={vq_size}: must be a power of two <= {VIRTQ_MAX_SIZE}")
-        self.path = path
-        self.ram_bytes = ram_bytes
-        self.timeout = timeout
         self.vq_size = vq_size
         self._num_vqs = num_vqs
-        self.sock: socket.socket | None = None
         self.channel: socket.socket | None = None
-        self.mem = GuestMemory()
-        self._memfd: int | None = None
-        self._ram: mmap.mmap | None = None
         self.offered = 0  # device features, without the vhost-user protocol bit
         self.protocol_features = 0
         self.status = 0
@@ -100,27 +90,11 @@ class VhostUserClient:
         self.config_vector = 0
         self.queue_vectors: dict[int, int] = {}
         self.irq_counts: list[int] = [0]
-        self._on_queue: Callable[[int], None] | None = None
-        self._on_config: Callable[[], None] | None = None
         self._chan_buf = b""
 
     # -- lifecycle --------------------------------------------------------------------------
-    def __enter__(self) -> VhostUserClient:
-        self.connect()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except OSError as e:
-            s.close()
-            raise VhostUserClientError(f"{self.path}: cannot connect: {e}") from None
-        self.sock = s
+        self._open_socket()
         try:
             feats = self._u64(self.request(R.GET_FEATURES), "GET_FEATURES")
             self.offered = feats & ~(1 << vu.VHOST_USER_F_PROTOCOL_FEATURES)
@@ -139,8 +113,7 @@ class VhostUserClient:
                 ours.setblocking(False)
                 self.channel = ours
             self.request(R.SET_OWNER)
-            self._memfd, self._ram = create_guest_ram(self.ram_bytes)
-            self.mem.add_region(0, self._ram, name="ram")
+            self._map_guest_ram()
         except BaseException:
             self.close()
             raise
@@ -151,8 +124,7 @@ class VhostUserClient:
                 s.close()
         self.sock = self.channel = None
         self._close_ring_fds()
-        release_guest_ram(self.mem, self._ram, self._memfd)
-        self._ram = self._memfd = None
+        self._release_guest_ram()
 
     def _close_ring_fds(self) -> None:
         for fd in list(self.kick_fds.values()) + list(self.call_fds.values()):
@@ -413,10 +385,6 @@ class VhostUserClient:
             self._pending_kicks.add(q)
             return
         os.write(fd, (1).to_bytes(8, "little"))
-
-    def set_interrupt_handlers(self, on_queue: Callable[[int], None],
-                               on_config: Callable[[], None]) -> None:
-        self._on_queue, self._on_config = on_queue, on_config
 
     def reset(self) -> None:
         self.set_status(0)

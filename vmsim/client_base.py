@@ -1,0 +1,80 @@
+"""What our two test clients playing QEMU's part share (``vmsim.vfio_user_client`` and
+``vmsim.vhost_user_client``).
+
+Theory of operation: each client is an independent peer of the device it drives and has its own
+wire protocol; what they have in common is QEMU's side of the set-up around it. ``QemuRoleClient``
+holds that: the unix socket to the device (connected with the client's timeout; a refused
+connection is the client's own error class naming the path), guest RAM as a sealed memfd mapped
+at gpa 0 of a ``GuestMemory`` (``vmsim.guest_ram``; the device gets the fd in the client's own
+message), the two interrupt handlers the guest driver registers (``VirtioTransport``), and use
+as a context manager (``connect()`` on entry, ``close()`` on exit). A subclass sets ``error``
+and implements ``connect`` and ``close`` with its protocol's steps.
+"""
+from __future__ import annotations
+
+import mmap
+import socket
+from collections.abc import Callable
+from typing import Any, ClassVar, Self
+
+from guestmem import GuestMemory
+from vmsim.guest_ram import create_guest_ram, release_guest_ram
+
+
+class QemuRoleClient:
+    """Socket, guest RAM and interrupt handlers of a client in QEMU's role (module docstring)."""
+
+    #: The exception a subclass raises for a device (peer) that misbehaves or is unreachable.
+    error: ClassVar[type[Exception]] = Exception
+
+    def __init__(self, path: str, *, ram_bytes: int, timeout: float) -> None:
+        if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
+            raise ValueError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "
+                             f"{mmap.PAGESIZE}")
+        self.path = path
+        self.ram_bytes = ram_bytes
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.mem = GuestMemory()
+        self._memfd: int | None = None
+        self._ram: mmap.mmap | None = None
+        self._on_queue: Callable[[int], None] | None = None
+        self._on_config: Callable[[], None] | None = None
+
+    def __enter__(self) -> Self:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _open_socket(self) -> None:
+        """Connect ``self.sock`` to ``path``; every later wait is bounded by ``timeout``."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self.path)
+        except OSError as e:
+            s.close()
+            raise self.error(f"{self.path}: cannot connect: {e}") from None
+        self.sock = s
+
+    def _map_guest_ram(self) -> int:
+        """Guest RAM at gpa 0 of ``mem``; returns the memfd to hand to the device."""
+        self._memfd, self._ram = create_guest_ram(self.ram_bytes)
+        self.mem.add_region(0, self._ram, name="ram")
+        return self._memfd
+
+    def _release_guest_ram(self) -> None:
+        release_guest_ram(self.mem, self._ram, self._memfd)
+        self._ram = self._memfd = None
+
+    def set_interrupt_handlers(self, on_queue: Callable[[int], None],
+                               on_config: Callable[[], None]) -> None:
+        self._on_queue, self._on_config = on_queue, on_config
