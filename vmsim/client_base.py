@@ -6,13 +6,18 @@ wire protocol; what they have in common is QEMU's side of the set-up around it. 
 holds that: the unix socket to the device (connected with the client's timeout; a refused
 connection is the client's own error class naming the path), guest RAM as a sealed memfd mapped
 at gpa 0 of a ``GuestMemory`` (``vmsim.guest_ram``; the device gets the fd in the client's own
-message), the two interrupt handlers the guest driver registers (``VirtioTransport``), and use
-as a context manager (``connect()`` on entry, ``close()`` on exit). A subclass sets ``error``
-and implements ``connect`` and ``close`` with its protocol's steps.
+message), and interrupts: the two handlers the guest driver registers (``VirtioTransport``),
+called only from ``poll_interrupts()``, never from inside another call. Interrupts are
+"vectors": ``config_vector`` for config changes, ``queue_vectors[q]`` for queue ``q`` (several
+queues may share one: all of them are told, drivers tolerate spurious interrupts). The object
+is a context manager (``connect()`` on entry, ``close()`` on exit). A subclass sets ``error``
+and implements ``connect``, ``close`` and ``_drain`` (the vectors that fired since the last
+call, counted in ``irq_counts``) with its protocol's steps.
 """
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
@@ -40,6 +45,9 @@ class QemuRoleClient:
         self._ram: mmap.mmap | None = None
         self._on_queue: Callable[[int], None] | None = None
         self._on_config: Callable[[], None] | None = None
+        self.config_vector = 0
+        self.queue_vectors: dict[int, int] = {}
+        self.irq_counts: list[int] = []
 
     def __enter__(self) -> Self:
         self.connect()
@@ -74,6 +82,34 @@ class QemuRoleClient:
     def _release_guest_ram(self) -> None:
         release_guest_ram(self.mem, self._ram, self._memfd)
         self._ram = self._memfd = None
+
+    # -- interrupts -------------------------------------------------------------------------
+    @staticmethod
+    def _read_eventfd(fd: int) -> int:
+        """Signals an eventfd counted since its last read (0 if none: it is non-blocking)."""
+        try:
+            return int.from_bytes(os.read(fd, 8), "little")
+        except BlockingIOError:
+            return 0
+
+    def _drain(self) -> list[int]:
+        raise NotImplementedError
+
+    def poll_interrupts(self) -> int:
+        """Deliver every pending interrupt to the handlers; returns how many vectors fired."""
+        fired = self._drain()
+        for v in fired:
+            if v == self.config_vector and self._on_config is not None:
+                self._on_config()
+            if self._on_queue is not None:
+                for q, qv in sorted(self.queue_vectors.items()):
+                    if qv == v:
+                        self._on_queue(q)
+        return len(fired)
+
+    def discard_interrupts(self) -> None:
+        """Count and drop pending signals without calling the handlers."""
+        self._drain()
 
     def set_interrupt_handlers(self, on_queue: Callable[[int], None],
                                on_config: Callable[[], None]) -> None:

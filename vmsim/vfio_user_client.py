@@ -106,9 +106,7 @@ class VfioUserClient(QemuRoleClient):
         self.region_sizes: dict[int, int] = {}
         self.pci = PciLayout()
         self.eventfds: list[int] = []
-        self.irq_counts: list[int] = []
         self.config_vector = vp.VIRTIO_MSI_NO_VECTOR
-        self.queue_vectors: dict[int, int] = {}
         self._queue_vector_default = 1  # set from the MSI-X table size at connect()
         self._notify_off: dict[int, int] = {}
         self._queue_size: dict[int, int] = {}
@@ -358,26 +356,11 @@ class VfioUserClient(QemuRoleClient):
     def _drain(self) -> list[int]:
         fired = []
         for v, fd in enumerate(self.eventfds):
-            try:
-                n = int.from_bytes(os.read(fd, 8), "little")
-            except BlockingIOError:
-                continue
+            n = self._read_eventfd(fd)
             if n:
                 self.irq_counts[v] += n
                 fired.append(v)
         return fired
-
-    def poll_interrupts(self) -> int:
-        """Deliver every pending interrupt to the handlers; returns how many vectors fired."""
-        fired = self._drain()
-        for v in fired:
-            if v == self.config_vector and self._on_config is not None:
-                self._on_config()
-            if self._on_queue is not None:
-                for q, qv in sorted(self.queue_vectors.items()):
-                    if qv == v:
-                        self._on_queue(q)
-        return len(fired)
 
     def wait_interrupt(self, timeout: float) -> bool:
         """Block until some vector is signalled (not consumed), at most ``timeout`` seconds."""
@@ -385,10 +368,6 @@ class VfioUserClient(QemuRoleClient):
             return False
         r, _, _ = select.select(self.eventfds, [], [], max(0.0, timeout))
         return bool(r)
-
-    def discard_interrupts(self) -> None:
-        """Count and drop pending signals without calling the handlers."""
-        self._drain()
 
     # -- VirtioTransport --------------------------------------------------------------------
     def get_device_features(self) -> int:

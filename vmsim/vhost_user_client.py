@@ -87,9 +87,7 @@ class VhostUserClient(QemuRoleClient):
         self._pending_kicks: set[int] = set()
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
-        self.config_vector = 0
-        self.queue_vectors: dict[int, int] = {}
-        self.irq_counts: list[int] = [0]
+        self.irq_counts = [0]  # the config "vector"; queues' are added at setup_queue
         self._chan_buf = b""
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -238,25 +236,12 @@ class VhostUserClient(QemuRoleClient):
             self.irq_counts[0] += n
             fired.append(0)
         for q, fd in sorted(self.call_fds.items()):
-            try:
-                c = int.from_bytes(os.read(fd, 8), "little")
-            except BlockingIOError:
-                continue
+            c = self._read_eventfd(fd)
             if c:
                 v = 1 + q
                 self.irq_counts[v] += c
                 fired.append(v)
         return fired
-
-    def poll_interrupts(self) -> int:
-        fired = self._drain()
-        for v in fired:
-            if v == 0:
-                if self._on_config is not None:
-                    self._on_config()
-            elif self._on_queue is not None:
-                self._on_queue(v - 1)
-        return len(fired)
 
     def wait_interrupt(self, timeout: float) -> bool:
         fds: list[Any] = list(self.call_fds.values())
@@ -266,9 +251,6 @@ class VhostUserClient(QemuRoleClient):
             return False
         r, _, _ = select.select(fds, [], [], max(0.0, timeout))
         return bool(r)
-
-    def discard_interrupts(self) -> None:
-        self._drain()
 
     # -- VirtioTransport --------------------------------------------------------------------
     def get_device_features(self) -> int:
