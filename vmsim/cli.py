@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balloon-hint",
         description="virtio-balloon free page hinting: simulated migrations, conformance tests, "
-        "and a device served to QEMU over vfio-user.",
+        "and a device served to QEMU over vfio-user or vhost-user.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

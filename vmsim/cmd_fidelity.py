@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
               "100 Gbit/s, 400 ms) vs simulated")
     t.add_column("scenario", no_wrap=True)
     for col in ("pub. off", "pub. hints", "pub. cut", "sim. off", "sim. hints", "sim. cut",
-                "rel. err", "ok"):
+                "rel. err", "within 10%", "verified"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         err = r["relative_error"]
@@ -110,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['published_with_ms']:,.0f}", f"{r['published_reduction']:.1%}",
                   f"{r['simulated_without_ms']:,.0f}", f"{r['simulated_with_ms']:,.0f}",
                   f"{r['simulated_reduction']:.1%}", f"[{colour}]{err:+.1%}[/]",
+                  "yes" if abs(err) <= 0.10 else "[red]no[/]",
                   "yes" if r["verified"] else "[red]NO[/]")
     console.print(t)
+    within = sum(abs(r["relative_error"]) <= 0.10 for r in rows)
+    console.print(f"{within} of {len(rows)} reductions within 10% relative of the published ones")
     console.print("[dim]times in ms; cut = 1 - hints/off; rel. err = (sim. cut - pub. cut) / pub. "
                   "cut. * calibration point: zero_page_s is fitted to idle-8g's 2970 ms, every "
                   "other figure is a prediction (docs/cost-model.md)[/]")
