@@ -152,11 +152,11 @@ async def _main(server: Any, control: HostControl, ctl_path: str) -> None:
             f"'{o}'" if o.startswith("{") else o for o in opts), flush=True)
 
 
-def _startup_error(e: BaseException) -> OSError | ValueError | None:
-    """The first OSError or ValueError in ``e`` (trio wraps errors of nursery tasks in
-    exception groups): what the servers raise for a socket path they cannot create (the
-    vhost-user server says ValueError for a file in the way, the vfio-user one OSError)."""
-    if isinstance(e, (OSError, ValueError)):
+def _startup_error(e: BaseException) -> OSError | None:
+    """The first OSError in ``e`` (trio wraps errors of nursery tasks in exception groups):
+    what both servers raise for a socket path they cannot create (``FileExistsError`` for a
+    file in the way, ``FileNotFoundError`` for a missing folder; balloon_dev.transport.unixsock)."""
+    if isinstance(e, OSError):
         return e
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         trio.run(_main, server, control, ctl_path)
     except KeyboardInterrupt:
         print("balloon-hint: stopped", file=sys.stderr)
-    except (OSError, ValueError, BaseExceptionGroup) as e:
+    except (OSError, BaseExceptionGroup) as e:
         # A socket path that cannot be created (missing folder, a file in the way, ...): say
         # which sockets, not a traceback. Anything else is a bug and keeps its traceback.
         err = _startup_error(e)

@@ -2,7 +2,8 @@
 socket, plus the JSON host-control socket.
 
 Theory of operation: ``VfioUserServer.run`` binds the socket the user named (created with mode
-0600: only the owner may connect, since a client gets to map memory and drive the device),
+0600 by ``balloon_dev.transport.unixsock.listen_private``, as the vhost-user server's: only the
+owner may connect, since a client gets to map memory and drive the device),
 listens, and serves one connection at a time (a second client waits briefly, then is closed). Per
 connection one reader task reads a message: the 16-byte header with ``recvmsg`` (collecting
 ``SCM_RIGHTS`` fds), checks framing, reads the rest of the payload, and hands header, payload
@@ -26,18 +27,17 @@ import json
 import logging
 import os
 import socket
-import stat
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.transport.memfd import close_quietly, received_fds
+from balloon_dev.transport.unixsock import listen_private, unlink_quietly
 from balloon_dev.transport.vfio_user import (
     SERVER_MAX_MSG_FDS,
     Reply,
@@ -56,28 +56,6 @@ _ANC_SIZE = socket.CMSG_SPACE(SERVER_MAX_MSG_FDS * array.array("i").itemsize)
 
 class ConnectionLost(Exception):
     pass
-
-
-async def _bind_private(sock: Any, path: str) -> None:
-    """Bind a unix socket at ``path`` readable and writable by the owner only."""
-    p = Path(path)
-    if p.exists() or p.is_symlink():
-        if not stat.S_ISSOCK(p.lstat().st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-        p.unlink()  # a stale socket from an earlier run
-    old = os.umask(0o177)  # no window in which the socket is group/world accessible
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -140,12 +118,10 @@ class VfioUserServer:
 
     # -- vfio-user socket --------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bound = False
+        # Bound and listening on return (mode 0600; FileExistsError for a non-socket in the
+        # way): from here on the path is ours to remove.
+        sock = trio.socket.from_stdlib_socket(listen_private(self.path, 4))
         try:
-            await _bind_private(sock, self.path)
-            bound = True  # from here on the path is ours to remove
-            sock.listen(4)
             log.info("vfio-user server listening on %s", self.path)
             task_status.started()
             async with trio.open_nursery() as nursery:
@@ -154,8 +130,7 @@ class VfioUserServer:
                     nursery.start_soon(self._serve_and_close, conn)
         finally:
             sock.close()
-            if bound:
-                _unlink_quietly(self.path)
+            unlink_quietly(self.path)
 
     async def _serve_and_close(self, conn: Any) -> None:
         # One device, one client. A client that arrives while another is served waits up to
@@ -277,12 +252,8 @@ MAX_CONTROL_LINE = 64 * 1024
 async def serve_control(path: str, control: HostControl, *,
                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``control`` on a unix socket (mode 0600), one JSON object per line."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bound = False
+    sock = trio.socket.from_stdlib_socket(listen_private(path, 4))
     try:
-        await _bind_private(sock, path)
-        bound = True
-        sock.listen(4)
         task_status.started()
         async with trio.open_nursery() as nursery:
             while True:
@@ -290,8 +261,7 @@ async def serve_control(path: str, control: HostControl, *,
                 nursery.start_soon(_control_conn, trio.SocketStream(conn), control)
     finally:
         sock.close()
-        if bound:
-            _unlink_quietly(path)
+        unlink_quietly(path)
 
 
 async def _control_conn(stream: trio.SocketStream, control: HostControl) -> None:

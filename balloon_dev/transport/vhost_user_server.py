@@ -35,7 +35,6 @@ import array
 import logging
 import os
 import socket
-import stat
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +45,7 @@ import trio
 
 from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
 from balloon_dev.transport.memfd import close_quietly, received_fds
+from balloon_dev.transport.unixsock import listen_private, unlink_quietly
 from balloon_dev.transport.vhost_user import (
     DEFAULT_PROTOCOL_FEATURES,
     BalloonDeviceLike,
@@ -99,30 +99,6 @@ async def read_message(sock: trio.socket.SocketType) -> Message:
     return Message(header, payload, tuple(fds))
 
 
-def create_listener(path: str | os.PathLike[str]) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0600 from the start (umask during bind).
-
-    The folder must exist; a stale socket file at ``path`` is replaced, any other file is not
-    (usage error naming the path).
-    """
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise ValueError(f"vhost-user socket folder {str(p.parent)!r} does not exist")
-    if p.exists() or p.is_symlink():
-        if not stat.S_ISSOCK(p.lstat().st_mode):
-            raise ValueError(f"vhost-user socket path {str(p)!r} exists and is not a socket")
-        p.unlink()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        s.bind(str(p))
-    finally:
-        os.umask(old)
-    os.chmod(p, 0o600)
-    s.listen(1)
-    return s
-
-
 class VhostUserServer:
     """Serves ``dev`` (whose guest memory is ``mem``) at unix socket ``path``."""
 
@@ -162,7 +138,9 @@ class VhostUserServer:
     # -- serving ----------------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve front-ends one at a time until cancelled."""
-        lsock = trio.socket.from_stdlib_socket(create_listener(self.path))
+        # Mode 0600, a stale socket replaced, FileExistsError for any other file in the way
+        # (one helper with the vfio-user server). Backlog 1: one front-end is served at a time.
+        lsock = trio.socket.from_stdlib_socket(listen_private(self.path, 1))
         try:
             async with trio.open_nursery() as nursery:
                 task_status.started(self.path)
@@ -177,10 +155,7 @@ class VhostUserServer:
                     nursery.start_soon(self._connection, conn)
         finally:
             lsock.close()
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
+            unlink_quietly(self.path)
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
         self.connections += 1

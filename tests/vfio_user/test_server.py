@@ -210,7 +210,7 @@ def test_refuses_to_replace_a_regular_file() -> None:
     with open(path, "w") as f:
         f.write("keep me")
     server, *_ = make_server(path)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="not a socket"):
         trio.run(server.run)
     with open(path) as f:
         assert f.read() == "keep me"

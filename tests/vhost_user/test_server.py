@@ -23,7 +23,7 @@ import trio
 
 from balloon_dev.device import BalloonDevice
 from balloon_dev.effects import Effect, Inflated, PagesHinted
-from balloon_dev.transport.vhost_user_server import VhostUserServer, create_listener
+from balloon_dev.transport.vhost_user_server import VhostUserServer
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
 from tests.vhost_user.frontend import Frontend
@@ -92,27 +92,40 @@ def live_frontend(server: VhostUserServer, token: trio.lowlevel.TrioToken) -> It
         fe.close()
 
 
-# -- the listening socket ------------------------------------------------------------------------
+# -- the listening socket (balloon_dev.transport.unixsock, shared with vfio-user) ---------------
 def test_socket_is_created_mode_0600_and_stale_socket_replaced() -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "s"
-        s1 = create_listener(p)
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600
-        s1.close()  # leaves a stale socket file behind
-        s2 = create_listener(p)
-        assert stat.S_ISSOCK(p.stat().st_mode)
-        s2.close()
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(p))
+        stale.close()  # leaves a stale socket file behind, as a killed server would
+        mem = GuestMemory()
+        server = VhostUserServer(BalloonDevice(mem), mem, p)
+        modes: list[int] = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.run)
+                modes.append(p.lstat().st_mode)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        assert stat.S_ISSOCK(modes[0]) and stat.S_IMODE(modes[0]) == 0o600
+        assert not p.exists()
 
 
 def test_refuses_to_replace_a_regular_file_or_use_a_missing_folder() -> None:
     with tempfile.TemporaryDirectory() as d:
+        mem = GuestMemory()
         p = Path(d) / "file"
         p.write_text("keep me")
-        with pytest.raises(ValueError, match="not a socket"):
-            create_listener(p)
+        server = VhostUserServer(BalloonDevice(mem), mem, p)
+        with pytest.raises(FileExistsError, match="not a socket"):
+            trio.run(server.run)
         assert p.read_text() == "keep me"
-        with pytest.raises(ValueError, match="does not exist"):
-            create_listener(Path(d) / "missing" / "s")
+        server = VhostUserServer(BalloonDevice(mem), mem, Path(d) / "missing" / "s")
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            trio.run(server.run)
 
 
 # -- end to end ----------------------------------------------------------------------------------

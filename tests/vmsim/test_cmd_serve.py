@@ -29,3 +29,6 @@ def test_socket_path_that_cannot_be_created(transport: str, where: str,
         assert main(["serve", transport, path]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"serve: cannot serve on {path} ") and "Traceback" not in err
+    # One exception type per cause, whichever transport (balloon_dev.transport.unixsock).
+    expected = "FileExistsError" if where == "file in the way" else "FileNotFoundError"
+    assert f"{expected}: " in err
