@@ -3,7 +3,7 @@ checks can fail (a check that cannot fail is worthless).
 
 Run as ``python -m tests.conformance_target.faulty_server --fault NAME[,NAME] [--vhost-user]
 SOCK CTL``: our own device and vfio-user (or vhost-user) server, as ``balloon-hint serve`` builds
-them, with the device core
+them (over vhost-user with every queue 128 entries, as there), with the device core
 wrapped in ``FaultyDevice``, which breaks exactly one rule per fault. ``FAULTS`` maps each fault
 to the requirement ids whose checks must then FAIL (tests/test_cmd_conformance_target.py runs
 them). The wrapper sees what the device sees (guest memory, ring addresses) and nothing more.
@@ -33,7 +33,7 @@ from guestmem import GuestMemory, GuestMemoryError
 from protocol.balloon import BalloonQueue
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from vmsim.cmd_serve import parse_features
+from vmsim.cmd_serve import VHOST_USER_VQ_SIZE, parse_features
 
 #: fault -> (what it breaks, ids whose checks must FAIL)
 FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -212,7 +212,11 @@ def build(sock: str, faults: set[str], features: str | None,
     if unknown:
         raise SystemExit(f"--fault: unknown {sorted(unknown)} (known: {', '.join(FAULTS)})")
     mem = GuestMemory()
-    core = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(features)))
+    # Over vhost-user every ring has the front-end's one vq_size, so the queues are sized as
+    # `balloon-hint serve --vhost-user` sizes them (QEMU's reporting queue of 32 would refuse
+    # SET_VRING_NUM 128, and every check would fail on that instead of on the fault).
+    sizes = {"queue_sizes": (VHOST_USER_VQ_SIZE,) * 5} if vhost_user else {}
+    core = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(features), **sizes))
     dev = FaultyDevice(core, mem, faults)
     holder: list[HostControl] = []
     server: Any
