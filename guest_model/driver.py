@@ -189,6 +189,8 @@ class PageAllocator(Protocol):
 
     def free_pages_bulk(self, pfns: np.ndarray) -> None: ...
 
+    def free_blocks_bulk(self, pfns: np.ndarray, order: int, *, cpu: int = ...) -> None: ...
+
     def nr_free_pages(self, zone: int | None = None) -> int: ...
 
     zones: list[Zone]
@@ -721,8 +723,12 @@ class BalloonDriver:
         returns the number of blocks freed. Linux ``return_free_pages_to_mm``."""
         held = self.s.held_blocks
         n = len(held) if max_blocks is None else min(max_blocks, len(held))
-        for _ in range(n):
-            self.alloc.free_pages(held.pop(), VIRTIO_BALLOON_HINT_BLOCK_ORDER)
+        if n:
+            # Most recently captured first, as popping them one by one did; one bulk call
+            # (the same frees, list order and writes) instead of a free_pages per 4 MiB block.
+            pfns = np.array(held[len(held) - n:][::-1], dtype=np.int64)
+            del held[len(held) - n:]
+            self.alloc.free_blocks_bulk(pfns, VIRTIO_BALLOON_HINT_BLOCK_ORDER)
         if max_blocks is None:
             self.counters["hint_blocks_returned_done"] += n
         return n
