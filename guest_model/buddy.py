@@ -92,6 +92,9 @@ maximal-merge layout of each touched max-order block (its runs of free pages cut
 aligned blocks) and puts the new blocks at the heads of their lists, in address order.
 The list order these leave is fixed (tests/guest_model/test_buddy_bulk_equivalence.py holds
 them to a plain one-block-at-a-time reference): the walk and every later allocation see it.
+``free_blocks_bulk`` frees many blocks of one order (the balloon's held hint blocks) with
+exactly the result of ``free_pages`` per block; tests/guest_model/test_buddy_free_blocks_bulk.py
+holds it to that loop.
 
 Randomness: only the optional ``shuffle`` (page_alloc.shuffle) uses the seeded generator; with
 the same seed and calls every run is identical.
