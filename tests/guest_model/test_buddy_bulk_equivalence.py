@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import precondition, rule
 
 from guest_model.buddy import (
     _OOM_MAX_ROUNDS,
@@ -43,6 +43,7 @@ from guest_model.buddy import (
     list_id,
     pageblock_order,
 )
+from tests.guest_model.twins import TwinRules, assert_same
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -315,16 +316,7 @@ def twins(ram: int, **kw: object) -> tuple[BuddyAllocator, ReferenceAllocator]:
     return a, r
 
 
-def assert_same(a: BuddyAllocator, r: BuddyAllocator) -> None:
-    for name in ("next", "prev", "buddy_order", "state", "pageblock_mt", "reported"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(r, name), err_msg=name)
-    for name in ("_first", "_last", "_count", "_nr_reported", "_zone_free", "counters"):
-        assert getattr(a, name) == getattr(r, name), name
-    assert [[list(q) for q in z] for c in a.pcp for z in c] == \
-        [[list(q) for q in z] for c in r.pcp for z in c]
-
-
-class TwinMachine(RuleBasedStateMachine):
+class TwinMachine(TwinRules):
     """Random single and bulk calls on both allocators; after each, everything is equal."""
 
     def __init__(self) -> None:
@@ -392,43 +384,6 @@ class TwinMachine(RuleBasedStateMachine):
         order = np.array(sel[::-1] if data.draw(st.booleans()) else sel, dtype=np.int64)
         self.a.free_pages_bulk(order)
         self.r.free_pages_bulk(order.copy())
-
-    @rule()
-    def drain(self) -> None:
-        self.a.drain_pcp()
-        self.r.drain_pcp()
-
-    @rule(order=st.integers(pageblock_order, MAX_ORDER - 1), skip=st.booleans())
-    def isolate(self, order: int, skip: bool) -> None:
-        p = self.a.isolate_free_block(order, skip_reported=skip)
-        assert p == self.r.isolate_free_block(order, skip_reported=skip)
-        if p is not None:
-            self.isolated[p] = order
-
-    @precondition(lambda self: self.isolated)
-    @rule(data=st.data(), reported=st.booleans())
-    def putback(self, data: st.DataObject, reported: bool) -> None:
-        p = data.draw(st.sampled_from(sorted(self.isolated)))
-        o = self.isolated.pop(p)
-        self.a.putback_block(p, o, reported=reported)
-        self.r.putback_block(p, o, reported=reported)
-
-    @rule(data=st.data(), mt=st.sampled_from([MIGRATE_UNMOVABLE, MIGRATE_MOVABLE]))
-    def isolate_pageblock(self, data: st.DataObject, mt: int) -> None:
-        pfn = data.draw(st.integers(0, self.a.ram_pages - 1))
-        if data.draw(st.booleans()):
-            assert self.a.set_migratetype_isolate(pfn) == self.r.set_migratetype_isolate(pfn)
-        else:
-            self.a.unset_migratetype_isolate(pfn, mt)
-            self.r.unset_migratetype_isolate(pfn, mt)
-
-    @invariant()
-    def identical(self) -> None:
-        assert_same(self.a, self.r)
-        assert self.notified[0] == self.notified[1]
-
-    def teardown(self) -> None:
-        self.a.check()
 
 
 TestTwinMachine = TwinMachine.TestCase

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, precondition, rule
 
 from guest_model.buddy import (
     MAX_ORDER,
@@ -25,10 +25,10 @@ from guest_model.buddy import (
     OWNER_GUEST,
     BuddyAllocator,
     BuddyError,
-    pageblock_order,
 )
 from guestmem.dirty import DirtyLog
 from guestmem.pages import POISON, ZERO, PageVersions
+from tests.guest_model.twins import TwinRules, assert_same
 
 MiB = 1 << 20
 
@@ -51,22 +51,7 @@ def twins(ram: int, **kw: object) -> tuple[BuddyAllocator, BuddyAllocator]:
     return a, r
 
 
-def assert_same(a: BuddyAllocator, r: BuddyAllocator) -> None:
-    for name in ("next", "prev", "buddy_order", "state", "pageblock_mt", "reported"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(r, name), err_msg=name)
-    for name in ("_first", "_last", "_count", "_nr_reported", "_zone_free", "counters"):
-        assert getattr(a, name) == getattr(r, name), name
-    assert [[list(q) for q in z] for c in a.pcp for z in c] == \
-        [[list(q) for q in z] for c in r.pcp for z in c]
-    assert a.pages is not None and r.pages is not None
-    np.testing.assert_array_equal(a.pages.version, r.pages.version, err_msg="version")
-    assert a.pages.writes == r.pages.writes
-    assert a.pages.dirty_log is not None and r.pages.dirty_log is not None
-    np.testing.assert_array_equal(a.pages.dirty_log.peek(), r.pages.dirty_log.peek(),
-                                  err_msg="dirty log")
-
-
-class BulkFreeTwins(RuleBasedStateMachine):
+class BulkFreeTwins(TwinRules):
     """``a`` frees batches with free_blocks_bulk, ``r`` with a loop of free_pages."""
 
     @initialize(init=st.sampled_from(["none", "init_on_free", "poison"]), shuffle=st.booleans())
@@ -125,45 +110,6 @@ class BulkFreeTwins(RuleBasedStateMachine):
         self.a.free_blocks_bulk(np.array(sel, dtype=np.int64), order, cpu=cpu)
         for p in sel:
             self.r.free_pages(p, order, cpu=cpu)
-
-    @rule()
-    def drain(self) -> None:
-        self.a.drain_pcp()
-        self.r.drain_pcp()
-
-    @rule(order=st.integers(pageblock_order, MAX_ORDER - 1), skip=st.booleans())
-    def isolate(self, order: int, skip: bool) -> None:
-        p = self.a.isolate_free_block(order, skip_reported=skip)
-        assert p == self.r.isolate_free_block(order, skip_reported=skip)
-        if p is not None:
-            self.isolated[p] = order
-
-    @precondition(lambda self: self.isolated)
-    @rule(data=st.data(), reported=st.booleans())
-    def putback(self, data: st.DataObject, reported: bool) -> None:
-        p = data.draw(st.sampled_from(sorted(self.isolated)))
-        o = self.isolated.pop(p)
-        self.a.putback_block(p, o, reported=reported)
-        self.r.putback_block(p, o, reported=reported)
-
-    @rule(data=st.data(), mt=st.sampled_from([MIGRATE_UNMOVABLE, MIGRATE_MOVABLE]))
-    def isolate_pageblock(self, data: st.DataObject, mt: int) -> None:
-        pfn = data.draw(st.integers(0, self.a.ram_pages - 1))
-        if data.draw(st.booleans()):
-            assert self.a.set_migratetype_isolate(pfn) == self.r.set_migratetype_isolate(pfn)
-        else:
-            self.a.unset_migratetype_isolate(pfn, mt)
-            self.r.unset_migratetype_isolate(pfn, mt)
-
-    @invariant()
-    def identical(self) -> None:
-        if hasattr(self, "a"):
-            assert_same(self.a, self.r)
-            assert self.notified[0] == self.notified[1]
-
-    def teardown(self) -> None:
-        if hasattr(self, "a"):
-            self.a.check()
 
 
 TestBulkFreeTwins = BulkFreeTwins.TestCase
