@@ -124,6 +124,15 @@ def balloon_dev_dir(vm: Any) -> str:
     pytest.fail(f"no virtio balloon device in the guest: {out!r}")
 
 
+def bound_balloon_features(vm: Any) -> str:
+    """Check the guest's virtio_balloon driver is bound to the balloon; return the negotiated
+    feature bits as sysfs shows them (character i is bit i)."""
+    d = balloon_dev_dir(vm)
+    driver = vm.run(f"basename $(readlink {d}/driver)").strip()
+    assert driver == "virtio_balloon", driver
+    return str(vm.run(f"cat {d}/features").strip())
+
+
 def mem_free(served: Served) -> int:
     """The guest's MemFree in bytes."""
     out = served.vm.run("grep MemFree /proc/meminfo")

@@ -11,7 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.qemu.served import Served, balloon_dev_dir, run_round, start_served
+from tests.qemu.served import (
+    Served,
+    bound_balloon_features,
+    run_round,
+    start_served,
+)
 from vmsim.qemu_lab import QemuLab
 
 pytestmark = pytest.mark.qemu
@@ -24,8 +29,7 @@ def served_intx(lab: QemuLab) -> Iterator[Served]:
 
 def test_intx_guest_binds_hints_and_inflates(served_intx: Served) -> None:
     s = served_intx
-    d = balloon_dev_dir(s.vm)
-    assert s.vm.run(f"basename $(readlink {d}/driver)").strip() == "virtio_balloon"
+    bound_balloon_features(s.vm)
     irqs = s.vm.run("cat /proc/interrupts")
     assert not re.search(r"PCI-MSI.*virtio", irqs), irqs  # no MSI-X vectors: INTx
     r = run_round(s)

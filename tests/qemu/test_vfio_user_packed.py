@@ -18,7 +18,7 @@ from tests.qemu.served import (
     HINT_BLOCK,
     RAM_BYTES,
     Served,
-    balloon_dev_dir,
+    bound_balloon_features,
     run_round,
     start_served,
     virtio_errors,
@@ -36,8 +36,7 @@ def served(lab: QemuLab) -> Iterator[Served]:
 
 
 def test_guest_negotiates_ring_packed(served: Served) -> None:
-    d = balloon_dev_dir(served.vm)
-    features = served.vm.run(f"cat {d}/features").strip()
+    features = bound_balloon_features(served.vm)
     assert features[VIRTIO_F_RING_PACKED] == "1", features
     st = served.stats()
     assert st["driver_features"] >> VIRTIO_F_RING_PACKED & 1
