@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from protocol.errors import EnvironmentFailure, UsageError
+
 # Subcommand name -> module. Order is the order shown in --help.
 COMMANDS = {
     "migrate": "vmsim.cmd_migrate",
@@ -50,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    return int(args._run(args))
+    try:
+        return int(args._run(args))
+    except UsageError as e:
+        print(f"balloon-hint {args.command}: {e}", file=sys.stderr)
+        return 2
+    except EnvironmentFailure as e:
+        print(f"balloon-hint {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
