@@ -8,6 +8,9 @@ is checked against the rules:
 
 * ``guest_model`` never imports ``balloon_dev`` and ``balloon_dev`` never imports ``guest_model``
   (a guest and a device meet only through memory, config bytes and notifications);
+* the host's migration (``balloon_dev/host/``) and the device meet only through the device's
+  effects and events: nothing else in ``balloon_dev`` imports ``balloon_dev.host``, and
+  ``balloon_dev/host/`` imports of ``balloon_dev`` are ``balloon_dev.effects`` or its own;
 * ``construct`` only inside ``protocol/`` (so construct errors cannot leak out of it);
 * ``trio`` only in ``balloon_dev/transport/``, ``vmsim/cli.py`` and ``vmsim/cmd_*.py`` (the core
   is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything.
@@ -74,6 +77,20 @@ def _trio_allowed(rel: Path) -> bool:
     return False
 
 
+def _host_boundary(rel: Path, name: str) -> str | None:
+    """The device / host-migration rule for an import of ``name`` by the file ``rel``."""
+    parts = rel.parts
+    mod = name.split(".")
+    if parts[0] != "balloon_dev" or mod[0] != "balloon_dev" or len(mod) < 2:
+        return None
+    in_host = len(parts) > 2 and parts[1] == "host"
+    if not in_host and mod[1] == "host":
+        return "the device must not import the host's migration (balloon_dev.host)"
+    if in_host and mod[1] not in ("host", "effects"):
+        return "balloon_dev/host/ imports of balloon_dev are balloon_dev.effects only"
+    return None
+
+
 def layering_violations(root: Path) -> list[str]:
     """Every rule broken by a file under ``root``'s checked packages, as readable lines."""
     out: list[str] = []
@@ -91,6 +108,8 @@ def layering_violations(root: Path) -> list[str]:
                     out.append(f"{where} (guest_model must not import balloon_dev)")
                 elif owner == "balloon_dev" and top == "guest_model":
                     out.append(f"{where} (balloon_dev must not import guest_model)")
+                elif (why := _host_boundary(rel, name)) is not None:
+                    out.append(f"{where} ({why})")
                 elif top == "construct" and owner != "protocol":
                     out.append(f"{where} (construct is imported only inside protocol/)")
                 elif top == "trio" and not _trio_allowed(rel):
@@ -136,6 +155,13 @@ def _plant(tmp_path: Path, rel: str, source: str) -> None:
     ("balloon_dev/device.py", "import trio\n", "trio only in"),
     ("guest_model/bad.py", "def f():\n    import trio.lowlevel\n", "trio only in"),
     ("vmsim/runner.py", "import trio\n", "trio only in"),
+    ("balloon_dev/device.py", "from balloon_dev.host.precopy import PrecopyMigration\n",
+     "the device must not import the host"),
+    ("balloon_dev/transport/bad.py", "from balloon_dev.host import precopy\n",
+     "the device must not import the host"),
+    ("balloon_dev/host/precopy.py", "from balloon_dev.device import BalloonDevice\n",
+     "balloon_dev.effects only"),
+    ("balloon_dev/host/sub/bad.py", "from ...virtqueue import Chain\n", "balloon_dev.effects only"),
 ])
 def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, needle: str) -> None:
     _plant(tmp_path, rel, source)
@@ -146,6 +172,8 @@ def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, need
 @pytest.mark.parametrize(("rel", "source"), [
     ("protocol/layouts.py", "from construct import Struct\n"),
     ("balloon_dev/transport/vfio_user.py", "import trio\n"),
+    ("balloon_dev/host/precopy.py", "from balloon_dev.effects import PrecopyEvent\n"),
+    ("vmsim/vm.py", "from balloon_dev.host.precopy import PrecopyMigration\n"),
     ("vmsim/cmd_serve.py", "import trio\n"),
     ("vmsim/cli.py", "import trio\n"),
     ("guest_model/driver.py", "from guestmem import GuestMemory\nfrom . import vring\n"),

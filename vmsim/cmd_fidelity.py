@@ -6,7 +6,7 @@ in the matching built-in scenarios' ``[published]`` tables. Each scenario is mig
 hints (mode ``off``) and with them (``capture``, what Linux does), and the reductions
 ``1 - with / without`` are compared. One figure is the calibration point of the cost model
 (``CALIBRATION``: idle-8g without hints, see docs/cost-model.md); ``--calibrate`` re-derives the
-calibrated constant from it, so a reader can check the value in ``balloon_dev.migration``.
+calibrated constant from it, so a reader can check the value in ``balloon_dev.host.precopy``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from balloon_dev.migration import CostModel
+from balloon_dev.host.precopy import CostModel
 from vmsim import report
 from vmsim.scenario import ScenarioError, load_builtin
 

@@ -9,10 +9,11 @@ Theory of operation
   every ring and driver buffer; the guest's allocator keeps those pages reserved;
 * the shared clock: one ``guestmem.clock.Scheduler`` for guest and host;
 * the host: ``balloon_dev.device.BalloonDevice`` behind ``InProcessTransport`` and the pre-copy
-  engine ``balloon_dev.migration.PrecopyMigration``. The engine reaches the device only through
-  the device API: its precopy notifications become ``dev.precopy_notify(event, vm_running)``
-  calls delivered by the transport, and the device's ``PagesHinted`` effects become
-  ``engine.hint(cmd_id, ranges)`` calls (a host listener). Mode ``off`` is QEMU without
+  engine ``balloon_dev.host.precopy.PrecopyMigration``. The engine reaches the device only
+  through the device API: its precopy notifications (``PrecopyEvent``) become
+  ``dev.precopy_notify(event, vm_running)`` calls delivered by the transport, and the device's
+  ``PagesHinted`` and ``HintRoundStopped`` effects become ``engine.hint(cmd_id, ranges)`` and
+  ``engine.round_stopped(cmd_id)`` calls (a host listener). Mode ``off`` is QEMU without
   free-page-hint: no precopy notifier at all;
 * the guest: ``guest_model.guest.SimGuest`` (Linux's page allocator with the balloon driver,
   hinting by allocate-and-hold in ``capture`` mode, by the seed's free-list walk in ``walk``
@@ -41,13 +42,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
-from balloon_dev.effects import PagesHinted, PrecopyEvent
-from balloon_dev.migration import CostModel, MigrationParams, PrecopyMigration, VerifyResult
+from balloon_dev.effects import Effect, HintRoundStopped, PagesHinted, PrecopyEvent
+from balloon_dev.host.precopy import CostModel, MigrationParams, PrecopyMigration, VerifyResult
 from balloon_dev.transport.inprocess import InProcessTransport
 from guest_model.buddy import MIGRATE_UNMOVABLE, BuddyAllocator
 from guest_model.guest import GuestOptions, SimGuest
@@ -132,7 +132,7 @@ class SimVM:
             byte_regions=[(DRIVER_AREA_GPA >> PAGE_SHIFT, memoryview(self.driver_area))],
             on_switchover=self._switchover)
         # -- guest --
-        driver: dict[str, Any] = {}
+        driver: dict[str, float] = {}
         if scn.hinting.block_cost_s is not None:
             driver["hint_cost_per_block"] = scn.hinting.block_cost_s
         self.guest = SimGuest(self.mem, self.pages, self.sched, self.transport, GuestOptions(
@@ -149,12 +149,14 @@ class SimVM:
         self.held_at_switch = 0
 
     # -- host wiring ---------------------------------------------------------------------------
-    def _precopy_notify(self, event: str, vm_running: bool) -> None:
-        self.transport.host_call(self.dev.precopy_notify, PrecopyEvent[event], vm_running)
+    def _precopy_notify(self, event: PrecopyEvent, vm_running: bool) -> None:
+        self.transport.host_call(self.dev.precopy_notify, event, vm_running)
 
-    def _host_effect(self, e: object) -> None:
+    def _host_effect(self, e: Effect) -> None:
         if isinstance(e, PagesHinted):
             self.migration.hint(e.cmd_id, e.ranges)
+        elif isinstance(e, HintRoundStopped):
+            self.migration.round_stopped(e.cmd_id)
 
     def _switchover(self, mig: PrecopyMigration) -> None:
         """The VM is stopped: stop the guest's activity and verify the destination."""

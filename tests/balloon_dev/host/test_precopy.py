@@ -6,12 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from balloon_dev.migration import (
-    AFTER_BITMAP_SYNC,
-    BEFORE_BITMAP_SYNC,
-    CLEANUP,
-    COMPLETE,
-    SETUP,
+from balloon_dev.effects import PrecopyEvent
+from balloon_dev.host.precopy import (
     CostModel,
     MigrationError,
     MigrationParams,
@@ -57,23 +53,26 @@ class SyntheticGuest:
 class FakeHinter:
     """Stands in for device + driver: on AFTER_BITMAP_SYNC with the VM running it opens a round
     with a fresh id and hints ``blocks`` (first_pfn, npages) one every ``gap`` seconds; it stops
-    on BEFORE_BITMAP_SYNC (the device's STOP); hints are ranges in bytes as PagesHinted carries."""
+    on BEFORE_BITMAP_SYNC (the device's STOP and HintRoundStopped); hints are ranges in bytes as
+    PagesHinted carries."""
 
     def __init__(self, sched: Scheduler, blocks: list[tuple[int, int]], gap: float) -> None:
         self.sched = sched
         self.blocks = blocks
         self.gap = gap
-        self.events: list[tuple[str, bool]] = []
+        self.events: list[tuple[PrecopyEvent, bool]] = []
         self.cmd_id = 0x80000000
         self.active = False
         self.mig: PrecopyMigration | None = None
         self.sent = 0
 
-    def __call__(self, event: str, running: bool) -> None:
+    def __call__(self, event: PrecopyEvent, running: bool) -> None:
         self.events.append((event, running))
-        if event == BEFORE_BITMAP_SYNC:
+        if event == PrecopyEvent.BEFORE_BITMAP_SYNC:
             self.active = False
-        elif event == AFTER_BITMAP_SYNC and running:
+            if self.mig is not None:
+                self.mig.round_stopped(self.cmd_id)  # the device's HintRoundStopped
+        elif event == PrecopyEvent.AFTER_BITMAP_SYNC and running:
             self.cmd_id += 1
             self.active = True
             cid = self.cmd_id
@@ -124,11 +123,13 @@ def test_precopy_events_follow_qemu_order() -> None:
     mig.run()
     assert hinter is not None
     ev = hinter.events
-    assert ev[0] == (SETUP, True)
-    assert ev[1:3] == [(BEFORE_BITMAP_SYNC, True), (AFTER_BITMAP_SYNC, True)]
+    assert ev[0] == (PrecopyEvent.SETUP, True)
+    assert ev[1:3] == [(PrecopyEvent.BEFORE_BITMAP_SYNC, True),
+                       (PrecopyEvent.AFTER_BITMAP_SYNC, True)]
     # the final sync happens with the VM stopped, then COMPLETE and CLEANUP
-    assert ev[-4:] == [(BEFORE_BITMAP_SYNC, False), (AFTER_BITMAP_SYNC, False),
-                       (COMPLETE, False), (CLEANUP, False)]
+    assert ev[-4:] == [(PrecopyEvent.BEFORE_BITMAP_SYNC, False),
+                       (PrecopyEvent.AFTER_BITMAP_SYNC, False),
+                       (PrecopyEvent.COMPLETE, False), (PrecopyEvent.CLEANUP, False)]
 
 
 def test_hints_skip_free_pages_and_still_verify() -> None:

@@ -7,17 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from balloon_dev.migration import (
-    AFTER_BITMAP_SYNC,
-    CLEANUP,
-    COMPLETE,
+from balloon_dev.effects import PrecopyEvent
+from balloon_dev.host.precopy import (
     MigrationError,
     MigrationParams,
     PrecopyMigration,
 )
 from guestmem import DirtyLog, PageVersions
 from guestmem.clock import Scheduler
-from tests.balloon_dev.test_migration import make
+from tests.balloon_dev.host.test_precopy import make
 
 
 def test_default_budget_is_one_hour_simulated() -> None:
@@ -41,8 +39,8 @@ def test_a_link_of_one_bit_per_second_is_cancelled_at_once() -> None:
     assert sched.now <= params.time_budget_s
     # Cancelled, not completed: CLEANUP with the VM running, never COMPLETE.
     assert hinter is not None
-    assert hinter.events[-1] == (CLEANUP, True)
-    assert (COMPLETE, False) not in hinter.events
+    assert hinter.events[-1] == (PrecopyEvent.CLEANUP, True)
+    assert (PrecopyEvent.COMPLETE, False) not in hinter.events
     assert not mig.dirty_log.enabled  # dirty logging off again
 
 
@@ -78,8 +76,8 @@ def test_the_budget_covers_the_switchover_too() -> None:
     st = late.run()
     assert st.timed_out and late.verify_result is None
     assert "stop-and-copy would end" in (late.error or "")
-    assert hinter is not None and (AFTER_BITMAP_SYNC, False) in hinter.events
-    assert hinter.events[-1] == (CLEANUP, True)
+    assert hinter is not None and (PrecopyEvent.AFTER_BITMAP_SYNC, False) in hinter.events
+    assert hinter.events[-1] == (PrecopyEvent.CLEANUP, True)
 
 
 @pytest.mark.parametrize("budget", [0.0, -1.0, math.nan])

@@ -8,9 +8,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balloon_dev.migration import (
-    AFTER_BITMAP_SYNC,
-    BEFORE_BITMAP_SYNC,
+from balloon_dev.effects import PrecopyEvent
+from balloon_dev.host.precopy import (
     CostModel,
     MigrationParams,
     PrecopyMigration,
@@ -38,10 +37,11 @@ def _run(acts, accept_stale: bool, chunk: int) -> PrecopyMigration:
     pv.write_range(0, 64, "data")
     state = {"cmd": 0x80000000, "open": False}
 
-    def notify(event: str, running: bool) -> None:
-        if event == BEFORE_BITMAP_SYNC:
+    def notify(event: PrecopyEvent, running: bool) -> None:
+        if event == PrecopyEvent.BEFORE_BITMAP_SYNC:
             state["open"] = False
-        elif event == AFTER_BITMAP_SYNC and running:
+            mig.round_stopped(state["cmd"])  # the device's HintRoundStopped
+        elif event == PrecopyEvent.AFTER_BITMAP_SYNC and running:
             state["cmd"] += 1
             state["open"] = True
 

@@ -1,4 +1,4 @@
-"""Simulated pre-copy live migration (the host side), modelled on QEMU's RAM pre-copy.
+"""The host's pre-copy live migration, modelled on QEMU's RAM pre-copy (simulated).
 
 Theory of operation
 -------------------
@@ -22,8 +22,8 @@ positions) at a time and schedules the next chunk after the chunk's cost (``Cost
 guest's workload and its balloon driver run between chunks on the same ``Scheduler`` and a hint
 that arrives while a round runs skips the pages the cursor has not reached yet.
 
-Phases (QEMU's names, ``PRECOPY_NOTIFY_*`` go out through the ``notify`` hook exactly as QEMU's
-precopy notifier raises them, protocol.md 5.4):
+Phases (QEMU's names: ``balloon_dev.effects.PrecopyEvent`` values go out through the ``notify``
+hook exactly as QEMU's precopy notifier raises them, protocol.md 5.4):
 
 1. set-up: SETUP; dirty logging on; every page to send; BEFORE_BITMAP_SYNC, the set-up sync,
    AFTER_BITMAP_SYNC (VM running: the device starts hint round 1 during the bulk pass, 5.6);
@@ -34,15 +34,17 @@ precopy notifier raises them, protocol.md 5.4):
    AFTER_BITMAP_SYNC with the VM stopped (the device publishes DONE), send everything left,
    COMPLETE; the verifier runs on the state at switchover; CLEANUP.
 
-Hints reach the engine through ``hint(cmd_id, ranges)`` (the wiring turns the device's
-``PagesHinted`` effects into calls). Applying a hint to the bitmap is work done on the host's hint
-thread (QEMU's iothread) under ``bitmap_mutex``, which the migration thread holds while it sends
-a batch: a hint is queued and applied when the mutex is free (at the latest, between two
-batches). The hints still queued when a sync starts belong to the round that just ended: they
-are dropped and counted as stale (4.4 rule 6), as are hints tagged with an older command id. The
-fault ``accept_stale_hints`` keeps them and applies them to the bitmap the sync just built, which
-is the unsafe behaviour 5.7 warns about (a page written between the hint and the sync loses its
-new content); the verifier must catch it.
+Hints reach the engine through ``hint(cmd_id, ranges)`` and the end of each hint round through
+``round_stopped(cmd_id)``: the wiring turns the device's ``PagesHinted`` and ``HintRoundStopped``
+effects into these calls. Applying a hint to the bitmap is work done on the host's hint thread
+(QEMU's iothread) under ``bitmap_mutex``, which the migration thread holds while it sends a
+batch: a hint is queued and applied when the mutex is free (at the latest, between two batches).
+A hint is *current* when it arrived while a round is open (between AFTER_BITMAP_SYNC and the
+next BEFORE_BITMAP_SYNC), after the last sync, and its round had not been reported stopped
+when it arrived. Anything else is stale and dropped (4.4 rule 6): the hints still queued when a
+sync starts belong to the round that just ended. The fault ``accept_stale_hints`` keeps them and
+applies them to the bitmap the sync just built, which is the unsafe behaviour 5.7 warns about (a
+page written between the hint and the sync loses its new content); the verifier must catch it.
 
 Time budget: ``MigrationParams.time_budget_s`` bounds the simulated time of the whole migration,
 switchover included. A migration that will not be over by then (a link far too slow for the
@@ -70,19 +72,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from balloon_dev.effects import PrecopyEvent
 from guestmem.clock import ScheduledEvent, Scheduler
 from guestmem.dirty import DirtyLog
 from guestmem.pages import POISON, ZERO, PageVersions
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE, whole_pages_in
+from protocol.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-# QEMU's precopy notification names (PRECOPY_NOTIFY_*); the wiring maps them to the device's enum.
-SETUP = "SETUP"
-BEFORE_BITMAP_SYNC = "BEFORE_BITMAP_SYNC"
-AFTER_BITMAP_SYNC = "AFTER_BITMAP_SYNC"
-COMPLETE = "COMPLETE"
-CLEANUP = "CLEANUP"
 
 # QEMU's RAM stream: each page record starts with a be64 "offset | flags" word; a zero page
 # (RAM_SAVE_FLAG_ZERO) adds one byte (the fill value), a normal page (RAM_SAVE_FLAG_PAGE) the page.
@@ -179,11 +176,12 @@ class MigrationStats:
     timed_out: bool = False    # cancelled: it would not be over within params.time_budget_s
 
 
-class MigrationError(Exception):
+class MigrationError(UsageError):
     """Misuse of the engine by its caller (never raised for guest input)."""
 
 
-NotifyHook = Callable[[str, bool], None]
+#: QEMU's precopy notifier: (event, whether the VM is running).
+NotifyHook = Callable[[PrecopyEvent, bool], None]
 
 
 class PrecopyMigration:
@@ -202,7 +200,7 @@ class PrecopyMigration:
         byte_regions: Sequence[tuple[int, memoryview]] = (),
         on_switchover: Callable[[PrecopyMigration], None] | None = None,
     ) -> None:
-        """``notify(event_name, vm_running)`` is the precopy notifier (None: no hinting device).
+        """``notify(event, vm_running)`` is the precopy notifier (None: no hinting device).
         ``byte_regions`` lists (first_pfn, bytes) of byte-backed pages (the driver area): their
         content is compared byte for byte. ``on_switchover`` runs with the VM stopped, after the
         last page is sent (the caller verifies there)."""
@@ -240,9 +238,8 @@ class PrecopyMigration:
         self._round: RoundRecord | None = None
         self._t0 = 0.0
         self._accepting = False      # a hint round is open (between AFTER and BEFORE sync)
-        self._round_cmd_id: int | None = None
         self._cmd_ids_seen: set[int] = set()
-        self._retired_ids: set[int] = set()  # ids of closed rounds: their hints are stale
+        self._stopped_ids: set[int] = set()  # rounds the device reported over: later hints stale
         # hints waiting for the host's hint thread: (sync generation, cmd_id, first_pfn, count)
         self._queue: deque[tuple[int, int, int, int]] = deque()
         self._sync_gen = 0  # bumped by every bitmap sync: a hint from an older one is stale
@@ -252,7 +249,7 @@ class PrecopyMigration:
         self._chunk_event: ScheduledEvent | None = None
 
     # -- the precopy notifier ------------------------------------------------------------------
-    def _notify(self, event: str, vm_running: bool) -> None:
+    def _notify(self, event: PrecopyEvent, vm_running: bool) -> None:
         if self.notify_hook is not None:
             self.notify_hook(event, vm_running)
 
@@ -262,7 +259,7 @@ class PrecopyMigration:
             raise MigrationError("migration already started")
         self._t0 = self.sched.now
         self.phase = "precopy"
-        self._notify(SETUP, True)
+        self._notify(PrecopyEvent.SETUP, True)
         self.dirty_log.start()
         self.to_send[:] = True  # the bulk pass: every page is to send
         # ram_init_bitmaps() syncs once with the notifiers around it; logging only just started,
@@ -351,7 +348,7 @@ class PrecopyMigration:
     def _sync(self, vm_running: bool) -> int:
         """BEFORE_BITMAP_SYNC, merge the dirty log into ``to_send``, AFTER_BITMAP_SYNC. Returns
         the number of pages the dirty log held."""
-        self._notify(BEFORE_BITMAP_SYNC, vm_running)
+        self._notify(PrecopyEvent.BEFORE_BITMAP_SYNC, vm_running)
         # protocol.md 4.4 rule 6: from here on nothing of the old round may touch the bitmap.
         self._accepting = False
         self._close_hint_queue()
@@ -359,12 +356,9 @@ class PrecopyMigration:
         self._sync_gen += 1
         n = int(np.count_nonzero(dirty))
         np.logical_or(self.to_send, dirty, out=self.to_send)
-        if self._round_cmd_id is not None:
-            self._retired_ids.add(self._round_cmd_id)
-        self._round_cmd_id = None
         if vm_running:
             self._accepting = True  # the device opens a new hint round in AFTER_BITMAP_SYNC
-        self._notify(AFTER_BITMAP_SYNC, vm_running)
+        self._notify(PrecopyEvent.AFTER_BITMAP_SYNC, vm_running)
         if self.params.accept_stale_hints:
             self._apply_queue_now()  # the fault: what was queued lands on the new bitmap
         return n
@@ -412,10 +406,10 @@ class PrecopyMigration:
             return  # the source VM resumes; what was sent is thrown away
         self.stats.downtime_s = dt
         self.stats.total_time_s = (t_stop - self._t0) + dt
-        self._notify(COMPLETE, False)
+        self._notify(PrecopyEvent.COMPLETE, False)
         if self.on_switchover is not None:
             self.on_switchover(self)
-        self._notify(CLEANUP, False)
+        self._notify(PrecopyEvent.CLEANUP, False)
         self.phase = "done"
         self.done = True
         self.dirty_log.stop()
@@ -452,7 +446,7 @@ class PrecopyMigration:
         self.stats.downtime_s = 0.0
         # QEMU's notifier on cleanup after a cancel: the device publishes DONE so the guest
         # frees the pages its driver holds for hinting.
-        self._notify(CLEANUP, True)
+        self._notify(PrecopyEvent.CLEANUP, True)
         self.phase = "cancelled"
         self.done = True
         self.dirty_log.stop()
@@ -464,6 +458,7 @@ class PrecopyMigration:
         if self.phase in ("idle", "done", "cancelled"):
             # No migration running: QEMU ignores hints then (5.5).
             return
+        gen = -1 if cmd_id in self._stopped_ids else self._sync_gen
         for gpa, length in ranges:
             self.stats.hints_received += 1
             if gpa < 0 or length <= 0 or gpa + length > self.ram_pages << PAGE_SHIFT:
@@ -473,9 +468,15 @@ class PrecopyMigration:
             first, count = whole_pages_in(gpa, length)
             if count == 0:
                 continue
-            self._queue.append((self._sync_gen, cmd_id, int(first), int(count)))
+            self._queue.append((gen, cmd_id, int(first), int(count)))
             self.stats.hinted_pages += int(count)
         self._kick_hint_thread()
+
+    def round_stopped(self, cmd_id: int) -> None:
+        """The device reports hint round ``cmd_id`` over (``HintRoundStopped``): hints tagged
+        with it that arrive from now on are stale. Those already queued stay valid until the
+        next sync, as in QEMU, where a hint is applied when it arrives."""
+        self._stopped_ids.add(cmd_id)
 
     def _kick_hint_thread(self) -> None:
         if self._hint_event is None and self._queue and self.phase == "precopy":
@@ -509,11 +510,9 @@ class PrecopyMigration:
             self._hint_event = None
 
     def _apply(self, gen: int, cmd_id: int, first: int, count: int) -> None:
-        current = (self._accepting and gen == self._sync_gen
-                   and cmd_id not in self._retired_ids)
-        if current and self._round_cmd_id is None:
-            self._round_cmd_id = cmd_id  # the first hint after AFTER_BITMAP_SYNC names the round
-        stale = not current or cmd_id != self._round_cmd_id
+        # ``gen`` is the sync generation the hint arrived in, -1 if its round had already been
+        # reported stopped then (``hint``).
+        stale = not (self._accepting and gen == self._sync_gen)
         if stale and not self.params.accept_stale_hints:
             self.stats.stale_hints_dropped += 1
             return
