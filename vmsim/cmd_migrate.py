@@ -55,11 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     err = Console(stderr=True)
-    try:
-        scn, embedded = _load(args)
-    except ScenarioError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        return 2
+    # A bad file raises ScenarioError, a UsageError: vmsim.cli prints it on one line (rich
+    # would wrap a long one) and exits 2.
+    scn, embedded = _load(args)
     for opt, path in (("--json", args.json), ("--plot", args.plot)):
         if path and (why := report.output_problem(path)):
             err.print(f"[red]error:[/] {opt} {path}: {why}", highlight=False)

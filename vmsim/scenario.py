@@ -54,7 +54,9 @@ Workload kinds and their keys are listed in ``WORKLOAD_KINDS``; their meaning li
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,16 +64,36 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from protocol.errors import UsageError
+
 HINT_MODES = ("off", "walk", "capture")
 
 
-class ScenarioError(Exception):
-    """A bad scenario file: the message names the file, the key and the line."""
+#: A scenario file is a page of TOML; a bigger one is a mistake (a log, an image, /dev/zero), and
+#: reading it whole first would be the only cost that grows without bound.
+MAX_FILE_BYTES = 1 << 20
+#: An error message stays one readable line: a value echoed from a file (a 1 MB string, a key
+#: with a newline in it) is escaped and cut to this many characters.
+_MAX_MESSAGE = 400
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters escaped (a key may hold a newline), long texts cut in the middle."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    if len(text) > _MAX_MESSAGE:
+        text = text[:_MAX_MESSAGE - 100] + " ... " + text[-95:]
+    return text
+
+
+class ScenarioError(UsageError):
+    """A bad scenario file: the message names the file, the key and the line, on one line (the
+    CLI prints it and exits 2, as for any ``UsageError``)."""
 
     def __init__(self, file: str, key: str | None, line: int | None, msg: str) -> None:
-        where = file + (f":{line}" if line else "")
-        what = f"key '{key}': " if key else ""
-        super().__init__(f"{where}: {what}{msg}")
+        where = _one_line(file) + (f":{line}" if line else "")
+        what = f"key '{_one_line(key)}': " if key else ""
+        super().__init__(f"{where}: {what}{_one_line(msg)}")
         self.file = file
         self.key = key
         self.line = line
@@ -127,6 +149,8 @@ def parse_size(value: str | int) -> int:
         raise UnitError(f"unknown size unit {unit!r} in {value!r} (use KiB, MiB, GiB, TiB, "
                         "K, M, G, T, KB, MB, GB, TB)")
     out = num * mult
+    if not math.isfinite(out):  # "1e308TiB": the number is finite, the bytes are not
+        raise UnitError(f"{value!r} is too large")
     if out != int(out):
         raise UnitError(f"{value!r} is not a whole number of bytes")
     return int(out)
@@ -141,7 +165,10 @@ def parse_rate(value: str) -> float:
     if mult is None:
         raise UnitError(f"unknown rate unit {unit!r} in {value!r} (use Gbit/s, Mbit/s, Gbps, "
                         "GB/s, MB/s, GiB/s, MiB/s, ...)")
-    return num * mult
+    out = num * mult
+    if not math.isfinite(out):  # "1e308TiB/s" is an infinite bandwidth: every round takes 0 s
+        raise UnitError(f"{value!r} is too large")
+    return out
 
 
 def parse_duration(value: str | int | float) -> float:
@@ -158,7 +185,10 @@ def parse_duration(value: str | int | float) -> float:
     mult = _TIME_UNITS.get(unit.lower() if unit != "µs" else unit)
     if mult is None:
         raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s, min, h)")
-    return num * mult
+    out = num * mult
+    if not math.isfinite(out):  # "1e308h"
+        raise UnitError(f"{value!r} is too large")
+    return out
 
 
 def format_size(n: float) -> str:
@@ -468,6 +498,11 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     """Parse and check a scenario from its text; ``file`` names it in errors."""
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: 2,000 levels of "[" end
+        # in Python's recursion limit, a bad file like any other.
+        raise ScenarioError(file, None, None, "not valid TOML: arrays or inline tables nested "
+                            "too deeply") from None
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
         line = int(m.group(1)) if m else None
@@ -562,14 +597,23 @@ def loads(text: str, file: str = "<string>") -> Scenario:
 
 
 def load(path: str | Path) -> Scenario:
-    p = Path(path)
+    name = str(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # A FIFO or a device would block or never end: only regular files are read.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ScenarioError(name, None, None, "not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise ScenarioError(str(path), None, None, f"cannot read: {e.strerror}") from None
+        raise ScenarioError(name, None, None, f"cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ScenarioError(name, None, None, f"larger than {MAX_FILE_BYTES >> 20} MiB: not "
+                            "a scenario file")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ScenarioError(str(path), None, None, "not UTF-8 text") from None
-    return loads(text, str(path))
+        raise ScenarioError(name, None, None, "not UTF-8 text") from None
+    return loads(text, name)
 
 
 # -- built-ins --------------------------------------------------------------------------------
