@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
 from guest_model.buddy import (
-    _OOM_MAX_ROUNDS,
     FALLBACKS,
     MAX_ORDER,
     MAX_ORDER_NR_PAGES,
@@ -29,6 +28,7 @@ from guest_model.buddy import (
     MIGRATE_TYPES,
     MIGRATE_UNMOVABLE,
     NR_LISTS,
+    OOM_MAX_ROUNDS,
     OWNER_BALLOON,
     OWNER_GUEST,
     PG_ALLOC,
@@ -38,10 +38,10 @@ from guest_model.buddy import (
     ZONE_NORMAL,
     BuddyAllocator,
     BuddyError,
-    _blocks_of_range,
-    _run_blocks,
+    blocks_of_range,
     list_id,
     pageblock_order,
+    run_blocks,
 )
 from tests.guest_model.twins import TwinRules, assert_same
 
@@ -71,7 +71,7 @@ class ReferenceAllocator(BuddyAllocator):
                 out.append((pfn, take))
                 got += take
                 if take < size:
-                    for bp, bo in _blocks_of_range(pfn + take, pfn + size):
+                    for bp, bo in blocks_of_range(pfn + take, pfn + size):
                         self._list_add(bp, bo, self._lid_of_block(bp, bo))
             if got >= want:
                 break
@@ -99,7 +99,7 @@ class ReferenceAllocator(BuddyAllocator):
             remaining = self._bulk_pass(remaining, migratetype, runs, owner)
         if remaining > 0 and not noretry and self.oom_notifiers:
             # As many order-0 allocations would: OOM notifiers, retry while they free pages.
-            for _ in range(_OOM_MAX_ROUNDS):
+            for _ in range(OOM_MAX_ROUNDS):
                 if remaining <= 0 or not self._out_of_memory():
                     break
                 remaining = self._bulk_pass(remaining, migratetype, runs, owner)
@@ -436,12 +436,12 @@ def test_run_blocks_cuts_runs_as_blocks_of_range() -> None:
     e = np.concatenate((np.arange(1, M + 1, dtype=np.int64), np.full(M, M, np.int64),
                         np.zeros(20000, np.int64)))
     e[2 * M:] = s[2 * M:] + 1 + (rng.random(20000) * (M - s[2 * M:])).astype(np.int64)
-    run, first, order = _run_blocks(s, e)
+    run, first, order = run_blocks(s, e)
     got: dict[int, list[tuple[int, int]]] = {}
     for i, f, o in zip(run.tolist(), first.tolist(), order.tolist(), strict=True):
         got.setdefault(i, []).append((f, o))
     for i, (a, b) in enumerate(zip(s.tolist(), e.tolist(), strict=True)):
-        assert sorted(got[i]) == _blocks_of_range(a, b), (a, b)
+        assert sorted(got[i]) == blocks_of_range(a, b), (a, b)
 
 
 @pytest.mark.parametrize("second_mt", [MIGRATE_ISOLATE, MIGRATE_UNMOVABLE])
