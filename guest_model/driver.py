@@ -24,22 +24,7 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   under ``config_generation``); start balloon resizing if the target moved; for the hint ID:
   DONE frees every held block, STOP ends a running round, a new ID >= 2 starts a round (after
   the running one, if any, has sent its STOP, as Linux's single work item does).
-* hint round (``_hint_step``): the 4-byte start buffer with the ID, then steps of up to
-  ``hint_batch`` blocks, each costing ``hint_cost_per_block`` seconds of simulated time. Two
-  strategies, chosen per run:
-
-  - ``"walk"`` (the 2017 seed): a stepping walker over the free lists visits free blocks of at
-    least ``min_order``; each is hinted as a writable buffer ``(gpa, nr_pages * 4096)`` while its
-    pages stay free (so a workload may allocate and write them before the host sees the hint:
-    the race the command IDs exist for);
-  - ``"capture"`` (Linux >= 4.20): ``alloc_pages(order 10, unmovable, noretry)`` until it fails;
-    each block is hinted and held (owner ``OWNER_BALLOON``) until DONE, or until the shrinker
-    (``shrink``) gives some back under memory pressure.
-
-  Before each step used buffers are reaped (free_page_vq has no callback: Linux polls); a block
-  is posted only while more than one descriptor is free, keeping one for the STOP buffer, else it
-  is dropped (counted; captured blocks are freed at once, as Linux does). When blocks run out,
-  or the ID changes, the STOP buffer (le32 0) is sent.
+* hint rounds: ``guest_model.hinting`` (the walk and capture strategies, DONE, the shrinker);
 * balloon resize (``_balloon_work``): up to 256 pfns per buffer, one buffer in flight; the next
   step waits for the device to use it (interrupt or poll), then ``actual`` is written.
   Inflated pages are allocated with ``owner=OWNER_BALLOON`` and ``noretry`` (Linux's
@@ -52,14 +37,7 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   MUST_TELL_HOST (without it they are freed at once, the spec allows it). It never restarts a
   resize: Linux leaves ``actual`` below the target until the next one.
 * stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
-* free page reporting (Linux ``mm/page_reporting.c`` + ``virtballoon_free_page_report``): a
-  pass runs ``report_interval`` (2 s) after it is requested, at probe and whenever a free leaves
-  a block of order >= 9 (the allocator's free notifier). A pass isolates free blocks of order 9
-  or 10 not yet reported off the free lists without writing them
-  (``BuddyAllocator.isolate_free_block``), posts them 32 to a chain of writable elements, and
-  puts them back, marked reported, when the device used the chain. The allocator clears the
-  mark when a block is allocated (or merged), so memory reused and freed again is reported
-  again. See ``_report_work`` for a pass's rules (zones, watermark, budget).
+* free page reporting: ``guest_model.page_reporting``.
 
 *DEVICE_NEEDS_RESET.* Linux's virtio core never resets a device on its own when it sets
 NEEDS_RESET, and virtio_balloon has no handler for it (only freeze/restore reset the device);
@@ -81,35 +59,34 @@ in ``counters`` and survived: the affected activity stops, the rest of the drive
 """
 from __future__ import annotations
 
-import enum
 import logging
-import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from guest_model.buddy import (
-    MAX_ORDER,
-    MIGRATE_ISOLATE,
-    MIGRATE_MOVABLE,
-    MIGRATE_TYPES,
-    MIGRATE_UNMOVABLE,
-    OWNER_BALLOON,
-    WMARK_LOW,
-    BuddyAllocator,
-    Zone,
-    pageblock_order,
+from guest_model.buddy import MIGRATE_MOVABLE, OWNER_BALLOON, BuddyAllocator, Zone
+from guest_model.hinting import (
+    HINT_BLOCK_PAGES,
+    BlockWalker,
+    FreePageHinting,
+    HintStrategy,
+    Vring,
 )
-from guest_model.packed_vring import PackedDriverVring, alloc_packed_vring
+from guest_model.packed_vring import alloc_packed_vring
+from guest_model.page_reporting import (
+    PAGE_REPORTING_CAPACITY,
+    PAGE_REPORTING_ORDER,
+    FreePageReporting,
+)
 from guest_model.transport import VirtioTransport
-from guest_model.vring import DriverArea, DriverVring, VringBroken, VringFull, alloc_vring
+from guest_model.vring import DriverArea, VringBroken, VringFull, alloc_vring
 from guest_model.walk import FreeBlockWalker
 from guestmem import GuestMemory
-from guestmem.clock import Scheduler
-from guestmem.units import PAGE_SHIFT
+from guestmem.clock import ScheduledEvent, Scheduler
+from guestmem.units import pages_to_bytes
 from protocol.balloon import (
     CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
@@ -130,6 +107,7 @@ from protocol.balloon import (
     StatTag,
     queue_layout,
 )
+from protocol.errors import Fault, UsageError
 from protocol.virtio import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_EVENT_IDX,
@@ -142,14 +120,11 @@ from protocol.virtio import (
 
 log = logging.getLogger(__name__)
 
-#: Either ring layout; the driver uses both through the same methods.
-_Vring = DriverVring | PackedDriverVring
-
-HINT_BLOCK_PAGES = 1 << VIRTIO_BALLOON_HINT_BLOCK_ORDER
-#: Linux's PAGE_REPORTING_CAPACITY: blocks per reporting chain.
-PAGE_REPORTING_CAPACITY = 32
-#: Linux's page_reporting_order default: pageblock_order (2 MiB on x86-64).
-PAGE_REPORTING_ORDER = pageblock_order
+__all__ = [
+    "DRIVER_FEATURES", "HINT_BLOCK_PAGES", "OOM_NR_PAGES", "PAGE_POISON_VAL",
+    "PAGE_REPORTING_CAPACITY", "PAGE_REPORTING_ORDER", "BalloonDriver", "BalloonDriverState",
+    "BlockWalker", "DriverOptions", "HintStrategy", "PageAllocator", "ProbeError",
+]
 #: Linux poisons freed pages with PAGE_POISON = 0xaa; poison_val is four such bytes.
 PAGE_POISON_VAL = 0xAAAAAAAA
 #: Linux OOM notifier: pages given back per call with DEFLATE_ON_OOM.
@@ -170,14 +145,19 @@ def _token(kind: str) -> str:
     return "deflate" if kind == "told" else kind
 
 
-class ProbeError(Exception):
-    """The device cannot be driven (feature refused, queue missing or too small)."""
+class ProbeError(Fault):
+    """The device cannot be driven (feature refused, queue missing or too small): the device's
+    fault, seen from the guest; the driver sets FAILED."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, counter="probe_failed")
 
 
 class PageAllocator(Protocol):
     """What the driver needs from the guest's page allocator (guest_model.buddy)."""
 
-    ram_pages: int
+    @property
+    def ram_pages(self) -> int: ...
 
     def alloc_pages(self, order: int, migratetype: int = ..., *, cpu: int = ...,
                     noretry: bool = ..., owner: int = ...) -> int | None: ...
@@ -208,19 +188,6 @@ class PageAllocator(Protocol):
     def putback_block(self, pfn: int, order: int, *, reported: bool = False) -> None: ...
 
     def register_oom_notifier(self, notify: Callable[[], int]) -> None: ...
-
-
-class BlockWalker(Protocol):
-    """A stepping walk over the free lists (``guest_model.walk.FreeBlockWalker``): each
-    ``step()`` reports one free block as (first pfn, nr_pages), None when the walk is over."""
-
-    def step(self) -> tuple[int, int] | None: ...
-
-
-class HintStrategy(enum.StrEnum):
-    OFF = "off"
-    WALK = "walk"  # the 2017 seed: hint blocks while they stay on the free lists
-    CAPTURE = "capture"  # Linux >= 4.20: allocate order-10 blocks and hold them until DONE
 
 
 @dataclass(slots=True)
@@ -254,31 +221,6 @@ class DriverOptions:
     stats: Callable[[], dict[int, int]] | None = None
 
 
-# Linux's page_reporting states.
-_REPORTING_IDLE, _REPORTING_REQUESTED, _REPORTING_ACTIVE = 0, 1, 2
-
-
-@dataclass(slots=True)
-class _ReportPass:
-    """Where a reporting pass is: zone (index into ``zones``), order (-1: zone not entered),
-    migratetype, the current list's chain budget, and the chain being filled."""
-
-    zones: list[int]
-    zone_i: int = 0
-    order: int = -1
-    mt: int = 0
-    budget: int | None = None
-    sgl: list[tuple[int, int]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Round:
-    cmd_id: int
-    walker: BlockWalker | None = None
-    event: Any = None
-    blocks: int = 0
-
-
 @dataclass(slots=True)
 class BalloonDriverState:
     """Everything the driver remembers between events (snapshotable)."""
@@ -309,15 +251,15 @@ class BalloonDriver:
         self.area = area
         self.opts = options or DriverOptions()
         if self.opts.hint_batch < 1:
-            raise ValueError(f"DriverOptions.hint_batch={self.opts.hint_batch}: must be >= 1")
+            raise UsageError(f"DriverOptions.hint_batch={self.opts.hint_batch}: must be >= 1")
         try:
             self.strategy = HintStrategy(self.opts.hint_strategy)
         except ValueError:
-            raise ValueError(f"DriverOptions.hint_strategy={self.opts.hint_strategy!r}: must be "
+            raise UsageError(f"DriverOptions.hint_strategy={self.opts.hint_strategy!r}: must be "
                              "one of off, walk, capture") from None
         if self.strategy is HintStrategy.WALK and walker_factory is None:
             if not isinstance(allocator, BuddyAllocator):
-                raise ValueError("hint strategy 'walk' needs a walker_factory for this allocator")
+                raise UsageError("hint strategy 'walk' needs a walker_factory for this allocator")
             buddy, safe = allocator, self.opts.walk_safe
 
             def buddy_walker(mo: int) -> BlockWalker:
@@ -326,15 +268,14 @@ class BalloonDriver:
             walker_factory = buddy_walker
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
-        self.vqs: dict[BalloonQueue, _Vring] = {}
+        self.vqs: dict[BalloonQueue, Vring] = {}
         self.qindex: dict[BalloonQueue, int] = {}
         self._by_index: dict[int, BalloonQueue] = {}
         self._broken_seen: set[BalloonQueue] = set()
         self.ready = False
         self.failed: str | None = None
-        self._round: _Round | None = None
         self._config_pending = False
-        self._balloon_event: Any = None
+        self._balloon_event: ScheduledEvent | None = None
         self._balloon_inflight: tuple[str, np.ndarray] | None = None
         # Pages deflated on OOM without MUST_TELL_HOST: already free, the host not told yet.
         self._deflate_untold: list[int] = []
@@ -342,10 +283,6 @@ class BalloonDriver:
         # target is reached); an OOM deflate alone does not start one.
         self._resizing = False
         self.needs_reset = False
-        self._report_event: Any = None
-        self._report_inflight: list[tuple[int, int]] | None = None  # (pfn, order) isolated
-        self._rep_state = _REPORTING_IDLE
-        self._rep_pass: _ReportPass | None = None
         self.poison_val: int | None = None
         self.stats_sent = 0
         self.counters: dict[str, int] = {
@@ -358,11 +295,9 @@ class BalloonDriver:
             "vring_broken": 0, "device_needs_reset": 0, "oom_deflated_pages": 0,
             "oom_deflate_blocked": 0, "deflate_told_late_pages": 0,
         }
-        # Control buffers: the start and stop IDs live in separate 4-byte buffers (Linux keeps
-        # cmd_id_active and cmd_id_stop apart so a late STOP cannot alias a start).
-        self._start_buf = area.alloc(4, 4)
-        self._stop_buf = area.alloc(4, 4)
-        self.mem.write(self._stop_buf, _U32.pack(VIRTIO_BALLOON_CMD_ID_STOP))
+        # Driver-area order: the hint control buffers, the pfn buffer, the stats buffer.
+        self.hint = FreePageHinting(self, self.strategy)
+        self.reporting = FreePageReporting(self)
         self._pfn_buf = area.alloc(4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX, 4)
         self._stats_tags = [StatTag(i) for i in range(10)]  # the spec's tags 0-9
         self._stats_buf = area.alloc(STAT_ENTRY_SIZE * len(self._stats_tags), 8)
@@ -425,15 +360,15 @@ class BalloonDriver:
         t.set_status(st | DeviceStatus.DRIVER_OK)
         self.ready = True
         if BalloonQueue.STATS in self.vqs:
-            self._kick(BalloonQueue.STATS)  # no kicks before DRIVER_OK (V-10)
+            self.kick(BalloonQueue.STATS)  # no kicks before DRIVER_OK (V-10)
         if self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             # Linux registers its OOM notifier at probe only with DEFLATE_ON_OOM (protocol.md 6.3).
             self.alloc.register_oom_notifier(self.oom_notify)
         if self.has(VIRTIO_BALLOON_F_REPORTING):
             # page_reporting_register: frees of large blocks request passes; the first pass
             # ("initial flush of zones") is requested now.
-            self.alloc.register_free_notifier(self._report_request)
-            self._report_request()
+            self.alloc.register_free_notifier(self.reporting.request)
+            self.reporting.request()
         # Linux probe ends with virtballoon_changed() if the target already differs.
         self._schedule_config_work()
 
@@ -468,11 +403,11 @@ class BalloonDriver:
             self._by_index[idx] = q
 
     # ==== plumbing ==============================================================================
-    def _kick(self, q: BalloonQueue) -> None:
+    def kick(self, q: BalloonQueue) -> None:
         if self.vqs[q].kick_prepare():
             self.t.notify(self.qindex[q])
 
-    def _vq_ok(self, q: BalloonQueue) -> bool:
+    def vq_ok(self, q: BalloonQueue) -> bool:
         vq = self.vqs.get(q)
         if vq is None:
             return False
@@ -504,7 +439,7 @@ class BalloonDriver:
         elif q is BalloonQueue.STATS:
             self.sched.after(0.0, self._stats_request)
         elif q is BalloonQueue.REPORTING:
-            self.sched.after(0.0, self._report_ack)
+            self.sched.after(0.0, self.reporting.ack)
         # free_page_vq has no callback (polled); a spurious interrupt is harmless.
 
     def _on_config_irq(self) -> None:
@@ -538,7 +473,7 @@ class BalloonDriver:
             if self._balloon_inflight is None and self._balloon_event is None:
                 self._balloon_event = self.sched.after(0.0, self._balloon_work)
         if len(vals) > 1:
-            self._cmd_id_changed(vals[1])
+            self.hint.cmd_id_changed(vals[1])
 
     def _device_needs_reset(self) -> None:
         """The device set DEVICE_NEEDS_RESET (see the module docstring for what Linux does).
@@ -556,198 +491,17 @@ class BalloonDriver:
             self.counters["device_needs_reset"] += 1
             log.warning("virtio-balloon: device set DEVICE_NEEDS_RESET; no more device work "
                         "(Linux does not reset on its own)")
-            for ev in (self._balloon_event, self._report_event,
-                       self._round.event if self._round is not None else None):
-                if ev is not None:
-                    Scheduler.cancel(ev)
-            self._balloon_event = self._report_event = None
-            self._round = None
+            if self._balloon_event is not None:
+                Scheduler.cancel(self._balloon_event)
+            self._balloon_event = None
+            self.reporting.cancel()
+            self.hint.cancel()
             self._resizing = False
         if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
             vals = self._read_config_u32s([CFG_FREE_PAGE_HINT_CMD_ID])
             if vals is not None and vals[0] == VIRTIO_BALLOON_CMD_ID_DONE:
                 self.s.cmd_id_received = vals[0]
                 self.return_free_pages(None)
-
-    def _cmd_id_changed(self, cmd_id: int) -> None:
-        self.s.cmd_id_received = cmd_id
-        if cmd_id == VIRTIO_BALLOON_CMD_ID_DONE:
-            # DR-11: release every held page. A running round notices the change and stops.
-            self.return_free_pages(None)
-        if self._round is not None:
-            return  # the round's next step sees the new ID, sends STOP, then re-checks
-        self._maybe_start_round()
-
-    def _maybe_start_round(self) -> None:
-        cid = self.s.cmd_id_received
-        if (self.strategy is HintStrategy.OFF or cid in (VIRTIO_BALLOON_CMD_ID_STOP,
-                                                        VIRTIO_BALLOON_CMD_ID_DONE)
-                or cid == self.s.cmd_id_active or not self._vq_ok(BalloonQueue.FREE_PAGE)):
-            return
-        vq = self.vqs[BalloonQueue.FREE_PAGE]
-        vq.get_bufs()  # detach used buffers first, as Linux's send_cmd_id_start does
-        self.s.cmd_id_active = cid
-        self.mem.write(self._start_buf, _U32.pack(cid))
-        try:
-            vq.add_buf(out=[(self._start_buf, 4)], token="start")  # DR-9: exactly 4 bytes
-        except (VringFull, VringBroken) as e:
-            self.counters["control_buffer_failed"] += 1
-            log.warning("virtio-balloon: cannot post start buffer for id %#x: %s", cid, e)
-            return
-        self._kick(BalloonQueue.FREE_PAGE)
-        self.counters["start_sent"] += 1
-        self.counters["rounds"] += 1
-        walker = None
-        if self.strategy is HintStrategy.WALK:
-            assert self.walker_factory is not None
-            walker = self.walker_factory(self.opts.min_order)
-        self._round = _Round(cid, walker)
-        self._round.event = self.sched.after(0.0, self._hint_step)
-
-    # ==== free page hinting ======================================================================
-    def _hint_step(self) -> None:
-        r = self._round
-        if r is None:
-            return
-        r.event = None
-        if not self._vq_ok(BalloonQueue.FREE_PAGE):
-            self._round = None
-            return
-        if self.s.cmd_id_received != r.cmd_id:
-            # DR-10: stop on STOP/DONE (or a newer round): Linux breaks out of its loop.
-            self.counters["rounds_stopped_by_device"] += 1
-            self._end_round()
-            return
-        vq = self.vqs[BalloonQueue.FREE_PAGE]
-        vq.get_bufs()  # poll: reclaim descriptors of hints the device already used
-        if not self._vq_ok(BalloonQueue.FREE_PAGE):
-            # The reap found a used element the device made up and broke the ring: nothing
-            # can be posted (not even STOP), and captured blocks would have nowhere to go.
-            self._round = None
-            return
-        room = max(0, vq.num_free - 1)  # keep one slot for the STOP buffer (protocol.md 4.4/9)
-        if self.strategy is HintStrategy.CAPTURE:
-            n, exhausted = self._capture_batch(vq, room)
-        else:
-            n, exhausted = self._walk_batch(vq, room)
-        if n:
-            self._kick(BalloonQueue.FREE_PAGE)
-        r.blocks += n
-        if exhausted:
-            self._end_round()  # DR-10: out of free blocks -> STOP
-            return
-        delay = max(n, 1) * self.opts.hint_cost_per_block
-        if room == 0:
-            delay = max(delay, self.opts.ring_full_poll)
-        r.event = self.sched.after(delay, self._hint_step)
-
-    def _capture_batch(self, vq: _Vring, room: int) -> tuple[int, bool]:
-        """Allocate up to hint_batch order-10 blocks; post those that fit, drop the rest."""
-        got: list[int] = []
-        dropped = 0
-        exhausted = False
-        for _ in range(self.opts.hint_batch):
-            pfn = self.alloc.alloc_pages(VIRTIO_BALLOON_HINT_BLOCK_ORDER, MIGRATE_UNMOVABLE,
-                                         noretry=True, owner=OWNER_BALLOON)
-            if pfn is None:
-                exhausted = True
-                break
-            if len(got) < room:
-                got.append(pfn)
-            else:
-                # Linux: "When there is no available entry, just free it". Freeing makes the
-                # next allocation likely return the same block, so the step ends here.
-                self.alloc.free_pages(pfn, VIRTIO_BALLOON_HINT_BLOCK_ORDER)
-                dropped += 1
-                break
-        self.counters["hint_blocks_dropped_ring_full"] += dropped
-        if got:
-            pfns = np.array(got, dtype=np.int64)
-            self._post_hints(vq, pfns, np.full(pfns.size, HINT_BLOCK_PAGES, dtype=np.int64))
-            self.s.held_blocks.extend(got)
-        return len(got) + dropped, exhausted
-
-    def _walk_batch(self, vq: _Vring, room: int) -> tuple[int, bool]:
-        r = self._round
-        assert r is not None and r.walker is not None
-        blocks: list[tuple[int, int]] = []
-        exhausted = False
-        for _ in range(self.opts.hint_batch):
-            blk = r.walker.step()
-            if blk is None:
-                exhausted = True
-                break
-            blocks.append(blk)
-        post = blocks[:room]
-        self.counters["hint_blocks_dropped_ring_full"] += len(blocks) - len(post)
-        if post:
-            arr = np.array(post, dtype=np.int64).reshape(-1, 2)
-            self._post_hints(vq, arr[:, 0], arr[:, 1])
-        return len(blocks), exhausted
-
-    def _post_hints(self, vq: _Vring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:
-        lens = nr_pages << PAGE_SHIFT
-        # A descriptor length is 32 bits; split anything of 4 GiB or more (never for order <= 10).
-        if (lens >= 1 << 32).any():
-            pieces_p, pieces_n = [], []
-            step = 1 << (31 - PAGE_SHIFT)
-            for p, n in zip(pfns.tolist(), nr_pages.tolist(), strict=True):
-                for off in range(0, n, step):
-                    pieces_p.append(p + off)
-                    pieces_n.append(min(step, n - off))
-            pfns = np.array(pieces_p[:vq.num_free - 1], dtype=np.int64)
-            nr_pages = np.array(pieces_n[:vq.num_free - 1], dtype=np.int64)
-            lens = nr_pages << PAGE_SHIFT
-        vq.add_single_bufs(pfns << PAGE_SHIFT, lens, writable=True)
-        self.counters["hints_sent"] += int(pfns.size)
-        self.counters["hinted_pages"] += int(nr_pages.sum())
-
-    def _end_round(self) -> None:
-        """Send the STOP buffer (le32 0) for the current round, then look at the ID again."""
-        self._round = None
-        if self._vq_ok(BalloonQueue.FREE_PAGE):
-            vq = self.vqs[BalloonQueue.FREE_PAGE]
-            vq.get_bufs()
-            try:
-                vq.add_buf(out=[(self._stop_buf, 4)], token="stop")
-                self._kick(BalloonQueue.FREE_PAGE)
-                self.counters["stop_sent"] += 1
-            except (VringFull, VringBroken) as e:
-                self.counters["control_buffer_failed"] += 1
-                log.warning("virtio-balloon: cannot post stop buffer: %s", e)
-        # A new ID that arrived meanwhile starts its round now (Linux re-runs the work item).
-        self._maybe_start_round()
-
-    def return_free_pages(self, max_blocks: int | None) -> int:
-        """Give up to ``max_blocks`` held hint blocks back to the allocator (all if None);
-        returns the number of blocks freed. Linux ``return_free_pages_to_mm``."""
-        held = self.s.held_blocks
-        n = len(held) if max_blocks is None else min(max_blocks, len(held))
-        if n:
-            # Most recently captured first, as popping them one by one did; one bulk call
-            # (the same frees, list order and writes) instead of a free_pages per 4 MiB block.
-            pfns = np.array(held[len(held) - n:][::-1], dtype=np.int64)
-            del held[len(held) - n:]
-            self.alloc.free_blocks_bulk(pfns, VIRTIO_BALLOON_HINT_BLOCK_ORDER)
-        if max_blocks is None:
-            self.counters["hint_blocks_returned_done"] += n
-        return n
-
-    # Shrinker (Linux virtio_balloon_shrinker_count / _scan): only hint blocks are given back.
-    def shrink_count(self) -> int:
-        return len(self.s.held_blocks) * HINT_BLOCK_PAGES
-
-    def shrink(self, nr_to_scan: int) -> int:
-        """Free ``ceil(nr_to_scan / 1024)`` held hint blocks; returns pages freed. A block may
-        still sit in the ring unhinted: the spec allows reusing hinted pages early (DR-11)."""
-        blocks = math.ceil(max(0, nr_to_scan) / HINT_BLOCK_PAGES)
-        freed = self.return_free_pages(blocks)
-        self.counters["hint_blocks_shrunk"] += freed
-        return freed * HINT_BLOCK_PAGES
-
-    @property
-    def hinting(self) -> bool:
-        return self._round is not None
 
     # ==== inflate / deflate ======================================================================
     def _balloon_work(self) -> None:
@@ -797,7 +551,7 @@ class BalloonDriver:
 
     def _post_balloon(self, q: BalloonQueue, kind: str, pfns: np.ndarray) -> bool:
         """Post one pfn buffer (the only one in flight) and kick; undo on failure."""
-        if not self._vq_ok(q):
+        if not self.vq_ok(q):
             self._undo_balloon(kind, pfns)
             return False
         self.mem.write(self._pfn_buf, pfns.astype("<u4").tobytes())
@@ -809,7 +563,7 @@ class BalloonDriver:
             return False
         self._balloon_inflight = (kind, pfns)
         self.counters["balloon_buffers"] += 1
-        self._kick(q)
+        self.kick(q)
         return True
 
     def _undo_balloon(self, kind: str, pfns: np.ndarray) -> None:
@@ -825,7 +579,7 @@ class BalloonDriver:
             return False
         kind, pfns = self._balloon_inflight
         q = BalloonQueue.INFLATE if kind == "inflate" else BalloonQueue.DEFLATE
-        if not self._vq_ok(q):
+        if not self.vq_ok(q):
             return False
         toks, _ = self.vqs[q].get_bufs()
         if _token(kind) not in toks:
@@ -900,8 +654,8 @@ class BalloonDriver:
     # ==== stats ==================================================================================
     def _fill_stats(self) -> None:
         vals: dict[int, int] = {int(tag): 0 for tag in self._stats_tags}
-        total = self.alloc.ram_pages << PAGE_SHIFT
-        free = self.alloc.nr_free_pages() << PAGE_SHIFT
+        total = pages_to_bytes(self.alloc.ram_pages)
+        free = pages_to_bytes(self.alloc.nr_free_pages())
         vals[StatTag.MEMTOT] = total
         vals[StatTag.MEMFREE] = free
         vals[StatTag.AVAIL] = free
@@ -913,7 +667,7 @@ class BalloonDriver:
         self.mem.write(self._stats_buf, buf)
 
     def _stats_request(self) -> None:
-        if not self._vq_ok(BalloonQueue.STATS):
+        if not self.vq_ok(BalloonQueue.STATS):
             return
         vq = self.vqs[BalloonQueue.STATS]
         toks, _ = vq.get_bufs()
@@ -923,126 +677,7 @@ class BalloonDriver:
         vq.add_buf(out=[(self._stats_buf, STAT_ENTRY_SIZE * len(self._stats_tags))],
                    token="stats")
         self.counters["stats_buffers"] += 1
-        self._kick(BalloonQueue.STATS)
-
-    # ==== free page reporting ====================================================================
-    def _report_request(self, order: int = PAGE_REPORTING_ORDER) -> None:
-        """Linux ``__page_reporting_notify`` (the allocator's free notifier, and the initial
-        request at probe): ask for a pass in ``report_interval`` unless one is asked for or
-        running (a running pass then ends by scheduling the next one)."""
-        if not self.ready or self._rep_state == _REPORTING_REQUESTED:
-            return
-        prev, self._rep_state = self._rep_state, _REPORTING_REQUESTED
-        if prev == _REPORTING_IDLE:
-            self._report_event = self.sched.after(self.opts.report_interval, self._report_work)
-
-    def _report_work(self) -> None:
-        """One step of a reporting pass (Linux ``page_reporting_process``): fill the next chain
-        and post it, or end the pass.
-
-        A pass walks zones low to high; a zone is skipped unless it keeps more than its low
-        watermark plus a full chain of pageblocks free; in a zone, orders from
-        ``pageblock_order`` up and every migratetype but isolate; each list gets a budget of
-        ``ceil(blocks of that order / (32 * 16))`` full chains (so a pass reports about a
-        sixteenth of a large free list), and a list that still has unreported blocks when the
-        budget is spent asks for another pass. Blocks already reported are skipped; isolation
-        writes nothing, so the pages keep what they held (the poison pattern under page
-        poisoning: DR-13, protocol.md 3.6, 3.7). A chain holds blocks of one zone: the zone's
-        leftover is reported before the next zone. After the last zone the pass goes idle,
-        unless a free notified meanwhile or a budget ran out: then the next pass comes
-        ``report_interval`` later. Not modelled: the list rotation Linux does so the next pass
-        starts where this one stopped (reported blocks are skipped instead).
-        """
-        self._report_event = None
-        if not self.ready or self._report_inflight is not None \
-                or not self._vq_ok(BalloonQueue.REPORTING):
-            return
-        if self._rep_pass is None:
-            self._rep_state = _REPORTING_ACTIVE
-            self._rep_pass = _ReportPass([z.idx for z in self.alloc.zones if z.populated])
-        chain = self._report_fill(self._rep_pass)
-        if chain is None:
-            self._rep_pass = None
-            if self._rep_state == _REPORTING_REQUESTED:
-                self._report_event = self.sched.after(self.opts.report_interval,
-                                                      self._report_work)
-            else:
-                self._rep_state = _REPORTING_IDLE
-            return
-        elems = [(p << PAGE_SHIFT, 1 << (o + PAGE_SHIFT)) for p, o in chain]
-        try:
-            self.vqs[BalloonQueue.REPORTING].add_buf(in_=elems, token="report")
-        except (VringFull, VringBroken) as e:
-            log.warning("virtio-balloon: cannot post report: %s", e)
-            for pfn, order in chain:
-                self.alloc.putback_block(pfn, order)
-            self._rep_pass = None
-            self._rep_state = _REPORTING_IDLE
-            return
-        self._report_inflight = chain
-        self._kick(BalloonQueue.REPORTING)
-
-    def _report_fill(self, p: _ReportPass) -> list[tuple[int, int]] | None:
-        """Isolate blocks until a chain is full or a zone is done; None when the pass is."""
-        a = self.alloc
-        while p.zone_i < len(p.zones):
-            z = p.zones[p.zone_i]
-            if p.order < 0:
-                zone = a.zones[z]
-                need = zone.watermark[WMARK_LOW] + (PAGE_REPORTING_CAPACITY
-                                                    << PAGE_REPORTING_ORDER)
-                if a.nr_free_pages(z) <= need:
-                    p.zone_i += 1
-                    continue
-                p.order, p.mt, p.budget = PAGE_REPORTING_ORDER, 0, None
-            while p.order < MAX_ORDER:
-                while p.mt < MIGRATE_TYPES:
-                    if p.mt == MIGRATE_ISOLATE:
-                        p.mt += 1
-                        continue
-                    if p.budget is None:
-                        nr_free = int(a.free_counts()[z, p.order].sum())
-                        p.budget = -(-nr_free // (PAGE_REPORTING_CAPACITY * 16))
-                    while a.nr_unreported_blocks(z, p.order, p.mt) > 0:
-                        if p.budget < 0:
-                            self._rep_state = _REPORTING_REQUESTED  # more next pass
-                            break
-                        pfn = a.isolate_free_block(p.order, zone=z, migratetype=p.mt)
-                        if pfn is None:
-                            break  # the zone is at its min watermark
-                        p.sgl.append((pfn, p.order))
-                        if len(p.sgl) == PAGE_REPORTING_CAPACITY:
-                            p.budget -= 1
-                            chain, p.sgl = p.sgl, []
-                            return chain
-                    p.mt += 1
-                    p.budget = None
-                p.order += 1
-                p.mt = 0
-            p.zone_i += 1
-            p.order = -1
-            if p.sgl:  # the zone's leftover, before going on
-                chain, p.sgl = p.sgl, []
-                return chain
-        return None
-
-    def _report_ack(self) -> None:
-        if self._report_inflight is None or not self._vq_ok(BalloonQueue.REPORTING):
-            return
-        toks, _ = self.vqs[BalloonQueue.REPORTING].get_bufs()
-        if "report" not in toks:
-            return
-        got = self._report_inflight
-        self._report_inflight = None
-        # DR-13: only now may the pages be used again. Put back (to the tail), marked reported
-        # unless they merged with a neighbour (then the bigger block is new to the host).
-        for pfn, order in got:
-            self.alloc.putback_block(pfn, order, reported=True)
-        self.counters["reports"] += 1
-        self.counters["reported_pages"] += sum(1 << o for _, o in got)
-        # The pass goes on once the driver has done its part of the work.
-        self._report_event = self.sched.after(len(got) * self.opts.report_cost_per_block,
-                                              self._report_work)
+        self.kick(BalloonQueue.STATS)
 
     # ==== views for the guest assembly ===========================================================
     def held_pfn_ranges(self) -> list[tuple[int, int]]:
@@ -1057,4 +692,22 @@ class BalloonDriver:
     def isolated_pfn_ranges(self) -> list[tuple[int, int]]:
         """(first pfn, count) of the free blocks isolated for a report the device has not used
         yet: free pages, not the driver's (their content stays what the guest left)."""
-        return [(p, 1 << o) for p, o in self._report_inflight or ()]
+        return self.reporting.isolated_pfn_ranges()
+
+    # ==== free page hinting (guest_model.hinting) ================================================
+    @property
+    def hinting(self) -> bool:
+        """A hint round is running."""
+        return self.hint.active
+
+    def return_free_pages(self, max_blocks: int | None) -> int:
+        """Give up to ``max_blocks`` held hint blocks back (all if None); blocks freed."""
+        return self.hint.return_free_pages(max_blocks)
+
+    # Shrinker (Linux virtio_balloon_shrinker_count / _scan): only hint blocks are given back.
+    def shrink_count(self) -> int:
+        return self.hint.shrink_count()
+
+    def shrink(self, nr_to_scan: int) -> int:
+        """Free ``ceil(nr_to_scan / 1024)`` held hint blocks; returns pages freed."""
+        return self.hint.shrink(nr_to_scan)

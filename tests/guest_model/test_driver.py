@@ -45,6 +45,7 @@ from protocol.balloon import (
     VIRTIO_BALLOON_F_STATS_VQ,
     BalloonQueue,
 )
+from protocol.errors import UsageError
 from protocol.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, DeviceStatus, feature_mask
 
 RAM = 64 << 20
@@ -610,7 +611,7 @@ def test_walk_safety_option_reaches_the_walker_and_bad_strategy_is_refused() -> 
     seed.host(seed.dev.free_page_start)
     seed.run(0.01)
     assert seed.drv.counters["hints_sent"] > 0 and seed.drv.counters["stop_sent"] == 1
-    with pytest.raises(ValueError, match="hint_strategy"):
+    with pytest.raises(UsageError, match="hint_strategy"):
         Rig(strategy="greedy")
 
 
@@ -623,8 +624,8 @@ def test_golden_control_and_stats_buffers() -> None:
     assert entries[4][1] == r.alloc.nr_free_pages() << 12  # MEMFREE
     r.host(r.dev.free_page_start)
     r.run(0.01)
-    assert r.mem.read(r.drv._start_buf, 4) == struct.pack("<I", r.dev.hint.cmd_id)
-    assert r.mem.read(r.drv._stop_buf, 4) == b"\0\0\0\0"
+    assert r.mem.read(r.drv.hint.start_buf, 4) == struct.pack("<I", r.dev.hint.cmd_id)
+    assert r.mem.read(r.drv.hint.stop_buf, 4) == b"\0\0\0\0"
 
 
 # -- deflate on OOM ----------------------------------------------------------------------------
@@ -854,7 +855,7 @@ def test_walk_batch_sets_where_guest_events_can_land(batch: int) -> None:
 
 
 def test_hint_batch_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="hint_batch"):
+    with pytest.raises(UsageError, match="hint_batch"):
         Rig(hint_batch=0)
 
 
