@@ -32,6 +32,7 @@ from guest_model.vring import DriverArea
 from guest_model.workloads import Workload, make_workload
 from guestmem import GuestMemory, PageVersions
 from guestmem.clock import Scheduler
+from protocol.errors import UsageError
 
 #: vmsim's default driver area: 4 MiB at 1 MiB (docs/interfaces.md).
 DEFAULT_DRIVER_AREA = (0x100000, 4 << 20)
@@ -63,7 +64,7 @@ class SimGuest:
         o = options
         gpa, size = o.driver_area
         if not (0 <= gpa and gpa + size <= o.ram_bytes):
-            raise ValueError(f"GuestOptions.driver_area [{gpa:#x}, +{size:#x}) is not inside "
+            raise UsageError(f"GuestOptions.driver_area [{gpa:#x}, +{size:#x}) is not inside "
                              f"RAM of {o.ram_bytes:#x} bytes")
         self.mem = mem
         self.pages = pages
@@ -75,7 +76,7 @@ class SimGuest:
                                        init_on_free=o.init_on_free,
                                        page_poisoning=o.page_poisoning, nr_cpus=o.nr_cpus)
         elif (allocator.state[gpa >> 12:(gpa + size + 4095) >> 12] != PG_RESERVED).any():
-            raise ValueError("the allocator given to SimGuest does not keep the driver area "
+            raise UsageError("the allocator given to SimGuest does not keep the driver area "
                              "reserved")
         self.allocator = allocator
         self.area = DriverArea(mem, gpa, size)

@@ -46,6 +46,7 @@ import numpy as np
 
 from guest_model.vring import Buf, DriverArea, DriverRingBase
 from guestmem import GuestMemory
+from protocol.errors import UsageError
 from protocol.virtqueue import (
     DESC_SIZE,
     PACKED_DESC_DTYPE,
@@ -78,9 +79,9 @@ class PackedDriverVring(DriverRingBase):
                  event_idx: bool = False, indirect: bool = False, *,
                  area: DriverArea | None = None, indirect_min: int = 2, name: str = "") -> None:
         if not 0 < size <= VIRTQ_MAX_SIZE:
-            raise ValueError(f"packed queue size {size} not in 1..{VIRTQ_MAX_SIZE}")
+            raise UsageError(f"packed queue size {size} not in 1..{VIRTQ_MAX_SIZE}")
         if desc % 16 or driver % 4 or device % 4:
-            raise ValueError(f"ring areas misaligned: desc {desc:#x} driver {driver:#x} "
+            raise UsageError(f"ring areas misaligned: desc {desc:#x} driver {driver:#x} "
                              f"device {device:#x} (need 16/4/4)")
         self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, driver, device
@@ -138,7 +139,7 @@ class PackedDriverVring(DriverRingBase):
     def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (), token: Any = None) -> int:
         """Post one buffer (readable ``out`` then writable ``in_``); returns its buffer id.
 
-        ``VringFull`` when slots or ids are short, ``ValueError`` for an empty or over-long
+        ``VringFull`` when slots or ids are short, ``UsageError`` for an empty or over-long
         chain, ``VringBroken`` once the ring is broken."""
         elems = self._chain_elems(out, in_)
         total = len(elems)

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from guestmem import GuestMemory
+from protocol.errors import Fault, UsageError
 from protocol.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
@@ -65,16 +66,20 @@ log = logging.getLogger(__name__)
 Buf = tuple[int, int]  # (gpa, length)
 
 
-class DriverAreaFull(Exception):
+class DriverAreaFull(UsageError):
     """The driver area has no room left for an allocation (a sizing problem, not a guest bug)."""
 
 
-class VringFull(Exception):
+class VringFull(UsageError):
     """Not enough free descriptors for the buffer (Linux: -ENOSPC). Reap used buffers first."""
 
 
-class VringBroken(Exception):
-    """The ring was marked broken after the device returned something impossible."""
+class VringBroken(Fault):
+    """The ring was marked broken after the device returned something impossible (the
+    device's fault, seen from the guest; the driver counts it under ``vring_broken``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, counter="vring_broken")
 
 
 class DriverArea:
@@ -88,7 +93,7 @@ class DriverArea:
 
     def __init__(self, mem: GuestMemory, gpa: int, size: int) -> None:
         if not mem.contains(gpa, size):
-            raise ValueError(f"driver area [{gpa:#x}, +{size:#x}) is not backed by guest memory")
+            raise UsageError(f"driver area [{gpa:#x}, +{size:#x}) is not backed by guest memory")
         self.mem = mem
         self.gpa = gpa
         self.size = size
@@ -170,18 +175,18 @@ class DriverRingBase:
 
     def _chain_elems(self, out: Sequence[Buf], in_: Sequence[Buf]) -> list[tuple[int, int, int]]:
         """One buffer's elements as (gpa, length, WRITE or 0), readable ones first
-        (protocol.md 1.2); ``ValueError`` for an empty or over-long chain or a bad length."""
+        (protocol.md 1.2); ``UsageError`` for an empty or over-long chain or a bad length."""
         self._check_usable()
         elems = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
         total = len(elems)
         if total == 0:
-            raise ValueError("a buffer needs at least one element")
+            raise UsageError("a buffer needs at least one element")
         if total > self.size:
             # virtio 1.x 2.7.5.3.1 / 2.7.13.3.1: no chain longer than the queue size.
-            raise ValueError(f"chain of {total} elements exceeds queue size {self.size}")
+            raise UsageError(f"chain of {total} elements exceeds queue size {self.size}")
         for _, n, _ in elems:
             if n <= 0 or n >= 1 << 32:
-                raise ValueError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
+                raise UsageError(f"element length {n:#x} must be in (0, 2^32) (V-7)")
         return elems
 
     def _indirect_table(self, total: int) -> int:
@@ -212,9 +217,9 @@ class DriverRingBase:
         addrs = np.asarray(addrs, dtype=np.uint64)
         lens = np.asarray(lens, dtype=np.int64)
         if lens.shape != addrs.shape:
-            raise ValueError("addrs and lens differ in length")
+            raise UsageError("addrs and lens differ in length")
         if (lens <= 0).any() or (lens >= 1 << 32).any():
-            raise ValueError("every element length must be in (0, 2^32) (V-7)")
+            raise UsageError("every element length must be in (0, 2^32) (V-7)")
         self._check_room(int(addrs.size), 0)
         return addrs, lens
 
@@ -253,9 +258,9 @@ class DriverVring(DriverRingBase):
                  event_idx: bool = False, indirect: bool = False, *,
                  area: DriverArea | None = None, indirect_min: int = 2, name: str = "") -> None:
         if size <= 0 or size & (size - 1) or size > VIRTQ_MAX_SIZE:
-            raise ValueError(f"queue size {size} is not a power of two <= {VIRTQ_MAX_SIZE}")
+            raise UsageError(f"queue size {size} is not a power of two <= {VIRTQ_MAX_SIZE}")
         if desc % 16 or avail % 2 or used % 4:
-            raise ValueError(f"ring areas misaligned: desc {desc:#x} avail {avail:#x} "
+            raise UsageError(f"ring areas misaligned: desc {desc:#x} avail {avail:#x} "
                              f"used {used:#x} (need 16/2/4)")
         self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, avail, used
@@ -306,7 +311,7 @@ class DriverVring(DriverRingBase):
         """Post one buffer: device-readable ``out`` elements, then device-writable ``in_``.
 
         Returns the head descriptor index. ``token`` comes back from ``get_buf`` (defaults to the
-        head). Raises ``VringFull`` when descriptors are short, ``ValueError`` for an empty or
+        head). Raises ``VringFull`` when descriptors are short, ``UsageError`` for an empty or
         over-long chain (usage errors), ``VringBroken`` once the ring is broken.
         """
         elems = self._chain_elems(out, in_)

@@ -55,6 +55,7 @@ from guest_model.buddy import (
     list_sentinel,
 )
 from guestmem.clock import Scheduler
+from protocol.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class FreeBlockWalker:
     def __init__(self, allocator: BuddyAllocator, min_order: int = 0, *, safe: bool = True,
                  max_restarts: int = 16) -> None:
         if not 0 <= min_order < MAX_ORDER:
-            raise ValueError(f"min_order={min_order}: must be 0..{MAX_ORDER - 1}")
+            raise UsageError(f"min_order={min_order}: must be 0..{MAX_ORDER - 1}")
         self.allocator = allocator
         self.min_order = min_order
         self.safe = safe
@@ -242,7 +243,7 @@ def schedule_walk(sched: Scheduler, walker: FreeBlockWalker, *, cost_per_block: 
     apart; ``visit`` runs at the instant of the report (nothing can happen in between), other
     events (workloads) run between two reports."""
     if cost_per_block < 0:
-        raise ValueError(f"cost_per_block={cost_per_block}: must be >= 0")
+        raise UsageError(f"cost_per_block={cost_per_block}: must be >= 0")
     h = ScheduledWalk(walker, sched.now + start_delay)
 
     def tick() -> None:

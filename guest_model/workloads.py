@@ -53,6 +53,7 @@ from guest_model.buddy import (
 from guestmem.clock import Scheduler
 from guestmem.pages import PageVersions
 from guestmem.units import PAGE_SHIFT
+from protocol.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class Workload:
     def __init__(self, allocator: BuddyAllocator, pages: PageVersions | None = None, *,
                  seed: int = 0, tick: float = 0.01) -> None:
         if tick <= 0:
-            raise ValueError(f"{self.name}: tick={tick}: must be > 0 seconds")
+            raise UsageError(f"{self.name}: tick={tick}: must be > 0 seconds")
         self.a = allocator
         self.pages = pages
         self.rng = np.random.default_rng(seed)
@@ -85,14 +86,14 @@ class Workload:
     def _pages_of(self, size: int | None, size_fraction: float | None, default_fraction: float,
                   key: str) -> int:
         if size is not None and size_fraction is not None:
-            raise ValueError(f"{self.name}: give {key} or {key}_fraction, not both")
+            raise UsageError(f"{self.name}: give {key} or {key}_fraction, not both")
         if size is not None:
             if size < 0:
-                raise ValueError(f"{self.name}: {key}={size}: must be >= 0 bytes")
+                raise UsageError(f"{self.name}: {key}={size}: must be >= 0 bytes")
             return int(size) >> PAGE_SHIFT
         frac = default_fraction if size_fraction is None else float(size_fraction)
         if not 0.0 <= frac <= 1.0:
-            raise ValueError(f"{self.name}: {key}_fraction={frac}: must be in [0, 1]")
+            raise UsageError(f"{self.name}: {key}_fraction={frac}: must be in [0, 1]")
         return int(self.a.ram_pages * frac)
 
     # ---- page helpers -----------------------------------------------------------------------
@@ -153,7 +154,7 @@ class Workload:
     def start(self, sched: Scheduler, *, until: float | None = None) -> None:
         """Run as background activity on ``sched`` from now until ``until`` or ``stop()``."""
         if self.running:
-            raise RuntimeError(f"{self.name}: already running")
+            raise UsageError(f"{self.name}: already running")
         self.sched = sched
         self.until = until
         self.running = True
@@ -236,7 +237,7 @@ class Idle(Workload):
                  seed: int = 0, tick: float = 0.01, duration: float = 0.0) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if duration < 0:
-            raise ValueError(f"idle: duration={duration}: must be >= 0 seconds")
+            raise UsageError(f"idle: duration={duration}: must be >= 0 seconds")
         self.duration = float(duration)
 
     def run_phase(self) -> None:
@@ -260,9 +261,9 @@ class Fill(Workload):
                  order: int = 0) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate <= 0:
-            raise ValueError(f"fill: rate={rate}: must be > 0 bytes/s")
+            raise UsageError(f"fill: rate={rate}: must be > 0 bytes/s")
         if not 0 <= order < MAX_ORDER:
-            raise ValueError(f"fill: order={order}: must be 0..{MAX_ORDER - 1}")
+            raise UsageError(f"fill: order={order}: must be 0..{MAX_ORDER - 1}")
         self.target = self._pages_of(size, size_fraction, 0.5, "size")
         self.rate_pages = rate / (1 << PAGE_SHIFT)
         self.order = order
@@ -324,9 +325,9 @@ class PageCache(Workload):
                  reclaimable_fraction: float = 0.05) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate < 0:
-            raise ValueError(f"page_cache: rate={rate}: must be >= 0 bytes/s")
+            raise UsageError(f"page_cache: rate={rate}: must be >= 0 bytes/s")
         if not 0 <= reclaimable_fraction <= 1:
-            raise ValueError(f"page_cache: reclaimable_fraction={reclaimable_fraction}: 0..1")
+            raise UsageError(f"page_cache: reclaimable_fraction={reclaimable_fraction}: 0..1")
         self.target = self._pages_of(size, size_fraction, 0.25, "size")
         self.rate_pages = rate / (1 << PAGE_SHIFT)
         self.recl = reclaimable_fraction
@@ -404,14 +405,14 @@ class Churn(Workload):
                  footprint: int | None = None) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate < 0 or lifetime <= 0 or duration < 0:
-            raise ValueError(f"churn: rate={rate} >= 0 bytes/s, lifetime={lifetime} > 0 s, "
+            raise UsageError(f"churn: rate={rate} >= 0 bytes/s, lifetime={lifetime} > 0 s, "
                              f"duration={duration} >= 0 s required")
         if not 0 <= max_order < MAX_ORDER:
-            raise ValueError(f"churn: max_order={max_order}: 0..{MAX_ORDER - 1}")
+            raise UsageError(f"churn: max_order={max_order}: 0..{MAX_ORDER - 1}")
         if order is not None and not 0 <= order < MAX_ORDER:
-            raise ValueError(f"churn: order={order}: 0..{MAX_ORDER - 1}")
+            raise UsageError(f"churn: order={order}: 0..{MAX_ORDER - 1}")
         if footprint is not None and footprint < 0:
-            raise ValueError(f"churn: footprint={footprint}: must be >= 0 bytes")
+            raise UsageError(f"churn: footprint={footprint}: must be >= 0 bytes")
         if order is not None:
             mix = [(order, MIGRATE_MOVABLE, 1.0)]
         else:
@@ -571,10 +572,10 @@ class MemhogThenFree(Workload):
                  hold: float = 0.0) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if not 0 <= fraction <= 1 or rate <= 0 or hold < 0 or not 0 <= keep <= 1:
-            raise ValueError(f"{self.name}: fraction={fraction} in [0,1], keep={keep} in [0,1],"
+            raise UsageError(f"{self.name}: fraction={fraction} in [0,1], keep={keep} in [0,1],"
                              f" rate={rate} > 0, hold={hold} >= 0 required")
         if size is not None and size < 0:
-            raise ValueError(f"{self.name}: size={size}: must be >= 0 bytes")
+            raise UsageError(f"{self.name}: size={size}: must be >= 0 bytes")
         self.fraction = fraction
         self.keep = keep
         self.rate_pages = rate / (1 << PAGE_SHIFT)
@@ -652,7 +653,7 @@ class Dirty(Workload):
                  existing: bool = False) -> None:
         super().__init__(allocator, pages, seed=seed, tick=tick)
         if rate < 0:
-            raise ValueError(f"dirty: rate={rate}: must be >= 0 bytes/s")
+            raise UsageError(f"dirty: rate={rate}: must be >= 0 bytes/s")
         self.existing = existing
         if existing and working_set is None and working_set_fraction is None:
             self.target = -1  # all pages in use
@@ -712,10 +713,10 @@ def make_workload(name: str, allocator: BuddyAllocator, pages: PageVersions | No
                   seed: int = 0, **params: Any) -> Workload:
     """Build workload ``name`` from scenario parameters; a usage error names the bad key."""
     if name not in WORKLOADS:
-        raise ValueError(f"unknown workload {name!r}; known: {', '.join(sorted(WORKLOADS))}")
+        raise UsageError(f"unknown workload {name!r}; known: {', '.join(sorted(WORKLOADS))}")
     known = set(workload_params(name))
     for k in params:
         if k not in known:
-            raise ValueError(f"workload {name!r}: unknown parameter {k!r}; "
+            raise UsageError(f"workload {name!r}: unknown parameter {k!r}; "
                              f"known: {', '.join(sorted(known))}")
     return WORKLOADS[name](allocator, pages, seed=seed, **params)

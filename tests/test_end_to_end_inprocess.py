@@ -31,6 +31,7 @@ from guestmem import DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.pages import POISON
 from protocol.balloon import VIRTIO_BALLOON_F_REPORTING
+from protocol.errors import UsageError
 from protocol.virtio import feature_mask
 
 RAM = 256 << 20
@@ -179,9 +180,9 @@ def test_simguest_rejects_bad_assembly() -> None:
     pages = PageVersions(RAM >> 12)
     dev = BalloonDevice(mem, DeviceConfig(ram_pages=RAM >> 12))
     t = InProcessTransport(dev)
-    with pytest.raises(ValueError, match="driver_area"):
+    with pytest.raises(UsageError, match="driver_area"):
         SimGuest(mem, pages, Scheduler(), t, GuestOptions(ram_bytes=2 << 20))
-    with pytest.raises(ValueError, match="reserved"):
+    with pytest.raises(UsageError, match="reserved"):
         SimGuest(mem, pages, Scheduler(), t, GuestOptions(ram_bytes=RAM),
                  allocator=BuddyAllocator(RAM, pages=pages))
 

@@ -23,6 +23,7 @@ from guest_model.vring import (
     alloc_vring,
 )
 from guestmem import DirtyLog, GuestMemory
+from protocol.errors import UsageError
 from protocol.virtqueue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -218,13 +219,13 @@ def test_ring_full_raises_and_num_free() -> None:
 
 def test_usage_errors() -> None:
     _, _, vq, _ = make_ring(4)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         vq.add_buf()
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         vq.add_buf(in_=[(0x1000, 1)] * 5)  # longer than the queue
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         vq.add_buf(in_=[(0x1000, 0)])
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError):
         DriverVring(make_mem(), 6, AREA, AREA + 0x100, AREA + 0x200)
 
 

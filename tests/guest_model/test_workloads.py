@@ -25,6 +25,7 @@ from guest_model.workloads import (
 from guestmem import DirtyLog
 from guestmem.clock import Scheduler
 from guestmem.pages import ZERO, PageVersions
+from protocol.errors import UsageError
 
 MiB = 1 << 20
 
@@ -45,13 +46,13 @@ def test_registry_and_usage_errors() -> None:
         w = make_workload(name, a, pv, seed=1)
         assert w.name == name
         assert "seed" in workload_params(name) and "tick" in workload_params(name)
-    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+    with pytest.raises(UsageError, match="unknown workload 'nope'"):
         make_workload("nope", a, pv)
-    with pytest.raises(ValueError, match="unknown parameter 'sise'"):
+    with pytest.raises(UsageError, match="unknown parameter 'sise'"):
         make_workload("fill", a, pv, sise=1)
-    with pytest.raises(ValueError, match="rate="):
+    with pytest.raises(UsageError, match="rate="):
         make_workload("fill", a, pv, rate=-1)
-    with pytest.raises(ValueError, match="size or size_fraction"):
+    with pytest.raises(UsageError, match="size or size_fraction"):
         make_workload("fill", a, pv, size=1, size_fraction=0.1)
 
 
