@@ -1,0 +1,285 @@
+"""QEMU's own virtio-balloon as a peer of our guest driver: ``QemuBalloon``.
+
+Theory of operation
+-------------------
+``QemuBalloon(qemu=None, ram_bytes=..., device=BalloonDeviceOptions(...))`` starts a
+``QtestMachine`` with::
+
+    -object iothread,id=io0
+    -device virtio-balloon-pci,id=balloon0,disable-legacy=on,iothread=io0,free-page-hint=on,...
+
+(the iothread is required by free-page-hint; ``disable-legacy=on`` makes it a modern-only
+device, 1af4:1045, since our driver speaks only the modern interface), finds the device on
+bus 0, and gives it a ``QtestVirtioPci`` transport (``transport``): hand that to
+``guest_model`` (``SimGuest``/``BalloonDriver``) exactly as the in-process or vfio-user
+transports. Guest RAM is ``mem`` (the machine's shared file).
+
+The host side is QEMU's, reached through QMP and qtest; these calls play the part our control
+socket plays for our device (``host(command, **args)`` takes ``balloon-hint ctl`` commands):
+
+* ``set_target(pages)`` -> QMP ``balloon`` with ``value = RAM size - pages * 4 KiB`` (QEMU
+  derives ``num_pages`` from the RAM size, reserved top included);
+* ``request_stats()`` -> the device property ``guest-stats-polling-interval`` set to 0 then 1:
+  QEMU then arms its stats timer (QEMU_CLOCK_VIRTUAL, which only qtest moves) to expire at
+  once, so the held stats buffer is returned on the next main-loop turn, and never again
+  unless asked (the re-armed timer waits for a ``clock_step``);
+* ``guest_stats()`` -> QOM ``guest-stats`` (QEMU's names ``stat-free-memory`` ...; -1 = unset);
+* ``hint_start()``: QEMU starts a hint round only from its migration code (the precopy
+  notifier after a dirty-bitmap sync), so this starts a migration (cancelling a running one
+  first, which publishes DONE) to a unix socket of ours that is never read, with
+  ``max-bandwidth`` at 4 KiB/s: the first bitmap sync, at migration set-up, publishes a new
+  command id, and the stalled stream keeps the migration in its first pass, so no further sync
+  (STOP, new id) follows. Returns the id (read from config space, or QEMU's counter + 1 if the
+  driver already moved the device to START, where the field reads 0);
+* ``hint_done()`` -> QMP ``migrate_cancel``: the precopy CLEANUP notification publishes DONE;
+* a host ``hint-stop`` does not exist in QEMU (STOP is published only just before a bitmap
+  sync, and followed at once by a new id or DONE): ``host("hint-stop")`` raises
+  ``HostUnsupported``.
+
+While a hint round runs, QEMU's iothread polls the free page queue (it loops for the whole
+round, virtio-balloon.c ``virtio_ballloon_get_free_page_hints``), so it keeps one host core
+busy until STOP/DONE.
+
+Queue numbering: QEMU creates inflate 0, deflate 1, stats 2 (it always offers STATS_VQ), then
+free_page if offered, then reporting if offered, by *offered* features; our driver, like
+Linux, counts *negotiated* ones. They agree as long as the driver accepts STATS_VQ (and
+FREE_PAGE_HINT whenever REPORTING is used): docs/qemu-deviations.md.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from protocol.balloon import CFG_FREE_PAGE_HINT_CMD_ID
+from protocol.errors import EnvironmentFailure, UsageError
+from protocol.virtio_pci import VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID
+from vmsim.qtest.machine import PAGE, QmpError, QtestMachine
+from vmsim.qtest.pci import find_function
+from vmsim.qtest.qemu import QemuBinary, find_qemu
+from vmsim.qtest.virtio_pci import QtestVirtioPci
+
+VIRTIO_ID_BALLOON = 5
+DEVICE_ID = "balloon0"
+QOM_PATH = f"/machine/peripheral/{DEVICE_ID}"
+#: QEMU's first command id is this + 1 (it pre-increments; virtio-balloon.h CMD_ID_MIN).
+QEMU_CMD_ID_MIN = 0x80000000
+#: Bandwidth of the stalled migration that carries a hint round (bytes/s).
+HINT_MIGRATION_BANDWIDTH = 4096
+#: QEMU's stat names -> protocol.md 3.5 tag names, as ``balloon-hint ctl stats`` shows them.
+STAT_NAMES = {"stat-swap-in": "SWAP_IN", "stat-swap-out": "SWAP_OUT",
+              "stat-major-faults": "MAJFLT", "stat-minor-faults": "MINFLT",
+              "stat-free-memory": "MEMFREE", "stat-total-memory": "MEMTOT",
+              "stat-available-memory": "AVAIL", "stat-disk-caches": "CACHES",
+              "stat-htlb-pgalloc": "HTLB_PGALLOC", "stat-htlb-pgfail": "HTLB_PGFAIL"}
+
+
+class HostUnsupported(EnvironmentFailure):
+    """QEMU has no host request for this (the message says why)."""
+
+
+class HostTimeout(EnvironmentFailure):
+    """QEMU did not do what a host request asks within the timeout."""
+
+
+def _onoff(b: bool) -> str:
+    return "on" if b else "off"
+
+
+@dataclass
+class BalloonDeviceOptions:
+    """Properties of QEMU's virtio-balloon-pci (defaults: QEMU's, but free-page-hint on)."""
+
+    free_page_hint: bool = True
+    free_page_reporting: bool = False
+    deflate_on_oom: bool = False
+    page_poison: bool = True
+    event_idx: bool = True
+    indirect_desc: bool = True
+    packed: bool = False
+    #: MSI-X vectors (QEMU's default for the balloon is 2: config + all queues shared).
+    vectors: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def device_arg(self) -> str:
+        props = [f"virtio-balloon-pci,id={DEVICE_ID}", "disable-legacy=on",
+                 f"free-page-hint={_onoff(self.free_page_hint)}",
+                 f"free-page-reporting={_onoff(self.free_page_reporting)}",
+                 f"deflate-on-oom={_onoff(self.deflate_on_oom)}",
+                 f"page-poison={_onoff(self.page_poison)}",
+                 f"event_idx={_onoff(self.event_idx)}",
+                 f"indirect_desc={_onoff(self.indirect_desc)}",
+                 f"packed={_onoff(self.packed)}"]
+        if self.free_page_hint:
+            props.append("iothread=io0")
+        if self.vectors is not None:
+            props.append(f"vectors={self.vectors}")
+        props += [f"{k}={v}" for k, v in self.extra.items()]
+        return ",".join(props)
+
+
+class QemuBalloon:
+    """QEMU + its virtio-balloon-pci under qtest, with our transport and QEMU's host side."""
+
+    def __init__(self, qemu: QemuBinary | str | None = None, *, ram_bytes: int = 64 << 20,
+                 device: BalloonDeviceOptions | None = None, incoming: str | None = None,
+                 extra_args: tuple[str, ...] = (), timeout: float = 10.0) -> None:
+        q = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
+        self.options = device or BalloonDeviceOptions()
+        self.machine = QtestMachine(q, ram_bytes=ram_bytes, objects=["iothread,id=io0"],
+                                    devices=[self.options.device_arg()], incoming=incoming,
+                                    extra_args=extra_args, timeout=timeout)
+        self._sink: socket.socket | None = None
+        self._sink_conns: list[socket.socket] = []
+        self.timeout = timeout
+        try:
+            fn = find_function(self.machine.qt, VIRTIO_PCI_VENDOR_ID,
+                               VIRTIO_PCI_DEVICE_ID_BASE + VIRTIO_ID_BALLOON)
+            self.transport = QtestVirtioPci(self.machine, fn)
+        except BaseException:
+            self.machine.close()
+            raise
+        self.mem = self.machine.mem
+
+    def close(self) -> None:
+        for c in self._sink_conns:
+            c.close()
+        self._sink_conns.clear()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        self.machine.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- balloon target and statistics ----------------------------------------------------------
+    def set_target(self, pages: int) -> None:
+        """Ask the guest to hold ``pages`` 4 KiB pages in the balloon (``num_pages``)."""
+        total = self.machine.total_bytes
+        if not isinstance(pages, int) or not 0 <= pages < total // PAGE:
+            raise UsageError(f"set-target pages={pages!r}: must be in 0..{total // PAGE - 1}")
+        self.machine.qmp("balloon", value=total - pages * PAGE)
+
+    def request_stats(self) -> None:
+        """Have QEMU return the stats buffer it holds (see the module docstring)."""
+        for interval in (0, 1):
+            self.machine.qmp("qom-set", path=QOM_PATH,
+                             property="guest-stats-polling-interval", value=interval)
+
+    def guest_stats(self) -> dict[str, Any]:
+        return dict(self.machine.qmp("qom-get", path=QOM_PATH, property="guest-stats"))
+
+    # -- free page hinting (through QEMU's migration) -------------------------------------------
+    def read_cmd_id(self) -> int:
+        return int(struct.unpack("<I", self.transport.read_config(
+            CFG_FREE_PAGE_HINT_CMD_ID, 4))[0])
+
+    def migration_status(self) -> str:
+        return str(self.machine.qmp("query-migrate").get("status", "none"))
+
+    def _wait(self, cond: Any, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise HostTimeout(f"QEMU: {what} did not happen within {self.timeout} s "
+                                  f"(migration {self.migration_status()})")
+            time.sleep(0.002)
+
+    def _sink_uri(self) -> str:
+        if self._sink is None:
+            path = os.path.join(self.machine.tmpdir, "sink.sock")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(path)
+            s.listen(4)
+            s.setblocking(False)
+            self._sink = s
+        return f"unix:{self._sink.getsockname()}"
+
+    def _accept_sink(self) -> None:
+        assert self._sink is not None
+        try:
+            while True:
+                conn, _ = self._sink.accept()
+                self._sink_conns.append(conn)  # never read: the stream stalls
+        except BlockingIOError:
+            pass
+
+    def hint_start(self) -> int:
+        """Publish a new command id (a migration starts; see the module docstring)."""
+        if not self.options.free_page_hint:
+            raise HostUnsupported("the device was started with free-page-hint=off")
+        if self.migration_status() in ("setup", "active", "pre-switchover", "device"):
+            self.hint_done()
+        before = self.read_cmd_id()
+        self.machine.qmp("migrate-set-parameters", **{
+            "max-bandwidth": HINT_MIGRATION_BANDWIDTH})
+        uri = self._sink_uri()
+        self.machine.qmp("migrate", uri=uri)
+        self._accept_sink()
+        seen: list[int] = []
+
+        def published() -> bool:
+            v = self.read_cmd_id()
+            seen.append(v)
+            # A new id, or 0 after one: the driver already started the round (QEMU reads 0
+            # in START, docs/qemu-deviations.md).
+            return v >= 2 and v != before or (v == 0 and any(x >= 2 for x in seen))
+
+        self._wait(published, "a new free_page_hint_cmd_id")
+        self._accept_sink()
+        v = seen[-1]
+        return v if v >= 2 else max(x for x in seen if x >= 2)
+
+    def hint_done(self) -> None:
+        """End the migration; QEMU publishes DONE (1)."""
+        st = self.migration_status()
+        if st in ("none", "cancelled", "completed", "failed"):
+            return
+        try:
+            self.machine.qmp("migrate_cancel")
+        except QmpError:
+            pass  # it ended on its own meanwhile
+        self._wait(lambda: self.migration_status() in ("cancelled", "failed", "completed"),
+                   "migrate_cancel")
+        for c in self._sink_conns:
+            c.close()
+        self._sink_conns.clear()
+        if self.options.free_page_hint:
+            self._wait(lambda: self.read_cmd_id() == 1, "DONE after the migration ended")
+
+    # -- the control-socket view ----------------------------------------------------------------
+    def host(self, command: str, **args: Any) -> dict[str, Any]:
+        """``balloon-hint ctl`` commands against QEMU: ``hint-start`` (-> ``cmd-id``),
+        ``hint-done``, ``set-target`` (``pages``), ``request-stats``, ``stats`` (->
+        ``guest_stats`` by protocol.md tag name, unset ones left out, and QEMU's raw
+        ``qemu_guest_stats``). ``hint-stop`` raises ``HostUnsupported``."""
+        if command == "hint-start":
+            return {"cmd-id": self.hint_start()}
+        if command == "hint-done":
+            self.hint_done()
+            return {}
+        if command == "hint-stop":
+            raise HostUnsupported(
+                "QEMU has no host request that publishes STOP: it publishes STOP only just "
+                "before a dirty-bitmap sync of a running migration, followed at once by a new "
+                "command id (or DONE)")
+        if command == "set-target":
+            self.set_target(int(args.get("pages", 0)))
+            return {}
+        if command == "request-stats":
+            self.request_stats()
+            return {}
+        if command == "stats":
+            raw = self.guest_stats()
+            stats = raw.get("stats", {})
+            named = {STAT_NAMES[k]: v for k, v in stats.items()
+                     if k in STAT_NAMES and v != 2**64 - 1 and v != -1}
+            return {"guest_stats": named, "qemu_guest_stats": raw}
+        raise UsageError(f"QEMU host: unknown command {command!r}")
