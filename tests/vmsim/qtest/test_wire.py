@@ -121,3 +121,20 @@ def test_lost_connection_and_garbage_are_errors():
     fake = FakeQemu(lambda line: "OK nothex\n")
     with pytest.raises(QtestError, match="no number"):
         fake.client().readb(0)
+
+
+def test_long_pipelines_are_windowed():
+    """More commands than the window: replies are read between groups, all in order."""
+    from vmsim.qtest.wire import WINDOW
+
+    sent_before_reply: list[int] = []
+
+    def answer(line: str) -> str:
+        sent_before_reply.append(int(line.split()[1], 0))
+        return f"OK {int(line.split()[1], 0):#x}\n"
+    fake = FakeQemu(answer)
+    qt = fake.client()
+    n = 3 * WINDOW + 5
+    got = qt.pipeline([f"readb {i:#x}" for i in range(n)])
+    assert [int(w[0], 0) for w in got] == list(range(n))
+    assert qt.ops == n
