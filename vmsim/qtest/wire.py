@@ -36,8 +36,9 @@ recorded in QEMU's dirty bitmaps, which migration uses):
 
 ``pipeline(lines)`` sends several commands in one write and then reads their replies: the
 round trip is paid once (QEMU handles a socket's lines in order); at most ``WINDOW`` commands
-are in flight, since QEMU blocks writing replies nobody reads and then stops reading. Block transfers larger than
-``CHUNK`` bytes are split, so no line grows without bound. ``ops`` counts commands sent.
+are in flight, since QEMU blocks writing replies nobody reads and then stops reading. Block
+transfers larger than ``CHUNK`` bytes are split, so no line grows without bound. ``ops``
+counts commands sent.
 
 Errors: a ``FAIL``/``ERR`` reply raises ``QtestCommandFailed``; a closed connection, a timeout
 or a reply that does not parse raises ``QtestError`` (an ``EnvironmentFailure``: QEMU died or
