@@ -20,6 +20,7 @@ COMMANDS = {
     "conformance": "vmsim.cmd_conformance",
     "serve": "vmsim.cmd_serve",
     "ctl": "vmsim.cmd_ctl",
+    "migrate-check": "vmsim.cmd_migrate_check",
 }
 
 

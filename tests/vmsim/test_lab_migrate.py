@@ -1,0 +1,145 @@
+"""The parts of the real-guest migration check that need no QEMU: resolving descriptor readings
+into hints, the poller against a ring a thread writes the way Linux's driver does, the RAM diff
+and the page classification."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from protocol.errors import EnvironmentFailure
+from vmsim.cli import main as cli_main
+from vmsim.hint_capture import PAGE, VRING_DESC_F_WRITE, Reading, RingAddrs, poll_ring, resolve
+from vmsim.lab_migrate import classify, differing_pages, zero_pages
+
+MIB4 = 4 << 20
+
+
+def reading(entry, head, addr, *, hint=True, cmd=None):
+    return Reading(entry, head, addr, MIB4 if hint else 4, VRING_DESC_F_WRITE if hint else 0,
+                   cmd, entry)
+
+
+def test_resolve_counts_hints_rounds_and_late_readings():
+    start, stop = 0x1000, 0x2000
+    rs = [reading(0, 0, start, hint=False, cmd=0x80000001),
+          reading(1, 0, 0x40000000), reading(2, 0, 0x40400000),
+          # entry 3 was read after the driver had reused descriptor 0 for entry 4
+          reading(3, 0, 0x40C00000), reading(4, 0, 0x40C00000),
+          reading(5, 0, stop, hint=False, cmd=0),
+          reading(6, 0, start, hint=False, cmd=0x80000002), reading(7, 1, 0x50000000)]
+    res = resolve(rs)
+    assert [h.addr for h in res.hints] == [0x40000000, 0x40400000, 0x40C00000, 0x50000000]
+    assert [h.round for h in res.hints] == [1, 1, 1, 2]
+    assert res.rounds == [0x80000001, 0x80000002]
+    assert res.suspect == 1
+    assert res.hinted_bytes == 4 * MIB4
+    assert res.ranges() == [(0x40000000, 0x40800000), (0x40C00000, 0x41000000),
+                            (0x50000000, 0x50400000)]
+
+
+def test_resolve_same_head_start_after_stop_is_not_suspect():
+    rs = [reading(0, 0, 0x1000, hint=False, cmd=0x80000001),
+          reading(1, 0, 0x2000, hint=False, cmd=0),
+          reading(2, 0, 0x1000, hint=False, cmd=0x80000002),
+          reading(3, 0, 0x2000, hint=False, cmd=0)]
+    res = resolve(rs)
+    assert res.suspect == 0 and res.rounds == [0x80000001, 0x80000002] and not res.hints
+
+
+class _Driver:
+    """Plays Linux's driver between the poller's polls (``poll_ring`` asks ``stop.is_set()``
+    after every poll when ``check_every=1``): each step publishes ``per_step`` entries, all on
+    descriptor 0, reused at once as the driver does after the device consumed it."""
+
+    def __init__(self, ring, buf, entries, per_step):
+        self.ring, self.buf, self.entries, self.per_step = ring, buf, list(entries), per_step
+        self.idx = 0
+
+    def is_set(self):
+        if not self.entries:
+            return True
+        for addr, length, flags in self.entries[:self.per_step]:
+            struct.pack_into("<QIHH", self.buf, self.ring.desc, addr, length, flags, 0)
+            struct.pack_into("<H", self.buf, self.ring.avail + 4 + 2 * (self.idx % self.ring.num),
+                             0)
+            self.idx += 1
+            struct.pack_into("<H", self.buf, self.ring.avail + 2, self.idx & 0xFFFF)
+        del self.entries[:self.per_step]
+        return False
+
+
+def _round(cmd_at, addrs):
+    return ([(cmd_at, 4, 0)] + [(a, MIB4, VRING_DESC_F_WRITE) for a in addrs]
+            + [(cmd_at + 4, 4, 0)])
+
+
+def test_poller_reads_every_hint_of_a_slow_driver():
+    ring = RingAddrs(desc=0x0, avail=0x4000, used=0x5000, num=1024)
+    buf = bytearray(1 << 20)
+    cmd_at = 0x8000
+    struct.pack_into("<I", buf, cmd_at, 0x80000001)
+    addrs = [0x100000 * (i + 1) for i in range(50)]
+    drv = _Driver(ring, buf, _round(cmd_at, addrs), per_step=1)
+    readings, polls, _gap = poll_ring(buf, ring, 0, drv, check_every=1)
+    res = resolve(readings, polls)
+    assert len(readings) == 52
+    assert res.rounds == [0x80000001]
+    assert [h.addr for h in res.hints] == addrs
+    assert res.suspect == 0
+
+
+def test_poller_late_readings_are_counted_not_invented():
+    """The driver publishes two entries per poll on one descriptor: the first of each pair is
+    read too late; its hint is lost and counted, and no address is invented."""
+    ring = RingAddrs(desc=0x0, avail=0x4000, used=0x5000, num=8)   # wraps the ring too
+    buf = bytearray(1 << 16)
+    addrs = [0x400000 * (i + 1) for i in range(10)]
+    drv = _Driver(ring, buf, [(a, MIB4, VRING_DESC_F_WRITE) for a in addrs], per_step=2)
+    readings, _p, _g = poll_ring(buf, ring, 0, drv, check_every=1)
+    res = resolve(readings)
+    assert len(readings) == 10
+    assert [h.addr for h in res.hints] == addrs[1::2]
+    assert res.suspect == 5
+
+
+@pytest.fixture
+def ram_pair(tmp_path):
+    pages = 64
+    src = np.zeros((pages, PAGE), np.uint8)
+    dst = np.zeros((pages, PAGE), np.uint8)
+    src[3, 10] = 1            # differs, dst zero (never sent)
+    src[4] = 7
+    dst[4] = 9                # differs, dst stale
+    src[40, 4095] = 1         # differs, outside any hint
+    src[41, 0] = 2
+    src[50] = dst[50] = 5     # equal
+    sp, dp = tmp_path / "src.ram", tmp_path / "dst.ram"
+    sp.write_bytes(src.tobytes())
+    dp.write_bytes(dst.tobytes())
+    return str(sp), str(dp)
+
+
+def test_differing_pages_and_classification(ram_pair):
+    src, dst = ram_pair
+    pages = differing_pages(src, dst, chunk=16 * PAGE)
+    assert pages.tolist() == [3, 4, 40, 41]
+    c = classify(pages, [(2 * PAGE, 8 * PAGE)], zero_pages(dst, pages))
+    assert (c.differing, c.hinted, c.hinted_dst_zero, c.lost) == (4, 2, 1, 2)
+    assert c.lost_runs == [(40 * PAGE, 42 * PAGE)]
+    none = classify(pages, [], zero_pages(dst, pages))
+    assert none.lost == 4 and none.hinted == 0
+
+
+def test_differing_pages_refuses_files_of_different_size(tmp_path):
+    (tmp_path / "a").write_bytes(bytes(2 * PAGE))
+    (tmp_path / "b").write_bytes(bytes(3 * PAGE))
+    with pytest.raises(EnvironmentFailure, match="differ in size"):
+        differing_pages(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("argv", [["--ram", "64M"], ["--ram", "lots"], ["--runs", "0"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    assert cli_main(["migrate-check", *argv]) == 2
+    assert "migrate-check" in capsys.readouterr().err

@@ -1,0 +1,497 @@
+"""Real-guest migration integrity: migrate the lab guest between two QEMUs with QEMU's own
+free page hinting and check the destination page by page (``scripts/qemu-lab migrate-check``).
+
+Theory of operation
+-------------------
+1. **Two QEMUs with RAM files.** The source and the destination get ``memory-backend-file``
+   (``share=on``) under ``/dev/shm``, so their guest RAM can be read from outside. Both run
+   ``virtio-balloon-pci,free-page-hint=on,iothread=io0``; the destination starts with
+   ``-incoming defer -S`` so it stays paused when the migration ends.
+2. **Workload** (source guest): a keeper file (data that must survive) with its md5, then N MiB of
+   random data written to tmpfs and deleted (free memory that holds data, which hinting is for);
+   optionally a writer that keeps writing checksummed files during the migration.
+3. **Hints from the device side** (``vmsim.hint_capture``): QEMU's
+   ``x-query-virtio-queue-status`` locates the free page queue; a poller process reads every
+   published descriptor out of the source's RAM file while the rounds run, and counts the
+   readings that came too late to be sure of (``suspect``).
+4. **Migration** over a unix socket with ``max-bandwidth`` and ``downtime-limit`` set; when it
+   completes the source is in ``postmigrate`` and the destination ``paused``: neither runs.
+5. **Diff and classify.** The two RAM files are compared page by page. A differing page inside a
+   captured hint is *hinted* (allowed: the guest held it for the host and will not read it before
+   DONE gives it back); one outside every hint is *lost*: a write the migration never carried.
+   When ``suspect > 0`` some hints were not read, and lost pages are only *unexplained*.
+6. **Health** on the destination after ``cont``: the keeper's and the writer's md5, a memory test
+   (60% of MemFree filled with random data, read twice, compared), and the kernel log.
+
+QEMU builds: the lab's QEMU (``lab``) and Debian 12's QEMU 7.2 (``debian``): the host's
+``/usr/bin/qemu-system-x86_64`` when the package is installed, otherwise the package and the
+libraries the host lacks are fetched with ``apt-get download`` and unpacked with
+``dpkg-deb -x`` into the lab cache (never installed).
+
+This module is an I/O harness, like ``vmsim.qemu_lab``: subprocesses, threads, the wall clock.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol.errors import EnvironmentFailure, UsageError
+from vmsim import qemu_lab
+from vmsim.hint_capture import PAGE, Q35_LOWMEM_LIMIT, CaptureResult, HintCapture, RingAddrs
+from vmsim.qemu_lab import GuestVM, QemuLab
+
+log = logging.getLogger(__name__)
+
+BALLOON_PATH = "/machine/peripheral/balloon0/virtio-backend"
+FREE_PAGE_VQ = 3          # inflate, deflate, stats, free page (QEMU's queue order)
+DEBIAN_PACKAGE = "qemu-system-x86"
+DEBIAN_DIR = "debian-qemu"
+
+
+# -- QEMU builds -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QemuBuild:
+    name: str
+    argv: list[str]          # everything before the machine options
+    env: dict[str, str]
+
+    def version(self) -> str:
+        out = subprocess.run([*self.argv, "-version"], capture_output=True, text=True,
+                             env=self.env, timeout=60)
+        m = re.search(r"version (\S+)", out.stdout)
+        if out.returncode or not m:
+            raise EnvironmentFailure(f"{self.name} QEMU does not run: {out.stderr.strip()}")
+        return m.group(1)
+
+
+def lab_build(lab: QemuLab) -> QemuBuild:
+    return QemuBuild("lab", qemu_lab.qemu_argv(lab.root), lab.env())
+
+
+def _installed(pkg: str) -> bool:
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
+                         text=True)
+    return out.returncode == 0 and "install ok installed" in out.stdout
+
+
+def debian_build(cache: Path, *, fetch: bool = True) -> QemuBuild:
+    """Debian's own QEMU: the host's if installed, else unpacked into ``cache/debian-qemu``."""
+    if _installed(DEBIAN_PACKAGE) and Path("/usr/bin/qemu-system-x86_64").exists():
+        return QemuBuild("debian", ["/usr/bin/qemu-system-x86_64"], dict(os.environ))
+    root = cache / DEBIAN_DIR
+    if not (root / ".balloon-hint-ok").exists():
+        if not fetch:
+            raise EnvironmentFailure(f"Debian's QEMU is not in {root}")
+        _unpack_debian_qemu(root)
+    libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
+    env = dict(os.environ, LD_LIBRARY_PATH=libs,
+               QEMU_MODULE_DIR=f"{root}/usr/lib/x86_64-linux-gnu/qemu")
+    argv = [f"{root}/usr/bin/qemu-system-x86_64", "-L", f"{root}/usr/share/qemu",
+            "-L", f"{root}/usr/share/seabios"]
+    return QemuBuild("debian", argv, env)
+
+
+def _unpack_debian_qemu(root: Path) -> None:
+    """apt-get download the package and every dependency the host lacks; dpkg-deb -x them."""
+    for tool in ("apt-get", "apt-cache", "dpkg-deb", "dpkg-query"):
+        if not shutil.which(tool):
+            raise EnvironmentFailure(f"{tool} is needed to fetch Debian's QEMU (a Debian host)")
+    out = subprocess.run(
+        ["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+         "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", DEBIAN_PACKAGE],
+        capture_output=True, text=True, timeout=120)
+    if out.returncode:
+        raise EnvironmentFailure(f"apt-cache depends {DEBIAN_PACKAGE}: {out.stderr.strip()}")
+    pkgs = sorted({ln.strip() for ln in out.stdout.splitlines()
+                   if ln and not ln.startswith((" ", "<"))})
+    missing = [p for p in pkgs if not _installed(p)]
+    shutil.rmtree(root, ignore_errors=True)
+    debs = root.with_name(root.name + ".debs")
+    shutil.rmtree(debs, ignore_errors=True)
+    debs.mkdir(parents=True)
+    # _apt cannot write into root's cache folder: let it download as root, quietly.
+    dl = subprocess.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *missing],
+                        cwd=debs, capture_output=True, text=True, timeout=600)
+    if dl.returncode:
+        raise EnvironmentFailure(f"apt-get download failed: {dl.stderr.strip()[-2000:]}")
+    root.mkdir(parents=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=300)
+    shutil.rmtree(debs, ignore_errors=True)
+    (root / ".balloon-hint-ok").write_text("\n".join(missing) + "\n")
+
+
+class FileRamLab(QemuLab):
+    """The lab's kernel and initramfs, booted by ``build`` with guest RAM in ``ram_path``."""
+
+    def __init__(self, base: QemuLab, build: QemuBuild, ram_path: str) -> None:
+        self.__dict__.update(base.__dict__)
+        self.build = build
+        self.ram_path = ram_path
+
+    def env(self) -> dict[str, str]:
+        return dict(self.build.env)
+
+    def command_line(self, **kw: Any) -> list[str]:
+        cmd = super().command_line(**kw)
+        first = cmd.index("-accel")
+        cmd[:first] = self.build.argv
+        i = next(i for i, a in enumerate(cmd) if a.startswith("memory-backend-memfd,"))
+        size = qemu_lab._ram_bytes(kw.get("ram", "1G"))
+        cmd[i] = f"memory-backend-file,id=mem,size={size},mem-path={self.ram_path},share=on"
+        return cmd
+
+
+# -- diff and classification -------------------------------------------------------------------
+
+@dataclass
+class Classification:
+    differing: int = 0
+    hinted: int = 0            # inside a captured hint
+    hinted_dst_zero: int = 0   # ... and never sent (zero on the destination)
+    lost: int = 0              # outside every captured hint
+    lost_runs: list[tuple[int, int]] = field(default_factory=list)  # [gpa, end) runs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"differing": self.differing, "hinted": self.hinted,
+                "hinted_dst_zero": self.hinted_dst_zero, "lost": self.lost,
+                "lost_runs": [[hex(a), hex(b)] for a, b in self.lost_runs[:50]]}
+
+
+def differing_pages(src: str, dst: str, chunk: int = 64 << 20) -> np.ndarray:
+    """Page numbers (file offset / 4096) where the two RAM files differ."""
+    a = np.memmap(src, dtype=np.uint64, mode="r")
+    b = np.memmap(dst, dtype=np.uint64, mode="r")
+    if a.size != b.size:
+        raise EnvironmentFailure(f"RAM files differ in size: {src} {a.size * 8}, "
+                                 f"{dst} {b.size * 8}")
+    words = PAGE // 8
+    step = chunk // 8
+    out = []
+    for o in range(0, a.size, step):
+        x = a[o:o + step].reshape(-1, words)
+        y = b[o:o + step].reshape(-1, words)
+        out.append(np.flatnonzero((x != y).any(axis=1)) + o // words)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def zero_pages(path: str, pages: np.ndarray) -> np.ndarray:
+    m = np.memmap(path, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
+    return ~m[pages].any(axis=1) if pages.size else np.zeros(0, bool)
+
+
+def classify(pages: np.ndarray, ranges: list[tuple[int, int]], dst_zero: np.ndarray
+             ) -> Classification:
+    """Sort differing pages (page numbers, gpa = page * 4096) into hinted and lost."""
+    c = Classification(differing=int(pages.size))
+    if not pages.size:
+        return c
+    gpa = pages.astype(np.int64) * PAGE
+    if ranges:
+        starts = np.array([r[0] for r in ranges], np.int64)
+        ends = np.array([r[1] for r in ranges], np.int64)
+        k = np.searchsorted(starts, gpa, side="right") - 1
+        inside = (k >= 0) & (gpa < ends[np.maximum(k, 0)])
+    else:
+        inside = np.zeros(pages.size, bool)
+    c.hinted = int(inside.sum())
+    c.hinted_dst_zero = int((inside & dst_zero).sum())
+    c.lost = int((~inside).sum())
+    lost = pages[~inside]
+    if lost.size:
+        breaks = np.flatnonzero(np.diff(lost) != 1) + 1
+        for run in np.split(lost, breaks):
+            c.lost_runs.append((int(run[0]) * PAGE, (int(run[-1]) + 1) * PAGE))
+    return c
+
+
+# -- guest scripts -----------------------------------------------------------------------------
+
+def _meminfo(vm: GuestVM, key: str) -> int:
+    m = re.search(rf"^{key}:\s+(\d+) kB", vm.run("cat /proc/meminfo"), re.M)
+    if not m:
+        raise EnvironmentFailure(f"no {key} in the guest's /proc/meminfo")
+    return int(m.group(1))
+
+
+WRITER = ("(i=0; while :; do i=$((i+1)); dd if=/dev/urandom of=/tmp/w.$i bs=64k count=32 "
+          "2>/dev/null; md5sum /tmp/w.$i >>/tmp/w.md5; rm -f /tmp/w.$((i-8)); done) "
+          ">/dev/null 2>&1 & echo $! >/tmp/w.pid")
+
+# Kernel log lines that mean trouble (case-sensitive: "panic=-1" on the command line is fine).
+DMESG_BAD = re.compile(r"\bBUG\b|Oops|Kernel panic|corrupt|Bad page|general protection fault|"
+                       r"WARNING:|segfault|Call Trace|virtio.*(error|broken)")
+
+
+def health(vm: GuestVM, writer: bool) -> dict[str, Any]:
+    """Checks on the destination guest after ``cont``; every value is measured, none assumed."""
+    h: dict[str, Any] = {}
+    vm.run("echo alive", timeout=120)
+    if writer:
+        vm.run("kill $(cat /tmp/w.pid); sleep 1", check=False)
+        # Only files still present were written whole on one side or the other.
+        out = vm.run("for f in /tmp/w.*[0-9]; do grep \" $f\\$\" /tmp/w.md5 | tail -1; done "
+                     ">/tmp/w.check; md5sum -c /tmp/w.check", check=False)
+        h["writer_files"] = out.count(": OK")
+        h["writer_ok"] = vm.last_status == 0
+    vm.run("md5sum -c /tmp/keep.md5", check=False)
+    h["keeper_ok"] = vm.last_status == 0
+    free_kib = _meminfo(vm, "MemFree")
+    mib = max(1, free_kib * 6 // 10 // 1024)
+    out = vm.run(f"dd if=/dev/urandom of=/tmp/mt bs=1M count={mib} 2>/dev/null && "
+                 "a=$(md5sum </tmp/mt) && sleep 1 && b=$(md5sum </tmp/mt) && rm /tmp/mt && "
+                 "[ \"$a\" = \"$b\" ] && echo MT_OK", timeout=600, check=False)
+    h["memtest_mib"] = mib
+    h["memtest_ok"] = "MT_OK" in out
+    bad = [ln for ln in vm.dmesg().splitlines() if DMESG_BAD.search(ln)]
+    h["dmesg_bad"] = bad[:20]
+    h["healthy"] = bool(h["keeper_ok"] and h["memtest_ok"] and not bad
+                        and h.get("writer_ok", True))
+    return h
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+@dataclass
+class CheckConfig:
+    ram: str = "512M"
+    init_on_alloc: int = 0
+    fill_mib: int = 256
+    keep_mib: int = 32
+    writer: bool = False
+    max_bandwidth: int = 128 << 20
+    downtime_limit: int = 300
+    timeout: float = 600
+
+
+def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any]:
+    size = qemu_lab._ram_bytes(cfg.ram)
+    if size >= Q35_LOWMEM_LIMIT:
+        raise UsageError(f"--ram {cfg.ram}: keep it below 2.75 GiB (RAM file offsets are "
+                         "guest addresses only while q35 puts all RAM below 4 GiB)")
+    if shutil.disk_usage("/dev/shm").free < 2 * size + (64 << 20):
+        raise EnvironmentFailure(f"/dev/shm has no room for two {cfg.ram} RAM files")
+    work = tempfile.mkdtemp(prefix="bh-migcheck-", dir="/dev/shm")
+    src_ram, dst_ram = f"{work}/src.ram", f"{work}/dst.ram"
+    dev = [f"virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0"]
+    io = ["-object", "iothread,id=io0"]
+    append = f"init_on_alloc={cfg.init_on_alloc}"
+    result: dict[str, Any] = {"qemu": build.name, "init_on_alloc": cfg.init_on_alloc,
+                              "ram": cfg.ram, "fill_mib": cfg.fill_mib, "writer": cfg.writer}
+    capture: HintCapture | None = None
+    try:
+        src_lab = FileRamLab(lab, build, src_ram)
+        dst_lab = FileRamLab(lab, build, dst_ram)
+        with src_lab.boot(ram=cfg.ram, devices=dev, extra_args=io, append=append,
+                          timeout=300) as src:
+            v = src.qmp("query-version")["qemu"]
+            result["qemu_version"] = f"{v['major']}.{v['minor']}.{v['micro']}"
+            # tmpfs defaults to half of RAM; the fill and the memory test need more.
+            src.run("mount -o remount,size=90% /tmp")
+            src.run(f"dd if=/dev/urandom of=/tmp/keep bs=1M count={cfg.keep_mib} 2>/dev/null"
+                    " && md5sum /tmp/keep >/tmp/keep.md5", timeout=300)
+            src.run(f"dd if=/dev/urandom of=/tmp/fill bs=1M count={cfg.fill_mib} 2>/dev/null"
+                    " && rm /tmp/fill", timeout=600)
+            result["memfree_before_kib"] = _meminfo(src, "MemFree")
+            ring = RingAddrs.from_qmp(src.qmp("x-query-virtio-queue-status",
+                                              path=BALLOON_PATH, queue=FREE_PAGE_VQ))
+            if ring.num != 1024 and ring.num <= 0:
+                raise EnvironmentFailure(f"unexpected free page queue {ring}")
+            if cfg.writer:
+                src.run(WRITER)
+            with dst_lab.boot(ram=cfg.ram, devices=dev, append=append, wait_ready=False,
+                              extra_args=[*io, "-incoming", "defer", "-S"]) as dst:
+                sock = f"{dst.tmpdir}/migration.sock"
+                dst.qmp("migrate-incoming", uri=f"unix:{sock}")
+                capture = HintCapture(src_ram, ring)
+                capture.start()
+                src.qmp("migrate-set-parameters", **{"max-bandwidth": cfg.max_bandwidth,
+                                                     "downtime-limit": cfg.downtime_limit})
+                t0 = time.monotonic()
+                src.qmp("migrate", uri=f"unix:{sock}")
+                st = _wait_migration(src, cfg.timeout, t0)
+                _wait_status(dst, "paused", 120)
+                cap = capture.stop()
+                capture = None
+                result["migration"] = _migration_figures(st)
+                result["capture"] = _capture_figures(cap)
+                if st["status"] != "completed":
+                    result["error"] = f"migration {st['status']}: {st.get('error-desc')}"
+                    return result
+                if src.qmp("query-status")["status"] != "postmigrate":
+                    raise EnvironmentFailure("the source is not paused after the migration")
+                pages = differing_pages(src_ram, dst_ram)
+                cls = classify(pages, cap.ranges(), zero_pages(dst_ram, pages))
+                result["pages"] = cls.as_dict()
+                if cls.lost:
+                    result["lost_detail"] = describe_lost(src_ram, dst_ram, cls)
+                src.close()   # one guest at a time from here on
+                dst.qmp("cont")
+                result["health"] = health(dst, cfg.writer)
+    except qemu_lab.GuestError as e:
+        result["error"] = f"guest failed: {str(e)[:3000]}"
+    finally:
+        if capture is not None:
+            capture.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def describe_lost(src: str, dst: str, cls: Classification, limit: int = 8) -> list[dict]:
+    """For the first lost runs: where they sit and what the pages hold on both sides."""
+    a = np.memmap(src, dtype=np.uint8, mode="r")
+    b = np.memmap(dst, dtype=np.uint8, mode="r")
+    out = []
+    for start, end in cls.lost_runs[:limit]:
+        s, d = a[start:end], b[start:end]
+        diff = np.flatnonzero(s != d)
+        out.append({"gpa": hex(start), "pages": (end - start) // PAGE,
+                    "block_4m": hex(start & ~((4 << 20) - 1)),
+                    "bytes_differing": int(diff.size),
+                    "first_diff_offset": int(diff[0]) if diff.size else None,
+                    "src_zero": bool(not s.any()), "dst_zero": bool(not d.any())})
+    return out
+
+
+def _wait_migration(vm: GuestVM, timeout: float, t0: float) -> dict[str, Any]:
+    while True:
+        st = vm.qmp("query-migrate")
+        if st.get("status") in ("completed", "failed", "cancelled"):
+            return st
+        if time.monotonic() - t0 > timeout:
+            vm.qmp("migrate_cancel")
+            raise EnvironmentFailure(f"migration still {st.get('status')} after {timeout} s")
+        time.sleep(0.1)
+
+
+def _wait_status(vm: GuestVM, want: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (s := vm.qmp("query-status")["status"]) != want:
+        if time.monotonic() > deadline:
+            raise EnvironmentFailure(f"destination is {s}, expected {want}")
+        time.sleep(0.1)
+
+
+def _migration_figures(st: dict[str, Any]) -> dict[str, Any]:
+    ram = st.get("ram", {})
+    return {"status": st.get("status"), "total_time_ms": st.get("total-time"),
+            "downtime_ms": st.get("downtime"), "transferred": ram.get("transferred"),
+            "normal_pages": ram.get("normal"), "zero_pages": ram.get("duplicate"),
+            "dirty_sync_count": ram.get("dirty-sync-count")}
+
+
+def _capture_figures(cap: CaptureResult) -> dict[str, Any]:
+    return {"hints": len(cap.hints), "hinted_bytes": cap.hinted_bytes,
+            "rounds_started": len(cap.rounds), "entries": len(cap.readings),
+            "suspect": cap.suspect, "polls": cap.polls, "max_poll_gap_us": round(cap.max_gap_us),
+            "hints_per_round": _per_round(cap)}
+
+
+def _per_round(cap: CaptureResult) -> list[int]:
+    counts = [0] * (len(cap.rounds) + 1)
+    for h in cap.hints:
+        counts[h.round] += 1
+    return counts
+
+
+# -- command line ------------------------------------------------------------------------------
+
+def _row(r: dict[str, Any]) -> str:
+    if "migration" not in r:
+        return f"{r['qemu']:<7} {r['init_on_alloc']:>3}  ERROR {r.get('error', '?')[:200]}"
+    m, c = r["migration"], r["capture"]
+    p = r.get("pages", {})
+    h = r.get("health", {})
+    health_s = ("ok" if h.get("healthy") else
+                ("BAD " + ",".join(k for k in ("keeper_ok", "memtest_ok", "writer_ok")
+                                   if h.get(k) is False) + (" dmesg" if h.get("dmesg_bad")
+                                                            else "")) if h else "-")
+    return (f"{r['qemu']:<7} {r['init_on_alloc']:>3} {(m['transferred'] or 0) / 2**20:9.1f} "
+            f"{m['normal_pages']:>7} {m['zero_pages']:>7} {c['hinted_bytes'] / 2**20:8.1f} "
+            f"{c['hints']:>5} {c['rounds_started']:>3} {c['suspect']:>4} "
+            f"{p.get('differing', '-'):>6} {p.get('hinted', '-'):>6} {p.get('lost', '-'):>5}  "
+            f"{health_s}" + (f"  ({r['error'][:80]})" if "error" in r else ""))
+
+
+HEADER = ("qemu    ioa  sent MiB  normal    zero  hint MiB hints rnd susp   diff hinted  lost"
+          "  health")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--qemu", nargs="+", choices=("lab", "debian"), default=["lab"],
+                    help="lab: the lab's QEMU; debian: Debian 12's qemu-system-x86 (the host's "
+                    "if installed, else unpacked into the lab cache)")
+    ap.add_argument("--init-on-alloc", nargs="+", type=int, choices=(0, 1), default=[0, 1])
+    ap.add_argument("--runs", type=int, default=1, help="runs per QEMU and init_on_alloc")
+    ap.add_argument("--ram", default="512M", help="guest RAM (256M .. 2G)")
+    ap.add_argument("--fill-mib", type=int, default=256,
+                    help="MiB of random data written to tmpfs and deleted before migrating")
+    ap.add_argument("--writer", action="store_true", help="keep writing during the migration")
+    ap.add_argument("--max-bandwidth", type=int, default=128, help="MiB/s")
+    ap.add_argument("--downtime-limit", type=int, default=300, help="ms")
+    ap.add_argument("--json", help="write every run's figures here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every requested run, one table row each; exit 1 if any run lost a page, failed or left
+    an unhealthy guest."""
+    try:
+        size = qemu_lab._ram_bytes(args.ram)
+    except ValueError as e:
+        raise UsageError(f"--ram: {e}") from e
+    if not (256 << 20) <= size <= (2 << 30):
+        raise UsageError(f"--ram {args.ram}: between 256M and 2G")
+    if args.runs < 1 or args.fill_mib < 0 or args.max_bandwidth < 1 or args.downtime_limit < 1:
+        raise UsageError("--runs, --max-bandwidth and --downtime-limit must be positive, "
+                         "--fill-mib not negative")
+    try:
+        lab = QemuLab.find()
+    except qemu_lab.LabMissing as e:
+        raise EnvironmentFailure(str(e)) from e
+    builds = {"lab": lab_build(lab)} if "lab" in args.qemu else {}
+    if "debian" in args.qemu:
+        builds["debian"] = debian_build(lab.cache)
+    for b in builds.values():
+        print(f"{b.name}: QEMU {b.version()}", flush=True)
+    results = []
+    print(HEADER, flush=True)
+    try:
+        for build in builds.values():
+            for ioa in args.init_on_alloc:
+                for _ in range(args.runs):
+                    cfg = CheckConfig(ram=args.ram, init_on_alloc=ioa, fill_mib=args.fill_mib,
+                                      writer=args.writer,
+                                      max_bandwidth=args.max_bandwidth << 20,
+                                      downtime_limit=args.downtime_limit)
+                    r = run_check(lab, build, cfg)
+                    results.append(r)
+                    print(_row(r), flush=True)
+    finally:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = [r for r in results if r.get("pages", {}).get("lost") or "error" in r
+           or not r.get("health", {}).get("healthy")]
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vmsim.cli import main as cli_main
+    return cli_main(["migrate-check", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
