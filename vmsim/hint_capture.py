@@ -24,7 +24,8 @@ readings per descriptor (``CaptureResult.suspect``): when it is 0, every publish
 The command id buffers repeat their addresses across rounds, but two consecutive entries of one
 descriptor cannot both be STOP (a round starts with START on the descriptor STOP freed).
 
-Rounds: every START buffer read names the command id of the round that follows it.
+Rounds: every START buffer read names the command id of the round that follows it; a hint read
+after a STOP (or first) with no START between opens a round whose id was missed (0).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class Reading:
 class Hint:
     addr: int
     length: int
-    round: int        # index of the START read before it (0 = before any START was read)
+    round: int        # 1-based index into CaptureResult.rounds
     t_ns: int
 
 
@@ -91,7 +92,8 @@ class CaptureResult:
     polls: int
     max_gap_us: float
     hints: list[Hint] = field(default_factory=list)
-    rounds: list[int] = field(default_factory=list)   # command ids of the STARTs read
+    # one command id per round the guest ran (0: the round's START was read too late)
+    rounds: list[int] = field(default_factory=list)
     suspect: int = 0    # entries whose reading was late (their hint is lost)
 
     @property
@@ -114,7 +116,7 @@ def resolve(readings: list[Reading], polls: int = 0, max_gap_us: float = 0.0) ->
     res = CaptureResult(readings=readings, polls=polls, max_gap_us=max_gap_us)
     last_by_head: dict[int, tuple[int, int, int, int | None]] = {}
     seen: set[tuple[int, int]] = set()
-    round_no = 0
+    in_round = False
     for r in readings:
         key = (r.addr, r.length, r.flags, r.cmd_id)
         if last_by_head.get(r.head) == key:
@@ -122,13 +124,17 @@ def resolve(readings: list[Reading], polls: int = 0, max_gap_us: float = 0.0) ->
             continue
         last_by_head[r.head] = key
         if r.is_hint:
+            if not in_round:   # its START was read late: the round is known, its id is not
+                res.rounds.append(0)
+                in_round = True
             if (r.addr, r.length) not in seen:
                 seen.add((r.addr, r.length))
-                res.hints.append(Hint(r.addr, r.length, round_no, r.t_ns))
-        elif r.cmd_id:   # START carries the round's id; STOP points at the id 0
-            if not res.rounds or res.rounds[-1] != r.cmd_id:
-                res.rounds.append(r.cmd_id)
-                round_no = len(res.rounds)
+                res.hints.append(Hint(r.addr, r.length, len(res.rounds), r.t_ns))
+        elif r.cmd_id:   # START carries the round's id
+            res.rounds.append(r.cmd_id)
+            in_round = True
+        elif r.cmd_id == 0:   # STOP points at the id 0
+            in_round = False
     return res
 
 

@@ -402,9 +402,9 @@ def _capture_figures(cap: CaptureResult) -> dict[str, Any]:
 
 
 def _per_round(cap: CaptureResult) -> list[int]:
-    counts = [0] * (len(cap.rounds) + 1)
+    counts = [0] * len(cap.rounds)
     for h in cap.hints:
-        counts[h.round] += 1
+        counts[h.round - 1] += 1
     return counts
 
 

@@ -48,6 +48,15 @@ def test_resolve_same_head_start_after_stop_is_not_suspect():
     assert res.suspect == 0 and res.rounds == [0x80000001, 0x80000002] and not res.hints
 
 
+def test_resolve_round_whose_start_was_read_late():
+    rs = [reading(0, 0, 0x40000000), reading(1, 0, 0x40000000),  # START overwritten
+          reading(2, 0, 0x2000, hint=False, cmd=0),
+          reading(3, 0, 0x40400000)]                              # START and STOP missed
+    res = resolve(rs)
+    assert res.rounds == [0, 0] and res.suspect == 1
+    assert [h.round for h in res.hints] == [1, 2]
+
+
 class _Driver:
     """Plays Linux's driver between the poller's polls (``poll_ring`` asks ``stop.is_set()``
     after every poll when ``check_every=1``): each step publishes ``per_step`` entries, all on
