@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from balloon_dev.device import DeviceConfig  # noqa: E402
 from protocol.balloon import BalloonQueue as Q  # noqa: E402
 from tests.balloon_dev.devharness import Harness, cmd, pfn_bytes  # noqa: E402
-from tests.ringbuilder import WRITE  # noqa: E402
+from vmsim.conformance.rings import WRITE  # noqa: E402
 
 
 def bench_hints(rounds: int) -> str:

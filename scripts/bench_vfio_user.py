@@ -44,8 +44,8 @@ from protocol import virtio_pci as vp  # noqa: E402
 def round_trip(kicks: int) -> dict[str, Any]:
     import array
 
-    from tests.ringbuilder import RawRing
     from tests.vfio_user.client import RAM_SIZE, Client
+    from vmsim.conformance.rings import RawRing
 
     class SocketClient(Client):
         """The test client's register helpers, over a real socket instead of a session."""

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from balloon_dev.packed_virtqueue import PackedDeviceVirtqueue  # noqa: E402
 from balloon_dev.virtqueue import DeviceVirtqueue  # noqa: E402
 from tests.packedringbuilder import RawPackedRing, pack_pdesc  # noqa: E402
-from tests.ringbuilder import INDIRECT, WRITE, RawRing, make_memory, write_table  # noqa: E402
+from vmsim.conformance.rings import INDIRECT, WRITE, RawRing, make_memory, write_table  # noqa: E402
 
 SIZE = 1024
 BUF = 0x200000

@@ -11,13 +11,18 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from tests.conformance_target.faulty_server import FAULTS
-from tests.conformance_target.harness import ALL_FEATURES, start_server, stop_server
 from vmsim import cmd_conformance as cc
 from vmsim.cli import main
+from vmsim.conformance.harness import ALL_FEATURES, start_server, stop_server
+from vmsim.conformance.report import CHECKS_NOT_COVERED_REASONS
+
+#: The checkout: the faulty server is a module of its tests.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Ids the target checks can observe (everything but the legacy-only D-2, D-5, D-7).
 OBSERVABLE = [f"V-{i}" for i in range(1, 11)] + ["D-1", "D-3", "D-4", "D-6"] + \
@@ -49,7 +54,7 @@ def serve(argv: Callable[[str, str], list[str]]) -> Iterator[tuple[str, str]]:
     """A device server process whose command line ``argv(sock, ctl)`` names its sockets."""
     with tempfile.TemporaryDirectory(prefix="bh-cmd-target-") as tmp:
         sock, ctl = os.path.join(tmp, "dev.sock"), os.path.join(tmp, "dev.ctl")
-        proc = start_server([sys.executable, *argv(sock, ctl)], sock, ctl)
+        proc = start_server([sys.executable, *argv(sock, ctl)], sock, ctl, cwd=REPO_ROOT)
         try:
             yield sock, ctl
         finally:
@@ -96,7 +101,7 @@ def test_our_server_passes_every_observable_id(our_server, capsys):
     assert code == 0, lines
     assert [rid for rid in OBSERVABLE if v.get(rid) != "PASS"] == [], lines
     for rid in ("D-2", "D-5", "D-7"):
-        assert f"NOT COVERED {rid} : {cc.TARGET_NOT_COVERED_REASONS[rid]}" in lines
+        assert f"NOT COVERED {rid} : {CHECKS_NOT_COVERED_REASONS[rid]}" in lines
     assert lines[-1] == f"{len(OBSERVABLE)} passed, 0 failed, 3 not covered"
 
 
@@ -172,5 +177,9 @@ def test_bad_target_is_a_usage_error(args, err, capsys):
     assert err in capsys.readouterr().err
 
 
-def test_target_mode_defaults_to_the_target_tests():
-    assert cc.TARGET_TESTS.name == "conformance_target" and cc.TARGET_TESTS.is_dir()
+def test_target_mode_runs_the_shipped_checks():
+    """the checks --target runs live in the installed package, not in the repository's tests"""
+    assert cc.CHECKS_DIR.is_dir() and "tests" not in cc.CHECKS_DIR.relative_to(REPO_ROOT).parts
+    assert sorted(p.name for p in cc.CHECKS_DIR.glob("test_*.py")) == [
+        "test_target_balloon.py", "test_target_hint.py", "test_target_init.py",
+        "test_target_rings.py"]

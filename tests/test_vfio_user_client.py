@@ -17,7 +17,7 @@ from guest_model.transport import VirtioTransport
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
-from tests.conformance_target.harness import start_server, stop_server
+from vmsim.conformance.harness import start_server, stop_server
 from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
 
 

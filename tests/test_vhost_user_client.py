@@ -16,8 +16,8 @@ from guest_model.transport import VirtioTransport
 from protocol import vhost_user as vu
 from protocol.balloon import CFG_NUM_PAGES
 from protocol.virtio import DeviceStatus
-from tests.conformance_target.harness import Target, connect, start_server, stop_server, wait_for
 from vmsim.cmd_ctl import call as ctl_call
+from vmsim.conformance.harness import Target, connect, start_server, stop_server, wait_for
 from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
 
 ACK, DRV, FOK, DOK = (DeviceStatus.ACKNOWLEDGE, DeviceStatus.DRIVER, DeviceStatus.FEATURES_OK,

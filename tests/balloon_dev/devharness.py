@@ -1,6 +1,6 @@
 """Test harness for the device core: guest memory, a device, and raw rings a test writes by hand.
 
-Not a driver: it writes exactly the descriptors a test asks for (tests/ringbuilder.py), so tests
+Not a driver: it writes exactly the descriptors a test asks for (vmsim.conformance.rings), so tests
 can play a correct driver or a broken one. Layout: 16 MiB of byte-backed RAM at gpa 0; rings at
 1 MiB (64 KiB apart), buffers from 2 MiB, hint blocks anywhere in RAM.
 """
@@ -18,7 +18,7 @@ from protocol.balloon import (
     BalloonQueue,
 )
 from protocol.virtio import DeviceStatus
-from tests.ringbuilder import NEXT, WRITE, RawRing
+from vmsim.conformance.rings import NEXT, WRITE, RawRing
 
 RAM_BYTES = 16 << 20
 RING_BASE = 0x100000

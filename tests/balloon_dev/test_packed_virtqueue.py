@@ -26,7 +26,7 @@ from protocol.virtqueue import (
     pack_off_wrap,
 )
 from tests.packedringbuilder import AVAIL, USED, RawPackedRing, pack_pdesc
-from tests.ringbuilder import make_memory
+from vmsim.conformance.rings import make_memory
 
 BUF = 0x80000
 WRITE, NEXT, INDIRECT = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT

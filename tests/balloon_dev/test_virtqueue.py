@@ -12,7 +12,7 @@ import pytest
 from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, Chain, DeviceVirtqueue, RingBroken
 from guestmem import DirtyLog, GuestMemory
 from protocol.virtqueue import VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
-from tests.ringbuilder import INDIRECT, NEXT, WRITE, RawRing, make_memory, write_table
+from vmsim.conformance.rings import INDIRECT, NEXT, WRITE, RawRing, make_memory, write_table
 
 BUF = 0x80000
 

@@ -1,7 +1,7 @@
 """Device-side ring rules V-1..V-10 (protocol.md 1.6).
 
 V-1..V-9 are checked on balloon_dev.virtqueue.DeviceVirtqueue with raw rings written by
-tests/ringbuilder.py; V-10 (no buffer used before DRIVER_OK) is a device-level rule, checked on
+vmsim.conformance.rings; V-10 (no buffer used before DRIVER_OK) is a device-level rule, checked on
 balloon_dev.device.BalloonDevice through the device test harness. Each rule is checked both one
 chain at a time (pop) and batched (pop_many) where the two paths differ. V-4..V-9 are checked on
 packed rings too (balloon_dev.packed_virtqueue, at the end of the file)."""
@@ -16,7 +16,7 @@ from guestmem import GuestMemory
 from protocol.balloon import BalloonQueue
 from tests.balloon_dev.devharness import ACK, DOK, DRV, FOK, Harness, pfn_bytes
 from tests.packedringbuilder import AVAIL, RawPackedRing, pack_pdesc
-from tests.ringbuilder import INDIRECT, NEXT, WRITE, RawRing, make_memory, write_table
+from vmsim.conformance.rings import INDIRECT, NEXT, WRITE, RawRing, make_memory, write_table
 
 MEM = 1 << 20
 BUF = 0x80000  # data buffers live here

@@ -44,7 +44,7 @@ from tests.balloon_dev.devharness import (
     stats_bytes,
 )
 from tests.packedringbuilder import RawPackedRing
-from tests.ringbuilder import WRITE
+from vmsim.conformance.rings import WRITE
 
 RAM_PAGES = RAM_BYTES >> 12
 BLOCK = 4 << 20

@@ -32,7 +32,7 @@ from balloon_dev.packed_virtqueue import (
 from guestmem import GuestMemory
 from protocol.virtqueue import PACKED_DESC_DTYPE
 from tests.packedringbuilder import pack_pdesc
-from tests.ringbuilder import TrackingMemory
+from vmsim.conformance.rings import TrackingMemory
 
 SIZE = 6  # packed sizes need not be powers of two
 MEM = 0x10000

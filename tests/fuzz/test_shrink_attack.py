@@ -27,6 +27,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,9 +37,11 @@ from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import vhost_user as vhu
 from protocol import virtio_pci as vp
-from tests.conformance_target.harness import REPO_ROOT, start_server, stop_server
 from vmsim.cmd_ctl import call as ctl_call
+from vmsim.conformance.harness import start_server, stop_server
 
+#: The checkout: the attacker child imports this module from it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
 
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from balloon_dev.virtqueue import CHAIN_ERROR_COUNTERS, DeviceVirtqueue, RingBroken
 from guestmem import GuestMemory
 from protocol.virtqueue import DESC_DTYPE
-from tests.ringbuilder import TrackingMemory, pack_desc
+from vmsim.conformance.rings import TrackingMemory, pack_desc
 
 SIZE = 8
 MEM = 0x10000

@@ -11,8 +11,8 @@ from balloon_dev.transport.vfio_user import SignalEventfd
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from tests.fdutil import eventfd_count
-from tests.ringbuilder import WRITE, RawRing
 from tests.vfio_user.client import BAR4, CFG, Client
+from vmsim.conformance.rings import WRITE, RawRing
 
 C = vu.Command.REGION_WRITE
 NOTIFY = vp.NOTIFY_CFG_OFFSET

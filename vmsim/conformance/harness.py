@@ -1,4 +1,4 @@
-"""Driver-side harness for checking an *external* virtio-balloon device (conformance_target).
+"""Driver-side harness for checking a virtio-balloon device (vmsim/conformance/checks).
 
 The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` or
 ``vmsim.vhost_user_client.VhostUserClient`` (QEMU's role); nothing here imports ``balloon_dev``:
@@ -8,7 +8,7 @@ interrupts.
 Two ways to drive it:
 
 * ``RawGuest``: the virtio initialisation one step at a time (protocol.md 2.3) with rings
-  written by hand (``tests.ringbuilder.RawRing``), so a check can kick before DRIVER_OK, post
+  written by hand (``vmsim.conformance.rings.RawRing``), so a check can kick before DRIVER_OK, post
   chains no correct driver would, and read every used element;
 * ``DriverGuest``: our real guest (``guest_model.guest.SimGuest``: buddy allocator + balloon
   driver) over the client; ``pump(cond)`` delivers interrupts and runs the driver's events
@@ -48,17 +48,14 @@ from protocol.virtio import (
     feature_mask,
 )
 from protocol.virtqueue import used_ring_size
-from tests.ringbuilder import RawRing
-from vmsim.cmd_conformance import TARGET_CONTROL_ENV, TARGET_ENV, parse_target
 from vmsim.cmd_ctl import call as ctl_call
+from vmsim.conformance.rings import RawRing
 from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
 from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
 
 #: Either front-end: both implement VirtioTransport plus the same interrupt helpers.
 Client = VfioUserClient | VhostUserClient
 
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: What our own server offers when it is the target: everything, so that every check runs.
 ALL_FEATURES = ("MUST_TELL_HOST,STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,"
                 "RING_INDIRECT_DESC")
@@ -172,7 +169,8 @@ class Canary:
         return words ^ np.uint64(self.seed * 0x9E3779B97F4A7C15 & (2**64 - 1))
 
     def rewrite(self, gpa: int, n: int) -> None:
-        self.mem.view(gpa, n, writable=True)[:] = self.pattern(gpa, n).view(np.uint8)
+        view = np.frombuffer(self.mem.view(gpa, n, writable=True), dtype=np.uint8)
+        view[:] = self.pattern(gpa, n).view(np.uint8)
 
     def changed_pages(self, skip: Iterable[tuple[int, int]] = ()) -> list[int]:
         """Page numbers inside the canary ranges whose bytes differ, except ``skip`` ranges."""
@@ -324,17 +322,16 @@ class DriverGuest:
         self.pump(lambda: False, seconds)
 
 
-def start_server(argv: list[str], sock: str, ctl: str | None,
-                 timeout: float = 20.0) -> subprocess.Popen[bytes]:
-    """Start a device server ``argv`` and wait until its sockets exist and the control socket
-    (if any) accepts connections. Its log goes to a temporary file, not a pipe: a server that
-    logs every guest error at warning would block once a pipe nobody reads filled up."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+def start_server(argv: list[str], sock: str, ctl: str | None, timeout: float = 20.0,
+                 cwd: str | Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a device server ``argv`` (in folder ``cwd``: a ``python -m`` of a module outside
+    the installed packages needs its checkout there) and wait until its sockets exist and the
+    control socket (if any) accepts connections. Its log goes to a temporary file, not a pipe: a
+    server that logs every guest error at warning would block once a pipe nobody reads filled
+    up."""
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, cwd=str(REPO_ROOT), env=env, stdout=subprocess.DEVNULL,
-                            stderr=log)
+    proc = subprocess.Popen(argv, cwd=None if cwd is None else str(cwd),
+                            stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout
 
     def ready() -> bool:
@@ -373,11 +370,3 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def env_target() -> Target | None:
-    text = os.environ.get(TARGET_ENV)
-    if not text:
-        return None
-    kind, path = parse_target(text)
-    return Target(kind, path, os.environ.get(TARGET_CONTROL_ENV) or None)

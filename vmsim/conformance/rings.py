@@ -1,7 +1,8 @@
-"""Test-only raw ring writer: puts descriptors, indirect tables and available entries into guest
-memory exactly as told, including contents no correct driver would write (loops, heads >= N,
-indices that jump). It is deliberately not the driver (guest_model/vring.py) and imports nothing
-from guest_model: device tests must be able to write what the driver never would.
+"""Raw ring writer for the conformance checks and the device tests: puts descriptors, indirect
+tables and available entries into guest memory exactly as told, including contents no correct
+driver would write (loops, heads >= N, indices that jump). It is deliberately not the driver
+(guest_model/vring.py) and imports nothing from guest_model: checks must be able to write what
+the driver never would.
 
 Usage::
 

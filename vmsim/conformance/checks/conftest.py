@@ -1,10 +1,11 @@
-"""Fixtures for checking an external device: the target, a connected client, guests.
+"""Fixtures for checking a device: the target, a connected client, guests.
 
-``balloon-hint conformance --target vfio-user:PATH [--target-control CTL]`` puts the target in
-the environment (``harness.TARGET_ENV``, ``harness.TARGET_CONTROL_ENV``). Without it (plain
-pytest, CI) the target is our own device: ``balloon-hint serve`` started in a subprocess on a
-socket in a temporary folder, offering every feature it has (REPORTING included) so that every
-check runs; then everything observable must pass.
+``pytest --balloon-target vfio-user:PATH [--balloon-control CTL]`` (the plugin,
+vmsim/conformance/plugin.py; ``balloon-hint conformance --target`` passes the same options)
+names the target. Without it (the repository's own test run) the target is our own device:
+``balloon-hint serve`` started in a subprocess on a socket in a temporary folder, offering every
+feature it has (REPORTING included) so that every check runs; then everything observable must
+pass.
 """
 from __future__ import annotations
 
@@ -15,24 +16,24 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conformance_target.harness import (
+from vmsim.conformance.harness import (
     ALL_FEATURES,
     Client,
     DriverGuest,
     RawGuest,
     Target,
     connect,
-    env_target,
     start_server,
     stop_server,
 )
+from vmsim.conformance.plugin import configured_target
 
 
 @pytest.fixture(scope="session")
-def target() -> Iterator[Target]:
-    t = env_target()
-    if t is not None:
-        yield t
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    given = configured_target(request.config)
+    if given is not None:
+        yield Target(*given)
         return
     with tempfile.TemporaryDirectory(prefix="bh-target-") as tmp:
         sock, ctl = os.path.join(tmp, "balloon.sock"), os.path.join(tmp, "balloon.ctl")

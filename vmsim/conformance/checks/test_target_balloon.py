@@ -15,7 +15,7 @@ from protocol.balloon import (
     BalloonQueue,
 )
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (
+from vmsim.conformance.harness import (
     NEEDS_RESET,
     PAGE,
     QUIET,

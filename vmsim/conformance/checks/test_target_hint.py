@@ -11,13 +11,14 @@ import struct
 
 import pytest
 
+from guest_model.vring import DriverVring
 from protocol.balloon import (
     CFG_FREE_PAGE_HINT_CMD_ID,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     BalloonQueue,
 )
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (
+from vmsim.conformance.harness import (
     PAGE,
     QUIET,
     Canary,
@@ -137,6 +138,7 @@ def test_hinted_pages_rewritten_by_the_guest_keep_their_content(guest: DriverGue
     assert d.counters["hints_sent"] > 0 and d.s.held_blocks
     hinted = [(p * PAGE, BLOCK) for p in d.s.held_blocks]
     vq = d.vqs[Q.FREE_PAGE]
+    assert isinstance(vq, DriverVring)  # the checks never negotiate packed rings
     # free_page_vq is polled, not reaped here: look at the used index itself.
     assert guest.pump(lambda: vq.mem.read_u16(vq.used_gpa + 2) == vq.avail_idx), \
         "hints never used"

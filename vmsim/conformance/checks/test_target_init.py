@@ -19,7 +19,7 @@ from protocol.balloon import (
 )
 from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
 from protocol.virtqueue import VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (
+from vmsim.conformance.harness import (
     ACK,
     FOK,
     NEEDS_RESET,
@@ -89,7 +89,7 @@ def test_kicks_before_driver_ok_use_nothing(raw: RawGuest, target):
     raw.post(Q.INFLATE, [(a, n, 0)])
     raw.post(Q.DEFLATE, [(a, n, 0)])
     before = list(raw.c.irq_counts)
-    assert not wait_for(lambda: raw.used_idx(Q.INFLATE) or raw.used_idx(Q.DEFLATE), QUIET,
+    assert not wait_for(lambda: bool(raw.used_idx(Q.INFLATE) or raw.used_idx(Q.DEFLATE)), QUIET,
                         raw.c), "a buffer was used before DRIVER_OK"
     raw.c.discard_interrupts()
     assert raw.c.irq_counts == before, f"interrupts before DRIVER_OK: {before} -> " \

@@ -16,7 +16,7 @@ import pytest
 from protocol.balloon import BalloonQueue
 from protocol.virtio import VIRTIO_F_RING_INDIRECT_DESC
 from protocol.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from tests.conformance_target.harness import (
+from vmsim.conformance.harness import (
     DRIVER_AREA,
     NEEDS_RESET,
     QUIET,
@@ -27,7 +27,7 @@ from tests.conformance_target.harness import (
     wait_for,
     wait_irq,
 )
-from tests.ringbuilder import write_table
+from vmsim.conformance.rings import write_table
 
 Q = BalloonQueue
 W, N, IND = VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_INDIRECT

@@ -1,0 +1,1 @@
+"""The device checks (pytest modules); see vmsim/conformance/__init__.py."""
