@@ -25,17 +25,7 @@ work (as Linux queues work items), so they are safe whenever a transport calls t
   DONE frees every held block, STOP ends a running round, a new ID >= 2 starts a round (after
   the running one, if any, has sent its STOP, as Linux's single work item does).
 * hint rounds: ``guest_model.hinting`` (the walk and capture strategies, DONE, the shrinker);
-* balloon resize (``_balloon_work``): up to 256 pfns per buffer, one buffer in flight; the next
-  step waits for the device to use it (interrupt or poll), then ``actual`` is written.
-  Inflated pages are allocated with ``owner=OWNER_BALLOON`` and ``noretry`` (Linux's
-  ``balloon_page_alloc`` is ``__GFP_NORETRY``: inflating never reclaims); deflated pages are
-  given back to the allocator only after the device acknowledged them (always, as Linux does;
-  with MUST_TELL_HOST it is required).
-* deflate on OOM (``oom_notify``, registered with the allocator at probe when DEFLATE_ON_OOM is
-  negotiated): up to 256 balloon pages per call, told to the device first as Linux does; a
-  device that has not used the buffer by the end of the kick delays the pages only with
-  MUST_TELL_HOST (without it they are freed at once, the spec allows it). It never restarts a
-  resize: Linux leaves ``actual`` below the target until the next one.
+* balloon resizing and deflate on OOM: ``guest_model.balloon``;
 * stats: one buffer posted at probe; when the device uses it, it is refilled and reposted.
 * free page reporting: ``guest_model.page_reporting``.
 
@@ -67,7 +57,8 @@ from typing import Protocol
 
 import numpy as np
 
-from guest_model.buddy import MIGRATE_MOVABLE, OWNER_BALLOON, BuddyAllocator, Zone
+from guest_model.balloon import OOM_NR_PAGES, BalloonResize
+from guest_model.buddy import BuddyAllocator, Zone
 from guest_model.hinting import (
     HINT_BLOCK_PAGES,
     BlockWalker,
@@ -82,18 +73,16 @@ from guest_model.page_reporting import (
     FreePageReporting,
 )
 from guest_model.transport import VirtioTransport
-from guest_model.vring import DriverArea, VringBroken, VringFull, alloc_vring
+from guest_model.vring import DriverArea, alloc_vring
 from guest_model.walk import FreeBlockWalker
 from guestmem import GuestMemory
-from guestmem.clock import ScheduledEvent, Scheduler
+from guestmem.clock import Scheduler
 from guestmem.units import pages_to_bytes
 from protocol.balloon import (
-    CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
     CFG_NUM_PAGES,
     CFG_POISON_VAL,
     STAT_ENTRY_SIZE,
-    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_CMD_ID_DONE,
     VIRTIO_BALLOON_CMD_ID_STOP,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
@@ -127,8 +116,6 @@ __all__ = [
 ]
 #: Linux poisons freed pages with PAGE_POISON = 0xaa; poison_val is four such bytes.
 PAGE_POISON_VAL = 0xAAAAAAAA
-#: Linux OOM notifier: pages given back per call with DEFLATE_ON_OOM.
-OOM_NR_PAGES = 256
 _CONFIG_READ_RETRIES = 16
 _U32 = struct.Struct("<I")
 
@@ -138,11 +125,6 @@ DRIVER_FEATURES = feature_mask(
     VIRTIO_F_VERSION_1, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING)
-
-
-def _token(kind: str) -> str:
-    """The ring token of a pfn buffer: a "told" deflate (pages already free) is a deflate."""
-    return "deflate" if kind == "told" else kind
 
 
 class ProbeError(Fault):
@@ -275,13 +257,6 @@ class BalloonDriver:
         self.ready = False
         self.failed: str | None = None
         self._config_pending = False
-        self._balloon_event: ScheduledEvent | None = None
-        self._balloon_inflight: tuple[str, np.ndarray] | None = None
-        # Pages deflated on OOM without MUST_TELL_HOST: already free, the host not told yet.
-        self._deflate_untold: list[int] = []
-        # A resize is under way (Linux's update_balloon_size_func re-queues itself until the
-        # target is reached); an OOM deflate alone does not start one.
-        self._resizing = False
         self.needs_reset = False
         self.poison_val: int | None = None
         self.stats_sent = 0
@@ -298,7 +273,7 @@ class BalloonDriver:
         # Driver-area order: the hint control buffers, the pfn buffer, the stats buffer.
         self.hint = FreePageHinting(self, self.strategy)
         self.reporting = FreePageReporting(self)
-        self._pfn_buf = area.alloc(4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX, 4)
+        self.balloon = BalloonResize(self)
         self._stats_tags = [StatTag(i) for i in range(10)]  # the spec's tags 0-9
         self._stats_buf = area.alloc(STAT_ENTRY_SIZE * len(self._stats_tags), 8)
 
@@ -363,7 +338,7 @@ class BalloonDriver:
             self.kick(BalloonQueue.STATS)  # no kicks before DRIVER_OK (V-10)
         if self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
             # Linux registers its OOM notifier at probe only with DEFLATE_ON_OOM (protocol.md 6.3).
-            self.alloc.register_oom_notifier(self.oom_notify)
+            self.alloc.register_oom_notifier(self.balloon.oom_notify)
         if self.has(VIRTIO_BALLOON_F_REPORTING):
             # page_reporting_register: frees of large blocks request passes; the first pass
             # ("initial flush of zones") is requested now.
@@ -435,7 +410,7 @@ class BalloonDriver:
         if q is None or not self.ready:
             return
         if q in (BalloonQueue.INFLATE, BalloonQueue.DEFLATE):
-            self.sched.after(0.0, self._balloon_ack)
+            self.sched.after(0.0, self.balloon.ack)
         elif q is BalloonQueue.STATS:
             self.sched.after(0.0, self._stats_request)
         elif q is BalloonQueue.REPORTING:
@@ -469,9 +444,7 @@ class BalloonDriver:
             return
         self.s.target = vals[0]
         if self.s.target != self.s.num_pages:
-            self._resizing = True
-            if self._balloon_inflight is None and self._balloon_event is None:
-                self._balloon_event = self.sched.after(0.0, self._balloon_work)
+            self.balloon.start()
         if len(vals) > 1:
             self.hint.cmd_id_changed(vals[1])
 
@@ -491,165 +464,14 @@ class BalloonDriver:
             self.counters["device_needs_reset"] += 1
             log.warning("virtio-balloon: device set DEVICE_NEEDS_RESET; no more device work "
                         "(Linux does not reset on its own)")
-            if self._balloon_event is not None:
-                Scheduler.cancel(self._balloon_event)
-            self._balloon_event = None
+            self.balloon.cancel()
             self.reporting.cancel()
             self.hint.cancel()
-            self._resizing = False
         if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
             vals = self._read_config_u32s([CFG_FREE_PAGE_HINT_CMD_ID])
             if vals is not None and vals[0] == VIRTIO_BALLOON_CMD_ID_DONE:
                 self.s.cmd_id_received = vals[0]
                 self.return_free_pages(None)
-
-    # ==== inflate / deflate ======================================================================
-    def _balloon_work(self) -> None:
-        """One step towards the target: at most 256 pfns in one buffer (protocol.md 3.4)."""
-        self._balloon_event = None
-        if not self.ready or self._balloon_inflight is not None:
-            return
-        diff = self.s.target - self.s.num_pages
-        if self._deflate_untold:
-            # DR-5: pages taken back on OOM are reported on deflateq, after the fact (allowed
-            # without MUST_TELL_HOST). They are free already: the ack frees nothing.
-            q = BalloonQueue.DEFLATE
-            pfns = np.array(self._deflate_untold[:VIRTIO_BALLOON_ARRAY_PFNS_MAX], dtype=np.int64)
-            del self._deflate_untold[:pfns.size]
-            self._post_balloon(q, "told", pfns)
-            return
-        if diff == 0:
-            self._resizing = False
-            return
-        if not self._resizing:
-            return  # an OOM deflate moved num_pages away from the target; Linux leaves it so
-        if diff > 0:
-            q = BalloonQueue.INFLATE
-            want = min(diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX)
-            # balloon_page_alloc: __GFP_NORETRY, so inflating never reclaims nor calls the OOM
-            # notifiers (which would deflate the balloon to inflate it).
-            pfns = np.asarray(self.alloc.alloc_pages_bulk(want, MIGRATE_MOVABLE,
-                                                          owner=OWNER_BALLOON, noretry=True),
-                              dtype=np.int64)
-            if pfns.size < want:
-                self.counters["inflate_alloc_failed"] += 1
-                log.info("virtio-balloon: out of puff, got %d of %d pages", pfns.size, want)
-            if pfns.size == 0:
-                self._balloon_event = self.sched.after(self.opts.balloon_retry_delay,
-                                                       self._balloon_work)
-                return
-            kind = "inflate"
-        else:
-            q = BalloonQueue.DEFLATE
-            want = min(-diff, VIRTIO_BALLOON_ARRAY_PFNS_MAX, len(self.s.balloon_pfns))
-            if want == 0:
-                return
-            pfns = np.array(self.s.balloon_pfns[-want:], dtype=np.int64)
-            del self.s.balloon_pfns[-want:]
-            kind = "deflate"
-        self._post_balloon(q, kind, pfns)
-
-    def _post_balloon(self, q: BalloonQueue, kind: str, pfns: np.ndarray) -> bool:
-        """Post one pfn buffer (the only one in flight) and kick; undo on failure."""
-        if not self.vq_ok(q):
-            self._undo_balloon(kind, pfns)
-            return False
-        self.mem.write(self._pfn_buf, pfns.astype("<u4").tobytes())
-        try:
-            self.vqs[q].add_buf(out=[(self._pfn_buf, 4 * int(pfns.size))], token=_token(kind))
-        except (VringFull, VringBroken) as e:
-            log.warning("virtio-balloon: cannot post %s buffer: %s", kind, e)
-            self._undo_balloon(kind, pfns)
-            return False
-        self._balloon_inflight = (kind, pfns)
-        self.counters["balloon_buffers"] += 1
-        self.kick(q)
-        return True
-
-    def _undo_balloon(self, kind: str, pfns: np.ndarray) -> None:
-        if kind == "inflate":
-            self.alloc.free_pages_bulk(pfns)
-        elif kind == "deflate":
-            self.s.balloon_pfns.extend(pfns.tolist())
-        # "told": the pages are the guest's already; the host just never hears of them.
-
-    def _balloon_ack(self) -> bool:
-        """Reap the pfn buffer in flight if the device used it; whether it did."""
-        if self._balloon_inflight is None:
-            return False
-        kind, pfns = self._balloon_inflight
-        q = BalloonQueue.INFLATE if kind == "inflate" else BalloonQueue.DEFLATE
-        if not self.vq_ok(q):
-            return False
-        toks, _ = self.vqs[q].get_bufs()
-        if _token(kind) not in toks:
-            return False  # spurious interrupt; keep waiting (one buffer in flight)
-        self._balloon_inflight = None
-        n = int(pfns.size)
-        if kind == "inflate":
-            self.s.balloon_pfns.extend(pfns.tolist())
-            self.s.num_pages += n
-            self.counters["inflated_pages"] += n
-        elif kind == "deflate":
-            # DR-5/DR-6: the device has acknowledged; only now may the pages be reused.
-            self.alloc.free_pages_bulk(pfns)
-            self.s.num_pages -= n
-            self.counters["deflated_pages"] += n
-        else:
-            self.counters["deflate_told_late_pages"] += n
-        # DR-7: tell the device where the balloon is.
-        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
-        if self.s.num_pages == self.s.target:
-            self._resizing = False
-        if self._deflate_untold or (self._resizing and self.s.num_pages != self.s.target):
-            self._balloon_event = self.sched.after(n * self.opts.balloon_cost_per_page,
-                                                   self._balloon_work)
-        return True
-
-    def oom_notify(self) -> int:
-        """Linux's OOM notifier with DEFLATE_ON_OOM (registered with the allocator at probe):
-        give up to 256 balloon pages back; returns the pages freed now (protocol.md 6.3).
-
-        Linux's ``leak_balloon`` always tells the host first, waits for the used buffer, then
-        frees, with or without MUST_TELL_HOST. The model cannot wait inside an allocation, so
-        it posts the deflate buffer and looks once: a device that answered inside the kick (the
-        in-process one) has used it, and the pages are freed now, in Linux's order. Otherwise,
-        with MUST_TELL_HOST the pages wait for the ack (DR-5, DR-6) and this call frees nothing;
-        without it they are freed at once, which the spec allows (DR-4, DR-5), and the buffer
-        in flight only informs the host. If another pfn buffer is in flight (Linux would wait
-        for the balloon lock): with MUST_TELL_HOST nothing is freed (counted), without it the
-        pages are freed and reported on deflateq once the queue is free. A device that needs a
-        reset frees nothing (Linux would wait for an ack that never comes).
-        """
-        if not self.has(VIRTIO_BALLOON_F_DEFLATE_ON_OOM):
-            return 0
-        n = min(OOM_NR_PAGES, len(self.s.balloon_pfns))
-        if n == 0:
-            return 0
-        must_tell = self.has(VIRTIO_BALLOON_F_MUST_TELL_HOST)
-        if not self.ready or (must_tell and self._balloon_inflight is not None):
-            self.counters["oom_deflate_blocked"] += 1
-            return 0
-        pfns = np.array(self.s.balloon_pfns[-n:], dtype=np.int64)
-        del self.s.balloon_pfns[-n:]
-        if self._balloon_inflight is None:
-            if not self._post_balloon(BalloonQueue.DEFLATE, "deflate", pfns):
-                return 0  # the queue is broken; the pages went back into the balloon
-            if self._balloon_ack():  # freed them, updated actual
-                self.counters["oom_deflated_pages"] += n
-                return n
-            if must_tell:
-                return 0  # freed when the device uses the buffer
-            # Not used yet: the pages need not wait; the buffer in flight frees nothing.
-            self._balloon_inflight = ("told", pfns)
-        else:
-            self._deflate_untold.extend(pfns.tolist())
-        self.alloc.free_pages_bulk(pfns)
-        self.s.num_pages -= n
-        self.counters["oom_deflated_pages"] += n
-        # update_balloon_size: actual follows at once.
-        self.t.write_config(CFG_ACTUAL, _U32.pack(self.s.num_pages))
-        return n
 
     # ==== stats ==================================================================================
     def _fill_stats(self) -> None:
@@ -684,15 +506,16 @@ class BalloonDriver:
         """(first pfn, count) of every page the driver holds: hint blocks and balloon pages."""
         out = [(p, HINT_BLOCK_PAGES) for p in self.s.held_blocks]
         out += [(p, 1) for p in self.s.balloon_pfns]
-        if self._balloon_inflight is not None and self._balloon_inflight[0] != "told":
-            # (A "told" deflate names pages the guest took back on OOM: no longer held.)
-            out += [(int(p), 1) for p in self._balloon_inflight[1]]
-        return out
+        return out + self.balloon.held_pfns()
 
     def isolated_pfn_ranges(self) -> list[tuple[int, int]]:
         """(first pfn, count) of the free blocks isolated for a report the device has not used
         yet: free pages, not the driver's (their content stays what the guest left)."""
         return self.reporting.isolated_pfn_ranges()
+
+    def oom_notify(self) -> int:
+        """The OOM notifier with DEFLATE_ON_OOM (``guest_model.balloon``); pages freed now."""
+        return self.balloon.oom_notify()
 
     # ==== free page hinting (guest_model.hinting) ================================================
     @property
