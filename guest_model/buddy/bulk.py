@@ -535,10 +535,10 @@ class BulkPaths(ZoneAllocator):
 
         The relinking is one inline pass over the removed blocks (each one's neighbours linked
         to each other, no call per block); afterwards the removed blocks get their own links
-        back as they were (stale, see the module docstring), so the result does not depend on
-        the order of the pass. Measured against pointer jumping with numpy over the removed
-        set (the earlier implementation): 2.5x faster for a bulk free's ~330 blocks in
-        compile-128g, 2x for a million.
+        back as they were (stale, see ``guest_model.buddy.freelists``), so the result does not
+        depend on the order of the pass. Pointer jumping with numpy over the removed set (the
+        twin tests' reference) is 2.5x slower for a bulk free's ~330 blocks in compile-128g and
+        2x for a million.
         """
         R = np.asarray(heads, dtype=np.int64)
         if R.size > 1 and not bool(np.all(R[1:] > R[:-1])):
