@@ -77,7 +77,7 @@ from guest_model.vring import DriverArea, alloc_vring
 from guest_model.walk import FreeBlockWalker
 from guestmem import GuestMemory
 from guestmem.clock import Scheduler
-from guestmem.units import pages_to_bytes
+from guestmem.units import CmdId, QueueIndex, pages_to_bytes
 from protocol.balloon import (
     CFG_FREE_PAGE_HINT_CMD_ID,
     CFG_NUM_PAGES,
@@ -208,8 +208,8 @@ class BalloonDriverState:
     """Everything the driver remembers between events (snapshotable)."""
 
     features: int = 0
-    cmd_id_received: int = VIRTIO_BALLOON_CMD_ID_STOP  # last ID read from config
-    cmd_id_active: int = VIRTIO_BALLOON_CMD_ID_STOP  # ID of the round last started
+    cmd_id_received: CmdId = CmdId(VIRTIO_BALLOON_CMD_ID_STOP)  # last id read from config
+    cmd_id_active: CmdId = CmdId(VIRTIO_BALLOON_CMD_ID_STOP)  # id of the round last started
     num_pages: int = 0  # pages in the balloon
     balloon_pfns: list[int] = field(default_factory=list)
     held_blocks: list[int] = field(default_factory=list)  # hint blocks (capture), LIFO
@@ -251,15 +251,14 @@ class BalloonDriver:
         self.walker_factory = walker_factory
         self.s = BalloonDriverState()
         self.vqs: dict[BalloonQueue, Vring] = {}
-        self.qindex: dict[BalloonQueue, int] = {}
-        self._by_index: dict[int, BalloonQueue] = {}
+        self.qindex: dict[BalloonQueue, QueueIndex] = {}
+        self._by_index: dict[QueueIndex, BalloonQueue] = {}
         self._broken_seen: set[BalloonQueue] = set()
         self.ready = False
         self.failed: str | None = None
         self._config_pending = False
         self.needs_reset = False
         self.poison_val: int | None = None
-        self.stats_sent = 0
         self.counters: dict[str, int] = {
             "rounds": 0, "rounds_stopped_by_device": 0, "hints_sent": 0, "hinted_pages": 0,
             "hint_blocks_dropped_ring_full": 0, "hint_blocks_returned_done": 0,
@@ -355,7 +354,8 @@ class BalloonDriver:
         packed = self.has(VIRTIO_F_RING_PACKED)
         if t.num_queues() < len(layout):
             raise self._fail(f"device has {t.num_queues()} queues, features need {len(layout)}")
-        for q, idx in sorted(layout.items(), key=lambda kv: kv[1]):
+        for q, i in sorted(layout.items(), key=lambda kv: kv[1]):
+            idx = QueueIndex(i)
             size = t.queue_max_size(idx)
             if size == 0:
                 raise self._fail(f"queue {idx} ({q.name}) does not exist")
@@ -406,7 +406,7 @@ class BalloonDriver:
         return None
 
     def _on_queue_irq(self, idx: int) -> None:
-        q = self._by_index.get(idx)
+        q = self._by_index.get(QueueIndex(idx))
         if q is None or not self.ready:
             return
         if q in (BalloonQueue.INFLATE, BalloonQueue.DEFLATE):
@@ -446,7 +446,7 @@ class BalloonDriver:
         if self.s.target != self.s.num_pages:
             self.balloon.start()
         if len(vals) > 1:
-            self.hint.cmd_id_changed(vals[1])
+            self.hint.cmd_id_changed(CmdId(vals[1]))
 
     def _device_needs_reset(self) -> None:
         """The device set DEVICE_NEEDS_RESET (see the module docstring for what Linux does).
@@ -470,7 +470,7 @@ class BalloonDriver:
         if self.has(VIRTIO_BALLOON_F_FREE_PAGE_HINT):
             vals = self._read_config_u32s([CFG_FREE_PAGE_HINT_CMD_ID])
             if vals is not None and vals[0] == VIRTIO_BALLOON_CMD_ID_DONE:
-                self.s.cmd_id_received = vals[0]
+                self.s.cmd_id_received = CmdId(vals[0])
                 self.return_free_pages(None)
 
     # ==== stats ==================================================================================

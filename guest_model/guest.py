@@ -32,6 +32,7 @@ from guest_model.vring import DriverArea
 from guest_model.workloads import Workload, make_workload
 from guestmem import GuestMemory, PageVersions
 from guestmem.clock import Scheduler
+from guestmem.units import PAGE_MASK, gpa_to_pfn
 from protocol.errors import UsageError
 
 #: vmsim's default driver area: 4 MiB at 1 MiB (docs/interfaces.md).
@@ -75,7 +76,8 @@ class SimGuest:
                                        seed=o.seed, init_on_alloc=o.init_on_alloc,
                                        init_on_free=o.init_on_free,
                                        page_poisoning=o.page_poisoning, nr_cpus=o.nr_cpus)
-        elif (allocator.state[gpa >> 12:(gpa + size + 4095) >> 12] != PG_RESERVED).any():
+        elif (allocator.state[gpa_to_pfn(gpa):gpa_to_pfn(gpa + size + PAGE_MASK)]
+              != PG_RESERVED).any():
             raise UsageError("the allocator given to SimGuest does not keep the driver area "
                              "reserved")
         self.allocator = allocator

@@ -43,7 +43,7 @@ from guest_model.buddy import MIGRATE_UNMOVABLE, OWNER_BALLOON
 from guest_model.packed_vring import PackedDriverVring
 from guest_model.vring import DriverVring, VringBroken, VringFull
 from guestmem.clock import ScheduledEvent, Scheduler
-from guestmem.units import PAGE_SHIFT, bytes_to_pages
+from guestmem.units import PAGE_SHIFT, CmdId, bytes_to_pages
 from protocol.balloon import (
     VIRTIO_BALLOON_CMD_ID_DONE,
     VIRTIO_BALLOON_CMD_ID_STOP,
@@ -141,10 +141,9 @@ class CaptureStrategy:
 
 @dataclass(slots=True)
 class _Round:
-    cmd_id: int
+    cmd_id: CmdId
     strategy: WalkStrategy | CaptureStrategy
     event: ScheduledEvent | None = None
-    blocks: int = 0
 
 
 class FreePageHinting:
@@ -171,7 +170,7 @@ class FreePageHinting:
             Scheduler.cancel(self.round.event)
         self.round = None
 
-    def cmd_id_changed(self, cmd_id: int) -> None:
+    def cmd_id_changed(self, cmd_id: CmdId) -> None:
         d = self.d
         d.s.cmd_id_received = cmd_id
         if cmd_id == VIRTIO_BALLOON_CMD_ID_DONE:
@@ -237,7 +236,6 @@ class FreePageHinting:
             self._post_hints(vq, b.pfns, b.nr_pages)
         if b.visited:
             d.kick(BalloonQueue.FREE_PAGE)
-        r.blocks += b.visited
         if b.exhausted:
             self._end_round()  # DR-10: out of free blocks -> STOP
             return

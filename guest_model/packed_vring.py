@@ -40,12 +40,12 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from guest_model.vring import Buf, DriverArea, DriverRingBase
 from guestmem import GuestMemory
+from guestmem.units import Gpa
 from protocol.errors import UsageError
 from protocol.virtqueue import (
     DESC_SIZE,
@@ -84,7 +84,7 @@ class PackedDriverVring(DriverRingBase):
             raise UsageError(f"ring areas misaligned: desc {desc:#x} driver {driver:#x} "
                              f"device {device:#x} (need 16/4/4)")
         self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
-        self.desc_gpa, self.avail_gpa, self.used_gpa = desc, driver, device
+        self.desc_gpa, self.avail_gpa, self.used_gpa = Gpa(desc), Gpa(driver), Gpa(device)
         mem.fill(desc, DESC_SIZE * size, 0)
         mem.fill(driver, PACKED_EVENT_SUPPRESS_SIZE, 0)
         mem.fill(device, PACKED_EVENT_SUPPRESS_SIZE, 0)
@@ -136,7 +136,8 @@ class PackedDriverVring(DriverRingBase):
         lo, hi = int(slots.min()), int(slots.max())
         self.mem.mark_dirty(self.desc_gpa + DESC_SIZE * lo, DESC_SIZE * (hi - lo + 1))
 
-    def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (), token: Any = None) -> int:
+    def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (),
+                token: object = None) -> int:
         """Post one buffer (readable ``out`` then writable ``in_``); returns its buffer id.
 
         ``VringFull`` when slots or ids are short, ``UsageError`` for an empty or over-long
@@ -179,7 +180,7 @@ class PackedDriverVring(DriverRingBase):
         return bid
 
     def add_single_bufs(self, addrs: np.ndarray, lens: np.ndarray, *, writable: bool,
-                        tokens: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+                        tokens: Sequence[object] | np.ndarray | None = None) -> np.ndarray:
         """Post ``len(addrs)`` one-descriptor buffers in one batch; returns their ids.
         All or nothing (``VringFull``); tokens default to the buffer's address."""
         addrs, lens = self._single_args(addrs, lens)
@@ -252,7 +253,7 @@ class PackedDriverVring(DriverRingBase):
             self._write_driver_event(None, RING_EVENT_FLAGS_ENABLE)
 
     # -- reaping ---------------------------------------------------------------------------
-    def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
+    def get_bufs(self, max_n: int | None = None) -> tuple[list[object], list[int]]:
         """Reap up to ``max_n`` used buffers: (tokens, lens) in the order the device used them.
 
         Runs of used one-slot buffers (every hint, every pfn buffer) are checked and released
@@ -262,7 +263,7 @@ class PackedDriverVring(DriverRingBase):
         if self.broken:
             return [], []
         limit = self.in_flight if max_n is None else min(max_n, self.in_flight)
-        toks: list[Any] = []
+        toks: list[object] = []
         lens: list[int] = []
         idx, wrap = self.last_used, self.used_wrap
         while len(toks) < limit:
@@ -279,7 +280,7 @@ class PackedDriverVring(DriverRingBase):
             self._arm()
         return toks, lens
 
-    def _reap_run(self, idx: int, wrap: int, max_n: int, toks: list[Any],
+    def _reap_run(self, idx: int, wrap: int, max_n: int, toks: list[object],
                   lens: list[int]) -> tuple[int, int]:
         """Reap the used one-slot buffers from slot ``idx`` (lap ``wrap``) on, at most
         ``max_n``; returns the slot and lap after them. Stops before the first slot that is not
@@ -320,7 +321,7 @@ class PackedDriverVring(DriverRingBase):
         end = idx + k
         return end % self.size, (wrap + end // self.size) & 1
 
-    def _reap_one(self, idx: int, wrap: int, toks: list[Any],
+    def _reap_one(self, idx: int, wrap: int, toks: list[object],
                   lens: list[int]) -> tuple[int, int] | None:
         """Reap the buffer at slot ``idx`` if the device used it; the slot and lap after its
         chain, or None when it is not used or names an id not in flight (the ring breaks)."""
@@ -356,7 +357,7 @@ class PackedDriverVring(DriverRingBase):
         self._free_ids.extend(ids.tolist())
 
     # -- teardown --------------------------------------------------------------------------
-    def detach_unused(self) -> list[Any]:
+    def detach_unused(self) -> list[object]:
         """After a device reset: drop every buffer in flight, return their tokens, and start
         the ring over (slots and wrap counters as after set-up)."""
         ids = np.nonzero(self._slots)[0]

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from guestmem.units import Gpa, QueueIndex
+
 
 @runtime_checkable
 class VirtioTransport(Protocol):
@@ -46,17 +48,17 @@ class VirtioTransport(Protocol):
 
     def num_queues(self) -> int: ...
 
-    def queue_max_size(self, q: int) -> int:
+    def queue_max_size(self, q: QueueIndex) -> int:
         """Largest size of transport queue ``q``; 0 means the queue does not exist."""
         ...
 
-    def setup_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
+    def setup_queue(self, q: QueueIndex, size: int, desc: Gpa, avail: Gpa, used: Gpa) -> None:
         """Give queue ``q`` its size and the guest-physical addresses of its three areas."""
         ...
 
-    def enable_queue(self, q: int) -> None: ...
+    def enable_queue(self, q: QueueIndex) -> None: ...
 
-    def notify(self, q: int) -> None:
+    def notify(self, q: QueueIndex) -> None:
         """Kick queue ``q`` (the driver added buffers)."""
         ...
 

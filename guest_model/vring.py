@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from guestmem import GuestMemory
+from guestmem.units import PAGE_MASK, Gpa, gpa_to_pfn
 from protocol.errors import Fault, UsageError
 from protocol.virtqueue import (
     DESC_DTYPE,
@@ -98,7 +98,7 @@ class DriverArea:
         self.gpa = gpa
         self.size = size
         self._next = gpa
-        self._free: dict[int, list[int]] = {}
+        self._free: dict[int, list[Gpa]] = {}
         self._sizes: dict[int, int] = {}
         self.in_use = 0
 
@@ -106,7 +106,7 @@ class DriverArea:
     def _class(nbytes: int) -> int:
         return max(16, 1 << (max(nbytes, 1) - 1).bit_length())
 
-    def alloc(self, nbytes: int, align: int = 16, *, zero: bool = True) -> int:
+    def alloc(self, nbytes: int, align: int = 16, *, zero: bool = True) -> Gpa:
         """A block of at least ``nbytes`` bytes, aligned to ``align`` (a power of two)."""
         cls = self._class(max(nbytes, align))
         lst = self._free.get(cls)
@@ -120,7 +120,7 @@ class DriverArea:
             if start + cls > self.gpa + self.size:
                 raise DriverAreaFull(f"driver area of {self.size:#x} bytes cannot hold "
                                      f"{nbytes:#x} more bytes ({self.in_use:#x} in use)")
-            gpa = start
+            gpa = Gpa(start)
             self._next = start + cls
         self._sizes[gpa] = cls
         self.in_use += cls
@@ -129,14 +129,16 @@ class DriverArea:
         return gpa
 
     def free(self, gpa: int) -> None:
-        cls = self._sizes.pop(gpa)  # KeyError = our own double free: a usage error, raised
+        cls = self._sizes.pop(gpa, None)
+        if cls is None:
+            raise UsageError(f"driver area: {gpa:#x} is not an allocated block (double free?)")
         self.in_use -= cls
-        self._free.setdefault(cls, []).append(gpa)
+        self._free.setdefault(cls, []).append(Gpa(gpa))
 
     def pfns(self) -> tuple[int, int]:
         """(first pfn, page count) of the whole area, for the allocator to keep reserved."""
-        first = self.gpa >> 12
-        last = (self.gpa + self.size + 4095) >> 12
+        first = gpa_to_pfn(self.gpa)
+        last = gpa_to_pfn(self.gpa + self.size + PAGE_MASK)
         return first, last - first
 
 
@@ -166,7 +168,7 @@ class DriverRingBase:
     def num_free(self) -> int:
         raise NotImplementedError
 
-    def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
+    def get_bufs(self, max_n: int | None = None) -> tuple[list[object], list[int]]:
         raise NotImplementedError
 
     def _check_usable(self) -> None:
@@ -224,7 +226,7 @@ class DriverRingBase:
         return addrs, lens
 
     def _set_tokens(self, ids: np.ndarray, addrs: np.ndarray,
-                    tokens: Sequence[Any] | np.ndarray | None) -> None:
+                    tokens: Sequence[object] | np.ndarray | None) -> None:
         """Tokens for a batch of one-descriptor buffers; by default each buffer's address."""
         if tokens is None:
             self._tokens[ids] = addrs.astype(np.int64).tolist()
@@ -233,7 +235,7 @@ class DriverRingBase:
             tok[:] = list(tokens)
             self._tokens[ids] = tok
 
-    def get_buf(self) -> tuple[Any, int] | None:
+    def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as ``(token, len)``, or None when none is pending (or broken)."""
         toks, lens = self.get_bufs(1)
         if not toks:
@@ -263,7 +265,7 @@ class DriverVring(DriverRingBase):
             raise UsageError(f"ring areas misaligned: desc {desc:#x} avail {avail:#x} "
                              f"used {used:#x} (need 16/2/4)")
         self._init_common(mem, size, event_idx, indirect, area, indirect_min, name)
-        self.desc_gpa, self.avail_gpa, self.used_gpa = desc, avail, used
+        self.desc_gpa, self.avail_gpa, self.used_gpa = Gpa(desc), Gpa(avail), Gpa(used)
         for gpa, n in ((desc, desc_table_size(size)), (avail, avail_ring_size(size)),
                        (used, used_ring_size(size))):
             mem.fill(gpa, n, 0)
@@ -307,7 +309,8 @@ class DriverVring(DriverRingBase):
         self.mem.mark_dirty(self.avail_gpa + 2, 2)
 
     # -- adding ----------------------------------------------------------------------------
-    def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (), token: Any = None) -> int:
+    def add_buf(self, out: Sequence[Buf] = (), in_: Sequence[Buf] = (),
+                token: object = None) -> int:
         """Post one buffer: device-readable ``out`` elements, then device-writable ``in_``.
 
         Returns the head descriptor index. ``token`` comes back from ``get_buf`` (defaults to the
@@ -356,7 +359,7 @@ class DriverVring(DriverRingBase):
         return head
 
     def add_single_bufs(self, addrs: np.ndarray, lens: np.ndarray, *, writable: bool,
-                        tokens: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+                        tokens: Sequence[object] | np.ndarray | None = None) -> np.ndarray:
         """Post ``len(addrs)`` buffers of one descriptor each, in one batch; returns the heads.
 
         All or nothing: raises ``VringFull`` if fewer descriptors are free than buffers given.
@@ -452,7 +455,7 @@ class DriverVring(DriverRingBase):
         self.mem.mark_dirty(self.avail_gpa + 4 + 2 * self.size, 2)
 
     # -- reaping ---------------------------------------------------------------------------
-    def get_bufs(self, max_n: int | None = None) -> tuple[list[Any], list[int]]:
+    def get_bufs(self, max_n: int | None = None) -> tuple[list[object], list[int]]:
         """Reap up to ``max_n`` used buffers at once: (tokens, lens) in used-ring order."""
         if self.broken:
             return [], []
@@ -489,7 +492,7 @@ class DriverVring(DriverRingBase):
             return toks, out_lens
         return self._reap(ids, lens)
 
-    def _reap(self, ids: np.ndarray, lens: np.ndarray) -> tuple[list[Any], list[int]]:
+    def _reap(self, ids: np.ndarray, lens: np.ndarray) -> tuple[list[object], list[int]]:
         k = int(ids.size)
         if k == 0:
             return [], []
@@ -537,7 +540,7 @@ class DriverVring(DriverRingBase):
         self._nfree += k
 
     # -- teardown --------------------------------------------------------------------------
-    def detach_unused(self) -> list[Any]:
+    def detach_unused(self) -> list[object]:
         """After a device reset: drop every buffer still in flight and return their tokens."""
         heads = np.nonzero(self._chain_len)[0]
         toks = self._tokens[heads].tolist()

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from guest_model.buddy import (
     MAX_ORDER,
@@ -54,12 +53,12 @@ from guest_model.buddy import (
     list_id,
     list_sentinel,
 )
-from guestmem.clock import Scheduler
+from guestmem.clock import ScheduledEvent, Scheduler
 from protocol.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-Visit = Callable[[Any, int, int], None]  # visit(opaque, pfn, nr_pages)
+Visit = Callable[[object, int, int], None]  # visit(opaque, pfn, nr_pages)
 
 
 @dataclass
@@ -210,7 +209,7 @@ class FreeBlockWalker:
         return self._zones[self._zi].idx, self._order, self._mt
 
 
-def walk_free_mem_block(opaque: Any, min_order: int, visit: Visit, *,
+def walk_free_mem_block(opaque: object, min_order: int, visit: Visit, *,
                         allocator: BuddyAllocator, safe: bool = True) -> WalkStats:
     """The seed's entry point: call ``visit(opaque, pfn, nr_pages)`` for every free block of
     order >= ``min_order``. ``visit`` runs "outside the lock": it may allocate or free, which
@@ -227,7 +226,7 @@ class ScheduledWalk:
     started: float
     finished: float | None = None
     cancelled: bool = False
-    _event: Any = None
+    _event: ScheduledEvent | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -236,7 +235,7 @@ class ScheduledWalk:
 
 
 def schedule_walk(sched: Scheduler, walker: FreeBlockWalker, *, cost_per_block: float,
-                  visit: Visit, opaque: Any = None,
+                  visit: Visit, opaque: object = None,
                   on_done: Callable[[ScheduledWalk], None] | None = None,
                   start_delay: float = 0.0) -> ScheduledWalk:
     """Run ``walker`` on the simulated clock: one block per event, ``cost_per_block`` seconds

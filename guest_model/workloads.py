@@ -50,7 +50,7 @@ from guest_model.buddy import (
     PG_ALLOC,
     BuddyAllocator,
 )
-from guestmem.clock import Scheduler
+from guestmem.clock import ScheduledEvent, Scheduler
 from guestmem.pages import PageVersions
 from guestmem.units import PAGE_SHIFT
 from protocol.errors import UsageError
@@ -79,7 +79,7 @@ class Workload:
         self.until: float | None = None
         self.running = False
         self.finished = False
-        self._event: Any = None
+        self._event: ScheduledEvent | None = None
         self._t_last = 0.0
 
     # ---- sizes ------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ MIGRATE_PCPTYPES = 3  # the types with per-cpu lists
 MIGRATE_HIGHATOMIC = 3
 MIGRATE_ISOLATE = 4
 MIGRATE_TYPES = 5
-MIGRATETYPE_NAMES = ("Unmovable", "Movable", "Reclaimable", "HighAtomic", "Isolate")
 
 # Linux's fallbacks[] table: where each allocatable type may steal from, in order.
 FALLBACKS: dict[int, tuple[int, int]] = {
@@ -105,9 +104,6 @@ class Zone:
     @property
     def populated(self) -> bool:
         return self.managed_pages > 0
-
-    def contains(self, pfn: int) -> bool:
-        return self.start_pfn <= pfn < self.end_pfn
 
 
 def blocks_of_range(start: int, end: int) -> list[tuple[int, int]]:

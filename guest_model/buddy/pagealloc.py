@@ -74,6 +74,7 @@ from guest_model.buddy.defs import (
     pageblock_order,
 )
 from guest_model.buddy.freelists import FreeAreas
+from guestmem.units import Pfn
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class ZoneAllocator(FreeAreas):
             raise BuddyError(f"cpu={cpu}: guest has {self.nr_cpus} cpus")
 
     def alloc_pages(self, order: int, migratetype: int = MIGRATE_MOVABLE, *, cpu: int = 0,
-                    noretry: bool = False, owner: int = OWNER_GUEST) -> int | None:
+                    noretry: bool = False, owner: int = OWNER_GUEST) -> Pfn | None:
         """Allocate 2**order pages; the first pfn, or None when no zone can satisfy it."""
         self._check_args(order, cpu)
         if migratetype not in FALLBACKS:
@@ -305,7 +306,7 @@ class ZoneAllocator(FreeAreas):
         self.counters["alloc"] += 1
         if self.init_on_alloc and self.pages is not None:
             self.pages.write_range(pfn, n, "zero")
-        return pfn
+        return Pfn(pfn)
 
     # ---- freeing ----------------------------------------------------------------------------
     def _buddy_merge_likely(self, pfn: int, order: int, zend: int) -> bool:

@@ -27,6 +27,7 @@ from guest_model.buddy.defs import (
     pageblock_order,
 )
 from guest_model.buddy.pagealloc import ZoneAllocator
+from guestmem.units import Pfn
 
 
 class ReportingIsolation(ZoneAllocator):
@@ -58,7 +59,7 @@ class ReportingIsolation(ZoneAllocator):
 
     def isolate_free_block(self, order: int, *, zone: int | None = None,
                            migratetype: int | None = None,
-                           skip_reported: bool = True) -> int | None:
+                           skip_reported: bool = True) -> Pfn | None:
         """Take one free block of exactly ``order`` off its free list without touching its
         pages (Linux ``__isolate_free_page`` as page reporting uses it); its first pfn, or None.
 
@@ -93,7 +94,7 @@ class ReportingIsolation(ZoneAllocator):
                         self._list_del(p, order, lid)
                         self.state[p:p + (1 << order)] = PG_ISOLATED
                         self.counters["isolated_blocks"] += 1
-                        return p
+                        return Pfn(p)
                     p = self._nx[p]
         return None
 
