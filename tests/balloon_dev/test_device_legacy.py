@@ -9,13 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balloon_dev.device import (
-    DEFAULT_OFFERED_FEATURES,
-    BalloonDevice,
-    DeviceConfig,
-    legacy_ring_layout,
-)
+from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
 from balloon_dev.effects import ActualChanged, Inflated, NeedsReset, NotifyQueue
+from balloon_dev.legacy import legacy_ring_layout
 from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL, BalloonQueue
 from protocol.virtio import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, feature_mask
 from protocol.virtqueue import legacy_vring_size, used_ring_size
