@@ -78,7 +78,7 @@ class Act(enum.Flag):
     #                            STOP ends START silently, as in QEMU)
     END_ROUND = enum.auto()    # the round that was REQUESTED/START is over: HintRoundStopped
     APPLY_HINT = enum.auto()   # the hint belongs to the current round: PagesHinted
-    DROP_HINT = enum.auto()    # the hint arrived outside START: use it, count it, ignore it
+    #                            (without it, the hint arrived outside START: used and dropped)
     STALE_CMD = enum.auto()    # an out buffer that changes nothing
 
 
@@ -112,10 +112,10 @@ TRANSITIONS: dict[tuple[FreePageHintStatus, HintEvent], tuple[FreePageHintStatus
     (START, HintEvent.CMD_OTHER): (STOP, Act.END_ROUND),
     (DONE, HintEvent.CMD_OTHER): (DONE, Act.STALE_CMD),
     # Rule 4 / D-10: writable buffers are hints only while START.
-    (STOP, HintEvent.HINT): (STOP, Act.DROP_HINT),
-    (REQUESTED, HintEvent.HINT): (REQUESTED, Act.DROP_HINT),
+    (STOP, HintEvent.HINT): (STOP, Act.NONE),
+    (REQUESTED, HintEvent.HINT): (REQUESTED, Act.NONE),
     (START, HintEvent.HINT): (START, Act.APPLY_HINT),
-    (DONE, HintEvent.HINT): (DONE, Act.DROP_HINT),
+    (DONE, HintEvent.HINT): (DONE, Act.NONE),
     # QEMU device reset: STOP, counter kept, no interrupt (the driver is gone).
     (STOP, HintEvent.RESET): (STOP, Act.NONE),
     (REQUESTED, HintEvent.RESET): (STOP, Act.END_ROUND),
