@@ -74,6 +74,7 @@ import numpy as np
 
 from guestmem.memory import GuestMemory, GuestMemoryError
 from guestmem.units import U64_LIMIT
+from protocol.errors import GuestFault
 from protocol.virtqueue import (
     DESC_DTYPE,
     DESC_SIZE,
@@ -115,9 +116,13 @@ RING_ERROR_COUNTERS = ("avail_idx_jump", "head_out_of_range", "ring_outside_memo
 OTHER_COUNTERS = ("buffer_vanished",)  # a buffer left guest memory between pop and use
 
 
-class RingBroken(Exception):
+class RingBroken(GuestFault):
     """The ring as a whole is unusable (V-1, V-2, ring area outside memory): the device must set
-    DEVICE_NEEDS_RESET and stop using the queue until it is reset."""
+    DEVICE_NEEDS_RESET and stop using the queue until it is reset. ``counter`` names the
+    queue counter the breach was counted under."""
+
+    def __init__(self, message: str, *, counter: str = "ring_broken") -> None:
+        super().__init__(message, counter=counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +155,12 @@ class VirtqueueState:
     signalled_valid: bool
 
 
-class _ChainError(Exception):
+class _ChainError(GuestFault):
+    """One malformed chain (raised inside a chain walk, caught by the same queue, which counts
+    it under ``counter`` and hands the chain out with its ``error`` set)."""
+
     def __init__(self, counter: str, detail: str) -> None:
-        super().__init__(detail)
-        self.counter = counter
+        super().__init__(detail, counter=counter)
 
 
 class QueueCommon:
@@ -193,7 +200,7 @@ class QueueCommon:
 
     def _broken(self, counter: str, detail: str) -> RingBroken:
         self._count(counter, detail)
-        return RingBroken(f"{self.name}: {counter}: {detail}")
+        return RingBroken(f"{self.name}: {counter}: {detail}", counter=counter)
 
     def _area_broken(self, area: str, gpa: int, e: GuestMemoryError) -> RingBroken:
         return self._broken("ring_outside_memory", f"{area} at {gpa:#x}: {e}")
