@@ -104,7 +104,7 @@ from balloon_dev.status import (
 )
 from balloon_dev.virtqueue import Chain, DeviceVirtqueue, RingBroken
 from guestmem.memory import GuestMemory
-from guestmem.units import pages_to_bytes
+from guestmem.units import QueueIndex, pages_to_bytes
 from protocol.balloon import (
     CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
@@ -577,7 +577,7 @@ class BalloonDevice:
         else:
             broken = []
         if notify:
-            effects.append(NotifyQueue(q))
+            effects.append(NotifyQueue(QueueIndex(q)))
         return effects + broken
 
     def _handle_chains(self, slot: QueueSlot, vq: Vq, chains: list[Chain],
@@ -621,7 +621,7 @@ class BalloonDevice:
         try:
             slot.vq.push(head, 0)
             if slot.vq.should_notify():
-                return [NotifyQueue(self._layout[BalloonQueue.STATS])]
+                return [NotifyQueue(QueueIndex(self._layout[BalloonQueue.STATS]))]
         except RingBroken as e:
             return self._needs_reset(f"stats queue: {e}")
         return []

@@ -20,6 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestmem.units import CmdId, Pfn, QueueIndex
+
 # A (guest-physical address, length in bytes) pair, as found in a descriptor.
 Range = tuple[int, int]
 
@@ -28,7 +30,7 @@ Range = tuple[int, int]
 class NotifyQueue:
     """Raise the used-buffer notification of transport queue ``queue``."""
 
-    queue: int
+    queue: QueueIndex
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,7 @@ class PagesHinted:
     to whole pages (rule 5). Only emitted while the round is in FREE_PAGE_HINT_S_START.
     """
 
-    cmd_id: int
+    cmd_id: CmdId
     ranges: tuple[Range, ...]
 
 
@@ -59,14 +61,14 @@ class PagesReported:
 class Inflated:
     """PFNs (4 KiB units) the driver put into the balloon; the host may discard them (D-3)."""
 
-    pfns: tuple[int, ...]
+    pfns: tuple[Pfn, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Deflated:
     """PFNs (4 KiB units) the driver takes back; emitted before the buffer is used (D-4)."""
 
-    pfns: tuple[int, ...]
+    pfns: tuple[Pfn, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,7 @@ class HintRoundStopped:
     """Hint round ``cmd_id`` is over: the driver's STOP arrived, or the host stopped, ended,
     superseded it, or the device was reset. Emitted exactly once per round."""
 
-    cmd_id: int
+    cmd_id: CmdId
 
 
 @dataclass(frozen=True, slots=True)

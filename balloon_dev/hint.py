@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from guestmem.units import CmdId
 from protocol.balloon import (
     QEMU_CMD_ID_MIN,
     QEMU_FIRST_CMD_ID,
@@ -124,9 +125,9 @@ TRANSITIONS: dict[tuple[FreePageHintStatus, HintEvent], tuple[FreePageHintStatus
 }
 
 
-def next_cmd_id(cmd_id: int) -> int:
+def next_cmd_id(cmd_id: int) -> CmdId:
     """QEMU's pre-increment with wrap from 0xFFFFFFFF to 0x80000000 (protocol.md 4.1)."""
-    return QEMU_CMD_ID_MIN if cmd_id >= CMD_ID_MAX else cmd_id + 1
+    return CmdId(QEMU_CMD_ID_MIN if cmd_id >= CMD_ID_MAX else cmd_id + 1)
 
 
 @dataclass(slots=True)
@@ -134,7 +135,7 @@ class HintSessionState:
     """Everything a hint session holds (snapshot/restore by copying this dataclass)."""
 
     status: FreePageHintStatus = STOP
-    cmd_id: int = QEMU_FIRST_CMD_ID - 1  # last id drawn; pre-incremented by NEW_ID
+    cmd_id: CmdId = CmdId(QEMU_FIRST_CMD_ID - 1)  # last id drawn; pre-incremented by NEW_ID
     rounds: int = 0  # ids drawn so far
 
 
@@ -148,7 +149,7 @@ class HintSession:
         return self.state.status
 
     @property
-    def cmd_id(self) -> int:
+    def cmd_id(self) -> CmdId:
         return self.state.cmd_id
 
     def fire(self, event: HintEvent) -> tuple[FreePageHintStatus, FreePageHintStatus, Act]:
