@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balloon_dev.effects import ConfigChanged, NotifyQueue
-from guestmem import GuestMemory
 from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_ID_BALLOON
 
@@ -123,14 +122,10 @@ _BAR5_REG = _BAR4_REG + 4
 
 
 class VirtioPciFunction:
-    def __init__(self, dev: DeviceCore, *, msix_vectors: int = 2,
-                 mem: GuestMemory | None = None) -> None:
+    def __init__(self, dev: DeviceCore, *, msix_vectors: int = 2) -> None:
         if not 1 <= msix_vectors <= 64:
             raise ValueError(f"msix_vectors={msix_vectors}: must be 1..64")
         self.dev = dev
-        # ``mem`` is accepted and ignored: it served a transport-side ring re-check that the
-        # core now does itself (device.py ``_process``); kept so existing callers still work.
-        del mem
         self.msix_vectors = msix_vectors
         self.counters: Counter[str] = Counter()
         self.config = bytearray(vp.PCI_CONFIG_SPACE_SIZE)

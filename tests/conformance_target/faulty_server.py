@@ -224,7 +224,7 @@ def build(sock: str, faults: set[str], features: str | None,
         server = VhostUserServer(dev, mem, sock,  # type: ignore[arg-type]
                                  on_effects=lambda e: holder[0].on_effects(e))
     else:
-        pci = VirtioPciFunction(dev, mem=mem)  # type: ignore[arg-type]
+        pci = VirtioPciFunction(dev)  # type: ignore[arg-type]
         server = VfioUserServer(sock, pci, mem, on_effects=lambda e: holder[0].on_effects(e))
     control = HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
                           extra_stats=server.stats)
