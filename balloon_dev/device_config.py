@@ -20,6 +20,7 @@ from protocol.balloon import (
     QEMU_QUEUE_SIZE,
     QEMU_REPORTING_QUEUE_SIZE,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_HINT_WAIT_ON_ACK_EXPERIMENTAL,
     VIRTIO_BALLOON_F_PAGE_POISON,
     VIRTIO_BALLOON_F_STATS_VQ,
     BalloonQueue,
@@ -95,6 +96,10 @@ class DeviceConfig:
                                    "VERSION_1 (bit 32); a legacy device needs legacy=True")
         if has(f, VIRTIO_F_UNUSED_30):
             raise DeviceUsageError("DeviceConfig.offered_features: bit 30 must never be offered")
+        if has(f, VIRTIO_BALLOON_F_HINT_WAIT_ON_ACK_EXPERIMENTAL):
+            # An RFC's bit with no specification (protocol.md has no rule for it): not offered.
+            raise DeviceUsageError("DeviceConfig.offered_features: bit 6 (HINT_WAIT_ON_ACK, "
+                                   "experimental, unspecified) is not implemented")
         if f < 0 or f > U64_MASK:
             raise DeviceUsageError(f"DeviceConfig.offered_features {f:#x} is not a 64-bit value")
         if len(self.queue_sizes) != 5:

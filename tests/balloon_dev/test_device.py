@@ -22,17 +22,20 @@ from balloon_dev.effects import (
 from balloon_dev.hint import DONE, REQUESTED, STOP
 from guestmem import GuestMemory
 from protocol.balloon import (
+    BALLOON_FEATURE_NAMES,
     CFG_ACTUAL,
     CFG_FREE_PAGE_HINT_CMD_ID,
     CFG_NUM_PAGES,
     CFG_POISON_VAL,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_HINT_WAIT_ON_ACK_EXPERIMENTAL,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
     VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ,
     BalloonQueue,
 )
+from protocol.errors import UsageError
 from protocol.virtio import VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, feature_mask
 from tests.balloon_dev.devharness import (
     ACK,
@@ -65,6 +68,15 @@ def test_config_validation():
         DeviceConfig(offered_features=feature_mask(VIRTIO_BALLOON_F_STATS_VQ))
     with pytest.raises(ValueError, match="queue_sizes"):
         DeviceConfig(queue_sizes=(128, 128, 100, 1024, 32))
+
+
+def test_hint_wait_on_ack_is_not_offered():
+    """Bit 6 is an RFC's, with no specification: the device does not implement it, so a host
+    cannot offer it (a usage error), and ``serve --features`` has no name for it."""
+    with pytest.raises(UsageError, match="HINT_WAIT_ON_ACK"):
+        DeviceConfig(offered_features=DEFAULT_OFFERED_FEATURES
+                     | 1 << VIRTIO_BALLOON_F_HINT_WAIT_ON_ACK_EXPERIMENTAL)
+    assert VIRTIO_BALLOON_F_HINT_WAIT_ON_ACK_EXPERIMENTAL not in BALLOON_FEATURE_NAMES
 
 
 @pytest.mark.parametrize("features,size", [
