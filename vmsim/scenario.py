@@ -41,7 +41,9 @@ each ``[table]`` / ``[[array]]`` header and of each ``key =`` (or dotted ``a.b =
 
 Limits a file cannot exceed (each refused with the same kind of error): numbers must be finite
 (TOML's ``inf``/``nan`` and ``"1e400GiB"`` are refused), guest RAM is at most ``MAX_GUEST_RAM``
-(1 TiB), a workload's rate at most ``MAX_WORKLOAD_RATE`` (1 TiB/s), the seed fits in 64 bits,
+(1 TiB), a workload's rate at most ``MAX_WORKLOAD_RATE`` (1 TiB/s) and at most
+``MAX_RATE_PER_RAM`` (100) times the guest's RAM per second, an idle phase at most 24 hours
+simulated, the seed fits in 64 bits,
 the first pre-copy round (guest RAM / ``migration.bandwidth``) takes at most
 ``MAX_FIRST_ROUND_S`` (1 hour simulated) and ``migration.time_limit`` is at most
 ``MAX_TIME_LIMIT_S`` (24 hours simulated); the reasons are given where the constants are.
@@ -394,6 +396,20 @@ def _workload_rate(v: Any) -> float:
     return out
 
 
+#: A workload that allocates or rewrites more than 100 times the guest's RAM per simulated
+#: second asks for more than any memory system delivers (a 256 MiB guest at 1 TiB/s would
+#: rewrite each page 4,000 times a second; DRAM bandwidth is tens of GiB/s for a whole host),
+#: and the simulator's work grows with the rate: such a file is a typo, refused up front.
+MAX_RATE_PER_RAM = 100
+
+
+def _idle_duration(v: Any) -> float:
+    out = float(_duration(v))
+    if out > MAX_TIME_LIMIT_S:  # the clock would be past anything a tick can still move
+        raise UnitError(f"{v!r} is longer than the simulator allows (24 h simulated)")
+    return out
+
+
 # Workload kinds: key -> converter. "kind" and "during" are common to all.
 WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     # allocate and write ``size`` of memory that stays in use (anonymous memory, page cache)
@@ -407,7 +423,7 @@ WORKLOAD_KINDS: dict[str, dict[str, Conv]] = {
     # each allocation lives ``lifetime``; ``footprint`` caps what is live at once
     "churn": {"rate": _workload_rate, "lifetime": _positive(_duration), "footprint": _size},
     # keep the simulated clock moving (an idle phase before migration)
-    "idle": {"duration": _duration},
+    "idle": {"duration": _idle_duration},
 }
 _WORKLOAD_COMMON = {"kind": _str, "during": _bool}
 _WORKLOAD_REQUIRED = {"fill": ("size",), "fill_free": ("size",), "dirty": ("rate",),
@@ -566,6 +582,11 @@ def loads(text: str, file: str = "<string>") -> Scenario:
         if kind in ("dirty", "churn") and not during:
             raise ScenarioError(file, f"{label}.during", lines.key("workload", i, "kind"),
                                 f"a {kind} workload is background activity: set during = true")
+        if "rate" in p and p["rate"] > MAX_RATE_PER_RAM * guest.ram_bytes:
+            raise ScenarioError(file, f"{label}.rate", lines.key("workload", i, "rate"),
+                                f"{format_size(p['rate'])}/s is more than {MAX_RATE_PER_RAM} "
+                                f"times the guest's RAM ({format_size(guest.ram_bytes)}) per "
+                                "second: no machine touches memory that fast")
         if kind in ("fill", "fill_free") and p["size"] > guest.ram_bytes:
             raise ScenarioError(file, f"{label}.size", lines.key("workload", i, "size"),
                                 "larger than the guest's RAM")

@@ -26,6 +26,9 @@ returns a ``vmsim.report.RunResult``. A migration the engine cancels because it 
 over within its time budget (``MigrationParams.time_budget_s``, the scenario's
 ``migration.time_limit``) returns a result with ``error`` set ("did not converge within N s
 simulated ...") and ``verified`` false; ``balloon-hint migrate`` reports it as an error.
+A run whose work (scheduler events plus pages touched, in the units of ``MAX_SIM_COST``) passes
+its bound raises ``SimulationTooLong``, a usage error naming the scenario file and the workload
+that did most of the work: every scenario finishes or is refused within about a minute.
 
 Workloads (scenario ``[[workload]]`` kinds, ``vmsim.scenario.WORKLOAD_KINDS``) are
 ``guest_model.workloads`` run through ``SimGuest.add_workload``, set-up phases and background
@@ -55,8 +58,9 @@ from guest_model.workloads import Idle, Workload
 from guestmem import POISON, ZERO, DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE
+from protocol.errors import UsageError
 from vmsim.report import RunResult
-from vmsim.scenario import HINT_MODES, Scenario, WorkloadSpec
+from vmsim.scenario import HINT_MODES, Scenario, WorkloadSpec, format_size
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,42 @@ FAULTS = ("accept-stale-hints",)
 #: of the key since scenarios exist; guest_model's own default, 0.05 s, is a unit-test size).
 CHURN_LIFETIME_S = 0.5
 CHURN_TICK_MAX_S = 0.02  # a churn tick never exceeds this (hint rounds last tens of ms)
+
+
+#: The simulation's work bound, in cost units: one scheduler event (a workload tick, a batch
+#: of pre-copy, a driver step) is one unit; an allocator fallback steal is one; pages a
+#: workload allocates, frees or writes, churn ticks and pages pre-copy sends add their share
+#: (below). Measured on the project's 2-core machine while other jobs shared it, a unit cost
+#: 24-50 us of wall time over scenarios as different as compile-128g (723,000 units in 25 s),
+#: idle-128g, a churn at 25 GiB/s on 256 MiB and a 64 MiB guest rewritten at 6 GiB/s under a
+#: 1 ms downtime limit, so 1,200,000 units end a run in 30-60 s there and sooner on an idle
+#: laptop. The largest built-in scenario (compile-128g, mode off) uses 60% of it. A run that
+#: reaches it stops with ``SimulationTooLong`` naming the workload that did most of the work:
+#: scenario limits alone cannot bound it, since how long pre-copy lasts depends on whether it
+#: converges.
+MAX_SIM_COST = 1_200_000
+#: Pages per cost unit by kind of work: allocating or freeing goes through the buddy allocator
+#: (about 1 us a page), writing is a numpy store and a dirty-log mark (12-40 ns a page).
+PAGES_PER_COST_UNIT = {"alloc_pages": 30, "freed_pages": 30, "written_pages": 1000}
+#: A churn tick costs more than its pages: it sorts and splits its live blocks by age (about
+#: 1 ms a tick at 1 MiB/s with thousands of live blocks): 20 units in all, its event included.
+TICK_COST_UNITS = {"churn": 20}
+#: Pre-copy's own work per page sent (bitmap scans, version copies: numpy, about 0.1 us).
+MIGRATION_PAGES_PER_COST_UNIT = 500
+_BUDGET_CHECK_EVERY = 64  # events between two looks at the cost (it sums a few counters)
+
+
+class SimulationTooLong(UsageError):
+    """A scenario whose simulation would run past ``MAX_SIM_COST``: the message names the
+    file and the workload (or the migration) that did most of the work."""
+
+
+def workload_cost(w: Workload) -> float:
+    """What a workload's page work cost so far, in the units of ``MAX_SIM_COST`` (its ticks
+    are scheduler events, counted apart)."""
+    extra_per_tick = TICK_COST_UNITS.get(w.name, 1) - 1
+    return (w.stats.get("ticks", 0) * extra_per_tick
+            + sum(w.stats.get(k, 0) / n for k, n in PAGES_PER_COST_UNIT.items()))
 
 
 def churn_tick(lifetime: float) -> float:
@@ -99,6 +139,7 @@ class VMOptions:
     seed: int = 1
     fault: str | None = None
     cost: CostModel | None = None
+    max_cost: float = MAX_SIM_COST
 
 
 class SimVM:
@@ -140,7 +181,9 @@ class SimVM:
             init_on_free=g.init_on_free, page_poisoning=g.page_poison,
             hint_strategy=opts.mode, min_order=scn.hinting.min_order,
             driver_area=(DRIVER_AREA_GPA, DRIVER_AREA_SIZE), nr_cpus=g.vcpus, driver=driver))
-        self.sched.run_until(self.sched.now + 0.001)  # the probe's queued work
+        self.events = 0  # scheduler events run (the unit of MAX_SIM_COST)
+        self.labelled: list[tuple[str, Workload]] = []  # background workloads by scenario label
+        self._run_until(self.sched.now + 0.001)  # the probe's queued work
         if self.guest.driver.failed:
             raise RuntimeError(f"the guest balloon driver failed: {self.guest.driver.failed}")
         self.alloc = self.guest.allocator
@@ -179,10 +222,59 @@ class SimVM:
             phase = self.guest.add_workload(w.kind, **w.params)
             if isinstance(phase, Idle):
                 # the phase touches no memory; the guest's own activity runs meanwhile
-                self.sched.run_until(self.sched.now + phase.duration)
-            self.sched.run_until(self.sched.now + 0.001)
+                self._run_until(self.sched.now + phase.duration)
+            self._run_until(self.sched.now + 0.001)
+
+    # -- the work bound ------------------------------------------------------------------------
+    def cost(self) -> float:
+        """Work done so far in cost units (``MAX_SIM_COST``)."""
+        # A fallback steal (an allocation served from another migratetype's free lists, one
+        # block at a time) costs about a unit itself: under memory pressure it, not the pages,
+        # is where a churn spends its time (25 GiB/s on 256 MiB: 2.5 us a page instead of 1).
+        st = self.migration.stats
+        return (self.events + self.alloc.counters.get("fallback_steal", 0)
+                + (st.pages_sent + st.zero_pages) / MIGRATION_PAGES_PER_COST_UNIT
+                + sum(workload_cost(w) for w in self.guest.workloads))
+
+    def _run_next(self) -> bool:
+        ran = self.sched.run_next()
+        self.events += 1
+        if self.events % _BUDGET_CHECK_EVERY == 0 and self.cost() > self.opts.max_cost:
+            raise SimulationTooLong(self._too_long())
+        return ran
+
+    def _run_until(self, t: float) -> None:
+        while (nt := self.sched.peek_time()) is not None and nt <= t:
+            self._run_next()
+        self.sched.run_until(t)  # nothing left before t: only moves the clock
+
+    def _too_long(self) -> str:
+        scn = self.scn
+        share = [(w.stats.get("ticks", 0) + workload_cost(w), label, w)
+                 for label, w in self.labelled]
+        bound = (f"the simulation's work bound ({self.opts.max_cost:,.0f} units of events and "
+                 f"pages; the default is about a minute of wall time) at {self.sched.now:.3g} s "
+                 "simulated")
+        rnd = self.migration.progress[0] if self.migration.phase != "idle" else 0
+        when = f", pre-copy round {rnd}" if rnd else ""
+        if share and max(share, key=lambda x: x[0])[0] >= self.events / 2:
+            _, label, w = max(share, key=lambda x: x[0])
+            spec = scn.workloads[int(label[len("workload["):-1]) - 1]
+            rate = spec.params.get("rate")
+            what = f"{spec.kind} at {format_size(rate)}/s" if rate else spec.kind
+            return (f"{scn.source}: {label} ({what}) keeps the simulation busy past {bound}"
+                    f"{when}: lower its rate, raise migration.bandwidth or shorten "
+                    "migration.time_limit")
+        return (f"{scn.source}: the migration keeps the simulation busy past {bound}{when}: "
+                "raise migration.bandwidth or shorten migration.time_limit")
 
     def _start_background(self, w: WorkloadSpec) -> None:
+        label = f"workload[{self.scn.workloads.index(w) + 1}]"
+        n = len(self.background)
+        self._add_background(w)
+        self.labelled += [(label, b) for b in self.background[n:]]
+
+    def _add_background(self, w: WorkloadSpec) -> None:
         p = dict(w.params)
         if w.kind == "churn":
             p.setdefault("lifetime", CHURN_LIFETIME_S)
@@ -202,7 +294,7 @@ class SimVM:
         mig.start()
         n = 0
         while not mig.done:
-            if not self.sched.run_next():
+            if not self._run_next():
                 raise RuntimeError("simulation ran out of events before the migration ended")
             n += 1
             if progress is not None and n % 512 == 0:
@@ -210,7 +302,7 @@ class SimVM:
                 rnd, frac = mig.progress
                 progress(min(0.99, 1 - 0.5 ** (rnd - 1) * (1 - frac / 2)), f"round {rnd}")
         # The guest resumes (on the destination): its driver sees DONE and frees what it held.
-        self.sched.run_until(self.sched.now + RESUME_S)
+        self._run_until(self.sched.now + RESUME_S)
 
     def guest_counters(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -230,15 +322,17 @@ class SimVM:
 
 
 def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: str | None = None,
-                 progress: Progress | None = None, cost: CostModel | None = None) -> RunResult:
-    """Build the VM, run the set-up phases, migrate with verification, return the result."""
+                 progress: Progress | None = None, cost: CostModel | None = None,
+                 max_cost: float = MAX_SIM_COST) -> RunResult:
+    """Build the VM, run the set-up phases, migrate with verification, return the result.
+    Raises ``SimulationTooLong`` when the run's work passes ``max_cost``."""
     if mode not in HINT_MODES:
         raise ValueError(f"hinting mode {mode!r}: one of {', '.join(HINT_MODES)}")
     if fault not in (None, *FAULTS):
         raise ValueError(f"fault {fault!r}: one of {', '.join(FAULTS)}")
     t0 = time.perf_counter()
     s = seed if seed is not None else scn.guest.seed
-    vm = SimVM(scn, VMOptions(mode=mode, seed=s, fault=fault, cost=cost))
+    vm = SimVM(scn, VMOptions(mode=mode, seed=s, fault=fault, cost=cost, max_cost=max_cost))
     vm.prepare()
     setup_s = vm.sched.now
     vm.migrate(progress)
