@@ -11,6 +11,9 @@ is checked against the rules:
 * the host's migration (``balloon_dev/host/``) and the device meet only through the device's
   effects and events: nothing else in ``balloon_dev`` imports ``balloon_dev.host``, and
   ``balloon_dev/host/`` imports of ``balloon_dev`` are ``balloon_dev.effects`` or its own;
+* the guest's page allocator (``guest_model/buddy/``) is the bottom of the guest: of
+  ``guest_model`` it imports only ``guest_model.buddy`` (the driver, rings and workloads use
+  it, never the reverse);
 * ``construct`` only inside ``protocol/`` (so construct errors cannot leak out of it);
 * ``trio`` only in ``balloon_dev/transport/``, ``vmsim/cli.py`` and ``vmsim/cmd_*.py`` (the core
   is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything.
@@ -91,6 +94,17 @@ def _host_boundary(rel: Path, name: str) -> str | None:
     return None
 
 
+def _allocator_boundary(rel: Path, name: str) -> str | None:
+    """The guest allocator rule for an import of ``name`` by the file ``rel``."""
+    parts = rel.parts
+    mod = name.split(".")
+    if parts[:2] != ("guest_model", "buddy") or mod[0] != "guest_model" or len(mod) < 2:
+        return None
+    if mod[1] != "buddy":
+        return "guest_model/buddy/ imports of guest_model are guest_model.buddy only"
+    return None
+
+
 def layering_violations(root: Path) -> list[str]:
     """Every rule broken by a file under ``root``'s checked packages, as readable lines."""
     out: list[str] = []
@@ -108,7 +122,7 @@ def layering_violations(root: Path) -> list[str]:
                     out.append(f"{where} (guest_model must not import balloon_dev)")
                 elif owner == "balloon_dev" and top == "guest_model":
                     out.append(f"{where} (balloon_dev must not import guest_model)")
-                elif (why := _host_boundary(rel, name)) is not None:
+                elif (why := _host_boundary(rel, name) or _allocator_boundary(rel, name)):
                     out.append(f"{where} ({why})")
                 elif top == "construct" and owner != "protocol":
                     out.append(f"{where} (construct is imported only inside protocol/)")
@@ -162,6 +176,9 @@ def _plant(tmp_path: Path, rel: str, source: str) -> None:
     ("balloon_dev/host/precopy.py", "from balloon_dev.device import BalloonDevice\n",
      "balloon_dev.effects only"),
     ("balloon_dev/host/sub/bad.py", "from ...virtqueue import Chain\n", "balloon_dev.effects only"),
+    ("guest_model/buddy/bad.py", "from guest_model.driver import PageAllocator\n",
+     "guest_model.buddy only"),
+    ("guest_model/buddy/bad.py", "from .. import walk\n", "guest_model.buddy only"),
 ])
 def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, needle: str) -> None:
     _plant(tmp_path, rel, source)
@@ -177,6 +194,8 @@ def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, need
     ("vmsim/cmd_serve.py", "import trio\n"),
     ("vmsim/cli.py", "import trio\n"),
     ("guest_model/driver.py", "from guestmem import GuestMemory\nfrom . import vring\n"),
+    ("guest_model/buddy/bulk.py",
+     "from guest_model.buddy.defs import MAX_ORDER\nfrom . import defs\n"),
     ("balloon_dev/device.py", "from protocol.balloon import config_size\n"),
 ])
 def test_allowed_imports_pass(tmp_path: Path, rel: str, source: str) -> None:

@@ -23,7 +23,7 @@ from protocol.balloon import (
     VIRTIO_BALLOON_F_REPORTING,
 )
 from protocol.virtio import feature_mask
-from tests.guest_model.test_driver import Rig
+from tests.guest_model.driver_rig import Rig
 
 OPS = st.one_of(
     st.just(("start",)), st.just(("stop",)), st.just(("done",)), st.just(("stats",)),

@@ -43,7 +43,7 @@ from guest_model.buddy import (
     pageblock_order,
     run_blocks,
 )
-from tests.guest_model.twins import TwinRules, assert_same
+from tests.guest_model.buddy.twins import TwinRules, assert_same
 
 MiB = 1 << 20
 GiB = 1 << 30

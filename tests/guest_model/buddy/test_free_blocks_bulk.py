@@ -28,7 +28,7 @@ from guest_model.buddy import (
 )
 from guestmem.dirty import DirtyLog
 from guestmem.pages import POISON, ZERO, PageVersions
-from tests.guest_model.twins import TwinRules, assert_same
+from tests.guest_model.buddy.twins import TwinRules, assert_same
 
 MiB = 1 << 20
 
