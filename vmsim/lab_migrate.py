@@ -342,7 +342,7 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                 src.close()   # one guest at a time from here on
                 dst.qmp("cont")
                 result["health"] = health(dst, cfg.writer)
-    except qemu_lab.GuestError as e:
+    except qemu_lab.LabVMError as e:
         result["error"] = f"guest failed: {str(e)[:3000]}"
     finally:
         if capture is not None:

@@ -8,10 +8,23 @@ Theory of operation
 * **Running QEMU.** The QEMU binary lives in a debootstrap'd Debian trixie tree with its own
   libraries. It is started through that tree's dynamic loader (``ld-linux-x86-64.so.2
   --library-path ROOT/lib...:ROOT/usr/lib... ROOT/usr/bin/qemu-system-x86_64``), with ``-L`` for
-  the firmware folders, so nothing of the host's libraries is used or changed. QEMU's loadable
-  modules are taken from the tree (``QEMU_MODULE_DIR``); if the host has a QEMU of its own, its
-  module folder would still be searched and makes the newer binary abort, so QEMU then runs in a
-  private mount namespace with the tree's module folder bind-mounted over the host's.
+  the firmware folders, so nothing of the host's libraries is used or changed.
+  ``QemuLab.popen(args)`` (and ``start_qemu``) is the one way to start it with any arguments;
+  ``qemu_argv`` is the bare argv prefix.
+* **Modules.** QEMU looks for a loadable module first in ``QEMU_MODULE_DIR`` (the tree's), then
+  in its built-in module folder, ``/usr/lib/x86_64-linux-gnu/qemu``, unless a folder
+  ``qemu-bundle`` sits next to its executable, in which case every built-in path is looked up
+  under that folder instead. Under the tree's loader the executable is the loader, so
+  ``scripts/qemu-lab setup`` makes ``qemu-bundle`` there with ``usr``, ``etc`` and ``var``
+  linking back into the tree (``ensure_bundle``). Without it, a host with Debian's own
+  qemu-system-x86 would lend our QEMU its modules for the ones the tree lacks (ui-opengl,
+  audio-*), built for another version; a tree made before the bundle existed still runs, in a
+  private mount namespace with the tree's module folder bind-mounted over the host's (root only).
+* **Sharing the cache.** Every QEMU started here holds a shared ``flock`` on
+  ``CACHE/.in-use.lock`` for its whole life (the locked descriptor is passed to the process, so
+  the lock lasts exactly as long as QEMU). ``scripts/qemu-lab`` takes ``CACHE/.setup.lock`` for a
+  whole setup, and deletes or rebuilds a piece only with an exclusive lock on ``.in-use.lock``
+  taken without waiting: a cache some QEMU is using is never deleted.
 * **The guest.** A Debian 6.1 kernel and a busybox initramfs whose ``/init`` loads the virtio
   modules, prints ``BH_LAB_READY`` and runs a shell on the serial console (ttyS0, echo off,
   kernel messages kept off the console). QEMU's serial port is its stdio, connected to pipes.
@@ -33,6 +46,8 @@ threads and the wall clock (for timeouts only).
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -44,9 +59,11 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from protocol.errors import EnvironmentFailure
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +78,26 @@ GUEST_MODULES = [
 ]
 READY_MARKER = "BH_LAB_READY"
 SETUP_HINT = "scripts/qemu-lab setup"
-_HOST_QEMU_MODDIR = Path("/usr/lib/x86_64-linux-gnu/qemu")
+#: The built-in module folder of Debian's QEMU builds (the host's, when it has one).
+HOST_QEMU_MODDIR = Path("/usr/lib/x86_64-linux-gnu/qemu")
+#: The tree's module folder, relative to the tree.
+TREE_MODDIR = "usr/lib/x86_64-linux-gnu/qemu"
+#: What ``qemu-bundle`` holds: the prefixes of QEMU's built-in paths, linked into the tree.
+BUNDLE_PREFIXES = ("usr", "etc", "var")
+IN_USE_LOCK = ".in-use.lock"
+SETUP_LOCK = ".setup.lock"
 
 
-class LabMissing(Exception):
+class LabMissing(EnvironmentFailure):
     """The lab is not set up (or is broken): the message names the piece and the fix."""
 
 
-class GuestError(Exception):
-    """A guest failed to boot, a command timed out or failed: the message has the console tail."""
+class LabVMError(EnvironmentFailure):
+    """The lab's VM failed: it did not boot, QEMU exited, a command timed out or failed. The
+    message has the console tail."""
 
 
-class GuestCommandError(GuestError):
+class GuestCommandError(LabVMError):
     """A guest command exited non-zero (``GuestVM.run(..., check=True)``)."""
 
     def __init__(self, cmd: str, status: int, output: str) -> None:
@@ -93,19 +118,102 @@ def cache_dir() -> Path:
     return Path(base) / "balloon-hint"
 
 
+def loader(root: Path) -> Path:
+    return root / "lib64/ld-linux-x86-64.so.2"
+
+
+def bundle_dir(root: Path) -> Path:
+    """Where QEMU looks for ``qemu-bundle``: next to its executable, which is the tree's loader
+    (the real file behind the ``lib64`` link)."""
+    return Path(os.path.realpath(loader(root))).parent / "qemu-bundle"
+
+
+def bundle_ok(root: Path) -> bool:
+    b = bundle_dir(root)
+    return all((b / p).resolve() == (root / p).resolve() for p in BUNDLE_PREFIXES)
+
+
+def ensure_bundle(root: Path) -> bool:
+    """Make ``qemu-bundle`` (see the module docstring); True if it had to be made. Each link is
+    made under a temporary name and renamed into place, so a QEMU starting meanwhile sees either
+    no link or a whole one."""
+    if bundle_ok(root) or not loader(root).exists():
+        return False
+    b = bundle_dir(root)
+    b.mkdir(exist_ok=True)
+    for prefix in BUNDLE_PREFIXES:
+        tmp = b / f".{prefix}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(root / prefix, b))
+        tmp.rename(b / prefix)
+    return True
+
+
+def private_moddir(src: Path, dst: Path, argv: Sequence[str]) -> list[str]:
+    """``argv`` run in a private mount namespace with folder ``src`` bind-mounted over ``dst``
+    (needs root). ``sh -c SCRIPT NAME ARGS...`` puts NAME in ``$0`` and ARGS in ``$1...``, so the
+    two folders are ``$1`` ``$2`` and, once shifted, ``"$@"`` is exactly ``argv``."""
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+            "qemu-lab", str(src), str(dst), *argv]
+
+
 def qemu_argv(root: Path) -> list[str]:
-    """The argv prefix that starts the tree's qemu-system-x86_64 from the host."""
+    """The argv prefix that starts the tree's qemu-system-x86_64 from the host (no lock: use
+    ``QemuLab.popen`` to start a QEMU)."""
     libs = ":".join(str(root / d) for d in (
         "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph"))
-    argv = [str(root / "lib64/ld-linux-x86-64.so.2"), "--library-path", libs,
+    argv = [str(loader(root)), "--library-path", libs,
             str(root / "usr/bin/qemu-system-x86_64"),
             "-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")]
-    if _HOST_QEMU_MODDIR.is_dir():
-        # A host QEMU's modules are from another build and abort ours: hide them (needs root).
-        argv = ["unshare", "-m", "sh", "-c",
-                'mount --bind "$0" "$1" && shift 2 && exec "$@"',
-                str(root / "usr/lib/x86_64-linux-gnu/qemu"), str(_HOST_QEMU_MODDIR), *argv]
+    if HOST_QEMU_MODDIR.is_dir() and not bundle_ok(root):
+        # A tree without qemu-bundle would borrow the host QEMU's modules: hide them.
+        argv = private_moddir(root / TREE_MODDIR, HOST_QEMU_MODDIR, argv)
     return argv
+
+
+def in_use_fd(cache: Path) -> int:
+    """A descriptor holding a shared lock on the cache's in-use lock (waits while a setup is
+    deleting or rebuilding a piece). Inheritable: pass it to the QEMU process."""
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextlib.contextmanager
+def exclusive_use(cache: Path) -> Iterator[bool]:
+    """Try to own the cache exclusively, without waiting: yields True while no QEMU started
+    here is running (they then wait for this to end), False when one is."""
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / IN_USE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def setup_lock(cache: Path, wait: bool = True) -> Iterator[None]:
+    """One setup (or clean) at a time per cache; the second one waits for the first."""
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / SETUP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            log.warning("another qemu-lab setup is running on %s: waiting for it", cache)
+            print(f"qemu-lab: another setup is running on {cache}: waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def qemu_env(root: Path) -> dict[str, str]:
@@ -177,13 +285,43 @@ class QemuLab:
     def env(self) -> dict[str, str]:
         return qemu_env(self.root)
 
-    def command_line(self, *, ram: str = "1G", devices: Sequence[str] = (),
+    def qemu_command(self, args: Sequence[str]) -> list[str]:
+        """The full argv that runs the lab's QEMU with ``args``."""
+        return [*qemu_argv(self.root), *args]
+
+    def popen(self, args: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Start the lab's QEMU with ``args`` (any QEMU options), holding the cache's in-use
+        lock for the life of the process; keyword arguments go to ``subprocess.Popen``
+        (``env`` is added to the lab's environment)."""
+        env = self.env()
+        env.update(popen_kwargs.pop("env", None) or {})
+        fd = in_use_fd(self.cache)
+        try:
+            pass_fds = (*popen_kwargs.pop("pass_fds", ()), fd)
+            return subprocess.Popen(self.qemu_command(args), env=env, pass_fds=pass_fds,
+                                    **popen_kwargs)
+        finally:
+            os.close(fd)  # the child keeps the lock
+
+    def run(self, args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the lab's QEMU to completion (``-version``, ``-device help``): text output."""
+        with self.popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                raise LabVMError(f"QEMU {' '.join(args)} did not finish in {timeout} s") \
+                    from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def machine_args(self, *, ram: str = "1G", devices: Sequence[str] = (),
                      extra_args: Sequence[str] = (), append: str = "",
                      serial: str = "stdio", qmp_path: str | None = None) -> list[str]:
-        """The full QEMU argv for a guest (``boot`` uses it; ``qemu-lab shell`` too)."""
+        """QEMU's options for a lab guest (without the launcher prefix)."""
         size = _ram_bytes(ram)
-        cmd = [*qemu_argv(self.root),
-               "-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", str(size >> 20),
+        cmd = ["-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", str(size >> 20),
                # Shareable guest RAM: external device servers map it by fd.
                "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
                "-nodefaults", "-display", "none", "-no-reboot",
@@ -198,11 +336,15 @@ class QemuLab:
         cmd += list(extra_args)
         return cmd
 
+    def command_line(self, **machine: Any) -> list[str]:
+        """The full QEMU argv for a guest: ``qemu_command(machine_args(**machine))``."""
+        return self.qemu_command(self.machine_args(**machine))
+
     def boot(self, *, ram: str = "1G", devices: Sequence[str] = (),
              extra_args: Sequence[str] = (), append: str = "", timeout: float = 120,
              wait_ready: bool = True) -> GuestVM:
         """Start a guest and wait for its shell. Use as a context manager: QEMU is killed on
-        exit. Raises GuestError (with the console tail) when the guest does not come up.
+        exit. Raises LabVMError (with the console tail) when the guest does not come up.
 
         ``wait_ready=False`` returns at once: for a migration destination (``extra_args=
         ["-incoming", "defer"]`` + QMP ``migrate-incoming``), whose guest arrives with its shell
@@ -217,6 +359,55 @@ class QemuLab:
             vm.close()
             raise
         return vm
+
+
+def start_qemu(args: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """Start the lab's QEMU with any ``args`` (``QemuLab.popen``); ``LabMissing`` when the lab
+    is not set up."""
+    return QemuLab.find().popen(args, **popen_kwargs)
+
+
+#: vhost-user: every ring gets this size from QEMU's generic front-end (``serve --vhost-user``
+#: sizes its queues to match).
+VHOST_USER_VQ_SIZE = 128
+
+
+def device_args(spec: str, *, control: str | None = None, num_vqs: int | None = None,
+                config_size: int | None = None) -> list[str]:
+    """QEMU options that give a lab guest the balloon device served on ``spec``
+    (``vfio-user:SOCK`` or ``vhost-user:SOCK``), to add to ``machine_args``: only the device
+    (and its chardev), since the lab's machine already has shareable RAM (``id=mem``).
+
+    QEMU's generic vhost-user front-end must be told the device's queue count and config size.
+    They come from ``num_vqs`` / ``config_size`` if given, else from the offered features the
+    device's control socket reports (``control``, default ``SOCK.ctl``, as ``balloon-hint serve``
+    makes it). ``ValueError`` names what is missing."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or kind not in ("vfio-user", "vhost-user"):
+        raise ValueError(f"--device {spec!r}: expected vfio-user:SOCKET or vhost-user:SOCKET")
+    if not Path(path).is_socket():
+        raise ValueError(f"--device {spec!r}: {path} is not a socket (is the server running?)")
+    if kind == "vfio-user":
+        return ["-device", json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
+                                       "socket": {"type": "unix", "path": path}})]
+    if num_vqs is None or config_size is None:
+        from protocol.balloon import config_size as config_bytes  # noqa: PLC0415
+        from protocol.balloon import queue_layout  # noqa: PLC0415
+        from vmsim.cmd_ctl import call  # noqa: PLC0415
+
+        ctl = control or f"{path}.ctl"
+        try:
+            ans = call(ctl, "stats", None)
+            features = int(ans["return"]["device_features"])
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--device {spec!r}: cannot read the offered features from the "
+                             f"control socket {ctl} ({e}); give num_vqs and config_size "
+                             "instead") from None
+        num_vqs = len(queue_layout(features)) if num_vqs is None else num_vqs
+        config_size = config_bytes(features) if config_size is None else config_size
+    return ["-chardev", f"socket,id=vb,path={path}",
+            "-device", f"vhost-user-test-device-pci,chardev=vb,virtio-id=5,num_vqs={num_vqs},"
+            f"vq_size={VHOST_USER_VQ_SIZE},config_size={config_size}"]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
@@ -249,13 +440,14 @@ class GuestVM:
         self.lab = lab
         self.tmpdir = tempfile.mkdtemp(prefix="bh-qemu-")
         self.qmp_path = os.path.join(self.tmpdir, "qmp.sock")
-        self.argv = lab.command_line(ram=ram, devices=devices, extra_args=extra_args,
-                                     append=append, qmp_path=self.qmp_path)
+        args = lab.machine_args(ram=ram, devices=devices, extra_args=extra_args,
+                                append=append, qmp_path=self.qmp_path)
+        self.argv = lab.qemu_command(args)
         self._stderr_path = os.path.join(self.tmpdir, "qemu.stderr")
         self._stderr = open(self._stderr_path, "wb")
         log.info("starting %s", " ".join(self.argv))
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, env=lab.env())
+        self.proc = lab.popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=self._stderr)
         self._finalizer = weakref.finalize(self, _kill, self.proc, self.tmpdir)
         self._chunks: list[str] = []
         self._len = 0
@@ -322,11 +514,11 @@ class GuestVM:
                 if m:
                     return m
                 if self._eof:
-                    raise GuestError(f"QEMU exited (status {self.proc.poll()}) before "
+                    raise LabVMError(f"QEMU exited (status {self.proc.poll()}) before "
                                      f"{pattern!r}\n{self._tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GuestError(f"timed out after {timeout:.0f} s waiting for "
+                    raise LabVMError(f"timed out after {timeout:.0f} s waiting for "
                                      f"{pattern!r}\n{self._tail()}")
                 self._cond.wait(min(left, 1.0))
 
@@ -336,7 +528,7 @@ class GuestVM:
         self.boot_seconds = time.monotonic() - t0
         failed = re.findall(r"^BH_INSMOD_FAILED (\S+)", self.console_log, re.M)
         if failed:
-            raise GuestError(f"guest could not load modules {failed}\n{self._tail()}")
+            raise LabVMError(f"guest could not load modules {failed}\n{self._tail()}")
 
     def _send(self, text: str) -> None:
         assert self.proc.stdin is not None
@@ -344,7 +536,7 @@ class GuestVM:
             self.proc.stdin.write(text.encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError) as e:
-            raise GuestError(f"QEMU's console is closed ({e})\n{self._tail()}") from e
+            raise LabVMError(f"QEMU's console is closed ({e})\n{self._tail()}") from e
 
     def run(self, cmd: str, timeout: float = 60, *, check: bool = True) -> str:
         """Run ``cmd`` with ``sh`` in the guest; returns its stdout+stderr. The exit status is
@@ -381,7 +573,7 @@ class GuestVM:
             except OSError as e:
                 s.close()
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise GuestError(f"cannot connect to QMP at {self.qmp_path}: {e}\n"
+                    raise LabVMError(f"cannot connect to QMP at {self.qmp_path}: {e}\n"
                                      f"{self._tail()}") from e
                 time.sleep(0.1)
         s.settimeout(60)
@@ -401,7 +593,7 @@ class GuestVM:
         while True:
             line = self._qmp_file.readline()
             if not line:
-                raise GuestError(f"QMP closed during {command}\n{self._tail()}")
+                raise LabVMError(f"QMP closed during {command}\n{self._tail()}")
             reply = json.loads(line)
             if "event" in reply:
                 self.qmp_events.append(reply)

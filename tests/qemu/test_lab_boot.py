@@ -144,7 +144,7 @@ def test_run_survives_quoting_syntax_errors_and_long_commands(guest):
 
 
 def test_run_timeout_names_the_wait(guest):
-    with pytest.raises(qemu_lab.GuestError, match="timed out"):
+    with pytest.raises(qemu_lab.LabVMError, match="timed out"):
         guest.run("sleep 3", timeout=0.5)
     # The late output of the timed-out command is not taken for the next command's.
     assert guest.run("sleep 3; echo after") == "after\n"
