@@ -17,6 +17,8 @@ COMMANDS = {
     "migrate": "vmsim.cmd_migrate",
     "scenarios": "vmsim.cmd_scenarios",
     "fidelity": "vmsim.cmd_fidelity",
+    "sweep": "vmsim.cmd_sweep",
+    "sweep-report": "vmsim.cmd_sweep_report",
     "conformance": "vmsim.cmd_conformance",
     "serve": "vmsim.cmd_serve",
     "ctl": "vmsim.cmd_ctl",
