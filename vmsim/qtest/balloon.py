@@ -26,11 +26,18 @@ socket plays for our device (``host(command, **args)`` takes ``balloon-hint ctl`
 * ``guest_stats()`` -> QOM ``guest-stats`` (QEMU's names ``stat-free-memory`` ...; -1 = unset);
 * ``hint_start()``: QEMU starts a hint round only from its migration code (the precopy
   notifier after a dirty-bitmap sync), so this starts a migration (cancelling a running one
-  first, which publishes DONE) to a unix socket of ours that is never read, with
-  ``max-bandwidth`` at 4 KiB/s: the first bitmap sync, at migration set-up, publishes a new
-  command id, and the stalled stream keeps the migration in its first pass, so no further sync
-  (STOP, new id) follows. Returns the id (read from config space, or QEMU's counter + 1 if the
-  driver already moved the device to START, where the field reads 0);
+  first, which publishes DONE) into a unix socket of ours, read and dropped by a thread: the
+  first bitmap sync, at migration set-up, publishes a new command id. The round stays current
+  until the first pass over RAM ends (the next sync publishes STOP and a new id, or, with
+  nothing dirty, QEMU completes the migration, stops the VM and publishes DONE). To keep that
+  pass long, ``max-bandwidth`` is set low (4 KiB/s; QEMU's rate limiting still lets about
+  1.3 MB/s through on these machines, whatever the setting below that) and the top of the RAM
+  file holds ``ballast_bytes`` of non-zero data no guest model owns (32 MiB: a first pass of
+  about 25 s; QEMU sends a zero page in a few bytes, so a mostly zero guest alone would finish
+  it in under a second). The stream must be read: QEMU writes it while holding the RAM bitmap
+  lock that its hint handler (``qemu_guest_free_page_hint``) takes, so a stalled reader stalls
+  hinting too. Returns the id (read from config space, or the last one seen if the driver
+  already moved the device to START, where the field reads 0);
 * ``hint_done()`` -> QMP ``migrate_cancel``: the precopy CLEANUP notification publishes DONE;
 * a host ``hint-stop`` does not exist in QEMU (STOP is published only just before a bitmap
   sync, and followed at once by a new id or DONE): ``host("hint-stop")`` raises
@@ -50,6 +57,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -57,7 +65,7 @@ from typing import Any, Self
 from protocol.balloon import CFG_FREE_PAGE_HINT_CMD_ID
 from protocol.errors import EnvironmentFailure, UsageError
 from protocol.virtio_pci import VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID
-from vmsim.qtest.machine import PAGE, QmpError, QtestMachine
+from vmsim.qtest.machine import PAGE, RESERVED_BYTES, QmpError, QtestMachine
 from vmsim.qtest.pci import find_function
 from vmsim.qtest.qemu import QemuBinary, find_qemu
 from vmsim.qtest.virtio_pci import QtestVirtioPci
@@ -67,8 +75,11 @@ DEVICE_ID = "balloon0"
 QOM_PATH = f"/machine/peripheral/{DEVICE_ID}"
 #: QEMU's first command id is this + 1 (it pre-increments; virtio-balloon.h CMD_ID_MIN).
 QEMU_CMD_ID_MIN = 0x80000000
-#: Bandwidth of the stalled migration that carries a hint round (bytes/s).
+#: Bandwidth of the migration that carries a hint round (bytes/s; module docstring).
 HINT_MIGRATION_BANDWIDTH = 4096
+#: Non-zero RAM beyond the guest's that keeps that migration in its first pass (bytes).
+BALLAST_BYTES = 32 << 20
+_BALLAST_BYTE = 0xA5
 #: QEMU's stat names -> protocol.md 3.5 tag names, as ``balloon-hint ctl stats`` shows them.
 STAT_NAMES = {"stat-swap-in": "SWAP_IN", "stat-swap-out": "SWAP_OUT",
               "stat-major-faults": "MAJFLT", "stat-minor-faults": "MINFLT",
@@ -126,14 +137,23 @@ class QemuBalloon:
 
     def __init__(self, qemu: QemuBinary | str | None = None, *, ram_bytes: int = 64 << 20,
                  device: BalloonDeviceOptions | None = None, incoming: str | None = None,
-                 extra_args: tuple[str, ...] = (), timeout: float = 10.0) -> None:
+                 ballast_bytes: int = BALLAST_BYTES, extra_args: tuple[str, ...] = (),
+                 timeout: float = 10.0) -> None:
         q = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
         self.options = device or BalloonDeviceOptions()
-        self.machine = QtestMachine(q, ram_bytes=ram_bytes, objects=["iothread,id=io0"],
+        if ballast_bytes < 0 or ballast_bytes % (1 << 20):
+            raise UsageError(f"ballast_bytes={ballast_bytes:#x}: must be a multiple of 1 MiB")
+        self.machine = QtestMachine(q, ram_bytes=ram_bytes,
+                                    reserved_bytes=RESERVED_BYTES + ballast_bytes,
+                                    objects=["iothread,id=io0"],
                                     devices=[self.options.device_arg()], incoming=incoming,
                                     extra_args=extra_args, timeout=timeout)
+        if ballast_bytes:
+            self.machine.reserved_view()[RESERVED_BYTES:] = bytes([_BALLAST_BYTE]) * ballast_bytes
         self._sink: socket.socket | None = None
-        self._sink_conns: list[socket.socket] = []
+        self._sink_thread: threading.Thread | None = None
+        self._sink_stop = threading.Event()
+        self.sink_bytes = 0  # migration stream bytes read and dropped
         self.timeout = timeout
         try:
             fn = find_function(self.machine.qt, VIRTIO_PCI_VENDOR_ID,
@@ -145,9 +165,10 @@ class QemuBalloon:
         self.mem = self.machine.mem
 
     def close(self) -> None:
-        for c in self._sink_conns:
-            c.close()
-        self._sink_conns.clear()
+        self._sink_stop.set()
+        if self._sink_thread is not None:
+            self._sink_thread.join(timeout=5)
+            self._sink_thread = None
         if self._sink is not None:
             self._sink.close()
             self._sink = None
@@ -193,23 +214,46 @@ class QemuBalloon:
             time.sleep(0.002)
 
     def _sink_uri(self) -> str:
+        """A unix socket that swallows migration streams: a thread accepts and reads them, so
+        QEMU's migration thread never blocks writing (it writes while holding the RAM bitmap
+        lock that QEMU's hint handler needs: a stalled reader would stall hinting too)."""
         if self._sink is None:
             path = os.path.join(self.machine.tmpdir, "sink.sock")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.bind(path)
             s.listen(4)
-            s.setblocking(False)
+            s.settimeout(0.05)
             self._sink = s
+            self._sink_thread = threading.Thread(target=self._drain_sink, daemon=True,
+                                                 name="qemu-migration-sink")
+            self._sink_thread.start()
         return f"unix:{self._sink.getsockname()}"
 
-    def _accept_sink(self) -> None:
+    def _drain_sink(self) -> None:
         assert self._sink is not None
+        conns: list[socket.socket] = []
         try:
-            while True:
-                conn, _ = self._sink.accept()
-                self._sink_conns.append(conn)  # never read: the stream stalls
-        except BlockingIOError:
-            pass
+            while not self._sink_stop.is_set():
+                try:
+                    c, _ = self._sink.accept()
+                    c.setblocking(False)
+                    conns.append(c)
+                except (TimeoutError, OSError):
+                    pass
+                for c in list(conns):
+                    try:
+                        while data := c.recv(1 << 16):
+                            self.sink_bytes += len(data)
+                        conns.remove(c)  # end of stream
+                        c.close()
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        conns.remove(c)
+                        c.close()
+        finally:
+            for c in conns:
+                c.close()
 
     def hint_start(self) -> int:
         """Publish a new command id (a migration starts; see the module docstring)."""
@@ -220,9 +264,7 @@ class QemuBalloon:
         before = self.read_cmd_id()
         self.machine.qmp("migrate-set-parameters", **{
             "max-bandwidth": HINT_MIGRATION_BANDWIDTH})
-        uri = self._sink_uri()
-        self.machine.qmp("migrate", uri=uri)
-        self._accept_sink()
+        self.machine.qmp("migrate", uri=self._sink_uri())
         seen: list[int] = []
 
         def published() -> bool:
@@ -233,7 +275,6 @@ class QemuBalloon:
             return v >= 2 and v != before or (v == 0 and any(x >= 2 for x in seen))
 
         self._wait(published, "a new free_page_hint_cmd_id")
-        self._accept_sink()
         v = seen[-1]
         return v if v >= 2 else max(x for x in seen if x >= 2)
 
@@ -248,9 +289,6 @@ class QemuBalloon:
             pass  # it ended on its own meanwhile
         self._wait(lambda: self.migration_status() in ("cancelled", "failed", "completed"),
                    "migrate_cancel")
-        for c in self._sink_conns:
-            c.close()
-        self._sink_conns.clear()
         if self.options.free_page_hint:
             self._wait(lambda: self.read_cmd_id() == 1, "DONE after the migration ended")
 

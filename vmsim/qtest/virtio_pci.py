@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -74,13 +75,17 @@ class QtestVirtioPci(QemuRoleClient):
         self._walk_capabilities()
         self._setup_msix()
         self._notify_off: dict[int, int] = {}
+        #: Called (once) by ``close()``: whoever owns the machine may stop it then.
+        self.on_close: Callable[[], None] | None = None
 
     # -- QemuRoleClient lifecycle (the machine owns the connection and the RAM) ---------------
     def connect(self) -> None:
         pass
 
     def close(self) -> None:
-        pass
+        hook, self.on_close = self.on_close, None
+        if hook is not None:
+            hook()
 
     # -- discovery ------------------------------------------------------------------------------
     def _walk_capabilities(self) -> None:
