@@ -193,20 +193,20 @@ class QtestMachine:
         self.qmp_path = os.path.join(self.tmpdir, "qmp.sock")
         self._stderr_path = os.path.join(self.tmpdir, "qemu.stderr")
         self.ram_ranges = q35_ram_ranges(self.total_bytes)
-        self.argv = [*self.qemu.argv,
-                     "-accel", "qtest", "-qtest", f"unix:{self.qtest_path}",
+        self.args = ["-accel", "qtest", "-qtest", f"unix:{self.qtest_path}",
                      "-qtest-log", "none", "-qmp", f"unix:{self.qmp_path}",
                      "-nodefaults", "-display", "none",
                      "-M", "q35,memory-backend=mem", "-m", f"{self.total_bytes >> 20}M",
                      "-object", f"memory-backend-file,id=mem,size={self.total_bytes},"
                                 f"mem-path={self.ram_path},share=on"]
         for o in objects:
-            self.argv += ["-object", o]
+            self.args += ["-object", o]
         for d in devices:
-            self.argv += ["-device", d]
+            self.args += ["-device", d]
         if incoming is not None:
-            self.argv += ["-incoming", incoming]
-        self.argv += list(extra_args)
+            self.args += ["-incoming", incoming]
+        self.args += list(extra_args)
+        self.argv = [*self.qemu.argv, *self.args]  # for logs and messages
         self.qt: QtestConnection
         self._qmp: QmpClient | None = None
         self._ram: mmap.mmap | None = None
@@ -247,8 +247,8 @@ class QtestMachine:
         self._stderr = open(self._stderr_path, "wb")
         t0 = time.monotonic()
         log.info("starting %s", " ".join(self.argv))
-        self.proc = subprocess.Popen(self.argv, env=self.qemu.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._stderr, stderr=self._stderr)
+        self.proc = self.qemu.popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                    stderr=self._stderr)
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self.tmpdir)
         deadline = t0 + self.timeout
         self.qt = QtestConnection(self._accept(qt_l, "qtest", deadline), timeout=self.timeout)

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 Two sources. The lab's QEMU (``vmsim.qemu_lab``: QEMU 11.1 in a debootstrap'd trixie tree,
-started through the tree's own loader with the tree's module folder in ``QEMU_MODULE_DIR``;
-there the qtest accelerator is the loadable module ``accel-qtest.so``), used when no path is
-given; or any ``qemu-system-x86_64`` the user names (a host's own QEMU, for instance), run as is.
+started with the lab's public launcher ``QemuLab.popen``: the tree's own loader, its module
+folder, the cache's in-use lock held for the life of the process; there the qtest accelerator is
+the loadable module ``accel-qtest.so``), used when no path is given; or any
+``qemu-system-x86_64`` the user names (a host's own QEMU, for instance), run as is.
+``QemuBinary.popen(args, **popen_kwargs)`` starts either.
 
 ``QemuBinary.check()`` finds out, once per binary and process, whether it can be a qtest peer,
 and raises ``QtestUnavailable`` naming the missing piece otherwise: the binary itself, QEMU >= 8,
@@ -24,8 +26,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from protocol.errors import EnvironmentFailure
 
@@ -41,24 +45,26 @@ class QtestUnavailable(EnvironmentFailure):
 
 @dataclass
 class QemuBinary:
-    """How to start one QEMU: ``argv`` prefix (the binary plus launcher and ``-L`` options),
-    the environment, and a name for messages."""
+    """How to start one QEMU (``popen``), and a name for messages. ``argv`` is the command
+    prefix (for logs); ``lab`` is the ``vmsim.qemu_lab.QemuLab`` whose launcher starts it, or
+    None for a binary run as is with ``env``."""
 
     argv: list[str]
     env: dict[str, str]
     name: str
+    lab: Any = None
     _checked: str | None = field(default=None, repr=False)  # version string once checked
 
     @classmethod
-    def lab(cls) -> QemuBinary:
+    def from_lab(cls) -> QemuBinary:
         """The lab's QEMU; ``QtestUnavailable`` (naming the set-up command) when absent."""
-        from vmsim.qemu_lab import LabMissing, QemuLab, qemu_argv  # noqa: PLC0415
+        from vmsim.qemu_lab import LabMissing, QemuLab  # noqa: PLC0415
 
         try:
             lab = QemuLab.find()
         except LabMissing as e:
             raise QtestUnavailable(f"no QEMU given and the lab is missing: {e}") from None
-        return cls(qemu_argv(lab.root), lab.env(), f"lab QEMU {lab.qemu_version}")
+        return cls(lab.qemu_command([]), lab.env(), f"lab QEMU {lab.qemu_version}", lab)
 
     @classmethod
     def at(cls, path: str) -> QemuBinary:
@@ -68,12 +74,26 @@ class QemuBinary:
             raise QtestUnavailable(f"QEMU binary {path}: not an executable file")
         return cls([str(p)], dict(os.environ), str(p))
 
+    def popen(self, args: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
+        """Start this QEMU with ``args``; keyword arguments go to ``subprocess.Popen``."""
+        if self.lab is not None:
+            return self.lab.popen(args, **popen_kwargs)
+        return subprocess.Popen([*self.argv, *args], env=self.env, **popen_kwargs)
+
     def _run(self, args: list[str], timeout: float = 10) -> subprocess.CompletedProcess[str]:
         try:
-            return subprocess.run([*self.argv, *args], env=self.env, capture_output=True,
-                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            with self.popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) as proc:
+                try:
+                    out, err = proc.communicate(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    raise QtestUnavailable(f"{self.name}: {args} did not finish in "
+                                           f"{timeout} s") from None
+        except OSError as e:
             raise QtestUnavailable(f"{self.name}: cannot run {args}: {e}") from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def version(self) -> tuple[int, int, int]:
         out = self._run(["-version"])
@@ -117,12 +137,11 @@ class QemuBinary:
             lsock.bind(qmp_path)
             lsock.listen(1)
             lsock.settimeout(0.05)
-            proc = subprocess.Popen(
-                [*self.argv, "-M", "none", "-accel", "qtest", "-qtest", "null",
-                 "-qtest-log", "none", "-display", "none", "-nodefaults",
-                 "-qmp", f"unix:{qmp_path}"],
-                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True)
+            proc = self.popen(
+                ["-M", "none", "-accel", "qtest", "-qtest", "null", "-qtest-log", "none",
+                 "-display", "none", "-nodefaults", "-qmp", f"unix:{qmp_path}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True)
             try:
                 deadline = time.monotonic() + 10
                 conn = None
@@ -169,7 +188,7 @@ def find_qemu(path: str | None = None) -> QemuBinary:
     key = path or ""
     q = _CACHE.get(key)
     if q is None:
-        q = QemuBinary.at(path) if path else QemuBinary.lab()
+        q = QemuBinary.at(path) if path else QemuBinary.from_lab()
         q.check()
         _CACHE[key] = q
     return q
