@@ -51,6 +51,7 @@ import numpy as np
 from protocol.errors import EnvironmentFailure, UsageError
 from vmsim import qemu_lab
 from vmsim.hint_capture import PAGE, Q35_LOWMEM_LIMIT, CaptureResult, HintCapture, RingAddrs
+from vmsim.migration_stream import StreamTap, ram_records
 from vmsim.qemu_lab import GuestVM, QemuLab
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,9 @@ class CheckConfig:
     max_bandwidth: int = 128 << 20
     downtime_limit: int = 300
     timeout: float = 600
+    keep_ram: str | None = None   # folder: keep both RAM files there when a page was lost
+    hints: bool = True            # free-page-hint=on (off: the control run, nothing hinted)
+    stream_dir: str | None = None  # folder: record the migration stream, trace lost pages in it
 
 
 def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any]:
@@ -287,10 +291,12 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
         raise EnvironmentFailure(f"/dev/shm has no room for two {cfg.ram} RAM files")
     work = tempfile.mkdtemp(prefix="bh-migcheck-", dir="/dev/shm")
     src_ram, dst_ram = f"{work}/src.ram", f"{work}/dst.ram"
-    dev = [f"virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=io0"]
+    dev = ["virtio-balloon-pci,id=balloon0,iothread=io0,free-page-hint="
+           + ("on" if cfg.hints else "off")]
     io = ["-object", "iothread,id=io0"]
     append = f"init_on_alloc={cfg.init_on_alloc}"
-    result: dict[str, Any] = {"qemu": build.name, "init_on_alloc": cfg.init_on_alloc,
+    result: dict[str, Any] = {"qemu": build.name, "hints": cfg.hints,
+                              "init_on_alloc": cfg.init_on_alloc,
                               "ram": cfg.ram, "fill_mib": cfg.fill_mib, "writer": cfg.writer}
     capture: HintCapture | None = None
     try:
@@ -307,25 +313,40 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
             src.run(f"dd if=/dev/urandom of=/tmp/fill bs=1M count={cfg.fill_mib} 2>/dev/null"
                     " && rm /tmp/fill", timeout=600)
             result["memfree_before_kib"] = _meminfo(src, "MemFree")
-            ring = RingAddrs.from_qmp(src.qmp("x-query-virtio-queue-status",
-                                              path=BALLOON_PATH, queue=FREE_PAGE_VQ))
-            if ring.num != 1024 and ring.num <= 0:
-                raise EnvironmentFailure(f"unexpected free page queue {ring}")
+            nq = FREE_PAGE_VQ + 1 if cfg.hints else FREE_PAGE_VQ
+            queues = [src.qmp("x-query-virtio-queue-status", path=BALLOON_PATH, queue=q)
+                      for q in range(nq)]
+            # Where the device's rings are: a lost page there points at the device's writes.
+            result["rings"] = {q: {k: hex(int(st[k])) for k in ("vring-desc", "vring-avail",
+                                                                "vring-used")}
+                               for q, st in enumerate(queues)}
+            ring = RingAddrs.from_qmp(queues[FREE_PAGE_VQ]) if cfg.hints else None
             if cfg.writer:
                 src.run(WRITER)
             with dst_lab.boot(ram=cfg.ram, devices=dev, append=append, wait_ready=False,
                               extra_args=[*io, "-incoming", "defer", "-S"]) as dst:
                 sock = f"{dst.tmpdir}/migration.sock"
                 dst.qmp("migrate-incoming", uri=f"unix:{sock}")
-                capture = HintCapture(src_ram, ring)
-                capture.start()
+                stream_path = None
+                if cfg.stream_dir:
+                    Path(cfg.stream_dir).mkdir(parents=True, exist_ok=True)
+                    stream_path = (f"{cfg.stream_dir}/{build.name}-ioa{cfg.init_on_alloc}-"
+                                   f"{int(time.time())}.stream")
+                    tap = StreamTap(f"{dst.tmpdir}/tap.sock", sock, stream_path)
+                    sock = tap.listen_path
+                if ring is not None:
+                    capture = HintCapture(src_ram, ring)
+                    capture.start()
                 src.qmp("migrate-set-parameters", **{"max-bandwidth": cfg.max_bandwidth,
                                                      "downtime-limit": cfg.downtime_limit})
                 t0 = time.monotonic()
                 src.qmp("migrate", uri=f"unix:{sock}")
                 st = _wait_migration(src, cfg.timeout, t0)
                 _wait_status(dst, "paused", 120)
-                cap = capture.stop()
+                if stream_path:
+                    tap.close()
+                    result["stream"] = stream_path
+                cap = capture.stop() if capture is not None else CaptureResult([], 0, 0.0)
                 capture = None
                 result["migration"] = _migration_figures(st)
                 result["capture"] = _capture_figures(cap)
@@ -339,6 +360,16 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                 result["pages"] = cls.as_dict()
                 if cls.lost:
                     result["lost_detail"] = describe_lost(src_ram, dst_ram, cls)
+                    if stream_path:
+                        result["lost_in_stream"] = trace_lost(stream_path, cls, src_ram,
+                                                              dst_ram)
+                    if cfg.keep_ram:
+                        keep = Path(cfg.keep_ram)
+                        keep.mkdir(parents=True, exist_ok=True)
+                        stem = f"{build.name}-ioa{cfg.init_on_alloc}-{int(time.time())}"
+                        shutil.copyfile(src_ram, keep / f"{stem}.src.ram")
+                        shutil.copyfile(dst_ram, keep / f"{stem}.dst.ram")
+                        result["kept_ram"] = str(keep / stem)
                 src.close()   # one guest at a time from here on
                 dst.qmp("cont")
                 result["health"] = health(dst, cfg.writer)
@@ -359,12 +390,48 @@ def describe_lost(src: str, dst: str, cls: Classification, limit: int = 8) -> li
     for start, end in cls.lost_runs[:limit]:
         s, d = a[start:end], b[start:end]
         diff = np.flatnonzero(s != d)
-        out.append({"gpa": hex(start), "pages": (end - start) // PAGE,
+        out.append({"bytes": [[int(o), int(s[o]), int(d[o])] for o in diff[:32]],"gpa": hex(start), "pages": (end - start) // PAGE,
                     "block_4m": hex(start & ~((4 << 20) - 1)),
                     "bytes_differing": int(diff.size),
                     "first_diff_offset": int(diff[0]) if diff.size else None,
                     "src_zero": bool(not s.any()), "dst_zero": bool(not d.any())})
     return out
+
+
+def trace_lost(stream: str, cls: Classification, src: str, dst: str,
+               limit: int = 64) -> dict[str, Any]:
+    """Where each lost page appears in the recorded stream: every iteration that carried it,
+    and whether the last copy sent equals the destination's page (it should) and the source's
+    (it cannot, or the page would not differ)."""
+    recs = ram_records(stream)
+    data = open(stream, "rb").read()
+    per_iter: dict[int, int] = {}
+    by_page: dict[int, list[Any]] = {}
+    lost = {a // PAGE for a0, a1 in cls.lost_runs for a in range(a0, a1, PAGE)}
+    for r in recs:
+        if r.block != "mem":
+            continue
+        per_iter[r.iteration] = per_iter.get(r.iteration, 0) + 1
+        if r.offset // PAGE in lost:
+            by_page.setdefault(r.offset // PAGE, []).append(r)
+    a = np.memmap(src, dtype=np.uint8, mode="r")
+    b = np.memmap(dst, dtype=np.uint8, mode="r")
+    pages = []
+    for p in sorted(lost)[:limit]:
+        sends = by_page.get(p, [])
+        last = sends[-1] if sends else None
+        if last is None:
+            last_eq_dst = bool(not b[p * PAGE:(p + 1) * PAGE].any())
+        elif last.zero:
+            last_eq_dst = bool(not b[p * PAGE:(p + 1) * PAGE].any())
+        else:
+            last_eq_dst = data[last.pos:last.pos + PAGE] == bytes(b[p * PAGE:(p + 1) * PAGE])
+        pages.append({"gpa": hex(p * PAGE),
+                      "sent": [[s.iteration, "zero" if s.zero else "page"] for s in sends],
+                      "last_copy_is_dst": last_eq_dst,
+                      "src_zero": bool(not a[p * PAGE:(p + 1) * PAGE].any())})
+    return {"pages_per_iteration": [per_iter.get(i, 0) for i in range(max(per_iter) + 1)]
+            if per_iter else [], "lost": pages}
 
 
 def _wait_migration(vm: GuestVM, timeout: float, t0: float) -> dict[str, Any]:
@@ -411,8 +478,9 @@ def _per_round(cap: CaptureResult) -> list[int]:
 # -- command line ------------------------------------------------------------------------------
 
 def _row(r: dict[str, Any]) -> str:
+    name = r["qemu"] + ("" if r.get("hints", True) else "/off")
     if "migration" not in r:
-        return f"{r['qemu']:<7} {r['init_on_alloc']:>3}  ERROR {r.get('error', '?')[:200]}"
+        return f"{name:<10} {r['init_on_alloc']:>3}  ERROR {r.get('error', '?')[:200]}"
     m, c = r["migration"], r["capture"]
     p = r.get("pages", {})
     h = r.get("health", {})
@@ -420,14 +488,14 @@ def _row(r: dict[str, Any]) -> str:
                 ("BAD " + ",".join(k for k in ("keeper_ok", "memtest_ok", "writer_ok")
                                    if h.get(k) is False) + (" dmesg" if h.get("dmesg_bad")
                                                             else "")) if h else "-")
-    return (f"{r['qemu']:<7} {r['init_on_alloc']:>3} {(m['transferred'] or 0) / 2**20:9.1f} "
+    return (f"{name:<10} {r['init_on_alloc']:>3} {(m['transferred'] or 0) / 2**20:9.1f} "
             f"{m['normal_pages']:>7} {m['zero_pages']:>7} {c['hinted_bytes'] / 2**20:8.1f} "
             f"{c['hints']:>5} {c['rounds_started']:>3} {c['suspect']:>4} "
             f"{p.get('differing', '-'):>6} {p.get('hinted', '-'):>6} {p.get('lost', '-'):>5}  "
             f"{health_s}" + (f"  ({r['error'][:80]})" if "error" in r else ""))
 
 
-HEADER = ("qemu    ioa  sent MiB  normal    zero  hint MiB hints rnd susp   diff hinted  lost"
+HEADER = ("qemu       ioa  sent MiB  normal    zero  hint MiB hints rnd susp   diff hinted  lost"
           "  health")
 
 
@@ -436,6 +504,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="lab: the lab's QEMU; debian: Debian 12's qemu-system-x86 (the host's "
                     "if installed, else unpacked into the lab cache)")
     ap.add_argument("--init-on-alloc", nargs="+", type=int, choices=(0, 1), default=[0, 1])
+    ap.add_argument("--hints", nargs="+", choices=("on", "off"), default=["on"],
+                    help="off: control runs with free-page-hint=off (nothing may differ)")
     ap.add_argument("--runs", type=int, default=1, help="runs per QEMU and init_on_alloc")
     ap.add_argument("--ram", default="512M", help="guest RAM (256M .. 2G)")
     ap.add_argument("--fill-mib", type=int, default=256,
@@ -444,6 +514,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-bandwidth", type=int, default=128, help="MiB/s")
     ap.add_argument("--downtime-limit", type=int, default=300, help="ms")
     ap.add_argument("--json", help="write every run's figures here")
+    ap.add_argument("--stream", metavar="DIR",
+                    help="record each migration stream in DIR and trace lost pages in it")
+    ap.add_argument("--keep-ram", metavar="DIR",
+                    help="copy both RAM files into DIR when a run loses a page (for study)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -471,12 +545,13 @@ def run(args: argparse.Namespace) -> int:
     print(HEADER, flush=True)
     try:
         for build in builds.values():
-            for ioa in args.init_on_alloc:
+            for ioa, hints in [(i, h) for i in args.init_on_alloc for h in args.hints]:
                 for _ in range(args.runs):
-                    cfg = CheckConfig(ram=args.ram, init_on_alloc=ioa, fill_mib=args.fill_mib,
-                                      writer=args.writer,
+                    cfg = CheckConfig(hints=hints == "on", ram=args.ram, init_on_alloc=ioa,
+                                      fill_mib=args.fill_mib, writer=args.writer,
                                       max_bandwidth=args.max_bandwidth << 20,
-                                      downtime_limit=args.downtime_limit)
+                                      downtime_limit=args.downtime_limit,
+                                      keep_ram=args.keep_ram, stream_dir=args.stream)
                     r = run_check(lab, build, cfg)
                     results.append(r)
                     print(_row(r), flush=True)

@@ -152,3 +152,54 @@ def test_differing_pages_refuses_files_of_different_size(tmp_path):
 def test_bad_arguments_exit_2(argv, capsys):
     assert cli_main(["migrate-check", *argv]) == 2
     assert "migrate-check" in capsys.readouterr().err
+
+
+def _stream(tmp_path):
+    """A tiny stream as QEMU writes it: header, RAM START with the block list, two
+    iterations (PART) and the END section, each closed by EOS and a footer."""
+    import struct as st
+
+    from vmsim import migration_stream as ms
+    sid = 2
+    out = st.pack(">II", ms.QEMU_VM_FILE_MAGIC, 3)
+    out += bytes([ms.SECTION_START]) + st.pack(">I", sid) + b"\x03ram" + st.pack(">II", 0, 4)
+    out += st.pack(">Q", (8 * PAGE) | ms.F_MEM_SIZE) + b"\x03mem" + st.pack(">Q", 8 * PAGE)
+    out += st.pack(">Q", ms.F_EOS) + bytes([ms.SECTION_FOOTER]) + st.pack(">I", sid)
+    page = bytes(range(256)) * 16
+    # iteration 1: page 0 (new block name), zero page 1
+    out += bytes([ms.SECTION_PART]) + st.pack(">I", sid)
+    out += st.pack(">Q", 0 | ms.F_PAGE) + b"\x03mem" + page
+    out += st.pack(">Q", PAGE | ms.F_ZERO | ms.F_CONTINUE) + b"\x00"
+    out += st.pack(">Q", ms.F_MULTIFD_FLUSH)
+    out += st.pack(">Q", ms.F_EOS) + bytes([ms.SECTION_FOOTER]) + st.pack(">I", sid)
+    # the stop-and-copy pass: page 0 again
+    out += bytes([ms.SECTION_END]) + st.pack(">I", sid)
+    out += st.pack(">Q", 0 | ms.F_PAGE | ms.F_CONTINUE) + page
+    out += st.pack(">Q", ms.F_EOS) + bytes([ms.SECTION_FOOTER]) + st.pack(">I", sid)
+    out += bytes([0x04]) + b"device state follows, not parsed"
+    p = tmp_path / "s.stream"
+    p.write_bytes(out)
+    return str(p), page
+
+
+def test_ram_records_lists_pages_per_iteration(tmp_path):
+    from vmsim.migration_stream import ram_records
+    path, page = _stream(tmp_path)
+    recs = ram_records(path)
+    assert [(r.iteration, r.block, r.offset, r.zero) for r in recs] == [
+        (1, "mem", 0, False), (1, "mem", PAGE, True), (2, "mem", 0, False)]
+    data = open(path, "rb").read()
+    assert data[recs[2].pos:recs[2].pos + PAGE] == page
+
+
+def test_ram_records_refuses_other_files(tmp_path):
+    from vmsim.migration_stream import StreamFormatError, ram_records
+    p = tmp_path / "x"
+    p.write_bytes(b"not a stream at all")
+    with pytest.raises(StreamFormatError, match="not a QEMU migration stream"):
+        ram_records(str(p))
+    path, _ = _stream(tmp_path)
+    cut = tmp_path / "cut"
+    cut.write_bytes(open(path, "rb").read()[:200])
+    with pytest.raises(StreamFormatError, match="ends inside"):
+        ram_records(str(cut))
