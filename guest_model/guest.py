@@ -10,6 +10,11 @@ which it probes at once. The driver's shrinker is registered with the allocator,
 reclaim gives held hint blocks back before an allocation fails, as in Linux; workloads act on
 ``allocator`` directly (or through ``add_workload``) and may also call ``reclaim``.
 
+The allocator resolves init_on_alloc, init_on_free and page poisoning as Linux does (poisoning
+takes precedence; ``boot_log`` has the kernel's message) and the driver is configured with the
+settings in force, so the device is told the ``poison_val`` the guest really uses and
+``free_page_version`` is what the verifier must find in free pages.
+
 Two masks serve the migration verifier: ``in_use_mask()`` is every page whose content the guest
 relies on (allocated by the guest, plus reserved pages: firmware and the driver area), and
 ``held_by_driver_mask()`` is every page the balloon driver owns (held hint blocks, balloon pages),
@@ -117,6 +122,22 @@ class SimGuest:
         """Pages the balloon driver owns (hint blocks held, balloon pages). Blocks isolated for
         free page reporting are ``PG_ISOLATED``: free, not held (see the module docstring)."""
         return self.allocator.state == PG_BALLOON
+
+    @property
+    def boot_log(self) -> tuple[str, ...]:
+        """The kernel log lines of this guest's boot that the model produces (memory
+        auto-initialisation: ``guest_model.buddy.meminit``)."""
+        return self.allocator.meminit.boot_log
+
+    @property
+    def free_page_version(self) -> int | None:
+        """What every free page holds (``POISON`` under page poisoning, ``ZERO`` under
+        init_on_free, None when anything goes): the settings in force, not those asked for."""
+        return self.allocator.meminit.free_version
+
+    def hinted_mask(self) -> np.ndarray:
+        """Pages the driver hinted at some time (``guest_model.hinting``)."""
+        return self.driver.hint.hinted_mask(self.allocator.ram_pages)
 
     def reclaim(self, nr_pages: int) -> int:
         """Memory pressure: the shrinker gives held hint blocks back; returns pages freed."""

@@ -154,6 +154,8 @@ class FreePageHinting:
         self.d = driver
         self.strategy = strategy
         self.round: _Round | None = None
+        # Every (first pfns, page counts) batch posted, for ``hinted_mask``.
+        self._posted: list[tuple[np.ndarray, np.ndarray]] = []
         # The start and stop ids live in separate 4-byte buffers (Linux keeps cmd_id_active
         # and cmd_id_stop apart so a late STOP cannot alias a start).
         self.start_buf = driver.area.alloc(4, 4)
@@ -255,6 +257,7 @@ class FreePageHinting:
             pfns = np.array(pieces_p[:vq.num_free - 1], dtype=np.int64)
             nr_pages = np.array(pieces_n[:vq.num_free - 1], dtype=np.int64)
         vq.add_single_bufs(pfns << PAGE_SHIFT, nr_pages << PAGE_SHIFT, writable=True)
+        self._posted.append((pfns, nr_pages))
         d.counters["hints_sent"] += int(pfns.size)
         d.counters["hinted_pages"] += int(nr_pages.sum())
 
@@ -274,6 +277,24 @@ class FreePageHinting:
                 log.warning("virtio-balloon: cannot post stop buffer: %s", e)
         # A new id that arrived meanwhile starts its round now (Linux re-runs the work item).
         self._maybe_start_round()
+
+    def hinted_mask(self, ram_pages: int) -> np.ndarray:
+        """Every page some hint of this driver covered (bool per page). With the walk strategy
+        these pages stayed free: under page poisoning, one the host skipped reaches the
+        destination without its poison (protocol.md 6.5)."""
+        mask = np.zeros(ram_pages, dtype=np.bool_)
+        if not self._posted:
+            return mask
+        starts = np.concatenate([p for p, _ in self._posted])
+        ends = starts + np.concatenate([n for _, n in self._posted])
+        # Merge overlapping or adjacent ranges, then set each merged run as one slice.
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], np.maximum.accumulate(ends[order])
+        new = np.r_[True, starts[1:] > ends[:-1]]
+        run_ends = np.r_[ends[np.flatnonzero(new)[1:] - 1], ends[-1]]
+        for lo, hi in zip(starts[new].tolist(), run_ends.tolist(), strict=True):
+            mask[lo:min(hi, ram_pages)] = True
+        return mask
 
     def return_free_pages(self, max_blocks: int | None) -> int:
         """Give up to ``max_blocks`` held hint blocks back to the allocator (all if None);

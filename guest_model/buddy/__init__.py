@@ -11,6 +11,7 @@ migratetypes. A free block of order *k* starts at a pfn aligned to 2**k.
 ``BuddyAllocator`` is one object assembled from one class per job, each in its own module:
 
 * ``defs``: Linux's constants, list ids and sentinels, ``Zone``, ``BuddyError``;
+* ``meminit``: which of init_on_alloc, init_on_free and page poisoning is in force;
 * ``freelists.FreeAreas``: the per-page arrays, list heads and counts, zones and watermarks,
   boot, the list primitives, read-only views and the consistency check;
 * ``pagealloc.ZoneAllocator``: ``alloc_pages`` / ``free_pages`` one block at a time (per-cpu
@@ -60,6 +61,7 @@ from guest_model.buddy.defs import (
     pageblock_nr_pages,
     pageblock_order,
 )
+from guest_model.buddy.meminit import MemInit
 from guest_model.buddy.reporting import ReportingIsolation
 
 __all__ = [
@@ -68,7 +70,7 @@ __all__ = [
     "MIGRATE_UNMOVABLE", "NR_LISTS", "NR_ZONES", "OOM_MAX_ROUNDS",
     "OWNER_BALLOON", "OWNER_GUEST", "PG_ALLOC", "PG_BALLOON", "PG_BUDDY", "PG_ISOLATED", "PG_PCP",
     "PG_RESERVED", "WMARK_HIGH", "WMARK_LOW", "WMARK_MIN", "ZONE_DMA", "ZONE_DMA32", "ZONE_NAMES",
-    "ZONE_NORMAL", "BuddyAllocator", "BuddyError", "Zone", "blocks_of_range", "list_id",
+    "ZONE_NORMAL", "BuddyAllocator", "BuddyError", "MemInit", "Zone", "blocks_of_range", "list_id",
     "list_sentinel", "pageblock_nr_pages", "pageblock_order", "run_blocks",
 ]
 

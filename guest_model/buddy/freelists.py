@@ -39,6 +39,7 @@ pageblocks movable; under page poisoning the freed pages carry the poison.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -72,8 +73,11 @@ from guest_model.buddy.defs import (
     pageblock_nr_pages,
     pageblock_order,
 )
+from guest_model.buddy.meminit import MemInit
 from guestmem.pages import PageVersions
 from guestmem.units import PAGE_SIZE, bytes_to_pages, gpa_to_pfn
+
+log = logging.getLogger(__name__)
 
 
 class FreeAreas:
@@ -110,10 +114,14 @@ class FreeAreas:
         self.nr_cpus = nr_cpus
         self.rng = np.random.default_rng(seed)
         self.shuffle = shuffle
-        # Linux: page poisoning takes precedence over init_on_alloc / init_on_free.
-        self.page_poisoning = page_poisoning
-        self.init_on_alloc = init_on_alloc and not page_poisoning
-        self.init_on_free = init_on_free and not page_poisoning
+        # Page poisoning takes precedence over init_on_alloc / init_on_free (meminit).
+        self.meminit = MemInit.resolve(init_on_alloc=init_on_alloc, init_on_free=init_on_free,
+                                       page_poisoning=page_poisoning)
+        self.page_poisoning = self.meminit.page_poisoning
+        self.init_on_alloc = self.meminit.init_on_alloc
+        self.init_on_free = self.meminit.init_on_free
+        for line in self.meminit.boot_log:
+            log.info("%s", line)
 
         idx_t = np.int32 if n < (1 << 31) - NR_LISTS - 2 else np.int64
         # Links are only meaningful at the head of a free block: np.empty leaves the rest

@@ -34,8 +34,8 @@ something, the allocation is retried. Nobody is killed when they free nothing: i
 
 Memory initialisation as Linux does it, written to ``PageVersions`` (so the dirty log sees it):
 ``init_on_alloc`` zeroes pages on allocation, ``init_on_free`` zeroes them on free,
-``page_poisoning`` writes the poison pattern on free and takes precedence over both
-(``init_mem_debugging_and_hardening`` turns them off when poisoning is on).
+``page_poisoning`` writes the poison pattern on free; ``guest_model.buddy.meminit`` decides
+which of them are in force (poisoning takes precedence over both).
 
 Randomness: only the optional ``shuffle`` (page_alloc.shuffle) uses the seeded generator; with
 the same seed and calls every run is identical.
