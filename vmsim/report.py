@@ -51,6 +51,11 @@ class RunResult:
     guest_held_pages: int = 0       # held by the balloon driver at switchover
     device_counters: dict[str, int] = field(default_factory=dict)
     guest_counters: dict[str, int] = field(default_factory=dict)
+    # Poison violations on pages the guest hinted while they stayed free (the seed's walk with
+    # page poisoning: the host skips them, the destination never gets their poison).
+    poison_violations_from_hints: int = 0
+    # The guest's kernel log lines the model produces (memory auto-init at boot).
+    guest_log: list[str] = field(default_factory=list)
     # Set when the run did not complete (the migration was cancelled by its time budget): why.
     # Such a run has verified = False without any page checked.
     error: str | None = None
@@ -101,6 +106,9 @@ def build_table(results: Sequence[RunResult], title: str | None = None) -> Table
         t.add_column(label, justify="right")
     for name, key, fmt in ROWS:
         t.add_row(name, *(fmt(getattr(r, key)) for r in results))
+        if key == "poison_violations" and any(r.poison_violations_from_hints for r in results):
+            t.add_row("  of which on hinted pages",
+                      *(_fmt_int(r.poison_violations_from_hints) for r in results))
     if any(not r.converged for r in results):
         t.add_row("converged", *("yes" if r.converged else
                                  "no (time limit)" if r.error else "no (round limit)"

@@ -55,7 +55,7 @@ from balloon_dev.transport.inprocess import InProcessTransport
 from guest_model.buddy import MIGRATE_UNMOVABLE, BuddyAllocator
 from guest_model.guest import GuestOptions, SimGuest
 from guest_model.workloads import Idle, Workload
-from guestmem import POISON, ZERO, DirtyLog, GuestMemory, PageVersions
+from guestmem import POISON, DirtyLog, GuestMemory, PageVersions
 from guestmem.clock import Scheduler
 from guestmem.units import PAGE_SHIFT, PAGE_SIZE
 from protocol.errors import UsageError
@@ -190,6 +190,8 @@ class SimVM:
         self.background: list[Workload] = []
         self.in_use_at_switch = 0
         self.held_at_switch = 0
+        # Poison violations on pages the guest hinted (the seed's walk loses their poison).
+        self.poison_from_hints = 0
 
     # -- host wiring ---------------------------------------------------------------------------
     def _precopy_notify(self, event: PrecopyEvent, vm_running: bool) -> None:
@@ -209,10 +211,13 @@ class SimVM:
         held = self.guest.held_by_driver_mask()
         self.in_use_at_switch = int(np.count_nonzero(in_use))
         self.held_at_switch = int(np.count_nonzero(held))
-        g = self.scn.guest
-        # free pages hold the poison pattern, or zeros when init_on_free chose poison_val 0
-        mig.verify(in_use, held, page_poison=g.page_poison,
-                   poison_version=ZERO if g.init_on_free else POISON)
+        # What free pages must hold follows the settings in force: page poisoning takes
+        # precedence over init_on_free (guest_model.buddy.meminit).
+        poison = self.guest.allocator.page_poisoning
+        res = mig.verify(in_use, held, page_poison=poison, poison_version=POISON)
+        if poison and res.poison_violations:
+            bad = ~in_use & ~held & (mig.dest_version != POISON)
+            self.poison_from_hints = int(np.count_nonzero(bad & self.guest.hinted_mask()))
 
     # -- running -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -354,6 +359,7 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
         hints_received=st.hints_received, hinted_pages=st.hinted_pages,
         stale_hints_dropped=st.stale_hints_dropped + dev_dropped, verified=vr.verified,
         mismatched_pages=vr.mismatched_pages, poison_violations=vr.poison_violations,
+        poison_violations_from_hints=vm.poison_from_hints, guest_log=list(vm.guest.boot_log),
         wall_s=time.perf_counter() - t0, converged=st.converged, seed=s, fault=fault,
         stale_hints_applied=st.stale_hints_applied, pages_per_round=mig.round_series(),
         setup_s=setup_s, guest_in_use_pages=vm.in_use_at_switch,
