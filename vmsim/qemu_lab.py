@@ -303,10 +303,12 @@ class QemuLab:
         finally:
             os.close(fd)  # the child keeps the lock
 
-    def run(self, args: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run the lab's QEMU to completion (``-version``, ``-device help``): text output."""
+    def run(self, args: Sequence[str], timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the lab's QEMU to completion (``-version``, ``-device help``): text output.
+        ``env``: variables added to the lab's environment."""
         with self.popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, text=True) as proc:
+                        stderr=subprocess.PIPE, text=True, env=env) as proc:
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
