@@ -46,6 +46,7 @@ KEYWORDS = {
     "report-zero": "content_or_poison",
     "refuse-features": "refused_for_missing",
     "live-id-at-reset": "stop_published or readable_before_features_ok",
+    "qemu-cmd-id-read": "stays_published",
 }
 
 

@@ -52,6 +52,8 @@ FAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "report-zero": ("zeroes reported pages although poison_val is not 0", ("D-15",)),
     "refuse-features": ("refuses FEATURES_OK for any subset", ("D-1",)),
     "live-id-at-reset": ("keeps a round's id published across a device reset", ("D-16", "D-8")),
+    "qemu-cmd-id-read": ("reads 0 for free_page_hint_cmd_id once the driver started the round "
+                         "(QEMU's START state)", ("D-10",)),
 }
 
 _ELEM = struct.Struct("<II")
@@ -216,7 +218,9 @@ def build(sock: str, faults: set[str], features: str | None,
     # `balloon-hint serve --vhost-user` sizes them (QEMU's reporting queue of 32 would refuse
     # SET_VRING_NUM 128, and every check would fail on that instead of on the fault).
     sizes = {"queue_sizes": (VHOST_USER_VQ_SIZE,) * 5} if vhost_user else {}
-    core = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(features), **sizes))
+    core = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(features),
+                                           qemu_cmd_id_read="qemu-cmd-id-read" in faults,
+                                           **sizes))
     dev = FaultyDevice(core, mem, faults)
     holder: list[HostControl] = []
     server: Any

@@ -3,7 +3,11 @@
 The device is reached through ``vmsim.vfio_user_client.VfioUserClient`` or
 ``vmsim.vhost_user_client.VhostUserClient`` (QEMU's role); nothing here imports ``balloon_dev``:
 the device under test is a peer seen only through its socket, guest memory, config bytes and
-interrupts.
+interrupts. The ``qemu`` target is QEMU's own virtio-balloon-pci: each check starts a fresh QEMU
+under qtest (``vmsim.qtest.QemuBalloon``, ~0.1 s; ``QEMU_DEVICE``: every feature QEMU can
+offer) and drives it through ``QtestVirtioPci``; its host requests go to that QEMU (QMP and its
+migration, ``QemuBalloon.host``), and one QEMU has no equivalent for (``hint-stop``) skips the
+check with QEMU's reason.
 
 Two ways to drive it:
 
@@ -15,8 +19,12 @@ Two ways to drive it:
   until ``cond()`` holds or a wall-clock timeout passes.
 
 Host requests (start a hint round, set a target, ask for stats) need the target's host-control
-socket, which speaks balloon-hint's line-delimited JSON (``balloon-hint ctl``). Checks that need
-it are skipped, and reported NOT COVERED, when the target has none.
+socket, which speaks balloon-hint's line-delimited JSON (``balloon-hint ctl``), or QEMU's own
+host side. Checks that need it are skipped, and reported NOT COVERED, when the target has none.
+
+Where the spec leaves a choice and a target takes one protocol.md does not prefer, a check may
+verify exactly that documented behaviour and say so with ``note(text)`` (``qemu_behaviour``
+for QEMU): the text is shown after the id's PASS.
 
 ``Canary`` fills guest RAM outside the driver area with a per-page pattern and later lists the
 pages that changed: the device may only change pages the spec lets it change.
@@ -49,12 +57,34 @@ from protocol.virtio import (
 )
 from protocol.virtqueue import used_ring_size
 from vmsim.cmd_ctl import call as ctl_call
+from vmsim.conformance.report import NOTE_PROPERTY
 from vmsim.conformance.rings import RawRing
+from vmsim.qtest.balloon import BalloonDeviceOptions, HostUnsupported, QemuBalloon
+from vmsim.qtest.virtio_pci import QtestVirtioPci
 from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
 from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
 
-#: Either front-end: both implement VirtioTransport plus the same interrupt helpers.
-Client = VfioUserClient | VhostUserClient
+#: Any front-end: all implement VirtioTransport plus the same interrupt helpers.
+Client = VfioUserClient | VhostUserClient | QtestVirtioPci
+
+#: QEMU's device for the qemu target: every feature it can offer (it has no MUST_TELL_HOST;
+#: STATS_VQ it always offers), so that every check QEMU can take runs.
+QEMU_DEVICE = BalloonDeviceOptions(free_page_hint=True, free_page_reporting=True,
+                                   deflate_on_oom=True, page_poison=True)
+#: The QEMU of the running check: host requests of the qemu target go to it.
+_qemu_peer: QemuBalloon | None = None
+#: The running check (set by the checks' autouse fixture), for ``note``.
+_current_item: Any = None
+#: Where QEMU's behaviours the spec leaves open are described.
+QEMU_DEVIATIONS = "docs/qemu-deviations.md"
+
+
+def note(text: str) -> None:
+    """Say ``text`` with the running check's verdict (printed after its id's PASS): for a
+    choice the spec leaves open, where the check verified exactly the target's documented
+    behaviour instead of protocol.md's preference."""
+    if _current_item is not None:
+        _current_item.user_properties.append((NOTE_PROPERTY, text))
 
 #: What our own server offers when it is the target: everything, so that every check runs.
 ALL_FEATURES = ("MUST_TELL_HOST,STATS_VQ,FREE_PAGE_HINT,PAGE_POISON,REPORTING,RING_EVENT_IDX,"
@@ -86,11 +116,23 @@ class HostError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "vfio-user" or "vhost-user"
+    kind: str  # "vfio-user", "vhost-user" or "qemu" (path: its binary, "" for the lab's)
     path: str
     control: str | None = None
 
+    @property
+    def has_host(self) -> bool:
+        """Host requests can be made (a control socket, or QEMU's own host side)."""
+        return self.kind == "qemu" or self.control is not None
+
     def host(self, command: str, **arguments: Any) -> dict[str, Any]:
+        if self.kind == "qemu":
+            if _qemu_peer is None:
+                raise HostError(f"{command}: no QEMU is running (connect first)")
+            try:
+                return _qemu_peer.host(command, **arguments)
+            except HostUnsupported as e:
+                pytest.skip(f"QEMU: {e}")
         if self.control is None:
             pytest.skip("the target has no host-control socket (pass --target-control)")
         ans = ctl_call(self.control, command, arguments or None)
@@ -99,14 +141,40 @@ class Target:
         return dict(ans.get("return", {}))
 
     def require_host(self) -> None:
-        if self.control is None:
+        if not self.has_host:
             pytest.skip("needs host requests: the target has no host-control socket "
                         "(pass --target-control)")
+
+
+def qemu_behaviour(target: Target, what: str) -> None:
+    """Note a documented QEMU behaviour (``QEMU_DEVIATIONS``) seen on a qemu target."""
+    assert target.kind == "qemu"
+    note(f"documented QEMU behaviour ({QEMU_DEVIATIONS}): {what}")
+
+
+def connect_qemu(target: Target) -> QtestVirtioPci:
+    """A fresh QEMU for one check (``target.path``: its binary, or empty for the lab's);
+    closing the transport stops it."""
+    global _qemu_peer
+    if _qemu_peer is not None:
+        _qemu_peer.close()
+    peer = QemuBalloon(target.path or None, ram_bytes=RAM_BYTES, device=QEMU_DEVICE)
+    _qemu_peer = peer
+
+    def stop() -> None:
+        global _qemu_peer
+        peer.close()
+        if _qemu_peer is peer:
+            _qemu_peer = None
+    peer.transport.on_close = stop
+    return peer.transport
 
 
 def connect(target: Target) -> Client:
     """A connected client. A server that serves one client at a time may refuse us while it
     is still noticing that the previous check's client left; that is retried for a while."""
+    if target.kind == "qemu":
+        return connect_qemu(target)
     deadline = time.monotonic() + WAIT
     while True:
         c: Client

@@ -31,6 +31,7 @@ import pytest
 
 from vmsim.conformance.report import (
     DR_NOTE,
+    NOTE_PROPERTY,
     Report,
     TestResult,
     format_lines,
@@ -40,8 +41,13 @@ from vmsim.conformance.requirements import DOCS, REQUIREMENTS
 
 #: The device checks shipped with the package.
 CHECKS_DIR = Path(__file__).resolve().parent / "checks"
-#: Transports a target may be reached by (vmsim/vfio_user_client.py, vmsim/vhost_user_client.py).
-TARGET_KINDS = ("vfio-user", "vhost-user")
+#: Transports a target may be reached by (vmsim/vfio_user_client.py, vmsim/vhost_user_client.py),
+#: and ``qemu``: QEMU's own virtio-balloon-pci, started by the checks under qtest (vmsim/qtest).
+TARGET_KINDS = ("vfio-user", "vhost-user", "qemu")
+#: The QEMU target names a binary, not a socket; ``qemu`` alone means the lab's QEMU.
+QEMU_KIND = "qemu"
+#: The control column of a qemu target.
+QEMU_CONTROL = "QEMU's own (QMP, migration)"
 #: What an id looks like (V-3, DR-12; a ``spec`` marker argument that does not is not ours).
 ID_RE = re.compile(r"^[A-Z]{1,4}-\d+$")
 MARKER_HELP = f"spec(*ids): the requirement ids (V-n, D-n, DR-n; see {DOCS}) a test checks"
@@ -52,8 +58,11 @@ class TargetError(ValueError):
 
 
 def parse_target(text: str) -> tuple[str, str]:
-    """``KIND:SOCKET_PATH`` -> (kind, path); ``TargetError`` naming what is wrong."""
+    """``KIND:SOCKET_PATH`` -> (kind, path), or ``qemu[:QEMU_BINARY]`` -> ("qemu", path or "");
+    ``TargetError`` naming what is wrong."""
     kind, sep, path = text.partition(":")
+    if kind == QEMU_KIND and (not sep or path):
+        return kind, path
     if not sep or not path:
         raise TargetError(f"{text!r}: expected KIND:SOCKET_PATH, e.g. vfio-user:/tmp/balloon.sock")
     if kind not in TARGET_KINDS:
@@ -106,8 +115,9 @@ def _summary(doc: str | None) -> str:
 def pytest_addoption(parser: Any) -> None:
     g = parser.getgroup("balloon-hint", f"virtio-balloon conformance (ids: {DOCS})")
     g.addoption("--balloon-target", metavar="KIND:PATH", default=None,
-                help="check this virtio-balloon device: vfio-user:SOCKET or vhost-user:SOCKET "
-                "(runs the checks shipped in vmsim/conformance/checks)")
+                help="check this virtio-balloon device: vfio-user:SOCKET, vhost-user:SOCKET, or "
+                "qemu[:QEMU_BINARY] for QEMU's own under qtest (runs the checks shipped in "
+                "vmsim/conformance/checks)")
     g.addoption("--balloon-control", metavar="PATH", default=None,
                 help="the device's host-control socket (balloon-hint ctl protocol), for the "
                 "checks that need host requests (hint rounds, balloon target, stats)")
@@ -128,7 +138,18 @@ def pytest_configure(config: Any) -> None:
     control = config.getoption("balloon_control", None)
     if control and target is None:
         raise pytest.UsageError("balloon-hint: --balloon-control needs --balloon-target")
-    if target is not None:
+    if target is not None and target[0] == QEMU_KIND:
+        if control:
+            raise pytest.UsageError(f"balloon-hint: --balloon-control: the qemu target's host "
+                                    f"side is {QEMU_CONTROL}; no control socket is used")
+        from vmsim.qtest.qemu import QtestUnavailable, find_qemu  # noqa: PLC0415
+
+        try:
+            find_qemu(target[1] or None)
+        except QtestUnavailable as e:
+            raise pytest.UsageError(f"balloon-hint: --balloon-target {target[0]}: {e}") \
+                from None
+    elif target is not None:
         for what, p in (("--balloon-target", target[1]), ("--balloon-control", control)):
             if p is not None and not Path(p).is_socket():
                 raise pytest.UsageError(f"balloon-hint: {what} {p}: no such socket")
@@ -172,8 +193,10 @@ class Collector:
         self.config = config
         self.ids = ids
         target = configured_target(config)
-        self.report = Report(target=config.getoption("balloon_target", None),
-                             control=target[2] if target else None)
+        control = target[2] if target else None
+        if target is not None and target[0] == QEMU_KIND:
+            control = QEMU_CONTROL
+        self.report = Report(target=config.getoption("balloon_target", None), control=control)
 
     def pytest_collectreport(self, report: Any) -> None:
         if report.failed:
@@ -218,6 +241,9 @@ class Collector:
         t = self.report.tests.get(report.nodeid)
         if t is None:
             return
+        for name, value in getattr(report, "user_properties", ()):
+            if name == NOTE_PROPERTY and str(value) not in t.notes:
+                t.notes.append(str(value))
         if report.failed:
             t.outcome = "failed"
             crash = getattr(report.longrepr, "reprcrash", None)

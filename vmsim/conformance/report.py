@@ -5,7 +5,8 @@ test its requirement ids (``@pytest.mark.spec``), a one-line summary and its out
 ``Report``. ``judge`` turns that into one ``Verdict`` per id:
 
 * FAIL: one of its tests failed (in set-up, call or tear-down);
-* PASS: at least one passed and none failed;
+* PASS: at least one passed and none failed (the line adds the passing checks' notes in
+  brackets, and "(N more not covered: reason)" when some of its checks were skipped);
 * NOT SELECTED: every test of the id was left out by ``-k`` / ``--balloon-id``;
 * NOT COVERED: otherwise (skipped, deliberately not checkable, or no test carries the id), with
   the reason.
@@ -44,6 +45,10 @@ DR_NOTE = ("driver requirements DR-1..DR-13: not run against a device (they chec
            "guest driver; see the repository's tests/conformance)")
 
 
+#: The ``user_properties`` name a check records a note under (``TestResult.notes``).
+NOTE_PROPERTY = "conformance-note"
+
+
 @dataclass
 class TestResult:
     nodeid: str
@@ -52,6 +57,9 @@ class TestResult:
     #: passed / failed / skipped / not run / not selected
     outcome: str = "not run"
     message: str = ""
+    #: What a passing check wants said with its verdict, e.g. that the target showed a
+    #: documented behaviour where the spec leaves a choice (``NOTE_PROPERTY``).
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,17 +138,22 @@ def judge(report: Report, ids: tuple[str, ...] | None = None,
         tests = by_id.get(rid, [])
         failed = [t for t in tests if t.outcome == "failed"]
         passed = [t for t in tests if t.outcome == "passed"]
+        skipped = [t for t in tests if t.outcome == "skipped"]
         if failed:
             t = failed[0]
             more = f" (+{len(failed) - 1} more failing)" if len(failed) > 1 else ""
             out.append(Verdict(FAIL, rid, f"{t.summary}: {t.message}{more}"))
         elif passed:
             more = f" (+{len(passed) - 1} more)" if len(passed) > 1 else ""
+            notes = [n for t in passed for n in t.notes]
+            if notes:
+                more += " [" + "; ".join(dict.fromkeys(notes)) + "]"
+            if skipped:
+                more += f" ({len(skipped)} more not covered: {skipped[0].message})"
             out.append(Verdict(PASS, rid, passed[0].summary + more))
         elif tests and all(t.outcome == "not selected" for t in tests):
             out.append(Verdict(NOT_SELECTED, rid, "its checks were left out by the selection"))
         else:
-            skipped = [t for t in tests if t.outcome == "skipped"]
             reason = reasons.get(rid)
             if reason is None:
                 reason = f"skipped: {skipped[0].message}" if skipped else NO_TEST_REASON

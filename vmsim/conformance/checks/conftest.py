@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from vmsim.conformance import harness
 from vmsim.conformance.harness import (
     ALL_FEATURES,
     Client,
@@ -27,6 +28,14 @@ from vmsim.conformance.harness import (
     stop_server,
 )
 from vmsim.conformance.plugin import configured_target
+
+
+@pytest.fixture(autouse=True)
+def _current_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Lets ``harness.note`` attach notes to the running check's report."""
+    harness._current_item = request.node
+    yield
+    harness._current_item = None
 
 
 @pytest.fixture(scope="session")

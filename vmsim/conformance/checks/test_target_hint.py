@@ -83,6 +83,39 @@ def test_stop_published_with_interrupt(raw: RawGuest, host):
     assert cmd_id(raw.c) in (STOP, DONE), "a round id survived a device reset"
 
 
+@pytest.mark.spec("D-8")
+def test_stop_published_at_reset(raw: RawGuest, host):
+    """a device reset during a round leaves no round id published: the field reads STOP or
+    DONE afterwards (the reset device cannot use hints)"""
+    hinting(raw, host)
+    cid = start_round(raw, host)
+    raw.c.reset()
+    assert cmd_id(raw.c) in (STOP, DONE), f"round id {cid:#x} survived a device reset"
+
+
+@pytest.mark.spec("D-10")
+def test_id_stays_published_while_the_round_runs(raw: RawGuest, host):
+    """while a round runs (the driver sent the id, the device uses hints) the field still reads
+    that id, and it changes only with config_generation: hints must carry "the current value
+    in free_page_hint_cmd_id", and a driver that re-reads the field must not see STOP"""
+    hinting(raw, host)
+    cid = start_round(raw, host)
+    gen = raw.c.config_generation()
+    a, n = raw.buf(struct.pack("<I", cid))
+    raw.post(Q.FREE_PAGE, [(a, n, 0)])
+    raw.post(Q.FREE_PAGE, [(0x1000000, BLOCK, W)], head=1)
+    assert raw.wait_used(Q.FREE_PAGE, 2) == [(0, 0), (1, 0)]
+    now, gen_now = cmd_id(raw.c), raw.c.config_generation()
+    # virtio 1.2+ balloon 5.5.6.7 (device normative, Free Page Hinting): the device MUST ignore
+    # pages provided with a command ID that does not match the current value in
+    # free_page_hint_cmd_id; a round ends when the device updates the field to STOP or DONE.
+    # virtio 4.1.4.3: config_generation changes every time the configuration changes.
+    assert now == cid and gen_now == gen, (
+        f"virtio 5.5.6.7: during round {cid:#x} (start buffer used, hints taken) the field "
+        f"reads {now:#x} with config_generation {gen} -> {gen_now}")
+    host.host("hint-done")
+
+
 @pytest.mark.spec("D-9")
 def test_ids_not_reused_before_the_drivers_stop(raw: RawGuest, host):
     """ids published without a STOP from the driver in between are all different"""
