@@ -43,6 +43,7 @@ from guest_model.buddy.defs import (
     list_sentinel,
     pageblock_order,
 )
+from guest_model.buddy.links import ROW_MASK, ROW_SHIFT
 from guest_model.buddy.pagealloc import ZoneAllocator
 
 # Tables for ``_run_blocks``, indexed by an offset or a length within a max-order block:
@@ -216,7 +217,7 @@ class BulkPaths(ZoneAllocator):
         left behind are those the one-at-a-time unlinking leaves: ``next`` untouched, ``prev``
         of every block but the first pointing at the list head (each was first in turn).
         """
-        nx = self._nx
+        nx, rows = self._nx, self._rows
         p = self._first[lid]
         heads = np.empty(k, dtype=np.int64)
         # In chunks, so that a long walk never holds millions of Python ints at once.
@@ -225,14 +226,14 @@ class BulkPaths(ZoneAllocator):
             app = got.append
             for _ in range(min(k - lo, 1 << 16)):
                 app(p)
-                p = nx[p]
+                p = nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)]
             heads[lo:lo + len(got)] = got
         s = list_sentinel(lid)
         self._first[lid] = p
         if p < 0:
             self._last[lid] = s
         else:
-            self._pv[p] = s
+            self.prev[p] = s
         if k > 1:
             self.prev[heads[1:]] = s
         self.buddy_order[heads] = -1
@@ -505,7 +506,7 @@ class BulkPaths(ZoneAllocator):
         cut = np.flatnonzero(~same) + 1
         g_first = np.concatenate(([0], cut))
         g_end = np.concatenate((cut, [heads.size]))
-        nx, pv = self._nx, self._pv
+        nx, pv = self.next, self.prev
         for i0, i1, lid in zip(g_first.tolist(), g_end.tolist(), lids[g_first].tolist(),
                                strict=True):
             h0, h1 = int(heads[i0]), int(heads[i1 - 1])
@@ -557,18 +558,19 @@ class BulkPaths(ZoneAllocator):
         orders = self.buddy_order[R].astype(np.int64)
         saved_next = self.next[R]
         saved_prev = self.prev[R]
-        nx, pv, first, last = self._nx, self._pv, self._first, self._last
+        nx, pv, first, last, rows = self._nx, self._pv, self._first, self._last, self._rows
         for lo in range(0, k, 1 << 16):  # chunks: never millions of Python ints at once
             for h in R[lo:lo + (1 << 16)].tolist():
-                n, p = nx[h], pv[h]
+                i = (h & ROW_MASK) * rows + (h >> ROW_SHIFT)
+                n, p = nx[i], pv[i]
                 if p < 0:
                     first[-1 - p] = n
                 else:
-                    nx[p] = n
+                    nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)] = n
                 if n < 0:
                     last[-1 - n] = p
                 else:
-                    pv[n] = p
+                    pv[(n & ROW_MASK) * rows + (n >> ROW_SHIFT)] = p
         self.next[R] = saved_next
         self.prev[R] = saved_prev
         self.buddy_order[R] = -1

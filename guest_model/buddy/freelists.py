@@ -73,6 +73,7 @@ from guest_model.buddy.defs import (
     pageblock_nr_pages,
     pageblock_order,
 )
+from guest_model.buddy.links import ROW_MASK, ROW_SHIFT, PfnLinks
 from guest_model.buddy.meminit import MemInit
 from guestmem.pages import PageVersions
 from guestmem.units import PAGE_SIZE, bytes_to_pages, gpa_to_pfn
@@ -124,18 +125,20 @@ class FreeAreas:
             log.info("%s", line)
 
         idx_t = np.int32 if n < (1 << 31) - NR_LISTS - 2 else np.int64
-        # Links are only meaningful at the head of a free block: np.empty leaves the rest
-        # untouched (and, for a big guest, mostly not even resident).
-        self.next = np.empty(n, dtype=idx_t)
-        self.prev = np.empty(n, dtype=idx_t)
+        # Links are only meaningful at the head of a free block; stored in the row layout of
+        # guest_model.buddy.links, only the rows fragmentation reaches become resident.
+        self.next = PfnLinks(n, idx_t)
+        self.prev = PfnLinks(n, idx_t)
+        self._rows = self.next.rows
         self.buddy_order = np.full(n, -1, dtype=np.int8)
         self.state = np.full(n, PG_BUDDY, dtype=np.uint8)
         self.pageblock_mt = np.full((n + pageblock_nr_pages - 1) >> pageblock_order,
                                     MIGRATE_MOVABLE, dtype=np.uint8)
         self.reported = np.zeros(self.pageblock_mt.size, dtype=np.bool_)
         # Scalar access through memoryviews is several times faster than numpy item access.
-        self._nx = self.next.data
-        self._pv = self.prev.data
+        # (Link memoryviews are indexed by slot: (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT).)
+        self._nx = self.next.view
+        self._pv = self.prev.view
         self._bo = self.buddy_order.data
         self._st = self.state.data
         self._pb = self.pageblock_mt.data
@@ -281,25 +284,26 @@ class FreeAreas:
         return list_id(self.zone_of(pfn), order, self._pb[pfn >> pageblock_order])
 
     def _list_add(self, pfn: int, order: int, lid: int, tail: bool = False) -> None:
-        nx, pv = self._nx, self._pv
+        nx, pv, rows = self._nx, self._pv, self._rows
         s = list_sentinel(lid)
+        i = (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT)
         if tail:
             last = self._last[lid]
-            pv[pfn] = last
-            nx[pfn] = s
+            pv[i] = last
+            nx[i] = s
             if last < 0:
                 self._first[lid] = pfn
             else:
-                nx[last] = pfn
+                nx[(last & ROW_MASK) * rows + (last >> ROW_SHIFT)] = pfn
             self._last[lid] = pfn
         else:
             first = self._first[lid]
-            nx[pfn] = first
-            pv[pfn] = s
+            nx[i] = first
+            pv[i] = s
             if first < 0:
                 self._last[lid] = pfn
             else:
-                pv[first] = pfn
+                pv[(first & ROW_MASK) * rows + (first >> ROW_SHIFT)] = pfn
             self._first[lid] = pfn
         self._bo[pfn] = order
         self._count[lid] += 1
@@ -307,16 +311,17 @@ class FreeAreas:
 
     def _list_del(self, pfn: int, order: int, lid: int) -> None:
         """Unlink a free block. Its own links stay as they were (stale), see module docstring."""
-        nx, pv = self._nx, self._pv
-        n, p = nx[pfn], pv[pfn]
+        nx, pv, rows = self._nx, self._pv, self._rows
+        i = (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT)
+        n, p = nx[i], pv[i]
         if p < 0:
             self._first[lid] = n
         else:
-            nx[p] = n
+            nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)] = n
         if n < 0:
             self._last[lid] = p
         else:
-            pv[n] = p
+            pv[(n & ROW_MASK) * rows + (n >> ROW_SHIFT)] = p
         self._bo[pfn] = -1
         self._count[lid] -= 1
         self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= 1 << order
@@ -336,23 +341,24 @@ class FreeAreas:
         self.prev[heads[1:]] = heads[:-1]
         self.buddy_order[heads] = order
         h0, h1 = int(heads[0]), int(heads[-1])
+        nx, pv = self.next, self.prev
         if at_tail:
             last = self._last[lid]
-            self._pv[h0] = last
-            self._nx[h1] = s
+            pv[h0] = last
+            nx[h1] = s
             if last < 0:
                 self._first[lid] = h0
             else:
-                self._nx[last] = h0
+                nx[last] = h0
             self._last[lid] = h1
         else:
             first = self._first[lid]
-            self._nx[h1] = first
-            self._pv[h0] = s
+            nx[h1] = first
+            pv[h0] = s
             if first < 0:
                 self._last[lid] = h1
             else:
-                self._pv[first] = h1
+                pv[first] = h1
             self._first[lid] = h0
         self._count[lid] += k
         self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] += k << order
@@ -367,7 +373,7 @@ class FreeAreas:
 
     def link_next(self, pfn: int) -> int:
         """The raw ``lru.next`` of ``pfn``: a pfn, a list sentinel, or a stale value."""
-        return self._nx[pfn]
+        return self._nx[(pfn & ROW_MASK) * self._rows + (pfn >> ROW_SHIFT)]
 
     def page_order(self, pfn: int) -> int:
         """Order of the free block starting at ``pfn``; -1 when ``pfn`` is no free-block head."""
@@ -411,7 +417,7 @@ class FreeAreas:
             if p < 0:
                 break
             out.append(p)
-            p = self._nx[p]
+            p = self.link_next(p)
         return out
 
     # ---- watermarks -------------------------------------------------------------------------
@@ -463,7 +469,7 @@ class FreeAreas:
             k = 0
             while p >= 0:
                 assert k < self._count[lid], f"list {lid} longer than its count"
-                assert self._pv[p] == prev, f"bad prev link at {p:#x}"
+                assert self.prev[p] == prev, f"bad prev link at {p:#x}"
                 assert self._bo[p] == o, f"block {p:#x} on order-{o} list has order {self._bo[p]}"
                 assert self.zone_of(p) == z and p & ((1 << o) - 1) == 0
                 assert self._pb[p >> pageblock_order] == mt, f"block {p:#x} on wrong type list"
@@ -471,7 +477,7 @@ class FreeAreas:
                 assert np.all(self.state[p:p + (1 << o)] == PG_BUDDY)
                 seen[p:p + (1 << o)] = True
                 zone_free[z] += 1 << o
-                prev, p = p, self._nx[p]
+                prev, p = p, self.link_next(p)
                 k += 1
             assert p == list_sentinel(lid), f"list {lid} ends at {p}"
             assert self._last[lid] == prev or (k == 0 and self._last[lid] == list_sentinel(lid))

@@ -95,7 +95,7 @@ class ReportingIsolation(ZoneAllocator):
                         self.state[p:p + (1 << order)] = PG_ISOLATED
                         self.counters["isolated_blocks"] += 1
                         return Pfn(p)
-                    p = self._nx[p]
+                    p = self.link_next(p)
         return None
 
     def putback_block(self, pfn: int, order: int, *, reported: bool = False) -> None:
