@@ -62,6 +62,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+import numpy as np
+
 from protocol.balloon import CFG_FREE_PAGE_HINT_CMD_ID
 from protocol.errors import EnvironmentFailure, UsageError
 from protocol.virtio_pci import VIRTIO_PCI_DEVICE_ID_BASE, VIRTIO_PCI_VENDOR_ID
@@ -148,8 +150,8 @@ class QemuBalloon:
                                     objects=["iothread,id=io0"],
                                     devices=[self.options.device_arg()], incoming=incoming,
                                     extra_args=extra_args, timeout=timeout)
-        if ballast_bytes:
-            self.machine.reserved_view()[RESERVED_BYTES:] = bytes([_BALLAST_BYTE]) * ballast_bytes
+        self._ballast_bytes = ballast_bytes
+        self._ballast_filled = False
         self._sink: socket.socket | None = None
         self._sink_thread: threading.Thread | None = None
         self._sink_stop = threading.Event()
@@ -261,6 +263,11 @@ class QemuBalloon:
             raise HostUnsupported("the device was started with free-page-hint=off")
         if self.migration_status() in ("setup", "active", "pre-switchover", "device"):
             self.hint_done()
+        if self._ballast_bytes and not self._ballast_filled:
+            # Written on first use, not at start-up: filling tmpfs pages costs ~0.2 s.
+            ballast = self.machine.reserved_view()[RESERVED_BYTES:]
+            np.frombuffer(ballast, dtype=np.uint8)[:] = _BALLAST_BYTE
+            self._ballast_filled = True
         before = self.read_cmd_id()
         self.machine.qmp("migrate-set-parameters", **{
             "max-bandwidth": HINT_MIGRATION_BANDWIDTH})
