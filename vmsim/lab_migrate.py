@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +148,15 @@ class FileRamLab(QemuLab):
     def env(self) -> dict[str, str]:
         return dict(self.build.env)
 
-    def command_line(self, **kw: Any) -> list[str]:
-        cmd = super().command_line(**kw)
-        first = cmd.index("-accel")
-        cmd[:first] = self.build.argv
-        i = next(i for i, a in enumerate(cmd) if a.startswith("memory-backend-memfd,"))
+    def qemu_command(self, args: Sequence[str]) -> list[str]:
+        return [*self.build.argv, *args]
+
+    def machine_args(self, **kw: Any) -> list[str]:
+        cmd = super().machine_args(**kw)
+        i = next((i for i, a in enumerate(cmd) if a.startswith("memory-backend-memfd,")), None)
+        if i is None:
+            raise EnvironmentFailure("the lab's machine has no memory-backend-memfd to replace "
+                                     f"with a RAM file: {cmd}")
         size = qemu_lab._ram_bytes(kw.get("ram", "1G"))
         cmd[i] = f"memory-backend-file,id=mem,size={size},mem-path={self.ram_path},share=on"
         return cmd
@@ -280,6 +285,9 @@ class CheckConfig:
     keep_ram: str | None = None   # folder: keep both RAM files there when a page was lost
     hints: bool = True            # free-page-hint=on (off: the control run, nothing hinted)
     stream_dir: str | None = None  # folder: record the migration stream, trace lost pages in it
+    clear_bitmap_shift: int | None = None  # QEMU's x-clear-bitmap-shift on the source
+    timeline: bool = False        # fingerprint the source RAM while migrating: when did a lost
+                                  # page last change, relative to the syncs and hint rounds?
 
 
 def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any]:
@@ -302,10 +310,19 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
     try:
         src_lab = FileRamLab(lab, build, src_ram)
         dst_lab = FileRamLab(lab, build, dst_ram)
-        with src_lab.boot(ram=cfg.ram, devices=dev, extra_args=io, append=append,
+        src_extra = list(io)
+        if cfg.clear_bitmap_shift is not None:
+            # The dirty-log clearing chunk: 2^shift pages (QEMU's default 18: 1 GiB).
+            src_extra += ["-global", f"migration.x-clear-bitmap-shift={cfg.clear_bitmap_shift}"]
+            result["clear_bitmap_shift"] = cfg.clear_bitmap_shift
+        with src_lab.boot(ram=cfg.ram, devices=dev, extra_args=src_extra, append=append,
                           timeout=300) as src:
             v = src.qmp("query-version")["qemu"]
             result["qemu_version"] = f"{v['major']}.{v['minor']}.{v['micro']}"
+            # The boot footprint: what the kernel holds (RAM - MemTotal: image, memmap,
+            # reservations) plus what is in use after boot (MemTotal - MemFree).
+            result["boot_memtotal_kib"] = _meminfo(src, "MemTotal")
+            result["boot_memfree_kib"] = _meminfo(src, "MemFree")
             # tmpfs defaults to half of RAM; the fill and the memory test need more.
             src.run("mount -o remount,size=90% /tmp")
             src.run(f"dd if=/dev/urandom of=/tmp/keep bs=1M count={cfg.keep_mib} 2>/dev/null"
@@ -341,7 +358,8 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                                                      "downtime-limit": cfg.downtime_limit})
                 t0 = time.monotonic()
                 src.qmp("migrate", uri=f"unix:{sock}")
-                st = _wait_migration(src, cfg.timeout, t0)
+                tl = Timeline(src_ram) if cfg.timeline else None
+                st = _wait_migration(src, cfg.timeout, t0, tl)
                 _wait_status(dst, "paused", 120)
                 if stream_path:
                     tap.close()
@@ -358,8 +376,13 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                 pages = differing_pages(src_ram, dst_ram)
                 cls = classify(pages, cap.ranges(), zero_pages(dst_ram, pages))
                 result["pages"] = cls.as_dict()
+                # Free memory holding data when the round took it: the hinted pages that are
+                # not zero on the source (with init_on_alloc=0 the driver does not clear them).
+                result["hinted_nonzero_pages"] = nonzero_pages_in(src_ram, cap.ranges())
                 if cls.lost:
                     result["lost_detail"] = describe_lost(src_ram, dst_ram, cls)
+                    if tl is not None:
+                        result["lost_timeline"] = tl.explain(cls, cap, dst_ram)
                     if stream_path:
                         result["lost_in_stream"] = trace_lost(stream_path, cls, src_ram,
                                                               dst_ram)
@@ -380,6 +403,14 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
             capture.kill()
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def nonzero_pages_in(path: str, ranges: list[tuple[int, int]]) -> int:
+    m = np.memmap(path, dtype=np.uint64, mode="r")
+    n = 0
+    for a, b in ranges:
+        n += int(m[a // 8:b // 8].reshape(-1, PAGE // 8).any(axis=1).sum())
+    return n
 
 
 def describe_lost(src: str, dst: str, cls: Classification, limit: int = 8) -> list[dict]:
@@ -434,9 +465,57 @@ def trace_lost(stream: str, cls: Classification, src: str, dst: str,
             if per_iter else [], "lost": pages}
 
 
-def _wait_migration(vm: GuestVM, timeout: float, t0: float) -> dict[str, Any]:
+class Timeline:
+    """Per-page fingerprints of the source RAM taken while the migration runs, each with the
+    migration's sync count at that moment (QMP ``dirty-sync-count``)."""
+
+    def __init__(self, ram: str) -> None:
+        self.m = np.memmap(ram, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
+        self.samples: list[tuple[int, int, np.ndarray]] = []   # (t_ns, syncs, fingerprints)
+        self.sample(0)
+
+    def fingerprint(self) -> np.ndarray:
+        out = np.empty(self.m.shape[0], np.uint64)
+        step = 8192
+        for i in range(0, self.m.shape[0], step):
+            blk = self.m[i:i + step]
+            out[i:i + step] = np.bitwise_xor.reduce(blk, axis=1) ^ blk.sum(axis=1, dtype=np.uint64)
+        return out
+
+    def sample(self, syncs: int) -> None:
+        self.samples.append((time.perf_counter_ns(), syncs, self.fingerprint()))
+
+    def explain(self, cls: Classification, cap: CaptureResult, dst: str) -> dict[str, Any]:
+        """For each lost page: the sample after which it last changed on the source, the sync
+        count then, and which sample (if any) equals the destination's copy."""
+        d = np.memmap(dst, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
+        rounds = {}
+        for h in cap.hints:
+            a, b = rounds.get(h.round, (h.t_ns, h.t_ns))
+            rounds[h.round] = (min(a, h.t_ns), max(b, h.t_ns))
+        t0 = self.samples[0][0]
+        pages = []
+        for a0, a1 in cls.lost_runs:
+            for p in range(a0 // PAGE, a1 // PAGE):
+                fps = [int(fp[p]) for _t, _s, fp in self.samples]
+                blk = d[p:p + 1]
+                dfp = int((np.bitwise_xor.reduce(blk, axis=1)
+                           ^ blk.sum(axis=1, dtype=np.uint64))[0])
+                changes = [i for i in range(1, len(fps)) if fps[i] != fps[i - 1]]
+                pages.append({"gpa": hex(p * PAGE), "changed_after_samples": changes,
+                              "dst_equals_samples": [i for i, f in enumerate(fps) if f == dfp]})
+        return {"samples": [[round((t - t0) / 1e6), s] for t, s, _ in self.samples],
+                "hint_rounds_ms": {r: [round((a - t0) / 1e6), round((b - t0) / 1e6)]
+                                   for r, (a, b) in rounds.items()},
+                "pages": pages[:64]}
+
+
+def _wait_migration(vm: GuestVM, timeout: float, t0: float,
+                    tl: Timeline | None = None) -> dict[str, Any]:
     while True:
         st = vm.qmp("query-migrate")
+        if tl is not None:
+            tl.sample(st.get("ram", {}).get("dirty-sync-count", 0))
         if st.get("status") in ("completed", "failed", "cancelled"):
             return st
         if time.monotonic() - t0 > timeout:
@@ -465,7 +544,18 @@ def _capture_figures(cap: CaptureResult) -> dict[str, Any]:
     return {"hints": len(cap.hints), "hinted_bytes": cap.hinted_bytes,
             "rounds_started": len(cap.rounds), "entries": len(cap.readings),
             "suspect": cap.suspect, "polls": cap.polls, "max_poll_gap_us": round(cap.max_gap_us),
-            "hints_per_round": _per_round(cap)}
+            "hints_per_round": _per_round(cap), "round_us_per_hint": _round_pace(cap)}
+
+
+def _round_pace(cap: CaptureResult) -> list[float]:
+    """Per round with at least 8 hints: microseconds between its first and last hint read,
+    per hint (the guest's cost of capturing and posting one block, as the poller saw it)."""
+    out = []
+    for rnd in range(1, len(cap.rounds) + 1):
+        t = [h.t_ns for h in cap.hints if h.round == rnd]
+        if len(t) >= 8:
+            out.append(round((t[-1] - t[0]) / 1000 / (len(t) - 1), 1))
+    return out
 
 
 def _per_round(cap: CaptureResult) -> list[int]:
@@ -516,6 +606,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", help="write every run's figures here")
     ap.add_argument("--stream", metavar="DIR",
                     help="record each migration stream in DIR and trace lost pages in it")
+    ap.add_argument("--clear-bitmap-shift", type=int, choices=range(6, 33), metavar="6..32",
+                    help="the source's migration.x-clear-bitmap-shift (dirty-log clearing "
+                    "chunks of 2^N pages; QEMU's default is 18)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="fingerprint the source RAM while migrating and say when each lost "
+                    "page last changed (slows the migration down)")
     ap.add_argument("--keep-ram", metavar="DIR",
                     help="copy both RAM files into DIR when a run loses a page (for study)")
 
@@ -551,7 +647,9 @@ def run(args: argparse.Namespace) -> int:
                                       fill_mib=args.fill_mib, writer=args.writer,
                                       max_bandwidth=args.max_bandwidth << 20,
                                       downtime_limit=args.downtime_limit,
-                                      keep_ram=args.keep_ram, stream_dir=args.stream)
+                                      keep_ram=args.keep_ram, stream_dir=args.stream,
+                                      timeline=args.timeline,
+                                      clear_bitmap_shift=args.clear_bitmap_shift)
                     r = run_check(lab, build, cfg)
                     results.append(r)
                     print(_row(r), flush=True)
