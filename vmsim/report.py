@@ -45,6 +45,7 @@ class RunResult:
     seed: int = 0
     fault: str | None = None
     stale_hints_applied: int = 0
+    stale_pages_skipped: int = 0    # --fault accept-stale-hints: pages its stale hints skipped
     pages_per_round: list[int] = field(default_factory=list)
     setup_s: float = 0.0            # simulated time of the set-up workload phases
     guest_in_use_pages: int = 0     # at switchover

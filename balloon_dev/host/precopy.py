@@ -171,6 +171,7 @@ class MigrationStats:
     hinted_pages: int = 0
     stale_hints_dropped: int = 0
     stale_hints_applied: int = 0
+    stale_pages_skipped: int = 0  # fault only: pages a stale hint took out of the round
     bad_hints: int = 0
     converged: bool = False
     timed_out: bool = False    # cancelled: it would not be over within params.time_budget_s
@@ -525,6 +526,8 @@ class PrecopyMigration:
         if cleared:
             window[:] = False
             self.stats.pages_skipped_hint += cleared
+            if stale:
+                self.stats.stale_pages_skipped += cleared
             if self._round is not None:
                 self._round.pages_skipped_hint += cleared
 
