@@ -69,6 +69,8 @@ import logging
 import struct
 from collections.abc import Callable
 
+import numpy as np
+
 from balloon_dev.balloon_queues import BalloonQueues
 from balloon_dev.device_config import (
     DEFAULT_OFFERED_FEATURES,
@@ -102,7 +104,7 @@ from balloon_dev.status import (
     NEEDS_RESET,
     judge_status_write,
 )
-from balloon_dev.virtqueue import Chain, DeviceVirtqueue, RingBroken
+from balloon_dev.virtqueue import Chain, ChainBatch, DeviceVirtqueue, RingBroken
 from guestmem.memory import GuestMemory
 from guestmem.units import QueueIndex, pages_to_bytes
 from protocol.balloon import (
@@ -165,6 +167,9 @@ class BalloonDevice:
         #: call back into the device. Unset (in-process, where the guest runs only between
         #: device calls): host effects are returned in order, before the NotifyQueue.
         self.host_sink: Callable[[list[Effect]], None] | None = None
+        #: The free_page_vq's chains as arrays (``FreePageHinting.handle_batch``); False takes
+        #: them one ``Chain`` at a time (``handle``), the reference the batched path is held to.
+        self.batched_free_page = True
 
     # == bookkeeping ==========================================================================
     def count(self, name: str, fmt: str, *args: object, level: int = logging.WARNING,
@@ -559,14 +564,14 @@ class BalloonDevice:
         notify = False
         try:
             for _ in range(_MAX_PASSES_PER_KICK):
-                chains = vq.pop_many()
-                if not chains:
+                batch = vq.pop_batch()
+                if not len(batch):
                     # With EVENT_IDX, ask for a kick on the next buffer the driver adds.
                     vq.enable_notifications()
                     if vq.pending() == 0:
                         break
                     continue
-                notify |= self._handle_chains(slot, vq, chains, effects)
+                notify |= self._handle_batch(slot, vq, batch, effects)
             else:
                 # The driver keeps adding as fast as we drain: leave the rest for the next kick,
                 # which the driver will send because notifications stay enabled.
@@ -580,14 +585,37 @@ class BalloonDevice:
             effects.append(NotifyQueue(QueueIndex(q)))
         return effects + broken
 
-    def _handle_chains(self, slot: QueueSlot, vq: Vq, chains: list[Chain],
-                       effects: list[Effect]) -> bool:
+    def _handle_batch(self, slot: QueueSlot, vq: Vq, batch: ChainBatch,
+                      effects: list[Effect]) -> bool:
         """Act on popped chains: host effects go to ``host_sink`` or are appended to
         ``effects`` (before the used elements are written, so they survive a used ring that
         turns out broken); returns whether the driver wants a used-buffer notification."""
         host: list[Effect] = []
-        used: list[tuple[int, int]] = []
+        used: list[tuple[int, int]] | np.ndarray  # (head, len) pairs, or heads used with len 0
         lq = slot.logical
+        if lq == BalloonQueue.FREE_PAGE and self.batched_free_page:
+            self._free_page.handle_batch(vq, batch, host)
+            used = batch.heads  # every element used with len 0 (protocol.md 4.2), in order
+        else:
+            used = []
+            self._handle_chains(lq, vq, batch.chains(), host, used)
+        if self.host_sink is not None:
+            # QEMU order: act on the buffers (discard, hint) before using them (D-3, D-4, D-15).
+            if host:
+                self.host_sink(host)
+        else:
+            effects += host
+        if not len(used):
+            return False
+        # D-17: len 0 on every balloon used element
+        if isinstance(used, np.ndarray):
+            vq.push_heads(used)
+        else:
+            vq.push_many(used)
+        return vq.should_notify()
+
+    def _handle_chains(self, lq: BalloonQueue, vq: Vq, chains: list[Chain], host: list[Effect],
+                       used: list[tuple[int, int]]) -> None:
         if lq == BalloonQueue.INFLATE or lq == BalloonQueue.DEFLATE:
             self._queues.pfns(lq, vq, chains, host, used)
         elif lq == BalloonQueue.STATS:
@@ -596,16 +624,6 @@ class BalloonDevice:
             self._free_page.handle(vq, chains, host, used)
         else:
             self._queues.reporting(chains, host, used)
-        if self.host_sink is not None:
-            # QEMU order: act on the buffers (discard, hint) before using them (D-3, D-4, D-15).
-            if host:
-                self.host_sink(host)
-        else:
-            effects += host
-        if not used:
-            return False
-        vq.push_many(used)  # D-17: len 0 on every balloon used element
-        return vq.should_notify()
 
     def malformed(self, lq: BalloonQueue, ch: Chain) -> None:
         self.count("malformed_chain", "%s head %d: %s (used with len 0)", lq.name.lower(),
@@ -643,6 +661,20 @@ class BalloonDevice:
     def precopy_notify(self, event: PrecopyEvent, vm_running: bool) -> list[Effect]:
         """QEMU's precopy notifier (protocol.md 5.4)."""
         return self._free_page.precopy_notify(event, vm_running)
+
+    def ram_mask(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray | None:
+        """``ram_ranges`` for arrays (uint64): which ranges lie within RAM, None for all."""
+        ram = self.cfg.ram_pages
+        if ram is None:
+            return None
+        limit = np.uint64(pages_to_bytes(ram))
+        # limit - lens wraps only where lens > limit, which the first term already refuses
+        ok = (lens <= limit) & (addrs <= limit - lens)
+        if ok.all():
+            return None
+        self.count("hint_range_not_ram", "%d hint ranges beyond RAM %#x dropped",
+                   int(ok.size - np.count_nonzero(ok)), int(limit))
+        return ok
 
     def ram_ranges(self, ranges: tuple[Range, ...]) -> list[Range]:
         """The ranges that lie within RAM (all when its size is unknown); the rest counted."""

@@ -12,15 +12,19 @@ Order inside one list is meaningful: a host effect about a buffer always comes *
 ``NotifyQueue`` that tells the guest the buffer was used, so a host that acts on the effects in
 order has acted (e.g. discarded an inflated page, D-3) before the guest may reuse the memory.
 
-All effects are frozen, slotted dataclasses holding only tuples and ints, so they compare and
-hash by value and can be logged or stored as-is.
+All effects are frozen, slotted dataclasses that compare and hash by value: they hold tuples
+and ints, except ``PagesHinted``, whose hints are two read-only numpy arrays (a kick of 32768
+hints is two arrays, not 32768 tuples) compared by value.
 """
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from guestmem.units import CmdId, Pfn, QueueIndex
+import numpy as np
+
+from guestmem.units import PAGE_SHIFT, CmdId, Pfn, QueueIndex, whole_pages_in_arrays
 
 # A (guest-physical address, length in bytes) pair, as found in a descriptor.
 Range = tuple[int, int]
@@ -38,16 +42,57 @@ class ConfigChanged:
     """Raise the configuration-change notification (only emitted once DRIVER_OK is set)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PagesHinted:
-    """Free page hints received during the round ``cmd_id`` (protocol.md 4.4 rule 4).
+    """Free page hints received during the round ``cmd_id`` (protocol.md 4.4 rule 4), as arrays.
 
-    ``ranges`` are the writable descriptors exactly as the driver gave them; the consumer rounds
-    to whole pages (rule 5). Only emitted while the round is in FREE_PAGE_HINT_S_START.
+    Hint ``i`` is the writable buffer the driver gave, reduced to the whole pages inside it
+    (rule 5): ``count[i]`` pages from ``first_pfn[i]`` (0 when the buffer holds no whole page),
+    in the driver's order. Both arrays are int64 and read-only (an array handed in whole is
+    taken over and frozen, a view is copied); equality and hash go by value.
+    Only emitted while the round is in FREE_PAGE_HINT_S_START.
     """
 
     cmd_id: CmdId
-    ranges: tuple[Range, ...]
+    first_pfn: np.ndarray
+    count: np.ndarray
+
+    def __post_init__(self) -> None:
+        for name in ("first_pfn", "count"):
+            a = np.asarray(getattr(self, name), dtype=np.int64)
+            if a.base is not None:
+                a = a.copy()  # a view: own the data, so nobody can change it through the base
+            a.flags.writeable = False
+            object.__setattr__(self, name, a)
+        if self.first_pfn.shape != self.count.shape or self.first_pfn.ndim != 1:
+            raise ValueError("PagesHinted: first_pfn and count must be 1-d arrays of one length")
+
+    @classmethod
+    def from_ranges(cls, cmd_id: int, ranges: Iterable[Range]) -> PagesHinted:
+        """The hints of buffers ``ranges`` [(gpa, len), ...]."""
+        rs = list(ranges)
+        gpas = np.fromiter((a for a, _ in rs), np.uint64, len(rs))
+        lens = np.fromiter((n for _, n in rs), np.uint64, len(rs))
+        first, count = whole_pages_in_arrays(gpas, lens)
+        return cls(CmdId(cmd_id), first, count)
+
+    def __len__(self) -> int:
+        return int(self.count.size)
+
+    @property
+    def ranges(self) -> tuple[Range, ...]:
+        """The hinted whole pages as (gpa, len) ranges, for logs and checks."""
+        return tuple(zip((self.first_pfn << PAGE_SHIFT).tolist(),
+                         (self.count << PAGE_SHIFT).tolist(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PagesHinted):
+            return NotImplemented
+        return (self.cmd_id == other.cmd_id and np.array_equal(self.first_pfn, other.first_pfn)
+                and np.array_equal(self.count, other.count))
+
+    def __hash__(self) -> int:
+        return hash((self.cmd_id, self.first_pfn.tobytes(), self.count.tobytes()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ import numpy as np
 from balloon_dev.virtqueue import (
     _U32_LIMIT,
     Chain,
+    ChainBatch,
     QueueCommon,
     RingBroken,
     _ChainError,
@@ -354,6 +355,10 @@ class PackedDeviceVirtqueue(QueueCommon):
         self._take([chain], [len(rows)])
         return chain
 
+    def pop_batch(self, max_n: int | None = None) -> ChainBatch:
+        """``pop_many`` in the shape of the split ring's batch (every chain walked)."""
+        return ChainBatch.of_chains(self.pop_many(max_n))
+
     def pop_many(self, max_n: int | None = None) -> list[Chain]:
         """Every available chain (at most ``max_n``) from one snapshot of the ring. Same results
         as repeated pop(); a RingBroken anywhere consumes nothing."""
@@ -492,7 +497,11 @@ class PackedDeviceVirtqueue(QueueCommon):
         n = self._inflight.take_one(head)
         self.used_idx, self.used_wrap = self._advance(self.used_idx, self.used_wrap, n)
 
-    def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
+    def push_heads(self, heads: np.ndarray) -> None:
+        """``push_many`` of (head, 0) for every head, in order."""
+        self.push_many(np.column_stack((heads, np.zeros(heads.size, np.int64))))
+
+    def push_many(self, elems: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Return chains: one used descriptor each, in order, the first one's flags last."""
         n = len(elems)
         if n == 0:

@@ -144,6 +144,51 @@ class Chain:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainBatch:
+    """The chains one ``pop_batch`` took, in ring order, as arrays.
+
+    Chain ``k`` goes back with used element ``heads[k]``. It is *plain* (``plain[k]``) when it
+    is one descriptor that passed every check: its one buffer is ``addrs[k]``, ``lens[k]``,
+    writable when ``writable[k]``. Any other chain was walked like ``pop`` walks it and is
+    ``walked[k]`` (a ``Chain``, with ``error`` set when malformed). The arrays are the batch's
+    own copies (never views of guest memory)."""
+
+    heads: np.ndarray     # intp (n,)
+    addrs: np.ndarray     # uint64 (n,)
+    lens: np.ndarray      # uint64 (n,)
+    writable: np.ndarray  # bool (n,)
+    plain: np.ndarray     # bool (n,)
+    walked: dict[int, Chain]
+
+    def __len__(self) -> int:
+        return int(self.heads.size)
+
+    def chain(self, k: int) -> Chain:
+        """Chain ``k`` as a ``Chain`` (what ``pop_many`` returns in position ``k``)."""
+        if not self.plain[k]:
+            return self.walked[k]
+        buf = ((int(self.addrs[k]), int(self.lens[k])),)
+        return Chain(int(self.heads[k]), (), buf) if self.writable[k] else \
+            Chain(int(self.heads[k]), buf, ())
+
+    def chains(self) -> list[Chain]:
+        if not self.walked:
+            return [Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ())
+                    for h, a, ln, w in zip(self.heads.tolist(), self.addrs.tolist(),
+                                           self.lens.tolist(), self.writable.tolist(),
+                                           strict=True)]
+        return [self.chain(k) for k in range(len(self))]
+
+    @classmethod
+    def of_chains(cls, chains: Sequence[Chain]) -> ChainBatch:
+        """A batch of already walked chains (a ring format without a batched pop)."""
+        n = len(chains)
+        zeros = np.zeros(n, np.uint64)
+        return cls(np.fromiter((c.head for c in chains), np.intp, n), zeros, zeros.copy(),
+                   np.zeros(n, np.bool_), np.zeros(n, np.bool_), dict(enumerate(chains)))
+
+
+@dataclass(frozen=True, slots=True)
 class VirtqueueState:
     """Everything a queue remembers besides guest memory (conventions 8): enough to save a
     device and resume it elsewhere (vhost-user GET/SET_VRING_BASE carry ``last_avail_idx``)."""
@@ -224,17 +269,18 @@ class QueueCommon:
         return False
 
     def _contains_many(self, addrs: np.ndarray, lens: np.ndarray) -> np.ndarray:
-        """Vectorised ``_contains`` for non-zero lengths (uint64 arithmetic, no overflow)."""
-        ok = np.zeros(addrs.shape, dtype=np.bool_)
+        """Vectorised ``_contains`` for non-zero lengths (uint64 arithmetic)."""
+        ok: np.ndarray | None = None
         for gpa, size in self._ranges():
-            start = np.uint64(gpa)
-            # a >= start and (a - start) + n <= size, written so nothing wraps in uint64:
-            # n <= size and (a - start) <= size - n.
-            fits = (addrs >= start) & (lens <= np.uint64(size))
-            off = np.where(fits, addrs - start, np.uint64(0))
-            room = np.where(fits, np.uint64(size) - np.minimum(lens, np.uint64(size)), np.uint64(0))
-            ok |= fits & (off <= room)
-        return ok
+            start, sz = np.uint64(gpa), np.uint64(size)
+            # a >= start and (a - start) + n <= size, as n <= size and (a - start) <= size - n.
+            # The two differences may wrap in uint64, but only where a term beside them in the
+            # conjunction is already false.
+            fits = (lens <= sz) & (addrs >= start) & (addrs - start <= sz - lens)
+            ok = fits if ok is None else ok | fits
+            if ok.all():
+                break  # the common case: every buffer in the first range (RAM)
+        return ok if ok is not None else np.zeros(addrs.shape, dtype=np.bool_)
 
     # -- chain contents ----------------------------------------------------------------------
     def _buffer(self, where: str, i: int, addr: int, length: int, flags: int, total: int,
@@ -414,11 +460,16 @@ class DeviceVirtqueue(QueueCommon):
         """Every available chain (at most ``max_n``), batched. Same results as repeated pop().
 
         A bad head (V-2) anywhere in the batch raises RingBroken and consumes nothing."""
+        return self.pop_batch(max_n).chains()
+
+    def pop_batch(self, max_n: int | None = None) -> ChainBatch:
+        """``pop_many`` as arrays (``ChainBatch``): the same chains, checks, counters and log
+        lines, without a ``Chain`` object per plain chain."""
         n = self.pending()
         if max_n is not None:
             n = min(n, max_n)
         if n <= 0:
-            return []
+            return ChainBatch.of_chains(())
         heads = self._read_heads(n)
         bad = np.flatnonzero(heads >= self.size)
         if bad.size:
@@ -430,26 +481,16 @@ class DeviceVirtqueue(QueueCommon):
         flags = rows["flags"]
         lens = rows["len"].astype(np.uint64)
         addrs = rows["addr"]
-        # Plain one-descriptor chains that pass every check take the batched path; the rest are
-        # walked one by one, which also produces their error, counter and log line.
+        # Plain one-descriptor chains that pass every check stay arrays; the rest are walked
+        # one by one, in ring order, which also produces their error, counter and log line.
         ok = ((flags & _NEXT_OR_INDIRECT) == 0) & (lens > 0)
         ok &= self._contains_many(addrs, lens)
-        wr = (flags & VIRTQ_DESC_F_WRITE) != 0
-        if ok.all():
-            chains = [Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ())
-                      for h, a, ln, w in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
-                                             wr.tolist(), strict=True)]
-        else:
-            chains = []
-            for h, a, ln, w, good, row in zip(heads.tolist(), addrs.tolist(), lens.tolist(),
-                                              wr.tolist(), ok.tolist(), rows.tolist(),
-                                              strict=True):
-                if good:
-                    chains.append(Chain(h, (), ((a, ln),)) if w else Chain(h, ((a, ln),), ()))
-                else:
-                    chains.append(self._walk(h, row, table))
+        walked: dict[int, Chain] = {}
+        if not ok.all():
+            for k in np.flatnonzero(~ok).tolist():
+                walked[k] = self._walk(int(heads[k]), rows[k].item(), table)
         self._consume(n)
-        return chains
+        return ChainBatch(heads, addrs, lens, (flags & VIRTQ_DESC_F_WRITE) != 0, ok, walked)
 
     def _consume(self, n: int) -> None:
         new = (self.last_avail_idx + n) & 0xFFFF
@@ -573,13 +614,23 @@ class DeviceVirtqueue(QueueCommon):
             raise self._area_broken("used ring", self.device, e) from None
         self._used_idx = new
 
-    def push_many(self, elems: Sequence[tuple[int, int]]) -> None:
+    def push_heads(self, heads: np.ndarray) -> None:
+        """``push_many`` of (head, 0) for every head, in order."""
+        self._push(heads, np.zeros(1, np.int64))
+
+    def push_many(self, elems: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Return many chains with one numpy write per contiguous run and one used.idx publish."""
         n = len(elems)
         if n == 0:
             return
         arr = np.asarray(elems, dtype=np.int64).reshape(n, 2)
-        heads, lens = arr[:, 0], arr[:, 1]
+        self._push(arr[:, 0], arr[:, 1])
+
+    def _push(self, heads: np.ndarray, lens: np.ndarray) -> None:
+        """Used elements (heads[k], lens[k]); ``lens`` may be one value for every head."""
+        n = int(heads.size)
+        if n == 0:
+            return
         if (heads.min() < 0 or heads.max() >= self.size
                 or lens.min() < 0 or lens.max() >= _U32_LIMIT):
             raise ValueError(f"{self.name}: used elements out of range (head < {self.size}, "
@@ -596,7 +647,7 @@ class DeviceVirtqueue(QueueCommon):
                 gpa = ring + USED_ELEM_SIZE * slot
                 view = self.mem.array(gpa, USED_ELEM_DTYPE, hi - lo, writable=True)
                 view["id"] = heads[lo:hi]
-                view["len"] = lens[lo:hi]
+                view["len"] = lens if lens.size == 1 else lens[lo:hi]
                 self.mem.mark_dirty(gpa, USED_ELEM_SIZE * (hi - lo))
             self.mem.write(self.device + 2, _U16.pack(new))
         except GuestMemoryError as e:

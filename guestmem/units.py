@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import NewType
 
+import numpy as np
+
 Gpa = NewType("Gpa", int)  # guest physical address, bytes
 Pfn = NewType("Pfn", int)  # guest page frame number (4 KiB units)
 PageCount = NewType("PageCount", int)
@@ -43,6 +45,21 @@ def whole_pages_in(gpa: int, length: int) -> tuple[Pfn, PageCount]:
     first = (gpa + PAGE_MASK) >> PAGE_SHIFT
     end = (gpa + length) >> PAGE_SHIFT
     return Pfn(first), PageCount(max(0, end - first))
+
+
+def whole_pages_in_arrays(gpas: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``whole_pages_in`` for arrays of ranges (uint64 or int64): first pfns and counts, int64.
+    Written so that no intermediate wraps for any range ending at or below 2^64."""
+    a = gpas.astype(np.uint64, copy=False)
+    n = lengths.astype(np.uint64, copy=False)
+    shift, mask = np.uint64(PAGE_SHIFT), np.uint64(PAGE_MASK)
+    if not ((a | n) & mask).any():  # page-aligned ranges of whole pages (what Linux hints)
+        return (a >> shift).astype(np.int64), (n >> shift).astype(np.int64)
+    off = a & mask
+    first = (a >> shift) + (off != 0)
+    end = (a >> shift) + ((off + n) >> shift)
+    count = np.where(end > first, end - first, np.uint64(0))
+    return first.astype(np.int64), count.astype(np.int64)
 
 
 def is_page_aligned(x: int) -> bool:

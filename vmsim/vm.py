@@ -199,7 +199,7 @@ class SimVM:
 
     def _host_effect(self, e: Effect) -> None:
         if isinstance(e, PagesHinted):
-            self.migration.hint(e.cmd_id, e.ranges)
+            self.migration.hint_pages(e.cmd_id, e.first_pfn, e.count)
         elif isinstance(e, HintRoundStopped):
             self.migration.round_stopped(e.cmd_id)
 

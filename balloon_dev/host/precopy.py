@@ -241,8 +241,9 @@ class PrecopyMigration:
         self._accepting = False      # a hint round is open (between AFTER and BEFORE sync)
         self._cmd_ids_seen: set[int] = set()
         self._stopped_ids: set[int] = set()  # rounds the device reported over: later hints stale
-        # hints waiting for the host's hint thread: (sync generation, cmd_id, first_pfn, count)
-        self._queue: deque[tuple[int, int, int, int]] = deque()
+        # hint batches waiting for the host's hint thread: (sync generation the batch arrived in
+        # or -1 if its round was over by then, cmd_id, first pfns, page counts)
+        self._queue: deque[tuple[int, int, np.ndarray, np.ndarray]] = deque()
         self._sync_gen = 0  # bumped by every bitmap sync: a hint from an older one is stale
         # QEMU's migration thread holds bitmap_mutex while it sends a batch of pages; hints wait.
         self._mutex_busy_until = 0.0
@@ -454,23 +455,53 @@ class PrecopyMigration:
 
     # -- hints ---------------------------------------------------------------------------------
     def hint(self, cmd_id: int, ranges: Iterable[tuple[int, int]]) -> None:
-        """The device reports free pages ``ranges`` [(gpa, len)] under ``cmd_id``. Pages wholly
-        inside a range may be skipped in this round (QEMU ``qemu_guest_free_page_hint``)."""
+        """Free page hints as ranges [(gpa, len)] under ``cmd_id``: the pages wholly inside
+        each range (``hint_pages``). A range outside RAM, or empty, is a bad hint."""
         if self.phase in ("idle", "done", "cancelled"):
-            # No migration running: QEMU ignores hints then (5.5).
             return
-        gen = -1 if cmd_id in self._stopped_ids else self._sync_gen
+        firsts: list[int] = []
+        counts: list[int] = []
+        received = bad = 0
         for gpa, length in ranges:
-            self.stats.hints_received += 1
+            received += 1
             if gpa < 0 or length <= 0 or gpa + length > self.ram_pages << PAGE_SHIFT:
-                self.stats.bad_hints += 1
+                bad += 1
                 log.warning("hint outside RAM: gpa=%#x len=%#x", gpa, length)
                 continue
             first, count = whole_pages_in(gpa, length)
-            if count == 0:
-                continue
-            self._queue.append((gen, cmd_id, int(first), int(count)))
-            self.stats.hinted_pages += int(count)
+            firsts.append(first)
+            counts.append(count)
+        self.stats.hints_received += received
+        self.stats.bad_hints += bad
+        self._queue_hints(cmd_id, np.array(firsts, np.int64), np.array(counts, np.int64))
+
+    def hint_pages(self, cmd_id: int, first_pfn: np.ndarray, count: np.ndarray) -> None:
+        """The device's ``PagesHinted``: ``count[i]`` free pages from ``first_pfn[i]`` under
+        ``cmd_id`` may be skipped in this round (QEMU ``qemu_guest_free_page_hint``). Hints
+        reaching past RAM are bad hints."""
+        if self.phase in ("idle", "done", "cancelled"):
+            # No migration running: QEMU ignores hints then (5.5).
+            return
+        n = int(first_pfn.size)
+        self.stats.hints_received += n
+        bad = (first_pfn < 0) | (count < 0) | (first_pfn > self.ram_pages - count)
+        if bad.any():
+            k = int(np.argmax(bad))
+            self.stats.bad_hints += int(np.count_nonzero(bad))
+            log.warning("hint outside RAM: first pfn %#x, %#x pages (%d such hints)",
+                        int(first_pfn[k]), int(count[k]), int(np.count_nonzero(bad)))
+            first_pfn, count = first_pfn[~bad], count[~bad]
+        self._queue_hints(cmd_id, first_pfn, count)
+
+    def _queue_hints(self, cmd_id: int, first: np.ndarray, count: np.ndarray) -> None:
+        """Queue one batch of hints for the hint thread (those with at least one page)."""
+        keep = count > 0
+        if not keep.all():
+            first, count = first[keep], count[keep]
+        if count.size:
+            gen = -1 if cmd_id in self._stopped_ids else self._sync_gen
+            self._queue.append((gen, cmd_id, first, count))
+            self.stats.hinted_pages += int(count.sum())
         self._kick_hint_thread()
 
     def round_stopped(self, cmd_id: int) -> None:
@@ -481,7 +512,7 @@ class PrecopyMigration:
 
     def _kick_hint_thread(self) -> None:
         if self._hint_event is None and self._queue and self.phase == "precopy":
-            count = self._queue[0][3]
+            count = int(self._queue[0][3][0])  # the thread starts with the first queued hint
             dt = self.cost.host_hint_s + count * self.cost.host_hint_page_s
             start = max(self.sched.now + dt, self._mutex_busy_until)
             self._hint_event = self.sched.at(start, self._hint_thread)
@@ -500,7 +531,10 @@ class PrecopyMigration:
         dt = 0.0
         while self._queue:
             gen, cmd_id, first, count = self._queue.popleft()
-            dt += self.cost.host_hint_s + count * self.cost.host_hint_page_s
+            # Each hint costs host_hint_s + its pages; summed in order, as one hint at a time
+            # would (np.add.accumulate adds left to right, like a loop).
+            per = self.cost.host_hint_s + count * self.cost.host_hint_page_s
+            dt = float(np.add.accumulate(np.concatenate(([dt], per)))[-1])
             self._apply(gen, cmd_id, first, count)
         self._cancel_hint_thread()  # nothing left for it to do
         return dt
@@ -510,21 +544,20 @@ class PrecopyMigration:
             self.sched.cancel(self._hint_event)
             self._hint_event = None
 
-    def _apply(self, gen: int, cmd_id: int, first: int, count: int) -> None:
-        # ``gen`` is the sync generation the hint arrived in, -1 if its round had already been
-        # reported stopped then (``hint``).
+    def _apply(self, gen: int, cmd_id: int, first: np.ndarray, count: np.ndarray) -> None:
+        """Apply one batch of hints (``gen``: the sync generation it arrived in, -1 if its
+        round had already been reported stopped then)."""
+        n = int(count.size)
         stale = not (self._accepting and gen == self._sync_gen)
         if stale and not self.params.accept_stale_hints:
-            self.stats.stale_hints_dropped += 1
+            self.stats.stale_hints_dropped += n
             return
         if stale:
-            self.stats.stale_hints_applied += 1
+            self.stats.stale_hints_applied += n
         self._cmd_ids_seen.add(cmd_id)
         # 4.4 rule 5 / 5.7: only "to send in this round" is cleared, never the dirty log.
-        window = self.to_send[first:first + count]
-        cleared = int(np.count_nonzero(window))
+        cleared = clear_pages(self.to_send, first, count)
         if cleared:
-            window[:] = False
             self.stats.pages_skipped_hint += cleared
             if stale:
                 self.stats.stale_pages_skipped += cleared
@@ -535,7 +568,7 @@ class PrecopyMigration:
         """A sync is about to happen: hints of the ending round still waiting are stale."""
         if self.params.accept_stale_hints:
             return
-        self.stats.stale_hints_dropped += len(self._queue)
+        self.stats.stale_hints_dropped += sum(int(b[3].size) for b in self._queue)
         self._queue.clear()
         self._cancel_hint_thread()
 
@@ -562,6 +595,38 @@ class PrecopyMigration:
 
     def round_series(self) -> list[int]:
         return [r.pages_sent for r in self.rounds]
+
+
+def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
+    """Clear ``bits[first[i]:first[i] + count[i]]`` for every i; return how many bits were set
+    before (each page counted once, however many ranges cover it).
+
+    Linux hints blocks of one order, aligned to their size: the hints of one such size are rows
+    of a (blocks, size) view of ``bits``, cleared with one gather and one scatter whatever
+    their number. Ranges of any other shape are cleared one slice at a time."""
+    cleared = 0
+    lo, hi = int(count.min(initial=0)), int(count.max(initial=0))
+    sizes = np.array([lo]) if lo == hi else np.unique(count)
+    for c in sizes.tolist():
+        f = first if sizes.size == 1 else first[count == c]
+        if c & (c - 1) == 0 and not (f & (c - 1)).any():
+            blocks = bits[:bits.size - bits.size % c].reshape(-1, c)
+            rows = f // c
+            if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+                rows = np.unique(rows)  # a page covered twice is cleared (and counted) once
+            sub = blocks[rows]
+            k = int(np.count_nonzero(sub))
+            if k:
+                blocks[rows] = False
+                cleared += k
+        else:
+            for a in f.tolist():
+                window = bits[a:a + c]
+                k = int(np.count_nonzero(window))
+                if k:
+                    window[:] = False
+                    cleared += k
+    return cleared
 
 
 def verify_pages(

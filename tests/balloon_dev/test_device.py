@@ -373,7 +373,7 @@ def test_hint_round():
     h.post_in(Q.FREE_PAGE, [(0x800000, 0x400000)])
     h.post_in(Q.FREE_PAGE, [(0xC00000, 0x400000)])
     eff = h.kick(Q.FREE_PAGE)
-    assert eff == [PagesHinted(cid, ((0x800000, 0x400000), (0xC00000, 0x400000))),
+    assert eff == [PagesHinted.from_ranges(cid, ((0x800000, 0x400000), (0xC00000, 0x400000))),
                    NotifyQueue(fq)]
     assert h.read_cmd_id() == cid  # still the id while START
     gen = h.dev.config_generation
@@ -477,7 +477,7 @@ def test_hint_ranges_beyond_ram_dropped():
     h.post_in(Q.FREE_PAGE, [(0x800000, 0x400000)])
     h.post_chain(Q.FREE_PAGE, [(0xC00000, 0x400000, True)])
     eff = h.kick(Q.FREE_PAGE)
-    assert eff[0] == PagesHinted(cid, ((0x800000, 0x400000), (0xC00000, 0x400000)))
+    assert eff[0] == PagesHinted.from_ranges(cid, ((0x800000, 0x400000), (0xC00000, 0x400000)))
 
 
 # -- reset --------------------------------------------------------------------------------------

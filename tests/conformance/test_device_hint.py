@@ -75,7 +75,7 @@ def test_pages_under_non_current_id_ignored():
     assert hinted(h.kick(Q.FREE_PAGE)) == []
     h.post_out(Q.FREE_PAGE, cmd(new))
     h.post_in(Q.FREE_PAGE, [(0x400000, BLOCK)])
-    assert hinted(h.kick(Q.FREE_PAGE)) == [PagesHinted(new, ((0x400000, BLOCK),))]
+    assert hinted(h.kick(Q.FREE_PAGE)) == [PagesHinted.from_ranges(new, ((0x400000, BLOCK),))]
 
 
 @pytest.mark.spec("D-11")
@@ -89,7 +89,7 @@ def test_hints_attributed_only_to_the_round_they_follow():
     h.post_out(Q.FREE_PAGE, cmd(cid))
     h.post_in(Q.FREE_PAGE, [(0xC00000, BLOCK)])
     eff = h.kick(Q.FREE_PAGE)
-    assert hinted(eff) == [PagesHinted(cid, ((0xC00000, BLOCK),))]
+    assert hinted(eff) == [PagesHinted.from_ranges(cid, ((0xC00000, BLOCK),))]
 
 
 @pytest.mark.spec("D-12")

@@ -44,8 +44,8 @@ def test_hint_round_is_logged(ctl: tuple[HostControl, Client, Clock]) -> None:
     cmd_id = ans["return"]["cmd-id"]
     assert cmd_id == c.rd(BAR4, vp.DEVICE_CFG_OFFSET + 8, 4) == 0x80000001
     clock.t += 2.5
-    hc.on_effects([PagesHinted(cmd_id, ((0, BLOCK), (BLOCK, BLOCK))),
-                   PagesHinted(cmd_id, ((0x123000, 0x1000), (1 << 40, BLOCK))),
+    hc.on_effects([PagesHinted.from_ranges(cmd_id, ((0, BLOCK), (BLOCK, BLOCK))),
+                   PagesHinted.from_ranges(cmd_id, ((0x123000, 0x1000), (1 << 40, BLOCK))),
                    HintRoundStopped(cmd_id)])
     r = hc.execute({"execute": "stats"})["return"]["rounds"][0]
     assert r == {"cmd_id": cmd_id, "requested_at": 100.0, "hints": 4,

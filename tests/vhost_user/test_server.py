@@ -190,7 +190,7 @@ def test_host_call_sends_config_change_and_hints_arrive() -> None:
 
     _server, effects, cmd_id = run_with_server(client)
     hints = [e for e in effects if isinstance(e, PagesHinted)]
-    assert hints == [PagesHinted(cmd_id, ((0x200000, 0x200000),))]
+    assert hints == [PagesHinted.from_ranges(cmd_id, ((0x200000, 0x200000),))]
 
 
 def test_second_frontend_refused_then_next_one_gets_a_reset_device() -> None:
