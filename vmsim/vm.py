@@ -50,7 +50,14 @@ import numpy as np
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import Effect, HintRoundStopped, PagesHinted, PrecopyEvent
-from balloon_dev.host.precopy import CostModel, MigrationParams, PrecopyMigration, VerifyResult
+from balloon_dev.host.precopy import (
+    NORMAL_PAGE_BYTES,
+    ZERO_PAGE_BYTES,
+    CostModel,
+    MigrationParams,
+    PrecopyMigration,
+    VerifyResult,
+)
 from balloon_dev.transport.inprocess import InProcessTransport
 from guest_model.buddy import MIGRATE_UNMOVABLE, BuddyAllocator
 from guest_model.guest import GuestOptions, SimGuest
@@ -367,4 +374,8 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
         guest_held_pages=vm.held_at_switch,
         device_counters={k: int(v) for k, v in vm.dev.counters.items() if v},
         guest_counters=vm.guest_counters(), error=mig.error,
+        bytes_per_round=[r.zero_pages * ZERO_PAGE_BYTES
+                         + (r.pages_sent - r.zero_pages) * NORMAL_PAGE_BYTES for r in mig.rounds],
+        skipped_per_round=[r.pages_skipped_hint for r in mig.rounds],
+        round_end_us=[round(r.end_s * 1e6) for r in mig.rounds],
     )

@@ -26,11 +26,21 @@ def test_migrate_all_modes_json_and_plot(tmp_path, capsys) -> None:
     for label in ("pages sent", "pages skipped by hints", "stale hints dropped", "verified",
                   "off", "walk", "capture"):
         assert label in out
-    data = json.loads(js.read_text())
+    doc = json.loads(js.read_text())
+    assert doc["schema_version"] == 1 and doc["kind"] == "migrate"
+    assert doc["scenario"] == "small-idle" and doc["interrupted"] is None
+    data = doc["results"]
     assert [d["mode"] for d in data] == ["off", "walk", "capture"]
     for d in data:
         assert JSON_KEYS <= d.keys()
         assert d["verified"] is True and d["page_size"] == 4096
+        n = len(d["pages_per_round"])
+        assert n == d["rounds"] and len(d["bytes_per_round"]) == len(d["skipped_per_round"]) \
+            == len(d["round_end_us"]) == n
+        assert sum(d["bytes_per_round"]) == d["bytes_sent"]
+        assert sum(d["skipped_per_round"]) == d["pages_skipped_hint"]
+        assert abs(d["round_end_us"][-1] / 1e6 - d["total_time_s"]) < 1e-5
+        assert d["round_end_us"] == sorted(d["round_end_us"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,3 +109,35 @@ def test_fidelity_unwritable_json_is_refused_before_the_run(tmp_path, capsys) ->
     out = tmp_path / "missing" / "x.json"
     assert main(["fidelity", "--json", str(out)]) == 2
     assert f"--json {out}: folder" in " ".join(capsys.readouterr().out.split())
+
+
+def test_plot_panels(tmp_path) -> None:
+    """the plot (looked at by eye too): per mode bytes and pages skipped per round on whole
+    round numbers, a time line with the downtime, and totals against the published figures"""
+    import matplotlib.pyplot as plt
+
+    from vmsim import report
+    from vmsim.scenario import load_builtin
+    from vmsim.vm import run_scenario
+
+    scn = load_builtin("small-idle")
+    results = [run_scenario(scn, m) for m in ("off", "walk", "capture")]
+    fig = report.plot_figure(results, {"without_hints_ms": 50.0, "with_hints_ms": 20.0})
+    try:
+        ax_bytes, ax_time, ax_skip, ax_total = fig.axes
+        assert [a.get_title() for a in fig.axes] == [
+            "bytes sent per round", "rounds over time (hatched: stop-and-copy = downtime)",
+            "pages skipped by hints per round", "total time vs published"]
+        for ax in (ax_bytes, ax_skip):
+            assert len(ax.get_lines()) == 3
+            assert all(float(t).is_integer() for t in ax.get_xticks())
+        # one bar per round per mode on the time line, hatched last
+        assert len(ax_time.collections) == sum(r.rounds for r in results)
+        assert [t.get_text() for t in ax_time.get_yticklabels()] == ["off", "walk", "capture"]
+        assert len(ax_total.collections) == 2  # the two published totals
+        texts = " ".join(t.get_text() for t in ax_total.texts)
+        assert "published, no hints: 0.05 s" in texts and "with hints: 0.02 s" in texts
+        # coinciding modes are told apart by marker
+        assert len({ln.get_marker() for ln in ax_bytes.get_lines()}) == 3
+    finally:
+        plt.close(fig)

@@ -104,7 +104,7 @@ def test_migrate_cli_exits_1_with_the_error(tmp_path: Path,
     assert "Traceback" not in err
     assert "error: mode off: did not converge within 0.3 s simulated" in err
     assert "verification failed" not in err  # not a quiet verified = false
-    (res,) = json.loads(out.read_text(encoding="utf-8"))
+    (res,) = json.loads(out.read_text(encoding="utf-8"))["results"]
     assert res["error"].startswith("did not converge") and res["verified"] is False
 
 

@@ -57,7 +57,7 @@ def test_rows_are_migrate_json_plus_point(client, tmp_path) -> None:
     js = tmp_path / "m.json"
     assert main(["migrate", "--builtin", "small-idle", "--mode", "walk", "--seed", "2",
                  "--json", str(js)]) == 0
-    (ref,) = json.loads(js.read_text())
+    (ref,) = json.loads(js.read_text())["results"]
     (row,) = [r for r in rows if r["hinting.mode"] == "walk" and r["sweep_seed"] == 2
               and r["migration.bandwidth"] == "10Gbit/s"]
     for k, v in ref.items():
