@@ -44,6 +44,15 @@ class DirtyLog:
         v.flags.writeable = False
         return v
 
+    def merge_into(self, target: np.ndarray) -> int:
+        """``target |= pages written since the previous sync``, then clear the log, as
+        ``sync`` does but with no copy of the log; returns how many pages were written."""
+        n = int(np.count_nonzero(self._bits))
+        if n:
+            np.logical_or(target, self._bits, out=target)
+            self._bits[:] = False
+        return n
+
     def sync(self) -> np.ndarray:
         """Pages written since the previous sync (a copy); the log is cleared."""
         out = self._bits.copy()

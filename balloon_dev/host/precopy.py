@@ -354,10 +354,8 @@ class PrecopyMigration:
         # protocol.md 4.4 rule 6: from here on nothing of the old round may touch the bitmap.
         self._accepting = False
         self._close_hint_queue()
-        dirty = self.dirty_log.sync()
+        n = self.dirty_log.merge_into(self.to_send)  # no copy of the log
         self._sync_gen += 1
-        n = int(np.count_nonzero(dirty))
-        np.logical_or(self.to_send, dirty, out=self.to_send)
         if vm_running:
             self._accepting = True  # the device opens a new hint round in AFTER_BITMAP_SYNC
         self._notify(PrecopyEvent.AFTER_BITMAP_SYNC, vm_running)
