@@ -86,6 +86,9 @@ log = logging.getLogger(__name__)
 PAGE_HEADER_BYTES = 8
 ZERO_PAGE_BYTES = PAGE_HEADER_BYTES + 1
 NORMAL_PAGE_BYTES = PAGE_HEADER_BYTES + PAGE_SIZE
+#: Pages one numpy pass of the sender or the verifier covers: bounds their temporaries (a few
+#: bytes per page, so tens of MiB) whatever the RAM size.
+SEND_PIECE = 1 << 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,34 +318,58 @@ class PrecopyMigration:
     def _send_range(self, lo: int, hi: int, rnd: RoundRecord) -> float:
         """Send every page still marked in ``to_send[lo:hi]``; return the simulated time it takes.
         The destination gets the content as of now; writes during the transfer are in the dirty
-        log and go again next round."""
+        log and go again next round. Works in pieces of ``SEND_PIECE`` pages, so a whole-RAM
+        call (the stop-and-copy) makes no RAM-sized temporaries."""
+        nz = nn = 0
+        for a in range(lo, hi, SEND_PIECE):
+            z, n = self._send_piece(a, min(hi, a + SEND_PIECE))
+            nz += z
+            nn += n
+        if nz or nn:
+            rnd.pages_sent += nz + nn
+            rnd.zero_pages += nz
+            self.stats.pages_sent += nz + nn
+            self.stats.zero_pages += nz
+            self.stats.bytes_sent += nz * ZERO_PAGE_BYTES + nn * NORMAL_PAGE_BYTES
+        return (hi - lo) * self.cost.bitmap_bit_s + nz * self._zero_cost + nn * self._normal_cost
+
+    def _send_piece(self, lo: int, hi: int) -> tuple[int, int]:
+        """Send the marked pages of ``to_send[lo:hi]``: (zero pages, normal pages)."""
         window = self.to_send[lo:hi]
-        idx = np.flatnonzero(window)
-        dt = (hi - lo) * self.cost.bitmap_bit_s
-        if idx.size == 0:
-            return dt
-        pfns = idx + lo
-        window[idx] = False
-        src = self.versions.version[pfns]
-        self.dest_version[pfns] = src
-        is_zero = src == ZERO
-        for first, npages, mv, dest in self._byte_regions:
-            # Pages that are real bytes: copy them and decide zero-ness from their bytes.
-            sel = (pfns >= first) & (pfns < first + npages)
-            if sel.any():
-                pages = np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE)
-                rel = pfns[sel] - first
-                chunk = pages[rel]
-                dest.reshape(npages, PAGE_SIZE)[rel] = chunk
-                is_zero[sel] = ~chunk.any(axis=1)
+        nset = int(np.count_nonzero(window))
+        if nset == 0:
+            return 0, 0
+        pages_of = [(first, np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE),
+                     dest.reshape(npages, PAGE_SIZE), first + npages)
+                    for first, npages, mv, dest in self._byte_regions]
+        if nset == hi - lo:
+            # Every page marked (the bulk pass, a heavily written range): slices only.
+            src = self.versions.version[lo:hi]
+            self.dest_version[lo:hi] = src
+            window[:] = False
+            is_zero = src == ZERO
+            for first, pages, dest_pages, end in pages_of:
+                a, b = max(lo, first), min(hi, end)
+                if a < b:
+                    # Pages that are real bytes: copy them; their zero-ness is their bytes'.
+                    chunk = pages[a - first:b - first]
+                    dest_pages[a - first:b - first] = chunk
+                    is_zero[a - lo:b - lo] = ~chunk.any(axis=1)
+        else:
+            pfns = np.flatnonzero(window) + lo
+            window[pfns - lo] = False
+            src = self.versions.version[pfns]
+            self.dest_version[pfns] = src
+            is_zero = src == ZERO
+            for first, pages, dest_pages, end in pages_of:
+                sel = (pfns >= first) & (pfns < end)
+                if sel.any():
+                    rel = pfns[sel] - first
+                    chunk = pages[rel]
+                    dest_pages[rel] = chunk
+                    is_zero[sel] = ~chunk.any(axis=1)
         nz = int(np.count_nonzero(is_zero))
-        nn = int(pfns.size) - nz
-        rnd.pages_sent += int(pfns.size)
-        rnd.zero_pages += nz
-        self.stats.pages_sent += int(pfns.size)
-        self.stats.zero_pages += nz
-        self.stats.bytes_sent += nz * ZERO_PAGE_BYTES + nn * NORMAL_PAGE_BYTES
-        return dt + nz * self._zero_cost + nn * self._normal_cost
+        return nz, nset - nz
 
     def _sync_cost(self, dirty: int) -> float:
         return self.ram_pages * self.cost.sync_page_s + dirty * self.cost.sync_dirty_page_s
@@ -650,29 +677,47 @@ def verify_pages(
     n = src_version.size
     if in_use.shape != (n,) or dest_version.shape != (n,):
         raise MigrationError("verifier arrays do not cover the same RAM")
-    held_mask = held if held is not None else np.zeros(n, dtype=np.bool_)
-    check = in_use & ~held_mask
-    byte_mask = np.zeros(n, dtype=np.bool_)
-    bad_bytes: list[np.ndarray] = []
-    for first, npages, mv, dest in byte_regions:
-        byte_mask[first:first + npages] = True
-        src_pages = np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE)
-        differs = (src_pages != dest.reshape(npages, PAGE_SIZE)).any(axis=1)
-        rel = np.flatnonzero(differs & check[first:first + npages])
-        bad_bytes.append(rel + first)
-    mism = check & ~byte_mask & (src_version != dest_version)
-    mism_pfns = np.flatnonzero(mism)
-    if bad_bytes:
-        mism_pfns = np.union1d(mism_pfns, np.concatenate(bad_bytes))
-    poison_pfns = np.zeros(0, dtype=np.int64)
-    if page_poison:
-        free = ~in_use & ~held_mask & ~byte_mask
-        poison_pfns = np.flatnonzero(free & (dest_version != poison_version))
+    if held is not None and held.shape != (n,):
+        raise MigrationError("verifier arrays do not cover the same RAM")
+    regions = [(first, first + npages,
+                np.frombuffer(mv, np.uint8).reshape(npages, PAGE_SIZE),
+                dest.reshape(npages, PAGE_SIZE)) for first, npages, mv, dest in byte_regions]
+    mism_n = poison_n = checked = 0
+    mism_first: list[int] = []
+    poison_first: list[int] = []
+    # In pieces: the masks below are a few bytes per page, so never RAM-sized.
+    for lo in range(0, n, SEND_PIECE):
+        hi = min(n, lo + SEND_PIECE)
+        check = in_use[lo:hi].copy()
+        if held is not None:
+            check &= ~held[lo:hi]
+        checked += int(np.count_nonzero(check))
+        byte_mask = np.zeros(hi - lo, dtype=np.bool_)
+        bad = [np.zeros(0, np.int64)]
+        for first, end, src_pages, dest_pages in regions:
+            a, b = max(lo, first), min(hi, end)
+            if a >= b:
+                continue
+            byte_mask[a - lo:b - lo] = True
+            differs = (src_pages[a - first:b - first] != dest_pages[a - first:b - first]).any(
+                axis=1)
+            bad.append(np.flatnonzero(differs & check[a - lo:b - lo]) + a)
+        mism = check & ~byte_mask & (src_version[lo:hi] != dest_version[lo:hi])
+        pfns = np.union1d(np.flatnonzero(mism) + lo, np.concatenate(bad))
+        mism_n += int(pfns.size)
+        mism_first.extend(pfns[:8].tolist())
+        if page_poison:
+            free = ~in_use[lo:hi] & ~byte_mask
+            if held is not None:
+                free &= ~held[lo:hi]
+            ppfns = np.flatnonzero(free & (dest_version[lo:hi] != poison_version))
+            poison_n += int(ppfns.size)
+            poison_first.extend((ppfns[:8] + lo).tolist())
     return VerifyResult(
-        verified=mism_pfns.size == 0 and poison_pfns.size == 0,
-        mismatched_pages=int(mism_pfns.size),
-        poison_violations=int(poison_pfns.size),
-        checked_pages=int(np.count_nonzero(check)),
-        first_mismatches=[int(x) for x in mism_pfns[:8]],
-        first_poison=[int(x) for x in poison_pfns[:8]],
+        verified=mism_n == 0 and poison_n == 0,
+        mismatched_pages=mism_n,
+        poison_violations=poison_n,
+        checked_pages=checked,
+        first_mismatches=sorted(mism_first)[:8],
+        first_poison=sorted(poison_first)[:8],
     )

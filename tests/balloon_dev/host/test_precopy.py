@@ -313,3 +313,27 @@ def test_hints_of_a_stopped_round_are_stale_queued_ones_still_apply() -> None:
     mig.hint(0x80000001, [(b * PAGE_SIZE, PAGE_SIZE)])  # after it: stale
     sched.run_until(sched.now + 1e-4)
     assert mig.stats.stale_hints_dropped == 1 and mig.stats.pages_skipped_hint == 1
+
+
+@pytest.mark.parametrize("piece", [7, 256, 1 << 22])
+def test_send_and_verify_pieces_do_not_change_the_result(monkeypatch, piece) -> None:
+    """The sender and the verifier work in pieces of SEND_PIECE pages (and the sender takes a
+    fully marked piece with slices only); any piece size gives the same migration and the
+    same verdict, mismatches included."""
+    import balloon_dev.host.precopy as precopy
+
+    def one(piece_size: int):
+        monkeypatch.setattr(precopy, "SEND_PIECE", piece_size)
+        sched, g, _, mig = make(hinter_blocks=[(600, 64), (1200, 300)], poison=True)
+        g.churn(0.05, 32)
+        st = mig.run()
+        dest = mig.dest_version.copy()
+        dest[[5, 700, 4000]] += 1  # planted mismatches and a poison violation
+        res = precopy.verify_pages(g.pv.version, dest, g.in_use, page_poison=True,
+                                   byte_regions=mig._byte_regions)
+        return (st.pages_sent, st.zero_pages, st.bytes_sent, st.total_time_s, res)
+
+    got = one(piece)
+    assert got == one(1 << 22)
+    res = got[-1]
+    assert res.mismatched_pages >= 1 and res.poison_violations >= 1 and 5 in res.first_mismatches
