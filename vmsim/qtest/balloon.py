@@ -38,7 +38,10 @@ socket plays for our device (``host(command, **args)`` takes ``balloon-hint ctl`
   lock that its hint handler (``qemu_guest_free_page_hint``) takes, so a stalled reader stalls
   hinting too. Returns the id (read from config space, or the last one seen if the driver
   already moved the device to START, where the field reads 0);
-* ``hint_done()`` -> QMP ``migrate_cancel``: the precopy CLEANUP notification publishes DONE;
+* ``hint_sync()`` (QEMU only, ``host("hint-sync")``): the migration runs unthrottled to its
+  next dirty-bitmap sync (STOP, then a new id) and pauses before switchover, VM stopped;
+* ``hint_done()`` -> QMP ``migrate_cancel``: the precopy CLEANUP notification publishes DONE
+  (a migration paused before switchover is cancelled too, and the VM runs again);
 * a host ``hint-stop`` does not exist in QEMU (STOP is published only just before a bitmap
   sync, and followed at once by a new id or DONE): ``host("hint-stop")`` raises
   ``HostUnsupported``.
@@ -55,6 +58,7 @@ FREE_PAGE_HINT whenever REPORTING is used): docs/qemu-deviations.md.
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -79,6 +83,8 @@ QOM_PATH = f"/machine/peripheral/{DEVICE_ID}"
 QEMU_CMD_ID_MIN = 0x80000000
 #: Bandwidth of the migration that carries a hint round (bytes/s; module docstring).
 HINT_MIGRATION_BANDWIDTH = 4096
+#: QEMU's largest migration downtime-limit (ms).
+MAX_DOWNTIME_MS = 2_000_000
 #: Non-zero RAM beyond the guest's that keeps that migration in its first pass (bytes).
 BALLAST_BYTES = 32 << 20
 _BALLAST_BYTE = 0xA5
@@ -224,7 +230,6 @@ class QemuBalloon:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.bind(path)
             s.listen(4)
-            s.settimeout(0.05)
             self._sink = s
             self._sink_thread = threading.Thread(target=self._drain_sink, daemon=True,
                                                  name="qemu-migration-sink")
@@ -233,29 +238,38 @@ class QemuBalloon:
 
     def _drain_sink(self) -> None:
         assert self._sink is not None
-        conns: list[socket.socket] = []
+        sel = selectors.DefaultSelector()
+        self._sink.setblocking(False)
+        sel.register(self._sink, selectors.EVENT_READ)
         try:
             while not self._sink_stop.is_set():
-                try:
-                    c, _ = self._sink.accept()
-                    c.setblocking(False)
-                    conns.append(c)
-                except (TimeoutError, OSError):
-                    pass
-                for c in list(conns):
+                for key, _ in sel.select(timeout=0.05):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is self._sink:
+                        try:
+                            c, _ = self._sink.accept()
+                        except OSError:
+                            continue
+                        c.setblocking(False)
+                        sel.register(c, selectors.EVENT_READ)
+                        continue
                     try:
-                        while data := c.recv(1 << 16):
-                            self.sink_bytes += len(data)
-                        conns.remove(c)  # end of stream
-                        c.close()
+                        data = sock.recv(1 << 20)
                     except BlockingIOError:
-                        pass
+                        continue
                     except OSError:
-                        conns.remove(c)
-                        c.close()
+                        data = b""
+                    if data:
+                        self.sink_bytes += len(data)
+                    else:  # end of stream
+                        sel.unregister(sock)
+                        sock.close()
         finally:
-            for c in conns:
-                c.close()
+            for key in list(sel.get_map().values()):
+                if key.fileobj is not self._sink:
+                    key.fileobj.close()  # type: ignore[union-attr]
+            sel.close()
 
     def hint_start(self) -> int:
         """Publish a new command id (a migration starts; see the module docstring)."""
@@ -270,7 +284,10 @@ class QemuBalloon:
             self._ballast_filled = True
         before = self.read_cmd_id()
         self.machine.qmp("migrate-set-parameters", **{
-            "max-bandwidth": HINT_MIGRATION_BANDWIDTH})
+            "max-bandwidth": HINT_MIGRATION_BANDWIDTH, "downtime-limit": 300})
+        # hint_sync lets the migration run to its end; it must then wait, not switch over.
+        self.machine.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": "pause-before-switchover", "state": True}])
         self.machine.qmp("migrate", uri=self._sink_uri())
         seen: list[int] = []
 
@@ -284,6 +301,24 @@ class QemuBalloon:
         self._wait(published, "a new free_page_hint_cmd_id")
         v = seen[-1]
         return v if v >= 2 else max(x for x in seen if x >= 2)
+
+    def hint_sync(self) -> int:
+        """Let the hint round's migration reach its next dirty-bitmap sync, where QEMU cannot
+        use hints: its precopy notifier publishes STOP, then a new id (each with a config
+        notification). The migration is unthrottled and given QEMU's largest downtime limit
+        (2000 s), so that what is left to send is at once under its switchover threshold: it
+        syncs once (exactly one STOP and one new id), then stops before switchover
+        (``pause-before-switchover``, set by ``hint_start``) with the VM stopped, until
+        ``hint_done`` cancels it and the VM runs again. (With a small limit QEMU syncs again
+        every iteration of its pass's tail: hundreds of ids.) Returns the id published last."""
+        if self.migration_status() not in ("setup", "active"):
+            raise UsageError("hint-sync: no hint round's migration is running (hint-start "
+                             "first)")
+        self.machine.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 40,
+                                                      "downtime-limit": MAX_DOWNTIME_MS})
+        self._wait(lambda: self.migration_status() == "pre-switchover",
+                   "the migration's end of pass (pre-switchover)")
+        return self.read_cmd_id()
 
     def hint_done(self) -> None:
         """End the migration; QEMU publishes DONE (1)."""
@@ -310,6 +345,8 @@ class QemuBalloon:
         if command == "hint-done":
             self.hint_done()
             return {}
+        if command == "hint-sync":
+            return {"cmd-id": self.hint_sync()}
         if command == "hint-stop":
             raise HostUnsupported(
                 "QEMU has no host request that publishes STOP: it publishes STOP only just "

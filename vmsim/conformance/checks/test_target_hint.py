@@ -93,6 +93,30 @@ def test_stop_published_at_reset(raw: RawGuest, host):
     assert cmd_id(raw.c) in (STOP, DONE), f"round id {cid:#x} survived a device reset"
 
 
+@pytest.mark.spec("D-8")
+def test_stop_published_at_a_dirty_bitmap_sync(raw: RawGuest, host):
+    """QEMU: when its migration syncs the dirty bitmap it cannot use hints, and publishes STOP
+    (then the next round's id): every sync moves config_generation twice and raises config
+    interrupts"""
+    if host.kind != "qemu":
+        pytest.skip("bitmap syncs are QEMU's migration's; a control socket's hint-stop is "
+                    "checked by test_stop_published_with_interrupt")
+    hinting(raw, host)
+    cid = start_round(raw, host)
+    cv = raw.c.config_vector
+    gen, irqs = raw.c.config_generation(), raw.c.irq_counts[cv]
+    new = host.host("hint-sync")["cmd-id"]
+    syncs = (new - cid) & 0xFFFFFFFF
+    assert new >= 2 and 0 < syncs < 1 << 20, f"after a sync the id reads {new:#x} (was " \
+        f"{cid:#x})"
+    moved = (raw.c.config_generation() - gen) & 0xFF  # the generation is 8 bits wide
+    assert moved == 2 * syncs & 0xFF, (
+        f"{syncs} sync(s) moved config_generation by {moved}: no STOP published before "
+        f"id {new:#x}")
+    assert wait_irq(raw.c, cv, irqs), "no config interrupt for the sync's STOP / new id"
+    host.host("hint-done")
+
+
 @pytest.mark.spec("D-10")
 def test_id_stays_published_while_the_round_runs(raw: RawGuest, host):
     """while a round runs (the driver sent the id, the device uses hints) the field still reads
