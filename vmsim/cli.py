@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "cluster); Parquet results"),
     "sweep-report": ("vmsim.cmd_sweep_report", "summarise a sweep's results: savings, time and "
                      "downtime per axis value, plots"),
+    "compare": ("vmsim.cmd_compare", "compare two runs' JSON documents (migrate or conformance "
+                "--json) side by side"),
     "conformance": ("vmsim.cmd_conformance", "run the conformance checks and list every "
                     "requirement id as PASS / FAIL / NOT COVERED"),
     "serve": ("vmsim.cmd_serve", "serve the balloon device to QEMU over vfio-user or vhost-user "
