@@ -142,6 +142,7 @@ class ResultStore:
             raise UsageError(f"--out {self.dir}: not writable")
         self._by_id: dict[str, dict[str, Any]] = {}  # point_id -> result part (latest wins)
         self.earlier_rows = 0
+        self.dropped = 0  # rows of points not in this sweep, left out by finish()
         for f in existing:
             for row in _read_rows(f):
                 self.earlier_rows += 1
