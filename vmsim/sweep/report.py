@@ -335,10 +335,13 @@ def write_plot(rows: Sequence[dict[str, Any]], desc: dict[str, Any], path: str |
     what = "bytes saved (% of bytes sent without hints)" if paired else \
         "bytes kept off the wire by hints (% of guest RAM)"
     ax0 = flat[0]
-    for m in hinted_modes:
-        xs = [share(p) for p in ps if _mode(p.row) == m]
+    by_mode = {m: [share(p) for p in ps if _mode(p.row) == m] for m in hinted_modes}
+    every = [x for xs in by_mode.values() for x in xs]
+    # one set of bins for all modes, so their bars compare
+    edges = np.histogram_bin_edges(every, bins=30) if every else 30
+    for m, xs in by_mode.items():
         if xs:
-            ax0.hist(xs, bins=30, alpha=0.55, label=f"{m} ({len(xs)} runs)")
+            ax0.hist(xs, bins=edges, alpha=0.55, label=f"{m} ({len(xs)} runs)")
     ax0.axvline(0, color="k", lw=0.8)
     ax0.set_xlabel(what)
     ax0.set_ylabel("runs")
