@@ -15,10 +15,11 @@ sorts the result into one outcome:
 * ``time limit``: the migration did not converge within ``migration.time_limit`` (the engine
   cancelled it; nothing verified) -- an answer, not a failure;
 * ``work bound``: ``SimulationTooLong`` (the run passed ``MAX_SIM_COST``) -- likewise;
-* ``known: poison + init_on_free (item 5)``: ``page_poison`` with ``init_on_free`` failed only on
-  poison (no page lost), the precedence issue 15 item 5 fixes;
 * ``known: walk loses poison (item 6)``: the seed's walk with page poisoning failed only on
-  poison: hinted free pages reach the destination as zeros (documented; item 6);
+  poison, and every violation is on a page the walk hinted (``poison_violations_from_hints``):
+  hinted free pages reach the destination as zeros, the seed's documented loss (issue 15
+  item 6). ``page_poison`` with ``init_on_free`` has no category of its own any more: since
+  issue 15 item 5 poisoning takes precedence as in Linux, and such a run must verify;
 * ``UNEXPLAINED``: any other verification failure; ``crash``: any exception. Both make the
   campaign fail; their scenario files are written to ``--keep`` for replay.
 
@@ -49,7 +50,6 @@ from vmsim.vm import FAULTS, MAX_SIM_COST, SimulationTooLong, run_scenario
 VERIFIED = "verified"
 TIME_LIMIT = "time limit (did not converge; nothing to verify)"
 WORK_BOUND = "work bound (SimulationTooLong)"
-KNOWN_ITEM5 = "known: page_poison + init_on_free (issue 15 item 5)"
 KNOWN_ITEM6 = "known: the seed's walk loses poison on hinted pages (issue 15 item 6)"
 UNEXPLAINED = "UNEXPLAINED verification failure"
 CRASH = "crash"
@@ -139,12 +139,11 @@ def classify(r: RunResult, text: str, fault: str | None) -> str:
     g = scn.guest
     if r.error is not None:
         return TIME_LIMIT
-    only_poison = r.mismatched_pages == 0 and r.poison_violations > 0
+    walk_poison = (r.mismatched_pages == 0 and r.poison_violations > 0
+                   and r.poison_violations == r.poison_violations_from_hints)
     if r.verified:
         base = VERIFIED
-    elif only_poison and g.page_poison and g.init_on_free:
-        base = KNOWN_ITEM5
-    elif only_poison and g.page_poison and r.mode == "walk":
+    elif walk_poison and g.page_poison and r.mode == "walk":
         base = KNOWN_ITEM6
     else:
         base = UNEXPLAINED
