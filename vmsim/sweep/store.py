@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
@@ -46,11 +47,24 @@ META_KEY = b"balloon-hint.sweep"
 #: Result columns that differ between two runs of the same point (timing of the host).
 NONDETERMINISTIC = ("wall_s",)
 
-_TYPES: dict[Any, pa.DataType] = {
-    int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string(),
-    str | None: pa.string(), list[int]: pa.list_(pa.int64()),
-    dict[str, int]: pa.map_(pa.string(), pa.int64()),
-}
+_SCALARS: dict[Any, pa.DataType] = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
+                                     str: pa.string()}
+
+
+def arrow_type(t: Any) -> pa.DataType:
+    """The Parquet column type of a RunResult field's annotation: scalars, ``X | None``
+    (nullable anyway), ``list[X]`` and ``dict[str, X]`` (a map), nested as needed."""
+    if t in _SCALARS:
+        return _SCALARS[t]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    origin = typing.get_origin(t)
+    if origin in (types.UnionType, typing.Union) and len(args) == 1:
+        return arrow_type(args[0])
+    if origin is list and len(args) == 1:
+        return pa.list_(arrow_type(args[0]))
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return pa.map_(pa.string(), arrow_type(args[1]))
+    raise TypeError(f"no Parquet type for {t!r}")
 
 
 def result_fields() -> list[pa.Field]:
@@ -58,9 +72,10 @@ def result_fields() -> list[pa.Field]:
     hints = typing.get_type_hints(RunResult)
     out = []
     for f in fields(RunResult):
-        t = pa.uint64() if f.name == "seed" else _TYPES.get(hints[f.name])
-        if t is None:
-            raise TypeError(f"RunResult.{f.name}: no Parquet type for {hints[f.name]!r}")
+        try:
+            t = pa.uint64() if f.name == "seed" else arrow_type(hints[f.name])
+        except TypeError as e:
+            raise TypeError(f"RunResult.{f.name}: {e}") from None
         out.append(pa.field(f.name, t))
     return out
 
@@ -223,9 +238,8 @@ def _write(rows: list[dict[str, Any]], sch: pa.Schema, path: Path) -> None:
 
 def _fit(row: dict[str, Any], sch: pa.Schema) -> dict[str, Any]:
     out = {name: row.get(name) for name in sch.names}
-    for name in ("device_counters", "guest_counters"):
-        v = out.get(name)
-        if isinstance(v, dict):
+    for name, v in out.items():
+        if isinstance(v, dict):  # a map column
             out[name] = list(v.items())
     return out
 
@@ -235,11 +249,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         t = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
         raise UsageError(f"{path}: not a readable Parquet file ({e})") from None
-    return [_unmap(r) for r in t.to_pylist()]
+    maps = [f.name for f in t.schema if pa.types.is_map(f.type)]
+    return [_unmap(r, maps) for r in t.to_pylist()]
 
 
-def _unmap(row: dict[str, Any]) -> dict[str, Any]:
-    for name in ("device_counters", "guest_counters"):
+def _unmap(row: dict[str, Any], maps: Sequence[str]) -> dict[str, Any]:
+    for name in maps:
         v = row.get(name)
         if isinstance(v, list):
             row[name] = dict(v)

@@ -133,3 +133,13 @@ def test_memory_plan_restricts_to_workers_that_fit() -> None:
     with pytest.raises(UsageError, match="more than any worker"):
         memory_plan(s, [big], {"tcp://a": 100e6})
     assert memory_plan(s, [big], {"tcp://a": float("inf")})[big.point_id] is None
+
+
+def test_every_run_result_field_has_a_column() -> None:
+    """A field added to RunResult becomes a column by itself (list[str], nested maps...)."""
+    from dataclasses import fields
+
+    from vmsim.report import RunResult
+    from vmsim.sweep.store import result_fields
+
+    assert [f.name for f in result_fields()] == [f.name for f in fields(RunResult)]
