@@ -60,6 +60,14 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv / "bin"
 
 
+def test_wheel_carries_the_license(fresh):
+    """pyproject's license (Apache-2.0) and the LICENSE file reach the installed metadata"""
+    r = run([str(fresh / "python"), "-c", "from importlib.metadata import metadata, files; "
+             "m = metadata('balloon-hint'); print(m['License-Expression']); "
+             "print(any(f.name == 'LICENSE' for f in files('balloon-hint')))"], fresh)
+    assert r.stdout.split() == ["Apache-2.0", "True"], r.stderr
+
+
 def test_installed_package_is_not_the_checkout(fresh, tmp_path):
     r = run([str(fresh / "python"), "-c", "import vmsim, importlib.util; print(vmsim.__file__); "
              "print(importlib.util.find_spec('tests'))"], tmp_path)
