@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "(prints the QEMU options to use)"),
     "ctl": ("vmsim.cmd_ctl", "send a host-control command (hint-start, hint-stop, hint-done, "
             "set-target, stats)"),
+    "completion": ("vmsim.cmd_completion", "print a shell completion script (bash): eval "
+                   "\"$(balloon-hint completion bash)\""),
     "migrate-check": ("vmsim.cmd_migrate_check", "real guest, QEMU's own free page hints: "
                       "migrate, diff the RAM files page by page, check the guest (needs the QEMU "
                       "lab)"),
