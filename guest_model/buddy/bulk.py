@@ -35,6 +35,7 @@ from guest_model.buddy.defs import (
     PG_BALLOON,
     PG_BUDDY,
     PG_RESERVED,
+    WMARK_LOW,
     WMARK_MIN,
     ZONE_NORMAL,
     BuddyError,
@@ -249,17 +250,21 @@ class BulkPaths(ZoneAllocator):
                 self._nr_reported[lid] -= nrep
         return heads
 
-    def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[np.ndarray, int]]) -> int:
-        """Take up to ``want`` order-0 pages from ``mt``'s lists smallest-first; pages taken.
+    def _take_bulk(self, z: int, want: int, mt: int, out: list[tuple[np.ndarray, int]],
+                   order: int = 0) -> int:
+        """Take up to ``want`` pages (a multiple of ``2**order``) as blocks of ``order`` from
+        ``mt``'s lists smallest-first; pages taken.
 
-        Repeated order-0 ``__rmqueue_smallest`` eats whole small blocks first and, when it must
-        split one, ends with the low pages allocated and the rest free: so do that directly.
-        Per order: the blocks wholly consumed are a prefix of the list (unlinked at once);
-        at most one block, the last one touched, is split.
+        Repeated ``__rmqueue_smallest`` of one order eats whole blocks of that order first,
+        then larger ones: splitting a block hands out its pieces in address order and, when it
+        stops inside one, ends with the low pages allocated and the rest free in maximal
+        blocks at the heads of their lists (of orders >= ``order``, all emptied before). So do
+        that directly. Per order: the blocks wholly consumed are a prefix of the list
+        (unlinked at once); at most one block, the last one touched, is split.
         """
         got = 0
         first, count = self._first, self._count
-        for o in range(MAX_ORDER):
+        for o in range(order, MAX_ORDER):
             if got >= want:
                 break
             lid = list_id(z, o, mt)
@@ -291,6 +296,99 @@ class BulkPaths(ZoneAllocator):
         if not parts:
             return np.empty(0, dtype=np.int64)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def alloc_blocks_bulk(self, count: int, order: int, migratetype: int = MIGRATE_MOVABLE, *,
+                          cpu: int = 0, owner: int = OWNER_GUEST) -> np.ndarray:
+        """``count`` calls of ``alloc_pages(order, migratetype, cpu=cpu, owner=owner)``, stopping
+        at the first that fails: the first pfns of the blocks, in allocation order, with
+        exactly the lists, counters and writes those calls leave.
+
+        Each allocation goes to the first zone of the zonelist that passes the low watermark
+        and is served there by ``__rmqueue_smallest`` while the migratetype has a block of that
+        order or larger. So the batch is cut into segments: in a segment every allocation meets
+        the same zone (the zones before it fail the watermark, and allocating from this one
+        does not change them), passes the watermark (free pages only go down by ``2**order``
+        each time, so a count says how many), and finds a block (the lists hold so many
+        blocks' worth); a segment is taken at once with ``_take_bulk``. Anything else (order 0,
+        which goes through the per-cpu lists; a migratetype out of blocks, which falls back;
+        every zone below the low watermark, where the min watermark, reclaim and OOM come in)
+        is one ordinary ``alloc_pages`` call, then the segments go on.
+        """
+        self._check_args(order, cpu)
+        if migratetype not in FALLBACKS:
+            raise BuddyError(f"migratetype={migratetype}: only unmovable/movable/reclaimable")
+        if owner not in (OWNER_GUEST, OWNER_BALLOON):
+            raise BuddyError(f"owner={owner}: OWNER_GUEST or OWNER_BALLOON")
+        remaining = max(0, int(count))
+        parts: list[np.ndarray] = []
+        single: list[int] = []
+        while remaining > 0:
+            m, z = (0, -1) if order == 0 else self._segment(order, migratetype, remaining)
+            if m:
+                if single:
+                    parts.append(np.array(single, dtype=np.int64))
+                    single = []
+                runs: list[tuple[np.ndarray, int]] = []
+                self._take_bulk(z, m << order, migratetype, runs, order)
+                firsts = np.concatenate([
+                    (heads[:, None] + (np.arange(k >> order, dtype=np.int64) << order)).ravel()
+                    for heads, k in runs])
+                self._link_split_pieces(z, order, runs)
+                pages = self._run_pfns(runs)
+                self.state[pages] = owner
+                self.counters["alloc"] += m
+                if self.init_on_alloc and self.pages is not None:
+                    self.pages.write_pfns(pages, "zero")
+                parts.append(firsts)
+                remaining -= m
+                continue
+            p = self.alloc_pages(order, migratetype, cpu=cpu, owner=owner)
+            if p is None:
+                break
+            single.append(p)
+            remaining -= 1
+        if single:
+            parts.append(np.array(single, dtype=np.int64))
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _link_split_pieces(self, z: int, order: int,
+                           runs: list[tuple[np.ndarray, int]]) -> None:
+        """Leave on the blocks handed out of larger ones the links one-by-one allocation leaves.
+
+        Allocating piece by piece, ``expand`` puts the piece at offset ``j * 2**order`` (j >= 1)
+        of a split block on the then empty list of order ``order + tz(j)`` (tz: trailing zero
+        bits) before it is taken: both its links name that list's head. Only the head of each
+        consumed block keeps the links it had.
+        """
+        for heads, k in runs:
+            n = k >> order
+            if n <= 1:
+                continue
+            j = np.arange(1, n, dtype=np.int64)
+            tz = np.log2(j & -j).astype(np.int64)
+            pieces = (heads[:, None] + (j << order)).ravel()
+            mts = self.pageblock_mt[pieces >> pageblock_order].astype(np.int64)
+            lids = (z * MAX_ORDER + order + np.tile(tz, heads.size)) * MIGRATE_TYPES + mts
+            self.next[pieces] = -1 - lids
+            self.prev[pieces] = -1 - lids
+
+    def _segment(self, order: int, mt: int, want: int) -> tuple[int, int]:
+        """How many of the next ``want`` allocations of ``order`` take the fast path of
+        ``alloc_blocks_bulk``, and from which zone: (0, -1) when the next one does not."""
+        for z in self._zonelist():
+            if not self.zone_watermark_ok(z, order, WMARK_LOW):
+                continue
+            zone = self.zones[z]
+            # Allocation i passes while free - i * 2**order - (2**order - 1) > mark + reserve.
+            room = (self._zone_free[z] - ((1 << order) - 1) - zone.watermark[WMARK_LOW]
+                    - zone.lowmem_reserve[ZONE_NORMAL])
+            by_mark = (room + (1 << order) - 1) >> order if room > 0 else 0
+            blocks = sum(self._count[list_id(z, o, mt)] << (o - order)
+                         for o in range(order, MAX_ORDER))
+            return min(want, by_mark, blocks), z
+        return 0, -1
 
     def alloc_pages_bulk(self, nr_pages: int, migratetype: int = MIGRATE_MOVABLE, *,
                          owner: int = OWNER_GUEST, noretry: bool = False) -> np.ndarray:
