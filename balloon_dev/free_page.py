@@ -133,8 +133,11 @@ class FreePageHinting:
 
         def flush() -> None:
             if pend:
-                a = np.concatenate([p[0] for p in pend])
-                ln = np.concatenate([p[1] for p in pend])
+                if len(pend) == 1:
+                    a, ln = pend[0]
+                else:
+                    a = np.concatenate([p[0] for p in pend])
+                    ln = np.concatenate([p[1] for p in pend])
                 first, count = whole_pages_in_arrays(a, ln)
                 effects.append(PagesHinted(self.session.cmd_id, first, count))
                 pend.clear()

@@ -97,6 +97,7 @@ _USED_ELEM = struct.Struct("<II")
 _CHAIN_LEN_LIMIT = 1 << 32  # a chain's total length must stay below 2^32 (protocol.md 1.2)
 _U32_LIMIT = 1 << 32
 _NEXT_OR_INDIRECT = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
+_ZERO_LEN = np.zeros(1, np.int64)
 
 #: Guest-error counters, all present from the start so stats show zeros too.
 CHAIN_ERROR_COUNTERS = (
@@ -186,6 +187,9 @@ class ChainBatch:
         zeros = np.zeros(n, np.uint64)
         return cls(np.fromiter((c.head for c in chains), np.intp, n), zeros, zeros.copy(),
                    np.zeros(n, np.bool_), np.zeros(n, np.bool_), dict(enumerate(chains)))
+
+
+_EMPTY_BATCH = ChainBatch.of_chains(())
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,7 +473,7 @@ class DeviceVirtqueue(QueueCommon):
         if max_n is not None:
             n = min(n, max_n)
         if n <= 0:
-            return ChainBatch.of_chains(())
+            return _EMPTY_BATCH
         heads = self._read_heads(n)
         bad = np.flatnonzero(heads >= self.size)
         if bad.size:
@@ -616,7 +620,9 @@ class DeviceVirtqueue(QueueCommon):
 
     def push_heads(self, heads: np.ndarray) -> None:
         """``push_many`` of (head, 0) for every head, in order."""
-        self._push(heads, np.zeros(1, np.int64))
+        if heads.size and (heads.min() < 0 or heads.max() >= self.size):
+            raise ValueError(f"{self.name}: used element heads out of range (< {self.size})")
+        self._push(heads, _ZERO_LEN)
 
     def push_many(self, elems: Sequence[tuple[int, int]] | np.ndarray) -> None:
         """Return many chains with one numpy write per contiguous run and one used.idx publish."""
@@ -624,17 +630,19 @@ class DeviceVirtqueue(QueueCommon):
         if n == 0:
             return
         arr = np.asarray(elems, dtype=np.int64).reshape(n, 2)
-        self._push(arr[:, 0], arr[:, 1])
-
-    def _push(self, heads: np.ndarray, lens: np.ndarray) -> None:
-        """Used elements (heads[k], lens[k]); ``lens`` may be one value for every head."""
-        n = int(heads.size)
-        if n == 0:
-            return
+        heads, lens = arr[:, 0], arr[:, 1]
         if (heads.min() < 0 or heads.max() >= self.size
                 or lens.min() < 0 or lens.max() >= _U32_LIMIT):
             raise ValueError(f"{self.name}: used elements out of range (head < {self.size}, "
                              "0 <= len < 2^32)")
+        self._push(heads, lens)
+
+    def _push(self, heads: np.ndarray, lens: np.ndarray) -> None:
+        """Used elements (heads[k], lens[k]), checked by the caller; ``lens`` may be one value
+        for every head."""
+        n = int(heads.size)
+        if n == 0:
+            return
         self._check_push(n)
         start = self._used_idx & (self.size - 1)
         ring = self.device + 4
