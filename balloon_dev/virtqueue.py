@@ -13,8 +13,11 @@ copies the heads' descriptors out of the table with one fancy-indexing read. Cha
 plain descriptor (every free page hint, every inflate/deflate/stats buffer Linux posts) are
 validated as one numpy batch; anything else (``NEXT``, ``INDIRECT``, zero length, a buffer that
 fails the bounds check) goes through the general walk, which produces the same answer a single
-``pop`` would, including the error and the counter. ``pop`` takes the general walk directly:
-it reads only the descriptors of one chain, so it costs O(chain) and not O(N).
+``pop`` would, including the error and the counter. ``pop_batch`` returns that result as a
+``ChainBatch`` (the plain chains as arrays, the walked ones as ``Chain`` objects), which the
+device's free page path consumes without a Python object per hint; ``pop_many`` is the same
+batch as a list of ``Chain``. ``pop`` takes the general walk directly: it reads only the
+descriptors of one chain, so it costs O(chain) and not O(N).
 
 Each descriptor is read from guest memory exactly once per pop and only that copy is used; an
 indirect table is copied once before it is walked. A guest that rewrites descriptors while we

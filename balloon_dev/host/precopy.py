@@ -17,6 +17,10 @@ is a record the engine never edits: a free page hint only clears bits of ``to_se
 (protocol.md 5.7, 4.4 rule 5). A page hinted in round *k* and written later is in the dirty log
 and the sync that closes round *k* sets its bit again.
 
+Memory: besides those arrays the engine allocates nothing RAM-sized. A sync ORs the dirty log
+into ``to_send`` in place (``DirtyLog.merge_into``), and the sender and the verifier work in
+pieces of ``SEND_PIECE`` pages (a fully marked piece is sent with slices only).
+
 Time is the shared simulated clock: the engine sends one chunk of the bitmap (``chunk_pages``
 positions) at a time and schedules the next chunk after the chunk's cost (``CostModel``), so the
 guest's workload and its balloon driver run between chunks on the same ``Scheduler`` and a hint
@@ -39,6 +43,8 @@ Hints reach the engine through ``hint(cmd_id, ranges)`` and the end of each hint
 effects into these calls. Applying a hint to the bitmap is work done on the host's hint thread
 (QEMU's iothread) under ``bitmap_mutex``, which the migration thread holds while it sends a
 batch: a hint is queued and applied when the mutex is free (at the latest, between two batches).
+Each ``PagesHinted`` effect is one queued batch (``hint_pages``: first pfns and page counts as
+arrays), applied by ``clear_pages`` with a few numpy calls whatever its size.
 A hint is *current* when it arrived while a round is open (between AFTER_BITMAP_SYNC and the
 next BEFORE_BITMAP_SYNC), after the last sync, and its round had not been reported stopped
 when it arrived. Anything else is stale and dropped (4.4 rule 6): the hints still queued when a
