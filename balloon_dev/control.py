@@ -216,6 +216,8 @@ class HostControl:
             "totals": dict(self.totals),
             "guest_stats": dict(self.last_guest_stats),
             "rounds": [asdict(r) for r in self.rounds],
+            # The clock rounds' requested_at are read from (monotonic): ages come from it.
+            "clock": self.clock(),
         }
         if self.extra_stats is not None:
             out.update(self.extra_stats())

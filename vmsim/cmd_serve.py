@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", metavar="PATH", default=None,
                         help="host-control socket (default: PATH.ctl)")
     parser.add_argument("--msix-vectors", type=int, default=2,
-                        help="MSI-X table size (QEMU's virtio-balloon uses 2)")
+                        help="MSI-X table size (default: %(default)s, as QEMU's virtio-balloon)")
 
 
 def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
