@@ -32,14 +32,15 @@ class Churn(Workload):
 
     How it stays fast (600 MiB/s is ~116,000 allocations per simulated second): every tick
     draws its arrivals as arrays (Poisson count, kinds, arrival instants, lifetimes); the
-    order-0 ones of a migratetype come from one ``alloc_pages_bulk`` call, only the higher
-    orders (a tenth of the mix) are allocated one by one; one ``write_pfns`` writes them all.
-    The live allocations are three parallel arrays kept sorted by expiry (a tick's arrivals are
-    merged in with ``searchsorted``), so the deaths due by ``now`` and the footprint's early
-    deaths are both a prefix, freed with one ``free_pages_bulk``. The allocator records no order
-    for allocated pages and every free layout merges to the same blocks, so freeing a block's
-    pages in bulk leaves the buddy lists as ``free_pages(pfn, order)`` would, up to where on a
-    list a block sits. Small amounts (at most ``SMALL`` pages) use the per-cpu calls."""
+    order-0 ones of a migratetype come from one ``alloc_pages_bulk`` call, the higher orders
+    of a kind from one ``alloc_blocks_bulk`` call (what the same ``alloc_pages`` calls one by
+    one give); one ``write_pfns`` writes them all. The live allocations are a ``LiveBlocks``
+    (expiry order without re-copying every tick), so the deaths due by ``now`` and the
+    footprint's early deaths both come out soonest first, freed with one
+    ``free_pages_bulk``. The allocator records no order for allocated pages and every free
+    layout merges to the same blocks, so freeing a block's pages in bulk leaves the buddy lists
+    as ``free_pages(pfn, order)`` would, up to where on a list a block sits. Small amounts (at
+    most ``SMALL`` pages) use the per-cpu calls."""
 
     name = "churn"
     # (order, migratetype, weight)
@@ -78,10 +79,7 @@ class Churn(Workload):
         self.duration = duration
         self.keep_alive = keep_alive
         self.cap = None if footprint is None else int(footprint) >> PAGE_SHIFT
-        # The live allocations, sorted by expiry (the first dies first).
-        self._exp = np.empty(0, dtype=np.float64)
-        self._pfn = np.empty(0, dtype=np.int64)
-        self._order = np.empty(0, dtype=np.int8)
+        self.live = LiveBlocks()
         self.live_pages = 0
         self._local_now = 0.0
 
@@ -90,7 +88,7 @@ class Churn(Workload):
 
     def live_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The live allocations as (expiry, first pfn, order) arrays, soonest death first."""
-        return self._exp.copy(), self._pfn.copy(), self._order.copy()
+        return self.live.sorted()
 
     # ---- page blocks ------------------------------------------------------------------------
     @staticmethod
@@ -115,18 +113,15 @@ class Churn(Workload):
         self.live_pages -= int(pages.size)
         self.stats["freed_pages"] += int(pages.size)
 
-    def _free_oldest(self, k: int) -> None:
-        """Free the ``k`` live allocations due to die first."""
-        if k <= 0:
-            return
-        self._free_blocks(self._pfn[:k], self._order[:k])
-        self._exp, self._pfn, self._order = self._exp[k:], self._pfn[k:], self._order[k:]
-
     def _alloc_kind(self, count: int, order: int, mt: int) -> np.ndarray:
         """Up to ``count`` allocations of one kind, as first pfns (fewer when memory ran out)."""
         if order == 0 and count > SMALL:
             return self.a.alloc_pages_bulk(count, mt)
         cpus = self.rng.integers(self.a.nr_cpus, size=count).tolist()
+        if order > 0:
+            # The per-cpu lists only serve order 0: every cpu gives the same result, and one
+            # call gives what the calls one by one would (stopping at the first failure).
+            return self.a.alloc_blocks_bulk(count, order, mt)
         got = []
         for c in cpus:
             p = self.a.alloc_pages(order, mt, cpu=c)
@@ -137,7 +132,7 @@ class Churn(Workload):
 
     # ---- one tick ---------------------------------------------------------------------------
     def _work(self, now: float, dt: float) -> None:
-        self._free_oldest(int(np.searchsorted(self._exp, now, side="right")))
+        self._free_blocks(*self.live.pop_due(now))
         n = self._poisson(self.alloc_rate * dt)
         if n == 0:
             return
@@ -159,14 +154,10 @@ class Churn(Workload):
         if self.cap is not None and self.live_pages + int(size.sum()) > self.cap:
             # Past the footprint the allocations due to die first go early: over the live ones
             # and this tick's together, keep the longest-lived that fit and free the rest.
-            all_exp = np.concatenate([self._exp, exp])
-            all_size = np.concatenate([np.left_shift(1, self._order.astype(np.int64)), size])
-            idx = np.argsort(all_exp, kind="stable")
-            from_end = np.cumsum(all_size[idx][::-1])[::-1]
-            gone = idx[:int(np.count_nonzero(from_end > self.cap))]
-            old = self._exp.size
-            self._free_oldest(int(np.count_nonzero(gone < old)))  # a prefix: they are sorted
-            early[gone[gone >= old] - old] = True
+            pfn_gone, order_gone, new_gone = self.live.pop_over(
+                self.live_pages + int(size.sum()) - self.cap, exp, size)
+            self._free_blocks(pfn_gone, order_gone)
+            early[new_gone] = True
         pfn = np.full(exp.size, -1, dtype=np.int64)
         for k, (order, mt) in enumerate(self.mix):
             sel = np.flatnonzero(kinds == k)
@@ -184,11 +175,7 @@ class Churn(Workload):
         if early.any():
             self._free_blocks(pfn[early], orders[early])
             pfn, orders, exp = pfn[~early], orders[~early], exp[~early]
-        # Merge the survivors into the live arrays (both sorted by expiry).
-        at = np.searchsorted(self._exp, exp, side="right")
-        self._exp = np.insert(self._exp, at, exp)
-        self._pfn = np.insert(self._pfn, at, pfn)
-        self._order = np.insert(self._order, at, orders)
+        self.live.add(exp, pfn, orders)  # sorted by expiry, as the tick's batch is
 
     def run_phase(self) -> None:
         steps = round(self.duration / self.tick)
@@ -203,4 +190,112 @@ class Churn(Workload):
         return True
 
     def release(self) -> None:
-        self._free_oldest(self._exp.size)
+        _, pfn, order = self.live.sorted()
+        self.live.clear()
+        self._free_blocks(pfn, order)
+
+
+class LiveBlocks:
+    """A churn's live allocations (expiry, first pfn, order), taken out soonest death first,
+    without re-copying all of them every tick.
+
+    A sorted run holds most of them; each tick's survivors arrive as a batch already sorted
+    by expiry and wait in a list of batches. Taking the deaths due by a time is a prefix of
+    the run (``searchsorted``) and of each batch, put in expiry order among themselves; the
+    run is only a view after that (no copy). The batches are merged into the run when they
+    hold more than an eighth of it, so each entry is copied a bounded number of times
+    instead of once per tick. Expiries are random floats, so no two are equal and "soonest
+    first" is one order whatever the layout; what comes out is what one array kept sorted by
+    ``searchsorted`` inserts gives.
+    """
+
+    def __init__(self) -> None:
+        self._run: tuple[np.ndarray, np.ndarray, np.ndarray] = _empty_blocks()
+        self._batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._batched = 0
+
+    def __len__(self) -> int:
+        return int(self._run[0].size) + self._batched
+
+    def add(self, exp: np.ndarray, pfn: np.ndarray, order: np.ndarray) -> None:
+        """Add blocks sorted by expiry."""
+        if exp.size == 0:
+            return
+        self._batches.append((exp, pfn, order))
+        self._batched += int(exp.size)
+        if self._batched * 8 > self._run[0].size:
+            self._run = self.sorted()
+            self._batches, self._batched = [], 0
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every live block, soonest expiry first (copies)."""
+        parts = [self._run, *self._batches]
+        exp = np.concatenate([p[0] for p in parts])
+        idx = np.argsort(exp, kind="stable")
+        return (exp[idx], np.concatenate([p[1] for p in parts])[idx],
+                np.concatenate([p[2] for p in parts])[idx])
+
+    def clear(self) -> None:
+        self._run, self._batches, self._batched = _empty_blocks(), [], 0
+
+    def _take_prefixes(self, run_k: int, batch_k: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Remove the first ``run_k`` of the run and ``batch_k[i]`` of batch i; their (pfn,
+        order), soonest expiry first."""
+        taken = [tuple(a[:run_k] for a in self._run)]
+        self._run = tuple(a[run_k:] for a in self._run)  # type: ignore[assignment]
+        rest = []
+        for (e, p, o), k in zip(self._batches, batch_k, strict=True):
+            if k:
+                taken.append((e[:k], p[:k], o[:k]))
+                self._batched -= k
+            if k < e.size:
+                rest.append((e[k:], p[k:], o[k:]))
+        self._batches = rest
+        exp = np.concatenate([t[0] for t in taken])
+        idx = np.argsort(exp, kind="stable")
+        return (np.concatenate([t[1] for t in taken])[idx],
+                np.concatenate([t[2] for t in taken])[idx])
+
+    def pop_due(self, now: float) -> tuple[np.ndarray, np.ndarray]:
+        """Remove the blocks with expiry <= ``now``: (pfn, order), soonest first."""
+        run_k = int(np.searchsorted(self._run[0], now, side="right"))
+        batch_k = [int(np.searchsorted(b[0], now, side="right")) for b in self._batches]
+        return self._take_prefixes(run_k, batch_k)
+
+    def pop_over(self, excess: int, new_exp: np.ndarray,
+                 new_size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Over the live blocks and a new batch (``new_exp`` sorted, ``new_size`` pages each)
+        together, the soonest to die go: the shortest prefix in expiry order holding at least
+        ``excess`` pages (``excess`` is at most all of them). Live ones are removed and
+        returned as (pfn, order) soonest first; the new ones as indices into the batch.
+        """
+        # Candidates: a front of the run holding at least ``excess`` pages (blocks behind it
+        # expire after all of it, so the prefix ends inside it or before), every batch, the
+        # new batch.
+        run_e, run_p, run_o = self._run
+        k = 0
+        while True:
+            k = min(run_e.size, max(2 * k, 1024))
+            if k == run_e.size or int(np.left_shift(1, run_o[:k].astype(np.int64)).sum()) \
+                    >= excess:
+                break
+        parts_e = [run_e[:k]] + [b[0] for b in self._batches] + [new_exp]
+        parts_s = [np.left_shift(1, run_o[:k].astype(np.int64))] + \
+            [np.left_shift(1, b[2].astype(np.int64)) for b in self._batches] + [new_size]
+        src = np.concatenate([np.full(e.size, i, dtype=np.int64) for i, e in enumerate(parts_e)])
+        pos = np.concatenate([np.arange(e.size, dtype=np.int64) for e in parts_e])
+        idx = np.argsort(np.concatenate(parts_e), kind="stable")
+        removed = np.cumsum(np.concatenate(parts_s)[idx])
+        # Remove while what remains is over the cap: item i goes if removed[i-1] < excess.
+        g = int(np.searchsorted(removed, excess, side="left")) + 1
+        g = min(g, idx.size)
+        gone_src, gone_pos = src[idx[:g]], pos[idx[:g]]
+        counts = np.bincount(gone_src, minlength=len(parts_e))
+        new_gone = gone_pos[gone_src == len(parts_e) - 1]
+        pfn, order = self._take_prefixes(int(counts[0]), [int(c) for c in counts[1:-1]])
+        return pfn, order, np.sort(new_gone)
+
+
+def _empty_blocks() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64),
+            np.empty(0, dtype=np.int8))
