@@ -7,6 +7,10 @@ hints (mode ``off``) and with them (``capture``, what Linux does), and the reduc
 ``1 - with / without`` are compared. One figure is the calibration point of the cost model
 (``CALIBRATION``: idle-8g without hints, see docs/cost-model.md); ``--calibrate`` re-derives the
 calibrated constant from it, so a reader can check the value in ``balloon_dev.host.precopy``.
+
+``--only`` takes built-in names or scenario files: a file must have a ``[published]`` table with
+both ``without_hints_ms`` and ``with_hints_ms`` (your own measurements, say). ``--json`` writes a
+document with ``schema_version`` and ``kind = "fidelity"`` (docs/json.md).
 """
 from __future__ import annotations
 
@@ -14,13 +18,16 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from balloon_dev.host.precopy import CostModel
+from protocol.errors import UsageError
 from vmsim import report
-from vmsim.scenario import ScenarioError, load_builtin
+from vmsim.scenario import Scenario, load, load_builtin
 
 HELP = "compare simulated migration times and hint savings with the published figures"
 
@@ -29,8 +36,9 @@ CALIBRATION = ("idle-8g", "without_hints_ms")  # the one published figure the mo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=SCENARIOS,
-                        help="run only these scenarios (default: all four)")
+    parser.add_argument("--only", nargs="+", metavar="NAME|FILE",
+                        help="run only these: built-in names (" + ", ".join(SCENARIOS) + "; "
+                        "default: all four) or scenario files with a [published] table")
     parser.add_argument("--calibrate", action="store_true",
                         help="re-derive zero_page_s from the calibration point and print it")
     parser.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
@@ -58,6 +66,25 @@ def calibrate(console: Console) -> float:
     return cost.zero_page_s
 
 
+PUBLISHED_KEYS = ("without_hints_ms", "with_hints_ms")
+
+
+def scenario_for(name: str) -> Scenario:
+    """A built-in with published figures, or a scenario file with a [published] table holding
+    both; UsageError (exit 2) otherwise."""
+    if name in SCENARIOS:
+        return load_builtin(name)
+    if not name.endswith(".toml") and "/" not in name:
+        raise UsageError(f"--only {name}: not one of the published built-ins ("
+                         f"{', '.join(SCENARIOS)}) nor a .toml file")
+    scn = load(name)
+    missing = [k for k in PUBLISHED_KEYS if k not in scn.published]
+    if missing:
+        raise UsageError(f"--only {name}: its [published] table needs {', '.join(missing)} "
+                         "(milliseconds) to be compared")
+    return scn
+
+
 def run(args: argparse.Namespace) -> int:
     from vmsim.vm import run_scenario
 
@@ -66,17 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json and (why := report.output_problem(args.json)):
         console.print(f"[red]error:[/] --json {args.json}: {why}", highlight=False)
         return 2
+    scenarios = [scenario_for(n) for n in args.only or SCENARIOS]  # all checked before a run
     if args.calibrate:
         calibrate(console)
-    names = args.only or list(SCENARIOS)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with console.status("running the published scenarios...") as status:
-        for name in names:
-            try:
-                scn = load_builtin(name)
-            except ScenarioError as e:
-                console.print(f"[red]error:[/] {e}")
-                return 2
+        for scn in scenarios:
+            name = scn.name
             status.update(f"{name}: without hints")
             off = run_scenario(scn, "off")
             status.update(f"{name}: with hints")
@@ -93,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 "simulated_with_ms": sim_on, "simulated_reduction": sim_red,
                 "relative_error": (sim_red - pub_red) / pub_red,
                 "verified": off.verified and cap.verified,
-                "calibration_point": name == CALIBRATION[0],
+                "calibration_point": name == CALIBRATION[0] and scn.source.startswith("builtin"),
                 "wall_s": off.wall_s + cap.wall_s,
             })
     t = Table(title="total migration time, published (Linux 4.20 + QEMU hinting, E5-2699 v4, "
@@ -106,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         err = r["relative_error"]
         colour = "green" if abs(err) <= 0.10 else "red"
         mark = "*" if r["calibration_point"] else ""
-        t.add_row(r["scenario"] + mark, f"{r['published_without_ms']:,.0f}",
+        t.add_row(escape(r["scenario"]) + mark, f"{r['published_without_ms']:,.0f}",
                   f"{r['published_with_ms']:,.0f}", f"{r['published_reduction']:.1%}",
                   f"{r['simulated_without_ms']:,.0f}", f"{r['simulated_with_ms']:,.0f}",
                   f"{r['simulated_reduction']:.1%}", f"[{colour}]{err:+.1%}[/]",
@@ -121,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(rows, f, indent=2)
+                json.dump({"schema_version": report.SCHEMA_VERSION, "kind": "fidelity",
+                           "rows": rows}, f, indent=2)
         except OSError as e:
             console.print(f"[red]error:[/] cannot write the comparison: {e}", highlight=False)
             return 2

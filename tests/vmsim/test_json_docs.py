@@ -120,3 +120,9 @@ def test_compare_refuses_what_it_cannot_read(tmp_path, capsys, migrate_docs, con
     bad.write_text(content)
     assert main(["compare", str(migrate_docs[0]), str(bad)]) == 2
     assert err in capsys.readouterr().err
+
+
+def test_fidelity_output_validates(tmp_path):
+    js = tmp_path / "f.json"
+    assert main(["fidelity", "--only", "idle-8g", "--json", str(js)]) == 0
+    validate(json.loads(js.read_text()), "fidelity")
