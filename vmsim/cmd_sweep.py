@@ -6,9 +6,10 @@ scheduler and its workers instead (they need balloon-hint installed). The sweep 
 in ``vmsim/sweep/spec.py``, the results layout in ``vmsim/sweep/store.py``.
 
 Dask and pyarrow are imported only when a sweep runs, so ``balloon-hint --help`` and the other
-commands never load them. Exit status: 0 when every point completed and every completed run
-verified, 1 when a point failed (its row says why) or a run's verification failed, 2 for a bad
-sweep file or argument, 130 when interrupted (completed rows are kept: ``--resume``).
+commands never load them (they are the ``sweep`` extra; without it the command says so, exit 1).
+Exit status: 0 when every point completed and every completed run verified, 1 when a point
+failed (its row says why) or a run's verification failed, 2 for a bad sweep file or argument,
+130 when interrupted (completed rows are kept: ``--resume``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue a sweep in --out: points already there are not run again")
 
 
+def need_sweep_extra() -> None:
+    """Dask and pyarrow are an extra: say which, instead of a traceback, when one is absent."""
+    import importlib.util
+
+    from protocol.errors import EnvironmentFailure
+
+    missing = [m for m in ("dask", "distributed", "pyarrow") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EnvironmentFailure(f"{', '.join(missing)} not installed: balloon-hint sweep needs "
+                                 "the sweep extra (pip install 'balloon-hint[sweep]')")
+
+
 def run(args: argparse.Namespace) -> int:
     from protocol.errors import UsageError
     from vmsim.sweep.spec import load_sweep
@@ -53,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers {args.workers}: at least 1")
     out = Path(args.out or f"{Path(args.sweep).stem}-results")
     # Dask and pyarrow only now: a bad sweep file is reported without loading either.
+    need_sweep_extra()
     from vmsim.sweep.run import connect, default_workers, local_cluster
 
     # Dask logs its cluster's comings and goings at INFO; shown with -v only.

@@ -2,7 +2,8 @@
 
 The tables and what "bytes saved" and "does not pay" mean are in ``vmsim/sweep/report.py``; the
 host evacuation model in ``vmsim/sweep/evacuation.py``. pyarrow is imported only when the command
-runs. Exit status: 0, or 2 for a folder without sweep results or an unwritable --plot path.
+runs. Exit status: 0; 1 without the sweep extra; 2 for a folder without sweep results or an
+unwritable --plot path.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from protocol.errors import UsageError
     from vmsim import report as run_report
+    from vmsim.cmd_sweep import need_sweep_extra
+
+    need_sweep_extra()
     from vmsim.sweep.report import print_report, write_plot
     from vmsim.sweep.store import read_results
 

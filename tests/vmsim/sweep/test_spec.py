@@ -257,3 +257,23 @@ def test_help_does_not_import_dask_or_pyarrow() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_without_the_sweep_extra_the_command_says_so(tmp_path) -> None:
+    """In a Python where dask, distributed and pyarrow cannot be found, the command names the
+    extra to install (exit 1) instead of failing with a traceback."""
+    code = textwrap.dedent(f"""
+        import importlib.machinery, sys
+        real = importlib.machinery.PathFinder.find_spec
+        def find_spec(name, path=None, target=None):
+            if name.split(".")[0] in ("dask", "distributed", "pyarrow"):
+                return None
+            return real(name, path, target)
+        importlib.machinery.PathFinder.find_spec = find_spec
+        from vmsim.cli import main
+        sys.exit(main(["sweep", {str(EXAMPLES[0])!r}, "--out", {str(tmp_path / "o")!r}]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert "pip install 'balloon-hint[sweep]'" in out.stderr
