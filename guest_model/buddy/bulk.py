@@ -218,7 +218,7 @@ class BulkPaths(ZoneAllocator):
         left behind are those the one-at-a-time unlinking leaves: ``next`` untouched, ``prev``
         of every block but the first pointing at the list head (each was first in turn).
         """
-        nx, rows = self._nx, self._rows
+        nx, rows, mask, shift = self._nx, self._rows, ROW_MASK, ROW_SHIFT
         p = self._first[lid]
         heads = np.empty(k, dtype=np.int64)
         # In chunks, so that a long walk never holds millions of Python ints at once.
@@ -227,7 +227,7 @@ class BulkPaths(ZoneAllocator):
             app = got.append
             for _ in range(min(k - lo, 1 << 16)):
                 app(p)
-                p = nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)]
+                p = nx[(p & mask) * rows + (p >> shift)]
             heads[lo:lo + len(got)] = got
         s = list_sentinel(lid)
         self._first[lid] = p
@@ -604,17 +604,17 @@ class BulkPaths(ZoneAllocator):
         cut = np.flatnonzero(~same) + 1
         g_first = np.concatenate(([0], cut))
         g_end = np.concatenate((cut, [heads.size]))
-        nx, pv = self.next, self.prev
+        nx, pv, rows = self._nx, self._pv, self._rows
         for i0, i1, lid in zip(g_first.tolist(), g_end.tolist(), lids[g_first].tolist(),
                                strict=True):
             h0, h1 = int(heads[i0]), int(heads[i1 - 1])
             first = self._first[lid]
-            nx[h1] = first
-            pv[h0] = list_sentinel(lid)
+            nx[(h1 & ROW_MASK) * rows + (h1 >> ROW_SHIFT)] = first
+            pv[(h0 & ROW_MASK) * rows + (h0 >> ROW_SHIFT)] = list_sentinel(lid)
             if first < 0:
                 self._last[lid] = h1
             else:
-                pv[first] = h1
+                pv[(first & ROW_MASK) * rows + (first >> ROW_SHIFT)] = h1
             self._first[lid] = h0
             k = i1 - i0
             self._count[lid] += k
