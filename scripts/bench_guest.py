@@ -7,6 +7,13 @@ fine here: this is a script, not the simulation core.
 
     .venv/bin/python scripts/bench_guest.py            # 8 64 1024
     .venv/bin/python scripts/bench_guest.py 8 64 --ops 100000
+    .venv/bin/python scripts/bench_guest.py --migrate FILE.toml --mode capture [--bounded]
+
+Two functions for other scripts (scripts/benchmarks.py): ``measure_allocator(gib, ...)`` and
+``measure_migration(path, mode, ...)``, each one child process returning a dict. The second
+times ``run_scenario`` as ``balloon-hint migrate FILE --mode MODE`` does, but without the
+simulation's work bound unless ``bounded``: the bound (vmsim.vm.MAX_SIM_COST) refuses a 1 TiB
+compile-128g churn, which is exactly the run whose time issue 10 asks for.
 """
 from __future__ import annotations
 
@@ -88,6 +95,49 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     return out
 
 
+_MIGRATE_CHILD = r"""
+import json, resource, sys, time
+from vmsim.scenario import load
+from vmsim.vm import MAX_SIM_COST, run_scenario
+path, mode, bounded = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+scn = load(path)
+t = time.perf_counter()
+r = run_scenario(scn, mode, max_cost=MAX_SIM_COST if bounded else float("inf"))
+wall = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_SELF)
+gib = scn.guest.ram_bytes / (1 << 30)
+print(json.dumps({"scenario": scn.name, "gib": gib, "mode": mode, "wall_s": wall,
+                  "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": ru.ru_maxrss / 1024,
+                  "rss_mib_per_gib": ru.ru_maxrss / 1024 / gib, "verified": r.verified,
+                  "pages_sent": r.pages_sent, "rounds": r.rounds,
+                  "total_time_s": r.total_time_s}))
+"""
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    res = subprocess.run(args, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])}...: failed ({res.returncode})\n"
+                           f"{res.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def measure_allocator(gib: int, *, ops: int = 200_000, pages: bool = False,
+                      seed: int = 0) -> dict[str, Any]:
+    """``one(gib, ...)`` in its own process (its peak RSS is its own)."""
+    return _child([sys.executable, os.path.abspath(__file__), "--one", str(gib), "--ops",
+                   str(ops), "--seed", str(seed)] + (["--pages"] if pages else []))
+
+
+def measure_migration(path: str, mode: str, *, bounded: bool = False) -> dict[str, Any]:
+    """One migration of scenario file ``path`` in hinting ``mode``, in its own process: wall
+    and CPU seconds, peak RSS (MiB, and per simulated GiB), verified, pages sent, rounds."""
+    return _child([sys.executable, "-c", _MIGRATE_CHILD, path, mode, "1" if bounded else "0"])
+
+
 def _timed_walk(allocator: Any) -> tuple[int, float]:
     """Walk every free block once (the seed's walker, from pfn 0): (blocks, seconds)."""
     from guest_model.walk import FreeBlockWalker
@@ -112,20 +162,25 @@ def main() -> int:
     ap.add_argument("--ops", type=int, default=200_000, help="single alloc/free operations")
     ap.add_argument("--pages", action="store_true", help="also model page contents (PageVersions)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--migrate", metavar="FILE", help="time one migrate of this scenario file")
+    ap.add_argument("--mode", default="capture", help="with --migrate: off, walk or capture")
+    ap.add_argument("--bounded", action="store_true",
+                    help="with --migrate: keep the simulation's work bound")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
         print(json.dumps(one(args.one, args.ops, args.pages, args.seed)))
         return 0
+    if args.migrate:
+        print(json.dumps(measure_migration(args.migrate, args.mode, bounded=args.bounded)))
+        return 0
     rows = []
     for gib in args.sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", str(gib), "--ops",
-               str(args.ops), "--seed", str(args.seed)] + (["--pages"] if args.pages else [])
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{gib} GiB: failed\n{res.stderr}", file=sys.stderr)
+        try:
+            rows.append(measure_allocator(gib, ops=args.ops, pages=args.pages, seed=args.seed))
+        except RuntimeError as e:
+            print(f"{gib} GiB: {e}", file=sys.stderr)
             return 1
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     hdr = ("GiB", "setup s", "ops/s", "walk blk/s (boot)", "walk blk/s (frag)",
            "bulk alloc pg/s", "bulk free pg/s", "peak RSS MiB")
     print("  ".join(f"{h:>18}" for h in hdr))
