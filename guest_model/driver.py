@@ -39,10 +39,12 @@ keep stays kept: balloon pages, blocks isolated for an unanswered report; held h
 shrinkable, and a DONE read from config space still frees them. A new driver instance (unbind
 and probe again) is how a guest recovers; this class does not re-probe.
 
-Simulated costs (seconds, all overridable in ``DriverOptions``): ``hint_cost_per_block`` 5 us (a
-4 MiB allocation or a free-list visit plus adding a descriptor), ``balloon_cost_per_page``
-0.5 us, ``report_cost_per_block`` 5 us. They set how fast a round progresses relative to the
-host sending pages; they are not measurements of a real guest.
+Simulated costs (seconds, all overridable in ``DriverOptions``): a hinted block costs its
+allocation (1.5 us) or free-list visit (1 us), the init_on_alloc zeroing of 4 MiB at
+``memory_bandwidth`` (10 GB/s: 0.42 ms) when the allocator zeroes, and posting it (3.5 us),
+divided by the driver's ``cpu_share`` of a vCPU; ``balloon_cost_per_page`` 0.5 us,
+``report_cost_per_block`` 5 us. They set how fast a round progresses relative to the host
+sending pages; docs/cost-model.md says where each comes from.
 
 Device faults (a ring the device broke, a config read that never stabilises) are logged, counted
 in ``counters`` and survived: the affected activity stops, the rest of the driver carries on.
@@ -190,7 +192,19 @@ class DriverOptions:
     #: interleaving (a workload can take or write a block between two hints of a walk, as a
     #: real guest's other CPUs can between two reports of the seed's lock-dropping walk).
     hint_batch: int = 16
-    hint_cost_per_block: float = 5e-6
+    #: The guest's cost of a hint round (docs/cost-model.md, "The guest's side of a round"):
+    #: per captured block the allocation (``hint_alloc_cost``), the init_on_alloc zeroing of
+    #: its 4 MiB at ``memory_bandwidth`` bytes/s (only when the allocator zeroes), and posting
+    #: the buffer (``hint_post_cost``: a descriptor and a kick, a VM exit); per walked block the
+    #: free-list visit (``hint_walk_cost``) plus posting. All of it runs on one vCPU of which
+    #: the driver's work item gets ``cpu_share`` (1: an otherwise idle guest). When
+    #: ``hint_cost_per_block`` is set it replaces all of these by one flat cost per block.
+    hint_cost_per_block: float | None = None
+    hint_alloc_cost: float = 1.5e-6
+    hint_post_cost: float = 3.5e-6
+    hint_walk_cost: float = 1.0e-6
+    memory_bandwidth: float = 10e9
+    cpu_share: float = 1.0
     balloon_cost_per_page: float = 5e-7
     #: Linux sleeps 200 ms when it cannot allocate balloon pages ("Out of puff!").
     balloon_retry_delay: float = 0.2
@@ -234,6 +248,9 @@ class BalloonDriver:
         self.opts = options or DriverOptions()
         if self.opts.hint_batch < 1:
             raise UsageError(f"DriverOptions.hint_batch={self.opts.hint_batch}: must be >= 1")
+        if not 0 < self.opts.cpu_share <= 1 or not self.opts.memory_bandwidth > 0:
+            raise UsageError(f"DriverOptions: cpu_share={self.opts.cpu_share} must be in (0, 1] "
+                             f"and memory_bandwidth={self.opts.memory_bandwidth} positive")
         try:
             self.strategy = HintStrategy(self.opts.hint_strategy)
         except ValueError:

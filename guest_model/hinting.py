@@ -7,8 +7,9 @@ driver (``guest_model.driver``) reads it on a config interrupt and hands it to
 ``FreePageHinting.cmd_id_changed``. A round is:
 
 1. the 4-byte start buffer holding the id (DR-9), posted after detaching used buffers;
-2. steps of up to ``hint_batch`` blocks, each step costing ``hint_cost_per_block`` seconds of
-   simulated time per block, so workload events land between two steps. Before each step used
+2. steps of up to ``hint_batch`` blocks, each step costing the guest's time for its blocks
+   (``FreePageHinting.step_cost``: allocation or visit, init_on_alloc zeroing, posting, over
+   the driver's share of a vCPU), so workload events land between two steps. Before each step used
    buffers are reaped (free_page_vq has no callback: Linux polls). A block is posted as one
    writable element ``(gpa, bytes)`` only while more than one descriptor is free, keeping one
    for the STOP buffer; otherwise it is dropped (counted);
@@ -241,10 +242,27 @@ class FreePageHinting:
         if b.exhausted:
             self._end_round()  # DR-10: out of free blocks -> STOP
             return
-        delay = max(b.visited, 1) * d.opts.hint_cost_per_block
+        delay = self.step_cost(b.visited, int(b.pfns.size))
         if room == 0:
             delay = max(delay, d.opts.ring_full_poll)
         r.event = d.sched.after(delay, self._step)
+
+    def step_cost(self, visited: int, posted: int) -> float:
+        """Guest time of one step that visited (walk) or allocated (capture) ``visited`` blocks
+        and posted ``posted`` of them (docs/cost-model.md). A step that found nothing still
+        costs one visit: the driver looked."""
+        o = self.d.opts
+        n = max(visited, 1)
+        if o.hint_cost_per_block is not None:
+            t = n * o.hint_cost_per_block
+        elif self.strategy is HintStrategy.WALK:
+            t = n * o.hint_walk_cost + posted * o.hint_post_cost
+        else:
+            t = n * o.hint_alloc_cost + posted * o.hint_post_cost
+            if getattr(self.d.alloc, "init_on_alloc", False):
+                # init_on_alloc clears every block the capture allocates, dropped ones too.
+                t += n * (HINT_BLOCK_PAGES << PAGE_SHIFT) / o.memory_bandwidth
+        return t / o.cpu_share
 
     def _post_hints(self, vq: Vring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:
         d = self.d

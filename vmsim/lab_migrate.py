@@ -286,6 +286,7 @@ class CheckConfig:
     hints: bool = True            # free-page-hint=on (off: the control run, nothing hinted)
     stream_dir: str | None = None  # folder: record the migration stream, trace lost pages in it
     clear_bitmap_shift: int | None = None  # QEMU's x-clear-bitmap-shift on the source
+    during: str | None = None     # a guest shell command run in the background while migrating
     timeline: bool = False        # fingerprint the source RAM while migrating: when did a lost
                                   # page last change, relative to the syncs and hint rounds?
 
@@ -340,6 +341,9 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
             ring = RingAddrs.from_qmp(queues[FREE_PAGE_VQ]) if cfg.hints else None
             if cfg.writer:
                 src.run(WRITER)
+            if cfg.during:
+                src.run(f"({cfg.during}) >/dev/null 2>&1 &")
+                result["during"] = cfg.during
             with dst_lab.boot(ram=cfg.ram, devices=dev, append=append, wait_ready=False,
                               extra_args=[*io, "-incoming", "defer", "-S"]) as dst:
                 sock = f"{dst.tmpdir}/migration.sock"
@@ -368,11 +372,23 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                 capture = None
                 result["migration"] = _migration_figures(st)
                 result["capture"] = _capture_figures(cap)
+                result["hint_ranges"] = [[hex(a), hex(b)] for a, b in cap.ranges()]
                 if st["status"] != "completed":
                     result["error"] = f"migration {st['status']}: {st.get('error-desc')}"
                     return result
                 if src.qmp("query-status")["status"] != "postmigrate":
                     raise EnvironmentFailure("the source is not paused after the migration")
+                # A paused source must not change: count pages that do within a second.
+                fp = Timeline(src_ram)
+                time.sleep(1.0)
+                fp.sample(0)
+                result["src_pages_changed_while_paused"] = int(
+                    np.count_nonzero(fp.samples[0][2] != fp.samples[1][2]))
+                dfp = Timeline(dst_ram)
+                time.sleep(1.0)
+                dfp.sample(0)
+                result["dst_pages_changed_while_paused"] = int(
+                    np.count_nonzero(dfp.samples[0][2] != dfp.samples[1][2]))
                 pages = differing_pages(src_ram, dst_ram)
                 cls = classify(pages, cap.ranges(), zero_pages(dst_ram, pages))
                 result["pages"] = cls.as_dict()
@@ -609,6 +625,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--clear-bitmap-shift", type=int, choices=range(6, 33), metavar="6..32",
                     help="the source's migration.x-clear-bitmap-shift (dirty-log clearing "
                     "chunks of 2^N pages; QEMU's default is 18)")
+    ap.add_argument("--during", metavar="CMD",
+                    help="a guest shell command started in the background before migrating "
+                    "(e.g. a control workload for --hints off)")
     ap.add_argument("--timeline", action="store_true",
                     help="fingerprint the source RAM while migrating and say when each lost "
                     "page last changed (slows the migration down)")
@@ -649,10 +668,13 @@ def run(args: argparse.Namespace) -> int:
                                       downtime_limit=args.downtime_limit,
                                       keep_ram=args.keep_ram, stream_dir=args.stream,
                                       timeline=args.timeline,
-                                      clear_bitmap_shift=args.clear_bitmap_shift)
+                                      clear_bitmap_shift=args.clear_bitmap_shift,
+                                      during=args.during)
                     r = run_check(lab, build, cfg)
                     results.append(r)
                     print(_row(r), flush=True)
+                    if args.json:   # after every run: a long series keeps what it measured
+                        Path(args.json).write_text(json.dumps(results, indent=1))
     finally:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))

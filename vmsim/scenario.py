@@ -12,6 +12,9 @@ A scenario looks like this (sizes, rates and durations take units)::
     init_on_free = false
     page_poison = false
     vcpus = 4
+    boot_footprint = "96MiB"  # kernel held at boot, besides the memmap
+    boot_free_dirty = "1MiB"  # free memory still holding data after boot
+    runnable = 4            # threads the workloads keep runnable (make -j4)
 
     [[workload]]            # phases run one after the other before migration starts
     kind = "fill"
@@ -31,7 +34,14 @@ A scenario looks like this (sizes, rates and durations take units)::
     [hinting]
     mode = "capture"        # off | walk | capture
     min_order = 10          # smallest block the walk hints
-    block_cost = "5us"      # guest time per hinted block (default: the driver's own)
+    alloc_cost = "1.5us"    # guest time per captured block, and per block posted ...
+    post_cost = "3.5us"
+    walk_cost = "1us"       # ... per block the walk visits
+    memory_bandwidth = "10GB/s"  # init_on_alloc zeroing of a captured block
+    # block_cost = "5us"    # one flat guest time per block instead of the four above
+
+    [host]
+    profile = "xeon-2017"   # per-page costs of the host's QEMU (balloon_dev.host.profiles)
 
 Theory of operation: ``tomllib`` parses the text (a syntax error carries its own line); then a
 schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
@@ -66,6 +76,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from balloon_dev.host.profiles import PROFILES
 from protocol.errors import UsageError
 
 HINT_MODES = ("off", "walk", "capture")
@@ -209,6 +220,15 @@ class GuestSpec:
     init_on_free: bool = False
     page_poison: bool = False
     vcpus: int = 2
+    #: What the booted kernel holds, in use (image, slab, early allocations); the memmap
+    #: (struct pages, 1/64 of RAM) comes on top. None: ``vmsim.vm.KERNEL_BASE_BYTES``.
+    boot_footprint: int | None = None
+    #: Free memory that still holds data after boot (pages the kernel and init used and
+    #: freed). None: ``vmsim.vm.BOOT_FREE_DIRTY_BYTES``, measured on the lab's guest.
+    boot_free_dirty: int | None = None
+    #: Threads the workloads keep runnable on the vCPUs (``make -j4``: 4); the balloon
+    #: driver's work item shares the vCPUs with them.
+    runnable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +251,18 @@ class MigrationSpec:
 class HintingSpec:
     mode: str = "capture"
     min_order: int = 10
-    block_cost_s: float | None = None  # guest time to find/allocate and post one hint block
+    block_cost_s: float | None = None  # flat guest time per hint block (replaces the below)
+    alloc_cost_s: float | None = None  # per captured block: alloc_pages(order 10)
+    post_cost_s: float | None = None   # per posted block: descriptor and kick
+    walk_cost_s: float | None = None   # per walked block: the free-list visit
+    memory_bandwidth_Bps: float | None = None  # init_on_alloc zeroing speed
+
+
+#: Host profiles (``[host] profile``): per-page costs of a host's QEMU, in
+#: ``balloon_dev.host.profiles.PROFILES``.
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    profile: str = "xeon-2017"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +274,9 @@ class Scenario:
     workloads: tuple[WorkloadSpec, ...] = ()
     migration: MigrationSpec = MigrationSpec()
     hinting: HintingSpec = HintingSpec()
+    host: HostSpec = HostSpec()
     published: dict[str, float] = field(default_factory=dict)  # fidelity reference, ms
+    measured: dict[str, float] = field(default_factory=dict)   # figures measured here
 
     @property
     def setup_workloads(self) -> tuple[WorkloadSpec, ...]:
@@ -341,7 +374,8 @@ def _ram(v: Any) -> int:
 
 
 _GUEST = {"ram": _ram, "seed": _int(0, 2**64 - 1), "init_on_alloc": _bool,
-          "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64)}
+          "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64),
+          "boot_footprint": _size, "boot_free_dirty": _size, "runnable": _int(0, 4096)}
 #: A scenario's first pre-copy round sends every page of guest RAM; at the scenario's bandwidth
 #: that alone takes at least guest RAM / bandwidth of simulated time (all pages as data; zero
 #: pages go faster). The guest's background workloads tick every 5-20 ms of simulated time, so
@@ -368,7 +402,10 @@ def _time_limit(v: Any) -> float:
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
               "max_rounds": _int(1, 10000), "time_limit": _time_limit}
 _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
-            "block_cost": _positive(_duration)}
+            "block_cost": _positive(_duration), "alloc_cost": _positive(_duration),
+            "post_cost": _positive(_duration), "walk_cost": _positive(_duration),
+            "memory_bandwidth": _positive(_rate)}
+_HOST = {"profile": _choice(*PROFILES)}
 
 
 def _num(v: Any) -> float:
@@ -381,6 +418,12 @@ def _num(v: Any) -> float:
 
 # Published total migration times this scenario reproduces (docs/cost-model.md), milliseconds.
 _PUBLISHED = {"without_hints_ms": _positive(_num), "with_hints_ms": _positive(_num)}
+# Figures measured on this project's machine for the same set-up (balloon-hint fidelity's
+# second table; docs/cost-model.md says how): bytes and page counts of QEMU's query-migrate.
+_MEASURED = {f"{k}_{m}": _positive(_num) if k == "transferred_bytes" else _num
+             for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
+             for m in ("off", "hints")}
+_MEASURED["runs"] = _num
 
 
 #: The simulator's work grows with a workload's rate (pages allocated or written per simulated
@@ -526,12 +569,12 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                             f"not valid TOML: {e}") from None
     lines = _KeyLines(text)
     tables = {"guest": _GUEST, "migration": _MIGRATION, "hinting": _HINTING,
-              "published": _PUBLISHED}
+              "host": _HOST, "published": _PUBLISHED, "measured": _MEASURED}
     for key in data:
         if key not in tables and key not in _TOP and key != "workload":
             raise ScenarioError(file, key, lines.key("", 0, key) or lines.key(key, 0, ""),
                                 "unknown key (known: name, description, [guest], [[workload]], "
-                                "[migration], [hinting], [published])")
+                                "[migration], [hinting], [host], [published], [measured])")
     top = _check_table(file, lines, "", 0, "", {k: v for k, v in data.items() if k in _TOP},
                        _TOP)
     if "guest" not in data:
@@ -549,7 +592,13 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     guest = GuestSpec(ram_bytes=g["ram"], seed=g.get("seed", 1),
                       init_on_alloc=g.get("init_on_alloc", False),
                       init_on_free=g.get("init_on_free", False),
-                      page_poison=g.get("page_poison", False), vcpus=g.get("vcpus", 2))
+                      page_poison=g.get("page_poison", False), vcpus=g.get("vcpus", 2),
+                      boot_footprint=g.get("boot_footprint"),
+                      boot_free_dirty=g.get("boot_free_dirty"), runnable=g.get("runnable", 0))
+    for key in ("boot_footprint", "boot_free_dirty"):
+        if (g.get(key) or 0) > guest.ram_bytes // 2:
+            raise ScenarioError(file, f"guest.{key}", lines.key("guest", 0, key),
+                                "more than half of the guest's RAM")
     wl_data = data.get("workload", [])
     if not isinstance(wl_data, list):
         raise ScenarioError(file, "workload", lines.key("workload", 0, ""),
@@ -609,12 +658,19 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                             f"bound of {MAX_FIRST_ROUND_S:g} s (1 hour)")
     h = _check_table(file, lines, "hinting", 0, "hinting", data.get("hinting", {}), _HINTING)
     hint = HintingSpec(mode=h.get("mode", "capture"), min_order=h.get("min_order", 10),
-                       block_cost_s=h.get("block_cost"))
+                       block_cost_s=h.get("block_cost"), alloc_cost_s=h.get("alloc_cost"),
+                       post_cost_s=h.get("post_cost"), walk_cost_s=h.get("walk_cost"),
+                       memory_bandwidth_Bps=h.get("memory_bandwidth"))
+    hs = _check_table(file, lines, "host", 0, "host", data.get("host", {}), _HOST)
+    host = HostSpec(**{k: v for k, v in hs.items()})
+    meas = _check_table(file, lines, "measured", 0, "measured", data.get("measured", {}),
+                        _MEASURED)
     pub = _check_table(file, lines, "published", 0, "published", data.get("published", {}),
                        _PUBLISHED)
     name = top.get("name") or Path(file).stem
     return Scenario(name=name, description=top.get("description", ""), source=file, guest=guest,
-                    workloads=tuple(workloads), migration=mig, hinting=hint, published=pub)
+                    workloads=tuple(workloads), migration=mig, hinting=hint, host=host,
+                    published=pub, measured=meas)
 
 
 def load(path: str | Path) -> Scenario:

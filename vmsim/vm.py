@@ -58,8 +58,9 @@ from balloon_dev.host.precopy import (
     PrecopyMigration,
     VerifyResult,
 )
+from balloon_dev.host.profiles import cost_model
 from balloon_dev.transport.inprocess import InProcessTransport
-from guest_model.buddy import MIGRATE_UNMOVABLE, BuddyAllocator
+from guest_model.buddy import MIGRATE_MOVABLE, MIGRATE_UNMOVABLE, BuddyAllocator
 from guest_model.guest import GuestOptions, SimGuest
 from guest_model.workloads import Idle, Workload
 from guestmem import POISON, DirtyLog, GuestMemory, PageVersions
@@ -77,6 +78,10 @@ TICK_S = 0.005            # background workload granularity, simulated seconds
 RESUME_S = 0.01           # how long the guest runs after switchover (its driver handles DONE)
 KERNEL_BASE_BYTES = 96 << 20  # kernel text/data, slab and early allocations of a booted guest
 MEMMAP_FRACTION = 64 / PAGE_SIZE  # struct page: 64 bytes per 4 KiB page, allocated at boot
+#: Free memory still holding data right after boot: measured on the lab's guest (QEMU 11.1,
+#: Debian's 6.1 kernel, busybox initramfs, 512 MiB, init_on_alloc=0) as the non-zero pages of
+#: the blocks its first hint round took (docs/cost-model.md, "The guest at boot").
+BOOT_FREE_DIRTY_BYTES = 1 << 20
 
 Progress = Callable[[float, str], None]
 #: Host faults a run can inject (``--fault``): accept-stale-hints applies hints that were queued
@@ -130,13 +135,25 @@ def churn_tick(lifetime: float) -> float:
     return min(CHURN_TICK_MAX_S, max(TICK_S, lifetime / 50))
 
 
-def boot_footprint(alloc: BuddyAllocator, pages: PageVersions, ram_bytes: int) -> int:
+def boot_footprint(alloc: BuddyAllocator, pages: PageVersions, ram_bytes: int,
+                   base_bytes: int | None = None) -> int:
     """What a booted kernel holds: its image, slab and the memmap (struct pages), written and
     unmovable. Returns the pages taken."""
-    base = min(KERNEL_BASE_BYTES, ram_bytes // 8)  # a tiny test guest gets a small kernel
+    # A tiny test guest gets a small kernel unless its scenario says otherwise.
+    base = min(KERNEL_BASE_BYTES, ram_bytes // 8) if base_bytes is None else base_bytes
     n = (base + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
     pfns = alloc.alloc_pages_bulk(n, MIGRATE_UNMOVABLE)
     pages.write_pfns(pfns, "data")
+    return int(pfns.size)
+
+
+def boot_free_dirty(alloc: BuddyAllocator, pages: PageVersions, nbytes: int) -> int:
+    """Memory the kernel and init wrote during boot and freed again: free, not zero (pages a
+    migration without hints sends as data). Returns the pages."""
+    pfns = alloc.alloc_pages_bulk(nbytes >> PAGE_SHIFT, MIGRATE_MOVABLE)
+    if pfns.size:
+        pages.write_pfns(pfns, "data")
+        alloc.free_pages_bulk(pfns)
     return int(pfns.size)
 
 
@@ -175,14 +192,23 @@ class SimVM:
         if scn.migration.time_limit_s is not None:  # else the engine's default budget
             params = replace(params, time_budget_s=scn.migration.time_limit_s)
         self.migration = PrecopyMigration(
-            self.pages, self.dirty, self.sched, params, opts.cost,
+            self.pages, self.dirty, self.sched, params,
+            opts.cost if opts.cost is not None else cost_model(scn.host.profile),
             notify=self._precopy_notify if opts.mode != "off" else None,
             byte_regions=[(DRIVER_AREA_GPA >> PAGE_SHIFT, memoryview(self.driver_area))],
             on_switchover=self._switchover)
         # -- guest --
         driver: dict[str, float] = {}
-        if scn.hinting.block_cost_s is not None:
-            driver["hint_cost_per_block"] = scn.hinting.block_cost_s
+        h = scn.hinting
+        for key, value in (("hint_cost_per_block", h.block_cost_s),
+                           ("hint_alloc_cost", h.alloc_cost_s), ("hint_post_cost", h.post_cost_s),
+                           ("hint_walk_cost", h.walk_cost_s),
+                           ("memory_bandwidth", h.memory_bandwidth_Bps)):
+            if value is not None:
+                driver[key] = value
+        # The driver's work item is one more runnable thread on the vCPUs: with more runnable
+        # threads than vCPUs the scheduler gives it its fair share of one.
+        driver["cpu_share"] = min(1.0, g.vcpus / (g.runnable + 1))
         self.guest = SimGuest(self.mem, self.pages, self.sched, self.transport, GuestOptions(
             ram_bytes=g.ram_bytes, seed=opts.seed, init_on_alloc=g.init_on_alloc,
             init_on_free=g.init_on_free, page_poisoning=g.page_poison,
@@ -229,7 +255,10 @@ class SimVM:
     # -- running -------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Boot footprint, then the set-up phases, in order."""
-        boot_footprint(self.alloc, self.pages, self.scn.guest.ram_bytes)
+        g = self.scn.guest
+        boot_footprint(self.alloc, self.pages, g.ram_bytes, g.boot_footprint)
+        free_dirty = BOOT_FREE_DIRTY_BYTES if g.boot_free_dirty is None else g.boot_free_dirty
+        boot_free_dirty(self.alloc, self.pages, free_dirty)
         for w in self.scn.setup_workloads:
             phase = self.guest.add_workload(w.kind, **w.params)
             if isinstance(phase, Idle):
