@@ -150,6 +150,9 @@ async def _main(server: Any, control: HostControl, ctl_path: str) -> None:
         print(f"  control socket:   {ctl_path}  (balloon-hint ctl {ctl_path} stats)", flush=True)
         print("  QEMU options:", " ".join(
             f"'{o}'" if o.startswith("{") else o for o in opts), flush=True)
+        # The lab's machine defines the memory backend itself (docs/qemu-lab.md).
+        print(f"  in the QEMU lab:  scripts/qemu-lab shell --device {name}:{server.path}",
+              flush=True)
 
 
 def _startup_error(e: BaseException) -> OSError | None:

@@ -215,3 +215,19 @@ def test_device_args_vhost_user_without_control_names_the_way_out(tmp_path):
             qemu_lab.device_args(f"vhost-user:{path}")
         assert qemu_lab.device_args(f"vhost-user:{path}", num_vqs=3, config_size=8)[3].endswith(
             "num_vqs=3,vq_size=128,config_size=8")
+
+
+@pytest.mark.parametrize("kind", ["vfio-user", "vhost-user"])
+def test_serve_names_the_lab_command(kind):
+    """serve's own options define the memory backend (for a plain QEMU); for the lab it names
+    `scripts/qemu-lab shell --device`, whose options do not clash"""
+    with tempfile.TemporaryDirectory(prefix="bh-serve-lab-") as d:
+        sock = os.path.join(d, "s")
+        proc = subprocess.Popen([sys.executable, "-m", "vmsim", "serve", f"--{kind}", sock],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stdout is not None
+            lines = [proc.stdout.readline() for _ in range(5)]
+        finally:
+            stop_server(proc)  # type: ignore[arg-type]
+    assert f"  in the QEMU lab:  scripts/qemu-lab shell --device {kind}:{sock}\n" in lines
