@@ -1,9 +1,11 @@
 """The fuzz targets of issue 15 item 9, run on every change: the kept corpus and crashes replayed
 in-process, then a short coverage-guided run of each target.
 
-* ``test_corpus_replays``: every input under ``tests/fuzz/corpus/TARGET`` and
-  ``tests/fuzz/crashes/TARGET`` (inputs that once broke a target, kept after the fix) runs
-  through the target again, with the fd count checked around each and around all of them.
+* ``test_corpus_replays``: every input under ``tests/fuzz/seeds/TARGET`` (hand-written:
+  a correct driver's programs, the built-in scenarios, the issue's reproducers),
+  ``tests/fuzz/corpus/TARGET`` (what the fuzzer kept: the smallest set reaching every edge it
+  reached) and ``tests/fuzz/crashes/TARGET`` (inputs that once broke a target, kept after the
+  fix) runs through the target again, with the fd count checked around each and around all.
 * ``test_coverage_guided_run``: ``tests.fuzz.engine`` (atheris) for ``FUZZ_SECONDS`` per target
   (``BALLOON_HINT_FUZZ_SECONDS``, default 5: about a minute for all targets with start-up),
   seeded from the kept corpus, new inputs in a temporary folder. A crash fails the test with
@@ -29,7 +31,7 @@ FUZZ_SECONDS = int(os.environ.get("BALLOON_HINT_FUZZ_SECONDS", "5"))
 
 def _inputs(name: str) -> list[Path]:
     out: list[Path] = []
-    for kind in ("corpus", "crashes"):
+    for kind in ("seeds", "corpus", "crashes"):
         d = HERE / kind / name
         if d.is_dir():
             out += sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -38,7 +40,7 @@ def _inputs(name: str) -> list[Path]:
 
 def test_every_target_has_a_corpus() -> None:
     for name in TARGETS:
-        assert len(_inputs(name)) >= 5, f"tests/fuzz/corpus/{name} has (almost) nothing"
+        assert len(_inputs(name)) >= 5, f"tests/fuzz/{{seeds,corpus}}/{name}: (almost) nothing"
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
@@ -63,7 +65,7 @@ def test_coverage_guided_run(name: str, tmp_path: Path) -> None:
     crashes = tmp_path / "crashes"
     cmd = [sys.executable, "-m", "tests.fuzz.engine", name, "--seconds", str(FUZZ_SECONDS),
            "--seed", "1", "--corpus", str(tmp_path / "corpus"), "--crashes", str(crashes),
-           "--seeds", str(HERE / "corpus" / name)]
+           "--seeds", str(HERE / "seeds" / name), str(HERE / "corpus" / name)]
     dict_file = HERE / "dicts" / f"{name}.dict"
     if dict_file.is_file():
         cmd += ["--dict", str(dict_file)]

@@ -169,9 +169,9 @@ def _vhost_server(path: str) -> VhostUserServer:
 
 # Requests that need no fd (fds ride on the first byte). SET_PROTOCOL_FEATURES is sent once,
 # first: it decides whether NEED_REPLY is answered.
-_NO_FD = [R.GET_FEATURES, R.SET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_CONFIG, R.SET_CONFIG,
-          R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE,
-          R.GET_MAX_MEM_SLOTS, R.RESET_OWNER]
+_NO_FD = [R.GET_FEATURES, R.SET_FEATURES, R.SET_OWNER, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM,
+          R.GET_CONFIG, R.SET_CONFIG, R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE,
+          R.SET_VRING_ENABLE, R.GET_MAX_MEM_SLOTS, R.RESET_OWNER]
 vhost_payloads = st.one_of(
     st.binary(max_size=40),
     st.integers(0, 2**64 - 1).map(vhu.build_u64),
