@@ -218,7 +218,7 @@ class BulkPaths(ZoneAllocator):
         left behind are those the one-at-a-time unlinking leaves: ``next`` untouched, ``prev``
         of every block but the first pointing at the list head (each was first in turn).
         """
-        nx, rows, mask, shift = self._nx, self._rows, ROW_MASK, ROW_SHIFT
+        nx, top, mask, shift = self._nx, self._top, ROW_MASK, ROW_SHIFT
         p = self._first[lid]
         heads = np.empty(k, dtype=np.int64)
         # In chunks, so that a long walk never holds millions of Python ints at once.
@@ -227,7 +227,7 @@ class BulkPaths(ZoneAllocator):
             app = got.append
             for _ in range(min(k - lo, 1 << 16)):
                 app(p)
-                p = nx[(p & mask) * rows + (p >> shift)]
+                p = nx[p if p & mask else top + (p >> shift)]
             heads[lo:lo + len(got)] = got
         s = list_sentinel(lid)
         self._first[lid] = p
@@ -604,17 +604,17 @@ class BulkPaths(ZoneAllocator):
         cut = np.flatnonzero(~same) + 1
         g_first = np.concatenate(([0], cut))
         g_end = np.concatenate((cut, [heads.size]))
-        nx, pv, rows = self._nx, self._pv, self._rows
+        nx, pv, top = self._nx, self._pv, self._top
         for i0, i1, lid in zip(g_first.tolist(), g_end.tolist(), lids[g_first].tolist(),
                                strict=True):
             h0, h1 = int(heads[i0]), int(heads[i1 - 1])
             first = self._first[lid]
-            nx[(h1 & ROW_MASK) * rows + (h1 >> ROW_SHIFT)] = first
-            pv[(h0 & ROW_MASK) * rows + (h0 >> ROW_SHIFT)] = list_sentinel(lid)
+            nx[h1 if h1 & ROW_MASK else top + (h1 >> ROW_SHIFT)] = first
+            pv[h0 if h0 & ROW_MASK else top + (h0 >> ROW_SHIFT)] = list_sentinel(lid)
             if first < 0:
                 self._last[lid] = h1
             else:
-                pv[(first & ROW_MASK) * rows + (first >> ROW_SHIFT)] = h1
+                pv[first if first & ROW_MASK else top + (first >> ROW_SHIFT)] = h1
             self._first[lid] = h0
             k = i1 - i0
             self._count[lid] += k
@@ -656,19 +656,19 @@ class BulkPaths(ZoneAllocator):
         orders = self.buddy_order[R].astype(np.int64)
         saved_next = self.next[R]
         saved_prev = self.prev[R]
-        nx, pv, first, last, rows = self._nx, self._pv, self._first, self._last, self._rows
+        nx, pv, first, last, top = self._nx, self._pv, self._first, self._last, self._top
         for lo in range(0, k, 1 << 16):  # chunks: never millions of Python ints at once
             for h in R[lo:lo + (1 << 16)].tolist():
-                i = (h & ROW_MASK) * rows + (h >> ROW_SHIFT)
+                i = h if h & ROW_MASK else top + (h >> ROW_SHIFT)
                 n, p = nx[i], pv[i]
                 if p < 0:
                     first[-1 - p] = n
                 else:
-                    nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)] = n
+                    nx[p if p & ROW_MASK else top + (p >> ROW_SHIFT)] = n
                 if n < 0:
                     last[-1 - n] = p
                 else:
-                    pv[(n & ROW_MASK) * rows + (n >> ROW_SHIFT)] = p
+                    pv[n if n & ROW_MASK else top + (n >> ROW_SHIFT)] = p
         self.next[R] = saved_next
         self.prev[R] = saved_prev
         self.buddy_order[R] = -1

@@ -126,17 +126,17 @@ class FreeAreas:
 
         idx_t = np.int32 if n < (1 << 31) - NR_LISTS - 2 else np.int64
         # Links are only meaningful at the head of a free block; stored in the row layout of
-        # guest_model.buddy.links, only the rows fragmentation reaches become resident.
+        # guest_model.buddy.links, only the blocks fragmentation reaches become resident.
         self.next = PfnLinks(n, idx_t)
         self.prev = PfnLinks(n, idx_t)
-        self._rows = self.next.rows
+        self._top = self.next.top
         self.buddy_order = np.full(n, -1, dtype=np.int8)
         self.state = np.full(n, PG_BUDDY, dtype=np.uint8)
         self.pageblock_mt = np.full((n + pageblock_nr_pages - 1) >> pageblock_order,
                                     MIGRATE_MOVABLE, dtype=np.uint8)
         self.reported = np.zeros(self.pageblock_mt.size, dtype=np.bool_)
         # Scalar access through memoryviews is several times faster than numpy item access.
-        # (Link memoryviews are indexed by slot: (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT).)
+        # (Link memoryviews are indexed by slot: pfn, or top + pfn // 1024 for an aligned pfn.)
         self._nx = self.next.view
         self._pv = self.prev.view
         self._bo = self.buddy_order.data
@@ -284,9 +284,9 @@ class FreeAreas:
         return list_id(self.zone_of(pfn), order, self._pb[pfn >> pageblock_order])
 
     def _list_add(self, pfn: int, order: int, lid: int, tail: bool = False) -> None:
-        nx, pv, rows = self._nx, self._pv, self._rows
+        nx, pv, top = self._nx, self._pv, self._top
         s = list_sentinel(lid)
-        i = (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT)
+        i = pfn if pfn & ROW_MASK else top + (pfn >> ROW_SHIFT)
         if tail:
             last = self._last[lid]
             pv[i] = last
@@ -294,7 +294,7 @@ class FreeAreas:
             if last < 0:
                 self._first[lid] = pfn
             else:
-                nx[(last & ROW_MASK) * rows + (last >> ROW_SHIFT)] = pfn
+                nx[last if last & ROW_MASK else top + (last >> ROW_SHIFT)] = pfn
             self._last[lid] = pfn
         else:
             first = self._first[lid]
@@ -303,7 +303,7 @@ class FreeAreas:
             if first < 0:
                 self._last[lid] = pfn
             else:
-                pv[(first & ROW_MASK) * rows + (first >> ROW_SHIFT)] = pfn
+                pv[first if first & ROW_MASK else top + (first >> ROW_SHIFT)] = pfn
             self._first[lid] = pfn
         self._bo[pfn] = order
         self._count[lid] += 1
@@ -311,17 +311,17 @@ class FreeAreas:
 
     def _list_del(self, pfn: int, order: int, lid: int) -> None:
         """Unlink a free block. Its own links stay as they were (stale), see module docstring."""
-        nx, pv, rows = self._nx, self._pv, self._rows
-        i = (pfn & ROW_MASK) * rows + (pfn >> ROW_SHIFT)
+        nx, pv, top = self._nx, self._pv, self._top
+        i = pfn if pfn & ROW_MASK else top + (pfn >> ROW_SHIFT)
         n, p = nx[i], pv[i]
         if p < 0:
             self._first[lid] = n
         else:
-            nx[(p & ROW_MASK) * rows + (p >> ROW_SHIFT)] = n
+            nx[p if p & ROW_MASK else top + (p >> ROW_SHIFT)] = n
         if n < 0:
             self._last[lid] = p
         else:
-            pv[(n & ROW_MASK) * rows + (n >> ROW_SHIFT)] = p
+            pv[n if n & ROW_MASK else top + (n >> ROW_SHIFT)] = p
         self._bo[pfn] = -1
         self._count[lid] -= 1
         self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] -= 1 << order
@@ -373,7 +373,7 @@ class FreeAreas:
 
     def link_next(self, pfn: int) -> int:
         """The raw ``lru.next`` of ``pfn``: a pfn, a list sentinel, or a stale value."""
-        return self._nx[(pfn & ROW_MASK) * self._rows + (pfn >> ROW_SHIFT)]
+        return self._nx[pfn if pfn & ROW_MASK else self._top + (pfn >> ROW_SHIFT)]
 
     def page_order(self, pfn: int) -> int:
         """Order of the free block starting at ``pfn``; -1 when ``pfn`` is no free-block head."""

@@ -1,4 +1,4 @@
-"""Free-list links, one per page, stored so that the heads of aligned blocks sit together.
+"""Free-list links, one per page, stored so that the heads of max-order blocks sit together.
 
 Linux keeps a free block's list links in the ``lru`` field of its first ``struct page``; the model
 keeps them as one integer per page in ``next`` and ``prev``. Stored by pfn, the links of a big
@@ -6,12 +6,14 @@ guest's free memory (mostly max-order blocks, whose heads are 1024 pages apart) 
 link in every 4 KiB OS page of the arrays, so both arrays would be wholly resident: 2 MiB per GiB
 of guest to hold 8 KiB of links.
 
-So the link of ``pfn`` lives at slot ``(pfn % 1024) * rows + pfn // 1024``: the arrays are 1024
-rows of ``rows = ceil(ram_pages / 1024)`` entries, one row per offset inside a max-order block.
-All max-order heads fill row 0, the order-9 heads of second halves row 512, and so on; a link is
-only ever written at a free block's head, so only the rows that fragmentation reaches are touched
-(``numpy.empty`` leaves the rest unallocated). The values stored are still pfns or list sentinels:
-what a link, stale or not, points to does not depend on the layout.
+So the link of a pfn aligned to a max-order block lives apart, at slot ``top + pfn // 1024``
+(``top`` = the number of pages): those are dense, 4 KiB of links per 4 GiB of guest. Every other
+pfn's link lives at slot ``pfn``, so the links of a fragmented block stay together (a list walk
+or a scatter over neighbouring blocks touches few OS pages), and the slots of aligned pfns in
+that part are never used. A link is only ever written at a free block's head, so only the OS
+pages of blocks that fragmentation reaches become resident (``numpy.empty`` leaves the rest
+unallocated). The values stored are still pfns or list sentinels: what a link, stale or not,
+points to does not depend on the layout.
 
 ``PfnLinks`` indexes by pfn (an int or an int64 array) for numpy work; the allocator's scalar
 paths compute the slot inline on the memoryview ``view`` (a method call per link would cost more
@@ -25,23 +27,25 @@ import numpy as np
 
 from guest_model.buddy.defs import MAX_ORDER, BuddyError
 
-#: A pfn's row is its offset inside its max-order block; its column is the block's number.
+#: pfn & ROW_MASK == 0: the pfn heads a max-order block, its link is at top + (pfn >> ROW_SHIFT).
 ROW_SHIFT = MAX_ORDER - 1
 ROW_MASK = (1 << ROW_SHIFT) - 1
 
 
 class PfnLinks:
-    """One link per pfn in the row layout above."""
+    """One link per pfn in the layout above."""
 
     def __init__(self, ram_pages: int, dtype: type[np.signedinteger[Any]]) -> None:
         self.ram_pages = ram_pages
-        self.rows = -(-ram_pages >> ROW_SHIFT)
-        self.store = np.empty(self.rows << ROW_SHIFT, dtype=dtype)
+        self.top = ram_pages
+        self.store = np.empty(ram_pages + (-(-ram_pages >> ROW_SHIFT)), dtype=dtype)
         self.view = self.store.data
 
     def slot(self, pfn: int | np.ndarray) -> int | np.ndarray:
         """Where the link of ``pfn`` (an int or an int64 array) is stored."""
-        return (pfn & ROW_MASK) * self.rows + (pfn >> ROW_SHIFT)
+        if isinstance(pfn, np.ndarray):
+            return np.where(pfn & ROW_MASK, pfn, self.top + (pfn >> ROW_SHIFT))
+        return pfn if pfn & ROW_MASK else self.top + (pfn >> ROW_SHIFT)
 
     def __getitem__(self, pfn: int | np.ndarray) -> Any:
         return self.store[self.slot(pfn)]
@@ -61,6 +65,7 @@ class PfnLinks:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """Every page's link in pfn order (a copy; for tests and debugging)."""
-        out = np.ascontiguousarray(self.store.reshape(1 << ROW_SHIFT, self.rows).T).ravel()
-        out = out[:self.ram_pages]
+        out = self.store[:self.ram_pages].copy()
+        heads = np.arange(0, self.ram_pages, 1 << ROW_SHIFT)
+        out[heads] = self.store[self.top + (heads >> ROW_SHIFT)]
         return out if dtype is None else out.astype(dtype)
