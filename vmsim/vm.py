@@ -94,16 +94,17 @@ CHURN_TICK_MAX_S = 0.02  # a churn tick never exceeds this (hint rounds last ten
 
 
 #: The simulation's work bound, in cost units: one scheduler event (a workload tick, a batch
-#: of pre-copy, a driver step) is one unit; an allocator fallback steal is one; pages a
-#: workload allocates, frees or writes, churn ticks and pages pre-copy sends add their share
-#: (below). Measured on the project's 2-core machine while other jobs shared it, a unit cost
-#: 24-50 us of wall time over scenarios as different as compile-128g (723,000 units in 25 s),
-#: idle-128g, a churn at 25 GiB/s on 256 MiB and a 64 MiB guest rewritten at 6 GiB/s under a
-#: 1 ms downtime limit, so 1,200,000 units end a run in 30-60 s there and sooner on an idle
-#: laptop. The largest built-in scenario (compile-128g, mode off) uses 60% of it. A run that
-#: reaches it stops with ``SimulationTooLong`` naming the workload that did most of the work:
-#: scenario limits alone cannot bound it, since how long pre-copy lasts depends on whether it
-#: converges.
+#: of pre-copy, a driver step) is one unit; an allocator fallback steal and a free page hint
+#: are one each; pages a workload allocates, frees or writes, churn ticks and pages pre-copy
+#: sends add their share (below). Measured in CPU time on the project's 2-core machine, a
+#: unit cost 11-60 us over scenarios as different as compile-128g, idle-128g, a churn at
+#: 25 GiB/s on 256 MiB, a 64 MiB guest rewritten at 6 GiB/s under a 1 ms downtime limit and a
+#: slow walk sending 119,000 hints (campaign seed 1 #148: 14 s of CPU for 358,000 units), so
+#: 1,200,000 units end a run within a minute of CPU there, sooner on a laptop. (The machine is
+#: shared: wall times there were up to 4 times the CPU time.) The largest built-in scenario
+#: (compile-128g, mode off) uses 60% of it. A run that reaches it stops with
+#: ``SimulationTooLong`` naming the workload that did most of the work: scenario limits alone
+#: cannot bound it, since how long pre-copy lasts depends on whether it converges.
 MAX_SIM_COST = 1_200_000
 #: Pages per cost unit by kind of work: allocating or freeing goes through the buddy allocator
 #: (about 1 us a page), writing is a numpy store and a dirty-log mark (12-40 ns a page).
@@ -272,8 +273,11 @@ class SimVM:
         # A fallback steal (an allocation served from another migratetype's free lists, one
         # block at a time) costs about a unit itself: under memory pressure it, not the pages,
         # is where a churn spends its time (25 GiB/s on 256 MiB: 2.5 us a page instead of 1).
+        # A free page hint costs about a unit too: the walk's visit, a descriptor written and
+        # popped, the bitmap cleared (a slow walk over fragmented lists sends 100,000s).
         st = self.migration.stats
         return (self.events + self.alloc.counters.get("fallback_steal", 0)
+                + self.guest.driver.counters.get("hints_sent", 0)
                 + (st.pages_sent + st.zero_pages) / MIGRATION_PAGES_PER_COST_UNIT
                 + sum(workload_cost(w) for w in self.guest.workloads))
 
