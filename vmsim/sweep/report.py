@@ -14,7 +14,9 @@ which hinting did not pay (total time not shorter than without hints). "Where hi
 pay" lists the combinations of axis values (seeds and VMs pooled) whose median time saved or
 median bytes saved is not above zero.
 
-Only runs with status ``ok`` count; failed points are counted and their first errors shown.
+Only runs with status ``ok`` count, less those the time limit cancelled (``error`` set: they
+never switched over); failed points are counted and their first errors shown. Runs stopped by
+the round limit (``converged`` false, no error) did switch over and count.
 """
 from __future__ import annotations
 
@@ -51,8 +53,10 @@ def _pair_key(r: dict[str, Any], axes: Sequence[str]) -> tuple[Any, ...]:
 
 
 def pair(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> tuple[list[Paired], bool]:
-    """Every ok row with its savings against its off twin; (rows, paired?)."""
-    ok = [r for r in rows if r["status"] == "ok"]
+    """Every completed row with its savings against its off twin; (rows, paired?). A run the
+    time limit cancelled (``error`` set: no switchover, bytes and time cut short) is left out,
+    as is a hinted run whose off twin was."""
+    ok = [r for r in rows if r["status"] == "ok" and not r.get("error")]
     off = {_pair_key(r, axes): r for r in ok if _mode(r) == "off"}
     paired = MODE_KEY in axes and bool(off)
     out = []
@@ -263,8 +267,10 @@ def print_report(rows: Sequence[dict[str, Any]], desc: dict[str, Any],
     unverified = [r for r in rows if r["status"] == "ok" and not r["verified"]
                   and not r["error"]]
     unconverged = [r for r in rows if r["status"] == "ok" and not r["converged"]]
+    cancelled = [r for r in unconverged if r["error"]]
     console.print(f"[bold]sweep {desc['name']}[/]: {len(rows)} runs, {len(failed)} failed, "
-                  f"{len(unconverged)} did not converge, {len(unverified)} failed verification")
+                  f"{len(unconverged)} did not converge ({len(cancelled)} of them cancelled by "
+                  f"the time limit: left out below), {len(unverified)} failed verification")
     if desc.get("description"):
         console.print(desc["description"], style="dim")
     if paired:

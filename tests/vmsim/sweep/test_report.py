@@ -63,6 +63,13 @@ def test_not_paying_finds_the_fast_link() -> None:
     assert bad[0][2].time_saved[0] == pytest.approx(-0.02)
 
 
+def test_runs_cancelled_by_the_time_limit_are_left_out() -> None:
+    rows = _rows()
+    rows[1] = {**rows[1], "converged": False, "error": "did not converge within 1 s"}
+    ps, _ = pair(rows, ["hinting.mode", "migration.bandwidth"])
+    assert len(ps) == 11 and all(p.row["point"] != 1 for p in ps)
+
+
 def test_percentiles() -> None:
     med, p5, p95 = _stats([float(x) for x in range(101)])
     assert (med, p5, p95) == (50.0, 5.0, 95.0)
@@ -74,7 +81,7 @@ def test_report_text(tmp_path) -> None:
     con = Console(record=True, width=120)
     print_report(rows, DESC, con)
     text = con.export_text()
-    assert "13 runs, 1 failed" in text
+    assert "13 runs, 1 failed, 0 did not converge" in text
     assert "by migration.bandwidth" in text
     assert "3 of 6 hinted runs took at least as long" in text
     assert "KilledWorker: gone" in text
