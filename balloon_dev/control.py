@@ -1,7 +1,7 @@
 """Host control of a served balloon device: a small QMP-style JSON command set, sans-I/O.
 
 Theory of operation: a ``HostControl`` sits beside a running device. The socket server
-(``serve_control`` in ``balloon_dev.transport.vfio_user_server``, for either transport) greets
+(``balloon_dev.transport.control_server``, for either transport) greets
 each control client with ``welcome()`` and passes every JSON object it reads to
 ``execute(obj)``; the returned object is written back. The wire form is one JSON object per
 line::
@@ -35,9 +35,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from balloon_dev.device import BalloonDevice
 from balloon_dev.effects import (
     ActualChanged,
     Deflated,
+    Effect,
     HintRoundStopped,
     Inflated,
     NeedsReset,
@@ -46,10 +48,13 @@ from balloon_dev.effects import (
     StatsReceived,
 )
 from protocol.balloon import CFG_ACTUAL, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, HINT_BLOCK_BYTES
+from protocol.errors import PeerFault, UsageError
 
 log = logging.getLogger(__name__)
 
-HostCall = Callable[[Callable[[Any], list[Any]]], list[Any]]
+#: A device request run by the server between two messages: ``fn(dev)`` -> host effects.
+DeviceCall = Callable[[BalloonDevice], list[Effect]]
+HostCall = Callable[[DeviceCall], list[Effect]]
 
 
 @dataclass(slots=True)
@@ -63,15 +68,18 @@ class HintRound:
     stopped_after_s: float | None = None
 
 
-class ControlError(Exception):
-    def __init__(self, cls: str, desc: str) -> None:
-        super().__init__(desc)
-        self.cls = cls
+class ControlRefused(PeerFault):
+    """A control client's request is refused: answered with ``{"error": {"class": qmp_class,
+    "desc": ...}}`` (QMP's error classes), counted under ``control_errors``."""
+
+    def __init__(self, qmp_class: str, desc: str) -> None:
+        super().__init__(desc, counter="control_errors")
+        self.qmp_class = qmp_class
         self.desc = desc
 
 
 class HostControl:
-    def __init__(self, dev: Any, host_call: HostCall, clock: Callable[[], float], *,
+    def __init__(self, dev: BalloonDevice, host_call: HostCall, clock: Callable[[], float], *,
                  in_guest_ram: Callable[[int, int], bool],
                  extra_stats: Callable[[], dict[str, Any]] | None = None) -> None:
         self.dev = dev
@@ -96,23 +104,23 @@ class HostControl:
         rid = obj.get("id") if isinstance(obj, dict) else None
         try:
             if not isinstance(obj, dict) or not isinstance(obj.get("execute"), str):
-                raise ControlError("GenericError", 'expected {"execute": NAME, ...}')
+                raise ControlRefused("GenericError", 'expected {"execute": NAME, ...}')
             args = obj.get("arguments", {})
             if not isinstance(args, dict):
-                raise ControlError("GenericError", "arguments must be an object")
+                raise ControlRefused("GenericError", "arguments must be an object")
             fn = self._commands.get(obj["execute"])
             if fn is None:
-                raise ControlError("CommandNotFound", f"unknown command {obj['execute']!r}")
+                raise ControlRefused("CommandNotFound", f"unknown command {obj['execute']!r}")
             ret: dict[str, Any] = {"return": fn(self, args)}
-        except ControlError as e:
+        except ControlRefused as e:
             log.warning("control command %r failed: %s", obj, e.desc)
-            ret = {"error": {"class": e.cls, "desc": e.desc}}
+            ret = {"error": {"class": e.qmp_class, "desc": e.desc}}
         if rid is not None:
             ret["id"] = rid
         return ret
 
     # -- effects ---------------------------------------------------------------------------
-    def on_effects(self, effects: list[Any]) -> None:
+    def on_effects(self, effects: list[Effect]) -> None:
         for e in effects:
             if isinstance(e, PagesHinted):
                 r = self._by_id.get(e.cmd_id)
@@ -159,11 +167,11 @@ class HostControl:
                 self.totals["needs_reset"] += 1
                 log.warning("device needs reset: %s", e.reason)
 
-    def _call(self, fn: Callable[[Any], list[Any]]) -> None:
+    def _call(self, fn: DeviceCall) -> None:
         try:
             effects = self.host_call(fn)
-        except ValueError as e:  # the device refuses a host request it cannot serve
-            raise ControlError("GenericError", str(e)) from None
+        except (ValueError, UsageError) as e:  # the device refuses a request it cannot serve
+            raise ControlRefused("GenericError", str(e)) from None
         self.on_effects(effects)
 
     # -- commands --------------------------------------------------------------------------
@@ -177,7 +185,7 @@ class HostControl:
         self._call(lambda d: d.free_page_start())
         cmd_id = self._cfg_u32(CFG_FREE_PAGE_HINT_CMD_ID)
         if cmd_id is None or cmd_id < 2:
-            raise ControlError("GenericError", "the device did not publish a command id "
+            raise ControlRefused("GenericError", "the device did not publish a command id "
                                "(is FREE_PAGE_HINT offered and the driver ready?)")
         r = HintRound(cmd_id=cmd_id, requested_at=t)
         self.rounds.append(r)
@@ -195,7 +203,7 @@ class HostControl:
     def _set_target(self, args: dict[str, Any]) -> dict[str, Any]:
         pages = args.get("pages")
         if not isinstance(pages, int) or isinstance(pages, bool) or not 0 <= pages < 1 << 32:
-            raise ControlError("GenericError", "set-target needs arguments.pages, 0..2^32-1")
+            raise ControlRefused("GenericError", "set-target needs arguments.pages, 0..2^32-1")
         self._call(lambda d: d.set_target(pages))
         return {}
 

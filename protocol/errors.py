@@ -46,6 +46,14 @@ class PeerFault(Fault):
         self.errno = errno
 
 
+class FramingLost(PeerFault):
+    """A socket peer's byte stream can no longer be split into messages (a bad header, a size
+    beyond the limit): the connection must close. Counted under ``framing_errors``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errno=_errno.EPROTO, counter="framing_errors")
+
+
 class UsageError(BalloonHintError):
     """Our caller or user asked for something invalid; the message names what and where."""
 

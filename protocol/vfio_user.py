@@ -21,10 +21,11 @@ Payloads used by a device server (offsets after the header)::
     REGION_READ/WRITE | offset u64 | region u32 | count u32 | data[count] (write; read reply) |
 
 Theory of operation: ``decode_header`` checks framing only (a size below 16 or above the
-largest message we accept means the stream can no longer be trusted: ``FramingError``, the
-connection must close). ``decode_request`` checks one message's syntax and raises
-``VfioUserError(errno)`` for a malformed one: the caller answers with an error reply and keeps the
-connection. ``construct`` errors never leave this module. Encoders build replies.
+largest message we accept means the stream can no longer be trusted:
+``protocol.errors.FramingLost``, the connection must close). ``decode_request`` checks one
+message's syntax and raises a ``protocol.errors.PeerFault`` carrying the errno (``refused``) for
+a malformed one: the caller answers with an error reply and keeps the connection. ``construct``
+errors never leave this module. Encoders build replies.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from construct import Bytes, ConstructError, GreedyBytes, Int16un, Int32un, Int64un, Struct
+
+from protocol.errors import FramingLost, PeerFault
 
 # -- constants ------------------------------------------------------------------------------------
 
@@ -188,18 +191,12 @@ REGION_ACCESS_SIZE = RegionAccessHeader.sizeof()  # 16
 # -- errors ---------------------------------------------------------------------------------------
 
 
-class VfioUserError(Exception):
-    """A malformed or unacceptable message from the peer: answer with an error reply carrying
-    ``errno``; the connection stays up."""
-
-    def __init__(self, err: int, why: str) -> None:
-        super().__init__(f"{errno.errorcode.get(err, err)}: {why}")
-        self.errno = err
-        self.why = why
-
-
-class FramingError(Exception):
-    """The byte stream can no longer be split into messages: the connection must close."""
+def refused(err: int, why: str) -> PeerFault:
+    """A malformed or unacceptable message from the peer (``protocol.errors.PeerFault``):
+    answered with an error reply carrying ``err``, counted as ``peer_error_<ERRNO>``; the
+    connection stays up. Framing errors are ``protocol.errors.FramingLost``."""
+    name = errno.errorcode.get(err, str(err))
+    return PeerFault(f"{name}: {why}", errno=err, counter=f"peer_error_{name}")
 
 
 # -- decoded messages -----------------------------------------------------------------------------
@@ -224,6 +221,15 @@ class Header:
     @property
     def payload_size(self) -> int:
         return self.size - HEADER_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One framed message as read from the socket: its header, payload and fds."""
+
+    header: Header
+    payload: bytes
+    fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,14 +327,14 @@ Request = (
 
 
 def decode_header(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Header:
-    """Decode the 16-byte header. Raises ``FramingError`` if the size field cannot be trusted."""
+    """Decode the 16-byte header. Raises ``FramingLost`` if the size field cannot be trusted."""
     if len(data) != HEADER_SIZE:
-        raise FramingError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
+        raise FramingLost(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
     msg_id, command, size, flags, error = HEADER_STRUCT.unpack(data)
     if size < HEADER_SIZE:
-        raise FramingError(f"message size {size} is smaller than the header")
+        raise FramingLost(f"message size {size} is smaller than the header")
     if size > max_size:
-        raise FramingError(f"message size {size} exceeds the limit {max_size}")
+        raise FramingLost(f"message size {size} exceeds the limit {max_size}")
     return Header(msg_id, command, size, flags, error)
 
 
@@ -336,24 +342,22 @@ def _parse(layout: Any, payload: bytes, what: str) -> Any:
     try:
         return layout.parse(payload)
     except ConstructError as e:  # never leak construct errors (conventions 5)
-        raise VfioUserError(errno.EINVAL, f"{what}: {e}") from None
+        raise refused(errno.EINVAL, f"{what}: {e}") from None
 
 
 def _need(payload: bytes, size: int, what: str, *, exact: bool = False) -> None:
     if len(payload) < size or (exact and len(payload) != size):
-        raise VfioUserError(
-            errno.EINVAL, f"{what} payload is {len(payload)} bytes, expected {size}"
-        )
+        raise refused(errno.EINVAL, f"{what} payload is {len(payload)} bytes, expected {size}")
 
 
 def decode_request(header: Header, payload: bytes) -> Request:
-    """Decode one command's payload. Raises ``VfioUserError`` (answer with an error reply)."""
+    """Decode one command's payload. Raises ``PeerFault`` (answer with an error reply)."""
     if header.is_reply:
-        raise VfioUserError(errno.EINVAL, "a reply where a command was expected")
+        raise refused(errno.EINVAL, "a reply where a command was expected")
     if header.flags & VFIO_USER_F_TYPE_MASK != VFIO_USER_F_TYPE_COMMAND:
-        raise VfioUserError(errno.EINVAL, f"unknown message type {header.flags & 0xF}")
+        raise refused(errno.EINVAL, f"unknown message type {header.flags & 0xF}")
     if len(payload) != header.payload_size:
-        raise VfioUserError(errno.EINVAL, "payload length disagrees with the header size")
+        raise refused(errno.EINVAL, "payload length disagrees with the header size")
     cmd = header.command
     if cmd == Command.VERSION:
         _need(payload, 4, "VERSION")
@@ -363,20 +367,20 @@ def decode_request(header: Header, payload: bytes) -> Request:
         _need(payload, DMA_MAP_SIZE, "DMA_MAP", exact=True)
         p = _parse(DmaMapPayload, payload, "DMA_MAP")
         if p.argsz < DMA_MAP_SIZE:
-            raise VfioUserError(errno.EINVAL, f"DMA_MAP argsz {p.argsz} < {DMA_MAP_SIZE}")
+            raise refused(errno.EINVAL, f"DMA_MAP argsz {p.argsz} < {DMA_MAP_SIZE}")
         return DmaMap(p.argsz, p.flags, p.offset, p.addr, p.size)
     if cmd == Command.DMA_UNMAP:
         # A dirty bitmap may follow in the GET_DIRTY_BITMAP form; we refuse that form later.
         _need(payload, DMA_UNMAP_SIZE, "DMA_UNMAP")
         p = _parse(DmaUnmapPayload, payload[:DMA_UNMAP_SIZE], "DMA_UNMAP")
         if p.argsz < DMA_UNMAP_SIZE:
-            raise VfioUserError(errno.EINVAL, f"DMA_UNMAP argsz {p.argsz} < {DMA_UNMAP_SIZE}")
+            raise refused(errno.EINVAL, f"DMA_UNMAP argsz {p.argsz} < {DMA_UNMAP_SIZE}")
         return DmaUnmap(p.argsz, p.flags, p.addr, p.size)
     if cmd == Command.DEVICE_GET_INFO:
         _need(payload, 4, "DEVICE_GET_INFO")
         p = _parse(DeviceInfoPayload, payload.ljust(DEVICE_INFO_SIZE, b"\0"), "DEVICE_GET_INFO")
         if p.argsz < DEVICE_INFO_SIZE:
-            raise VfioUserError(errno.EINVAL, f"DEVICE_GET_INFO argsz {p.argsz} too small")
+            raise refused(errno.EINVAL, f"DEVICE_GET_INFO argsz {p.argsz} too small")
         return DeviceGetInfo(p.argsz)
     if cmd in (Command.DEVICE_GET_REGION_INFO, Command.DEVICE_GET_REGION_IO_FDS):
         _need(payload, 12, Command(cmd).name)
@@ -387,13 +391,13 @@ def decode_request(header: Header, payload: bytes) -> Request:
         if cmd == Command.DEVICE_GET_REGION_IO_FDS:
             return GetRegionIoFds(p.argsz, p.index)
         if p.argsz < REGION_INFO_SIZE:
-            raise VfioUserError(errno.EINVAL, f"GET_REGION_INFO argsz {p.argsz} too small")
+            raise refused(errno.EINVAL, f"GET_REGION_INFO argsz {p.argsz} too small")
         return GetRegionInfo(p.argsz, p.index)
     if cmd == Command.DEVICE_GET_IRQ_INFO:
         _need(payload, IRQ_INFO_SIZE, "GET_IRQ_INFO", exact=True)
         p = _parse(IrqInfoPayload, payload, "GET_IRQ_INFO")
         if p.argsz < IRQ_INFO_SIZE:
-            raise VfioUserError(errno.EINVAL, f"GET_IRQ_INFO argsz {p.argsz} too small")
+            raise refused(errno.EINVAL, f"GET_IRQ_INFO argsz {p.argsz} too small")
         return GetIrqInfo(p.argsz, p.index)
     if cmd == Command.DEVICE_SET_IRQS:
         # vfio-user carries eventfds as SCM_RIGHTS, never inline; only DATA_BOOL has data after
@@ -401,11 +405,11 @@ def decode_request(header: Header, payload: bytes) -> Request:
         _need(payload, IRQ_SET_SIZE, "SET_IRQS")
         p = _parse(IrqSetPayload, payload[:IRQ_SET_SIZE], "SET_IRQS")
         if p.argsz < IRQ_SET_SIZE:
-            raise VfioUserError(errno.EINVAL, f"SET_IRQS argsz {p.argsz} too small")
+            raise refused(errno.EINVAL, f"SET_IRQS argsz {p.argsz} too small")
         data = bytes(payload[IRQ_SET_SIZE:])
         is_bool = p.flags & VFIO_IRQ_SET_DATA_TYPE_MASK == VFIO_IRQ_SET_DATA_BOOL
         if (is_bool and len(data) != p.count) or (not is_bool and data):
-            raise VfioUserError(errno.EINVAL, f"SET_IRQS carries {len(data)} data bytes "
+            raise refused(errno.EINVAL, f"SET_IRQS carries {len(data)} data bytes "
                                 f"for count {p.count} flags {p.flags:#x}")
         return SetIrqs(p.argsz, p.flags, p.index, p.start, p.count, data)
     if cmd == Command.REGION_READ:
@@ -415,10 +419,8 @@ def decode_request(header: Header, payload: bytes) -> Request:
         _need(payload, REGION_ACCESS_SIZE, "REGION_WRITE")
         offset, region, count = REGION_ACCESS_STRUCT.unpack_from(payload)
         if count != len(payload) - REGION_ACCESS_SIZE:
-            raise VfioUserError(
-                errno.EINVAL,
-                f"REGION_WRITE count {count} but {len(payload) - REGION_ACCESS_SIZE} data bytes",
-            )
+            raise refused(errno.EINVAL, f"REGION_WRITE count {count} but "
+                          f"{len(payload) - REGION_ACCESS_SIZE} data bytes")
         return RegionWrite(offset, region, count, bytes(payload[REGION_ACCESS_SIZE:]))
     if cmd == Command.DEVICE_RESET:
         return DeviceReset()
@@ -426,7 +428,7 @@ def decode_request(header: Header, payload: bytes) -> Request:
         name = Command(cmd).name
     except ValueError:
         name = f"command {cmd}"
-    raise VfioUserError(errno.ENOSYS, f"{name} is not supported")
+    raise refused(errno.ENOSYS, f"{name} is not supported")
 
 
 def _decode_caps(raw: bytes) -> dict[str, Any]:
@@ -434,10 +436,10 @@ def _decode_caps(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
     if len(raw) > MAX_VERSION_JSON:
-        raise VfioUserError(errno.E2BIG, f"VERSION JSON of {len(raw)} bytes")
+        raise refused(errno.E2BIG, f"VERSION JSON of {len(raw)} bytes")
     nul = raw.find(b"\0")
     if nul < 0:
-        raise VfioUserError(errno.EINVAL, "VERSION JSON is not NUL-terminated")
+        raise refused(errno.EINVAL, "VERSION JSON is not NUL-terminated")
     text = raw[:nul]
     if not text:
         return {}
@@ -446,12 +448,12 @@ def _decode_caps(raw: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         # RecursionError: JSON nested deeper than the parser's stack (a peer error like any
         # other malformed JSON, not a bug of ours).
-        raise VfioUserError(errno.EINVAL, f"VERSION JSON does not parse: {e}") from None
+        raise refused(errno.EINVAL, f"VERSION JSON does not parse: {e}") from None
     if not isinstance(obj, dict):
-        raise VfioUserError(errno.EINVAL, "VERSION JSON is not an object")
+        raise refused(errno.EINVAL, "VERSION JSON is not an object")
     caps = obj.get("capabilities", {})
     if not isinstance(caps, dict):
-        raise VfioUserError(errno.EINVAL, "VERSION capabilities is not an object")
+        raise refused(errno.EINVAL, "VERSION capabilities is not an object")
     return caps
 
 
@@ -525,7 +527,7 @@ def build_region_access(offset: int, region: int, count: int, data: bytes = b"")
 
 
 def parse_reply_payload(layout_name: str, payload: bytes) -> dict[str, Any]:
-    """Parse a reply payload by layout name (for tests and clients); raises ``VfioUserError``."""
+    """Parse a reply payload by layout name (for tests and clients); raises ``PeerFault``."""
     layouts = {
         "version": VersionPayload, "dma_unmap": DmaUnmapPayload, "device_info": DeviceInfoPayload,
         "region_info": RegionInfoPayload, "irq_info": IrqInfoPayload,

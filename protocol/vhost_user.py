@@ -23,8 +23,8 @@ Theory of operation: ``parse_header`` checks only framing (version bits, payload
 failure there means the byte stream can no longer be trusted and the connection must be closed.
 ``decode_payload`` checks a payload's size and shape for its request and returns a frozen
 dataclass; its failure is an ordinary peer error that gets an error reply. ``construct`` errors
-never leave this module: they are turned into ``VhostUserError`` subclasses. Encoders build the
-replies and back-end requests.
+never leave this module: they become ``protocol.errors`` faults (``FramingLost``,
+``PeerFault``). Encoders build the replies and back-end requests.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ import enum
 from dataclasses import dataclass
 
 from construct import Array, Bytes, ConstructError, Int32un, Int64un, Struct, this
+
+from protocol.errors import FramingLost, PeerFault
 
 # Header flags (protocol.md 8.1).
 VHOST_USER_VERSION = 0x1
@@ -203,20 +205,11 @@ U64_SIZE = 8
 
 
 # -- errors --------------------------------------------------------------------------------------
-class VhostUserError(Exception):
-    """A vhost-user peer sent something we cannot accept."""
-
-
-class VhostUserFramingError(VhostUserError):
-    """The byte stream cannot be trusted any more (bad header): the connection must close."""
-
-
-class VhostUserPayloadError(VhostUserError):
-    """A well-framed message whose payload is wrong for its request: answer with an error."""
-
-    def __init__(self, request: int, why: str) -> None:
-        super().__init__(f"{request_name(request)}: {why}")
-        self.request = request
+def bad_payload(request: int, why: str) -> PeerFault:
+    """A well-framed message whose payload is wrong for its request (``PeerFault``, counted as
+    ``bad_payloads``): answered with a failure, the connection stays. A bad header is
+    ``protocol.errors.FramingLost``: the connection must close."""
+    return PeerFault(f"{request_name(request)}: {why}", counter="bad_payloads")
 
 
 def request_name(request: int) -> str:
@@ -352,19 +345,19 @@ REPLY_REQUESTS = frozenset({
 
 
 def parse_header(data: bytes) -> Header:
-    """Decode and check a 12-byte header. Raises ``VhostUserFramingError`` (close the link)."""
+    """Decode and check a 12-byte header. Raises ``FramingLost`` (close the link)."""
     if len(data) != HEADER_SIZE:
-        raise VhostUserFramingError(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
+        raise FramingLost(f"header is {len(data)} bytes, expected {HEADER_SIZE}")
     try:
         h = VhostUserHeader.parse(data)
     except ConstructError as e:  # cannot happen for 12 bytes; kept so construct never leaks
-        raise VhostUserFramingError(f"undecodable header: {e}") from None
+        raise FramingLost(f"undecodable header: {e}") from None
     if h.flags & VHOST_USER_VERSION_MASK != VHOST_USER_VERSION:
-        raise VhostUserFramingError(
+        raise FramingLost(
             f"request {h.request}: version {h.flags & VHOST_USER_VERSION_MASK} in flags "
             f"{h.flags:#x}, expected {VHOST_USER_VERSION}")
     if h.size > VHOST_USER_MAX_PAYLOAD:
-        raise VhostUserFramingError(
+        raise FramingLost(
             f"{request_name(h.request)}: payload size {h.size:#x} exceeds "
             f"{VHOST_USER_MAX_PAYLOAD:#x}")
     return Header(int(h.request), int(h.flags), int(h.size))
@@ -372,22 +365,23 @@ def parse_header(data: bytes) -> Header:
 
 def _need_size(request: int, payload: bytes, size: int) -> None:
     if len(payload) != size:
-        raise VhostUserPayloadError(request, f"payload is {len(payload)} bytes, expected {size}")
+        raise bad_payload(request, f"payload is {len(payload)} bytes, expected {size}")
 
 
 def decode_payload(request: int, payload: bytes) -> Payload:
-    """The typed payload of ``request``. Raises ``VhostUserPayloadError`` on a bad size/shape."""
+    """The typed payload of ``request``. Raises ``PeerFault`` (``bad_payload``) on a bad
+    size or shape."""
     try:
         return _decode(request, payload)
     except ConstructError as e:
-        raise VhostUserPayloadError(request, f"undecodable payload: {e}") from None
+        raise bad_payload(request, f"undecodable payload: {e}") from None
 
 
 def _decode(request: int, payload: bytes) -> Payload:
     if request in _NO_PAYLOAD_REQUESTS:
         # QEMU sends these with size 0; tolerate a u64 some front-ends attach (ignored).
         if len(payload) not in (0, U64_SIZE):
-            raise VhostUserPayloadError(request, f"unexpected {len(payload)}-byte payload")
+            raise bad_payload(request, f"unexpected {len(payload)}-byte payload")
         return None
     if request in _U64_REQUESTS:
         # SET_LOG_BASE carries {mmap_size, mmap_offset}; we only need to know it is well-sized.
@@ -404,7 +398,7 @@ def _decode(request: int, payload: bytes) -> Payload:
         _need_size(request, payload, U64_SIZE)
         v = int(VhostUserU64.parse(payload).value)
         if v & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK):
-            raise VhostUserPayloadError(request, f"reserved bits set in {v:#x}")
+            raise bad_payload(request, f"reserved bits set in {v:#x}")
         return VringFile(v & VHOST_USER_VRING_IDX_MASK, bool(v & VHOST_USER_VRING_NOFD_MASK))
     if request == VhostUserRequest.SET_VRING_ADDR:
         _need_size(request, payload, VRING_ADDR_SIZE)
@@ -413,16 +407,16 @@ def _decode(request: int, payload: bytes) -> Payload:
                          int(a.avail_user_addr), int(a.log_guest_addr))
     if request == VhostUserRequest.SET_MEM_TABLE:
         if len(payload) < MEMORY_HEADER_SIZE:
-            raise VhostUserPayloadError(request, f"payload is {len(payload)} bytes, too short")
+            raise bad_payload(request, f"payload is {len(payload)} bytes, too short")
         n = int(Int32un.parse(payload[:4]))
         if n > VHOST_MEMORY_BASELINE_NREGIONS:
-            raise VhostUserPayloadError(
+            raise bad_payload(
                 request, f"{n} regions, at most {VHOST_MEMORY_BASELINE_NREGIONS}")
         need = MEMORY_HEADER_SIZE + n * MEMORY_REGION_SIZE
         # QEMU sends exactly the used regions; some front-ends send the whole 8-entry array.
         full = MEMORY_HEADER_SIZE + VHOST_MEMORY_BASELINE_NREGIONS * MEMORY_REGION_SIZE
         if len(payload) not in (need, full):
-            raise VhostUserPayloadError(
+            raise bad_payload(
                 request, f"payload is {len(payload)} bytes for {n} regions, expected {need}")
         m = VhostUserMemory.parse(payload[:need])
         return MemoryTable(tuple(
@@ -435,15 +429,15 @@ def _decode(request: int, payload: bytes) -> Payload:
                             int(r.mmap_offset))
     if request in (VhostUserRequest.GET_CONFIG, VhostUserRequest.SET_CONFIG):
         if len(payload) < CONFIG_HEADER_SIZE:
-            raise VhostUserPayloadError(request, f"payload is {len(payload)} bytes, too short")
+            raise bad_payload(request, f"payload is {len(payload)} bytes, too short")
         size = int(Int32un.parse(payload[4:8]))
         if size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise VhostUserPayloadError(
+            raise bad_payload(
                 request, f"config size {size} exceeds {VHOST_USER_MAX_CONFIG_SIZE}")
         _need_size(request, payload, CONFIG_HEADER_SIZE + size)
         c = VhostUserConfig.parse(payload)
         return ConfigAccess(int(c.offset), int(c.size), int(c.flags), bytes(c.data))
-    raise VhostUserPayloadError(request, "request not supported by this back-end")
+    raise bad_payload(request, "request not supported by this back-end")
 
 
 # -- encoders ---------------------------------------------------------------------------------

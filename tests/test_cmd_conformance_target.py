@@ -76,7 +76,7 @@ def failed_on_the_fault(lines: list[str], ids: tuple[str, ...]) -> None:
     assert {rid: v.get(rid) for rid in ids} == {rid: "FAIL" for rid in ids}, lines
     for rid in ids:
         line = next(x for x in lines if x.startswith(f"FAIL {rid} "))
-        assert "ClientError" not in line, line
+        assert "DeviceFault" not in line, line
 
 
 def verdicts(lines: list[str]) -> dict[str, str]:

@@ -16,7 +16,12 @@ is checked against the rules:
   it, never the reverse);
 * ``construct`` only inside ``protocol/`` (so construct errors cannot leak out of it);
 * ``trio`` only in ``balloon_dev/transport/``, ``vmsim/cli.py`` and ``vmsim/cmd_*.py`` (the core
-  is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything.
+  is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything;
+* inside ``balloon_dev/transport/``: the common layer (``TRANSPORT_COMMON``) imports nothing of a
+  particular transport, and each socket transport (``TRANSPORT_FAMILIES``: vfio-user with its
+  PCI function, vhost-user) imports only the common layer, ``balloon_dev.effects`` and its own
+  modules -- not the other transport, and not ``balloon_dev.device`` (it sees the device only
+  through ``core.DeviceCore``). ``inprocess`` is no socket transport and is not constrained.
 
 Imports under ``if TYPE_CHECKING:`` count too: a type-only dependency between guest and device
 is still a dependency the architecture forbids.
@@ -58,10 +63,14 @@ def imported_modules(path: Path, root: Path) -> Iterator[tuple[int, str]]:
             else:
                 name = node.module or ""
             yield node.lineno, name
-            # "from . import balloon_dev" style: the imported names may be modules themselves.
+            # "from . import balloon_dev" / "from pkg import module": the imported names may be
+            # modules themselves.
             if node.level and not node.module:
                 for alias in node.names:
                     yield node.lineno, ".".join([*base, alias.name])
+            elif not node.level and node.module:
+                for alias in node.names:
+                    yield node.lineno, f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Call):
             fn = node.func
             is_dyn = (isinstance(fn, ast.Attribute) and fn.attr == "import_module") or (
@@ -105,6 +114,39 @@ def _allocator_boundary(rel: Path, name: str) -> str | None:
     return None
 
 
+#: The socket transports' common layer (balloon_dev/transport/connection.py says what each does).
+TRANSPORT_COMMON = frozenset({"core", "connection", "fdstream", "guest_ram", "unixsock"})
+#: Each socket transport's own modules.
+TRANSPORT_FAMILIES = (frozenset({"vfio_user", "vfio_user_server", "virtio_pci"}),
+                      frozenset({"vhost_user", "vhost_user_server"}))
+#: What else a transport module may import of balloon_dev, besides the common layer.
+TRANSPORT_EXTRA = {"control_server": frozenset({"balloon_dev.control"})}
+
+
+def _transport_violation(rel: Path, name: str) -> str | None:
+    """Why an import by a module of balloon_dev/transport/ breaks the transport boundary."""
+    if rel.parts[:2] != ("balloon_dev", "transport") or len(rel.parts) != 3:
+        return None
+    mod = rel.stem
+    if mod in ("__init__", "inprocess") or not (name == "balloon_dev"
+                                                or name.startswith("balloon_dev.")):
+        return None
+    parts = name.split(".")
+    if parts[:2] == ["balloon_dev", "effects"] or (parts[:2] == ["balloon_dev", "transport"]
+                                                   and (len(parts) == 2
+                                                        or parts[2] in TRANSPORT_COMMON)):
+        return None
+    if ".".join(parts[:2]) in TRANSPORT_EXTRA.get(mod, ()):
+        return None
+    family = next((f for f in TRANSPORT_FAMILIES if mod in f), frozenset())
+    if parts[:2] == ["balloon_dev", "transport"] and parts[2] in family:
+        return None
+    if mod in TRANSPORT_COMMON:
+        return "the common transport layer imports no particular transport nor the device"
+    return ("a transport imports only the common layer, balloon_dev.effects and its own "
+            "modules (the device only through core.DeviceCore)")
+
+
 def layering_violations(root: Path) -> list[str]:
     """Every rule broken by a file under ``root``'s checked packages, as readable lines."""
     out: list[str] = []
@@ -115,20 +157,25 @@ def layering_violations(root: Path) -> list[str]:
         for path in sorted(base.rglob("*.py")):
             rel = path.relative_to(root)
             owner = rel.parts[0]
+            seen: set[tuple[int, str]] = set()  # one report per line and rule
             for line, name in imported_modules(path, root):
                 top = name.split(".")[0]
-                where = f"{rel.as_posix()}:{line}: imports {name}"
+                why = None
                 if owner == "guest_model" and top == "balloon_dev":
-                    out.append(f"{where} (guest_model must not import balloon_dev)")
+                    why = "guest_model must not import balloon_dev"
                 elif owner == "balloon_dev" and top == "guest_model":
-                    out.append(f"{where} (balloon_dev must not import guest_model)")
-                elif (why := _host_boundary(rel, name) or _allocator_boundary(rel, name)):
-                    out.append(f"{where} ({why})")
+                    why = "balloon_dev must not import guest_model"
+                elif (boundary := _host_boundary(rel, name) or _allocator_boundary(rel, name)):
+                    why = boundary
                 elif top == "construct" and owner != "protocol":
-                    out.append(f"{where} (construct is imported only inside protocol/)")
+                    why = "construct is imported only inside protocol/"
                 elif top == "trio" and not _trio_allowed(rel):
-                    out.append(f"{where} (trio only in balloon_dev/transport/, vmsim/cli.py, "
-                               "vmsim/cmd_*.py)")
+                    why = "trio only in balloon_dev/transport/, vmsim/cli.py, vmsim/cmd_*.py"
+                else:
+                    why = _transport_violation(rel, name)
+                if why is not None and (line, why) not in seen:
+                    seen.add((line, why))
+                    out.append(f"{rel.as_posix()}:{line}: imports {name} ({why})")
     return out
 
 
@@ -179,6 +226,16 @@ def _plant(tmp_path: Path, rel: str, source: str) -> None:
     ("guest_model/buddy/bad.py", "from guest_model.driver import PageAllocator\n",
      "guest_model.buddy only"),
     ("guest_model/buddy/bad.py", "from .. import walk\n", "guest_model.buddy only"),
+    ("balloon_dev/transport/vfio_user.py",
+     "from balloon_dev.transport.vhost_user import MAX_MEM_SLOTS\n", "a transport imports only"),
+    ("balloon_dev/transport/vhost_user_server.py",
+     "from balloon_dev.transport import vfio_user_server\n", "a transport imports only"),
+    ("balloon_dev/transport/vhost_user.py", "from balloon_dev.device import BalloonDevice\n",
+     "a transport imports only"),
+    ("balloon_dev/transport/guest_ram.py", "from balloon_dev.transport.vfio_user import x\n",
+     "the common transport layer imports no"),
+    ("balloon_dev/transport/connection.py", "import balloon_dev.device\n",
+     "the common transport layer imports no"),
 ])
 def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, needle: str) -> None:
     _plant(tmp_path, rel, source)
@@ -197,6 +254,13 @@ def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, need
     ("guest_model/buddy/bulk.py",
      "from guest_model.buddy.defs import MAX_ORDER\nfrom . import defs\n"),
     ("balloon_dev/device.py", "from protocol.balloon import config_size\n"),
+    ("balloon_dev/transport/vfio_user.py", "from balloon_dev.transport.core import Outcome\n"
+     "from balloon_dev.transport.virtio_pci import VirtioPciFunction\n"),
+    ("balloon_dev/transport/vhost_user_server.py",
+     "from balloon_dev.transport.vhost_user import VhostUserSession\n"
+     "from balloon_dev.transport.connection import DeviceServer\n"),
+    ("balloon_dev/transport/control_server.py", "from balloon_dev.control import HostControl\n"),
+    ("balloon_dev/transport/inprocess.py", "from balloon_dev.device import BalloonDevice\n"),
 ])
 def test_allowed_imports_pass(tmp_path: Path, rel: str, source: str) -> None:
     _plant(tmp_path, rel, source)

@@ -17,8 +17,9 @@ from guest_model.transport import VirtioTransport
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
+from vmsim.client_base import DeviceFault
 from vmsim.conformance.harness import start_server, stop_server
-from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
+from vmsim.vfio_user_client import VfioUserClient
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def client(server: str) -> Iterator[VfioUserClient]:
         try:
             c.connect()
             break
-        except VfioUserClientError:
+        except DeviceFault:
             c = VfioUserClient(server, ram_bytes=8 << 20)
     yield c
     c.close()
@@ -74,7 +75,7 @@ def test_registers_round_trip(client: VfioUserClient):
 
 
 def test_error_reply_carries_errno(client: VfioUserClient):
-    with pytest.raises(VfioUserClientError) as e:
+    with pytest.raises(DeviceFault) as e:
         client.region_read(vu.VFIO_PCI_VGA_REGION_INDEX, 0, 4)
     assert e.value.errno == errno.EINVAL
     # The connection survives a refused request.
@@ -98,7 +99,7 @@ def test_interrupts_are_delivered_only_when_polled(client: VfioUserClient):
 def test_bad_arguments_and_missing_socket(tmp_path):
     with pytest.raises(ValueError, match="ram_bytes"):
         VfioUserClient("x", ram_bytes=1000)
-    with pytest.raises(VfioUserClientError, match="cannot connect"):
+    with pytest.raises(DeviceFault, match="cannot connect"):
         VfioUserClient(str(tmp_path / "none")).connect()
 
 
@@ -136,7 +137,7 @@ def test_bad_peer_is_a_clear_error(tmp_path, answer, match):
     path = str(tmp_path / "peer")
     t = fake_peer(path, answer)
     c = VfioUserClient(path, timeout=2.0)
-    with pytest.raises(VfioUserClientError, match=match):
+    with pytest.raises(DeviceFault, match=match):
         c.connect()
     t.join(2)
     assert c.sock is None and c.mem.regions == ()  # connect cleaned up after itself

@@ -16,9 +16,10 @@ from guest_model.transport import VirtioTransport
 from protocol import vhost_user as vu
 from protocol.balloon import CFG_NUM_PAGES
 from protocol.virtio import DeviceStatus
+from vmsim.client_base import DeviceFault
 from vmsim.cmd_ctl import call as ctl_call
 from vmsim.conformance.harness import Target, connect, start_server, stop_server, wait_for
-from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
+from vmsim.vhost_user_client import VhostUserClient
 
 ACK, DRV, FOK, DOK = (DeviceStatus.ACKNOWLEDGE, DeviceStatus.DRIVER, DeviceStatus.FEATURES_OK,
                       DeviceStatus.DRIVER_OK)
@@ -88,7 +89,7 @@ def test_start_at_driver_ok_and_config_change_interrupt(client: VhostUserClient,
 def test_bad_arguments_and_missing_socket(tmp_path):
     with pytest.raises(ValueError, match="vq_size"):
         VhostUserClient("x", vq_size=100)
-    with pytest.raises(VhostUserClientError, match="cannot connect"):
+    with pytest.raises(DeviceFault, match="cannot connect"):
         VhostUserClient(str(tmp_path / "none")).connect()
 
 
@@ -105,7 +106,7 @@ def test_peer_closing_is_a_clear_error(tmp_path):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     c = VhostUserClient(path, timeout=2.0)
-    with pytest.raises(VhostUserClientError, match="closed the connection"):
+    with pytest.raises(DeviceFault, match="closed the connection"):
         c.connect()
     t.join(2)
     assert c.sock is None and c.mem.regions == ()

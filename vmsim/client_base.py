@@ -4,15 +4,16 @@
 Theory of operation: each client is an independent peer of the device it drives and has its own
 wire protocol; what they have in common is QEMU's side of the set-up around it. ``QemuRoleClient``
 holds that: the unix socket to the device (connected with the client's timeout; a refused
-connection is the client's own error class naming the path), guest RAM as a sealed memfd mapped
+connection is a ``DeviceFault`` naming the path), guest RAM as a sealed memfd mapped
 at gpa 0 of a ``GuestMemory`` (``vmsim.guest_ram``; the device gets the fd in the client's own
 message), and interrupts: the two handlers the guest driver registers (``VirtioTransport``),
 called only from ``poll_interrupts()``, never from inside another call. Interrupts are
 "vectors": ``config_vector`` for config changes, ``queue_vectors[q]`` for queue ``q`` (several
 queues may share one: all of them are told, drivers tolerate spurious interrupts). The object
-is a context manager (``connect()`` on entry, ``close()`` on exit). A subclass sets ``error``
-and implements ``connect``, ``close`` and ``_drain`` (the vectors that fired since the last
-call, counted in ``irq_counts``) with its protocol's steps.
+is a context manager (``connect()`` on entry, ``close()`` on exit). Everything the device does
+wrong, as seen from a client, is a ``DeviceFault`` (a ``protocol.errors.PeerFault``: here the
+peer is the device). A subclass implements ``connect``, ``close`` and ``_drain`` (the vectors
+that fired since the last call, counted in ``irq_counts``) with its protocol's steps.
 """
 from __future__ import annotations
 
@@ -20,17 +21,25 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from guestmem import GuestMemory
+from protocol.errors import PeerFault
 from vmsim.guest_ram import create_guest_ram, release_guest_ram
+
+
+class DeviceFault(PeerFault):
+    """The device (the client's peer) misbehaved or refused a request. ``errno`` is the errno
+    of a vfio-user error reply, 0 for anything else."""
+
+    def __init__(self, message: str, err: int | None = None) -> None:
+        super().__init__(message, errno=err or 0, counter="device_faults")
 
 
 class QemuRoleClient:
     """Socket, guest RAM and interrupt handlers of a client in QEMU's role (module docstring)."""
 
     #: The exception a subclass raises for a device (peer) that misbehaves or is unreachable.
-    error: ClassVar[type[Exception]] = Exception
 
     def __init__(self, path: str, *, ram_bytes: int, timeout: float) -> None:
         if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
@@ -70,7 +79,7 @@ class QemuRoleClient:
             s.connect(self.path)
         except OSError as e:
             s.close()
-            raise self.error(f"{self.path}: cannot connect: {e}") from None
+            raise DeviceFault(f"{self.path}: cannot connect: {e}") from None
         self.sock = s
 
     def _map_guest_ram(self) -> int:

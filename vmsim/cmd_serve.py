@@ -14,32 +14,45 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
-from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
-from balloon_dev.transport.vhost_user import BalloonDeviceLike
+from balloon_dev.effects import Effect
+from balloon_dev.transport.control_server import serve_control, wall_clock
+from balloon_dev.transport.core import DeviceCore
+from balloon_dev.transport.vfio_user_server import VfioUserServer
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol.balloon import BALLOON_FEATURE_NAMES
-from protocol.virtio import VIRTIO_F_VERSION_1, feature_mask
+from protocol.errors import UsageError
+from protocol.virtio import (
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    feature_mask,
+)
 
 HELP = ("serve the balloon device to QEMU over vfio-user or vhost-user (prints the QEMU options "
         "to use)")
 
 log = logging.getLogger(__name__)
 
-_GENERIC = {"VERSION_1": VIRTIO_F_VERSION_1, "RING_EVENT_IDX": 29, "RING_INDIRECT_DESC": 28,
+_GENERIC = {"VERSION_1": VIRTIO_F_VERSION_1, "RING_EVENT_IDX": VIRTIO_F_RING_EVENT_IDX,
+            "RING_INDIRECT_DESC": VIRTIO_F_RING_INDIRECT_DESC,
             # Not in the default set (QEMU's packed=off default); offered only when listed.
-            "RING_PACKED": 34}
+            "RING_PACKED": VIRTIO_F_RING_PACKED}
+
+#: A device server of either transport.
+Server = VfioUserServer | VhostUserServer
 
 
 def parse_features(text: str | None) -> int:
-    """``STATS_VQ,FREE_PAGE_HINT,...`` -> offered feature mask (VERSION_1 always added)."""
+    """``STATS_VQ,FREE_PAGE_HINT,...`` -> offered feature mask (VERSION_1 always added).
+    Raises ``UsageError`` for a name it does not know."""
     if text is None:
         return DEFAULT_OFFERED_FEATURES
     by_name = {v.split("(")[0]: k for k, v in BALLOON_FEATURE_NAMES.items()}
@@ -48,7 +61,7 @@ def parse_features(text: str | None) -> int:
     for name in (n.strip().upper() for n in text.split(",") if n.strip()):
         name = name.removeprefix("VIRTIO_BALLOON_F_").removeprefix("VIRTIO_F_")
         if name not in by_name:
-            raise SystemExit(f"--features: unknown feature {name!r} (known: "
+            raise UsageError(f"--features: unknown feature {name!r} (known: "
                              f"{', '.join(sorted(by_name))})")
         mask |= 1 << by_name[name]
     return mask
@@ -79,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MSI-X table size (default: %(default)s, as QEMU's virtio-balloon)")
 
 
-def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
+def build(args: argparse.Namespace) -> tuple[Server, HostControl, str]:
     if args.vhost_user:
         return build_vhost_user(args)
     mem = GuestMemory()
@@ -92,14 +105,14 @@ def build(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
 
 
 def _with_control(dev: BalloonDevice, mem: GuestMemory,
-                  make_server: Callable[[Callable[[list[Any]], None]], Any]
-                  ) -> tuple[Any, HostControl]:
+                  make_server: Callable[[Callable[[list[Effect]], None]], Server]
+                  ) -> tuple[Server, HostControl]:
     """The server ``make_server(on_effects)`` builds, and the host control over it. The server
     needs the control's effect handler and the control needs the server's ``host_call``, so
     the handler looks the control up when effects arrive (after both exist)."""
     holder: list[HostControl] = []
 
-    def on_effects(effects: list[Any]) -> None:
+    def on_effects(effects: list[Effect]) -> None:
         holder[0].on_effects(effects)
 
     server = make_server(on_effects)
@@ -113,7 +126,7 @@ def _with_control(dev: BalloonDevice, mem: GuestMemory,
 VHOST_USER_VQ_SIZE = 128
 
 
-def vhost_user_qemu_options(path: str, dev: BalloonDeviceLike, ram: str = "1G") -> list[str]:
+def vhost_user_qemu_options(path: str, dev: DeviceCore, ram: str = "1G") -> list[str]:
     """QEMU 11.1's generic front-end: num_vqs must equal the device's compacted queue count and
     config_size its config window (protocol.md 3.3, 8.5)."""
     return ["-object", f"memory-backend-memfd,id=mem,size={ram},share=on",
@@ -122,12 +135,12 @@ def vhost_user_qemu_options(path: str, dev: BalloonDeviceLike, ram: str = "1G") 
             f"num_vqs={dev.num_queues},vq_size={VHOST_USER_VQ_SIZE},config_size={dev.config_size}"]
 
 
-def build_vhost_user(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
+def build_vhost_user(args: argparse.Namespace) -> tuple[Server, HostControl, str]:
     features = parse_features(args.features)
-    if features >> 34 & 1:
+    if features & feature_mask(VIRTIO_F_RING_PACKED):
         # The vhost-user ring base (GET/SET_VRING_BASE) of a packed ring carries wrap counters
         # our vhost-user transport does not handle yet.
-        raise SystemExit("--features RING_PACKED: served over --vfio-user only")
+        raise UsageError("--features RING_PACKED: served over --vfio-user only")
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=features,
                                           queue_sizes=(VHOST_USER_VQ_SIZE,) * 5))
@@ -137,14 +150,14 @@ def build_vhost_user(args: argparse.Namespace) -> tuple[Any, HostControl, str]:
     return server, control, args.control or f"{args.vhost_user}.ctl"
 
 
-async def _main(server: Any, control: HostControl, ctl_path: str) -> None:
+async def _main(server: Server, control: HostControl, ctl_path: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, ctl_path, control)
         await nursery.start(server.run)
         if isinstance(server, VhostUserServer):
             name, opts = "vhost-user", vhost_user_qemu_options(str(server.path), server.dev)
         else:
-            name, opts = "vfio-user", qemu_options(server.path)
+            name, opts = "vfio-user", qemu_options(str(server.path))
         print(f"balloon-hint: serving virtio-balloon over {name}", flush=True)
         print(f"  {name} socket: {server.path}", flush=True)
         print(f"  control socket:   {ctl_path}  (balloon-hint ctl {ctl_path} stats)", flush=True)
@@ -171,9 +184,8 @@ def _startup_error(e: BaseException) -> OSError | None:
 def run(args: argparse.Namespace) -> int:
     try:
         server, control, ctl_path = build(args)
-    except ValueError as e:  # a bad option value (e.g. --msix-vectors 0): usage error
-        print(f"serve: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the device refuses its configuration: a bad option value
+        raise UsageError(str(e)) from None
     try:
         trio.run(_main, server, control, ctl_path)
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ spurious interrupts). ``wait_interrupt(timeout)`` blocks in ``select`` until one
 DRIVER_OK".
 
 Everything the device sends is checked: an error reply, a reply with the wrong id or command,
-a short payload or a closed connection raise ``VfioUserClientError`` naming the request. The
+a short payload or a closed connection raise ``DeviceFault`` naming the request. The
 client is synchronous (a test harness, not a VMM): one request in flight, a socket timeout
 bounds every wait. It imports nothing from ``balloon_dev``: it is an independent peer of the
 device it checks.
@@ -52,18 +52,11 @@ from typing import Any
 
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from protocol.errors import FramingLost, PeerFault
 from protocol.virtio import DeviceStatus
-from vmsim.client_base import QemuRoleClient
+from vmsim.client_base import DeviceFault, QemuRoleClient
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
-
-
-class VfioUserClientError(Exception):
-    """The device (the peer) misbehaved or refused a request; ``errno`` set for error replies."""
-
-    def __init__(self, msg: str, err: int | None = None) -> None:
-        super().__init__(msg)
-        self.errno = err
 
 
 @dataclass(slots=True)
@@ -95,8 +88,6 @@ class VfioUserClient(QemuRoleClient):
     ``ram_bytes`` of guest RAM at gpa 0 (a multiple of the page size). ``connect()`` runs the
     whole set-up; use the object as a context manager to close it.
     """
-
-    error = VfioUserClientError
 
     def __init__(self, path: str, *, ram_bytes: int = 64 << 20, timeout: float = 5.0) -> None:
         super().__init__(path, ram_bytes=ram_bytes, timeout=timeout)
@@ -141,10 +132,10 @@ class VfioUserClient(QemuRoleClient):
                 *, what: str | None = None) -> bytes:
         """Send one command, wait for its reply, return the reply payload.
 
-        Raises ``VfioUserClientError`` on an error reply (with its errno), a reply that does not
+        Raises ``DeviceFault`` on an error reply (with its errno), a reply that does not
         match the request, or a lost connection."""
         if self.sock is None:
-            raise VfioUserClientError("not connected")
+            raise DeviceFault("not connected")
         name = what or vu.Command(command).name
         self._msg_id = (self._msg_id + 1) & 0xFFFF
         msg = vu.encode_request(self._msg_id, command, payload)
@@ -159,19 +150,19 @@ class VfioUserClient(QemuRoleClient):
             raw = self._recv_exact(vu.HEADER_SIZE, name)
             try:
                 h = vu.decode_header(raw)
-            except vu.FramingError as e:
-                raise VfioUserClientError(f"{name}: reply header unusable: {e}") from None
+            except FramingLost as e:
+                raise DeviceFault(f"{name}: reply header unusable: {e}") from None
             body = self._recv_exact(h.payload_size, name)
         except TimeoutError:
-            raise VfioUserClientError(f"{name}: no reply within {self.timeout} s") from None
+            raise DeviceFault(f"{name}: no reply within {self.timeout} s") from None
         except OSError as e:
-            raise VfioUserClientError(f"{name}: connection failed: {e}") from None
+            raise DeviceFault(f"{name}: connection failed: {e}") from None
         if not h.is_reply or h.msg_id != self._msg_id or h.command != command:
-            raise VfioUserClientError(
+            raise DeviceFault(
                 f"{name}: reply does not match (id {h.msg_id:#x} command {h.command} flags "
                 f"{h.flags:#x}, sent id {self._msg_id:#x})")
         if h.flags & vu.VFIO_USER_F_ERROR:
-            raise VfioUserClientError(
+            raise DeviceFault(
                 f"{name}: device answered error {errno.errorcode.get(h.error, h.error)}",
                 h.error)
         return body
@@ -179,11 +170,11 @@ class VfioUserClient(QemuRoleClient):
     @staticmethod
     def _reply(layout: str, body: bytes, size: int) -> dict[str, Any]:
         """The fixed-size head of a reply payload, decoded; a short or undecodable one is the
-        device's error (``VfioUserClientError``), not a protocol-module exception."""
+        device's error (``DeviceFault``), not a protocol-module exception."""
         try:
             return vu.parse_reply_payload(layout, body[:size])
-        except vu.VfioUserError as e:
-            raise VfioUserClientError(f"{layout} reply of {len(body)} bytes unusable: "
+        except PeerFault as e:
+            raise DeviceFault(f"{layout} reply of {len(body)} bytes unusable: "
                                       f"{e}") from None
 
     def _recv_exact(self, n: int, name: str) -> bytes:
@@ -200,7 +191,7 @@ class VfioUserClient(QemuRoleClient):
                     for fd in got:
                         os.close(fd)
             if not data:
-                raise VfioUserClientError(f"{name}: the device closed the connection")
+                raise DeviceFault(f"{name}: the device closed the connection")
             buf += data
         return bytes(buf)
 
@@ -210,11 +201,11 @@ class VfioUserClient(QemuRoleClient):
         try:
             p = vu.decode_request(vu.Header(0, vu.Command.VERSION, vu.HEADER_SIZE + len(body),
                                             vu.VFIO_USER_F_TYPE_COMMAND), body)
-        except vu.VfioUserError as e:
-            raise VfioUserClientError(f"VERSION reply does not parse: {e}") from None
+        except PeerFault as e:
+            raise DeviceFault(f"VERSION reply does not parse: {e}") from None
         assert isinstance(p, vu.Version)
         if p.major != vu.VFIO_USER_MAJOR or p.minor > vu.VFIO_USER_MINOR:
-            raise VfioUserClientError(f"VERSION: device speaks {p.major}.{p.minor}")
+            raise DeviceFault(f"VERSION: device speaks {p.major}.{p.minor}")
         self.server_caps = p.capabilities
         fds = p.capabilities.get("max_msg_fds", vu.DEFAULT_MAX_MSG_FDS)
         self.max_msg_fds = fds if isinstance(fds, int) and fds > 0 else vu.DEFAULT_MAX_MSG_FDS
@@ -229,7 +220,7 @@ class VfioUserClient(QemuRoleClient):
                             vu.build_device_info(vu.DEVICE_INFO_SIZE, 0, 0, 0))
         info = self._reply("device_info", body, vu.DEVICE_INFO_SIZE)
         if not info["flags"] & vu.VFIO_DEVICE_FLAGS_PCI:
-            raise VfioUserClientError(f"DEVICE_GET_INFO: not a PCI device (flags "
+            raise DeviceFault(f"DEVICE_GET_INFO: not a PCI device (flags "
                                       f"{info['flags']:#x})")
         for idx in range(min(info["num_regions"], vu.VFIO_PCI_NUM_REGIONS)):
             body = self.request(vu.Command.DEVICE_GET_REGION_INFO,
@@ -237,14 +228,14 @@ class VfioUserClient(QemuRoleClient):
             r = self._reply("region_info", body, vu.REGION_INFO_SIZE)
             self.region_sizes[idx] = r["size"]
         if self.region_sizes.get(vu.VFIO_PCI_CONFIG_REGION_INDEX, 0) < vp.PCI_CONFIG_SPACE_SIZE:
-            raise VfioUserClientError("the device has no 256-byte PCI config region")
+            raise DeviceFault("the device has no 256-byte PCI config region")
 
     # -- regions ----------------------------------------------------------------------------
     def region_read(self, region: int, offset: int, count: int) -> bytes:
         body = self.request(vu.Command.REGION_READ,
                             vu.build_region_access(offset, region, count))
         if len(body) != vu.REGION_ACCESS_SIZE + count:
-            raise VfioUserClientError(f"REGION_READ region {region} [{offset:#x}, +{count}): "
+            raise DeviceFault(f"REGION_READ region {region} [{offset:#x}, +{count}): "
                                       f"reply of {len(body)} bytes")
         return body[vu.REGION_ACCESS_SIZE:]
 
@@ -261,7 +252,7 @@ class VfioUserClient(QemuRoleClient):
     def _cap(self, cfg_type: int) -> VirtioCap:
         cap = self.pci.caps.get(cfg_type)
         if cap is None:
-            raise VfioUserClientError(f"the device has no virtio capability of type {cfg_type}")
+            raise DeviceFault(f"the device has no virtio capability of type {cfg_type}")
         return cap
 
     def _struct_read(self, cfg_type: int, off: int, size: int) -> int:
@@ -288,13 +279,13 @@ class VfioUserClient(QemuRoleClient):
         lay.vendor_id, lay.device_id = struct.unpack_from("<HH", cfg, vp.PCI_VENDOR_ID)
         status = struct.unpack_from("<H", cfg, vp.PCI_STATUS)[0]
         if not status & vp.PCI_STATUS_CAP_LIST:
-            raise VfioUserClientError("PCI status says there is no capability list")
+            raise DeviceFault("PCI status says there is no capability list")
         pos = cfg[vp.PCI_CAPABILITY_LIST] & ~3
         seen: set[int] = set()
         # Bounded: at most 48 capabilities fit in 192 bytes; a loop is the device's error.
         while pos and len(seen) < 48:
             if pos in seen or pos < 0x40 or pos + 2 > len(cfg):
-                raise VfioUserClientError(f"PCI capability list broken at {pos:#x}")
+                raise DeviceFault(f"PCI capability list broken at {pos:#x}")
             seen.add(pos)
             cap_id, nxt = cfg[pos], cfg[pos + 1]
             if cap_id == vp.PCI_CAP_ID_VNDR and pos + vp.VIRTIO_PCI_CAP_LEN <= len(cfg):
@@ -306,7 +297,7 @@ class VfioUserClient(QemuRoleClient):
                     if cfg_type == vp.VIRTIO_PCI_CAP_NOTIFY_CFG:
                         if cap_len < vp.VIRTIO_PCI_NOTIFY_CAP_LEN \
                                 or pos + vp.VIRTIO_PCI_NOTIFY_CAP_LEN > len(cfg):
-                            raise VfioUserClientError(f"notify capability of {cap_len} bytes "
+                            raise DeviceFault(f"notify capability of {cap_len} bytes "
                                                       f"at {pos:#x}")
                         lay.notify_off_multiplier = struct.unpack_from(
                             "<I", cfg, pos + vp.VIRTIO_PCI_CAP_EXTRA)[0]
@@ -319,9 +310,9 @@ class VfioUserClient(QemuRoleClient):
                   vp.VIRTIO_PCI_CAP_ISR_CFG, vp.VIRTIO_PCI_CAP_DEVICE_CFG):
             cap = self._cap(t)
             if self.region_sizes.get(cap.bar, 0) < cap.offset + cap.length:
-                raise VfioUserClientError(f"virtio capability type {t} points past BAR{cap.bar}")
+                raise DeviceFault(f"virtio capability type {t} points past BAR{cap.bar}")
         if lay.msix_pos is None:
-            raise VfioUserClientError("the device has no MSI-X capability (INTx-only devices "
+            raise DeviceFault("the device has no MSI-X capability (INTx-only devices "
                                       "are not supported by this client)")
 
     def _setup_msix(self) -> None:
@@ -339,7 +330,7 @@ class VfioUserClient(QemuRoleClient):
         info = self._reply("irq_info", body, vu.IRQ_INFO_SIZE)
         count = min(info["count"], self.pci.msix_table_size)
         if count < 1 or not info["flags"] & vu.VFIO_IRQ_INFO_EVENTFD:
-            raise VfioUserClientError(f"MSI-X irq index: count {info['count']} flags "
+            raise DeviceFault(f"MSI-X irq index: count {info['count']} flags "
                                       f"{info['flags']:#x}")
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
         self.irq_counts = [0] * count
@@ -392,20 +383,20 @@ class VfioUserClient(QemuRoleClient):
             # does before the queues.
             self.common_write(vp.COMMON_MSIX, 2, self.config_vector)
             if self.common_read(vp.COMMON_MSIX, 2) != self.config_vector:
-                raise VfioUserClientError(f"config_msix_vector {self.config_vector} not taken "
+                raise DeviceFault(f"config_msix_vector {self.config_vector} not taken "
                                           "(reads back NO_VECTOR)")
 
     def read_config(self, offset: int, size: int) -> bytes:
         cap = self._cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG)
         if offset < 0 or offset + size > cap.length:
-            raise VfioUserClientError(f"device config [{offset:#x}, +{size}) beyond the "
+            raise DeviceFault(f"device config [{offset:#x}, +{size}) beyond the "
                                       f"{cap.length}-byte window")
         return self.region_read(cap.bar, cap.offset + offset, size)
 
     def write_config(self, offset: int, data: bytes) -> None:
         cap = self._cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG)
         if offset < 0 or offset + len(data) > cap.length:
-            raise VfioUserClientError(f"device config [{offset:#x}, +{len(data)}) beyond the "
+            raise DeviceFault(f"device config [{offset:#x}, +{len(data)}) beyond the "
                                       f"{cap.length}-byte window")
         self.region_write(cap.bar, cap.offset + offset, bytes(data))
 
@@ -425,7 +416,7 @@ class VfioUserClient(QemuRoleClient):
         vec = self._queue_vector_default
         self.common_write(vp.COMMON_Q_MSIX, 2, vec)
         if self.common_read(vp.COMMON_Q_MSIX, 2) != vec:
-            raise VfioUserClientError(f"queue {q}: MSI-X vector {vec} not taken")
+            raise DeviceFault(f"queue {q}: MSI-X vector {vec} not taken")
         self.queue_vectors[q] = vec
         for lo, addr in ((vp.COMMON_Q_DESCLO, desc), (vp.COMMON_Q_AVAILLO, avail),
                          (vp.COMMON_Q_USEDLO, used)):
@@ -450,7 +441,7 @@ class VfioUserClient(QemuRoleClient):
         cap = self._cap(vp.VIRTIO_PCI_CAP_NOTIFY_CFG)
         at = off * self.pci.notify_off_multiplier
         if at + 2 > cap.length:
-            raise VfioUserClientError(f"queue {q}: notify offset {at:#x} beyond the notify "
+            raise DeviceFault(f"queue {q}: notify offset {at:#x} beyond the notify "
                                       f"window of {cap.length:#x} bytes")
         self.region_write(cap.bar, cap.offset + at, struct.pack("<H", q))
 
@@ -461,7 +452,7 @@ class VfioUserClient(QemuRoleClient):
             if self.get_status() == 0:
                 break
         else:
-            raise VfioUserClientError("device status does not read back 0 after reset")
+            raise DeviceFault("device status does not read back 0 after reset")
         self.queue_vectors.clear()
         self._notify_off.clear()
         self._queue_size.clear()

@@ -29,7 +29,7 @@ eventfd. ``poll_interrupts()`` delivers them to the handlers, never from inside 
 ``irq_counts``, ``wait_interrupt``, ``discard_interrupts`` and ``config_vector`` work as there.
 
 Every reply is checked (request id, size, REPLY_ACK status); a failure, a lost connection or a
-timeout raises ``VfioUserClientError``'s sibling ``VhostUserClientError``. Synchronous sockets:
+timeout raises ``vmsim.client_base.DeviceFault``. Synchronous sockets:
 this is a test harness, not a VMM. It imports nothing from ``balloon_dev``.
 """
 from __future__ import annotations
@@ -42,9 +42,10 @@ from typing import Any
 
 from protocol import vhost_user as vu
 from protocol.balloon import queue_layout
+from protocol.errors import PeerFault
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_MAX_SIZE
-from vmsim.client_base import QemuRoleClient
+from vmsim.client_base import DeviceFault, QemuRoleClient
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -59,14 +60,8 @@ RAM_UADDR = 0x7F00_0000_0000
 DEFAULT_VQ_SIZE = 128
 
 
-class VhostUserClientError(Exception):
-    """The back-end (the peer) misbehaved or refused a request."""
-
-
 class VhostUserClient(QemuRoleClient):
     """QEMU's side of a vhost-user connection to a balloon back-end (see the module docstring)."""
-
-    error = VhostUserClientError
 
     def __init__(self, path: str, *, ram_bytes: int = 64 << 20, timeout: float = 5.0,
                  num_vqs: int | None = None, vq_size: int = DEFAULT_VQ_SIZE) -> None:
@@ -143,7 +138,7 @@ class VhostUserClient(QemuRoleClient):
         REPLY_ACK asked for: by default for every request without a reply, once REPLY_ACK is
         negotiated, so that a refusal is seen). A non-zero ack raises."""
         if self.sock is None:
-            raise VhostUserClientError("not connected")
+            raise DeviceFault("not connected")
         name = vu.request_name(req)
         replies = req in vu.REPLY_REQUESTS
         want_ack = (not replies and self._has(PF.REPLY_ACK)) if ack is None else ack
@@ -158,18 +153,18 @@ class VhostUserClient(QemuRoleClient):
             h = vu.parse_header(self._exact(vu.HEADER_SIZE, name))
             body = self._exact(h.size, name) if h.size else b""
         except TimeoutError:
-            raise VhostUserClientError(f"{name}: no reply within {self.timeout} s") from None
-        except vu.VhostUserError as e:
-            raise VhostUserClientError(f"{name}: reply unusable: {e}") from None
+            raise DeviceFault(f"{name}: no reply within {self.timeout} s") from None
+        except PeerFault as e:
+            raise DeviceFault(f"{name}: reply unusable: {e}") from None
         except OSError as e:
-            raise VhostUserClientError(f"{name}: connection failed: {e}") from None
+            raise DeviceFault(f"{name}: connection failed: {e}") from None
         if h.request != req or not h.flags & vu.VHOST_USER_REPLY_MASK:
-            raise VhostUserClientError(f"{name}: reply does not match (request {h.request} "
+            raise DeviceFault(f"{name}: reply does not match (request {h.request} "
                                        f"flags {h.flags:#x})")
         if not replies:
             code = self._u64(body, name)
             if code != 0:
-                raise VhostUserClientError(f"{name}: back-end refused (REPLY_ACK {code})")
+                raise DeviceFault(f"{name}: back-end refused (REPLY_ACK {code})")
             return None
         return body
 
@@ -179,14 +174,14 @@ class VhostUserClient(QemuRoleClient):
         while len(buf) < n:
             d = self.sock.recv(n - len(buf))
             if not d:
-                raise VhostUserClientError(f"{name}: the back-end closed the connection")
+                raise DeviceFault(f"{name}: the back-end closed the connection")
             buf += d
         return buf
 
     @staticmethod
     def _u64(body: bytes | None, name: str) -> int:
         if body is None or len(body) != 8:
-            raise VhostUserClientError(f"{name}: expected a u64 reply, got {body!r}")
+            raise DeviceFault(f"{name}: expected a u64 reply, got {body!r}")
         return int(struct.unpack("=Q", body)[0])
 
     # -- interrupts -------------------------------------------------------------------------
@@ -212,8 +207,8 @@ class VhostUserClient(QemuRoleClient):
         while len(self._chan_buf) >= vu.HEADER_SIZE:
             try:
                 h = vu.parse_header(self._chan_buf[:vu.HEADER_SIZE])
-            except vu.VhostUserError as e:
-                raise VhostUserClientError(f"back-end channel framing lost: {e}") from None
+            except PeerFault as e:
+                raise DeviceFault(f"back-end channel framing lost: {e}") from None
             if len(self._chan_buf) < vu.HEADER_SIZE + h.size:
                 break
             self._chan_buf = self._chan_buf[vu.HEADER_SIZE + h.size:]
@@ -224,7 +219,7 @@ class VhostUserClient(QemuRoleClient):
                 try:
                     self.channel.sendall(vu.build_reply(h.request, vu.build_u64(ok)))
                 except OSError as e:
-                    raise VhostUserClientError(f"back-end channel: cannot reply to "
+                    raise DeviceFault(f"back-end channel: cannot reply to "
                                                f"{h.request}: {e}") from None
         return changes
 
@@ -329,10 +324,10 @@ class VhostUserClient(QemuRoleClient):
         body = self.request(R.GET_CONFIG, vu.build_config(offset, bytes(size)))
         try:
             c = vu.decode_payload(R.GET_CONFIG, body or b"")
-        except vu.VhostUserError as e:
-            raise VhostUserClientError(f"GET_CONFIG reply unusable: {e}") from None
+        except PeerFault as e:
+            raise DeviceFault(f"GET_CONFIG reply unusable: {e}") from None
         if not isinstance(c, vu.ConfigAccess) or len(c.data) != size:
-            raise VhostUserClientError(f"GET_CONFIG [{offset:#x}, +{size}): bad reply")
+            raise DeviceFault(f"GET_CONFIG [{offset:#x}, +{size}): bad reply")
         return bytes(c.data)
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -350,7 +345,7 @@ class VhostUserClient(QemuRoleClient):
 
     def setup_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
         if not 0 <= q < self.num_queues():
-            raise VhostUserClientError(f"queue {q} does not exist")
+            raise DeviceFault(f"queue {q} does not exist")
         self._queues[q] = (size, desc, avail, used)
         self.queue_vectors[q] = 1 + q
         while len(self.irq_counts) < 2 + q:
@@ -358,7 +353,7 @@ class VhostUserClient(QemuRoleClient):
 
     def enable_queue(self, q: int) -> None:
         if q not in self._queues:
-            raise VhostUserClientError(f"queue {q} enabled before it was set up")
+            raise DeviceFault(f"queue {q} enabled before it was set up")
         self._enabled.add(q)
 
     def notify(self, q: int) -> None:

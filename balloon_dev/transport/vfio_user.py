@@ -1,57 +1,42 @@
-"""The vfio-user server session, sans-I/O: decoded messages and their fds in, replies and effects
-out (protocol.md section 7).
+"""The vfio-user server session, sans-I/O: its dispatch table (protocol.md section 7).
 
-Theory of operation: a ``VfioUserSession`` serves one client connection. The socket owner (see
-``vfio_user_server``) reads one message at a time, framing checked by
-``protocol.vfio_user.decode_header``, and calls ``handle(header, payload, fds)``. The session
-owns every fd it is given from then on: it keeps DMA fds only long enough to ``mmap`` them into
-a ``guestmem`` region, keeps IRQ eventfds until they are replaced or the index is disabled, and
-closes the fds of a rejected message at once.
-
-``handle`` returns a list of actions, in order:
-
-* ``Reply(data)``: bytes to send back (nothing for NO_REPLY commands, error replies are the
-  bare header with ERROR set and an errno, protocol.md 7.1);
-* ``SignalEventfd(fd, ...)``: write an 8-byte 1 to ``fd`` (an MSI-X vector or INTx fired);
-* the device core's host effects (``PagesHinted``, ``Inflated``, ...), unchanged.
+Theory of operation: a ``VfioUserSession`` serves one client connection. Its server
+(``vfio_user_server``, on ``connection.DeviceServer``) reads one framed
+``protocol.vfio_user.Message`` and calls ``handle(msg)``, which returns one ``core.Outcome``: the
+reply (none for NO_REPLY commands; an error reply is the bare header with ERROR set and an errno,
+protocol.md 7.1), the eventfds to signal (an MSI-X vector or INTx fired) and the device core's host
+effects. The session owns every fd of a message from then on: DMA fds only until they are mapped
+(``guest_ram.GuestRamMapper``, which also explains why each one is sealed first), IRQ eventfds until
+they are replaced or their index is disabled; the fds of a refused message are closed at once.
 
 The device is a ``VirtioPciFunction`` (config space region 7, BAR1 and BAR4); its MSI-X and INTx
 actions are mapped to the eventfds the client installed with SET_IRQS. INTx is level-triggered
 and automasked: a raised line signals the trigger eventfd once and masks; the client's UNMASK
 (after the guest's EOI) re-signals if the line is still high.
 
-Guest RAM safety: a client that shrinks (``ftruncate``) a DMA fd after mapping it would make our
-next access to the lost pages a SIGBUS, which kills the whole server. Each DMA_MAP fd is therefore
-sealed against shrinking first (``balloon_dev.transport.memfd``: QEMU's memfd backend is sealed
-already; a memfd created with MFD_ALLOW_SEALING gets F_SEAL_SHRINK from us). An fd that cannot be
-sealed (a regular file, hugetlbfs, a memfd without MFD_ALLOW_SEALING) is still mapped, with one
-warning and the ``dma_map_unsealed`` counter: an accepted risk (docs/interfaces.md, vfio-user).
-
-A malformed or unacceptable message is a peer error: logged at warning with hex detail,
-counted by errno in ``counters``, answered with an error reply; the session goes on. Only framing
-errors (raised by the server's header decode) end a connection.
+A malformed or unacceptable message is a ``protocol.errors.PeerFault`` (``refused(errno, why)``):
+logged at warning, counted (``peer_errors`` and ``peer_error_<ERRNO>``), answered with an error
+reply; the session goes on. Only framing errors (raised by the server's header decode) end a
+connection.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import mmap
-import os
-import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from balloon_dev.transport.memfd import (
-    SealResult,
-    close_quietly,
-    report_unsealed,
-    seal_against_shrink,
-)
+from balloon_dev.effects import Effect
+from balloon_dev.transport.core import Outcome, PeerError, Signal, count_peer_fault
+from balloon_dev.transport.fdstream import close_all, close_quietly
+from balloon_dev.transport.guest_ram import GuestRamMapper, RamMapping
 from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
+from protocol.errors import PeerFault
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +46,12 @@ SERVER_MAX_MSG_FDS = 16
 SERVER_MAX_DMA_MAPS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SignalEventfd:
-    fd: int
-    irq_index: int
-    vector: int
-
-
 @dataclass(slots=True)
 class DmaMapping:
     addr: int
     size: int
     flags: int
-    mm: mmap.mmap | None  # None: the client gave no fd (accessible only by DMA_READ/WRITE)
+    ram: RamMapping | None  # None: the client gave no fd (accessible only by DMA_READ/WRITE)
 
 
 @dataclass(slots=True)
@@ -89,9 +62,16 @@ class IrqIndexState:
     masked: bool = False  # INTx only
 
 
-#: What a command handler returns: the reply payload and the actions it caused.
-Result = tuple[bytes, list[Any]]
+#: What the PCI function returns: host effects, ``MsixFire`` and ``IntxLevel``.
+PciAction = Any
+#: What a command handler returns: the reply payload and the interrupts and effects it caused.
+Result = tuple[bytes, list[PciAction]]
 
+
+def refused(err: int, why: str) -> PeerError:
+    """The session refuses a message: error reply with ``err``, counted per errno."""
+    name = errno.errorcode.get(err, str(err))
+    return PeerError(f"peer_error_{name}", f"{name}: {why}", errno=err)
 
 
 class VfioUserSession:
@@ -104,7 +84,7 @@ class VfioUserSession:
         self.version_done = False
         self.client_caps: dict[str, Any] = {}
         self.dma: dict[int, DmaMapping] = {}
-        self._zombies: list[mmap.mmap] = []  # unmapped but still exported: close later
+        self.ram = GuestRamMapper(mem, self.counters)
         self.irqs = [
             IrqIndexState(count=n) for n in (1, 0, pci.msix_vectors, 0, 0)
         ]
@@ -122,51 +102,80 @@ class VfioUserSession:
         return 0
 
     # -- entry points ------------------------------------------------------------------------
-    def handle(self, header: vu.Header, payload: bytes, fds: list[int]) -> list[Any]:
-        """Serve one message. Takes ownership of ``fds``."""
+    def handle(self, msg: vu.Message) -> Outcome:
+        """Serve one message. Takes ownership of its fds."""
+        header = msg.header
         self.counters["messages"] += 1
-        fds = list(fds)
+        fds = list(msg.fds)
         try:
-            req = vu.decode_request(header, payload)
+            if header.is_reply:
+                # We never send commands, so no reply is expected: a peer error, not answered.
+                raise PeerError("unexpected_replies", "a reply where a command was expected")
+            req = vu.decode_request(header, msg.payload)
             handler = self._handlers[type(req)]
             payload_out, actions = handler(self, header, req, fds)
-        except vu.VfioUserError as e:
-            for fd in fds:
-                close_quietly(fd)  # architecture: fds of a rejected message are closed
-            self.counters[f"peer_error_{errno.errorcode.get(e.errno, e.errno)}"] += 1
-            self.counters["peer_errors"] += 1
-            log.warning("vfio-user msg_id %#x command %d (size %#x flags %#x, %d fds) rejected: %s",
-                        header.msg_id, header.command, header.size, header.flags, len(fds), e)
-            if header.no_reply or header.is_reply:
-                return []
-            return [Reply(vu.encode_error(header, e.errno))]
+        except PeerFault as e:
+            close_all(fds)  # architecture: fds of a rejected message are closed
+            return self._refused(msg, e)
         except Exception:  # noqa: BLE001 - a bug of ours must not take the VM's device down
-            for fd in fds:
-                close_quietly(fd)
+            close_all(fds)
             self.counters["internal_errors"] += 1
             log.exception("internal error serving vfio-user msg_id %#x command %d",
                           header.msg_id, header.command)
-            if header.no_reply or header.is_reply:
-                return []
-            return [Reply(vu.encode_error(header, errno.EIO))]
+            return self._error_reply(header, errno.EIO)
+        outcome = self._outcome(actions)
         if header.no_reply:
-            return actions
-        return [Reply(vu.encode_reply(header, payload_out)), *actions]
+            return outcome
+        return Outcome(vu.encode_reply(header, payload_out), outcome.signals, outcome.effects)
 
-    def host(self, call: Callable[[Any], list[Any]]) -> list[Any]:
+    def refuse(self, msg: vu.Message, fault: PeerFault) -> Outcome:
+        """Refuse ``msg`` unread (the server found it unacceptable): close its fds, answer."""
+        self.counters["messages"] += 1
+        close_all(msg.fds)
+        return self._refused(msg, fault)
+
+    def _refused(self, msg: vu.Message, e: PeerFault) -> Outcome:
+        h = msg.header
+        if not e.counter.startswith("peer_error_"):  # also counted by the errno it answers
+            self.counters[f"peer_error_{errno.errorcode.get(e.errno, e.errno)}"] += 1
+        count_peer_fault(self.counters, e, log,
+                         f"vfio-user msg_id {h.msg_id:#x} command {h.command} (size {h.size:#x} "
+                         f"flags {h.flags:#x}, {len(msg.fds)} fds)")
+        return self._error_reply(h, e.errno)
+
+    @staticmethod
+    def _error_reply(header: vu.Header, err: int) -> Outcome:
+        if header.no_reply or header.is_reply:
+            return Outcome()
+        return Outcome(reply=vu.encode_error(header, err))
+
+    def host(self, call: Callable[[Any], list[Effect]]) -> Outcome:
         """Run a host-side core call and map its interrupts to eventfds."""
-        return self._irq_actions(self.pci.host(call))
+        return self._outcome(self._irq_actions(self.pci.host(call)))
 
-    def close(self) -> None:
-        """The client left: drop every mapping and eventfd."""
+    def close(self) -> tuple[Effect, ...]:
+        """The client left: reset the device (before the mappings go, so nothing touches
+        unmapped memory), then drop every mapping and eventfd. Returns the reset's host
+        effects (nobody is left to interrupt)."""
         if self.closed:
-            return
+            return ()
         self.closed = True
-        for m in list(self.dma.values()):
-            self._unmap(m)
-        for st in self.irqs:
-            self._disable_index(st)
-        self._reap_zombies()
+        try:
+            effects = tuple(a for a in self.pci.reset()
+                            if not isinstance(a, (MsixFire, IntxLevel)))
+        finally:
+            for m in list(self.dma.values()):
+                self._unmap(m)
+            for st in self.irqs:
+                self._disable_index(st)
+            self.ram.reap()
+        return effects
+
+    @staticmethod
+    def _outcome(actions: list[PciAction]) -> Outcome:
+        signals = tuple(a for a in actions if isinstance(a, Signal))
+        effects = tuple(a for a in actions if not isinstance(a, Signal))
+        return Outcome(signals=signals, effects=effects)
 
     # -- interrupts --------------------------------------------------------------------------
     def _irq_actions(self, actions: list[Any]) -> list[Any]:
@@ -189,7 +198,7 @@ class VfioUserSession:
             self.counters[f"irq_dropped_no_eventfd_{index}"] += 1
             return []
         self.counters[f"irq_signalled_{index}"] += 1
-        return [SignalEventfd(fd, index, vector)]
+        return [Signal(fd, f"irq index {index} vector {vector}")]
 
     def _intx_fire(self) -> list[Any]:
         st = self.irqs[vu.VFIO_PCI_INTX_IRQ_INDEX]
@@ -211,12 +220,12 @@ class VfioUserSession:
     # -- handlers ----------------------------------------------------------------------------
     def _no_fds(self, fds: list[int], what: str) -> None:
         if fds:
-            raise vu.VfioUserError(errno.EINVAL, f"{what} carries {len(fds)} unexpected fds")
+            raise refused(errno.EINVAL, f"{what} carries {len(fds)} unexpected fds")
 
     def _version(self, h: vu.Header, m: vu.Version, fds: list[int]) -> Result:
         self._no_fds(fds, "VERSION")
         if m.major != vu.VFIO_USER_MAJOR:
-            raise vu.VfioUserError(errno.ENOTSUP, f"protocol major {m.major} (we speak "
+            raise refused(errno.ENOTSUP, f"protocol major {m.major} (we speak "
                                    f"{vu.VFIO_USER_MAJOR})")
         caps = {
             "max_msg_fds": SERVER_MAX_MSG_FDS,
@@ -233,96 +242,54 @@ class VfioUserSession:
 
     def _require_version(self, what: str) -> None:
         if not self.version_done:
-            raise vu.VfioUserError(errno.EINVAL, f"{what} before VERSION negotiation")
+            raise refused(errno.EINVAL, f"{what} before VERSION negotiation")
 
     def _dma_map(self, h: vu.Header, m: vu.DmaMap, fds: list[int]) -> Result:
         self._require_version("DMA_MAP")
         if len(fds) > 1:
-            raise vu.VfioUserError(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
+            raise refused(errno.EINVAL, f"DMA_MAP with {len(fds)} fds")
         known = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
         if m.flags & ~known:
-            raise vu.VfioUserError(errno.EINVAL, f"DMA_MAP flags {m.flags:#x}")
+            raise refused(errno.EINVAL, f"DMA_MAP flags {m.flags:#x}")
         if m.size == 0 or m.addr + m.size > 1 << 64 or m.addr % mmap.PAGESIZE \
                 or m.size % mmap.PAGESIZE:
-            raise vu.VfioUserError(errno.EINVAL, f"DMA_MAP range [{m.addr:#x}, +{m.size:#x}) "
+            raise refused(errno.EINVAL, f"DMA_MAP range [{m.addr:#x}, +{m.size:#x}) "
                                    "is empty, wraps or is not page-aligned")
         for other in self.dma.values():
             if m.addr < other.addr + other.size and other.addr < m.addr + m.size:
-                raise vu.VfioUserError(errno.EEXIST, f"DMA_MAP [{m.addr:#x}, +{m.size:#x}) "
+                raise refused(errno.EEXIST, f"DMA_MAP [{m.addr:#x}, +{m.size:#x}) "
                                        f"overlaps [{other.addr:#x}, +{other.size:#x})")
         if len(self.dma) >= SERVER_MAX_DMA_MAPS:
-            raise vu.VfioUserError(errno.ENOSPC, "too many DMA mappings")
-        mm = None
-        seal: SealResult | None = None
+            raise refused(errno.ENOSPC, "too many DMA mappings")
+        ram = None
         if fds:
             fd = fds.pop()
-            writable = bool(m.flags & vu.VFIO_DMA_MAP_FLAG_WRITE)
-            base = m.offset - m.offset % mmap.ALLOCATIONGRANULARITY
-            delta = m.offset - base
+            what = f"DMA_MAP [{m.addr:#x}, +{m.size:#x})"
             try:
-                # Seal before the size check: a sealed file cannot shrink below what fstat
-                # saw, so a client's later ftruncate cannot SIGBUS us (balloon_dev.transport.memfd).
-                seal = seal_against_shrink(fd)
-                st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode) and st.st_size < m.offset + m.size:
-                    # Touching a mapping past the end of the file raises SIGBUS in the server.
-                    raise vu.VfioUserError(errno.EINVAL, f"DMA_MAP [{m.offset:#x}, +{m.size:#x})"
-                                           f" extends past the end of its fd ({st.st_size:#x})")
-                mm = mmap.mmap(fd, m.size + delta, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
-                               offset=base)
-            except (OSError, ValueError, OverflowError) as e:
-                err = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
-                raise vu.VfioUserError(err, f"mmap of DMA fd (offset {m.offset:#x} size "
-                                       f"{m.size:#x}) failed: {e}") from None
+                ram = self.ram.map(fd, gpa=m.addr, size=m.size, offset=m.offset,
+                                   writable=bool(m.flags & vu.VFIO_DMA_MAP_FLAG_WRITE),
+                                   counter="bad_dma_map", what=what)
             finally:
                 close_quietly(fd)  # the mapping keeps the memory; the fd is not needed any more
-            view = memoryview(mm)[delta:delta + m.size]
-            try:
-                self.mem.add_region(m.addr, view, name=f"dma@{m.addr:#x}", readonly=not writable)
-            except ValueError as e:
-                view.release()
-                mm.close()
-                raise vu.VfioUserError(errno.EEXIST, str(e)) from None
-        self.dma[m.addr] = DmaMapping(m.addr, m.size, m.flags, mm)
+            self.ram.add(ram, name=f"dma@{m.addr:#x}", counter="bad_dma_map", what=what)
+        self.dma[m.addr] = DmaMapping(m.addr, m.size, m.flags, ram)
         self.counters["dma_maps"] += 1
-        if seal is not None:
-            report_unsealed(seal, self.counters, f"DMA_MAP [{m.addr:#x}, +{m.size:#x})")
         log.info("DMA_MAP [%#x, +%#x) flags %#x offset %#x %s", m.addr, m.size, m.flags,
-                 m.offset, "fd" if mm is not None else "no fd")
+                 m.offset, "fd" if ram is not None else "no fd")
         return b"", []
 
     def _unmap(self, m: DmaMapping) -> None:
         del self.dma[m.addr]
-        if m.mm is None:
-            return
-        try:
-            region = self.mem.remove_region(m.addr)
-            region.buf.release()
-        except (KeyError, ValueError, BufferError):
-            pass
-        try:
-            m.mm.close()
-        except BufferError:
-            # Someone still holds a view (a numpy array over a ring); close once it is gone.
-            self._zombies.append(m.mm)
-
-    def _reap_zombies(self) -> None:
-        left = []
-        for mm in self._zombies:
-            try:
-                mm.close()
-            except BufferError:
-                left.append(mm)
-        self._zombies = left
+        if m.ram is not None:
+            self.ram.unmap(m.ram)
 
     def _dma_unmap(self, h: vu.Header, m: vu.DmaUnmap, fds: list[int]) -> Result:
         self._require_version("DMA_UNMAP")
         self._no_fds(fds, "DMA_UNMAP")
         if m.flags & vu.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP:
-            raise vu.VfioUserError(errno.ENOTSUP, "dirty page bitmaps are not supported")
+            raise refused(errno.ENOTSUP, "dirty page bitmaps are not supported")
         if m.flags & ~vu.VFIO_DMA_UNMAP_FLAG_ALL:
-            raise vu.VfioUserError(errno.EINVAL, f"DMA_UNMAP flags {m.flags:#x}")
+            raise refused(errno.EINVAL, f"DMA_UNMAP flags {m.flags:#x}")
         if m.flags & vu.VFIO_DMA_UNMAP_FLAG_ALL:
             victims = list(self.dma.values())
         else:
@@ -331,11 +298,10 @@ class VfioUserSession:
             partial = [d for d in self.dma.values() if d.addr < end and m.addr < d.addr + d.size
                        and d not in victims]
             if partial or not victims:
-                raise vu.VfioUserError(errno.EINVAL, f"DMA_UNMAP [{m.addr:#x}, +{m.size:#x}) "
+                raise refused(errno.EINVAL, f"DMA_UNMAP [{m.addr:#x}, +{m.size:#x}) "
                                        "does not match whole mappings")
         for d in victims:
             self._unmap(d)
-        self._reap_zombies()
         self.counters["dma_unmaps"] += len(victims)
         log.info("DMA_UNMAP [%#x, +%#x) flags %#x: %d mapping(s)", m.addr, m.size, m.flags,
                  len(victims))
@@ -352,20 +318,20 @@ class VfioUserSession:
         self._require_version("GET_REGION_INFO")
         self._no_fds(fds, "GET_REGION_INFO")
         if m.index >= vu.VFIO_PCI_NUM_REGIONS:
-            raise vu.VfioUserError(errno.EINVAL, f"region index {m.index}")
+            raise refused(errno.EINVAL, f"region index {m.index}")
         size = self.region_size(m.index)
         flags = vu.VFIO_REGION_INFO_FLAG_READ | vu.VFIO_REGION_INFO_FLAG_WRITE if size else 0
         return vu.build_region_info(vu.REGION_INFO_SIZE, flags, m.index, size), []
 
     def _get_region_io_fds(self, h: vu.Header, m: vu.GetRegionIoFds, fds: list[int]) -> Result:
         self._no_fds(fds, "GET_REGION_IO_FDS")
-        raise vu.VfioUserError(errno.ENOTSUP, "no region has I/O fds")
+        raise refused(errno.ENOTSUP, "no region has I/O fds")
 
     def _get_irq_info(self, h: vu.Header, m: vu.GetIrqInfo, fds: list[int]) -> Result:
         self._require_version("GET_IRQ_INFO")
         self._no_fds(fds, "GET_IRQ_INFO")
         if m.index >= vu.VFIO_PCI_NUM_IRQS:
-            raise vu.VfioUserError(errno.EINVAL, f"irq index {m.index}")
+            raise refused(errno.EINVAL, f"irq index {m.index}")
         flags = vu.VFIO_IRQ_INFO_EVENTFD
         if m.index == vu.VFIO_PCI_INTX_IRQ_INDEX:
             flags |= vu.VFIO_IRQ_INFO_MASKABLE | vu.VFIO_IRQ_INFO_AUTOMASKED
@@ -374,26 +340,26 @@ class VfioUserSession:
     def _set_irqs(self, h: vu.Header, m: vu.SetIrqs, fds: list[int]) -> Result:
         self._require_version("SET_IRQS")
         if m.index >= vu.VFIO_PCI_NUM_IRQS:
-            raise vu.VfioUserError(errno.EINVAL, f"SET_IRQS irq index {m.index}")
+            raise refused(errno.EINVAL, f"SET_IRQS irq index {m.index}")
         st = self.irqs[m.index]
         dt, act = m.data_type, m.action
         if dt not in (vu.VFIO_IRQ_SET_DATA_NONE, vu.VFIO_IRQ_SET_DATA_BOOL,
                       vu.VFIO_IRQ_SET_DATA_EVENTFD) or act not in (
                 vu.VFIO_IRQ_SET_ACTION_MASK, vu.VFIO_IRQ_SET_ACTION_UNMASK,
                 vu.VFIO_IRQ_SET_ACTION_TRIGGER) or m.flags & ~0x3F:
-            raise vu.VfioUserError(errno.EINVAL, f"SET_IRQS flags {m.flags:#x}")
+            raise refused(errno.EINVAL, f"SET_IRQS flags {m.flags:#x}")
         if m.count and (m.start >= st.count or m.count > st.count - m.start):
-            raise vu.VfioUserError(errno.EINVAL, f"SET_IRQS index {m.index} vectors "
+            raise refused(errno.EINVAL, f"SET_IRQS index {m.index} vectors "
                                    f"[{m.start}, +{m.count}) beyond {st.count}")
         if dt != vu.VFIO_IRQ_SET_DATA_EVENTFD:
             self._no_fds(fds, "SET_IRQS without DATA_EVENTFD")
         elif fds and len(fds) != m.count:
-            raise vu.VfioUserError(errno.EINVAL, f"SET_IRQS count {m.count} with {len(fds)} fds")
+            raise refused(errno.EINVAL, f"SET_IRQS count {m.count} with {len(fds)} fds")
         out: list[Any] = []
         if act == vu.VFIO_IRQ_SET_ACTION_TRIGGER:
             if m.count == 0:
                 if dt not in (vu.VFIO_IRQ_SET_DATA_NONE, vu.VFIO_IRQ_SET_DATA_EVENTFD):
-                    raise vu.VfioUserError(errno.EINVAL, "SET_IRQS count 0 with DATA_BOOL")
+                    raise refused(errno.EINVAL, "SET_IRQS count 0 with DATA_BOOL")
                 self._disable_index(st)  # count 0: tear down the whole index
                 self.counters[f"irq_index_disabled_{m.index}"] += 1
             elif dt == vu.VFIO_IRQ_SET_DATA_EVENTFD:
@@ -414,11 +380,11 @@ class VfioUserSession:
                     out += self._signal(m.index, m.start + i)
         else:
             if m.index != vu.VFIO_PCI_INTX_IRQ_INDEX:
-                raise vu.VfioUserError(errno.EINVAL, f"irq index {m.index} is not maskable")
+                raise refused(errno.EINVAL, f"irq index {m.index} is not maskable")
             if dt != vu.VFIO_IRQ_SET_DATA_NONE:
-                raise vu.VfioUserError(errno.ENOTSUP, "mask/unmask only with DATA_NONE")
+                raise refused(errno.ENOTSUP, "mask/unmask only with DATA_NONE")
             if m.count != 1:
-                raise vu.VfioUserError(errno.EINVAL, f"INTx mask/unmask count {m.count}")
+                raise refused(errno.EINVAL, f"INTx mask/unmask count {m.count}")
             if act == vu.VFIO_IRQ_SET_ACTION_MASK:
                 st.masked = True
             else:
@@ -430,9 +396,9 @@ class VfioUserSession:
     def _check_access(self, what: str, region: int, offset: int, count: int) -> None:
         size = self.region_size(region)
         if region >= vu.VFIO_PCI_NUM_REGIONS or size == 0:
-            raise vu.VfioUserError(errno.EINVAL, f"{what} of region {region}, which has no size")
+            raise refused(errno.EINVAL, f"{what} of region {region}, which has no size")
         if count == 0 or count > self.max_data_xfer or offset + count > size:
-            raise vu.VfioUserError(errno.EINVAL, f"{what} [{offset:#x}, +{count:#x}) of region "
+            raise refused(errno.EINVAL, f"{what} [{offset:#x}, +{count:#x}) of region "
                                    f"{region} (size {size:#x})")
 
     @staticmethod

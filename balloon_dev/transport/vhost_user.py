@@ -11,9 +11,12 @@ Config-space accesses are forwarded at any time (GET_CONFIG on every guest read,
 the whole window on every write).
 
 A ``VhostUserSession`` turns those messages into calls on a sans-I/O ``BalloonDevice`` (a virtio
-device with its own status byte): ``handle(msg)`` returns the reply bytes (if any), the device's
-effects, and whether the connection must close. It drives the device's status in virtio order
-(ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK) from the front-end's view:
+device with its own status byte): ``handle(msg)`` returns a ``core.Outcome``: the reply bytes (if
+any), the call eventfds to signal (the device's ``NotifyQueue``), the back-end channel messages
+(CONFIG_CHANGE_MSG for ``ConfigChanged``), the host effects, and whether the connection must
+close. Its server is ``vhost_user_server`` on ``connection.DeviceServer``. The session drives
+the device's status in virtio order (ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues,
+DRIVER_OK) from the front-end's view:
 
 * FEATURES_OK: with the STATUS protocol feature, SET_STATUS with FEATURES_OK (QEMU 11.1 sends it
   right after SET_FEATURES); without it, SET_FEATURES itself.
@@ -33,13 +36,9 @@ effects, and whether the connection must close. It drives the device's status in
   device's last_avail_idx, so that after a reset the buffers the device held unused (the stats
   buffer) are popped again; every other balloon buffer is used as soon as it is popped.
 
-Memory: every SET_MEM_TABLE region fd is mmapped (shared) and added to the ``GuestMemory`` the
-device reads, at its ``guest_phys_addr``. Each region fd is first sealed against shrinking
-(``balloon_dev.transport.memfd``): a front-end that ``ftruncate``s guest RAM under our mapping
-would otherwise make the device's next access a SIGBUS that kills the server. QEMU's memfd
-backend comes sealed; a memfd with MFD_ALLOW_SEALING gets F_SEAL_SHRINK from us; an fd that cannot
-be sealed (regular file, hugetlbfs, memfd without MFD_ALLOW_SEALING) is mapped anyway with one
-warning and the ``dma_map_unsealed`` counter, an accepted risk (docs/interfaces.md, vhost-user).
+Memory: every SET_MEM_TABLE / ADD_MEM_REG region fd is mapped by ``guest_ram.GuestRamMapper``
+(sealed against shrinking first; that module explains why) and added to the ``GuestMemory`` the
+device reads, at its ``guest_phys_addr``.
 SET_VRING_ADDR gives *front-end virtual* addresses; they are translated through the regions'
 ``userspace_addr`` into guest-physical ones, which is what the device core takes. Descriptor
 addresses inside the rings are guest-physical already.
@@ -55,30 +54,27 @@ File descriptors: a message's fds belong to the session once the message is hand
 handler does not keep are closed at once (also when the message is rejected). ``close()``
 releases everything (fds, mappings) and resets the device, ready for the next front-end.
 
-Errors name the culprit: a bad header raises ``VhostUserFramingError`` out of the reader (the
-server closes the connection); a bad payload or a request we do not implement is a peer error:
-logged, counted, answered with a failure (a REPLY_ACK of 1 when NEED_REPLY was set, an empty reply
-for requests that always reply), and the session carries on.
+Errors name the culprit: a bad header raises ``protocol.errors.FramingLost`` out of the reader
+(the server closes the connection); a bad payload or a request we do not implement is a peer
+error (``core.PeerError``, a ``PeerFault``): logged, counted, answered with a failure (a
+REPLY_ACK of 1 when NEED_REPLY was set, an empty reply for requests that always reply), and the
+session carries on.
 """
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import stat
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from balloon_dev.effects import Effect
-from balloon_dev.transport.memfd import (
-    SealResult,
-    close_quietly,
-    report_unsealed,
-    seal_against_shrink,
-)
+from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
+from balloon_dev.transport.core import DeviceCore, Outcome, PeerError, Signal, count_peer_fault
+from balloon_dev.transport.fdstream import close_quietly
+from balloon_dev.transport.guest_ram import GuestRamMapper, RamMapping
 from guestmem import GuestMemory, GuestMemoryError
 from protocol.balloon import CFG_ACTUAL, CFG_POISON_VAL
+from protocol.errors import PeerFault
 from protocol.vhost_user import (
     REPLY_REQUESTS,
     VHOST_SET_CONFIG_TYPE_FRONTEND,
@@ -90,7 +86,6 @@ from protocol.vhost_user import (
     MemoryTable,
     Message,
     VhostUserBackendRequest,
-    VhostUserPayloadError,
     VhostUserProtocolFeature,
     VhostUserRequest,
     VringAddr,
@@ -133,28 +128,6 @@ MAX_MEM_SLOTS = 32
 DRIVER_CONFIG_FIELDS = (CFG_ACTUAL, CFG_POISON_VAL)
 
 
-class BalloonDeviceLike(Protocol):
-    """What the session uses of ``balloon_dev.device.BalloonDevice`` (docs/interfaces.md)."""
-
-    @property
-    def device_features(self) -> int: ...
-    @property
-    def status(self) -> int: ...
-    @property
-    def config_size(self) -> int: ...
-    @property
-    def num_queues(self) -> int: ...
-    def write_driver_features(self, value: int) -> None: ...
-    def write_status(self, v: int) -> list[Effect]: ...
-    def read_config(self, offset: int, size: int) -> bytes: ...
-    def write_config(self, offset: int, data: bytes) -> list[Effect]: ...
-    def queue_max_size(self, q: int) -> int: ...
-    def set_queue(self, q: int, size: int, desc: int, driver: int, device: int) -> None: ...
-    def enable_queue(self, q: int) -> list[Effect]: ...
-    def notify(self, q: int) -> list[Effect]: ...
-    def reset(self) -> list[Effect]: ...
-
-
 @dataclass(slots=True)
 class Vring:
     """The front-end's view of one ring, as the vhost-user messages set it."""
@@ -173,35 +146,26 @@ class Vring:
     enabled: bool = False  # SET_VRING_ENABLE state
 
 
-@dataclass(frozen=True, slots=True)
-class HandleResult:
-    """What the server does after one message: send ``reply``, act on ``effects``, maybe close."""
-
-    reply: bytes | None = None
-    effects: tuple[Effect, ...] = ()
-    close: bool = False
-
-
 @dataclass(slots=True)
 class _Mapping:
-    mm: mmap.mmap
-    view: memoryview
-    gpa: int
-    size: int
+    """A mapped memory region and the front-end virtual address it has in QEMU."""
+
+    ram: RamMapping
     uaddr: int
-    seal: SealResult  # how the fd stands against shrinking (UNSEALABLE: reported, risk accepted)
 
+    @property
+    def gpa(self) -> int:
+        return self.ram.gpa
 
-class _Reject(Exception):
-    """A peer error inside a handler: counted under ``counter``, answered with a failure."""
-
-    def __init__(self, counter: str, detail: str) -> None:
-        super().__init__(detail)
-        self.counter = counter
+    @property
+    def size(self) -> int:
+        return self.ram.size
 
 
 @dataclass(slots=True)
-class _Outcome:
+class _Handled:
+    """What one handler did: the reply payload, the device's effects, the fds it keeps."""
+
     payload: bytes | None = None  # reply payload for REPLY_REQUESTS
     effects: list[Effect] = field(default_factory=list)
     kept_fds: tuple[int, ...] = ()
@@ -210,7 +174,7 @@ class _Outcome:
 class VhostUserSession:
     """One front-end connection's state. ``dev`` must read guest memory through ``mem``."""
 
-    def __init__(self, dev: BalloonDeviceLike, mem: GuestMemory, *,
+    def __init__(self, dev: DeviceCore, mem: GuestMemory, *,
                  protocol_features: int = DEFAULT_PROTOCOL_FEATURES) -> None:
         self.dev = dev
         self.mem = mem
@@ -226,6 +190,7 @@ class VhostUserSession:
         self.rings: list[Vring] = []
         self.counters: Counter[str] = Counter()
         self._maps: list[_Mapping] = []
+        self.ram = GuestRamMapper(mem, self.counters)
         self._pending_config: dict[int, bytes] = {}
         self._reset_rings()
 
@@ -256,38 +221,72 @@ class VhostUserSession:
         return build_request(VhostUserBackendRequest.CONFIG_CHANGE_MSG)
 
     # -- entry points -------------------------------------------------------------------------
-    def handle(self, msg: Message) -> HandleResult:
+    def handle(self, msg: Message) -> Outcome:
         """Handle one framed front-end message (its fds are owned by the session from now on)."""
         self.counters["messages"] += 1
         req = msg.request
         log.debug("vhost-user <- %s flags %#x, %d payload bytes %s, %d fds", request_name(req),
                   msg.header.flags, len(msg.payload), msg.payload[:48].hex(), len(msg.fds))
-        outcome = _Outcome()
+        handled = _Handled()
         ok = True
         try:
             if msg.header.is_reply:
-                raise _Reject("unexpected_replies", "a reply arrived where a request was expected")
+                raise PeerError("unexpected_replies",
+                                "a reply arrived where a request was expected")
             handler = _HANDLERS.get(req)
             if handler is None:
-                raise _Reject("unsupported_requests", "request not supported by this back-end")
+                raise PeerError("unsupported_requests", "request not supported by this back-end")
             payload = decode_payload(req, msg.payload)
-            outcome = handler(self, payload, msg.fds)
-        except VhostUserPayloadError as e:
+            handled = handler(self, payload, msg.fds)
+        except PeerFault as e:
             ok = False
-            self._peer_error("bad_payloads", req, str(e))
-        except _Reject as e:
-            ok = False
-            self._peer_error(e.counter, req, str(e))
+            self._peer_error(e, req)
         except Exception:  # noqa: BLE001 - a bug of ours must not take the VM's device down
             ok = False
-            outcome = _Outcome()
+            handled = _Handled()
             self.counters["internal_errors"] += 1
             log.exception("vhost-user: internal error handling %s", request_name(req))
-        self._close_unkept(msg.fds, outcome.kept_fds if ok else ())
-        return HandleResult(self._reply(msg, ok, outcome), tuple(outcome.effects))
+        self._close_unkept(msg.fds, handled.kept_fds if ok else ())
+        return self._outcome(handled.effects, self._reply(msg, ok, handled))
 
-    def kick(self, q: int) -> list[Effect]:
+    def refuse(self, msg: Message, fault: PeerFault) -> Outcome:
+        """Refuse ``msg`` unread (the server found it unacceptable): close its fds, answer."""
+        self.counters["messages"] += 1
+        self._peer_error(fault, msg.request)
+        self._close_unkept(msg.fds, ())
+        return Outcome(reply=self._reply(msg, False, _Handled()))
+
+    def host(self, call: Callable[[Any], list[Effect]]) -> Outcome:
+        """Run a host request ``call(dev)`` (e.g. ``lambda d: d.free_page_start()``)."""
+        return self._outcome(call(self.dev))
+
+    def _outcome(self, effects: list[Effect], reply: bytes | None = None) -> Outcome:
+        """Guest-facing effects become call-eventfd signals and back-end channel messages."""
+        signals: list[Signal] = []
+        backend: list[bytes] = []
+        host: list[Effect] = []
+        for eff in effects:
+            if isinstance(eff, NotifyQueue):
+                fd = self.call_fd(eff.queue)
+                if fd is None:
+                    self.counters["notify_without_call_fd"] += 1
+                else:
+                    signals.append(Signal(fd, f"call fd of ring {eff.queue}"))
+            elif isinstance(eff, ConfigChanged):
+                m = self.config_change_message()
+                if m is None:
+                    self.counters["config_change_without_channel"] += 1
+                else:
+                    backend.append(m)
+            else:
+                host.append(eff)
+        return Outcome(reply, tuple(signals), tuple(host), tuple(backend))
+
+    def kick(self, q: int) -> Outcome:
         """The kick eventfd of ring ``q`` fired (the server has drained it)."""
+        return self._outcome(self._kick(q))
+
+    def _kick(self, q: int) -> list[Effect]:
         if not 0 <= q < len(self.rings):
             return []
         ring = self.rings[q]
@@ -307,8 +306,10 @@ class VhostUserSession:
             self.counters["kicks_before_live"] += 1
         return effects
 
-    def close(self) -> list[Effect]:
-        """The front-end left: release every fd and mapping and reset the device."""
+    def close(self) -> tuple[Effect, ...]:
+        """The front-end left: reset the device (before the mappings go, so nothing touches
+        unmapped memory), release every fd and mapping. Returns the reset's host effects
+        (nobody is left to interrupt)."""
         effects = self._device_reset()
         for ring in self.rings:
             self._close_ring_fds(ring)
@@ -321,10 +322,10 @@ class VhostUserSession:
         self.protocol_features = 0
         self.features_acked = None
         self.owner = False
-        return effects
+        return tuple(e for e in effects if not isinstance(e, (NotifyQueue, ConfigChanged)))
 
     # -- replies and errors -------------------------------------------------------------------
-    def _reply(self, msg: Message, ok: bool, outcome: _Outcome) -> bytes | None:
+    def _reply(self, msg: Message, ok: bool, outcome: _Handled) -> bytes | None:
         req = msg.request
         if req in REPLY_REQUESTS:
             # A failed request that always replies gets an empty payload: QEMU checks the
@@ -335,10 +336,9 @@ class VhostUserSession:
             return build_reply(req, build_u64(0 if ok else 1))
         return None
 
-    def _peer_error(self, counter: str, req: int, detail: str) -> None:
-        self.counters["peer_errors"] += 1
-        self.counters[counter] += 1
-        log.warning("vhost-user front-end error in %s (%#x): %s", request_name(req), req, detail)
+    def _peer_error(self, fault: PeerFault, req: int) -> None:
+        count_peer_fault(self.counters, fault, log,
+                         f"vhost-user {request_name(req)} ({req:#x})")
 
     def _close_unkept(self, fds: tuple[int, ...], kept: tuple[int, ...]) -> None:
         for fd in fds:
@@ -353,7 +353,7 @@ class VhostUserSession:
 
     def _ring(self, index: int) -> Vring:
         if not 0 <= index < len(self.rings):
-            raise _Reject("bad_ring_index",
+            raise PeerError("bad_ring_index",
                           f"ring {index} does not exist (device has {len(self.rings)} queues; "
                           f"the front-end's num_vqs must be {len(self.rings)})")
         return self.rings[index]
@@ -390,7 +390,7 @@ class VhostUserSession:
             return self._go_live()
         return []
 
-    def _maybe_stopped(self) -> list[Effect]:
+    def _note_stopped(self) -> None:
         """All rings stopped by GET_VRING_BASE: the front-end stopped the device (vhost_dev_stop).
 
         QEMU's generic front-end stops the rings both when the guest resets the device and when
@@ -400,11 +400,10 @@ class VhostUserSession:
         when the rings come back unchanged at the bases we reported, else reset it.
         """
         if not self.live or any(r.started for r in self.rings):
-            return []
+            return
         self.counters["device_stops"] += 1
         self.live = False
         self.stopped = True
-        return []
 
     def _device_reset(self) -> list[Effect]:
         self.live = False
@@ -441,24 +440,14 @@ class VhostUserSession:
         for m in self._maps:
             if m.uaddr <= uaddr and uaddr + length <= m.uaddr + m.size:
                 return m.gpa + (uaddr - m.uaddr)
-        raise _Reject("bad_vring_addr",
+        raise PeerError("bad_vring_addr",
                       f"{what} at front-end address {uaddr:#x} (+{length:#x}) is in no memory "
                       f"region ({len(self._maps)} mapped)")
 
     def _unmap_all(self) -> None:
-        self.mem.clear()
         maps, self._maps = self._maps, []
         for m in maps:
-            self._unmap(m)
-
-    def _unmap(self, m: _Mapping) -> None:
-        m.view.release()
-        try:
-            m.mm.close()
-        except BufferError:
-            # The device still holds a view (e.g. a numpy array over a ring); the mapping
-            # goes away when that view is dropped.
-            self.counters["unmap_deferred"] += 1
+            self.ram.unmap(m.ram)
 
     # -- device status ------------------------------------------------------------------------
     def _drive_status(self, want: int) -> list[Effect]:
@@ -539,15 +528,11 @@ class VhostUserSession:
         return effects + self._notify_runnable()
 
     def _set_queue_base(self, q: int, base: int) -> None:
-        # Both indices restart at ``base``: GET_VRING_BASE reported the used index (see
-        # ``_resume_index``), so every buffer before it was used and none after it was seen.
-        setter = getattr(self.dev, "set_queue_indices", None)
-        if setter is None:
-            self.counters["vring_base_unsupported"] += 1
-            log.warning("vhost-user: ring %d cannot resume at %d: the device core has no "
-                        "set_queue_indices(); it restarts at 0", q, base)
-            return
-        setter(q, base, base)
+        # The device core's queues always start at index 0 (it has no way to set them), so a
+        # ring handed back mid-stream that could not be resumed restarts at 0.
+        self.counters["vring_base_unsupported"] += 1
+        log.warning("vhost-user: ring %d cannot resume at %d: the device core's queues "
+                    "start at 0", q, base)
 
     def _resume_index(self, q: int) -> int:
         """Where ring ``q`` resumes after a stop: the used index the device published.
@@ -574,17 +559,17 @@ class VhostUserSession:
             return []
         return self.dev.write_config(off, data)
 
-    # -- handlers (payload already decoded; raise _Reject on meaning errors) ------------------
-    def _get_features(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+    # -- handlers (payload already decoded; raise PeerError on meaning errors) ------------------
+    def _get_features(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
         # Bit 30 tells the front-end we speak protocol features; the front-end hides it from the
         # guest (vub_get_features).
         feats = self.dev.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
-        return _Outcome(payload=build_u64(feats))
+        return _Handled(payload=build_u64(feats))
 
-    def _set_features(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_features(self, value: int, _fds: tuple[int, ...]) -> _Handled:
         allowed = self.dev.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
         if value & ~allowed:
-            raise _Reject("bad_features",
+            raise PeerError("bad_features",
                           f"features {value:#x} include {value & ~allowed:#x} never offered")
         guest = value & ~(1 << VHOST_USER_F_PROTOCOL_FEATURES)
         effects: list[Effect] = []
@@ -592,19 +577,19 @@ class VhostUserSession:
             # Restart after a stop with other features: a guest reset, not a resume.
             effects += self._device_reset()
         if self.dev.status & FEATURES_OK and guest != self.guest_features:
-            raise _Reject("features_after_features_ok",
+            raise PeerError("features_after_features_ok",
                           f"features {guest:#x} after FEATURES_OK with {self.guest_features:#x}")
         self.features_acked = value
         if not self.has_protocol_feature(PF.STATUS) and not self.dev.status & FEATURES_OK:
             # Without STATUS the front-end never says FEATURES_OK: SET_FEATURES is the moment.
             effects += self._features_ok()
-        return _Outcome(effects=effects)
+        return _Handled(effects=effects)
 
-    def _set_owner(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_owner(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
         self.owner = True
-        return _Outcome()
+        return _Handled()
 
-    def _reset_device(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+    def _reset_device(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
         # RESET_DEVICE (and the deprecated RESET_OWNER): back to the just-connected state, but
         # the memory table and the negotiated protocol features stay.
         effects = self._device_reset()
@@ -613,126 +598,102 @@ class VhostUserSession:
         self._reset_rings()
         self.features_acked = None
         self._pending_config.clear()
-        return _Outcome(effects=effects)
+        return _Handled(effects=effects)
 
-    def _get_protocol_features(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
-        return _Outcome(payload=build_u64(self.offered_protocol_features))
+    def _get_protocol_features(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+        return _Handled(payload=build_u64(self.offered_protocol_features))
 
-    def _set_protocol_features(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_protocol_features(self, value: int, _fds: tuple[int, ...]) -> _Handled:
         if value & ~self.offered_protocol_features:
-            raise _Reject("bad_protocol_features",
+            raise PeerError("bad_protocol_features",
                           f"protocol features {value:#x} include "
                           f"{value & ~self.offered_protocol_features:#x} never offered")
         self.protocol_features = value
-        return _Outcome()
+        return _Handled()
 
-    def _get_queue_num(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
-        return _Outcome(payload=build_u64(self.dev.num_queues))
+    def _get_queue_num(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+        return _Handled(payload=build_u64(self.dev.num_queues))
 
-    def _get_max_mem_slots(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
-        return _Outcome(payload=build_u64(MAX_MEM_SLOTS))
+    def _get_max_mem_slots(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+        return _Handled(payload=build_u64(MAX_MEM_SLOTS))
 
-    @staticmethod
-    def _map_region(i: int, r: MemoryRegion, fd: int, others: list[_Mapping],
+    def _map_region(self, i: int, r: MemoryRegion, fd: int, others: list[_Mapping],
                     counter: str) -> _Mapping:
-        """mmap one region's fd (shared); ``others`` are the regions it must not overlap.
-        The fd is sealed against shrinking first (``_Mapping.seal`` says how that went; the
-        caller reports an unprotected one once the table is accepted)."""
-        if r.memory_size == 0 or r.guest_phys_addr + r.memory_size > 1 << 64:
-            raise _Reject(counter, f"region {i} has an invalid range "
-                          f"{r.guest_phys_addr:#x}+{r.memory_size:#x}")
+        """Map one region's fd (``guest_ram``: sealed, checked, mapped shared); ``others`` are
+        the regions it must not overlap. Not yet in guest memory."""
         for m in others:
             if r.guest_phys_addr < m.gpa + m.size and m.gpa < r.guest_phys_addr + r.memory_size:
-                raise _Reject(counter, f"region {i} at {r.guest_phys_addr:#x} overlaps the "
-                              f"region at {m.gpa:#x}")
-        need = r.mmap_offset + r.memory_size
-        # Seal before the size check: a sealed file cannot shrink below what fstat saw, so a
-        # front-end's later ftruncate cannot SIGBUS us (balloon_dev.transport.memfd).
-        seal = seal_against_shrink(fd)
-        try:
-            st = os.fstat(fd)
-        except OSError as e:
-            raise _Reject(counter, f"region {i}: fd {fd}: {e}") from None
-        if stat.S_ISREG(st.st_mode) and st.st_size < need:
-            # Touching a mapping past the end of its file kills us with SIGBUS.
-            raise _Reject(counter, f"region {i}: {r.mmap_offset:#x}+{r.memory_size:#x} runs "
-                          f"past the end of its file ({st.st_size:#x} bytes)")
-        try:
-            # Map from offset 0 so mmap_offset need not be page-aligned.
-            mm = mmap.mmap(fd, need, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except (OSError, ValueError, OverflowError) as e:
-            raise _Reject(counter, f"region {i}: cannot map fd {fd} "
-                          f"({r.mmap_offset:#x}+{r.memory_size:#x}): {e}") from None
-        view = memoryview(mm)[r.mmap_offset:need]
-        return _Mapping(mm, view, r.guest_phys_addr, r.memory_size, r.userspace_addr, seal)
+                raise PeerError(counter, f"region {i} at {r.guest_phys_addr:#x} overlaps the "
+                                f"region at {m.gpa:#x}")
+        ram = self.ram.map(fd, gpa=r.guest_phys_addr, size=r.memory_size, offset=r.mmap_offset,
+                           writable=True, counter=counter, what=f"region {i}")
+        return _Mapping(ram, r.userspace_addr)
 
-    def _set_mem_table(self, table: MemoryTable, fds: tuple[int, ...]) -> _Outcome:
+    def _set_mem_table(self, table: MemoryTable, fds: tuple[int, ...]) -> _Handled:
         if len(fds) != len(table.regions):
-            raise _Reject("bad_mem_table",
-                          f"{len(table.regions)} regions but {len(fds)} fds attached")
+            raise PeerError("bad_mem_table",
+                            f"{len(table.regions)} regions but {len(fds)} fds attached")
         maps: list[_Mapping] = []
         try:
             for i, (r, fd) in enumerate(zip(table.regions, fds, strict=True)):
                 maps.append(self._map_region(i, r, fd, maps, "bad_mem_table"))
-        except _Reject:
+        except PeerFault:
             for m in maps:
-                m.view.release()
-                m.mm.close()
+                self.ram.discard(m.ram)
             raise
         # The new table replaces the old one as a whole (vhost-user.rst).
         self._unmap_all()
         self._maps = maps
         for i, m in enumerate(maps):
-            self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {i}")
-            report_unsealed(m.seal, self.counters,
-                            f"SET_MEM_TABLE region {i} [{m.gpa:#x}, +{m.size:#x})")
+            self.ram.add(m.ram, name=f"vhost-user region {i}", counter="bad_mem_table",
+                         what=f"SET_MEM_TABLE region {i} [{m.gpa:#x}, +{m.size:#x})")
         self.counters["mem_tables"] += 1
-        # The fds are not needed once mapped: a mapping keeps the memory alive.
-        return _Outcome()
+        # The fds are not needed once mapped (closed as not kept): a mapping keeps the memory.
+        return _Handled()
 
-    def _add_mem_reg(self, r: MemoryRegion, fds: tuple[int, ...]) -> _Outcome:
+    def _add_mem_reg(self, r: MemoryRegion, fds: tuple[int, ...]) -> _Handled:
         # CONFIGURE_MEM_SLOTS: one region at a time, each with its fd.
         if len(fds) != 1:
-            raise _Reject("bad_mem_reg", f"ADD_MEM_REG needs 1 fd, got {len(fds)}")
+            raise PeerError("bad_mem_reg", f"ADD_MEM_REG needs 1 fd, got {len(fds)}")
         if len(self._maps) >= MAX_MEM_SLOTS:
-            raise _Reject("bad_mem_reg", f"all {MAX_MEM_SLOTS} memory slots are in use")
+            raise PeerError("bad_mem_reg", f"all {MAX_MEM_SLOTS} memory slots are in use")
         m = self._map_region(len(self._maps), r, fds[0], self._maps, "bad_mem_reg")
+        self.ram.add(m.ram, name=f"vhost-user region {m.gpa:#x}", counter="bad_mem_reg",
+                     what=f"ADD_MEM_REG [{m.gpa:#x}, +{m.size:#x})")
         self._maps.append(m)
-        self.mem.add_region(m.gpa, m.view, name=f"vhost-user region {m.gpa:#x}")
         self.counters["mem_regions_added"] += 1
-        report_unsealed(m.seal, self.counters, f"ADD_MEM_REG [{m.gpa:#x}, +{m.size:#x})")
-        return _Outcome()
+        return _Handled()
 
-    def _rem_mem_reg(self, r: MemoryRegion, _fds: tuple[int, ...]) -> _Outcome:
+    def _rem_mem_reg(self, r: MemoryRegion, _fds: tuple[int, ...]) -> _Handled:
         # Matched on guest address and size (an fd sent along is closed as unused).
         i = next((i for i, m in enumerate(self._maps)
                   if m.gpa == r.guest_phys_addr and m.size == r.memory_size), None)
         if i is None:
-            raise _Reject("bad_mem_reg", f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} "
+            raise PeerError("bad_mem_reg", f"no region {r.guest_phys_addr:#x}+{r.memory_size:#x} "
                           "to remove")
         m = self._maps.pop(i)
-        self.mem.remove_region(m.gpa)
-        self._unmap(m)
+        self.ram.unmap(m.ram)
         self.counters["mem_regions_removed"] += 1
-        return _Outcome()
+        return _Handled()
 
-    def _set_vring_num(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_num(self, s: VringState, _fds: tuple[int, ...]) -> _Handled:
         ring = self._ring(s.index)
         if self.live:
-            raise _Reject("ring_change_while_live", f"ring {s.index} size change while running")
+            raise PeerError("ring_change_while_live", f"ring {s.index} size change while running")
         limit = self.dev.queue_max_size(s.index)
         if s.num == 0 or s.num & (s.num - 1) or s.num > limit:
-            raise _Reject("bad_vring_num", f"ring {s.index} size {s.num}: must be a power of two "
+            raise PeerError("bad_vring_num", f"ring {s.index} size {s.num}: must be a power of two "
                           f"<= {limit}")
         ring.num = s.num
-        return _Outcome()
+        return _Handled()
 
-    def _set_vring_addr(self, a: VringAddr, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_addr(self, a: VringAddr, _fds: tuple[int, ...]) -> _Handled:
         ring = self._ring(a.index)
         if self.live:
-            raise _Reject("ring_change_while_live", f"ring {a.index} address change while running")
+            raise PeerError("ring_change_while_live",
+                            f"ring {a.index} address change while running")
         if a.flags & 1:
-            raise _Reject("vring_log_unsupported", f"ring {a.index} asks for used-ring logging")
+            raise PeerError("vring_log_unsupported", f"ring {a.index} asks for used-ring logging")
         n = ring.num or self.dev.queue_max_size(a.index)
         ring.desc_gpa = self._uaddr_to_gpa(a.desc_user_addr, desc_table_size(n),
                                            "descriptor table")
@@ -740,16 +701,16 @@ class VhostUserSession:
                                             "available ring")
         ring.used_gpa = self._uaddr_to_gpa(a.used_user_addr, used_ring_size(n), "used ring")
         ring.addr = a
-        return _Outcome(effects=self._maybe_go_live())
+        return _Handled(effects=self._maybe_go_live())
 
-    def _set_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Handled:
         ring = self._ring(s.index)
         if s.num > 0xFFFF:
-            raise _Reject("bad_vring_base", f"ring {s.index} base {s.num:#x} exceeds 16 bits")
+            raise PeerError("bad_vring_base", f"ring {s.index} base {s.num:#x} exceeds 16 bits")
         ring.base = s.num
-        return _Outcome()
+        return _Handled()
 
-    def _get_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+    def _get_vring_base(self, s: VringState, _fds: tuple[int, ...]) -> _Handled:
         ring = self._ring(s.index)
         # vhost-user.rst: GET_VRING_BASE stops the ring; the reply is where to resume.
         base = self._resume_index(s.index)
@@ -761,23 +722,25 @@ class VhostUserSession:
         if ring.kick_fd is not None:
             close_quietly(ring.kick_fd)
             ring.kick_fd = None
-        return _Outcome(payload=build_vring_state(s.index, base), effects=self._maybe_stopped())
+        self._note_stopped()
+        return _Handled(payload=build_vring_state(s.index, base))
 
-    def _set_vring_kick(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_kick(self, f: VringFile, fds: tuple[int, ...]) -> _Handled:
         return self._set_vring_file(f, fds, "kick_fd")
 
-    def _set_vring_call(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_call(self, f: VringFile, fds: tuple[int, ...]) -> _Handled:
         return self._set_vring_file(f, fds, "call_fd")
 
-    def _set_vring_err(self, f: VringFile, fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_err(self, f: VringFile, fds: tuple[int, ...]) -> _Handled:
         return self._set_vring_file(f, fds, "err_fd")
 
-    def _set_vring_file(self, f: VringFile, fds: tuple[int, ...], attr: str) -> _Outcome:
+    def _set_vring_file(self, f: VringFile, fds: tuple[int, ...], attr: str) -> _Handled:
         ring = self._ring(f.index)
         if f.nofd and fds:
-            raise _Reject("bad_vring_fd", f"ring {f.index}: NOFD flag set but {len(fds)} fds sent")
+            raise PeerError("bad_vring_fd",
+                            f"ring {f.index}: NOFD flag set but {len(fds)} fds sent")
         if not f.nofd and len(fds) != 1:
-            raise _Reject("bad_vring_fd", f"ring {f.index}: expected 1 fd, got {len(fds)}")
+            raise PeerError("bad_vring_fd", f"ring {f.index}: expected 1 fd, got {len(fds)}")
         old = getattr(ring, attr)
         if old is not None:
             close_quietly(old)
@@ -795,12 +758,12 @@ class VhostUserSession:
             if self.live and self._runnable(ring):
                 effects += self.dev.notify(f.index)
             effects += self._maybe_go_live()
-        return _Outcome(effects=effects, kept_fds=() if new is None else (new,))
+        return _Handled(effects=effects, kept_fds=() if new is None else (new,))
 
-    def _set_vring_enable(self, s: VringState, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_vring_enable(self, s: VringState, _fds: tuple[int, ...]) -> _Handled:
         ring = self._ring(s.index)
         if s.num not in (0, 1):
-            raise _Reject("bad_vring_enable", f"ring {s.index} enable value {s.num}")
+            raise PeerError("bad_vring_enable", f"ring {s.index} enable value {s.num}")
         was = ring.enabled
         ring.enabled = bool(s.num)
         effects: list[Effect] = []
@@ -808,34 +771,34 @@ class VhostUserSession:
             # Buffers may have been queued while the ring was disabled.
             effects += self.dev.notify(s.index)
         effects += self._maybe_go_live()
-        return _Outcome(effects=effects)
+        return _Handled(effects=effects)
 
-    def _set_backend_req_fd(self, _p: Any, fds: tuple[int, ...]) -> _Outcome:
+    def _set_backend_req_fd(self, _p: Any, fds: tuple[int, ...]) -> _Handled:
         if not self.has_protocol_feature(PF.BACKEND_REQ):
-            raise _Reject("backend_req_not_negotiated", "BACKEND_REQ was not negotiated")
+            raise PeerError("backend_req_not_negotiated", "BACKEND_REQ was not negotiated")
         if len(fds) != 1:
-            raise _Reject("bad_backend_fd", f"expected 1 fd, got {len(fds)}")
+            raise PeerError("bad_backend_fd", f"expected 1 fd, got {len(fds)}")
         if self.backend_fd is not None:
             close_quietly(self.backend_fd)
         self.backend_fd = fds[0]
-        return _Outcome(kept_fds=(fds[0],))
+        return _Handled(kept_fds=(fds[0],))
 
-    def _get_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Outcome:
+    def _get_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Handled:
         if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise _Reject("bad_config_access",
+            raise PeerError("bad_config_access",
                           f"config read {c.offset:#x}+{c.size:#x} "
                           f"beyond {VHOST_USER_MAX_CONFIG_SIZE}")
         have = max(0, min(c.size, self.dev.config_size - c.offset))
         data = self.dev.read_config(c.offset, have) if have else b""
         # Bytes past the device's window read as zero (as a PCI config window would).
         data = bytes(data) + bytes(c.size - have)
-        return _Outcome(payload=build_config(c.offset, data, c.flags))
+        return _Handled(payload=build_config(c.offset, data, c.flags))
 
-    def _set_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_config(self, c: ConfigAccess, _fds: tuple[int, ...]) -> _Handled:
         if c.flags not in (VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION):
-            raise _Reject("bad_config_access", f"SET_CONFIG flags {c.flags:#x}")
+            raise PeerError("bad_config_access", f"SET_CONFIG flags {c.flags:#x}")
         if c.offset + c.size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise _Reject("bad_config_access",
+            raise PeerError("bad_config_access",
                           f"config write {c.offset:#x}+{c.size:#x} "
                           f"beyond {VHOST_USER_MAX_CONFIG_SIZE}")
         effects: list[Effect] = []
@@ -847,18 +810,18 @@ class VhostUserSession:
                 effects += self._write_config_field(off, data)
             else:
                 self._pending_config[off] = data
-        return _Outcome(effects=effects)
+        return _Handled(effects=effects)
 
-    def _set_status(self, value: int, _fds: tuple[int, ...]) -> _Outcome:
+    def _set_status(self, value: int, _fds: tuple[int, ...]) -> _Handled:
         if value > 0xFF:
-            raise _Reject("bad_status", f"status {value:#x} exceeds 8 bits")
-        return _Outcome(effects=self._drive_status(value))
+            raise PeerError("bad_status", f"status {value:#x} exceeds 8 bits")
+        return _Handled(effects=self._drive_status(value))
 
-    def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Outcome:
+    def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
         # While stopped the device keeps its DRIVER_OK (it may resume), but the front-end must
         # not read it as running: its add_status() would echo DRIVER_OK back before the rings.
         st = self.dev.status if self.live else self.dev.status & ~DRIVER_OK
-        return _Outcome(payload=build_u64(st))
+        return _Handled(payload=build_u64(st))
 
 
 

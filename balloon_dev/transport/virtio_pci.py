@@ -36,10 +36,12 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from balloon_dev.effects import ConfigChanged, NotifyQueue
+from balloon_dev.transport.core import DeviceCore
 from protocol import virtio_pci as vp
+from protocol.errors import UsageError
 from protocol.virtio import VIRTIO_ID_BALLOON
 
 log = logging.getLogger(__name__)
@@ -57,33 +59,6 @@ class IntxLevel:
     """The INTx line changed level."""
 
     asserted: bool
-
-
-class DeviceCore(Protocol):
-    """The part of ``BalloonDevice`` a transport uses (docs/interfaces.md)."""
-
-    @property
-    def device_features(self) -> int: ...
-    @property
-    def driver_features(self) -> int: ...
-    @property
-    def status(self) -> int: ...
-    @property
-    def config_generation(self) -> int: ...
-    @property
-    def config_size(self) -> int: ...
-    @property
-    def num_queues(self) -> int: ...
-    def write_driver_features(self, value: int) -> None: ...
-    def write_status(self, v: int) -> list[Any]: ...
-    def read_config(self, offset: int, size: int) -> bytes: ...
-    def write_config(self, offset: int, data: bytes) -> list[Any]: ...
-    def queue_max_size(self, q: int) -> int: ...
-    def set_queue(self, q: int, size: int, desc: int, driver: int, device: int) -> None: ...
-    def enable_queue(self, q: int) -> list[Any]: ...
-    def queue_enabled(self, q: int) -> bool: ...
-    def notify(self, q: int) -> list[Any]: ...
-    def reset(self) -> list[Any]: ...
 
 
 @dataclass(slots=True)
@@ -124,7 +99,7 @@ _BAR5_REG = _BAR4_REG + 4
 class VirtioPciFunction:
     def __init__(self, dev: DeviceCore, *, msix_vectors: int = 2) -> None:
         if not 1 <= msix_vectors <= 64:
-            raise ValueError(f"msix_vectors={msix_vectors}: must be 1..64")
+            raise UsageError(f"msix_vectors={msix_vectors}: must be 1..64")
         self.dev = dev
         self.msix_vectors = msix_vectors
         self.counters: Counter[str] = Counter()

@@ -1,4 +1,4 @@
-"""``balloon_dev.transport.memfd``: a peer's guest-RAM fd sealed against shrinking.
+"""``balloon_dev.transport.guest_ram``: a peer's guest-RAM fd sealed against shrinking.
 
 The property that matters is the kernel's: once ``seal_against_shrink`` says the fd is protected,
 nobody can ``ftruncate`` the file smaller (EPERM), which is what keeps a hostile peer from making
@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 
-from balloon_dev.transport.memfd import (
+from balloon_dev.transport.guest_ram import (
     UNSEALED_COUNTER,
     SealState,
     report_unsealed,

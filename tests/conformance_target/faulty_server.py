@@ -26,7 +26,8 @@ from balloon_dev.effects import (
     NotifyQueue,
     PagesReported,
 )
-from balloon_dev.transport.vfio_user_server import VfioUserServer, serve_control, wall_clock
+from balloon_dev.transport.control_server import serve_control, wall_clock
+from balloon_dev.transport.vfio_user_server import VfioUserServer
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory, GuestMemoryError

@@ -25,10 +25,10 @@ from typing import Any
 import trio
 
 from balloon_dev.control import HostControl
-from balloon_dev.transport.vfio_user_server import MAX_CONTROL_LINE, serve_control
+from balloon_dev.transport.control_server import MAX_CONTROL_LINE, serve_control
 from protocol.balloon import CFG_NUM_PAGES
 from tests.fdutil import open_fds
-from tests.vfio_user.client import Client
+from tests.vfio_user.client import Client, perform
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> Any:
@@ -120,7 +120,7 @@ def test_control_socket_survives_random_lines() -> None:
     c.version()
     c.map_ram()
     c.driver_init(msix=True)
-    hc = HostControl(c.dev, lambda fn: list(c.session.host(fn)), lambda: 0.0,
+    hc = HostControl(c.dev, lambda fn: perform(c.session.host(fn)), lambda: 0.0,
                      in_guest_ram=c.mem.contains)
     baseline = open_fds()
 

@@ -3,8 +3,8 @@
 The attack: a vfio-user client (DMA_MAP) or vhost-user front-end (SET_MEM_TABLE) passes a memfd
 created with MFD_ALLOW_SEALING but not sealed, gets the device running on rings inside it, then
 ``ftruncate``s the memfd to 0 and kicks. Without protection the server's next access to the
-rings is a SIGBUS that kills the whole process. With ``balloon_dev.transport.memfd`` the server
-sealed the fd against shrinking before mapping it, so the truncate fails with EPERM.
+rings is a SIGBUS that kills the whole process. With ``balloon_dev.transport.guest_ram`` the
+server sealed the fd against shrinking before mapping it, so the truncate fails with EPERM.
 
 Both ends run in child processes, so a crash (of the server, or of the vhost-user attacker,
 which maps the same RAM) cannot take pytest down: the server is ``balloon-hint serve`` as a user

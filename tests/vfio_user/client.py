@@ -14,7 +14,8 @@ import struct
 from typing import Any
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
-from balloon_dev.transport.vfio_user import Reply, SignalEventfd, VfioUserSession
+from balloon_dev.transport.core import Outcome, Signal
+from balloon_dev.transport.vfio_user import VfioUserSession
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
@@ -32,12 +33,16 @@ def memfd(size: int = RAM_SIZE) -> int:
     return fd
 
 
-def perform(actions: list[Any]) -> list[Any]:
-    """Do what the server would for eventfd signals; return every action."""
-    for a in actions:
-        if isinstance(a, SignalEventfd):
-            os.write(a.fd, (1).to_bytes(8, "little"))
-    return actions
+def perform(outcome: Outcome) -> list[Any]:
+    """Do what the server would for eventfd signals; return the signals and host effects."""
+    for s in outcome.signals:
+        os.write(s.fd, (1).to_bytes(8, "little"))
+    return [*outcome.signals, *outcome.effects]
+
+
+def signalled(actions: list[Any]) -> list[str]:
+    """What the ``Signal`` actions name (``irq index I vector V``)."""
+    return [a.what for a in actions if isinstance(a, Signal)]
 
 
 class Client:
@@ -53,16 +58,15 @@ class Client:
     # -- raw messages ------------------------------------------------------------------------
     def raw(self, data: bytes, fds: list[int] | None = None) -> tuple[Any, bytes, list[Any]]:
         header = vu.decode_header(data[:vu.HEADER_SIZE])
-        actions = perform(self.session.handle(header, data[vu.HEADER_SIZE:], fds or []))
-        replies = [a for a in actions if isinstance(a, Reply)]
-        others = [a for a in actions if not isinstance(a, Reply)]
-        assert len(replies) <= 1
-        if not replies:
+        outcome = self.session.handle(vu.Message(header, data[vu.HEADER_SIZE:],
+                                                 tuple(fds or ())))
+        others = perform(outcome)
+        if outcome.reply is None:
             return None, b"", others
-        rh = vu.decode_header(replies[0].data[:vu.HEADER_SIZE])
+        rh = vu.decode_header(outcome.reply[:vu.HEADER_SIZE])
         assert rh.msg_id == header.msg_id and rh.command == header.command
-        assert rh.is_reply and rh.size == len(replies[0].data)
-        return rh, replies[0].data[vu.HEADER_SIZE:], others
+        assert rh.is_reply and rh.size == len(outcome.reply)
+        return rh, outcome.reply[vu.HEADER_SIZE:], others
 
     def request(self, cmd: int, payload: bytes = b"", fds: list[int] | None = None,
                 flags: int = 0) -> tuple[Any, bytes, list[Any]]:

@@ -11,9 +11,10 @@ import trio
 
 from balloon_dev.control import HostControl
 from balloon_dev.effects import HintRoundStopped, PagesHinted, PagesReported
-from balloon_dev.transport.vfio_user_server import serve_control
+from balloon_dev.transport.control_server import serve_control
 from protocol import virtio_pci as vp
-from tests.vfio_user.client import BAR4, Client
+from protocol.errors import UsageError
+from tests.vfio_user.client import BAR4, Client, perform
 from vmsim.cmd_ctl import call
 from vmsim.cmd_serve import parse_features, qemu_options
 
@@ -32,7 +33,7 @@ class Clock:
 def ctl(ram: Client) -> tuple[HostControl, Client, Clock]:
     ram.driver_init(msix=True)
     clock = Clock()
-    hc = HostControl(ram.dev, lambda fn: [a for a in ram.session.host(fn)], clock,
+    hc = HostControl(ram.dev, lambda fn: perform(ram.session.host(fn)), clock,
                      in_guest_ram=ram.mem.contains)
     return hc, ram, clock
 
@@ -95,7 +96,8 @@ def test_bad_commands_get_qmp_errors(ctl: tuple[HostControl, Client, Clock], msg
 def test_hint_start_without_a_negotiated_feature_is_an_error() -> None:
     c = Client()
     c.version()
-    hc = HostControl(c.dev, lambda fn: c.session.host(fn), Clock(), in_guest_ram=c.mem.contains)
+    hc = HostControl(c.dev, lambda fn: perform(c.session.host(fn)), Clock(),
+                     in_guest_ram=c.mem.contains)
     ans = hc.execute({"execute": "hint-start"})  # no driver yet: nothing negotiated
     assert ans["error"]["class"] == "GenericError"
     c.close()
@@ -126,7 +128,7 @@ def test_control_socket_and_ctl_client(ctl: tuple[HostControl, Client, Clock]) -
 def test_serve_feature_list_and_qemu_options() -> None:
     m = parse_features("STATS_VQ, free_page_hint,VIRTIO_BALLOON_F_PAGE_POISON")
     assert m == (1 << 32) | (1 << 1) | (1 << 3) | (1 << 4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="unknown feature 'FLY'"):
         parse_features("FLY")
     opts = qemu_options("/run/x.sock")
     dev = opts[opts.index("-device") + 1]

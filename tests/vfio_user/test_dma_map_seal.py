@@ -1,5 +1,5 @@
 """VFIO_USER_DMA_MAP: the DMA fd is sealed against shrinking before it is mapped, so a client
-cannot SIGBUS the server by truncating guest RAM later (balloon_dev/transport/memfd.py); an fd
+cannot SIGBUS the server by truncating guest RAM later (balloon_dev/transport/guest_ram.py); an fd
 that cannot be sealed is mapped anyway, logged and counted as ``dma_map_unsealed``."""
 from __future__ import annotations
 

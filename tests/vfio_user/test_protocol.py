@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from protocol.errors import PeerFault
 
 pytestmark = pytest.mark.skipif(sys.byteorder != "little",
                                 reason="golden vectors are for little-endian hosts")
@@ -82,5 +83,5 @@ def test_decode_raises_only_the_peers_error(cmd: int, flags: int, payload: bytes
     h = vu.Header(1, cmd, 16 + len(payload), flags)
     try:
         vu.decode_request(h, payload)
-    except vu.VfioUserError as e:
+    except PeerFault as e:
         assert e.errno > 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from balloon_dev.transport.vfio_user import Reply
 from protocol import vfio_user as vu
 from tests.fdutil import eventfd, open_fds
 from tests.vfio_user.client import Client, perform
@@ -34,9 +33,9 @@ def test_session_survives_any_message_sequence(msgs: list[tuple[int, bytes, int,
         data = vu.encode_request(i, cmd, payload, flags=flags)
         header = vu.decode_header(data[:16])
         fds = [eventfd() for _ in range(nfds)]
-        actions = perform(c.session.handle(header, data[16:], fds))
-        replies = [a for a in actions if isinstance(a, Reply)]
-        assert len(replies) == (0 if flags & vu.VFIO_USER_F_NO_REPLY else 1)
+        outcome = c.session.handle(vu.Message(header, data[16:], tuple(fds)))
+        perform(outcome)
+        assert (outcome.reply is None) == bool(flags & vu.VFIO_USER_F_NO_REPLY)
     c.session.close()
     assert open_fds() <= before  # every fd handed over was kept until close, then closed
     c.close()

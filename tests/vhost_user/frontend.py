@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from balloon_dev.device import BalloonDevice, DeviceConfig
 from balloon_dev.effects import Effect
-from balloon_dev.transport.vhost_user import HandleResult, VhostUserSession
+from balloon_dev.transport.core import Outcome
+from balloon_dev.transport.vhost_user import VhostUserSession
 from guest_model.vring import DriverArea, DriverVring
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
@@ -63,6 +64,14 @@ def recv_message_sync(sock: socket.socket) -> vu.Message:
     return vu.Message(h, payload, tuple(fds))
 
 
+def perform(outcome: Outcome) -> list[Effect]:
+    """What the server does with an outcome's interrupts (call eventfds written); the host
+    effects are returned."""
+    for sig in outcome.signals:
+        os.write(sig.fd, struct.pack("=Q", 1))
+    return list(outcome.effects)
+
+
 class BackendPump:
     """Runs a ``VhostUserSession`` on the back-end end of the socketpair, one message per call."""
 
@@ -70,14 +79,14 @@ class BackendPump:
         self.sock = sock
         self.session = session
         self.effects: list[Effect] = []
-        self.last: HandleResult | None = None
+        self.last: Outcome | None = None
 
-    def pump(self) -> HandleResult:
+    def pump(self) -> Outcome:
         msg = recv_message_sync(self.sock)
         res = self.session.handle(msg)
+        self.effects += perform(res)
         if res.reply is not None:
             self.sock.sendall(res.reply)
-        self.effects += res.effects
         self.last = res
         return res
 
@@ -277,4 +286,4 @@ class Frontend:
         if self.backend is None:
             return []  # the server's watcher reads the eventfd
         assert eventfd_count(self.kick[q]) == 1  # what the server's watcher does
-        return self.session.kick(q)
+        return perform(self.session.kick(q))

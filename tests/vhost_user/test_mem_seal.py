@@ -1,5 +1,5 @@
 """SET_MEM_TABLE / ADD_MEM_REG: each region fd is sealed against shrinking before it is mapped
-(balloon_dev/transport/memfd.py), so a front-end cannot SIGBUS the back-end by truncating guest
+(balloon_dev/transport/guest_ram.py), so a front-end cannot SIGBUS the back-end by truncating guest
 RAM later; an fd that cannot be sealed is mapped anyway, logged and counted as
 ``dma_map_unsealed``."""
 from __future__ import annotations

@@ -14,7 +14,7 @@ def test_bad_msix_vector_count_is_a_usage_error(capsys: pytest.CaptureFixture[st
     with tempfile.TemporaryDirectory() as d:
         assert main(["serve", "--vfio-user", os.path.join(d, "s"), "--msix-vectors", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("serve: ") and "msix_vectors=0" in err
+    assert err.startswith("balloon-hint serve: ") and "msix_vectors=0" in err
 
 
 @pytest.mark.parametrize("transport", ["--vfio-user", "--vhost-user"])

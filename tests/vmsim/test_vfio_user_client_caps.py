@@ -1,5 +1,5 @@
 """vmsim.vfio_user_client against replies and config space a device made up: every layout
-problem is a ``VfioUserClientError`` naming it, never a struct or index error."""
+problem is a ``DeviceFault`` naming it, never a struct or index error."""
 from __future__ import annotations
 
 import struct
@@ -7,7 +7,8 @@ import struct
 import pytest
 
 from protocol import virtio_pci as vp
-from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
+from vmsim.client_base import DeviceFault
+from vmsim.vfio_user_client import VfioUserClient
 
 
 def _walk(cfg: bytearray) -> None:
@@ -28,18 +29,18 @@ def test_notify_capability_running_past_config_space() -> None:
     # A 20-byte notify capability at 0xf0: its notify_off_multiplier would sit at 0x100.
     cap = struct.pack("<BBBBBBHII", vp.PCI_CAP_ID_VNDR, 0, vp.VIRTIO_PCI_NOTIFY_CAP_LEN,
                       vp.VIRTIO_PCI_CAP_NOTIFY_CFG, 0, 0, 0, 0, 0x100)
-    with pytest.raises(VfioUserClientError, match="notify capability of 20 bytes at 0xf0"):
+    with pytest.raises(DeviceFault, match="notify capability of 20 bytes at 0xf0"):
         _walk(_config_with_cap_at(0xF0, cap))
 
 
 def test_capability_loop_is_a_clear_error() -> None:
     cap = bytes([vp.PCI_CAP_ID_MSIX, 0x40, 0, 0])  # points at itself
-    with pytest.raises(VfioUserClientError, match="capability list broken at 0x40"):
+    with pytest.raises(DeviceFault, match="capability list broken at 0x40"):
         _walk(_config_with_cap_at(0x40, cap))
 
 
 def test_short_device_info_reply_is_a_clear_error() -> None:
     c = VfioUserClient("unused")
     c.request = lambda *a, **k: b"\x00" * 4  # type: ignore[method-assign]
-    with pytest.raises(VfioUserClientError, match="device_info reply of 4 bytes unusable"):
+    with pytest.raises(DeviceFault, match="device_info reply of 4 bytes unusable"):
         c._device_info()

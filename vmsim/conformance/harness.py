@@ -56,13 +56,14 @@ from protocol.virtio import (
     feature_mask,
 )
 from protocol.virtqueue import used_ring_size
+from vmsim.client_base import DeviceFault
 from vmsim.cmd_ctl import call as ctl_call
 from vmsim.conformance.report import NOTE_PROPERTY
 from vmsim.conformance.rings import RawRing
 from vmsim.qtest.balloon import BalloonDeviceOptions, HostUnsupported, QemuBalloon
 from vmsim.qtest.virtio_pci import QtestVirtioPci
-from vmsim.vfio_user_client import VfioUserClient, VfioUserClientError
-from vmsim.vhost_user_client import VhostUserClient, VhostUserClientError
+from vmsim.vfio_user_client import VfioUserClient
+from vmsim.vhost_user_client import VhostUserClient
 
 #: Any front-end: all implement VirtioTransport plus the same interrupt helpers.
 Client = VfioUserClient | VhostUserClient | QtestVirtioPci
@@ -185,7 +186,7 @@ def connect(target: Target) -> Client:
         try:
             c.connect()
             return c
-        except (VfioUserClientError, VhostUserClientError) as e:
+        except DeviceFault as e:
             if getattr(e, "errno", None) is not None or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)

@@ -1,7 +1,23 @@
-"""Guarding a peer's guest-RAM fd against being shrunk under our mappings.
+"""Guest RAM a socket peer hands us: sealed, checked, mapped, unmapped -- for both transports.
 
 Theory of operation
 -------------------
+``GuestRamMapper.map(fd, ...)`` is the one way a transport maps a peer's guest-RAM fd (vfio-user
+DMA_MAP, vhost-user SET_MEM_TABLE / ADD_MEM_REG): seal the file against shrinking, check with
+``fstat`` that the range lies inside the file, ``mmap`` it shared from the allocation-granularity
+boundary below the offset (so no offset alignment is asked of the peer), and return a
+``RamMapping`` whose ``view`` is exactly the range. ``add``  puts it into the ``GuestMemory`` the
+device reads and reports an unsealable fd once the mapping is accepted; ``unmap`` takes it out.
+The peer's fd is never kept: the caller closes it once ``map`` returned (the mapping keeps the
+memory).
+
+Deferred unmap: the device may still hold a view into a mapping (a numpy array over a ring)
+when the peer unmaps it; ``mmap.close`` then raises ``BufferError``. Such a mapping is kept on a
+list, counted once under ``unmap_deferred``, and closed by a later ``unmap`` or ``close`` once
+the view is gone (``reap``); a mapping never becomes unreachable while still open.
+
+Sealing (this is the one place that explains it; other modules link here)
+-------------------------------------------------------------------------
 A vfio-user client (DMA_MAP) or a vhost-user front-end (SET_MEM_TABLE, ADD_MEM_REG) hands us an
 fd for guest RAM and we ``mmap`` it shared. The peer keeps its own copy of the fd. If it later
 ``ftruncate``s the file below the end of our mapping, the kernel answers any access of ours to
@@ -35,22 +51,23 @@ Sealing changes the peer's file for good (seals cannot be removed). F_SEAL_SHRIN
 least we can ask: the peer may still grow the file and write to it, which is all guest RAM
 needs.
 
-``close_quietly(fd)`` is the one fd-closing helper of the transports: a peer's fd we no longer
-want is closed, and an fd the peer (or an earlier error path) already made invalid is no error.
-``received_fds(ancillary)`` takes the fds out of what ``recvmsg`` returned (both servers read
-messages that carry fds this way).
+Errors: every refusal is a ``PeerError`` with the counter the caller names and the errno of the
+failing call (EINVAL for a range past the end of the file).
 """
 from __future__ import annotations
 
-import array
 import enum
 import errno
 import fcntl
 import logging
+import mmap
 import os
-import socket
+import stat
 from collections import Counter
 from dataclasses import dataclass
+
+from balloon_dev.transport.core import PeerError
+from guestmem import GuestMemory
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +132,6 @@ def _read_only(fd: int) -> bool:
         return False
 
 
-def close_quietly(fd: int) -> None:
-    """Close ``fd``, ignoring an error (EBADF: already closed; nothing to do about EIO here)."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds of the SCM_RIGHTS control messages in ``recvmsg``'s ancillary data (a partial
-    trailing int, as a truncated buffer can leave, is ignored)."""
-    fds: list[int] = []
-    for level, typ, cdata in ancillary:
-        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(cdata[:len(cdata) - len(cdata) % got.itemsize])
-            fds.extend(got)
-    return fds
-
-
 def report_unsealed(res: SealResult, counters: Counter[str], what: str) -> None:
     """Once a transport has *accepted* a mapping whose fd ``seal_against_shrink`` could not
     protect: one warning naming the risk, and ``counters[UNSEALED_COUNTER]`` bumped (the
@@ -143,3 +140,92 @@ def report_unsealed(res: SealResult, counters: Counter[str], what: str) -> None:
     if not res.protected:
         counters[UNSEALED_COUNTER] += 1
         log.warning("%s: guest RAM fd %s: %s", what, res.detail, UNSEALED_RISK)
+
+
+@dataclass(slots=True)
+class RamMapping:
+    """One mapped range of guest RAM: ``view`` covers ``[gpa, gpa + size)`` exactly."""
+
+    gpa: int
+    size: int
+    mm: mmap.mmap
+    view: memoryview
+    seal: SealResult
+    writable: bool
+
+
+class GuestRamMapper:
+    """Maps a peer's guest-RAM fds into ``mem`` (see the module docstring); counts into
+    ``counters`` (the session's)."""
+
+    def __init__(self, mem: GuestMemory, counters: Counter[str]) -> None:
+        self.mem = mem
+        self.counters = counters
+        self._deferred: list[mmap.mmap] = []
+
+    def map(self, fd: int, *, gpa: int, size: int, offset: int, writable: bool, counter: str,
+            what: str) -> RamMapping:
+        """Seal, check and map ``size`` bytes of ``fd`` at file ``offset``; not yet in ``mem``.
+        Raises ``PeerError(counter, ...)``. The caller still owns (and closes) ``fd``."""
+        if size <= 0 or gpa < 0 or gpa + size > 1 << 64 or offset < 0:
+            raise PeerError(counter, f"{what}: invalid range [{gpa:#x}, +{size:#x}) "
+                            f"at offset {offset:#x}")
+        # Seal before the size check: a sealed file cannot shrink below what fstat saw.
+        seal = seal_against_shrink(fd)
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        delta = offset - base
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+                # Touching a mapping past the end of its file is a SIGBUS in the server.
+                raise PeerError(counter, f"{what}: [{offset:#x}, +{size:#x}) runs past the end "
+                                f"of its fd ({st.st_size:#x} bytes)")
+            mm = mmap.mmap(fd, size + delta, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0),
+                           offset=base)
+        except (OSError, ValueError, OverflowError) as e:
+            err = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+            raise PeerError(counter, f"{what}: cannot map fd {fd} (offset {offset:#x} size "
+                            f"{size:#x}): {e}", errno=err) from None
+        return RamMapping(gpa, size, mm, memoryview(mm)[delta:delta + size], seal, writable)
+
+    def add(self, m: RamMapping, *, name: str, counter: str, what: str) -> None:
+        """Put an accepted mapping into guest memory (``PeerError(counter)`` if it overlaps),
+        then report an unsealable fd once."""
+        try:
+            self.mem.add_region(m.gpa, m.view, name=name, readonly=not m.writable)
+        except ValueError as e:
+            self.discard(m)
+            raise PeerError(counter, f"{what}: {e}", errno=errno.EEXIST) from None
+        report_unsealed(m.seal, self.counters, what)
+
+    def unmap(self, m: RamMapping) -> None:
+        """Take ``m`` out of guest memory (if it is there) and unmap it, or defer the unmap."""
+        try:
+            region = self.mem.remove_region(m.gpa)
+        except (KeyError, ValueError):
+            pass
+        else:
+            region.buf.release()  # guest memory's own view of ``m.view``
+        self.discard(m)
+
+    def discard(self, m: RamMapping) -> None:
+        """Unmap a mapping that is not (or no longer) in guest memory."""
+        m.view.release()
+        try:
+            m.mm.close()
+        except BufferError:
+            # The device still holds a view (a numpy array over a ring): close it later.
+            self.counters["unmap_deferred"] += 1
+            self._deferred.append(m.mm)
+        self.reap()
+
+    def reap(self) -> None:
+        """Close the deferred mappings whose views are gone."""
+        left = []
+        for mm in self._deferred:
+            try:
+                mm.close()
+            except BufferError:
+                left.append(mm)
+        self._deferred = left
