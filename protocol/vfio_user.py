@@ -175,7 +175,8 @@ RegionAccess = Struct(
 
 # Hot paths (every message has a header; region accesses are most of the traffic) use these
 # precompiled ``struct`` twins of the construct layouts above: construct costs ~40 us a message.
-# tests/vfio_user/test_protocol.py checks that each twin packs exactly like its layout.
+# tests/balloon_dev/transport/vfio_user/test_protocol.py checks that each twin packs exactly
+# like its layout.
 HEADER_STRUCT = struct.Struct("=HHIII")
 REGION_ACCESS_STRUCT = struct.Struct("=QII")
 

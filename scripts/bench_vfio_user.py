@@ -3,11 +3,11 @@
 
 1. **Round trip** (no QEMU): ``balloon-hint serve --vfio-user`` in a subprocess, a synchronous
    client
-   (tests/vfio_user/client.py's register helpers, over a unix socket) in this one, with a memfd
-   as guest RAM mapped by DMA_MAP and MSI-X eventfds from SET_IRQS. The client posts one inflate
-   buffer, writes the notify register with a posted REGION_WRITE (as QEMU does for a guest's
-   kick) and waits for the queue's MSI-X eventfd; median and p90 over ``--kicks``. Also the rate
-   of synchronous REGION_READs (a guest's config reads).
+   (tests/balloon_dev/transport/vfio_user/client.py's register helpers, over a unix socket) in this
+   one, with a memfd as guest RAM mapped by DMA_MAP and MSI-X eventfds from SET_IRQS. The client
+   posts one inflate buffer, writes the notify register with a posted REGION_WRITE (as QEMU does for
+   a guest's kick) and waits for the queue's MSI-X eventfd; median and p90 over ``--kicks``. Also
+   the rate of synchronous REGION_READs (a guest's config reads).
 2. **With QEMU** (``--qemu``): ``balloon-hint serve --vfio-user`` as a subprocess, the QEMU lab's
    1 GiB Linux guest with ``vfio-user-pci``; ``--rounds`` hint rounds started with
    ``balloon-hint ctl``'s ``hint-start``, each followed by ``hint-done`` and a wait for the guest
@@ -44,7 +44,7 @@ from protocol import virtio_pci as vp  # noqa: E402
 def round_trip(kicks: int) -> dict[str, Any]:
     import array
 
-    from tests.vfio_user.client import RAM_SIZE, Client
+    from tests.balloon_dev.transport.vfio_user.client import RAM_SIZE, Client
     from vmsim.conformance.rings import RawRing
 
     class SocketClient(Client):

@@ -2,10 +2,10 @@
 """The balloon device over vhost-user: kick-to-interrupt latency, and hint rounds with a real guest.
 
 1. **Round trip** (no QEMU): the trio server (``VhostUserServer``) in one thread, a synchronous
-   stand-in front-end (tests/vhost_user/frontend.py) in another, over a unix socket with a memfd as
-   guest RAM. The front-end posts one inflate buffer, writes the kick eventfd and waits for the
-   call eventfd; the time from kick to interrupt is what a guest would see (median and p90 over
-   ``--kicks`` round trips).
+   stand-in front-end (tests/balloon_dev/transport/vhost_user/frontend.py) in another, over a unix
+   socket with a memfd as guest RAM. The front-end posts one inflate buffer, writes the kick eventfd
+   and waits for the call eventfd; the time from kick to interrupt is what a guest would see (median
+   and p90 over ``--kicks`` round trips).
 2. **With QEMU** (``--qemu``): ``balloon-hint serve --vhost-user`` as a subprocess, the QEMU lab's
    1 GiB Linux guest with ``vhost-user-test-device-pci`` (virtio-id 5, 4 queues of 128; started
    by tests/qemu/served.py, as the QEMU tests do);
@@ -41,7 +41,7 @@ from guestmem import GuestMemory  # noqa: E402
 
 
 def round_trip(kicks: int) -> dict[str, Any]:
-    from tests.vhost_user.frontend import Frontend
+    from tests.balloon_dev.transport.vhost_user.frontend import Frontend
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "b.sock"

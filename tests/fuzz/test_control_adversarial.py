@@ -27,8 +27,8 @@ import trio
 from balloon_dev.control import HostControl
 from balloon_dev.transport.control_server import MAX_CONTROL_LINE, serve_control
 from protocol.balloon import CFG_NUM_PAGES
+from tests.balloon_dev.transport.vfio_user.client import Client, perform
 from tests.fdutil import open_fds
-from tests.vfio_user.client import Client, perform
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> Any:

@@ -68,8 +68,8 @@ def _report_and_wait(result: dict[str, Any]) -> None:
 
 # -- the attackers (run in a child process) -----------------------------------------------------
 def attack_vfio_user(path: str, sealable: bool, shrink: bool) -> None:
+    from tests.balloon_dev.transport.vfio_user.client import BAR4, RAM_SIZE
     from tests.fuzz.test_vfio_user_adversarial import FramingLost, SocketClient
-    from tests.vfio_user.client import BAR4, RAM_SIZE
 
     c = SocketClient(path)
     c.version()
@@ -91,7 +91,13 @@ def attack_vfio_user(path: str, sealable: bool, shrink: bool) -> None:
 
 
 def attack_vhost_user(path: str, sealable: bool, shrink: bool) -> None:
-    from tests.vhost_user.frontend import AREA_GPA, AREA_SIZE, RAM_GPA, RAM_SIZE, Frontend
+    from tests.balloon_dev.transport.vhost_user.frontend import (
+        AREA_GPA,
+        AREA_SIZE,
+        RAM_GPA,
+        RAM_SIZE,
+        Frontend,
+    )
 
     fe = Frontend(connect=path)
     # Guest RAM in a memfd of the attacker's choosing (Frontend makes an unsealable one).

@@ -1,13 +1,14 @@
 """Adversarial vfio-user client against the real server (``VfioUserServer``) over a unix socket.
 
 The server runs in its own trio loop in a thread; the test is a blocking client that speaks the
-protocol through ``tests.vfio_user.client.Client`` (whose ``raw`` is re-pointed at the socket),
-so the well-formed helpers (VERSION, DMA_MAP of RAM, the virtio-pci driver init sequence) and
-the hostile messages go down the same connection. tests/vfio_user/test_session_fuzz.py feeds the
-sans-I/O session directly; this file adds what only the socket path exercises: SCM_RIGHTS fds of
-every kind (memfd too small, pipe, eventfd, socket, read-only file, too many fds for the
-ancillary buffer), framing lost in every way (size below the header, above the limit, EOF in the
-middle), replies where a command is due, and the guest's RAM unmapped while the device runs.
+protocol through ``tests.balloon_dev.transport.vfio_user.client.Client`` (whose ``raw`` is
+re-pointed at the socket), so the well-formed helpers (VERSION, DMA_MAP of RAM, the virtio-pci
+driver init sequence) and the hostile messages go down the same connection.
+tests/balloon_dev/transport/vfio_user/test_session_fuzz.py feeds the sans-I/O session directly; this
+file adds what only the socket path exercises: SCM_RIGHTS fds of every kind (memfd too small, pipe,
+eventfd, socket, read-only file, too many fds for the ancillary buffer), framing lost in every way
+(size below the header, above the limit, EOF in the middle), replies where a command is due, and the
+guest's RAM unmapped while the device runs.
 
 Seeded-random sequences (a failing seed is printed and replays exactly). The properties:
 
@@ -44,9 +45,9 @@ from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.virtio import VIRTIO_F_RING_PACKED, DeviceStatus
+from tests.balloon_dev.transport.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 from tests.fdutil import eventfd, eventfd_count, open_fds
 from tests.serverthread import trio_server_in_thread, wait_until
-from tests.vfio_user.client import BAR4, CFG, RAM_SIZE, Client, memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
 NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)

@@ -1,12 +1,13 @@
 """Adversarial vhost-user front-end against the real server (``VhostUserServer``) over a socket.
 
 The server runs in its own trio loop in a thread; the test is a blocking front-end
-(``tests.vhost_user.frontend.Frontend`` connected to the server's path) that mixes QEMU's
-well-formed start sequence with hostile messages. tests/vhost_user/test_session_fuzz.py feeds the
-sans-I/O session directly; this file adds what only the server exercises: fds of the wrong kind
-arriving over SCM_RIGHTS and then *used* by the server (a kick "eventfd" that is a pipe at EOF or
-a socket, a back-end channel that is not a socket, memory-table fds that cannot be mapped or are
-too small), more fds than a message may carry, and framing lost in every way.
+(``tests.balloon_dev.transport.vhost_user.frontend.Frontend`` connected to the server's path) that
+mixes QEMU's well-formed start sequence with hostile messages.
+tests/balloon_dev/transport/vhost_user/test_session_fuzz.py feeds the sans-I/O session directly;
+this file adds what only the server exercises: fds of the wrong kind arriving over SCM_RIGHTS and
+then *used* by the server (a kick "eventfd" that is a pipe at EOF or a socket, a back-end channel
+that is not a socket, memory-table fds that cannot be mapped or are too small), more fds than a
+message may carry, and framing lost in every way.
 
 Seeded-random sequences (a failing seed replays exactly). The properties:
 
@@ -37,9 +38,9 @@ from balloon_dev.device import BalloonDevice
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
+from tests.balloon_dev.transport.vhost_user.frontend import RAM_SIZE, RAM_UADDR, Frontend
 from tests.fdutil import eventfd, open_fds
 from tests.serverthread import trio_server_in_thread, wait_until
-from tests.vhost_user.frontend import RAM_SIZE, RAM_UADDR, Frontend
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature

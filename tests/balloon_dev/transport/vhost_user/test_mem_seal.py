@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from protocol import vhost_user as vu
+from tests.balloon_dev.transport.vhost_user.frontend import RAM_UADDR, Frontend
 from tests.fdutil import sealable_memfd
-from tests.vhost_user.frontend import RAM_UADDR, Frontend
 
 R = vu.VhostUserRequest
 MIB = 1 << 20

@@ -9,8 +9,8 @@ import pytest
 from balloon_dev.effects import HintRoundStopped, Inflated, PagesHinted
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from tests.balloon_dev.transport.vfio_user.client import BAR4, CFG, Client, perform, signalled
 from tests.fdutil import eventfd_count
-from tests.vfio_user.client import BAR4, CFG, Client, perform, signalled
 from vmsim.conformance.rings import WRITE, RawRing
 
 C = vu.Command.REGION_WRITE

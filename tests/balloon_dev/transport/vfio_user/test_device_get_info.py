@@ -5,7 +5,7 @@ import errno
 import struct
 
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client
+from tests.balloon_dev.transport.vfio_user.client import Client
 
 C = vu.Command.DEVICE_GET_INFO
 

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client
+from tests.balloon_dev.transport.vfio_user.client import Client
 
 C = vu.Command.DEVICE_GET_IRQ_INFO
 

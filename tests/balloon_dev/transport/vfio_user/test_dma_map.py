@@ -6,8 +6,8 @@ import os
 import struct
 
 from protocol import vfio_user as vu
+from tests.balloon_dev.transport.vfio_user.client import Client, memfd
 from tests.fdutil import fd_is_open
-from tests.vfio_user.client import Client, memfd
 
 C = vu.Command.DMA_MAP
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE

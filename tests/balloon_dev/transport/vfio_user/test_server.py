@@ -21,8 +21,8 @@ from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from tests.balloon_dev.transport.vfio_user.client import memfd
 from tests.fdutil import eventfd, eventfd_count, open_fds
-from tests.vfio_user.client import memfd
 
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
 

@@ -1,7 +1,8 @@
 """VhostUserSession, message by message, over a real socketpair with a real memfd and eventfds.
 
-The front-end (tests/vhost_user/frontend.py) plays QEMU's generic vhost-user front-end; the guest
-side of the rings is guest_model's driver vring writing into the same memfd the back-end maps.
+The front-end (tests/balloon_dev/transport/vhost_user/frontend.py) plays QEMU's generic vhost-user
+front-end; the guest side of the rings is guest_model's driver vring writing into the same memfd the
+back-end maps.
 """
 from __future__ import annotations
 
@@ -22,8 +23,14 @@ from protocol import vhost_user as vu
 from protocol.balloon import VIRTIO_BALLOON_F_FREE_PAGE_HINT
 from protocol.virtio import DeviceStatus
 from tests import fdutil
+from tests.balloon_dev.transport.vhost_user.frontend import (
+    AREA_GPA,
+    RAM_SIZE,
+    RAM_UADDR,
+    STATUS_ALL,
+    Frontend,
+)
 from tests.fdutil import eventfd, eventfd_count, fd_is_open
-from tests.vhost_user.frontend import AREA_GPA, RAM_SIZE, RAM_UADDR, STATUS_ALL, Frontend
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature

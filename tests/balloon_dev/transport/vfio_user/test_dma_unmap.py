@@ -5,7 +5,7 @@ import errno
 import struct
 
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client, memfd
+from tests.balloon_dev.transport.vfio_user.client import Client, memfd
 
 C = vu.Command.DMA_UNMAP
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE

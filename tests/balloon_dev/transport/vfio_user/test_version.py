@@ -6,7 +6,7 @@ import json
 import struct
 
 from protocol import vfio_user as vu
-from tests.vfio_user.client import Client
+from tests.balloon_dev.transport.vfio_user.client import Client
 
 V = vu.Command.VERSION
 

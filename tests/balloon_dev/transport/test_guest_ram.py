@@ -45,7 +45,7 @@ def test_sealable_memfd_gets_sealed_and_can_no_longer_shrink() -> None:
         os.close(fd)
 
 
-def test_memfd_sealed_as_qemu_does_is_accepted_as_it_is() -> None:
+def test_guest_ramed_as_qemu_does_is_accepted_as_it_is() -> None:
     # memory-backend-memfd seal=on (QEMU's default): GROW | SHRINK | SEAL.
     fd = sealable_memfd(SIZE)
     try:

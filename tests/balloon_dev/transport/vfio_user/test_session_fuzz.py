@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import vfio_user as vu
+from tests.balloon_dev.transport.vfio_user.client import Client, perform
 from tests.fdutil import eventfd, open_fds
-from tests.vfio_user.client import Client, perform
 
 commands = st.sampled_from([int(c) for c in vu.Command] + [0, 99])
 payloads = st.one_of(

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.vfio_user.client import Client
+from tests.balloon_dev.transport.vfio_user.client import Client
 
 
 @pytest.fixture

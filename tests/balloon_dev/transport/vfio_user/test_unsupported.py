@@ -7,8 +7,8 @@ import pytest
 
 from protocol import vfio_user as vu
 from protocol.errors import FramingLost
+from tests.balloon_dev.transport.vfio_user.client import Client
 from tests.fdutil import eventfd, fd_is_open
-from tests.vfio_user.client import Client
 
 
 @pytest.mark.parametrize("cmd", [

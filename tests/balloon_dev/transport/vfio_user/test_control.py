@@ -14,7 +14,7 @@ from balloon_dev.effects import HintRoundStopped, PagesHinted, PagesReported
 from balloon_dev.transport.control_server import serve_control
 from protocol import virtio_pci as vp
 from protocol.errors import UsageError
-from tests.vfio_user.client import BAR4, Client, perform
+from tests.balloon_dev.transport.vfio_user.client import BAR4, Client, perform
 from vmsim.cmd_ctl import call
 from vmsim.cmd_serve import parse_features, qemu_options
 

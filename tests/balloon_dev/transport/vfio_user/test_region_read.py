@@ -6,7 +6,7 @@ import struct
 
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
-from tests.vfio_user.client import BAR4, CFG, Client
+from tests.balloon_dev.transport.vfio_user.client import BAR4, CFG, Client
 
 C = vu.Command.REGION_READ
 

@@ -1,9 +1,9 @@
 """The trio vhost-user server: socket creation, kicks -> device -> call eventfds, the back-end
 channel, host calls, framing errors, one front-end at a time, reset between front-ends.
 
-Each test runs the server in ``trio.run`` and a synchronous front-end (tests/vhost_user/
-frontend.py, a QEMU stand-in) in a worker thread; host requests go through
-``trio.from_thread``, as the control socket's would run in the server's loop.
+Each test runs the server in ``trio.run`` and a synchronous front-end
+(tests/balloon_dev/transport/vhost_user/ frontend.py, a QEMU stand-in) in a worker thread; host
+requests go through ``trio.from_thread``, as the control socket's would run in the server's loop.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from balloon_dev.effects import Effect, Inflated, PagesHinted
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from guestmem import GuestMemory
 from protocol import vhost_user as vu
-from tests.vhost_user.frontend import Frontend
+from tests.balloon_dev.transport.vhost_user.frontend import Frontend
 
 R = vu.VhostUserRequest
 

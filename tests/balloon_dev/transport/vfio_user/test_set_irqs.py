@@ -7,8 +7,8 @@ import pytest
 
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from tests.balloon_dev.transport.vfio_user.client import BAR4, CFG, Client, perform, signalled
 from tests.fdutil import eventfd, eventfd_count, fd_is_open
-from tests.vfio_user.client import BAR4, CFG, Client, perform, signalled
 
 C = vu.Command.DEVICE_SET_IRQS
 EVT = vu.VFIO_IRQ_SET_DATA_EVENTFD | vu.VFIO_IRQ_SET_ACTION_TRIGGER

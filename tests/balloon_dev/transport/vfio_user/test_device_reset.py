@@ -5,8 +5,8 @@ import errno
 
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from tests.balloon_dev.transport.vfio_user.client import BAR4, CFG, Client
 from tests.fdutil import eventfd, fd_is_open
-from tests.vfio_user.client import BAR4, CFG, Client
 
 
 def test_reset_returns_device_and_registers_to_power_on(ram: Client) -> None:

@@ -12,8 +12,8 @@ import tempfile
 import pytest
 
 from protocol import vfio_user as vu
+from tests.balloon_dev.transport.vfio_user.client import Client, memfd
 from tests.fdutil import sealable_memfd
-from tests.vfio_user.client import Client, memfd
 
 C = vu.Command.DMA_MAP
 RW = vu.VFIO_DMA_MAP_FLAG_READ | vu.VFIO_DMA_MAP_FLAG_WRITE
