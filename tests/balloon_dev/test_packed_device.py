@@ -15,6 +15,7 @@ from balloon_dev.packed_virtqueue import PackedDeviceVirtqueue
 from balloon_dev.virtqueue import DeviceVirtqueue
 from guestmem import GuestMemory
 from protocol.balloon import BalloonQueue
+from protocol.errors import UsageError
 from protocol.virtio import VIRTIO_F_RING_PACKED, feature_mask
 from tests.balloon_dev.devharness import ACK, DOK, DRV, FOK, NEEDS_RESET
 from tests.packedringbuilder import AVAIL, USED, RawPackedRing
@@ -67,7 +68,7 @@ def test_ring_packed_is_not_offered_by_default() -> None:
 def test_serve_refuses_ring_packed_over_vhost_user(tmp_path) -> None:
     args = argparse.Namespace(features="RING_PACKED", vhost_user=str(tmp_path / "s"),
                               control=None)
-    with pytest.raises(SystemExit, match="vfio-user only"):
+    with pytest.raises(UsageError, match="vfio-user only"):
         build_vhost_user(args)
 
 
