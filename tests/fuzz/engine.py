@@ -37,7 +37,7 @@ INSTRUMENTED = ["balloon_dev", "protocol", "guestmem", "vmsim", "guest_model"]
 #: targets import lazily, which atheris would otherwise not see).
 TARGET_MODULES = {
     "scenario_toml": ["vmsim.scenario"],
-    "control_json": ["balloon_dev.control", "balloon_dev.transport.vfio_user_server",
+    "control_json": ["balloon_dev.control", "balloon_dev.transport.control_server",
                      "balloon_dev.device"],
     "split_ring": ["balloon_dev.device", "balloon_dev.virtqueue", "balloon_dev.hint"],
     "packed_ring": ["balloon_dev.device", "balloon_dev.packed_virtqueue", "balloon_dev.hint"],

@@ -151,7 +151,7 @@ def control_json(data: bytes) -> None:
     ``error`` (and the request's ``id``), never an internal error."""
     import json
 
-    from balloon_dev.transport.vfio_user_server import _control_reply
+    from balloon_dev.transport.control_server import _control_reply
 
     _dev, hc = _control()
     with ErrorLogs():
