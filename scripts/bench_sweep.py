@@ -7,7 +7,8 @@ process: wall times, the speed-up, and whether both gave the same rows.
 Default: examples/sweep-builtin.toml (540 runs) on 2 workers. The cluster's wall time is given
 with and without its start-up (process spawn and imports, paid once per sweep). Both runs give
 every point's row; the rows are compared column for column (wall_s aside), so a speed-up never
-hides different results.
+hides different results. CPU seconds are given too: on a shared machine the wall times depend on
+what else runs.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from vmsim.sweep.store import NONDETERMINISTIC, read_results
 from vmsim.sweep.task import run_point
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process (run on each worker by client.run)."""
+    return time.process_time()
 
 
 def main() -> int:
@@ -45,18 +51,23 @@ def main() -> int:
     t1 = time.perf_counter()
     try:
         outcome = run_sweep(sweep, out, client)
+        t2 = time.perf_counter()
+        # CPU seconds the workers used (the machine may be shared: wall time alone hides that)
+        worker_cpu = sum(client.run(_cpu_s).values())
     finally:
         client.close()
         cluster.close()
-    t2 = time.perf_counter()
     dask_rows, _ = read_results(out)
     print(f"dask: {t2 - t0:.1f} s wall with cluster start-up ({t1 - t0:.1f} s), "
-          f"{outcome.wall_s:.1f} s for the sweep itself; {outcome.failed} failed", flush=True)
+          f"{outcome.wall_s:.1f} s for the sweep itself; {outcome.failed} failed; "
+          f"workers' CPU {worker_cpu:.1f} s", flush=True)
 
     t3 = time.perf_counter()
+    c3 = time.process_time()
     serial = [run_point(p.scenario_text) for p in sweep.points]
     t4 = time.perf_counter()
-    print(f"serial, one process: {t4 - t3:.1f} s wall", flush=True)
+    print(f"serial, one process: {t4 - t3:.1f} s wall, {time.process_time() - c3:.1f} s CPU",
+          flush=True)
 
     differ = 0
     for row, res in zip(dask_rows, serial, strict=True):
