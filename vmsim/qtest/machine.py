@@ -366,6 +366,39 @@ class QtestMachine:
     def qmp_events(self) -> list[dict[str, Any]]:
         return self._qmp.events if self._qmp is not None else []
 
+    # -- migration --------------------------------------------------------------------------------
+    def migrate_to(self, dst: QtestMachine, *, parameters: dict[str, Any] | None = None,
+                   capabilities: dict[str, bool] | None = None) -> None:
+        """Start migrating this machine into ``dst`` (started with ``incoming="defer"``) over a
+        unix socket in ``dst``'s folder; ``parameters`` / ``capabilities`` are set on this side
+        first (QMP ``migrate-set-parameters`` names, e.g. ``{"max-bandwidth": n,
+        "downtime-limit": ms}``; ``{"pause-before-switchover": True}``). Returns at once: follow
+        it with ``wait_migration``."""
+        sock = os.path.join(dst.tmpdir, "migrate.sock")
+        dst.qmp("migrate-incoming", uri=f"unix:{sock}")
+        if capabilities:
+            self.qmp("migrate-set-capabilities", capabilities=[
+                {"capability": k, "state": v} for k, v in capabilities.items()])
+        if parameters:
+            self.qmp("migrate-set-parameters", **parameters)
+        self.qmp("migrate", uri=f"unix:{sock}")
+
+    def wait_migration(self, want: Sequence[str], timeout: float = 60.0) -> dict[str, Any]:
+        """Poll ``query-migrate`` until its status is one of ``want``; returns that answer.
+        A migration that fails or is cancelled (unless wanted) raises ``QmpError``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = dict(self.qmp("query-migrate"))
+            st = info.get("status", "none")
+            if st in want:
+                return info
+            if st in ("failed", "cancelled"):
+                raise QmpError(f"migration {st}: {info.get('error-desc', info)}")
+            if time.monotonic() > deadline:
+                raise QmpError(f"migration still {st} after {timeout} s (waiting for "
+                               f"{'/'.join(want)})")
+            time.sleep(0.005)
+
 
 class WriteThrough:
     """A ``dirty_log`` for a ``GuestMemory`` backed by a ``QtestMachine``: ranges the guest
