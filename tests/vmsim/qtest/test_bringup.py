@@ -97,6 +97,13 @@ def test_pci_enumeration_finds_the_modern_balloon(peer):
         assert 0xE0000000 <= addr and addr + length <= 0x100000000
 
 
+def test_transport_is_the_drivers_virtio_transport(peer):
+    """The same interface the in-process and vfio-user transports give our driver."""
+    from guest_model.transport import VirtioTransport
+
+    assert isinstance(peer.transport, VirtioTransport)
+
+
 def test_queue_layout_is_qemus(peer):
     """QEMU: inflate, deflate, stats (always offered), free page (1024 entries)."""
     tr = peer.transport
