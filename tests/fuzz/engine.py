@@ -42,9 +42,10 @@ TARGET_MODULES = {
     "split_ring": ["balloon_dev.device", "balloon_dev.virtqueue", "balloon_dev.hint"],
     "packed_ring": ["balloon_dev.device", "balloon_dev.packed_virtqueue", "balloon_dev.hint"],
     "vfio_user": ["balloon_dev.transport.vfio_user", "protocol.vfio_user",
-                  "balloon_dev.transport.virtio_pci", "balloon_dev.device"],
+                  "balloon_dev.transport.virtio_pci", "balloon_dev.transport.guest_ram",
+                  "balloon_dev.device"],
     "vhost_user": ["balloon_dev.transport.vhost_user", "protocol.vhost_user",
-                   "balloon_dev.device"],
+                   "balloon_dev.transport.guest_ram", "balloon_dev.device"],
 }
 
 

@@ -1,8 +1,10 @@
-"""Seed inputs for the ring targets: programs a correct driver would run (inflate, deflate, stats,
-a free page hint round, a report, an indirect table), in the record format ``targets.py`` reads,
-so the fuzzer starts from deep, valid paths and mutates them into near misses.
+"""Seed inputs for the ring and peer targets: programs a correct driver would run (inflate,
+deflate, stats, a free page hint round, a report, an indirect table) and a correct peer's
+messages (vfio-user queries, config access, interrupts; vhost-user queries, rings handed over
+and kicked), in the record format ``targets.py`` and ``peer_targets.py`` read, so the fuzzer
+starts from deep, valid paths and mutates them into near misses.
 
-    python -m tests.fuzz.make_seeds   # (re)writes tests/fuzz/seeds/{split,packed}_ring/seed-*
+    python -m tests.fuzz.make_seeds   # (re)writes tests/fuzz/seeds/*/seed-*
 """
 from __future__ import annotations
 
@@ -95,5 +97,67 @@ def main() -> None:
             (d / f"seed-{label}").write_bytes(data)
 
 
+def vfio_programs() -> dict[str, bytes]:
+    """Records of ``peer_targets.vfio_user``: after the start byte (VERSION and DMA_MAP of RAM),
+    op 3 = a message: msg_id, command index, flags index, payload length, payload, fd count."""
+    from protocol import vfio_user as vu
+    commands = [int(c) for c in vu.Command]
+
+    def msg(cmd: int, payload: bytes, fds: list[int] = ()) -> bytes:  # type: ignore[assignment]
+        out = bytes([3]) + struct.pack("<HBBH", 9, commands.index(cmd), 0, len(payload))
+        return out + payload + bytes([len(fds)]) + b"".join(bytes([k]) for k in fds)
+
+    C = vu.Command
+    info = (msg(C.DEVICE_GET_INFO, vu.build_device_info(16, 0, 0, 0))
+            + b"".join(msg(C.DEVICE_GET_REGION_INFO, vu.build_region_info(32, 0, i, 0))
+                       for i in (0, 4, 7, 9))
+            + b"".join(msg(C.DEVICE_GET_IRQ_INFO, vu.build_irq_info(16, 0, i, 0))
+                       for i in (0, 2)))
+    cfg = vu.VFIO_PCI_CONFIG_REGION_INDEX
+    return {
+        "info": b"\x01" + info,
+        "config": b"\x01" + msg(C.REGION_READ, vu.build_region_access(0, cfg, 64))
+        + msg(C.REGION_WRITE, vu.build_region_access(4, cfg, 2, b"\x06\x00")),
+        "irqs": b"\x01" + msg(C.DEVICE_SET_IRQS, vu.build_irq_set(
+            vu.VFIO_IRQ_SET_DATA_EVENTFD | vu.VFIO_IRQ_SET_ACTION_TRIGGER, 2, 0, 2), [0, 0]),
+        "unmap": b"\x01" + msg(C.DMA_UNMAP, vu.build_dma_unmap(0, 0, 1 << 16)),
+        "no-version": b"\x00" + info,
+    }
+
+
+def vhost_programs() -> dict[str, bytes]:
+    """Records of ``peer_targets.vhost_user``: start byte (REPLY_ACK, RAM, features), op 2 = a
+    ring handed over in RAM, op 1 = kick every ring, op 4 = a message (request index, flags
+    index, payload length, payload, fd count)."""
+    from protocol import vhost_user as vu
+    R = vu.VhostUserRequest
+    requests = [int(x) for x in R]
+
+    def msg(req: int, payload: bytes = b"", flags: int = 0) -> bytes:
+        return (bytes([4, requests.index(req), flags]) + struct.pack("<H", len(payload))
+                + payload + b"\x00")
+
+    rings = b"".join(bytes([2, q, 1]) + struct.pack("<HHH", 0x100 * q, 0x100 * q + 0x80,
+                                                   0x100 * q + 0xC0) for q in range(5))
+    return {
+        "queries": b"\x01" + msg(R.GET_FEATURES) + msg(R.GET_PROTOCOL_FEATURES)
+        + msg(R.GET_QUEUE_NUM) + msg(R.GET_MAX_MEM_SLOTS)
+        + msg(R.GET_CONFIG, vu.build_config(0, bytes(8))),
+        "rings-live": b"\x01" + rings + b"\x01" + msg(R.GET_VRING_BASE, vu.build_vring_state(0, 0)),
+        "config": b"\x01" + msg(R.SET_CONFIG, vu.build_config(0, bytes(4)), 2),
+        "no-start": b"\x00" + rings + b"\x01",
+    }
+
+
+def write_peer_seeds() -> None:
+    here = Path(__file__).parent / "seeds"
+    for name, progs in (("vfio_user", vfio_programs()), ("vhost_user", vhost_programs())):
+        d = here / name
+        d.mkdir(parents=True, exist_ok=True)
+        for label, data in progs.items():
+            (d / f"seed-{label}").write_bytes(data)
+
+
 if __name__ == "__main__":
     main()
+    write_peer_seeds()

@@ -334,3 +334,8 @@ def packed_ring(data: bytes) -> None:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# The socket peers' targets live apart (they build fds and sessions); importing them here
+# registers them in TARGETS.
+from tests.fuzz import peer_targets  # noqa: E402,F401

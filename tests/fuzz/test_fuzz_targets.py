@@ -7,7 +7,8 @@ in-process, then a short coverage-guided run of each target.
   reached) and ``tests/fuzz/crashes/TARGET`` (inputs that once broke a target, kept after the
   fix) runs through the target again, with the fd count checked around each and around all.
 * ``test_coverage_guided_run``: ``tests.fuzz.engine`` (atheris) for ``FUZZ_SECONDS`` per target
-  (``BALLOON_HINT_FUZZ_SECONDS``, default 5: about a minute for all targets with start-up),
+  (``BALLOON_HINT_FUZZ_SECONDS``, default 4: about a minute for the six targets with their
+  start-up on an idle 2-core machine),
   seeded from the kept corpus, new inputs in a temporary folder. A crash fails the test with
   the input (hex) and the target's traceback; ``scripts/fuzz`` is the long run that grows the
   corpus and keeps crashes under tests/fuzz/crashes.
@@ -26,7 +27,7 @@ from tests.fuzz.targets import TARGETS, fd_count
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
-FUZZ_SECONDS = int(os.environ.get("BALLOON_HINT_FUZZ_SECONDS", "5"))
+FUZZ_SECONDS = int(os.environ.get("BALLOON_HINT_FUZZ_SECONDS", "4"))
 
 
 def _inputs(name: str) -> list[Path]:
