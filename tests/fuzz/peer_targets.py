@@ -7,7 +7,8 @@ scribble on guest RAM or kick a ring, so a session that set up rings over fuzzed
 the device on it. A vfio-user record may also give a raw 16-byte header, which
 ``decode_header`` must accept or refuse with ``FramingLost`` (the server then closes).
 
-The invariant: every message gets exactly the answer its flags call for (vfio-user: one reply
+The invariant: a view the device asks for outside guest memory (refused there) comes with a
+counted fault; every message gets exactly the answer its flags call for (vfio-user: one reply
 echoing the msg_id, none for NO_REPLY or a reply; vhost-user: one for a request QEMU waits on
 and for NEED_REPLY once REPLY_ACK is negotiated), the session counts no internal error and logs
 none, every eventfd it signals is still open, and once the session is closed the process holds
@@ -23,6 +24,26 @@ from typing import Any
 from tests.fuzz.targets import ErrorLogs, Reader, fd_count, target
 
 PEER_RAM = 1 << 16
+
+
+def _watched_memory() -> Any:
+    """Guest memory recording every view asked for outside its regions (it refuses them with
+    ``GuestMemoryError``): after a message that caused one, a fault must have been counted."""
+    from guestmem import GuestMemory
+
+    class Watched(GuestMemory):
+        outside = 0
+
+        def view(self, gpa: int, length: int, *, writable: bool = False) -> Any:
+            if not self.contains(gpa, length):
+                self.outside += 1
+            return super().view(gpa, length, writable=writable)
+
+    return Watched()
+
+
+def _faults(*counters: Any) -> int:
+    return sum(sum(c.values()) for c in counters)
 
 
 def _fds(r: Reader) -> list[int]:
@@ -71,12 +92,12 @@ def vfio_user(data: bytes) -> None:
     from balloon_dev.device import BalloonDevice
     from balloon_dev.transport.vfio_user import VfioUserSession
     from balloon_dev.transport.virtio_pci import VirtioPciFunction
-    from guestmem import GuestMemory
     from protocol import vfio_user as vu
 
     before = fd_count()
-    mem = GuestMemory()
-    session = VfioUserSession(VirtioPciFunction(BalloonDevice(mem), msix_vectors=2), mem)
+    mem = _watched_memory()
+    dev = BalloonDevice(mem)
+    session = VfioUserSession(VirtioPciFunction(dev, msix_vectors=2), mem)
     ram_fd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(ram_fd, PEER_RAM)
     commands = [int(c) for c in vu.Command]
@@ -104,6 +125,7 @@ def vfio_user(data: bytes) -> None:
                 os.pwrite(ram_fd, r.bytes(r.u8() % 48), r.u16() % PEER_RAM)
                 continue
             msg_id = r.u16()
+            outside, faults = mem.outside, _faults(session.counters, dev.counters)
             if op == 1:  # a header straight from the input: framing must hold or be refused
                 raw = r.bytes(vu.HEADER_SIZE)
                 try:
@@ -121,6 +143,8 @@ def vfio_user(data: bytes) -> None:
                 header = vu.decode_header(raw[:vu.HEADER_SIZE])
                 out = session.handle(vu.Message(header, payload, tuple(fds)))
             _signals_open(out)
+            assert mem.outside == outside or _faults(session.counters, dev.counters) > faults, (
+                "a view outside guest memory without a counted fault")
             silent = header.no_reply or header.is_reply
             assert (out.reply is None) == silent, (header, out.reply)
             if out.reply is not None:
@@ -138,12 +162,12 @@ def vfio_user(data: bytes) -> None:
 def vhost_user(data: bytes) -> None:
     from balloon_dev.device import BalloonDevice
     from balloon_dev.transport.vhost_user import VhostUserSession
-    from guestmem import GuestMemory
     from protocol import vhost_user as vu
 
     before = fd_count()
-    mem = GuestMemory()
-    session = VhostUserSession(BalloonDevice(mem), mem)
+    mem = _watched_memory()
+    dev = BalloonDevice(mem)
+    session = VhostUserSession(dev, mem)
     ram_fd = os.memfd_create("fuzz-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(ram_fd, PEER_RAM)
     R = vu.VhostUserRequest
@@ -174,7 +198,11 @@ def vhost_user(data: bytes) -> None:
                 continue
             if op == 1:
                 for q in range(4):
+                    outside, faults = mem.outside, _faults(session.counters, dev.counters)
                     _signals_open(session.kick(q))
+                    assert mem.outside == outside or _faults(
+                        session.counters, dev.counters) > faults, (
+                        "a kick read outside guest memory without a counted fault")
                 continue
             if op == 2:  # a ring handed over inside RAM, as QEMU does before starting it
                 q, num = r.u8() % 5, (2, 8, 64, 256)[r.u8() % 4]
@@ -190,8 +218,11 @@ def vhost_user(data: bytes) -> None:
             req = requests[r.u8() % len(requests)] if op != 3 else r.u8()
             flags = flag_choices[r.u8() % len(flag_choices)]
             payload = r.bytes(r.u16() % 200)
+            outside, faults = mem.outside, _faults(session.counters, dev.counters)
             out = send(req, payload, tuple(_fds(r)), flags)
             _signals_open(out)
+            assert mem.outside == outside or _faults(session.counters, dev.counters) > faults, (
+                "a view outside guest memory without a counted fault")
             # A request QEMU waits on is answered even when refused (an empty reply fails it
             # without leaving QEMU blocked), a reply flag or not.
             due = req in vu.REPLY_REQUESTS or bool(
