@@ -143,7 +143,9 @@ class FreeBlockWalker:
         self.min_order = min_order
         self.safe = safe
         self.max_restarts = max_restarts
-        self.stats = WalkStats()
+        # Totals of the lists walked to the end, plus reports and runaways; ``stats`` adds the
+        # current list's own (kept apart: its restart bound is per list).
+        self._totals = WalkStats()
         self._zones = [z for z in allocator.zones if z.populated]  # for_each_populated_zone
         self._zi = 0
         self._order = MAX_ORDER - 1
@@ -153,8 +155,18 @@ class FreeBlockWalker:
         self._list_stats = WalkStats()
         self.done = not self._zones
 
+    @property
+    def stats(self) -> WalkStats:
+        """What the walk did so far (a snapshot)."""
+        t, ls = self._totals, self._list_stats
+        return WalkStats(**{k: v + getattr(ls, k) for k, v in vars(t).items()})
+
     def _advance(self) -> None:
         """Next list: migratetypes first, then orders downwards, then zones."""
+        t, ls = self._totals, self._list_stats
+        for k, v in vars(ls).items():
+            if v:
+                setattr(t, k, getattr(t, k) + v)
         self._page = None
         self._steps_left = -1
         self._list_stats = WalkStats()
@@ -173,14 +185,10 @@ class FreeBlockWalker:
     def step(self) -> tuple[int, int] | None:
         while not self.done:
             zone = self._zones[self._zi]
-            # The call counts into the list's own stats (its restart bound is per list);
-            # what it added goes to the walk's totals.
-            ls = self._list_stats
-            before = vars(ls).copy()
+            # The call counts into the list's own stats (its restart bound is per list).
             pfn = report_free_page_block(zone, self._order, self._mt, self._page, safe=self.safe,
-                                         stats=ls, max_restarts=self.max_restarts)
-            for k, v in vars(ls).items():
-                setattr(self.stats, k, getattr(self.stats, k) + v - before[k])
+                                         stats=self._list_stats,
+                                         max_restarts=self.max_restarts)
             if pfn is None:
                 self._advance()
                 continue
@@ -191,13 +199,13 @@ class FreeBlockWalker:
                 self._steps_left = 2 * self.allocator.list_count(lid) + 64
             self._steps_left -= 1
             if self._steps_left < 0:
-                self.stats.runaway += 1
+                self._totals.runaway += 1
                 log.warning("walk: list (zone %d order %d type %d) exceeded its step bound at "
                             "pfn %#x; moving on", zone.idx, self._order, self._mt, pfn)
                 self._advance()
                 continue
             self._page = pfn
-            self.stats.reports += 1
+            self._totals.reports += 1
             return pfn, 1 << self._order
         return None
 
