@@ -32,6 +32,8 @@ from vmsim.scenario import Scenario, load, load_builtin
 HELP = "compare simulated migration times and hint savings with the published figures"
 
 SCENARIOS = ("idle-8g", "compile-8g", "idle-128g", "compile-128g")
+#: Set-ups measured on this project's machine (their [measured] tables): the second table.
+MEASURED = ("lab-512m-ioa0", "lab-512m-ioa1")
 CALIBRATION = ("idle-8g", "without_hints_ms")  # the one published figure the model is fitted to
 
 
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="re-derive zero_page_s from the calibration point and print it")
     parser.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
+    parser.add_argument("--measure-host", action="store_true",
+                        help="migrate QEMU under qtest here and fit a host profile "
+                        "(docs/cost-model.md, 'Host profiles'); prints it and exits")
 
 
 def calibrate(console: Console) -> float:
@@ -85,6 +90,72 @@ def scenario_for(name: str) -> Scenario:
     return scn
 
 
+def measured_row(scn: Scenario) -> dict[str, Any]:
+    """Simulate a measured set-up without and with hints; pair each figure with the measured
+    mean (the [measured] table)."""
+    from vmsim.vm import run_scenario
+
+    m = scn.measured
+    row: dict[str, Any] = {"scenario": scn.name, "runs": int(m.get("runs", 0))}
+    for mode, key in (("off", "off"), ("capture", "hints")):
+        r = run_scenario(scn, mode)
+        row[key] = {
+            "sim": {"transferred_bytes": r.bytes_sent, "normal_pages": r.pages_sent - r.zero_pages,
+                    "zero_pages": r.zero_pages, "total_ms": r.total_time_s * 1000},
+            "measured": {k: m[f"{k}_{key}"] for k in ("transferred_bytes", "normal_pages",
+                                                        "zero_pages", "total_ms")},
+            "verified": r.verified}
+    for what, k in (("time", "total_ms"), ("bytes", "transferred_bytes")):
+        for src in ("sim", "measured"):
+            row[f"{what}_cut_{src}"] = 1 - row["hints"][src][k] / row["off"][src][k]
+        row[f"{what}_cut_error"] = ((row[f"{what}_cut_sim"] - row[f"{what}_cut_measured"])
+                                    / row[f"{what}_cut_measured"])
+    return row
+
+
+def measured_table(console: Console) -> list[dict[str, Any]]:
+    """The second table: simulated vs measured on this machine (docs/cost-model.md)."""
+    need = {f"{k}_{m}" for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
+            for m in ("off", "hints")}
+    scns = [load_builtin(n) for n in MEASURED]
+    missing = [s.name for s in scns if not need <= set(s.measured)]
+    if missing:
+        raise UsageError(f"built-in scenarios {', '.join(missing)} lack a complete [measured] "
+                         "table")
+    rows = [measured_row(s) for s in scns]
+    t = Table(title="simulated vs measured here (QEMU 11.1 under TCG, real guest, "
+              "balloon-hint migrate-check; mean of the runs)")
+    t.add_column("scenario", no_wrap=True)
+    for col in ("mode", "sent MiB sim/meas", "normal sim/meas", "zero sim/meas",
+                "ms sim/meas"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        for key in ("off", "hints"):
+            s_, m_ = r[key]["sim"], r[key]["measured"]
+            t.add_row(escape(r["scenario"]) if key == "off" else "", key,
+                      f"{s_['transferred_bytes'] / 2**20:,.1f} / "
+                      f"{m_['transferred_bytes'] / 2**20:,.1f}",
+                      f"{s_['normal_pages']:,} / {m_['normal_pages']:,.0f}",
+                      f"{s_['zero_pages']:,} / {m_['zero_pages']:,.0f}",
+                      f"{s_['total_ms']:,.0f} / {m_['total_ms']:,.0f}")
+    console.print(t)
+    c = Table(title="the hint cut, simulated vs measured here")
+    c.add_column("scenario", no_wrap=True)
+    for col in ("runs", "time cut sim", "meas.", "rel. err", "bytes cut sim", "meas.",
+                "rel. err"):
+        c.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        cells = [escape(r["scenario"]), str(r["runs"])]
+        for what in ("time", "bytes"):
+            err = r[f"{what}_cut_error"]
+            colour = "green" if abs(err) <= 0.10 else "red"
+            cells += [f"{r[f'{what}_cut_sim']:.1%}", f"{r[f'{what}_cut_measured']:.1%}",
+                      f"[{colour}]{err:+.1%}[/]"]
+        c.add_row(*cells)
+    console.print(c)
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from vmsim.vm import run_scenario
 
@@ -93,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json and (why := report.output_problem(args.json)):
         console.print(f"[red]error:[/] --json {args.json}: {why}", highlight=False)
         return 2
+    if args.measure_host:
+        from vmsim.host_measure import measure
+        from vmsim.host_measure import report as host_report
+        console.print(host_report(measure()), highlight=False)
+        return 0
     scenarios = [scenario_for(n) for n in args.only or SCENARIOS]  # all checked before a run
     if args.calibrate:
         calibrate(console)
@@ -141,12 +217,15 @@ def run(args: argparse.Namespace) -> int:
     console.print("[dim]times in ms; cut = 1 - hints/off; rel. err = (sim. cut - pub. cut) / pub. "
                   "cut. * calibration point: zero_page_s is fitted to idle-8g's 2970 ms, every "
                   "other figure is a prediction (docs/cost-model.md)[/]")
+    measured_rows = [] if args.only else measured_table(console)
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"schema_version": report.SCHEMA_VERSION, "kind": "fidelity",
-                           "rows": rows}, f, indent=2)
+                           "rows": rows, "measured_rows": measured_rows}, f, indent=2)
         except OSError as e:
             console.print(f"[red]error:[/] cannot write the comparison: {e}", highlight=False)
             return 2
-    return 0 if all(r["verified"] for r in rows) else 1
+    ok = all(r["verified"] for r in rows) and all(r[k]["verified"] for r in measured_rows
+                                                  for k in ("off", "hints"))
+    return 0 if ok else 1

@@ -1,0 +1,82 @@
+"""The second fidelity table (simulated vs measured on this machine), host profiles, the new
+scenario keys, and the host-profile fit."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from balloon_dev.host.profiles import PROFILES, cost_model
+from vmsim.cmd_fidelity import MEASURED, measured_row
+from vmsim.host_measure import HostRun, fit
+from vmsim.scenario import ScenarioError, load_builtin, loads
+from vmsim.vm import run_scenario
+
+
+def test_measured_row_pairs_simulation_with_the_measured_means():
+    scn = load_builtin(MEASURED[0])
+    assert scn.host.profile == "lab-qemu-11.1" and scn.measured
+    row = measured_row(scn)
+    for key in ("off", "hints"):
+        sim, meas = row[key]["sim"], row[key]["measured"]
+        assert row[key]["verified"]
+        assert meas["transferred_bytes"] == scn.measured[f"transferred_bytes_{key}"]
+        assert sim["normal_pages"] + sim["zero_pages"] > 0 and sim["total_ms"] > 0
+    # hints save bytes in both worlds, and the cut is computed from the figures shown
+    assert 0 < row["bytes_cut_sim"] < 1 and 0 < row["bytes_cut_measured"] < 1
+    assert row["bytes_cut_sim"] == pytest.approx(
+        1 - row["hints"]["sim"]["transferred_bytes"] / row["off"]["sim"]["transferred_bytes"])
+
+
+def test_host_profile_changes_the_simulated_time():
+    scn = load_builtin("lab-512m-ioa0")
+    lab = run_scenario(scn, "off")
+    xeon = run_scenario(dataclasses.replace(
+        scn, host=dataclasses.replace(scn.host, profile="xeon-2017")), "off")
+    assert lab.pages_sent == xeon.pages_sent   # same pages, each priced by its profile:
+    a, b = cost_model("lab-qemu-11.1"), cost_model("xeon-2017")
+    normal = lab.pages_sent - lab.zero_pages
+    expect = (lab.zero_pages * (a.zero_page_s - b.zero_page_s)
+              + normal * (a.zero_page_s + a.copy_page_s - b.zero_page_s - b.copy_page_s))
+    assert lab.total_time_s - xeon.total_time_s == pytest.approx(expect, rel=0.05)
+    assert set(PROFILES) >= {"xeon-2017", "lab-qemu-11.1"}
+    assert cost_model("xeon-2017") == cost_model("xeon-2017")
+    with pytest.raises(KeyError, match="unknown host profile"):
+        cost_model("pdp-11")
+
+
+def test_scenario_keys_are_checked(tmp_path):
+    base = '[guest]\nram = "256MiB"\n'
+    with pytest.raises(ScenarioError, match="host.profile"):
+        loads(base + '[host]\nprofile = "pdp-11"\n', "x.toml")
+    with pytest.raises(ScenarioError, match="guest.boot_free_dirty.*half"):
+        loads('[guest]\nram = "256MiB"\nboot_free_dirty = "200MiB"\n', "x.toml")
+    with pytest.raises(ScenarioError, match="hinting.memory_bandwidth"):
+        loads(base + '[hinting]\nmemory_bandwidth = "-1GB/s"\n', "x.toml")
+    scn = loads('[guest]\nram = "256MiB"\nruntime = 1\n'.replace("runtime = 1\n", "runnable = 3\n")
+                + '[hinting]\nalloc_cost = "2us"\n[measured]\nruns = 2\n', "x.toml")
+    assert scn.guest.runnable == 3 and scn.hinting.alloc_cost_s == 2e-6
+    assert scn.measured == {"runs": 2}
+
+
+def test_boot_free_dirty_is_sent_without_hints_and_skipped_with_them():
+    """Free pages holding data at boot: more normal pages without hints, none of them with."""
+    def normal(mode, free_dirty):
+        scn = loads(f'[guest]\nram = "256MiB"\nboot_free_dirty = "{free_dirty}"\n'
+                    '[migration]\nbandwidth = "10Gbit/s"\n', "x.toml")
+        r = run_scenario(scn, mode)
+        assert r.verified
+        return r.pages_sent - r.zero_pages
+
+    extra_off = normal("off", "64MiB") - normal("off", "0MiB")
+    assert extra_off == pytest.approx(64 << 8, rel=0.02)     # 16384 pages, all sent as data
+    assert normal("capture", "64MiB") - normal("capture", "0MiB") < extra_off / 4
+
+
+def test_fit_recovers_per_page_costs():
+    z, n = 2e-6, 5e-6
+    runs = [HostRun(f, 1000, int(1000 * f), 1000 - int(1000 * f),
+                    total_ms=(z * (1000 - int(1000 * f)) + n * int(1000 * f)) * 1000 + 1,
+                    setup_ms=1, transferred=0) for f in (0.0, 0.5, 1.0)]
+    out = fit(runs)
+    assert out["zero_page_s"] == pytest.approx(z) and out["copy_page_s"] == pytest.approx(n - z)
