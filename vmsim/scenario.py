@@ -13,7 +13,7 @@ A scenario looks like this (sizes, rates and durations take units)::
     page_poison = false
     vcpus = 4
     boot_footprint = "96MiB"  # kernel held at boot, besides the memmap
-    boot_free_dirty = "1MiB"  # free memory still holding data after boot
+    boot_free_dirty = "9MiB"  # free memory still holding data after boot
     runnable = 4            # threads the workloads keep runnable (make -j4)
 
     [[workload]]            # phases run one after the other before migration starts
