@@ -80,3 +80,16 @@ def test_fit_recovers_per_page_costs():
                     setup_ms=1, transferred=0) for f in (0.0, 0.5, 1.0)]
     out = fit(runs)
     assert out["zero_page_s"] == pytest.approx(z) and out["copy_page_s"] == pytest.approx(n - z)
+
+
+def test_measured_rows_validate_against_the_schema():
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schema = json.loads(resources.files("vmsim").joinpath("schemas/fidelity.schema.json")
+                        .read_text())
+    doc = {"schema_version": 1, "kind": "fidelity", "rows": [],
+           "measured_rows": [measured_row(load_builtin(MEASURED[1]))]}
+    jsonschema.validate(json.loads(json.dumps(doc)), schema)
