@@ -42,8 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -443,7 +443,8 @@ def describe_lost(src: str, dst: str, cls: Classification, limit: int = 8) -> li
     for start, end in cls.lost_runs[:limit]:
         s, d = a[start:end], b[start:end]
         diff = np.flatnonzero(s != d)
-        out.append({"bytes": [[int(o), int(s[o]), int(d[o])] for o in diff[:32]],"gpa": hex(start), "pages": (end - start) // PAGE,
+        out.append({"bytes": [[int(o), int(s[o]), int(d[o])] for o in diff[:32]],
+                    "gpa": hex(start), "pages": (end - start) // PAGE,
                     "block_4m": hex(start & ~((4 << 20) - 1)),
                     "bytes_differing": int(diff.size),
                     "first_diff_offset": int(diff[0]) if diff.size else None,
@@ -511,7 +512,7 @@ class Timeline:
         """For each lost page: the sample after which it last changed on the source, the sync
         count then, and which sample (if any) equals the destination's copy."""
         d = np.memmap(dst, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
-        rounds = {}
+        rounds: dict[int, tuple[int, int]] = {}
         for h in cap.hints:
             a, b = rounds.get(h.round, (h.t_ns, h.t_ns))
             rounds[h.round] = (min(a, h.t_ns), max(b, h.t_ns))
