@@ -84,3 +84,44 @@ class Scheduler:
 
     def pending(self) -> int:
         return sum(1 for e in self._heap if not e.cancelled)
+
+
+class RealTime:
+    """The real-time mode of a ``Scheduler``: simulated time follows the wall clock.
+
+    The one place that reads the wall clock, for a guest model running beside a real host
+    (QEMU under qtest, ``vmsim.qtest.host_migrate``), where the host's time is real. From the
+    moment it is made, ``due()`` is the scheduler's start time plus the wall time elapsed;
+    ``run_due()`` runs what is due by then. When the model's work takes longer than the time it
+    models, it falls behind: ``lag`` keeps the largest gap seen (events ran late by that much).
+    """
+
+    def __init__(self, sched: Scheduler, wall: Callable[[], float] | None = None) -> None:
+        import time
+        self.sched = sched
+        self._wall = wall or time.perf_counter
+        self._w0 = self._wall()
+        self._s0 = sched.now
+        self.lag = 0.0
+
+    def due(self) -> float:
+        return self._s0 + (self._wall() - self._w0)
+
+    def run_due(self, max_events: int | None = None) -> int:
+        """Run every event due by now (at most ``max_events``); returns how many ran."""
+        t = self.due()
+        n = 0
+        while (nt := self.sched.peek_time()) is not None and nt <= t:
+            if max_events is not None and n >= max_events:
+                break
+            self.lag = max(self.lag, t - nt)
+            self.sched.run_next()
+            n += 1
+        if t > self.sched.now and (max_events is None or n < max_events):
+            self.sched.clock.now = t
+        return n
+
+    def next_in(self) -> float | None:
+        """Wall seconds until the next event is due (<= 0: due now); None with none queued."""
+        nt = self.sched.peek_time()
+        return None if nt is None else nt - self.due()

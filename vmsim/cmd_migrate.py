@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from protocol.errors import EnvironmentFailure, UsageError
 from vmsim import report
+from vmsim.qtest.host_migrate import QEMU_FAULTS
 from vmsim.scenario import HINT_MODES, Scenario, ScenarioError, load, load_builtin
 from vmsim.vm import FAULTS
 
@@ -67,9 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(needs the plot extra: pip install 'balloon-hint[plot]')")
     parser.add_argument("--seed", type=int, default=None,
                         help="override the scenario's seed (a whole number >= 0)")
-    parser.add_argument("--fault", choices=FAULTS, default=None,
-                        help="inject a host fault (accept-stale-hints: apply hints that arrive "
-                        "after a bitmap sync; verification should then fail under churn)")
+    parser.add_argument("--fault", choices=(*FAULTS, *QEMU_FAULTS), default=None,
+                        help="inject a fault (accept-stale-hints, simulated host: apply hints "
+                        "that arrive after a bitmap sync; verification should then fail under "
+                        "churn. hint-in-use, --host qemu: a broken driver that also hints pages "
+                        "in use; the destination check must fail)")
+    parser.add_argument("--host", default="sim", metavar="sim|qemu[:PATH]",
+                        help="sim: the simulator (default). qemu: the same scenario migrated by "
+                        "two real QEMUs under qtest (the lab's QEMU, or PATH to a "
+                        "qemu-system-x86_64 >= 8), printed beside the simulator's figures")
+    parser.add_argument("--ram", metavar="SIZE", default=None,
+                        help="with --host qemu: the guest RAM to run (up to 4GiB; workload sizes "
+                        "and rates scale with it). Default: the scenario's, scaled down to 2GiB "
+                        "when larger")
 
 
 def _load(args: argparse.Namespace) -> tuple[Scenario, bool]:
@@ -94,6 +105,21 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise UsageError(f"{opt} {path}: {why}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise EnvironmentFailure(PLOT_EXTRA)
+    host, _, path = args.host.partition(":")
+    if host not in ("sim", "qemu") or (host == "sim" and path) or (host == "qemu" and _
+                                                                 and not path):
+        raise UsageError(f"--host {args.host}: sim, qemu or qemu:PATH")
+    if host == "sim":
+        if args.ram is not None:
+            raise UsageError("--ram applies to --host qemu (the simulator runs any size)")
+        if args.fault in QEMU_FAULTS:
+            raise UsageError(f"--fault {args.fault} needs --host qemu")
+    else:
+        if args.fault in FAULTS:
+            raise UsageError(f"--fault {args.fault} is a fault of the simulated host; with "
+                             f"--host qemu: {', '.join(QEMU_FAULTS)}")
+        if args.plot:
+            raise UsageError("--plot is not available with --host qemu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
     _check_outputs(args)
     mode = args.mode or ("all" if embedded else scn.hinting.mode)
     modes = list(HINT_MODES) if mode == "all" else [mode]
+    if args.host.startswith("qemu"):
+        from vmsim.cmd_migrate_qemu import run_qemu
+        return run_qemu(args, scn, modes, console, err)
     if scn.guest.page_poison and "walk" in modes:
         err.print("[yellow]warning:[/] the seed's walk hints free pages while they stay free; "
                   "with page poisoning the host skips them and the destination never gets their "
