@@ -1,15 +1,15 @@
 """A random migration campaign: many generated scenarios, each migrated and verified, counted by
 outcome (issue 15 item 10).
 
-    scripts/campaign --n N --seed S [--fault NAME] [--keep DIR] [--json PATH]
+    scripts/campaign --n N --seed S [--fault NAME] [--keep DIR] [--json PATH] [--jobs J]
 
 ``generate(rng)`` writes one scenario as TOML text (so the loader checks it like a user's file):
 a guest of 64-512 MiB (small, so a hundred runs fit in the test suite), 0-3 set-up phases
 (``fill``, ``fill_free``, ``idle``), 0-2 background workloads (``dirty``, ``churn``) at rates
 of 1% to 5 times guest RAM per second, random ``init_on_alloc``, ``init_on_free``,
-``page_poison``, vCPUs, runnable threads, hinting mode, ``min_order``, hint block cost, bandwidth, downtime
-limit, round limit and time limit. ``run_one`` migrates it with ``vmsim.vm.run_scenario`` and
-sorts the result into one outcome:
+``page_poison``, vCPUs, runnable threads, hinting mode, ``min_order``, hint block cost,
+bandwidth, downtime limit, round limit and time limit. ``run_one`` migrates it with
+``vmsim.vm.run_scenario`` and sorts the result into one outcome:
 
 * ``verified``: the destination equals the source for every page in use;
 * ``time limit``: the migration did not converge within ``migration.time_limit`` (the engine
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import random
 import sys
 import time
@@ -178,20 +179,36 @@ def run_one(index: int, text: str, fault: str | None,
                    time.process_time() - c0)
 
 
+def _run_star(args: tuple[int, str, str | None, float]) -> Outcome:
+    return run_one(*args)
+
+
 def run_campaign(n: int, seed: int, fault: str | None = None, keep: Path | None = None,
-                 progress: bool = False, max_cost: float = MAX_SIM_COST) -> list[Outcome]:
+                 progress: bool = False, max_cost: float = MAX_SIM_COST,
+                 jobs: int = 1) -> list[Outcome]:
+    """Generate and run ``n`` scenarios. The scenarios are drawn in order from one generator,
+    and each run is a pure function of its file, so ``jobs`` > 1 (worker processes) gives the
+    same outcomes as one."""
     rng = random.Random(seed)
+    # with a fault, every other scenario comes from the family where it can act
+    texts = [generate(rng, i, stale_window=fault is not None and i % 2 == 0) for i in range(n)]
+    work = [(i, text, fault, max_cost) for i, text in enumerate(texts)]
     out: list[Outcome] = []
-    for i in range(n):
-        # with a fault, every other scenario comes from the family where it can act
-        text = generate(rng, i, stale_window=fault is not None and i % 2 == 0)
-        o = run_one(i, text, fault, max_cost)
-        out.append(o)
-        if keep is not None and o.outcome in FAILURES:
-            keep.mkdir(parents=True, exist_ok=True)
-            (keep / f"campaign-{seed}-{i}.toml").write_text(text, encoding="utf-8")
-        if progress:
-            print(f"\r{i + 1}/{n}", end="", file=sys.stderr, flush=True)
+    pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
+    try:
+        results = pool.imap(_run_star, work) if pool else map(_run_star, work)
+        for o in results:
+            out.append(o)
+            if keep is not None and o.outcome in FAILURES:
+                keep.mkdir(parents=True, exist_ok=True)
+                (keep / f"campaign-{seed}-{o.index}.toml").write_text(texts[o.index],
+                                                                      encoding="utf-8")
+            if progress:
+                print(f"\r{len(out)}/{n}", end="", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     if progress:
         print(file=sys.stderr)
     return out
@@ -226,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, default=None,
                     help="write the scenario files of failed runs here")
     ap.add_argument("--json", type=Path, default=None, help="write every outcome as JSON")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes (the outcomes do not depend on it)")
     ap.add_argument("--max-cost", type=float, default=MAX_SIM_COST,
                     help="each run's work bound (vmsim.vm.MAX_SIM_COST; lower: faster, more "
                     "runs end as 'work bound')")
@@ -236,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         ap.error("--n must be at least 1")
     outcomes = run_campaign(args.n, args.seed, args.fault, args.keep,
-                            progress=sys.stderr.isatty(), max_cost=args.max_cost)
+                            progress=sys.stderr.isatty(), max_cost=args.max_cost,
+                            jobs=max(1, args.jobs))
     print(summary(outcomes, args.n, args.seed, args.fault))
     if args.json:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1),

@@ -78,3 +78,10 @@ def test_cli_prints_the_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert c.main(["--n", "3", "--seed", "2", "--max-cost", str(MAX_COST)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("campaign --n 3 --seed 2: 3 scenarios")
+
+
+def test_jobs_do_not_change_the_outcomes() -> None:
+    one = c.run_campaign(6, seed=4, max_cost=MAX_COST)
+    two = c.run_campaign(6, seed=4, max_cost=MAX_COST, jobs=2)
+    assert [(o.index, o.outcome, o.detail) for o in one] == [
+        (o.index, o.outcome, o.detail) for o in two]
