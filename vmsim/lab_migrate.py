@@ -374,10 +374,12 @@ def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any
                 if stream_path:
                     tap.close()
                     result["stream"] = stream_path
+                realtime = capture.realtime if capture is not None else False
                 cap = capture.stop() if capture is not None else CaptureResult([], 0, 0.0)
                 capture = None
                 result["migration"] = _migration_figures(st)
                 result["capture"] = _capture_figures(cap)
+                result["capture"]["realtime_poller"] = realtime
                 result["hint_ranges"] = [[hex(a), hex(b)] for a, b in cap.ranges()]
                 if st["status"] != "completed":
                     result["error"] = f"migration {st['status']}: {st.get('error-desc')}"
