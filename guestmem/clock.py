@@ -107,12 +107,16 @@ class RealTime:
     def due(self) -> float:
         return self._s0 + (self._wall() - self._w0)
 
-    def run_due(self, max_events: int | None = None) -> int:
-        """Run every event due by now (at most ``max_events``); returns how many ran."""
+    def run_due(self, max_events: int | None = None, max_wall_s: float | None = None) -> int:
+        """Run every event due by now (at most ``max_events``, and none started after
+        ``max_wall_s`` wall seconds); returns how many ran."""
         t = self.due()
+        stop = None if max_wall_s is None else self._wall() + max_wall_s
         n = 0
         while (nt := self.sched.peek_time()) is not None and nt <= t:
-            if max_events is not None and n >= max_events:
+            if (max_events is not None and n >= max_events) or (
+                    stop is not None and n and self._wall() >= stop):
+                max_events = n  # cut short: the clock stays at the last event
                 break
             self.lag = max(self.lag, t - nt)
             self.sched.run_next()

@@ -80,6 +80,8 @@ def side_by_side_table(sim: report.RunResult, q: QemuRunResult, title: str) -> T
     t.add_row("converged", "yes" if sim.converged else "no",
               "no (max_rounds: downtime-limit raised)" if q.forced_switchover else "yes", "")
     t.add_row("our pause before switchover", "", f"{q.pause_ms:,.1f} ms", "")
+    t.add_row("QEMU's downtime / total time", "",
+              f"{q.downtime_ms:,} / {q.total_time_ms:,} ms", "(pause included)")
     t.add_row("guest page writes via qtest", "", f"{q.pages_written:,}", "")
     t.add_row("guest model lag (max)", "", f"{q.write_lag_s * 1e3:,.1f} ms", "")
     t.add_row("wall time", f"{sim.wall_s:.2f} s", f"{q.wall_s:.2f} s", "")

@@ -22,3 +22,18 @@ def test_events_run_when_the_wall_clock_reaches_them_and_lag_is_kept():
     assert rt.run_due(max_events=0) == 0 and sched.now == 5.25  # bounded: clock not moved
     assert rt.run_due() == 1 and sched.now == 6.0
     assert rt.next_in() is None
+
+
+def test_a_wall_time_budget_cuts_a_turn_short():
+    wall = [0.0]
+    sched = Scheduler()
+
+    def slow() -> None:
+        wall[0] += 0.004  # each event takes 4 ms of wall time
+    for i in range(10):
+        sched.at(0.001 * i, slow)
+    rt = RealTime(sched, wall=lambda: wall[0])
+    wall[0] = 1.0
+    assert rt.run_due(max_wall_s=0.01) == 3  # started at 0, 4, 8 ms; not at 12
+    assert sched.now == 0.002  # the clock stays at the last event run
+    assert rt.run_due() == 7 and sched.now > 1.0
