@@ -245,6 +245,7 @@ class MigrationSpec:
     downtime_limit_s: float = 0.3
     max_rounds: int = 30
     time_limit_s: float | None = None  # None: the engine's own budget (MigrationParams)
+    rate_limited: bool = False  # bandwidth is QEMU's max-bandwidth throttle (MigrationParams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +401,8 @@ def _time_limit(v: Any) -> float:
 
 
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
-              "max_rounds": _int(1, 10000), "time_limit": _time_limit}
+              "max_rounds": _int(1, 10000), "time_limit": _time_limit,
+              "rate_limited": _bool}
 _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
             "block_cost": _positive(_duration), "alloc_cost": _positive(_duration),
             "post_cost": _positive(_duration), "walk_cost": _positive(_duration),
@@ -646,7 +648,8 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     mig = MigrationSpec(bandwidth_Bps=mg.get("bandwidth", d.bandwidth_Bps),
                         downtime_limit_s=mg.get("downtime_limit", d.downtime_limit_s),
                         max_rounds=mg.get("max_rounds", d.max_rounds),
-                        time_limit_s=mg.get("time_limit"))
+                        time_limit_s=mg.get("time_limit"),
+                        rate_limited=mg.get("rate_limited", False))
     first_round_s = guest.ram_bytes / mig.bandwidth_Bps
     if first_round_s > MAX_FIRST_ROUND_S:
         # Checked here, not in the engine: the run would otherwise simulate hours of guest

@@ -190,7 +190,8 @@ class SimVM:
         params = MigrationParams(bandwidth_Bps=scn.migration.bandwidth_Bps,
                                  downtime_limit_s=scn.migration.downtime_limit_s,
                                  max_rounds=scn.migration.max_rounds,
-                                 accept_stale_hints=opts.fault == "accept-stale-hints")
+                                 accept_stale_hints=opts.fault == "accept-stale-hints",
+                                 rate_limited=scn.migration.rate_limited)
         if scn.migration.time_limit_s is not None:  # else the engine's default budget
             params = replace(params, time_budget_s=scn.migration.time_limit_s)
         self.migration = PrecopyMigration(
