@@ -213,7 +213,7 @@ class Peer:
     def host_hint_start(self) -> None: ...
     def host_hint_done(self) -> None: ...
 
-    def settle(self, rings: dict[BalloonQueue, RawRing]) -> None:
+    def settle(self, rings: dict[BalloonQueue, RawRing], gen_before: int) -> None:
         pass
 
     def malformed_chains(self) -> int | None:
@@ -365,9 +365,11 @@ class QemuPeer(Peer):
     def host_hint_done(self) -> None:
         self._end_migration()
 
-    def settle(self, rings: dict[BalloonQueue, RawRing]) -> None:
+    def settle(self, rings: dict[BalloonQueue, RawRing], gen_before: int) -> None:
         """Until every published buffer is used (stats: all but one may be held), the device
-        needs a reset, or nothing changed for QUIET_S."""
+        needs a reset, or nothing changed for QUIET_S; then a little longer for the
+        interrupts that follow a used element or a config change (QEMU moves the generation,
+        then signals, possibly from another thread)."""
         deadline = time.monotonic() + SETTLE_MAX_S
         before = {q: r.used_idx() for q, r in rings.items()}
         last: tuple[Any, ...] | None = None
@@ -376,7 +378,7 @@ class QemuPeer(Peer):
             st = self.t.get_status()
             pend = {q: (r.avail_idx - r.used_idx()) & 0xFFFF for q, r in rings.items()}
             done = all(n == 0 or (q == BalloonQueue.STATS and n == 1) for q, n in pend.items())
-            snap = (st, tuple(sorted(pend.items())), bool(self.t._mailbox.any()))
+            snap = (st, tuple(sorted(pend.items())))
             now = time.monotonic()
             if done:
                 # An interrupt follows its used element (the free page queue's from QEMU's
@@ -384,12 +386,17 @@ class QemuPeer(Peer):
                 # element (used_event), so wait a little for it when something was used.
                 moved = any(r.used_idx() != before[q] for q, r in rings.items())
                 if moved:
-                    self._wait(lambda: bool(self.t._mailbox.any()), IRQ_WAIT_S)
+                    self._wait(lambda: bool(self.t._mailbox[1:].any()), IRQ_WAIT_S)
+                if st & DOK and self.t.config_generation() != gen_before:
+                    self._wait(lambda: bool(self.t._mailbox[0]), IRQ_WAIT_S)
                 self.t.get_status()
                 return
+            # QEMU uses every buffer it is given unless its device broke (NEEDS_RESET), so
+            # short of that only the time bound ends the wait: the machine is shared, and
+            # a quiet period would mistake a slow iothread for an unused buffer.
             if snap != last:
                 last, quiet_since = snap, now
-            elif now - quiet_since >= QUIET_S or now > deadline:
+            elif (st & NEEDS_RESET and now - quiet_since >= QUIET_S) or now > deadline:
                 return
             time.sleep(0.0005)
 
@@ -467,7 +474,7 @@ class Driver:
         return int.from_bytes(self.t.read_config(8, 4), "little")
 
     def observe(self, **extra: Any) -> Obs:
-        self.p.settle(self.rings)
+        self.p.settle(self.rings, self.gen)
         cfg = self.t.read_config(0, 16)
         num_pages, actual, cmd, poison = struct.unpack("<IIII", cfg)
         if cmd >= 2:
@@ -605,6 +612,17 @@ class Driver:
         """One writable chain of hint ranges (pfn, pages)."""
         self.post(BalloonQueue.FREE_PAGE, [(p * PAGE, n * PAGE, WRITE) for p, n in ranges])
 
+    def a_report(self, ranges: list[tuple[int, int]]) -> None:
+        """One writable chain of free page reports (pfn, pages) on the reporting queue."""
+        self.post(BalloonQueue.REPORTING, [(p * PAGE, n * PAGE, WRITE) for p, n in ranges])
+
+    def a_race(self, which: str, host: str) -> None:
+        """A command buffer and a host request with no look in between: QEMU's iothread
+        takes the buffer while its migration code publishes DONE or a new id (STOP/DONE
+        races); the order is QEMU's to pick, what the driver then sees must not differ."""
+        self.a_cmd(which, 4)
+        (self.p.host_hint_done if host == "done" else self.p.host_hint_start)()
+
     def a_malformed(self, q_name: str, kind: str) -> None:
         q = BalloonQueue[q_name]
         r = self.rings.get(q)
@@ -672,7 +690,7 @@ def _cmd_id_zero_in_start(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver)
     return f == "cmd_id" and q.config[2] == "STOP" and o.config[2].startswith("id")
 
 
-KICKING = ("inflate", "deflate", "stats", "cmd", "hints", "malformed")
+KICKING = ("inflate", "deflate", "stats", "cmd", "hints", "malformed", "report", "race")
 
 
 def _before_driver_ok(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
@@ -753,7 +771,7 @@ def _iothread_msi(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool
     # (used buffers, and the config change of a virtio_error() there) never reached the
     # mailbox under qtest (QEMU 11.1; ISR is set). Linux gives that queue no callback
     # (VIRTIO_MSI_NO_VECTOR), so no driver waits for them. Ours signals them.
-    touched = a[0] in ("cmd", "hints") or (a[0] == "malformed" and a[1] == "FREE_PAGE")
+    touched = a[0] in ("cmd", "hints", "race") or (a[0] == "malformed" and a[1] == "FREE_PAGE")
     return touched and f == "vectors" and q.vectors < o.vectors
 
 
