@@ -8,7 +8,9 @@ Default: examples/sweep-builtin.toml (540 runs) on 2 workers. The cluster's wall
 with and without its start-up (process spawn and imports, paid once per sweep). Both runs give
 every point's row; the rows are compared column for column (wall_s aside), so a speed-up never
 hides different results. CPU seconds are given too: on a shared machine the wall times depend on
-what else runs.
+what else runs (and with Linux's autogroup scheduling, a local cluster's workers share the CPU
+share of the session that started them: start the workers in sessions of their own, e.g.
+`setsid dask worker ...`, and pass --scheduler, to compare like with like).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vmsim.sweep.run import local_cluster, run_sweep
+from vmsim.sweep.run import connect, local_cluster, run_sweep
 from vmsim.sweep.spec import load_sweep
 from vmsim.sweep.store import NONDETERMINISTIC, read_results
 from vmsim.sweep.task import run_point
@@ -36,6 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", nargs="?", default=str(ROOT / "examples" / "sweep-builtin.toml"))
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                    help="use a running Dask scheduler and its workers instead of a local cluster")
     ap.add_argument("--out", help="keep the Dask sweep's results here (default: a temp folder)")
     args = ap.parse_args()
     sweep = load_sweep(args.sweep)
@@ -44,19 +48,26 @@ def main() -> int:
         print(f"{out} is not empty", file=sys.stderr)
         return 2
     n = len(sweep.points)
-    print(f"sweep {sweep.name}: {n} runs, {args.workers} workers", flush=True)
+    where = args.scheduler or f"a local cluster of {args.workers} workers"
+    print(f"sweep {sweep.name}: {n} runs on {where}", flush=True)
 
     t0 = time.perf_counter()
-    cluster, client = local_cluster(args.workers)
+    cluster = None
+    if args.scheduler:
+        client = connect(args.scheduler)
+    else:
+        cluster, client = local_cluster(args.workers)
     t1 = time.perf_counter()
     try:
+        # CPU seconds the workers use (the machine may be shared: wall time alone hides that)
+        cpu_before = sum(client.run(_cpu_s).values())
         outcome = run_sweep(sweep, out, client)
         t2 = time.perf_counter()
-        # CPU seconds the workers used (the machine may be shared: wall time alone hides that)
-        worker_cpu = sum(client.run(_cpu_s).values())
+        worker_cpu = sum(client.run(_cpu_s).values()) - cpu_before
     finally:
         client.close()
-        cluster.close()
+        if cluster is not None:
+            cluster.close()
     dask_rows, _ = read_results(out)
     print(f"dask: {t2 - t0:.1f} s wall with cluster start-up ({t1 - t0:.1f} s), "
           f"{outcome.wall_s:.1f} s for the sweep itself; {outcome.failed} failed; "
