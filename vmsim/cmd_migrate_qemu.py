@@ -77,6 +77,8 @@ def side_by_side_table(sim: report.RunResult, q: QemuRunResult, title: str) -> T
     if q.poison_violations or sim.poison_violations:
         t.add_row("poison violations", f"{sim.poison_violations:,}",
                   f"{q.poison_violations:,}", "")
+        t.add_row("  of which on hinted pages", f"{sim.poison_violations_from_hints:,}",
+                  f"{q.poison_violations_from_hints:,}", "")
     t.add_row("converged", "yes" if sim.converged else "no",
               "no (max_rounds: downtime-limit raised)" if q.forced_switchover else "yes", "")
     t.add_row("our pause before switchover", "", f"{q.pause_ms:,.1f} ms", "")
@@ -107,6 +109,11 @@ def run_qemu(args: argparse.Namespace, scn: Scenario, modes: list[str], console:
     if scaled:
         console.print(f"[yellow]note:[/] {escape(scaled)}", highlight=False)
     timeout = scn.migration.time_limit_s or DEFAULT_TIMEOUT_S
+    if scn.guest.page_poison and "walk" in modes:
+        err.print("[yellow]warning:[/] the seed's walk hints free pages while they stay free; "
+                  "with page poisoning the host skips them and the destination never gets their "
+                  "poison, so expect poison violations on hinted pages in mode walk, on both "
+                  "hosts", highlight=False)
     console.print(f"host: {escape(qemu.check())} under qtest (two QEMUs, unix socket); "
                   f"guest {report._fmt_bytes(scn.guest.ram_bytes)}", highlight=False)
     runs: list[tuple[report.RunResult, QemuRunResult]] = []

@@ -263,6 +263,7 @@ class QemuRunResult:
     error: str | None = None
     mismatched_pages: int = 0
     poison_violations: int = 0
+    poison_violations_from_hints: int = 0  # on pages the walk hinted (the seed's known loss)
     checked_pages: int = 0
     first_mismatches: list[int] = field(default_factory=list)
     source_mismatches: int = 0        # source file vs the model (harness self-check)
@@ -574,11 +575,15 @@ class _Run:
         dst_area = np.frombuffer(self.dst.mem.view(DRIVER_AREA_GPA, DRIVER_AREA_SIZE),
                                  np.uint8).copy()
         g = self.scn.guest
-        vr = verify_pages(src_v, dst_v, in_use & ~skip, held, page_poison=g.page_poison,
+        # The holes are neither in use nor free: out of both checks (as pages the driver holds).
+        vr = verify_pages(src_v, dst_v, in_use & ~skip, held | skip, page_poison=g.page_poison,
                           poison_version=POISON,
                           byte_regions=[(lo, hi - lo, src_area, dst_area)])
         r.mismatched_pages = vr.mismatched_pages
         r.poison_violations = vr.poison_violations
+        if g.page_poison and vr.poison_violations:
+            bad = ~in_use & ~held & ~skip & (dst_v != POISON)
+            r.poison_violations_from_hints = int(np.count_nonzero(bad & self.guest.hinted_mask()))
         r.checked_pages = vr.checked_pages
         r.first_mismatches = vr.first_mismatches
         r.guest_in_use_pages = int(np.count_nonzero(in_use & ~skip))

@@ -110,6 +110,17 @@ def test_walk_under_churn_with_init_on_alloc_verifies(qtest_qemu):
     assert r.hint_rounds >= 1
 
 
+def test_page_poison_free_pages_keep_their_poison_on_the_destination(qtest_qemu):
+    """With page poisoning free pages must arrive poisoned: capture verifies; the seed's walk
+    loses the poison of pages it hinted (as in the simulator), and only of those."""
+    scn = loads(FREED.replace('seed = 2', 'seed = 2\npage_poison = true'))
+    assert scn.guest.page_poison
+    _check(run_qemu_scenario(scn, "capture", qemu=qtest_qemu), "capture, page poison")
+    walk = run_qemu_scenario(scn, "walk", qemu=qtest_qemu)
+    assert walk.mismatched_pages == 0 and not walk.verified
+    assert walk.poison_violations == walk.poison_violations_from_hints > 0
+
+
 def test_a_driver_hinting_pages_in_use_fails_the_check(qtest_qemu):
     r = run_qemu_scenario(loads(FREED), "capture", qemu=qtest_qemu, fault="hint-in-use")
     assert r.error is None
