@@ -188,6 +188,10 @@ class PciTransport:
         self.common_write(vp.COMMON_Q_SELECT, 2, q)
         self.common_write(vp.COMMON_Q_ENABLE, 2, 1)
 
+    def queue_enabled(self, q: int) -> bool:
+        self.common_write(vp.COMMON_Q_SELECT, 2, q)
+        return bool(self.common_read(vp.COMMON_Q_ENABLE, 2))
+
     def notify(self, q: int) -> None:
         self._wr(vp.NOTIFY_CFG_OFFSET + q * vp.NOTIFY_OFF_MULTIPLIER, 2, q)
 
@@ -226,10 +230,16 @@ class Peer:
 
 class OurPeer(Peer):
     name = "ours"
+    _ram: bytearray | None = None
 
     def begin(self) -> None:
+        # A fresh device on the same RAM (allocating 64 MiB costs 0.2 s); our device writes
+        # only the used rings, inside the driver area, which is cleared.
+        if self._ram is None:
+            self._ram = bytearray(RAM_BYTES)
+        self._ram[RING_BASE:SCRATCH_END] = bytes(SCRATCH_END - RING_BASE)
         self.mem = GuestMemory()
-        self.mem.add_region(0, bytearray(RAM_BYTES), "ram")
+        self.mem.add_region(0, self._ram, "ram")
         self.dev = BalloonDevice(self.mem, DeviceConfig(offered_features=OUR_FEATURES,
                                                         ram_pages=RAM_BYTES // PAGE))
         self.pci = VirtioPciFunction(self.dev, msix_vectors=2)
@@ -446,6 +456,8 @@ class Driver:
         self.scratch = SCRATCH
         self.ids: dict[int, str] = {}
         self.last_id = 0          # the last command id >= 2 read from config
+        self.policy = "each"      # a_irq_policy
+        self.stats_overfilled = False  # more than one stats buffer was made available
         self.gen = self.t.config_generation()
         self.trace: list[Obs] = []
         self.malformed = peer.malformed_chains()
@@ -508,15 +520,16 @@ class Driver:
         i = self.next_desc[q]
         h = r.chain(parts, start=i)
         self.next_desc[q] = (i + len(parts)) % r.size
-        r.set_used_event(r.used_idx())
+        r.set_avail_flags(1 if self.policy == "flags" else 0)
+        r.set_used_event(r.used_idx() + (100 if self.policy == "far" else 0))
         r.publish(h)
         if kick:
             self.t.notify(self.index[q])
 
     # -- actions (each: apply, then observe) ---------------------------------------------------
     def do(self, action: tuple[Any, ...]) -> Obs:
-        getattr(self, "a_" + action[0])(*action[1:])
-        return self.observe()
+        extra = getattr(self, "a_" + action[0])(*action[1:])
+        return self.observe(**(extra or {}))
 
     def a_reset(self) -> None:
         self.t.reset()
@@ -535,16 +548,19 @@ class Driver:
         self.t.set_driver_features(self.features)
         self.t.set_status(ACK | DRV | FOK)
 
-    def a_setup_queues(self, shrink: int) -> None:
+    def a_setup_queues(self, shrink: int, skip: int = 0, odd: bool = False) -> dict[str, Any]:
         """Every queue the driver's layout (protocol.md 3.3, negotiated features) has, at the
-        largest size >> shrink, enabled."""
+        largest size >> shrink (minus one, not a power of two, with ``odd``), enabled, except
+        the logical queues in bit mask ``skip``. Observes each queue's queue_enable."""
         self.index = queue_layout(self.features)
         base = RING_BASE
         for q, idx in sorted(self.index.items(), key=lambda kv: kv[1]):
             mx = self.t.queue_max_size(idx)
-            if mx == 0:
+            if mx == 0 or skip >> int(q) & 1:
                 continue
             size = max(mx >> shrink, 1)
+            if odd and size > 2:
+                size -= 1
             r = RawRing.layout(self.mem, base, size)
             self.mem.fill(r.desc, r.device + used_ring_size(size) - r.desc, 0)
             self.t.setup_queue(idx, size, r.desc, r.driver, r.device)
@@ -553,6 +569,13 @@ class Driver:
             self.seen[q] = 0
             self.next_desc[q] = 0
             base = (r.device + used_ring_size(size) + 4095) & ~4095
+        return {"enabled": [self.t.queue_enabled(i) for i in sorted(self.index.values())]}
+
+    def a_irq_policy(self, policy: str) -> None:
+        """How the driver asks for used-buffer interrupts on the next posts: "each" (avail
+        flags 0, used_event = the used idx: every used element), "flags" (NO_INTERRUPT set),
+        "far" (used_event 100 ahead)."""
+        self.policy = policy
 
     def a_poison(self, value: int) -> None:
         self.t.write_config(CFG_POISON_VAL, value.to_bytes(4, "little"))
@@ -581,9 +604,14 @@ class Driver:
     def a_deflate(self, pfns: list[int], split: int) -> None:
         self._pfns(BalloonQueue.DEFLATE, pfns, split)
 
-    def a_stats(self, entries: list[tuple[int, int]]) -> None:
+    def a_stats(self, entries: list[tuple[int, int]], buffers: int = 1) -> None:
+        """``buffers`` stats buffers of ``entries``, published and then kicked once (a
+        driver keeps one; more than one breaks its rule, virtio 1.x 5.5.6.3)."""
         data = b"".join(struct.pack("<HQ", t, v) for t, v in entries)
-        self.post(BalloonQueue.STATS, [(self.buf(data), len(data), 0)])
+        self.stats_overfilled |= buffers > 1
+        for k in range(buffers):
+            self.post(BalloonQueue.STATS, [(self.buf(data), len(data), 0)],
+                      kick=k == buffers - 1)
 
     def a_host_target(self, pages: int) -> None:
         self.p.host_set_target(pages)
@@ -738,6 +766,27 @@ def _target_same(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
             and not o.generation_moved and q.generation_moved and o.config == q.config)
 
 
+def _queue_size_pow2(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
+    # virtio 1.x 2.7 (split virtqueues): the queue size is always a power of 2 (a driver
+    # rule): ours refuses to enable such a queue, QEMU takes it.
+    return a[0] == "setup_queues" and a[3] and f == "enabled"
+
+
+def _suppressed_irq(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
+    # The driver suppressed used-buffer notifications (NO_INTERRUPT, or used_event far
+    # ahead): virtio 1.x 2.7.7.2 says the device SHOULD NOT notify; QEMU sends the first one
+    # after a queue's set-up anyway (its signalled_used_valid starts false), ours does not.
+    return (f == "vectors" and d.policy in ("far", "flags") and q.vectors > o.vectors
+            and a[0] in KICKING)
+
+
+def _stats_one(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
+    # The driver made more than one stats buffer available (virtio 1.x 5.5.6.3: at most one,
+    # a driver rule): QEMU pops one per kick (returning the one it held), leaving the rest in
+    # the ring; ours takes them all and returns all but the newest at once.
+    return d.stats_overfilled and f in ("used.stats", "vectors", "isr")
+
+
 def _gen_not_live(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
     # A config change before DRIVER_OK (a host target, a reset's zeroing): ours moves
     # config_generation for every change (virtio 1.x 4.1.4.3), QEMU's virtio_notify_config()
@@ -816,6 +865,12 @@ ALLOWED: tuple[Allowed, ...] = (
             'Queue numbering (D-17, protocol.md 3.3)', _layout_refused, stops=True),
     Allowed('V-1', 'virtio 1.x 2.7.13.3 (driver rule)',
             'avail.idx more than N ahead (V-1)', _ahead, stops=True),
+    Allowed('QUEUE-SIZE-POW2', 'virtio 1.x 2.7 (split queue size is a power of 2: driver rule)',
+            'Queue sizes that are not a power of 2', _queue_size_pow2, stops=True),
+    Allowed('SUPPRESSED-IRQ', 'virtio 1.x 2.7.7.2 (SHOULD NOT notify when suppressed)',
+            'Notifications the driver suppressed', _suppressed_irq, stops=False),
+    Allowed('STATS-ONE', 'virtio 1.x 5.5.6.3 (one stats buffer at a time: driver rule)',
+            'More than one stats buffer', _stats_one, stops=True),
     Allowed('CHAIN-ERROR', 'virtio 1.x 2.7.5.2, 2.7.13.1 (driver rules); protocol.md 1.6',
             'Malformed chains', _chain_error, stops=True),
     Allowed('STATUS-ORDER', 'virtio 1.x 2.1.1, 3.1.1 (driver rules), 2.1.2',

@@ -3,7 +3,7 @@
 observe (tests/vmsim/qtest/differential.py). A divergence fails the test unless an ``ALLOWED``
 entry (a documented QEMU deviation, citing the spec and docs/qemu-deviations.md) explains it.
 
-``BALLOON_HINT_DIFF_EXAMPLES=N`` runs N sequences instead of the default (200). One QEMU
+``BALLOON_HINT_DIFF_EXAMPLES=N`` runs N sequences instead of the default (300). One QEMU
 serves every sequence (reset in between); skipped only when no QEMU can run qtest.
 ``BALLOON_HINT_DIFF_REPORT=path`` writes the run's counts as JSON.
 """
@@ -38,7 +38,7 @@ from tests.vmsim.qtest.differential import (
     run_pair,
 )
 
-EXAMPLES = int(os.environ.get("BALLOON_HINT_DIFF_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("BALLOON_HINT_DIFF_EXAMPLES", "300"))
 REPORT = os.environ.get("BALLOON_HINT_DIFF_REPORT")
 
 _bit = {"VERSION_1": VIRTIO_F_VERSION_1, "STATS_VQ": VIRTIO_BALLOON_F_STATS_VQ,
@@ -73,9 +73,9 @@ pfn_batch = st.tuples(st.lists(pfn, min_size=1, max_size=24), st.integers(0, 8))
 body_action = st.one_of(
     st.builds(lambda b: ("inflate", *b), pfn_batch),
     st.builds(lambda b: ("deflate", *b), pfn_batch),
-    st.builds(lambda e: ("stats", e), st.lists(st.tuples(st.integers(0, 16),
-                                                         st.integers(0, 2**64 - 1)),
-                                               max_size=12)),
+    st.builds(lambda e, n: ("stats", e, n),
+              st.lists(st.tuples(st.integers(0, 16), st.integers(0, 2**64 - 1)), max_size=12),
+              st.sampled_from([1] * 9 + [2])),
     st.builds(lambda n: ("host_target", n), st.integers(0, 2048)),
     st.just(("host_stats",)),
     st.just(("host_hint_start",)),
@@ -98,6 +98,7 @@ body_action = st.one_of(
               st.sampled_from(["head_oob", "next_oob", "loop", "addr_oob", "zero_len",
                                "wrong_dir", "indirect_bad", "ahead"])),
     st.builds(lambda v: ("write_actual", v), st.integers(0, 4096)),
+    st.builds(lambda p: ("irq_policy", p), st.sampled_from(["each", "flags", "far"])),
     st.just(("reset",)),
     st.builds(lambda v: ("status", v),
               st.sampled_from([ACK, ACK | DRV, ACK | DRV | FOK | DOK, 0x80, ACK | DRV | DOK])),
@@ -106,8 +107,11 @@ body_action = st.one_of(
 
 @st.composite
 def sequences(draw: Any) -> list[tuple[Any, ...]]:
+    shrink = draw(st.sampled_from([0, 0, 0, 1, 3]))
+    odd = draw(st.floats(0, 1)) < 0.1
+    skip = draw(st.integers(0, 31)) if draw(st.floats(0, 1)) < 0.15 else 0
     seq: list[tuple[Any, ...]] = [("negotiate", draw(features())),
-                                  ("setup_queues", draw(st.sampled_from([0, 0, 0, 1, 3])))]
+                                  ("setup_queues", shrink, skip, odd)]
     if draw(st.booleans()):
         seq.append(("poison", draw(st.sampled_from([0, 0xAAAAAAAA, 0x12345678]))))
     early = draw(st.lists(body_action, max_size=2)) if draw(st.floats(0, 1)) < 0.1 else []
