@@ -20,11 +20,11 @@ from vmsim.sweep.spec import load_sweep
 from vmsim.sweep.store import NONDETERMINISTIC, read_results
 
 BIN = Path(sys.executable).parent
-# 3 modes x 2 bandwidths x 4 seeds = 24 points of about 0.1-0.3 s each (512 MiB, heavy churn):
+# 3 modes x 2 bandwidths x 3 seeds = 18 points of about 0.1-0.3 s each (512 MiB, heavy churn):
 # long enough to kill a worker while the sweep runs.
 SWEEP = """
     name = "cluster-test"
-    seeds = 4
+    seeds = 3
     [base]
     builtin = "small-churn"
     [axes]
@@ -70,7 +70,7 @@ def test_local_cluster_processes_from_the_cli(sweep_file, reference, tmp_path) -
     proc = subprocess.run(_cli("sweep", str(sweep_file), "--workers", "2", "--out", str(out)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "24/24 done, 0 failed" in proc.stderr          # the progress lines (not a terminal)
+    assert "18/18 done, 0 failed" in proc.stderr          # the progress lines (not a terminal)
     assert "2 workers" in proc.stderr
     rows, _ = read_results(out)
     _same_rows(rows, reference)
@@ -122,7 +122,7 @@ def test_cli_scheduler_and_workers_survive_a_killed_worker(sweep_file, reference
             err_lines.append(line)
             # the first progress line after some points completed: the sweep is under way
             done = line.split(":", 1)[1].split("/")[0].strip() if " done, " in line else ""
-            if not killed and done.isdigit() and 0 < int(done) < 24:
+            if not killed and done.isdigit() and 0 < int(done) < 18:
                 os.kill(workers[0].pid, signal.SIGKILL)
                 workers[0].wait(timeout=30)
                 killed = True
@@ -131,7 +131,7 @@ def test_cli_scheduler_and_workers_survive_a_killed_worker(sweep_file, reference
         assert killed, err
         rows, _ = read_results(out)
         # every point has its row: rerun on the surviving worker, or recorded as failed
-        assert [r["point"] for r in rows] == list(range(24))
+        assert [r["point"] for r in rows] == list(range(18))
         failed = [r for r in rows if r["status"] != "ok"]
         assert all(r["failure"] for r in failed)
         assert sweep.returncode == (1 if failed else 0), err
