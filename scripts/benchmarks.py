@@ -280,18 +280,26 @@ def main(argv: list[str] | None = None) -> int:
                                                                    else argv),
                            "quick": args.quick, "machine": machine(),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    failed = []
     for name in names:
         t = time.perf_counter()
         print(f"== {name}", flush=True)
-        if name == "p1":
-            res["p1"] = bench_p1(args.quick)
-        elif name == "p2":
-            res["p2"] = bench_p2(args.quick)
-        elif name == "allocator":
-            res["allocator"] = bench_allocator(args.quick)
-        else:
-            res[name] = bench_transport(f"bench_{name.replace('-', '_')}.py", args.quick)
+        try:
+            if name == "p1":
+                res["p1"] = bench_p1(args.quick)
+            elif name == "p2":
+                res["p2"] = bench_p2(args.quick)
+            elif name == "allocator":
+                res["allocator"] = bench_allocator(args.quick)
+            else:
+                res[name] = bench_transport(f"bench_{name.replace('-', '_')}.py", args.quick)
+        except Exception as e:  # noqa: BLE001 - one broken benchmark must not lose the others
+            print(f"{name}: failed: {e}", file=sys.stderr, flush=True)
+            res.setdefault("errors", {})[name] = str(e)
+            failed.append(name)
         res.setdefault("seconds", {})[name] = time.perf_counter() - t
+        if args.json:  # after every benchmark, so a later failure loses nothing
+            Path(args.json).write_text(json.dumps(res, indent=2, default=float))
     res["total_s"] = time.perf_counter() - t0
     res["targets"] = targets(res)
     print()
@@ -301,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {res['total_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=float))
+    if failed:
+        print(f"failed: {', '.join(failed)} (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
