@@ -79,7 +79,8 @@ def round_trip(kicks: int) -> dict[str, Any]:
         srv = subprocess.Popen([sys.executable, "-m", "vmsim", "serve", "--vfio-user", path],
                                stdout=subprocess.DEVNULL, cwd=REPO)
         deadline = time.monotonic() + 20
-        while not os.path.exists(path + ".ctl"):
+        # Both sockets: the server may bind the control socket before the device socket.
+        while not (os.path.exists(path) and os.path.exists(path + ".ctl")):
             if time.monotonic() > deadline or srv.poll() is not None:
                 raise SystemExit("bench: balloon-hint serve did not start")
             time.sleep(0.05)
