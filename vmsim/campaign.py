@@ -27,7 +27,9 @@ With ``--fault`` (a faulty host, ``vmsim.vm.FAULTS``) a run is sorted by what th
 ``accept-stale-hints`` acts only when a stale hint took a page out of a round
 (``stale_pages_skipped`` > 0); ``caught`` when verification then found mismatched pages,
 ``acted, nothing lost`` when every page so skipped was free at switchover or sent again in a
-later round (the verifier checked every page in use), ``nothing to act on`` otherwise. A
+later round (the verifier checked every page in use), ``nothing to act on`` otherwise. A catch
+with more mismatched pages than stale hints skipped is unexplained: the fault cannot lose a
+page it did not skip. A
 verification failure on a run where the fault did not act is classified as without the fault.
 """
 from __future__ import annotations
@@ -153,8 +155,10 @@ def classify(r: RunResult, text: str, fault: str | None) -> str:
     if fault == "accept-stale-hints":
         if r.stale_pages_skipped == 0:  # no stale hint skipped a page: the host acted correctly
             return NOTHING_TO_ACT if base == VERIFIED else base
-        if r.mismatched_pages > 0:  # a stale hint skipped a page the guest had rewritten
-            return CAUGHT
+        if r.mismatched_pages > 0:
+            # Caught, if the fault explains the loss: a page can only be lost to it if one of
+            # its stale hints skipped that page. More lost pages than that is another bug.
+            return CAUGHT if r.mismatched_pages <= r.stale_pages_skipped else UNEXPLAINED
         return ACTED_NO_LOSS if base == VERIFIED else base
     return base
 

@@ -68,6 +68,9 @@ TOML = '[guest]\nram = "64MiB"\npage_poison = {pp}\ninit_on_free = {iof}\n'
      c.CAUGHT),
     ({"verified": True, "stale_pages_skipped": 5}, "false", "false", "accept-stale-hints",
      c.ACTED_NO_LOSS),
+    # more pages lost than the stale hints skipped: not the fault's doing
+    ({"mismatched_pages": 6, "stale_pages_skipped": 5}, "false", "false", "accept-stale-hints",
+     c.UNEXPLAINED),
 ])
 def test_classification(kw: dict[str, object], pp: str, iof: str, fault: str | None,
                         want: str) -> None:
