@@ -321,15 +321,17 @@ def test_send_and_verify_pieces_do_not_change_the_result(monkeypatch, piece) -> 
     fully marked piece with slices only); any piece size gives the same migration and the
     same verdict, mismatches included."""
     import balloon_dev.host.precopy as precopy
+    import balloon_dev.host.verify as verify
 
     def one(piece_size: int):
         monkeypatch.setattr(precopy, "SEND_PIECE", piece_size)
+        monkeypatch.setattr(verify, "VERIFY_PIECE", piece_size)
         sched, g, _, mig = make(hinter_blocks=[(600, 64), (1200, 300)], poison=True)
         g.churn(0.05, 32)
         st = mig.run()
         dest = mig.dest_version.copy()
         dest[[5, 700, 4000]] += 1  # planted mismatches and a poison violation
-        res = precopy.verify_pages(g.pv.version, dest, g.in_use, page_poison=True,
+        res = verify.verify_pages(g.pv.version, dest, g.in_use, page_poison=True,
                                    byte_regions=mig._byte_regions)
         return (st.pages_sent, st.zero_pages, st.bytes_sent, st.total_time_s, res)
 
