@@ -15,10 +15,12 @@ line::
     <- {"error": {"class": "CommandNotFound", "desc": "..."}}
 
 Commands: ``hint-start``, ``hint-stop``, ``hint-done`` (protocol.md 4.1: a new command id, STOP,
-DONE), ``set-target`` (``arguments.pages`` -> ``num_pages``), ``request-stats`` (give the held
-statistics buffer back to the driver), ``stats`` (device, transport and session counters, the
-driver checker's violations, the guest's last statistics and the hint-round log),
-``qmp_capabilities`` (accepted, for QMP clients). A request's ``id`` is echoed in its answer.
+DONE), ``set-target`` (``arguments.pages`` -> ``num_pages``; the answer carries a ``warning`` when
+the target exceeds the guest's RAM, which the server reports through ``guest_ram_pages``),
+``request-stats`` (give the held statistics buffer back to the driver), ``stats`` (device, transport
+and session counters, the driver checker's violations, the guest's last statistics and the
+hint-round log), ``qmp_capabilities`` (accepted, for QMP clients). A request's ``id`` is echoed in
+its answer.
 
 Device calls go through ``host_call(fn)``, which the server provides: it runs ``fn(dev)``,
 delivers the interrupts and returns the host effects, which come back here through
@@ -47,7 +49,13 @@ from balloon_dev.effects import (
     PagesReported,
     StatsReceived,
 )
-from protocol.balloon import CFG_ACTUAL, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, HINT_BLOCK_BYTES
+from guestmem.units import PAGE_SIZE
+from protocol.balloon import (
+    CFG_ACTUAL,
+    CFG_FREE_PAGE_HINT_CMD_ID,
+    CFG_NUM_PAGES,
+    HINT_BLOCK_BYTES,
+)
 from protocol.errors import PeerFault, UsageError
 
 log = logging.getLogger(__name__)
@@ -81,12 +89,14 @@ class ControlRefused(PeerFault):
 class HostControl:
     def __init__(self, dev: BalloonDevice, host_call: HostCall, clock: Callable[[], float], *,
                  in_guest_ram: Callable[[int, int], bool],
-                 extra_stats: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra_stats: Callable[[], dict[str, Any]] | None = None,
+                 guest_ram_pages: Callable[[], int] | None = None) -> None:
         self.dev = dev
         self.host_call = host_call
         self.clock = clock
         self.in_guest_ram = in_guest_ram
         self.extra_stats = extra_stats
+        self.guest_ram_pages = guest_ram_pages
         self.rounds: list[HintRound] = []
         self._by_id: dict[int, HintRound] = {}
         self.totals = {"inflated_pages": 0, "deflated_pages": 0, "reported_ranges": 0,
@@ -205,6 +215,13 @@ class HostControl:
         if not isinstance(pages, int) or isinstance(pages, bool) or not 0 <= pages < 1 << 32:
             raise ControlRefused("GenericError", "set-target needs arguments.pages, 0..2^32-1")
         self._call(lambda d: d.set_target(pages))
+        have = self.guest_ram_pages() if self.guest_ram_pages is not None else 0
+        if have and pages > have:
+            # Accepted (the device takes any 32-bit count), but no driver can inflate more
+            # pages than the guest has: say so rather than let the user wait for it.
+            return {"warning": f"target {pages} pages ({pages * PAGE_SIZE >> 20} MiB) exceeds "
+                               f"the guest's RAM ({have} pages, {have * PAGE_SIZE >> 20} MiB); "
+                               "the balloon cannot reach it"}
         return {}
 
     def _request_stats(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -25,22 +25,34 @@ The policies both transports follow, decided here once
 * **One session per connection.** Why: a session holds a peer's fds, mappings and negotiated
   state; a new object per connection starts fresh by construction, so no field can be forgotten
   by a reset. The last session's counters stay visible in ``stats`` after it ends.
-* **One listen backlog** (``LISTEN_BACKLOG``) for both sockets.
+* **At most ``MAX_WAITING_PEERS`` peers wait** behind the one served; one more is closed at
+  once (``connections_refused_full``, a warning naming the reason). Why: every waiting peer holds
+  an fd for up to ``busy_wait``; a flood of connections must not use up the process's fds.
+* **accept() failing for want of resources** (EMFILE, ENFILE, ENOBUFS, ENOMEM) is survived:
+  counted (``accept_errors``), one warning per streak, and the loop backs off (``ACCEPT_BACKOFF``:
+  10 ms doubling to 1 s) while the connection waits in the kernel's queue. Why: a server that
+  ends when its fds run out takes the device away from the VM; the condition passes when peers
+  leave. ``accept_forever`` is that loop, for the control socket too.
+* **Guest RAM mappings stop before the fds do**: a mapping costs an fd (Python's ``mmap`` keeps a
+  dup), so ``guest_ram`` refuses one with ENOSPC once fewer than ``guest_ram.fd_reserve`` fds
+  would be left, keeping fds for connections, eventfds and the control socket.
+* **One listen backlog** (``LISTEN_BACKLOG``) for both device sockets.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
 from balloon_dev.effects import Effect
 from balloon_dev.transport.core import Outcome, PeerError, Signal
-from balloon_dev.transport.fdstream import FdStream, PeerClosed, close_all
+from balloon_dev.transport.fdstream import FD_GAUGE, FdStream, PeerClosed, close_all
 from balloon_dev.transport.unixsock import listen_private, unlink_quietly
 from protocol.errors import FramingLost
 
@@ -50,6 +62,38 @@ _EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)
 LISTEN_BACKLOG = 4
 #: How long a second peer waits for the one being served (see the module docstring).
 BUSY_WAIT_S = 2.0
+#: Peers that may wait behind the one served; more are refused at once.
+MAX_WAITING_PEERS = 4
+#: accept() back-off after a resource error: first and longest sleep, seconds.
+ACCEPT_BACKOFF = (0.01, 1.0)
+#: accept() errors that mean "no resources now", not "this socket is broken".
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+async def accept_forever(lsock: trio.socket.SocketType, nursery: trio.Nursery,
+                         handle: Callable[[trio.socket.SocketType], Awaitable[None]],
+                         counters: Counter[str], log: logging.Logger, what: str) -> None:
+    """Accept connections on ``lsock`` and start ``handle(conn)`` for each, surviving resource
+    errors with a back-off (module docstring)."""
+    delay = ACCEPT_BACKOFF[0]
+    while True:
+        try:
+            conn, _ = await lsock.accept()
+        except OSError as e:
+            if e.errno == errno.ECONNABORTED:
+                continue  # the peer gave up before we accepted it
+            if e.errno not in ACCEPT_RESOURCE_ERRORS:
+                raise
+            counters["accept_errors"] += 1
+            if delay == ACCEPT_BACKOFF[0]:
+                log.warning("%s: accept failed (%s); backing off until resources free up", what,
+                            e)
+            await trio.sleep(delay)
+            delay = min(delay * 2, ACCEPT_BACKOFF[1])
+            continue
+        delay = ACCEPT_BACKOFF[0]
+        FD_GAUGE.sample()
+        nursery.start_soon(handle, conn)
 
 
 class Session(Protocol):
@@ -85,6 +129,8 @@ class DeviceServer(Generic[S]):
         self.counters: Counter[str] = Counter()
         self.connections = 0
         self._one_peer = trio.Lock()  # FIFO: peers are served in arrival order
+        self._waiting = 0
+        self.log = logging.getLogger(type(self).__module__)
 
     # -- to be provided by the transport -------------------------------------------------------
     def new_session(self) -> S:
@@ -119,6 +165,10 @@ class DeviceServer(Generic[S]):
         self._interrupt(outcome)
         return list(outcome.effects)
 
+    def fd_stats(self) -> dict[str, int]:
+        """Open fds, their peak and the limit (``stats``: ``fds``)."""
+        return FD_GAUGE.snapshot()
+
     def session_counters(self) -> dict[str, int]:
         return dict(self.session.counters) if self.session is not None \
             else dict(self.last_session_counters)
@@ -130,22 +180,29 @@ class DeviceServer(Generic[S]):
         # way): from here on the path is ours to remove.
         lsock = trio.socket.from_stdlib_socket(listen_private(self.path, LISTEN_BACKLOG))
         try:
-            logging.getLogger(type(self).__module__).info("%s server listening on %s",
-                                                          self.name, self.path)
+            self.log.info("%s server listening on %s", self.name, self.path)
             async with trio.open_nursery() as nursery:
                 task_status.started(self.path)
-                while True:
-                    conn, _ = await lsock.accept()
-                    nursery.start_soon(self._admit, conn)
+                await accept_forever(lsock, nursery, self._admit, self.counters, self.log,
+                                     self.name)
         finally:
             lsock.close()
             unlink_quietly(self.path)
 
     async def _admit(self, conn: trio.socket.SocketType) -> None:
-        log = logging.getLogger(type(self).__module__)
+        log = self.log
         try:
-            with trio.move_on_after(self.busy_wait) as cs:
-                await self._one_peer.acquire()
+            if self._one_peer.locked() and self._waiting >= MAX_WAITING_PEERS:
+                self.counters["connections_refused_full"] += 1
+                log.warning("%s: refusing a connection: one peer is served and %d wait already",
+                            self.name, self._waiting)
+                return
+            self._waiting += 1
+            try:
+                with trio.move_on_after(self.busy_wait) as cs:
+                    await self._one_peer.acquire()
+            finally:
+                self._waiting -= 1
             if cs.cancelled_caught:
                 self.counters["connections_refused_busy"] += 1
                 log.warning("%s: a second peer connected while one is served; closing it",
@@ -165,7 +222,7 @@ class DeviceServer(Generic[S]):
             conn.close()
 
     async def _serve(self, conn: trio.socket.SocketType) -> None:
-        log = logging.getLogger(type(self).__module__)
+        log = self.log
         session = self.new_session()
         self.session = session
         stream = FdStream(conn, self.max_fds)
@@ -188,7 +245,7 @@ class DeviceServer(Generic[S]):
                 log.info("%s: peer left; device reset", self.name)
 
     async def _message_loop(self, stream: FdStream, session: S, nursery: trio.Nursery) -> None:
-        log = logging.getLogger(type(self).__module__)
+        log = self.log
         while True:
             fds: list[int] = []
             stream.start_message()
@@ -246,5 +303,4 @@ class DeviceServer(Generic[S]):
             pass  # counter saturated: the peer has an interrupt pending anyway
         except OSError as e:
             self.counters["eventfd_write_errors"] += 1
-            logging.getLogger(type(self).__module__).warning(
-                "%s: eventfd %d (%s) write failed: %s", self.name, s.fd, s.what, e)
+            self.log.warning("%s: eventfd %d (%s) write failed: %s", self.name, s.fd, s.what, e)

@@ -12,12 +12,19 @@ peer has gone.
 ``close_quietly(fd)`` is the one fd-closing helper of the transports: an fd the peer (or an
 earlier error path) already made invalid is no error. ``received_fds(ancillary)`` takes the fds
 out of what ``recvmsg`` returned.
+
+File descriptors are the resource a peer can exhaust (every connection, every fd it sends and
+every guest-RAM mapping costs one: Python's ``mmap`` keeps a dup of the file's fd).
+``FD_GAUGE`` counts the process's open fds (``/proc/self/fd``) against its soft RLIMIT_NOFILE:
+``headroom()`` is what a transport checks before it takes another fd for a peer, and
+``snapshot()`` (open, the peak of every sample taken, limit) goes into ``stats``.
 """
 from __future__ import annotations
 
 import array
 import errno as _errno
 import os
+import resource
 import socket
 
 import trio
@@ -104,3 +111,35 @@ class FdStream:
                 view = view[n:]
         except OSError as e:
             raise PeerClosed(f"send failed: {e}") from None
+
+
+class FdGauge:
+    """Open fds of this process, their sampled peak, and the soft RLIMIT_NOFILE."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    @staticmethod
+    def limit() -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+    def sample(self) -> int:
+        """Open fds now (the listing's own fd not counted); updates ``peak``."""
+        try:
+            n = len(os.listdir("/proc/self/fd")) - 1
+        except OSError:  # no /proc, or no fd left to list it with
+            return self.peak
+        self.peak = max(self.peak, n)
+        return n
+
+    def headroom(self) -> int:
+        """How many more fds the process may open."""
+        return self.limit() - self.sample()
+
+    def snapshot(self) -> dict[str, int]:
+        return {"open": self.sample(), "peak": self.peak, "limit": self.limit()}
+
+
+#: The process's one gauge (fds are per process, whichever server takes them).
+FD_GAUGE = FdGauge()

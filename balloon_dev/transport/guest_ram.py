@@ -52,7 +52,10 @@ least we can ask: the peer may still grow the file and write to it, which is all
 needs.
 
 Errors: every refusal is a ``PeerError`` with the counter the caller names and the errno of the
-failing call (EINVAL for a range past the end of the file).
+failing call (EINVAL for a range past the end of the file). A mapping costs the process one fd
+(Python's ``mmap`` keeps a dup of the file's), so ``map`` refuses with ENOSPC while fewer than
+``fd_reserve(limit)`` fds are left (``fdstream.FD_GAUGE``), before the process runs out: the fds
+that remain serve connections, eventfds and the control socket (``connection`` docstring).
 """
 from __future__ import annotations
 
@@ -67,9 +70,16 @@ from collections import Counter
 from dataclasses import dataclass
 
 from balloon_dev.transport.core import PeerError
+from balloon_dev.transport.fdstream import FD_GAUGE
 from guestmem import GuestMemory
 
 log = logging.getLogger(__name__)
+
+#: Fds kept free of guest RAM mappings (see the module docstring): a quarter of the limit, at
+#: least 8 and at most 64.
+def fd_reserve(limit: int) -> int:
+    return max(8, min(64, limit // 4))
+
 
 #: The counter (in the session's ``counters``, hence in ``stats``) of mappings left unprotected.
 UNSEALED_COUNTER = "dma_map_unsealed"
@@ -170,6 +180,11 @@ class GuestRamMapper:
         if size <= 0 or gpa < 0 or gpa + size > 1 << 64 or offset < 0:
             raise PeerError(counter, f"{what}: invalid range [{gpa:#x}, +{size:#x}) "
                             f"at offset {offset:#x}")
+        left, limit = FD_GAUGE.headroom(), FD_GAUGE.limit()
+        if left < fd_reserve(limit):
+            raise PeerError(counter, f"{what}: only {left} file descriptors left (limit "
+                            f"{limit}); each mapping keeps one and {fd_reserve(limit)} are "
+                            "kept for connections", errno=errno.ENOSPC)
         # Seal before the size check: a sealed file cannot shrink below what fstat saw.
         seal = seal_against_shrink(fd)
         base = offset - offset % mmap.ALLOCATIONGRANULARITY

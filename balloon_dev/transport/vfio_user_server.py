@@ -60,4 +60,5 @@ class VfioUserServer(DeviceServer[VfioUserSession]):
             "pci_counters": dict(self.pci.counters),
             "dma_regions": [[r.gpa, r.size] for r in self.mem.regions],
             "session_counters": self.session_counters(),
+            "fds": self.fd_stats(),
         }

@@ -80,6 +80,7 @@ class VhostUserServer(DeviceServer[VhostUserSession]):
             "server_counters": dict(self.counters),
             "connections": self.connections,
             "session_counters": self.session_counters(),
+            "fds": self.fd_stats(),
             "memory_regions": [[r.gpa, r.size] for r in self.mem.regions],
             "live": self.session is not None and self.session.live,
         }
