@@ -14,6 +14,7 @@ import argparse
 import json
 import socket
 import sys
+import time
 from typing import Any
 
 HELP = "send a host-control command (hint-start, hint-stop, hint-done, set-target, stats)"
@@ -67,12 +68,38 @@ def for_people(ans: dict[str, Any]) -> dict[str, Any]:
     return {**ans, "return": out}
 
 
+#: Pause between two connection attempts while the server's accept queue is full.
+RETRY_S = 0.05
+
+
+def connect(path: str, deadline: float) -> socket.socket:
+    """A socket connected to ``path`` by ``deadline`` (``time.monotonic``). A unix socket whose
+    server's accept queue is full refuses a timed-out connect at once with EAGAIN: that is a
+    busy server, not an error, so the connect is retried until the deadline."""
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() + RETRY_S >= deadline:
+                raise TimeoutError("the server's accept queue stayed full until the "
+                                   "timeout") from None
+            time.sleep(RETRY_S)
+        except BaseException:
+            s.close()
+            raise
+
+
 def call(path: str, command: str, arguments: dict[str, Any] | None = None,
          timeout: float = 10.0) -> dict[str, Any]:
-    """One command over the control socket; returns the decoded answer object."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
+    """One command over the control socket; returns the decoded answer object. ``timeout``
+    bounds the whole exchange, the wait for a busy server's accept queue included."""
+    deadline = time.monotonic() + timeout
+    with connect(path, deadline) as s:
+        s.settimeout(max(deadline - time.monotonic(), 0.001))
         f = s.makefile("rwb")
         welcome = json.loads(f.readline())
         if not isinstance(welcome, dict) or "QMP" not in welcome:

@@ -5,10 +5,12 @@ import os
 import socket
 import tempfile
 import threading
+import time
 
 import pytest
 
 from vmsim.cli import main
+from vmsim.cmd_ctl import call
 
 
 def _serve_once(path: str, lines: list[bytes]) -> threading.Thread:
@@ -41,3 +43,43 @@ def test_peer_that_is_not_a_control_socket(lines: list[bytes],
         t.join(5)
     err = capsys.readouterr().err
     assert err.startswith(f"ctl: {path}: ")
+
+
+def test_ctl_waits_while_the_accept_queue_is_full() -> None:
+    """A busy server whose accept queue is full: ``ctl`` keeps trying until its timeout
+    instead of failing at once with EAGAIN (issue 15 item 2)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ctl")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen(0)
+        fillers = []
+        while True:  # fill the queue until a non-blocking connect is refused with EAGAIN
+            f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            f.setblocking(False)
+            try:
+                f.connect(path)
+            except BlockingIOError:
+                f.close()
+                break
+            fillers.append(f)
+            assert len(fillers) < 100
+
+        def server() -> None:
+            time.sleep(0.5)  # busy for a while, then drain the queue and answer
+            for _ in range(len(fillers)):
+                lsock.accept()[0].close()
+            with lsock.accept()[0] as c:
+                c.sendall(b'{"QMP": {}}\n')
+                c.recv(4096)
+                c.sendall(b'{"return": {}}\n')
+
+        t = threading.Thread(target=server, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        assert call(path, "stats", timeout=10) == {"return": {}}
+        assert time.monotonic() - t0 >= 0.4
+        t.join(5)
+        for f in fillers:
+            f.close()
+        lsock.close()
