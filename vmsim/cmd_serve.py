@@ -3,15 +3,22 @@
 Builds a ``BalloonDevice`` over an initially empty ``GuestMemory`` (QEMU's DMA_MAP messages map
 guest RAM into it), wraps it in the virtio-pci function and serves it on the vfio-user socket
 the user names, with the JSON host-control socket beside it (``balloon-hint ctl``). Prints the
-QEMU options that connect to it, then serves until interrupted. With ``--vhost-user PATH`` the
-same device is served to QEMU's generic vhost-user front-end instead (guest RAM arrives with
-SET_MEM_TABLE; ``balloon_dev/transport/vhost_user_server.py``).
+QEMU options that connect to it, then serves until SIGINT or SIGTERM, which end it with one line,
+both sockets removed and the status 128 + the signal's number (130, 143). With ``--vhost-user
+PATH`` the same device is served to QEMU's generic vhost-user front-end instead (guest RAM
+arrives with SET_MEM_TABLE; ``balloon_dev/transport/vhost_user_server.py``).
+
+Refused before anything is created (usage errors, exit 2): an empty socket path, and a control
+socket on the device socket's path. A socket path where a server already listens is refused
+with exit 1 (``unixsock.SocketInUse``): taking it over would leave that server unreachable.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -26,6 +33,7 @@ from balloon_dev.transport.vfio_user_server import VfioUserServer
 from balloon_dev.transport.vhost_user_server import VhostUserServer
 from balloon_dev.transport.virtio_pci import VirtioPciFunction
 from guestmem import GuestMemory
+from guestmem.units import PAGE_SIZE
 from protocol.balloon import BALLOON_FEATURE_NAMES
 from protocol.errors import UsageError
 from protocol.virtio import (
@@ -92,8 +100,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MSI-X table size (default: %(default)s, as QEMU's virtio-balloon)")
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Usage errors in the socket paths: an empty one, or the control socket on the device's."""
+    for opt, value in (("--vfio-user", args.vfio_user), ("--vhost-user", args.vhost_user),
+                       ("--control", args.control)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{opt}: the socket path is empty")
+    device = args.vfio_user if args.vfio_user is not None else args.vhost_user
+    if args.control is not None and os.path.abspath(args.control) == os.path.abspath(device):
+        raise UsageError(f"--control {args.control}: the same path as the device socket; the "
+                         "control socket needs its own (default: PATH.ctl)")
+
+
 def build(args: argparse.Namespace) -> tuple[Server, HostControl, str]:
-    if args.vhost_user:
+    check_paths(args)
+    if args.vhost_user is not None:
         return build_vhost_user(args)
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
@@ -117,8 +138,14 @@ def _with_control(dev: BalloonDevice, mem: GuestMemory,
 
     server = make_server(on_effects)
     holder.append(HostControl(dev, server.host_call, wall_clock, in_guest_ram=mem.contains,
-                              extra_stats=server.stats))
+                              extra_stats=server.stats,
+                              guest_ram_pages=lambda: mem_pages(mem)))
     return server, holder[0]
+
+
+def mem_pages(mem: GuestMemory) -> int:
+    """Pages of guest RAM the peer has mapped for the device (0 before it has)."""
+    return sum(r.size for r in mem.regions) // PAGE_SIZE
 
 
 #: QEMU's generic vhost-user front-end gives every ring one size (`vq_size`), so the device's
@@ -150,7 +177,23 @@ def build_vhost_user(args: argparse.Namespace) -> tuple[Server, HostControl, str
     return server, control, args.control or f"{args.vhost_user}.ctl"
 
 
-async def _main(server: Server, control: HostControl, ctl_path: str) -> None:
+#: The signals that end ``serve``: the exit status is 128 + the signal's number (130, 143).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _main(server: Server, control: HostControl, ctl_path: str) -> int | None:
+    """Serve until a stop signal; returns its number. Both sockets are removed on the way out
+    (the servers' own ``finally``)."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve, server, control, ctl_path)
+            async for signum in signals:
+                nursery.cancel_scope.cancel()
+                return int(signum)
+    return None
+
+
+async def _serve(server: Server, control: HostControl, ctl_path: str) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, ctl_path, control)
         await nursery.start(server.run)
@@ -187,9 +230,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # the device refuses its configuration: a bad option value
         raise UsageError(str(e)) from None
     try:
-        trio.run(_main, server, control, ctl_path)
-    except KeyboardInterrupt:
-        print("balloon-hint: stopped", file=sys.stderr)
+        signum = trio.run(_main, server, control, ctl_path)
+    except KeyboardInterrupt:  # before the signal receiver was installed
+        signum = signal.SIGINT
     except (OSError, BaseExceptionGroup) as e:
         # A socket path that cannot be created (missing folder, a file in the way, ...): say
         # which sockets, not a traceback. Anything else is a bug and keeps its traceback.
@@ -199,4 +242,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"serve: cannot serve on {server.path} (control {ctl_path}): "
               f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    return 0
+    if signum is None:
+        return 0
+    print(f"balloon-hint serve: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + int(signum)

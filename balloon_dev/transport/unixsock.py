@@ -12,10 +12,11 @@ What is at ``path`` already decides the outcome, and every refusal is an ``OSErr
 (so a CLI can report all of them with one ``except``):
 
 * nothing: the socket is created;
-* a socket file: replaced. It is normally left over from an earlier run that did not get to
-  remove it (killed); a live server's socket cannot be told apart without connecting to it,
-  which that server would count as a client, so, as QEMU does for its own listening sockets,
-  the file is simply replaced;
+* a socket file where a server still listens (a connect succeeds, or finds its queue full):
+  ``SocketInUse``, the path named; taking the file over would leave that server unreachable.
+  The probe connection is closed at once (the live server sees a client come and go);
+* a socket file nobody listens on (connect refused): replaced. It is left over from an earlier
+  run that did not get to remove it (killed);
 * any other file, a symlink included (even one to a socket): ``FileExistsError`` naming the
   path; the file is left untouched (a mistyped path must never cost the user a file);
 * a parent folder that does not exist: ``FileNotFoundError`` naming the folder.
@@ -32,10 +33,33 @@ import socket
 import stat
 from pathlib import Path
 
+#: How long the probe of an existing socket file waits for its server.
+PROBE_TIMEOUT_S = 1.0
+
+
+class SocketInUse(FileExistsError):
+    """A server already listens on the socket path."""
+
+
+def _someone_listens(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(PROBE_TIMEOUT_S)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (BlockingIOError, TimeoutError):
+        return True  # its accept queue is full: alive, and busy
+    except OSError:
+        return False  # not a socket we can reach at all (e.g. no permission): treat as stale
+    finally:
+        probe.close()
+    return True
+
 
 def listen_private(path: str | os.PathLike[str], backlog: int) -> socket.socket:
     """A listening unix socket at ``path``, mode 0600 from the start (see the module docstring
-    for what happens to a file already there). Raises ``FileExistsError`` or
+    for what happens to a file already there). Raises ``SocketInUse``, ``FileExistsError`` or
     ``FileNotFoundError`` (or another ``OSError`` from the kernel, e.g. a path too long)."""
     p = Path(path)
     if not p.parent.is_dir():
@@ -49,6 +73,9 @@ def listen_private(path: str | os.PathLike[str], backlog: int) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(errno.EEXIST,
                                   f"{str(p)!r} exists and is not a socket; refusing to replace it")
+        if _someone_listens(p):
+            raise SocketInUse(errno.EADDRINUSE, f"{str(p)!r}: a server is listening there "
+                              "already; refusing to take its socket over")
         p.unlink()  # a socket left behind by an earlier run
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
