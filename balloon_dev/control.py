@@ -104,6 +104,8 @@ class HostControl:
                        "stats_buffers": 0, "needs_reset": 0, "hints_outside_rounds": 0}
         self.last_guest_stats: dict[str, int] = {}
         self.last_actual: int | None = None
+        #: The control socket's own counters (refusals, accept errors), set by its server.
+        self.socket_counters: dict[str, int] | None = None
 
     # -- wire ------------------------------------------------------------------------------
     @staticmethod
@@ -244,6 +246,8 @@ class HostControl:
             # The clock rounds' requested_at are read from (monotonic): ages come from it.
             "clock": self.clock(),
         }
+        if self.socket_counters is not None:
+            out["control_counters"] = dict(self.socket_counters)
         if self.extra_stats is not None:
             out.update(self.extra_stats())
         return out

@@ -98,6 +98,7 @@ class ControlServer:
         self.control = control
         self.active = 0
         self.counters: Counter[str] = Counter()
+        control.socket_counters = self.counters  # ``stats`` shows them as control_counters
 
     async def run(self, path: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.from_stdlib_socket(listen_private(path, CONTROL_BACKLOG))

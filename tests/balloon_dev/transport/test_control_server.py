@@ -134,7 +134,7 @@ def test_connections_beyond_the_cap_are_refused_with_a_reason(control: HostContr
         held.pop()[0].close()
         s, f = connect(path)  # a slot freed: served again
         s.sendall(b'{"execute":"stats"}\n')
-        assert "return" in json.loads(f.readline())
+        assert json.loads(f.readline())["return"]["control_counters"] == {"control_refused_full": 1}
         s.close()
         for h, _ in held:
             h.close()
