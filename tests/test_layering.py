@@ -19,9 +19,10 @@ is checked against the rules:
   is sans-I/O). ``scripts/`` and ``tests/`` are not checked: they may use anything;
 * inside ``balloon_dev/transport/``: the common layer (``TRANSPORT_COMMON``) imports nothing of a
   particular transport, and each socket transport (``TRANSPORT_FAMILIES``: vfio-user with its
-  PCI function, vhost-user) imports only the common layer, ``balloon_dev.effects`` and its own
-  modules -- not the other transport, and not ``balloon_dev.device`` (it sees the device only
-  through ``core.DeviceCore``). ``inprocess`` is no socket transport and is not constrained.
+  PCI function, vhost-user) imports only the common layer, ``balloon_dev.effects``,
+  ``balloon_dev.status`` and its own modules -- not the other transport, and not
+  ``balloon_dev.device`` (it sees the device only through ``core.DeviceCore``). ``inprocess``
+  is no socket transport and is not constrained.
 
 Imports under ``if TYPE_CHECKING:`` count too: a type-only dependency between guest and device
 is still a dependency the architecture forbids.
@@ -119,6 +120,9 @@ TRANSPORT_COMMON = frozenset({"core", "connection", "fdstream", "guest_ram", "un
 #: Each socket transport's own modules.
 TRANSPORT_FAMILIES = (frozenset({"vfio_user", "vfio_user_server", "virtio_pci"}),
                       frozenset({"vhost_user", "vhost_user_server"}))
+#: Leaf modules of balloon_dev any transport module may import: the effects it performs and the
+#: status-byte names (the vhost-user status machine reads the same bits the device judges).
+TRANSPORT_LEAVES = frozenset({"balloon_dev.effects", "balloon_dev.status"})
 #: What else a transport module may import of balloon_dev, besides the common layer.
 TRANSPORT_EXTRA = {"control_server": frozenset({"balloon_dev.control"})}
 
@@ -132,7 +136,7 @@ def _transport_violation(rel: Path, name: str) -> str | None:
                                                 or name.startswith("balloon_dev.")):
         return None
     parts = name.split(".")
-    if parts[:2] == ["balloon_dev", "effects"] or (parts[:2] == ["balloon_dev", "transport"]
+    if ".".join(parts[:2]) in TRANSPORT_LEAVES or (parts[:2] == ["balloon_dev", "transport"]
                                                    and (len(parts) == 2
                                                         or parts[2] in TRANSPORT_COMMON)):
         return None
@@ -143,7 +147,7 @@ def _transport_violation(rel: Path, name: str) -> str | None:
         return None
     if mod in TRANSPORT_COMMON:
         return "the common transport layer imports no particular transport nor the device"
-    return ("a transport imports only the common layer, balloon_dev.effects and its own "
+    return ("a transport imports only the common layer, balloon_dev.effects/status and its own "
             "modules (the device only through core.DeviceCore)")
 
 

@@ -69,6 +69,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
+from balloon_dev.status import ACKNOWLEDGE as ACK
+from balloon_dev.status import DRIVER, DRIVER_OK, FAILED, FEATURES_OK, NEEDS_RESET
 from balloon_dev.transport.core import DeviceCore, Outcome, PeerError, Signal, count_peer_fault
 from balloon_dev.transport.fdstream import close_quietly
 from balloon_dev.transport.guest_ram import GuestRamMapper, RamMapping
@@ -99,17 +101,10 @@ from protocol.vhost_user import (
     decode_payload,
     request_name,
 )
-from protocol.virtio import DeviceStatus
 from protocol.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 
 log = logging.getLogger(__name__)
 
-ACK = int(DeviceStatus.ACKNOWLEDGE)
-DRIVER = int(DeviceStatus.DRIVER)
-FEATURES_OK = int(DeviceStatus.FEATURES_OK)
-DRIVER_OK = int(DeviceStatus.DRIVER_OK)
-FAILED = int(DeviceStatus.FAILED)
-NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
 
 PF = VhostUserProtocolFeature
 #: Protocol features offered by default (protocol.md 8.4/8.5): REPLY_ACK for NEED_REPLY acks,
