@@ -8,6 +8,13 @@ is checked against the rules:
 
 * ``guest_model`` never imports ``balloon_dev`` and ``balloon_dev`` never imports ``guest_model``
   (a guest and a device meet only through memory, config bytes and notifications);
+* the packages stack (``PROJECT_IMPORTS``): ``protocol`` imports nothing of the project,
+  ``guestmem`` only ``protocol``, ``balloon_dev`` and ``guest_model`` only those two; only
+  ``vmsim`` assembles them, so nothing below it imports ``vmsim`` (its QEMU lab and qtest peers
+  included);
+* no package imports ``tests`` (``vmsim.conformance`` ships in the wheel, without the tests);
+* ``vmsim/conformance/`` checks any device from the driver's side: it never imports
+  ``balloon_dev`` (a check that used our device core would pass for our device only);
 * the host's migration (``balloon_dev/host/``) and the device meet only through the device's
   effects and events: nothing else in ``balloon_dev`` imports ``balloon_dev.host``, and
   ``balloon_dev/host/`` imports of ``balloon_dev`` are ``balloon_dev.effects`` or its own;
@@ -79,6 +86,30 @@ def imported_modules(path: Path, root: Path) -> Iterator[tuple[int, str]]:
             if is_dyn and node.args and isinstance(node.args[0], ast.Constant) \
                     and isinstance(node.args[0].value, str):
                 yield node.lineno, node.args[0].value
+
+
+#: Of the project's packages, what each package below vmsim may import (besides itself).
+PROJECT_IMPORTS = {
+    "protocol": frozenset(),
+    "guestmem": frozenset({"protocol"}),
+    "balloon_dev": frozenset({"protocol", "guestmem"}),
+    "guest_model": frozenset({"protocol", "guestmem"}),
+}
+PROJECT_TOPS = frozenset({*PROJECT_IMPORTS, "vmsim", "tests"})
+
+
+def _stack_violation(rel: Path, top: str) -> str | None:
+    """The package-stack, no-tests and conformance rules for an import of ``top`` by ``rel``."""
+    owner = rel.parts[0]
+    if top == "tests":
+        return "packages never import tests/ (vmsim.conformance ships without it)"
+    if owner in PROJECT_IMPORTS and top in PROJECT_TOPS and top != owner \
+            and top not in PROJECT_IMPORTS[owner]:
+        allowed = ", ".join(sorted(PROJECT_IMPORTS[owner])) or "nothing"
+        return f"{owner} imports {allowed} of the project (vmsim sits on top)"
+    if rel.parts[:2] == ("vmsim", "conformance") and top == "balloon_dev":
+        return "vmsim/conformance checks a device from outside: it never imports balloon_dev"
+    return None
 
 
 def _trio_allowed(rel: Path) -> bool:
@@ -169,7 +200,8 @@ def layering_violations(root: Path) -> list[str]:
                     why = "guest_model must not import balloon_dev"
                 elif owner == "balloon_dev" and top == "guest_model":
                     why = "balloon_dev must not import guest_model"
-                elif (boundary := _host_boundary(rel, name) or _allocator_boundary(rel, name)):
+                elif (boundary := _stack_violation(rel, top) or _host_boundary(rel, name)
+                      or _allocator_boundary(rel, name)):
                     why = boundary
                 elif top == "construct" and owner != "protocol":
                     why = "construct is imported only inside protocol/"
@@ -240,6 +272,20 @@ def _plant(tmp_path: Path, rel: str, source: str) -> None:
      "the common transport layer imports no"),
     ("balloon_dev/transport/connection.py", "import balloon_dev.device\n",
      "the common transport layer imports no"),
+    ("balloon_dev/transport/connection.py", "from balloon_dev.device_config import DeviceConfig\n",
+     "the common transport layer imports no"),
+    ("balloon_dev/bad.py", "from vmsim.qtest.machine import QtestMachine\n",
+     "balloon_dev imports guestmem, protocol of the project"),
+    ("guest_model/bad.py", "def f():\n    import vmsim.qtest\n",
+     "guest_model imports guestmem, protocol of the project"),
+    ("protocol/bad.py", "from guestmem.units import PAGE_SIZE\n", "protocol imports nothing"),
+    ("guestmem/bad.py", "from balloon_dev import effects\n", "guestmem imports protocol of"),
+    ("vmsim/conformance/harness.py", "from tests.fdutil import eventfd\n",
+     "packages never import tests/"),
+    ("vmsim/conformance/checks/test_bad.py", "import tests.conformance_target.faulty_server\n",
+     "packages never import tests/"),
+    ("vmsim/conformance/checks/conftest.py", "from balloon_dev.device import BalloonDevice\n",
+     "vmsim/conformance checks a device from outside"),
 ])
 def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, needle: str) -> None:
     _plant(tmp_path, rel, source)
@@ -265,6 +311,11 @@ def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, need
      "from balloon_dev.transport.connection import DeviceServer\n"),
     ("balloon_dev/transport/control_server.py", "from balloon_dev.control import HostControl\n"),
     ("balloon_dev/transport/inprocess.py", "from balloon_dev.device import BalloonDevice\n"),
+    ("balloon_dev/transport/vhost_user.py", "from balloon_dev.status import DRIVER_OK\n"),
+    ("guestmem/memory.py", "from protocol.errors import GuestFault\n"),
+    ("vmsim/conformance/harness.py", "from vmsim.qtest import QtestMachine\n"
+     "from guest_model.guest import SimGuest\n"),
+    ("vmsim/qtest/balloon.py", "from balloon_dev.device import BalloonDevice\n"),
 ])
 def test_allowed_imports_pass(tmp_path: Path, rel: str, source: str) -> None:
     _plant(tmp_path, rel, source)
