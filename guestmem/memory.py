@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from guestmem.units import U64_LIMIT
+from protocol.errors import GuestFault
 
 if TYPE_CHECKING:
     from guestmem.dirty import DirtyLog
 
 
-class GuestMemoryError(Exception):
-    """A guest-supplied address or length that does not lie inside guest memory."""
+class GuestMemoryError(GuestFault):
+    """A guest-supplied address or length that does not lie inside guest memory (a guest fault:
+    the device turns it into a broken ring or a refused request and counts it)."""
 
     def __init__(self, gpa: int, length: int, why: str = "outside guest memory") -> None:
         super().__init__(f"guest range [{gpa:#x}, +{length:#x}) {why}")

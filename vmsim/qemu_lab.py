@@ -105,7 +105,7 @@ class GuestCommandError(LabVMError):
         self.cmd, self.status, self.output = cmd, status, output
 
 
-class QmpError(Exception):
+class QmpError(EnvironmentFailure):
     """QMP answered a command with an error (``class`` and ``desc`` in the message)."""
 
 

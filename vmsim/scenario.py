@@ -132,8 +132,9 @@ _TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min":
                "h": 3600.0}
 
 
-class UnitError(ValueError):
-    pass
+class UnitError(UsageError, ValueError):
+    """A size, rate or duration that cannot be read (a ``ValueError`` too, so argparse
+    ``type=`` converters report it as a bad argument)."""
 
 
 def _split(text: str) -> tuple[float, str]:

@@ -49,6 +49,7 @@ from guest_model.guest import GuestOptions, SimGuest
 from guestmem import GuestMemory, PageVersions
 from guestmem.clock import Scheduler, SimClock
 from protocol.balloon import VIRTIO_BALLOON_F_PAGE_POISON, BalloonQueue, queue_layout
+from protocol.errors import EnvironmentFailure
 from protocol.virtio import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_EVENT_IDX,
@@ -111,8 +112,9 @@ def pfn_bytes(*pfns: int) -> bytes:
     return struct.pack(f"<{len(pfns)}I", *pfns)
 
 
-class HostError(Exception):
-    """The target's control socket answered with an error."""
+class HostError(EnvironmentFailure):
+    """The target's control socket answered with an error (the device under test, outside
+    balloon-hint, refused a host command)."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from protocol.errors import UsageError
 from vmsim.conformance.report import (
     DR_NOTE,
     NOTE_PROPERTY,
@@ -53,7 +54,7 @@ ID_RE = re.compile(r"^[A-Z]{1,4}-\d+$")
 MARKER_HELP = f"spec(*ids): the requirement ids (V-n, D-n, DR-n; see {DOCS}) a test checks"
 
 
-class TargetError(ValueError):
+class TargetError(UsageError, ValueError):
     """A ``--target`` / ``--balloon-target`` value that cannot name a device."""
 
 
