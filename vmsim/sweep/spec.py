@@ -69,6 +69,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from guestmem.units import bytes_to_pages, pages_to_bytes
 from protocol.errors import UsageError
 from vmsim.scenario import (
     HINT_MODES,
@@ -105,7 +106,7 @@ CONCURRENCY_AXIS = "evacuation.concurrency"
 
 def task_memory_estimate(ram_bytes: int) -> int:
     """Bytes of worker memory one run of a guest of ``ram_bytes`` takes (an upper estimate)."""
-    return TASK_BASE_BYTES + TASK_BYTES_PER_PAGE * (ram_bytes >> 12)
+    return TASK_BASE_BYTES + TASK_BYTES_PER_PAGE * bytes_to_pages(ram_bytes)
 
 
 class SweepError(UsageError):
@@ -737,7 +738,7 @@ def _resolve_percent(table: dict[str, Any]) -> None:
                 except ValueError:
                     continue  # left as written: the scenario loader names the bad value
                 if math.isfinite(pct) and 0 <= pct <= 100:
-                    w[k] = int(ram * pct / 100) >> 12 << 12
+                    w[k] = pages_to_bytes(bytes_to_pages(int(ram * pct / 100)))
 
 
 def _deep(x: Any) -> Any:
