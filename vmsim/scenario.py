@@ -423,10 +423,18 @@ def _num(v: Any) -> float:
 _PUBLISHED = {"without_hints_ms": _positive(_num), "with_hints_ms": _positive(_num)}
 # Figures measured on this project's machine for the same set-up (balloon-hint fidelity's
 # second table; docs/cost-model.md says how): bytes and page counts of QEMU's query-migrate.
-_MEASURED = {f"{k}_{m}": _positive(_num) if k == "transferred_bytes" else _num
-             for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
-             for m in ("off", "hints")}
-_MEASURED["runs"] = _num
+def _nonneg_num(v: Any) -> float:
+    out = _num(v)
+    if out < 0:
+        raise UnitError(f"{v} is negative")
+    return out
+
+
+_MEASURED: dict[str, Conv] = {
+    f"{k}_{m}": _positive(_num) if k in ("transferred_bytes", "total_ms") else _nonneg_num
+    for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
+    for m in ("off", "hints")}
+_MEASURED["runs"] = _int(1, 1_000_000)
 
 
 #: The simulator's work grows with a workload's rate (pages allocated or written per simulated

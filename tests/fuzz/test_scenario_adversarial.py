@@ -69,7 +69,9 @@ def _value_mutations(key: str, value: str) -> list[tuple[str, str]]:
     else:  # a bare number
         out += [("negative", "-1"), ("string for number", '"12"'),
                 ("bool for number", "true"), ("infinite", "inf"), ("nan", "nan")]
-        if key not in ("without_hints_ms", "with_hints_ms"):  # published: any finite number
+        # published and measured figures: any finite number (measured: not negative)
+        if key not in ("without_hints_ms", "with_hints_ms") and not key.endswith(("_off",
+                                                                                   "_hints")):
             out += [("huge", str(10**30))]
         if key == "keep":
             out += [("above 1", "1.5")]
