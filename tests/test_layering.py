@@ -301,7 +301,7 @@ def test_planted_violation_is_caught(tmp_path: Path, rel: str, source: str, need
     ("vmsim/cmd_serve.py", "import trio\n"),
     ("vmsim/cli.py", "import trio\n"),
     ("guest_model/driver.py", "from guestmem import GuestMemory\nfrom . import vring\n"),
-    ("guest_model/buddy/bulk.py",
+    ("guest_model/buddy/bulk_free.py",
      "from guest_model.buddy.defs import MAX_ORDER\nfrom . import defs\n"),
     ("balloon_dev/device.py", "from protocol.balloon import config_size\n"),
     ("balloon_dev/transport/vfio_user.py", "from balloon_dev.transport.core import Outcome\n"

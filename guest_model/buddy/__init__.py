@@ -17,13 +17,15 @@ migratetypes. A free block of order *k* starts at a pfn aligned to 2**k.
 * ``pagealloc.ZoneAllocator``: ``alloc_pages`` / ``free_pages`` one block at a time (per-cpu
   lists, migratetype fallback, reclaim through shrinkers, OOM notifiers, pageblock isolation);
 * ``reporting.ReportingIsolation``: free page reporting's isolate and putback;
-* ``bulk.BulkPaths``: the numpy bulk calls, held to the one-at-a-time code by twin tests.
+* ``bulk_alloc.BulkAlloc`` and ``bulk_free.BulkFree``: the numpy bulk calls, held to the
+  one-at-a-time code by twin tests.
 
 Each module's docstring explains its part.
 """
 from __future__ import annotations
 
-from guest_model.buddy.bulk import BulkPaths, run_blocks
+from guest_model.buddy.bulk_alloc import BulkAlloc
+from guest_model.buddy.bulk_free import BulkFree, run_blocks
 from guest_model.buddy.defs import (
     FALLBACKS,
     MAX_ORDER,
@@ -75,6 +77,6 @@ __all__ = [
 ]
 
 
-class BuddyAllocator(BulkPaths, ReportingIsolation):
+class BuddyAllocator(BulkAlloc, BulkFree, ReportingIsolation):
     """A Linux-like zoned buddy allocator over ``ram_bytes`` of guest RAM (see the module
     docstring; the constructor is ``FreeAreas.__init__``)."""

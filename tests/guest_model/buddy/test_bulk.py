@@ -1,4 +1,4 @@
-"""guest_model.buddy.bulk: bulk allocation and free leave the layout single calls leave."""
+"""guest_model.buddy.bulk_alloc and bulk_free: bulk calls leave the layout single calls leave."""
 from __future__ import annotations
 
 import numpy as np
