@@ -33,7 +33,7 @@ from balloon_dev.effects import Effect
 from balloon_dev.transport.core import Outcome, PeerError, Signal, count_peer_fault
 from balloon_dev.transport.fdstream import close_all, close_quietly
 from balloon_dev.transport.guest_ram import GuestRamMapper, RamMapping
-from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, VirtioPciFunction
+from balloon_dev.transport.virtio_pci import IntxLevel, MsixFire, PciAction, VirtioPciFunction
 from guestmem import GuestMemory
 from protocol import vfio_user as vu
 from protocol.errors import PeerFault
@@ -62,10 +62,8 @@ class IrqIndexState:
     masked: bool = False  # INTx only
 
 
-#: What the PCI function returns: host effects, ``MsixFire`` and ``IntxLevel``.
-PciAction = Any
 #: What a command handler returns: the reply payload and the interrupts and effects it caused.
-Result = tuple[bytes, list[PciAction]]
+Result = tuple[bytes, list[Effect | Signal]]
 
 
 def refused(err: int, why: str) -> PeerError:
@@ -172,14 +170,14 @@ class VfioUserSession:
         return effects
 
     @staticmethod
-    def _outcome(actions: list[PciAction]) -> Outcome:
+    def _outcome(actions: list[Effect | Signal]) -> Outcome:
         signals = tuple(a for a in actions if isinstance(a, Signal))
         effects = tuple(a for a in actions if not isinstance(a, Signal))
         return Outcome(signals=signals, effects=effects)
 
     # -- interrupts --------------------------------------------------------------------------
-    def _irq_actions(self, actions: list[Any]) -> list[Any]:
-        out: list[Any] = []
+    def _irq_actions(self, actions: list[PciAction]) -> list[Effect | Signal]:
+        out: list[Effect | Signal] = []
         for a in actions:
             if isinstance(a, MsixFire):
                 out += self._signal(vu.VFIO_PCI_MSIX_IRQ_INDEX, a.vector)
@@ -191,7 +189,7 @@ class VfioUserSession:
                 out.append(a)
         return out
 
-    def _signal(self, index: int, vector: int) -> list[Any]:
+    def _signal(self, index: int, vector: int) -> list[Signal]:
         st = self.irqs[index]
         fd = st.fds[vector] if st.enabled and 0 <= vector < st.count else None
         if fd is None:
@@ -200,7 +198,7 @@ class VfioUserSession:
         self.counters[f"irq_signalled_{index}"] += 1
         return [Signal(fd, f"irq index {index} vector {vector}")]
 
-    def _intx_fire(self) -> list[Any]:
+    def _intx_fire(self) -> list[Signal]:
         st = self.irqs[vu.VFIO_PCI_INTX_IRQ_INDEX]
         if st.masked or not self.intx_level:
             return []
@@ -355,7 +353,7 @@ class VfioUserSession:
             self._no_fds(fds, "SET_IRQS without DATA_EVENTFD")
         elif fds and len(fds) != m.count:
             raise refused(errno.EINVAL, f"SET_IRQS count {m.count} with {len(fds)} fds")
-        out: list[Any] = []
+        out: list[Effect | Signal] = []
         if act == vu.VFIO_IRQ_SET_ACTION_TRIGGER:
             if m.count == 0:
                 if dt not in (vu.VFIO_IRQ_SET_DATA_NONE, vu.VFIO_IRQ_SET_DATA_EVENTFD):
@@ -418,7 +416,7 @@ class VfioUserSession:
         self._require_version("REGION_READ")
         self._no_fds(fds, "REGION_READ")
         self._check_access("REGION_READ", m.region, m.offset, m.count)
-        acts: list[Any] = []
+        acts: list[PciAction] = []
         if m.region == vu.VFIO_PCI_CONFIG_REGION_INDEX:
             data, acts = self.pci.config_read(m.offset, m.count)
         else:

@@ -555,7 +555,7 @@ class VhostUserSession:
         return self.dev.write_config(off, data)
 
     # -- handlers (payload already decoded; raise PeerError on meaning errors) ------------------
-    def _get_features(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _get_features(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         # Bit 30 tells the front-end we speak protocol features; the front-end hides it from the
         # guest (vub_get_features).
         feats = self.dev.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
@@ -580,11 +580,11 @@ class VhostUserSession:
             effects += self._features_ok()
         return _Handled(effects=effects)
 
-    def _set_owner(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _set_owner(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         self.owner = True
         return _Handled()
 
-    def _reset_device(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _reset_device(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         # RESET_DEVICE (and the deprecated RESET_OWNER): back to the just-connected state, but
         # the memory table and the negotiated protocol features stay.
         effects = self._device_reset()
@@ -595,7 +595,7 @@ class VhostUserSession:
         self._pending_config.clear()
         return _Handled(effects=effects)
 
-    def _get_protocol_features(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _get_protocol_features(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         return _Handled(payload=build_u64(self.offered_protocol_features))
 
     def _set_protocol_features(self, value: int, _fds: tuple[int, ...]) -> _Handled:
@@ -606,10 +606,10 @@ class VhostUserSession:
         self.protocol_features = value
         return _Handled()
 
-    def _get_queue_num(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _get_queue_num(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         return _Handled(payload=build_u64(self.dev.num_queues))
 
-    def _get_max_mem_slots(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _get_max_mem_slots(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         return _Handled(payload=build_u64(MAX_MEM_SLOTS))
 
     def _map_region(self, i: int, r: MemoryRegion, fd: int, others: list[_Mapping],
@@ -768,7 +768,7 @@ class VhostUserSession:
         effects += self._maybe_go_live()
         return _Handled(effects=effects)
 
-    def _set_backend_req_fd(self, _p: Any, fds: tuple[int, ...]) -> _Handled:
+    def _set_backend_req_fd(self, _p: object, fds: tuple[int, ...]) -> _Handled:
         if not self.has_protocol_feature(PF.BACKEND_REQ):
             raise PeerError("backend_req_not_negotiated", "BACKEND_REQ was not negotiated")
         if len(fds) != 1:
@@ -812,7 +812,7 @@ class VhostUserSession:
             raise PeerError("bad_status", f"status {value:#x} exceeds 8 bits")
         return _Handled(effects=self._drive_status(value))
 
-    def _get_status(self, _p: Any, _fds: tuple[int, ...]) -> _Handled:
+    def _get_status(self, _p: object, _fds: tuple[int, ...]) -> _Handled:
         # While stopped the device keeps its DRIVER_OK (it may resume), but the front-end must
         # not read it as running: its add_status() would echo DRIVER_OK back before the rings.
         st = self.dev.status if self.live else self.dev.status & ~DRIVER_OK
@@ -821,7 +821,7 @@ class VhostUserSession:
 
 
 _R = VhostUserRequest
-_HANDLERS: dict[int, Any] = {
+_HANDLERS: dict[int, Callable[..., _Handled]] = {
     _R.GET_FEATURES: VhostUserSession._get_features,
     _R.SET_FEATURES: VhostUserSession._set_features,
     _R.SET_OWNER: VhostUserSession._set_owner,

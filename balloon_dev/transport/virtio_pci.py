@@ -36,9 +36,8 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from balloon_dev.effects import ConfigChanged, NotifyQueue
+from balloon_dev.effects import ConfigChanged, Effect, NotifyQueue
 from balloon_dev.transport.core import DeviceCore
 from protocol import virtio_pci as vp
 from protocol.errors import UsageError
@@ -59,6 +58,11 @@ class IntxLevel:
     """The INTx line changed level."""
 
     asserted: bool
+
+
+#: What the function returns: the core's effects with the queue and config notifications
+#: turned into ``MsixFire`` / ``IntxLevel``.
+PciAction = Effect | MsixFire | IntxLevel
 
 
 @dataclass(slots=True)
@@ -183,7 +187,7 @@ class VirtioPciFunction:
         return (self.state.isr != 0 and not self.msix_enabled
                 and not cmd & vp.PCI_COMMAND_INTX_DISABLE)
 
-    def _update_intx(self, out: list[Any]) -> None:
+    def _update_intx(self, out: list[PciAction]) -> None:
         level = self._intx_should_assert()
         # PCI status bit 3 mirrors the function's interrupt state.
         st = struct.unpack_from("<H", self.config, vp.PCI_STATUS)[0]
@@ -193,16 +197,16 @@ class VirtioPciFunction:
             self.state.intx_asserted = level
             out.append(IntxLevel(level))
 
-    def _fire(self, vector: int, what: str, out: list[Any]) -> None:
+    def _fire(self, vector: int, what: str, out: list[PciAction]) -> None:
         if vector == vp.VIRTIO_MSI_NO_VECTOR:
             # virtio 1.x 4.1.4.3: no vector mapped means no interrupt for this event.
             self.counters[f"irq_suppressed_no_vector_{what}"] += 1
             return
         out.append(MsixFire(vector))
 
-    def translate(self, effects: list[Any]) -> list[Any]:
+    def translate(self, effects: list[Effect]) -> list[PciAction]:
         """Turn the core's effects into actions: guest effects become interrupts."""
-        out: list[Any] = []
+        out: list[PciAction] = []
         for e in effects:
             if isinstance(e, NotifyQueue):
                 self.state.isr |= vp.VIRTIO_PCI_ISR_QUEUE
@@ -223,11 +227,11 @@ class VirtioPciFunction:
         self._update_intx(out)
         return out
 
-    def host(self, call: Callable[[Any], list[Any]]) -> list[Any]:
+    def host(self, call: Callable[[DeviceCore], list[Effect]]) -> list[PciAction]:
         """Run a host-facing core call (``lambda dev: dev.free_page_start()``) and translate."""
         return self.translate(call(self.dev))
 
-    def reset(self) -> list[Any]:
+    def reset(self) -> list[PciAction]:
         """Function-level reset (vfio DEVICE_RESET, a new client): device and registers."""
         effects = self.dev.reset()
         self._reset_transport()
@@ -237,12 +241,12 @@ class VirtioPciFunction:
         return self.translate(effects)
 
     # -- config space ------------------------------------------------------------------------
-    def config_read(self, offset: int, size: int) -> tuple[bytes, list[Any]]:
+    def config_read(self, offset: int, size: int) -> tuple[bytes, list[PciAction]]:
         if offset < 0 or size < 0 or offset + size > len(self.config):
             self.counters["bad_config_access"] += 1
             log.warning("config read [%#x, +%#x) outside config space", offset, size)
             return bytes(size), []
-        out: list[Any] = []
+        out: list[PciAction] = []
         data = bytearray(self.config[offset:offset + size])
         # PCI_CFG window: reading pci_cfg_data reads the BAR location the driver selected.
         lo = CAP_PCI_CFG + vp.VIRTIO_PCI_CAP_EXTRA
@@ -255,13 +259,13 @@ class VirtioPciFunction:
                     data[i] = win[j]
         return bytes(data), out
 
-    def config_write(self, offset: int, data: bytes) -> list[Any]:
+    def config_write(self, offset: int, data: bytes) -> list[PciAction]:
         n = len(data)
         if offset < 0 or offset + n > len(self.config):
             self.counters["bad_config_access"] += 1
             log.warning("config write [%#x, +%#x) outside config space", offset, n)
             return []
-        out: list[Any] = []
+        out: list[PciAction] = []
         for i, b in enumerate(data):
             a = offset + i
             m = self._wmask[a]
@@ -295,7 +299,7 @@ class VirtioPciFunction:
                 val = val if hi else (val & ~(size - 1) & 0xFFFFFFF0) | typ
                 struct.pack_into("<I", self.config, reg, val)
 
-    def _pci_cfg_access(self, write: bytes | None) -> tuple[bytes, list[Any]]:
+    def _pci_cfg_access(self, write: bytes | None) -> tuple[bytes, list[PciAction]]:
         """virtio 1.x 4.1.4.9: forward the pci_cfg_data access to the selected BAR location."""
         c = self.config
         bar = c[CAP_PCI_CFG + vp.VIRTIO_PCI_CAP_BAR]
@@ -313,7 +317,7 @@ class VirtioPciFunction:
         return bytes(4), self.bar_write(bar, off, write[:length].ljust(length, b"\0"))
 
     # -- BARs --------------------------------------------------------------------------------
-    def bar_read(self, bar: int, offset: int, size: int) -> tuple[bytes, list[Any]]:
+    def bar_read(self, bar: int, offset: int, size: int) -> tuple[bytes, list[PciAction]]:
         if size <= 0 or size > 8 or offset < 0 or offset + size > self.bar_size(bar):
             self.counters["bad_bar_access"] += 1
             log.warning("read of BAR%d [%#x, +%d) outside the BAR", bar, offset, size)
@@ -331,7 +335,7 @@ class VirtioPciFunction:
             # Read-to-clear; clearing deasserts INTx (virtio 1.x 4.1.4.5).
             val = self.state.isr
             self.state.isr = 0
-            out: list[Any] = []
+            out: list[PciAction] = []
             self._update_intx(out)
             return bytes([val]) + bytes(size - 1), out
         if page == vp.DEVICE_CFG_OFFSET:
@@ -342,7 +346,7 @@ class VirtioPciFunction:
         # Notify region is write-only.
         return bytes(size), []
 
-    def bar_write(self, bar: int, offset: int, data: bytes) -> list[Any]:
+    def bar_write(self, bar: int, offset: int, data: bytes) -> list[PciAction]:
         size = len(data)
         if size <= 0 or size > 8 or offset < 0 or offset + size > self.bar_size(bar):
             self.counters["bad_bar_access"] += 1
@@ -419,11 +423,11 @@ class VirtioPciFunction:
                              1 if d.queue_enabled(qi) else 0, qi, q.desc, q.driver, q.device)
         return img
 
-    def _common_write(self, off: int, data: bytes) -> list[Any]:
+    def _common_write(self, off: int, data: bytes) -> list[PciAction]:
         img = self._common_image()
         new = bytearray(img)
         new[off:off + len(data)] = data
-        out: list[Any] = []
+        out: list[PciAction] = []
         end = off + len(data)
         for foff, fsize, name in vp.COMMON_FIELDS:
             if foff < end and foff + fsize > off:
@@ -439,7 +443,7 @@ class VirtioPciFunction:
         log.warning("MSI-X vector %d rejected (table has %d)", v, self.msix_vectors)
         return vp.VIRTIO_MSI_NO_VECTOR
 
-    def _common_field_write(self, name: str, value: int) -> list[Any]:
+    def _common_field_write(self, name: str, value: int) -> list[PciAction]:
         s, d = self.state, self.dev
         q = self._selected()
         if name == "device_feature_select":
@@ -488,7 +492,7 @@ class VirtioPciFunction:
         # queue_reset / admin queues / notif data do not exist without their features.
         return []
 
-    def _enable(self, value: int) -> list[Any]:
+    def _enable(self, value: int) -> list[PciAction]:
         s, d = self.state, self.dev
         qi = s.queue_select
         q = s.queues[qi]
