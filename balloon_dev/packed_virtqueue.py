@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from balloon_dev.virtqueue import (
+from balloon_dev.queue_common import (
     _U32_LIMIT,
     Chain,
     ChainBatch,
