@@ -52,7 +52,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -64,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import EnvironmentFailure
+from vmsim.qmp import QmpClient, QmpConnectionLost, kill_and_remove
+from vmsim.qmp import QmpError as QmpError  # callers catch vmsim.qemu_lab.QmpError
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,6 @@ class GuestCommandError(LabVMError):
     def __init__(self, cmd: str, status: int, output: str) -> None:
         super().__init__(f"guest command {cmd!r} exited {status}:\n{output[-2000:]}")
         self.cmd, self.status, self.output = cmd, status, output
-
-
-class QmpError(EnvironmentFailure):
-    """QMP answered a command with an error (``class`` and ``desc`` in the message)."""
 
 
 def cache_dir() -> Path:
@@ -423,17 +420,6 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait()
 
 
-def _kill(proc: subprocess.Popen, tmpdir: str) -> None:
-    """Finalizer: never leave a QEMU behind, even if a GuestVM is dropped without close()."""
-    if proc.poll() is None:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    shutil.rmtree(tmpdir, ignore_errors=True)
-
-
 class GuestVM:
     """One running guest. ``console_log`` holds everything it printed (``\\r`` removed)."""
 
@@ -450,7 +436,7 @@ class GuestVM:
         log.info("starting %s", " ".join(self.argv))
         self.proc = lab.popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=self._stderr)
-        self._finalizer = weakref.finalize(self, _kill, self.proc, self.tmpdir)
+        self._finalizer = weakref.finalize(self, kill_and_remove, self.proc, self.tmpdir)
         self._chunks: list[str] = []
         self._len = 0
         self._cond = threading.Condition()
@@ -459,8 +445,7 @@ class GuestVM:
                                         name=f"qemu-console-{self.proc.pid}")
         self._reader.start()
         self._seq = 0
-        self._qmp_sock: socket.socket | None = None
-        self._qmp_file: Any = None
+        self._qmp: QmpClient | None = None
         self.qmp_events: list[dict[str, Any]] = []
         self.last_status: int | None = None
         self.boot_seconds: float | None = None
@@ -578,50 +563,30 @@ class GuestVM:
                     raise LabVMError(f"cannot connect to QMP at {self.qmp_path}: {e}\n"
                                      f"{self._tail()}") from e
                 time.sleep(0.1)
-        s.settimeout(60)
-        self._qmp_sock = s
-        self._qmp_file = s.makefile("rwb")
-        greeting = json.loads(self._qmp_file.readline())
-        if "QMP" not in greeting:
-            raise QmpError(f"unexpected QMP greeting {greeting}")
-        self._qmp_exchange("qmp_capabilities", {})
-
-    def _qmp_exchange(self, command: str, args: dict[str, Any]) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if args:
-            msg["arguments"] = args
-        self._qmp_file.write(json.dumps(msg).encode() + b"\n")
-        self._qmp_file.flush()
-        while True:
-            line = self._qmp_file.readline()
-            if not line:
-                raise LabVMError(f"QMP closed during {command}\n{self._tail()}")
-            reply = json.loads(line)
-            if "event" in reply:
-                self.qmp_events.append(reply)
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
-            return reply.get("return")
+        try:
+            self._qmp = QmpClient(s, 60, events=self.qmp_events)
+        except QmpConnectionLost as e:
+            s.close()
+            raise LabVMError(f"{e}\n{self._tail()}") from e
 
     def qmp(self, command: str, **args: Any) -> Any:
         """Send a QMP command; returns its ``return`` value (a dict, or a list for some
         queries). Hyphenated argument names go in as ``**{"max-bandwidth": n}``."""
-        if self._qmp_file is None:
+        if self._qmp is None:
             self._qmp_connect()
-        return self._qmp_exchange(command, args)
+        assert self._qmp is not None
+        try:
+            return self._qmp.execute(command, args)
+        except QmpConnectionLost as e:  # QEMU gone: its console says why
+            raise LabVMError(f"{e}\n{self._tail()}") from e
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Kill QEMU and remove the temp folder (idempotent)."""
-        if self._qmp_sock is not None:
-            try:
-                self._qmp_sock.close()
-            except OSError:
-                pass
-            self._qmp_sock = self._qmp_file = None
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
         self._finalizer()
         self._reader.join(timeout=5)
         self._stderr.close()
