@@ -150,7 +150,7 @@ def _allocator_boundary(rel: Path, name: str) -> str | None:
 TRANSPORT_COMMON = frozenset({"core", "connection", "fdstream", "guest_ram", "unixsock"})
 #: Each socket transport's own modules.
 TRANSPORT_FAMILIES = (frozenset({"vfio_user", "vfio_user_server", "virtio_pci"}),
-                      frozenset({"vhost_user", "vhost_user_server"}))
+                      frozenset({"vhost_user", "vhost_user_server", "vhost_user_status"}))
 #: Leaf modules of balloon_dev any transport module may import: the effects it performs and the
 #: status-byte names (the vhost-user status machine reads the same bits the device judges).
 TRANSPORT_LEAVES = frozenset({"balloon_dev.effects", "balloon_dev.status"})
