@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import logging
 import signal
 import sys
@@ -77,10 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: the simulator (default). qemu: the same scenario migrated by "
                         "two real QEMUs under qtest (the lab's QEMU, or PATH to a "
                         "qemu-system-x86_64 >= 8), printed beside the simulator's figures")
+    parser.add_argument("--max-work", metavar="UNITS|none", type=_max_work, default=None,
+                        help="the simulation's work bound in units of events and pages "
+                        "(default: vmsim.vm.MAX_SIM_COST, about a minute of wall time); 'none' "
+                        "lifts it, for guests of hundreds of GiB that churn")
     parser.add_argument("--ram", metavar="SIZE", default=None,
                         help="with --host qemu: the guest RAM to run (up to 4GiB; workload sizes "
                         "and rates scale with it). Default: the scenario's, scaled down to 2GiB "
                         "when larger")
+
+
+def _max_work(text: str) -> float:
+    """``--max-work``: a positive number of work units, or ``none`` for no bound."""
+    if text.strip().lower() in ("none", "inf"):
+        return math.inf
+    try:
+        units = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of work units: {text!r}") from None
+    if not units > 0 or math.isinf(units):
+        raise argparse.ArgumentTypeError(f"the work bound must be a positive number: {text!r}")
+    return units
 
 
 def _load(args: argparse.Namespace) -> tuple[Scenario, bool]:
@@ -158,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
                 def progress(frac: float, what: str, _t=task) -> None:
                     prog.update(_t, completed=frac, what=escape(what))
                 t0 = time.perf_counter()
+                bound = {} if args.max_work is None else {"max_cost": args.max_work}
                 results.append(run_scenario(scn, m, seed=args.seed, fault=args.fault,
-                                            progress=progress))
+                                            progress=progress, **bound))
                 running = None
                 log.info("mode %s finished in %.2f s", m, time.perf_counter() - t0)
                 prog.update(task, completed=1.0)

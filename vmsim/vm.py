@@ -303,8 +303,8 @@ class SimVM:
         share = [(w.stats.get("ticks", 0) + workload_cost(w), label, w)
                  for label, w in self.labelled]
         bound = (f"the simulation's work bound ({self.opts.max_cost:,.0f} units of events and "
-                 f"pages; the default is about a minute of wall time) at {self.sched.now:.3g} s "
-                 "simulated")
+                 f"pages; the default is about a minute of wall time; `migrate --max-work none` "
+                 f"lifts it) at {self.sched.now:.3g} s simulated")
         rnd = self.migration.progress[0] if self.migration.phase != "idle" else 0
         when = f", pre-copy round {rnd}" if rnd else ""
         if share and max(share, key=lambda x: x[0])[0] >= self.events / 2:

@@ -115,3 +115,24 @@ def _small_budget_init(init):  # type: ignore[no-untyped-def]
         init(self, *args, **kw)
         self.max_cost = 20_000
     return small
+
+
+def test_cli_max_work_sets_and_lifts_the_bound(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``migrate --max-work`` is the bound the run obeys: a light scenario that finishes by itself
+    is stopped by a tiny bound and runs to the end with ``none`` (how a 1 TiB churn is run)."""
+    path = tmp_path / "light.toml"
+    path.write_text(HEAVY.format(rate="1MiB/s").replace('downtime_limit = "1ms"', ""),
+                    encoding="utf-8")
+    assert main(["migrate", str(path), "--mode", "capture", "--max-work", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "50 units" in err and "--max-work none" in err, err
+    assert main(["migrate", str(path), "--mode", "capture", "--max-work", "none"]) == 0
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "lots", "inf5"])
+def test_cli_max_work_refuses_nonsense(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(["migrate", "--builtin", "idle-8g", "--max-work", bad])
+    assert ei.value.code == 2
+    assert "--max-work" in capsys.readouterr().err
