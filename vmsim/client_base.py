@@ -39,8 +39,6 @@ class DeviceFault(PeerFault):
 class QemuRoleClient:
     """Socket, guest RAM and interrupt handlers of a client in QEMU's role (module docstring)."""
 
-    #: The exception a subclass raises for a device (peer) that misbehaves or is unreachable.
-
     def __init__(self, path: str, *, ram_bytes: int, timeout: float) -> None:
         if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
             raise ValueError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "

@@ -53,8 +53,8 @@ from typing import Any
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.errors import FramingLost, PeerFault
-from protocol.virtio import DeviceStatus
-from vmsim.client_base import DeviceFault, QemuRoleClient
+from vmsim.client_base import DeviceFault
+from vmsim.virtio_pci_client import VirtioPciClient
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
 
@@ -82,7 +82,7 @@ class PciLayout:
     msix_table_size: int = 0
 
 
-class VfioUserClient(QemuRoleClient):
+class VfioUserClient(VirtioPciClient):
     """QEMU's side of a vfio-user connection to a virtio-pci balloon (see the module docstring).
 
     ``ram_bytes`` of guest RAM at gpa 0 (a multiple of the page size). ``connect()`` runs the
@@ -360,31 +360,11 @@ class VfioUserClient(QemuRoleClient):
         r, _, _ = select.select(self.eventfds, [], [], max(0.0, timeout))
         return bool(r)
 
-    # -- VirtioTransport --------------------------------------------------------------------
-    def get_device_features(self) -> int:
-        out = 0
-        for half in (0, 1):
-            self.common_write(vp.COMMON_DFSELECT, 4, half)
-            out |= self.common_read(vp.COMMON_DF, 4) << (32 * half)
-        return out
-
+    # -- VirtioTransport (the common-config part: VirtioPciClient) ---------------------------
     def set_driver_features(self, features: int) -> None:
         for half in (0, 1):
             self.common_write(vp.COMMON_GFSELECT, 4, half)
             self.common_write(vp.COMMON_GF, 4, (features >> (32 * half)) & 0xFFFFFFFF)
-
-    def get_status(self) -> int:
-        return self.common_read(vp.COMMON_STATUS, 1)
-
-    def set_status(self, status: int) -> None:
-        self.common_write(vp.COMMON_STATUS, 1, status & 0xFF)
-        if status & DeviceStatus.FEATURES_OK and not status & DeviceStatus.DRIVER_OK:
-            # The config vector is set once features are negotiated, as Linux's vp_find_vqs
-            # does before the queues.
-            self.common_write(vp.COMMON_MSIX, 2, self.config_vector)
-            if self.common_read(vp.COMMON_MSIX, 2) != self.config_vector:
-                raise DeviceFault(f"config_msix_vector {self.config_vector} not taken "
-                                          "(reads back NO_VECTOR)")
 
     def read_config(self, offset: int, size: int) -> bytes:
         cap = self._cap(vp.VIRTIO_PCI_CAP_DEVICE_CFG)
@@ -399,16 +379,6 @@ class VfioUserClient(QemuRoleClient):
             raise DeviceFault(f"device config [{offset:#x}, +{len(data)}) beyond the "
                                       f"{cap.length}-byte window")
         self.region_write(cap.bar, cap.offset + offset, bytes(data))
-
-    def config_generation(self) -> int:
-        return self.common_read(vp.COMMON_CFGGENERATION, 1)
-
-    def num_queues(self) -> int:
-        return self.common_read(vp.COMMON_NUMQ, 2)
-
-    def queue_max_size(self, q: int) -> int:
-        self.common_write(vp.COMMON_Q_SELECT, 2, q)
-        return self.common_read(vp.COMMON_Q_SIZE, 2)
 
     def setup_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
         self.common_write(vp.COMMON_Q_SELECT, 2, q)
@@ -429,15 +399,10 @@ class VfioUserClient(QemuRoleClient):
         self.common_write(vp.COMMON_Q_SELECT, 2, q)
         self.common_write(vp.COMMON_Q_ENABLE, 2, 1)
 
-    def queue_enabled(self, q: int) -> bool:
-        self.common_write(vp.COMMON_Q_SELECT, 2, q)
-        return bool(self.common_read(vp.COMMON_Q_ENABLE, 2))
-
     def notify(self, q: int) -> None:
         off = self._notify_off.get(q)
         if off is None:
-            self.common_write(vp.COMMON_Q_SELECT, 2, q)
-            off = self.common_read(vp.COMMON_Q_NOFF, 2)
+            off = self.queue_notify_off(q)
         cap = self._cap(vp.VIRTIO_PCI_CAP_NOTIFY_CFG)
         at = off * self.pci.notify_off_multiplier
         if at + 2 > cap.length:
@@ -446,13 +411,8 @@ class VfioUserClient(QemuRoleClient):
         self.region_write(cap.bar, cap.offset + at, struct.pack("<H", q))
 
     def reset(self) -> None:
-        """virtio reset: write status 0 and wait until it reads back 0 (protocol.md 2.2)."""
-        self.common_write(vp.COMMON_STATUS, 1, 0)
-        for _ in range(1000):
-            if self.get_status() == 0:
-                break
-        else:
-            raise DeviceFault("device status does not read back 0 after reset")
+        """virtio reset: status 0 read back (``reset_status``), queues and interrupts forgotten."""
+        self.reset_status()
         self.queue_vectors.clear()
         self._notify_off.clear()
         self._queue_size.clear()
