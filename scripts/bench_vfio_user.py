@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from guestmem import GuestMemory  # noqa: E402
 from protocol import vfio_user as vu  # noqa: E402
 from protocol import virtio_pci as vp  # noqa: E402
+from protocol.virtio import VIRTIO_F_RING_EVENT_IDX, feature_mask  # noqa: E402
 
 
 def round_trip(kicks: int) -> dict[str, Any]:
@@ -89,8 +90,8 @@ def round_trip(kicks: int) -> dict[str, Any]:
         c = SocketClient(sock)
         c.version()
         ram_fd = c.map_ram()
-        # The raw ring below does not maintain used_event, so run without EVENT_IDX (bit 29).
-        fds = c.driver_init(msix=True, features_mask=~(1 << 29))
+        # The raw ring below does not maintain used_event, so run without EVENT_IDX.
+        fds = c.driver_init(msix=True, features_mask=~feature_mask(VIRTIO_F_RING_EVENT_IDX))
         # Our own view of the memfd: the "guest" writes its rings and buffers there.
         mm = mmap.mmap(ram_fd, RAM_SIZE)
         guest = GuestMemory()
