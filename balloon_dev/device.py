@@ -66,12 +66,12 @@ presents the virtio 0.9.5 interface; the handlers whose meaning differs there li
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable
 
 import numpy as np
 
 from balloon_dev.balloon_queues import BalloonQueues
+from balloon_dev.config_space import ConfigSpace
 from balloon_dev.device_config import (
     DEFAULT_OFFERED_FEATURES,
     U32_MAX,
@@ -108,10 +108,6 @@ from balloon_dev.virtqueue import Chain, ChainBatch, DeviceVirtqueue, RingBroken
 from guestmem.memory import GuestMemory
 from guestmem.units import QueueIndex, pages_to_bytes
 from protocol.balloon import (
-    CFG_ACTUAL,
-    CFG_FREE_PAGE_HINT_CMD_ID,
-    CFG_NUM_PAGES,
-    CFG_POISON_VAL,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
     BalloonQueue,
@@ -133,9 +129,6 @@ log = logging.getLogger(__name__)
 #: Bound on drain passes per kick (each pass pops up to a queue's worth of buffers).
 _MAX_PASSES_PER_KICK = 64
 
-_CONFIG_FIELDS = ((CFG_NUM_PAGES, "num_pages"), (CFG_ACTUAL, "actual"),
-                  (CFG_FREE_PAGE_HINT_CMD_ID, "free_page_hint_cmd_id"),
-                  (CFG_POISON_VAL, "poison_val"))
 
 
 class BalloonDevice:
@@ -160,6 +153,7 @@ class BalloonDevice:
         self.hint = HintSession(qemu_cmd_id_read=self.cfg.qemu_cmd_id_read)
         self._free_page = FreePageHinting(self, self.hint)
         self._queues = BalloonQueues(self)
+        self._config = ConfigSpace(self)
         #: If set, the host effects of a kick are handed to this callable *before* the used
         #: elements are written to guest memory, and not returned. For transports whose guest
         #: runs concurrently with the device (vfio-user): otherwise the guest could see a
@@ -350,76 +344,11 @@ class BalloonDevice:
     def actual(self) -> int:
         return self.state.actual
 
-    def _config_bytes(self) -> bytes:
-        s = self.state
-        # Little-endian even on the legacy interface (protocol.md 3.2). Legacy reads show
-        # ``actual`` as written so far, including a half-written value (D-5).
-        actual = s.actual if self._legacy is None else self._legacy.state.actual_written
-        raw = struct.pack("<IIII", s.num_pages, actual, self.hint.config_value(), s.poison_val)
-        return raw[:self._config_size]
-
     def read_config(self, offset: int, size: int) -> bytes:
-        if offset < 0 or size < 0:
-            raise DeviceUsageError(f"read_config(offset={offset}, size={size}): negative")
-        if offset + size > self._config_size:
-            # QEMU answers reads past the window with all ones.
-            self.count("config_read_out_of_range", "read [%#x, +%#x) past config size %#x",
-                       offset, size, self._config_size)
-            return b"\xff" * size
-        return self._config_bytes()[offset:offset + size]
+        return self._config.read(offset, size)
 
     def write_config(self, offset: int, data: bytes) -> list[Effect]:
-        if offset < 0:
-            raise DeviceUsageError(f"write_config(offset={offset}): negative")
-        data = bytes(data)
-        effects: list[Effect] = []
-        end = offset + len(data)
-        if end > self._config_size:
-            self.count("config_write_out_of_range", "write [%#x, +%#x) past config size %#x "
-                       "(ignored past the end)", offset, len(data), self._config_size)
-            data = data[:max(self._config_size - offset, 0)]
-            end = offset + len(data)
-        if not data:
-            return effects
-        if self._legacy is None and not self.state.status & FEATURES_OK:
-            # protocol.md 2.3 step 4: config may be read, not written, before FEATURES_OK.
-            # (The legacy interface has no such step: its config is writable at any time.)
-            self.count("config_write_before_features_ok", "write [%#x, +%#x) = %s ignored",
-                       offset, len(data), data.hex())
-            return effects
-        cur = bytearray(self._config_bytes())
-        new = bytearray(cur)
-        new[offset:end] = data
-        for foff, name in _CONFIG_FIELDS:
-            if foff >= self._config_size or not (offset < foff + 4 and foff < end):
-                continue
-            old_v = int.from_bytes(cur[foff:foff + 4], "little")
-            new_v = int.from_bytes(new[foff:foff + 4], "little")
-            if name in ("num_pages", "free_page_hint_cmd_id"):
-                self.count("config_write_readonly", "driver wrote read-only %s at %#x "
-                           "(%#x -> %#x ignored)", name, foff, old_v, new_v)
-            elif name == "actual":
-                if self._legacy is not None:
-                    effects += self._legacy.write_actual(offset, end, new_v)
-                elif new_v != old_v:
-                    self.state.actual = new_v
-                    effects.append(ActualChanged(new_v))
-            elif name == "poison_val":
-                effects += self._write_poison(old_v, new_v)
-        return effects
-
-    def _write_poison(self, old_v: int, new_v: int) -> list[Effect]:
-        if not self.negotiated(VIRTIO_BALLOON_F_PAGE_POISON):
-            self.count("config_write_poison_not_negotiated", "poison_val write %#x ignored: "
-                       "PAGE_POISON not negotiated", new_v)
-            return []
-        if self.state.status & DRIVER_OK:
-            # DR-12: poison_val is written before DRIVER_OK and never changed afterwards.
-            self.checker.poison_changed(old_v, new_v)
-            return []
-        self.state.poison_val = new_v
-        self.state.poison_written = True
-        return []
+        return self._config.write(offset, data)
 
     # == queues ===============================================================================
     @property
