@@ -78,3 +78,22 @@ def test_coverage_guided_run(name: str, tmp_path: Path) -> None:
         f"{name}: exit {p.returncode}\n{detail}\n{p.stderr[-4000:]}")
     runs = [ln for ln in p.stderr.splitlines() if ln.startswith("stat::number_of_executed_units")]
     assert runs and int(runs[0].split()[-1]) > 0, p.stderr[-2000:]
+
+
+def test_the_engine_reports_a_leaked_fd_on_the_input_that_leaked_it() -> None:
+    from tests.fuzz.engine import checked
+
+    leaked: list[int] = []
+
+    def leaky(data: bytes) -> None:
+        if data:
+            leaked.append(os.open(os.devnull, os.O_RDONLY))
+
+    one = checked(leaky, fd_count)
+    one(b"")  # no leak, no complaint
+    try:
+        with pytest.raises(AssertionError, match="fd leak"):
+            one(b"x")
+    finally:
+        for fd in leaked:
+            os.close(fd)
