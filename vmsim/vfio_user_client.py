@@ -53,7 +53,7 @@ from typing import Any
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
 from protocol.errors import FramingLost, PeerFault
-from vmsim.client_base import DeviceFault
+from vmsim.client_base import DeviceFault, QemuRoleClient
 from vmsim.virtio_pci_client import VirtioPciClient
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
@@ -82,7 +82,7 @@ class PciLayout:
     msix_table_size: int = 0
 
 
-class VfioUserClient(VirtioPciClient):
+class VfioUserClient(VirtioPciClient, QemuRoleClient):
     """QEMU's side of a vfio-user connection to a virtio-pci balloon (see the module docstring).
 
     ``ram_bytes`` of guest RAM at gpa 0 (a multiple of the page size). ``connect()`` runs the

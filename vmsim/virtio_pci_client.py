@@ -9,24 +9,28 @@ byte and the config MSI-X vector Linux's ``vp_find_vqs`` sets after FEATURES_OK,
 reset read back to 0, protocol.md 2.2 and 2.4). A subclass supplies ``common_read`` /
 ``common_write`` and ``fault``, the error it raises for a device that does not behave; queue set
 up, notify and device config stay with the subclass (their access paths differ: qtest batches
-register writes into one round trip).
+register writes into one round trip). It is a mixin so that a transport without a socket (a
+test calling the PCI function in-process) can use it too.
 """
 from __future__ import annotations
 
 from protocol import virtio_pci as vp
 from protocol.virtio import DeviceStatus
-from vmsim.client_base import DeviceFault, QemuRoleClient
+from vmsim.client_base import DeviceFault
 
 #: How often ``reset`` re-reads the status before giving up (a device answers within one read).
 RESET_READS = 1000
 
 
-class VirtioPciClient(QemuRoleClient):
-    """A ``QemuRoleClient`` that drives a virtio-pci function's common configuration (module
-    docstring)."""
+class VirtioPciClient:
+    """Drives a virtio-pci function's common configuration (module docstring). A mixin: a
+    client puts it before its ``QemuRoleClient`` base (or uses it alone, as a test transport
+    that calls the PCI function in-process may)."""
 
     #: The exception raised for a device that does not behave (a subclass may name its own).
     fault: type[Exception] = DeviceFault
+    #: The MSI-X vector for config changes (``QemuRoleClient`` sets it).
+    config_vector: int
 
     def common_read(self, off: int, size: int) -> int:
         raise NotImplementedError
