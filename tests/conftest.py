@@ -8,7 +8,7 @@ from typing import Any
 
 def pytest_addoption(parser: Any) -> None:
     parser.addoption("--diff-examples", type=int, default=None, metavar="N",
-                     help="sequences for tests/vmsim/qtest/test_differential.py (default 300; "
+                     help="sequences for tests/vmsim/qtest/test_differential.py (default 200; "
                           "same as BALLOON_HINT_DIFF_EXAMPLES=N)")
 
 
