@@ -40,7 +40,6 @@ the file and removes the folder; a finalizer does the same if the object is drop
 """
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -57,6 +56,8 @@ import numpy as np
 
 from guestmem import GuestMemory
 from protocol.errors import EnvironmentFailure, UsageError
+from vmsim.qmp import QmpClient, kill_and_remove
+from vmsim.qmp import QmpError as QmpError  # callers catch vmsim.qtest.machine.QmpError
 from vmsim.qtest.qemu import QemuBinary, find_qemu
 from vmsim.qtest.wire import QtestConnection
 
@@ -73,10 +74,6 @@ FOUR_GIB = 1 << 32
 LEGACY_HOLE = (0xA0000, 0x100000)
 #: Default RAM reserved at the top of the file for the transport's MSI-X mailboxes.
 RESERVED_BYTES = 1 << 20
-
-
-class QmpError(EnvironmentFailure):
-    """QMP answered with an error, or the QMP connection failed."""
 
 
 class QemuStartError(EnvironmentFailure):
@@ -96,72 +93,6 @@ def q35_ram_ranges(total: int) -> list[tuple[int, int, int]]:
 def _tmp_base() -> str | None:
     """A tmpfs folder for the RAM file: /dev/shm when present (else the default temp dir)."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-
-
-class QmpClient:
-    """One QMP connection (already accepted): greeting read, capabilities negotiated."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        sock.settimeout(timeout)
-        self.sock = sock
-        self.file = sock.makefile("rwb")
-        self.events: list[dict[str, Any]] = []
-        greeting = self._read("greeting")
-        if "QMP" not in greeting:
-            raise QmpError(f"unexpected QMP greeting {greeting}")
-        self.execute("qmp_capabilities")
-
-    def _read(self, what: str) -> dict[str, Any]:
-        try:
-            line = self.file.readline()
-        except OSError as e:
-            raise QmpError(f"QMP: connection failed during {what}: {e}") from None
-        if not line:
-            raise QmpError(f"QMP: QEMU closed the connection during {what}")
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            raise QmpError(f"QMP: unparsable line {line[:200]!r} during {what}") from None
-        if not isinstance(msg, dict):
-            raise QmpError(f"QMP: unexpected message {msg!r} during {what}")
-        return msg
-
-    def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if args:
-            msg["arguments"] = args
-        try:
-            self.file.write(json.dumps(msg).encode() + b"\n")
-            self.file.flush()
-        except OSError as e:
-            raise QmpError(f"QMP: cannot send {command}: {e}") from None
-        while True:
-            reply = self._read(command)
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QmpError(f"QMP {command}: {err.get('class')}: {err.get('desc')}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        for c in (self.file, self.sock):
-            try:
-                c.close()
-            except OSError:
-                pass
-
-
-def _cleanup(proc: subprocess.Popen[bytes], tmpdir: str) -> None:
-    """Finalizer: never leave a QEMU or its RAM file behind."""
-    if proc.poll() is None:
-        proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 class QtestMachine:
@@ -249,7 +180,7 @@ class QtestMachine:
         log.info("starting %s", " ".join(self.argv))
         self.proc = self.qemu.popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stderr,
                                     stderr=self._stderr)
-        self._finalizer = weakref.finalize(self, _cleanup, self.proc, self.tmpdir)
+        self._finalizer = weakref.finalize(self, kill_and_remove, self.proc, self.tmpdir)
         deadline = t0 + self.timeout
         self.qt = QtestConnection(self._accept(qt_l, "qtest", deadline), timeout=self.timeout)
         self._qmp = QmpClient(self._accept(qmp_l, "QMP", deadline), self.timeout)

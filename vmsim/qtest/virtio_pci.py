@@ -40,10 +40,10 @@ import numpy as np
 
 from protocol import virtio_pci as vp
 from protocol.errors import EnvironmentFailure
-from protocol.virtio import DeviceStatus
 from vmsim.client_base import QemuRoleClient
 from vmsim.qtest.machine import QtestMachine
 from vmsim.qtest.pci import BarAllocator, PciFunction
+from vmsim.virtio_pci_client import VirtioPciClient
 
 #: The word QEMU writes into a mailbox when a vector fires (any non-zero value would do).
 MSI_DATA = 0x1
@@ -54,10 +54,10 @@ class VirtioPciError(EnvironmentFailure):
     """The device's virtio-pci interface is not usable (the message says what)."""
 
 
-class QtestVirtioPci(QemuRoleClient):
+class QtestVirtioPci(VirtioPciClient, QemuRoleClient):
     """``guest_model.transport.VirtioTransport`` over qtest (module docstring)."""
 
-    error = VirtioPciError
+    fault = VirtioPciError
 
     def __init__(self, machine: QtestMachine, function: PciFunction, *,
                  allocator: BarAllocator | None = None) -> None:
@@ -195,28 +195,10 @@ class QtestVirtioPci(QemuRoleClient):
             time.sleep(_POLL_S)
 
     # -- VirtioTransport ------------------------------------------------------------------------
-    def get_device_features(self) -> int:
-        out = 0
-        for half in (0, 1):
-            self.common_write(vp.COMMON_DFSELECT, 4, half)
-            out |= self.common_read(vp.COMMON_DF, 4) << (32 * half)
-        return out
-
     def set_driver_features(self, features: int) -> None:
         self.qt.pipeline(self._common_cmds([
             (vp.COMMON_GFSELECT, 4, 0), (vp.COMMON_GF, 4, features & 0xFFFFFFFF),
             (vp.COMMON_GFSELECT, 4, 1), (vp.COMMON_GF, 4, (features >> 32) & 0xFFFFFFFF)]))
-
-    def get_status(self) -> int:
-        return self.common_read(vp.COMMON_STATUS, 1)
-
-    def set_status(self, status: int) -> None:
-        self.common_write(vp.COMMON_STATUS, 1, status & 0xFF)
-        if status & DeviceStatus.FEATURES_OK and not status & DeviceStatus.DRIVER_OK:
-            # The config vector is set once features are negotiated (Linux's vp_find_vqs).
-            self.common_write(vp.COMMON_MSIX, 2, self.config_vector)
-            if self.common_read(vp.COMMON_MSIX, 2) != self.config_vector:
-                raise VirtioPciError(f"config_msix_vector {self.config_vector} not taken")
 
     def _device_access(self, offset: int, size: int) -> list[tuple[int, int]]:
         """(address, width) of the naturally aligned accesses covering a config range."""
@@ -239,16 +221,6 @@ class QtestVirtioPci(QemuRoleClient):
             self.qt.store(a, w, int.from_bytes(data[pos:pos + w], "little"))
             pos += w
 
-    def config_generation(self) -> int:
-        return self.common_read(vp.COMMON_CFGGENERATION, 1)
-
-    def num_queues(self) -> int:
-        return self.common_read(vp.COMMON_NUMQ, 2)
-
-    def queue_max_size(self, q: int) -> int:
-        self.common_write(vp.COMMON_Q_SELECT, 2, q)
-        return self.common_read(vp.COMMON_Q_SIZE, 2)
-
     def setup_queue(self, q: int, size: int, desc: int, avail: int, used: int) -> None:
         vec = self._queue_vector(q)
         writes = [(vp.COMMON_Q_SELECT, 2, q), (vp.COMMON_Q_SIZE, 2, size),
@@ -269,26 +241,16 @@ class QtestVirtioPci(QemuRoleClient):
         self.qt.pipeline(self._common_cmds([(vp.COMMON_Q_SELECT, 2, q),
                                             (vp.COMMON_Q_ENABLE, 2, 1)]))
 
-    def queue_enabled(self, q: int) -> bool:
-        self.common_write(vp.COMMON_Q_SELECT, 2, q)
-        return bool(self.common_read(vp.COMMON_Q_ENABLE, 2))
-
     def notify(self, q: int) -> None:
         off = self._notify_off.get(q)
         if off is None:
-            self.common_write(vp.COMMON_Q_SELECT, 2, q)
-            off = self.common_read(vp.COMMON_Q_NOFF, 2)
+            off = self.queue_notify_off(q)
         self.qt.writew(self._addr(vp.VIRTIO_PCI_CAP_NOTIFY_CFG,
                                   off * self.notify_off_multiplier, 2), q)
 
     def reset(self) -> None:
-        """virtio reset: write status 0 and wait until it reads back 0 (protocol.md 2.2)."""
-        self.common_write(vp.COMMON_STATUS, 1, 0)
-        for _ in range(1000):
-            if self.get_status() == 0:
-                break
-        else:
-            raise VirtioPciError("device status does not read back 0 after reset")
+        """virtio reset: status 0 read back (``reset_status``), queues and interrupts forgotten."""
+        self.reset_status()
         self.queue_vectors.clear()
         self._notify_off.clear()
         self.discard_interrupts()
