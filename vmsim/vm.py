@@ -377,9 +377,9 @@ def run_scenario(scn: Scenario, mode: str, *, seed: int | None = None, fault: st
     """Build the VM, run the set-up phases, migrate with verification, return the result.
     Raises ``SimulationTooLong`` when the run's work passes ``max_cost``."""
     if mode not in HINT_MODES:
-        raise ValueError(f"hinting mode {mode!r}: one of {', '.join(HINT_MODES)}")
+        raise UsageError(f"hinting mode {mode!r}: one of {', '.join(HINT_MODES)}")
     if fault not in (None, *FAULTS):
-        raise ValueError(f"fault {fault!r}: one of {', '.join(FAULTS)}")
+        raise UsageError(f"fault {fault!r}: one of {', '.join(FAULTS)}")
     t0 = time.perf_counter()
     s = seed if seed is not None else scn.guest.seed
     vm = SimVM(scn, VMOptions(mode=mode, seed=s, fault=fault, cost=cost, max_cost=max_cost))
