@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 from balloon_dev.host.precopy import CostModel
+from protocol.errors import UsageError
 
 #: Profile name -> the CostModel fields it sets (the rest keep CostModel's defaults).
 PROFILE_VALUES: dict[str, dict[str, float]] = {
@@ -23,10 +24,19 @@ PROFILE_VALUES: dict[str, dict[str, float]] = {
 }
 
 
+class UnknownProfile(UsageError, KeyError):
+    """A host profile name that is not in ``PROFILE_VALUES`` (a ``KeyError`` too: it is a
+    lookup by name)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
+
+
 def cost_model(profile: str) -> CostModel:
-    """The CostModel of a named profile (``KeyError`` names the known ones)."""
+    """The CostModel of a named profile (``UnknownProfile`` names the known ones)."""
     if profile not in PROFILE_VALUES:
-        raise KeyError(f"unknown host profile {profile!r} (known: {', '.join(PROFILE_VALUES)})")
+        raise UnknownProfile(f"unknown host profile {profile!r} (known: "
+                             f"{', '.join(PROFILE_VALUES)})")
     known = {f.name for f in fields(CostModel)}
     values = PROFILE_VALUES[profile]
     bad = set(values) - known
