@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import logging
+import math
 import signal
 import sys
 import time
