@@ -848,12 +848,6 @@ def _broken_quiet(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool
             and f in ("vectors", "isr") and (q.vectors <= o.vectors))
 
 
-def _reset_generation(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
-    # Ours moves config_generation at a reset (poison_val and actual go back to 0, a
-    # noticeable config change, virtio 1.x 4.1.4.3); QEMU's virtio_reset leaves it.
-    return f == "generation_moved" and a[0] in ("reset", "negotiate") and o.generation_moved
-
-
 def _no_version_1(a: tuple[Any, ...], o: Obs, q: Obs, f: str, d: Driver) -> bool:
     # virtio 1.x 6.1: a device MAY fail to operate if VERSION_1 is not accepted: ours refuses
     # FEATURES_OK, QEMU takes it (its FEATURES_OK check runs only with VERSION_1).
@@ -905,8 +899,6 @@ ALLOWED: tuple[Allowed, ...] = (
             'Config written before FEATURES_OK', _config_write_early, stops=True),
     Allowed('ACTUAL-RESET', 'virtio 1.x 2.4 (reset)',
             'actual kept across a reset', _actual_reset, stops=False),
-    Allowed('RESET-GEN', 'virtio 1.x 4.1.4.3 (generation on a noticeable change)',
-            'config_generation at reset', _reset_generation, stops=False),
     Allowed('NO-VERSION-1', 'virtio 1.x 6.1 (device MAY fail without VERSION_1)',
             'FEATURES_OK without VERSION_1', _no_version_1, stops=True),
 )
