@@ -79,7 +79,7 @@ def test_conformance_output_validates(tmp_path, capsys):
             assert False
 
         @pytest.mark.spec("V-1")
-        @pytest.mark.skip(reason="no")
+        @pytest.mark.skip(reason="fixture: a skipped check in the JSON report")
         def test_skipped():
             pass
     '''))
