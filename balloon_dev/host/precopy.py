@@ -44,7 +44,8 @@ effects into these calls. Applying a hint to the bitmap is work done on the host
 (QEMU's iothread) under ``bitmap_mutex``, which the migration thread holds while it sends a
 batch: a hint is queued and applied when the mutex is free (at the latest, between two batches).
 Each ``PagesHinted`` effect is one queued batch (``hint_pages``: first pfns and page counts as
-arrays), applied by ``clear_pages`` with a few numpy calls whatever its size.
+arrays), applied by ``clear_pages``: runs of adjacent blocks as slices, scattered blocks as
+rows of a view, a few numpy calls whatever the batch's size.
 A hint is *current* when it arrived while a round is open (between AFTER_BITMAP_SYNC and the
 next BEFORE_BITMAP_SYNC), after the last sync, and its round had not been reported stopped
 when it arrived. Anything else is stale and dropped (4.4 rule 6): the hints still queued when a
@@ -630,36 +631,60 @@ class PrecopyMigration:
         return [r.pages_sent for r in self.rounds]
 
 
+#: ``clear_pages`` clears runs of adjacent ranges as slices when there are at most one run per
+#: this many ranges; more scattered hints of one aligned block size go as rows of a view.
+_RANGES_PER_SLICE = 8
+
+
 def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
     """Clear ``bits[first[i]:first[i] + count[i]]`` for every i; return how many bits were set
     before (each page counted once, however many ranges cover it).
 
-    Linux hints blocks of one order, aligned to their size: the hints of one such size are rows
-    of a (blocks, size) view of ``bits``, cleared with one gather and one scatter whatever
-    their number. Ranges of any other shape are cleared one slice at a time."""
+    The ranges are sorted and merged into disjoint runs first. A guest hinting a large free
+    memory hands out blocks in free-list order, which after boot is address order: one batch is
+    then a few long runs (the simulated guest's batches: about 16 hints per run), each cleared
+    with one count and one fill over a slice. Scattered blocks of one order, aligned to their
+    size (what Linux hints), are rows of a (blocks, size) view of ``bits``: one gather and one
+    scatter whatever their number. Other scattered shapes go one run at a time."""
+    n = int(count.size)
+    if n == 0:
+        return 0
+    if n > 1 and not (first[1:] >= first[:-1]).all():
+        order = np.argsort(first, kind="stable")
+        first, count = first[order], count[order]
+    end = first + count
+    if n == 1:
+        starts, ends = first, end
+    else:
+        # A range extends the run before it when it starts at or before the furthest end so
+        # far (overlapping or adjacent); the furthest end at a run's last range is its end.
+        reach = np.maximum.accumulate(end)
+        new = np.empty(n, np.bool_)
+        new[0] = True
+        np.greater(first[1:], reach[:-1], out=new[1:])
+        idx = np.flatnonzero(new)
+        starts = first[idx]
+        ends = reach[np.append(idx[1:] - 1, n - 1)]
+    if starts.size * _RANGES_PER_SLICE > n:
+        c = int(count[0])
+        if c > 0 and c & (c - 1) == 0 and (count == c).all() and not (first & (c - 1)).any():
+            return _clear_rows(bits, first // c, c)
     cleared = 0
-    lo, hi = int(count.min(initial=0)), int(count.max(initial=0))
-    sizes = np.array([lo]) if lo == hi else np.unique(count)
-    for c in sizes.tolist():
-        f = first if sizes.size == 1 else first[count == c]
-        if c & (c - 1) == 0 and not (f & (c - 1)).any():
-            blocks = bits[:bits.size - bits.size % c].reshape(-1, c)
-            rows = f // c
-            if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
-                # A page covered twice is cleared (and counted) once. (Sorting and dropping
-                # repeats beats np.unique's hashing by 10x on a ring's worth of rows.)
-                rows = np.sort(rows)
-                rows = rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
-            sub = blocks[rows]
-            k = int(np.count_nonzero(sub))
-            if k:
-                blocks[rows] = False
-                cleared += k
-        else:
-            for a in f.tolist():
-                window = bits[a:a + c]
-                k = int(np.count_nonzero(window))
-                if k:
-                    window[:] = False
-                    cleared += k
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        window = bits[a:b]
+        k = int(np.count_nonzero(window))
+        if k:
+            window[:] = False
+            cleared += k
     return cleared
+
+
+def _clear_rows(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
+    """Clear rows ``rows`` (sorted) of ``bits`` seen as (blocks, size); the bits that were set."""
+    blocks = bits[:bits.size - bits.size % size].reshape(-1, size)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        rows = rows[np.append(True, rows[1:] != rows[:-1])]  # a page covered twice counts once
+    k = int(np.count_nonzero(blocks[rows]))
+    if k:
+        blocks[rows] = False
+    return k
