@@ -29,6 +29,22 @@ verifier needs (pages in use, pages the driver holds) and lets QEMU finish
 gives them as QEMU says and also without the pause (from the timestamps of QEMU's own
 MIGRATION events).
 
+*QEMU's hint thread in the pause.* QEMU pauses after it stopped the VM and *before* its last
+dirty-bitmap sync and RAM pass (migration.c ``migration_completion_precopy``: the VM stop,
+then the pause, then ``qemu_savevm_state_complete_precopy``). Its free-page-hint iothread is
+not stopped with the VM: a turn of its polling loop (virtio-balloon.c
+``virtio_ballloon_get_free_page_hints``) that was under way finishes, and when the hint state
+is no longer START the loop ends by re-enabling notifications, which with EVENT_IDX stores
+``avail_event`` (= the avail index) into the free page queue's used ring, in guest RAM.
+Only then does the thread sleep: blocked at its next turn (``block_iothread``, set under the
+same lock when the VM stopped) or idle. On a loaded host that store could come after the last
+RAM pass: the source page changed after it was sent and the check saw one driver-area page
+differ (2 bytes QEMU owns, not a lost guest write). So before ``migrate-continue`` the pause
+waits until that thread is seen asleep (``wait_thread_asleep``: Linux's scheduler state and
+context-switch counts of the thread QMP ``query-iothreads`` names); nothing wakes it again
+before the check (the guest is stopped, so nothing kicks the queue). ``hint_thread`` says how
+the wait ended and ``hint_thread_wait_ms`` how long it took.
+
 *max_rounds.* QEMU has no round limit. The simulator switches over after ``max_rounds`` rounds
 whatever is left; here, once QEMU's ``dirty-sync-count`` reaches ``max_rounds + 1`` (the set-up
 sync plus one per round), ``downtime-limit`` is raised to QEMU's largest, so QEMU switches over
@@ -49,6 +65,7 @@ reach RAM there) is reserved too and left out of every check.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -106,6 +123,11 @@ _EVENTS_PER_TURN = 64
 _PAGES_PER_TURN = 1024
 _MODEL_S_PER_TURN = 0.01
 _WINDOW_PAGES = 4096  # pages written per qtest pipeline
+#: The pause's wait for QEMU's hint iothread to sleep: the thread must be seen asleep, not
+#: having run, across ``_ASLEEP_QUIET_S``; at most ``_ASLEEP_TIMEOUT_S`` (a thread that needs
+#: longer is starved by the host: the run goes on and says so in ``hint_thread``).
+_ASLEEP_QUIET_S = 0.005
+_ASLEEP_TIMEOUT_S = 5.0
 
 Progress = Callable[[float, str], None]
 
@@ -249,6 +271,62 @@ def write_pages_qtest(machine: QtestMachine, pfns: np.ndarray, versions: np.ndar
         machine.qt.pipeline(cmds[a:a + _WINDOW_PAGES])
 
 
+def byte_mismatches(src: np.ndarray, dst: np.ndarray, base_gpa: int, pfns: list[int],
+                    limit: int = 8) -> list[int]:
+    """Guest-physical addresses of the first ``limit`` bytes that differ between ``src`` and
+    ``dst`` (the same region, starting at ``base_gpa``) within pages ``pfns``."""
+    out: list[int] = []
+    for pfn in sorted(pfns):
+        o = (pfn << PAGE_SHIFT) - base_gpa
+        out.extend((np.flatnonzero(src[o:o + PAGE_SIZE] != dst[o:o + PAGE_SIZE]) + base_gpa + o)
+                   .tolist())
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+# -- QEMU's threads ---------------------------------------------------------------------------
+def thread_sched(tid: int) -> tuple[str, int] | None:
+    """Linux thread ``tid``'s scheduler state letter (``R`` running or runnable, ``S`` asleep,
+    ...) and how many times it was switched out so far; None once the thread is gone."""
+    try:
+        with open(f"/proc/{tid}/status", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    state, switches = "", 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "State":
+            state = value.strip()[:1]
+        elif key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            switches += int(value)
+    return state, switches
+
+
+def wait_thread_asleep(tid: int, timeout: float = _ASLEEP_TIMEOUT_S, *,
+                       quiet_s: float = _ASLEEP_QUIET_S,
+                       sched: Callable[[int], tuple[str, int] | None] = thread_sched,
+                       ) -> tuple[str, float]:
+    """Wait until thread ``tid`` is asleep and stays so, without running, for ``quiet_s``:
+    ``S`` at both ends and no context switch in between (a thread woken in between is switched
+    out again when it sleeps, so the count moves). Returns (outcome, seconds waited): outcome
+    ``asleep``, ``busy`` (not seen so within ``timeout``) or ``gone`` (no such thread)."""
+    t0 = time.monotonic()
+    prev = sched(tid)
+    while prev is not None:
+        time.sleep(quiet_s)
+        cur = sched(tid)
+        if cur is None:
+            break
+        if prev[0] == "S" and cur[0] == "S" and cur[1] == prev[1]:
+            return "asleep", time.monotonic() - t0
+        if time.monotonic() - t0 >= timeout:
+            return "busy", time.monotonic() - t0
+        prev = cur
+    return "gone", time.monotonic() - t0
+
+
 # -- results ------------------------------------------------------------------------------------
 @dataclass
 class QemuRunResult:
@@ -278,6 +356,15 @@ class QemuRunResult:
     downtime_bytes: int = 0           # sent with the VM stopped (QEMU's downtime-bytes)
     pause_ms: float = 0.0             # our pause before switchover (QEMU's event to continue),
                                       # inside QEMU's downtime and total time
+    #: How the pause's wait for QEMU's free-page-hint iothread ended: "asleep" (seen asleep,
+    #: so it stores nothing more into the used ring after the last RAM pass), "busy" (not
+    #: within the bound: a late store may make the check fail), "none" (no hint thread: mode
+    #: off, or QEMU names none)
+    hint_thread: str = "none"
+    hint_thread_wait_ms: float = 0.0  # inside pause_ms
+    #: With a mismatch in the driver area: guest-physical addresses of its first differing
+    #: bytes (for diagnosis)
+    first_byte_mismatches: list[int] = field(default_factory=list)
     #: From QEMU's event timestamps: VM stop -> pre-switchover, migrate-continue -> completed
     downtime_parts: dict[str, float] = field(default_factory=dict)
     forced_switchover: bool = False   # max_rounds reached: downtime-limit raised
@@ -329,6 +416,11 @@ class _Run:
                                 # check compares it with the source at switchover
                                 extra_args=["-S"])
         m = self.src.machine
+        #: QEMU's free-page-hint iothread (Linux thread id), waited for in the pause
+        self._hint_tid = None
+        if self.dev.free_page_hint:
+            tids = [t.get("thread-id") for t in m.qmp("query-iothreads") if t.get("id") == "io0"]
+            self._hint_tid = tids[0] if tids and isinstance(tids[0], int) else None
         self.wt = WriteThrough(m)
         self.src.mem.dirty_log = self.wt  # type: ignore[assignment]
         lay = self.layout
@@ -497,6 +589,7 @@ class _Run:
         written += self._flush()
         in_use = self.guest.in_use_mask()
         held = self.guest.held_by_driver_mask()
+        self._settle_hint_thread()
         t_cont = time.time()
         m.qmp("migrate-continue", state="pre-switchover")
         log.info("pause: %.1f ms to flush and take the masks (%d pages)",
@@ -508,6 +601,19 @@ class _Run:
         res.write_lag_s = rt.lag
         self._collect(info)
         self._verify(in_use, held)
+
+    def _settle_hint_thread(self) -> None:
+        """In the pause: wait until QEMU's hint iothread sleeps, so that its last store into
+        the free page queue's used ring lands before QEMU's last dirty-bitmap sync (theory of
+        operation, "QEMU's hint thread in the pause")."""
+        if self._hint_tid is None or not os.path.isdir("/proc/self/task"):
+            return
+        outcome, waited = wait_thread_asleep(self._hint_tid)
+        self.res.hint_thread = "none" if outcome == "gone" else outcome
+        self.res.hint_thread_wait_ms = waited * 1e3
+        if outcome == "busy":
+            log.warning("QEMU's hint iothread (thread %d) still ran after %.1f s in the pause",
+                        self._hint_tid, waited)
 
     def _pause_ms(self, t_noticed: float, t_cont: float) -> float:
         """From QEMU's pre-switchover event (its own timestamp) to our migrate-continue; also
@@ -580,6 +686,9 @@ class _Run:
                           poison_version=POISON,
                           byte_regions=[(lo, hi - lo, src_area, dst_area)])
         r.mismatched_pages = vr.mismatched_pages
+        r.first_byte_mismatches = byte_mismatches(
+            np.frombuffer(src_area, np.uint8), dst_area, DRIVER_AREA_GPA,
+            [p for p in vr.first_mismatches if lo <= p < hi])
         r.poison_violations = vr.poison_violations
         if g.page_poison and vr.poison_violations:
             bad = ~in_use & ~held & ~skip & (dst_v != POISON)

@@ -5,6 +5,8 @@ driver that hints pages in use must make the check fail."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -15,10 +17,13 @@ from vmsim.cli import main
 from vmsim.qtest.host_migrate import (
     FOUR_GIB,
     Layout,
+    byte_mismatches,
     compare_rows,
     qemu_ram_for,
     run_qemu_scenario,
     scale_scenario,
+    thread_sched,
+    wait_thread_asleep,
 )
 from vmsim.scenario import load_builtin, loads
 from vmsim.vm import run_scenario
@@ -93,6 +98,9 @@ def test_hints_cut_qemus_bytes_and_the_destination_matches(qtest_qemu):
     assert cap.transferred_bytes < off.transferred_bytes - (48 << 20), (
         off.transferred_bytes, cap.transferred_bytes)
     assert cap.hinted_pages > 0 and off.hinted_pages == 0
+    # The pause saw QEMU's hint iothread asleep before the last RAM pass (no late store into
+    # the used ring); without free-page-hint there is no such thread.
+    assert cap.hint_thread == "asleep" and off.hint_thread == "none"
     # The guest kept writing during the migration, through qtest.
     assert cap.pages_written > 0
     # QEMU's figures sit beside the simulator's for the same scenario and seed.
@@ -186,3 +194,58 @@ def test_layout_above_4g_reserves_the_pci_hole():
 def test_bad_host_arguments(argv, msg, capsys):
     assert main(["migrate", "--builtin", "small-idle", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("states, outcome, reads", [
+    ([("R", 1), ("S", 2), ("S", 2)], "asleep", 3),
+    # asleep at both samples, but it ran (and slept again) in between: not yet
+    ([("S", 2), ("S", 3), ("S", 3)], "asleep", 3),
+    ([("S", 2), ("R", 2), ("S", 3), ("S", 3)], "asleep", 4),
+    ([None], "gone", 1),
+    ([("S", 2), None], "gone", 2),
+])
+def test_wait_thread_asleep_needs_a_quiet_interval(states, outcome, reads):
+    calls = []
+
+    def sched(tid):
+        calls.append(tid)
+        return states[len(calls) - 1]
+    got, waited = wait_thread_asleep(7, timeout=10, quiet_s=0, sched=sched)
+    assert got == outcome and len(calls) == reads and calls[0] == 7
+    assert 0 <= waited < 10
+
+
+def test_wait_thread_asleep_gives_up_on_a_busy_thread():
+    got, waited = wait_thread_asleep(7, timeout=0.05, quiet_s=0.001, sched=lambda t: ("R", 5))
+    assert got == "busy" and waited >= 0.05
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="no Linux /proc on this host")
+def test_thread_sched_tells_a_sleeping_process_from_a_spinning_one():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        # started: wait until the sleeper is in its sleep
+        assert wait_thread_asleep(sleeper.pid, timeout=20)[0] == "asleep"
+        st = thread_sched(sleeper.pid)
+        assert st is not None and st[0] == "S"
+        assert wait_thread_asleep(spinner.pid, timeout=0.2)[0] == "busy"
+    finally:
+        for p in (sleeper, spinner):
+            p.kill()
+            p.wait()
+    assert thread_sched(sleeper.pid) is None
+    assert wait_thread_asleep(sleeper.pid)[0] == "gone"
+
+
+def test_byte_mismatches_names_the_differing_bytes():
+    base = 0x100000
+    src = np.zeros(4 * 4096, np.uint8)
+    dst = src.copy()
+    dst[4096 + 5] = 1           # page 0x101, byte 5
+    dst[3 * 4096 + 4095] = 9    # page 0x103, its last byte
+    assert byte_mismatches(src, dst, base, [0x103, 0x101]) == [0x101005, 0x103FFF]
+    assert byte_mismatches(src, dst, base, [0x101]) == [0x101005]
+    assert byte_mismatches(src, dst, base, [0x100, 0x102]) == []
+    dst[2 * 4096:2 * 4096 + 20] = 3
+    assert byte_mismatches(src, dst, base, [0x102], limit=4) == [0x102000 + i for i in range(4)]
