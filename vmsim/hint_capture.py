@@ -138,7 +138,7 @@ def resolve(readings: list[Reading], polls: int = 0, max_gap_us: float = 0.0) ->
     return res
 
 
-def poll_ring(mm: mmap.mmap | bytes, ring: RingAddrs, start_idx: int, stop: Any,
+def poll_ring(mm: mmap.mmap | bytes | bytearray, ring: RingAddrs, start_idx: int, stop: Any,
               check_every: int = 2048) -> tuple[list[Reading], int, float]:
     """Spin on the ring until ``stop.is_set()``; returns (readings, polls, max gap in us)."""
     u16 = struct.Struct("<H").unpack_from

@@ -62,6 +62,7 @@ FREE_PAGE_VQ = 3          # inflate, deflate, stats, free page (QEMU's queue ord
 DEBIAN_PACKAGE = "qemu-system-x86"
 DEBIAN_DIR = "debian-qemu"
 KEEP_MIB = 32
+RAM_ALIGN = 8 << 10     # QEMU aligns -m up to this
 
 
 # -- QEMU builds -------------------------------------------------------------------------------
@@ -622,7 +623,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hints", nargs="+", choices=("on", "off"), default=["on"],
                     help="off: control runs with free-page-hint=off (nothing may differ)")
     ap.add_argument("--runs", type=int, default=1, help="runs per QEMU and init_on_alloc")
-    ap.add_argument("--ram", default="512M", help="guest RAM (256M .. 2G)")
+    ap.add_argument("--ram", default="512M",
+                    help="guest RAM (256M .. 2G, a multiple of 8K; a size that is not a "
+                    "multiple of 256K takes QEMU's per-page dirty-bitmap sync, see "
+                    "docs/qemu-lab.md)")
     ap.add_argument("--fill-mib", type=int, default=256,
                     help="MiB of random data written to tmpfs and deleted before migrating")
     ap.add_argument("--writer", action="store_true", help="keep writing during the migration")
@@ -653,6 +657,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--ram: {e}") from e
     if not (256 << 20) <= size <= (2 << 30):
         raise UsageError(f"--ram {args.ram}: between 256M and 2G")
+    if size % RAM_ALIGN:
+        # QEMU rounds -m up to 8 KiB; the RAM file would then be smaller than the RAM.
+        raise UsageError(f"--ram {args.ram}: a multiple of 8K")
     if args.runs < 1 or args.fill_mib < 0 or args.max_bandwidth < 1 or args.downtime_limit < 1:
         raise UsageError("--runs, --max-bandwidth and --downtime-limit must be positive, "
                          "--fill-mib not negative")

@@ -320,7 +320,9 @@ class QemuLab:
                      serial: str = "stdio", qmp_path: str | None = None) -> list[str]:
         """QEMU's options for a lab guest (without the launcher prefix)."""
         size = _ram_bytes(ram)
-        cmd = ["-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", str(size >> 20),
+        # -m in KiB when the size is not whole MiB (QEMU takes a K suffix).
+        mem = str(size >> 20) if size % (1 << 20) == 0 else f"{size >> 10}K"
+        cmd = ["-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", mem,
                # Shareable guest RAM: external device servers map it by fd.
                "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
                "-nodefaults", "-display", "none", "-no-reboot",

@@ -148,10 +148,24 @@ def test_differing_pages_refuses_files_of_different_size(tmp_path):
         differing_pages(str(tmp_path / "a"), str(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("argv", [["--ram", "64M"], ["--ram", "lots"], ["--runs", "0"]])
+@pytest.mark.parametrize("argv", [["--ram", "64M"], ["--ram", "lots"], ["--runs", "0"],
+                                  ["--ram", "524300K"]])
 def test_bad_arguments_exit_2(argv, capsys):
     assert cli_main(["migrate-check", *argv]) == 2
     assert "migrate-check" in capsys.readouterr().err
+
+
+def test_ram_not_whole_mib_is_given_to_qemu_in_kib(tmp_path):
+    """512 MiB + 8 KiB: not a multiple of 64 pages, so QEMU syncs its dirty bitmap page by
+    page (the path that resets the TLB's dirty state: docs/qemu-lab.md)."""
+    from vmsim.qemu_lab import QemuLab
+    lab = QemuLab(tmp_path, {"qemu_root": "q", "kernel": "k", "initrd": "i",
+                             "kernel_release": "r", "qemu_version": "11.1.3"})
+    args = lab.machine_args(ram="524296K")
+    assert args[args.index("-m") + 1] == "524296K"
+    assert f"size={524296 << 10}," in " ".join(args)
+    args = lab.machine_args(ram="512M")
+    assert args[args.index("-m") + 1] == "512"
 
 
 def _stream(tmp_path):
