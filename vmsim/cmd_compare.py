@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import UsageError
+
+if TYPE_CHECKING:  # rich is imported where it is used: --help needs none of it (vmsim.cli)
+    from rich.console import Console
 
 HELP = "compare two runs' JSON documents (migrate or conformance --json) side by side"
 
@@ -70,6 +69,9 @@ def _delta(a: Any, b: Any) -> str:
 def compare_migrate(a: dict[str, Any], b: dict[str, Any], pa: str, pb: str,
                     console: Console) -> bool:
     """Print the comparison; True if anything compared differs."""
+    from rich.markup import escape
+    from rich.table import Table
+
     from vmsim.report import ROWS  # noqa: PLC0415 - the migrate table's rows and formats
 
     differs = False
@@ -110,6 +112,8 @@ def compare_migrate(a: dict[str, Any], b: dict[str, Any], pa: str, pb: str,
 
 
 def compare_conformance(a: dict[str, Any], b: dict[str, Any], console: Console) -> bool:
+    from rich.markup import escape
+
     va = {v["id"]: v["verdict"] for v in a["verdicts"]}
     vb = {v["id"]: v["verdict"] for v in b["verdicts"]}
     differs = False
@@ -131,6 +135,9 @@ def compare_conformance(a: dict[str, Any], b: dict[str, Any], console: Console) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
     a, b = load_document(args.a), load_document(args.b)
     if a["kind"] != b["kind"]:
         raise UsageError(f"{args.a} is a {a['kind']} document, {args.b} a {b['kind']} one")

@@ -43,7 +43,6 @@ import io
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import entry_points
 from pathlib import Path
 
 from protocol.errors import EnvironmentFailure, UsageError
@@ -92,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def plugin_spec() -> str:
     """The ``-p`` argument loading the plugin: its entry point name when installed (so that an
     auto-loaded copy is not registered twice), else the module."""
+    from importlib.metadata import entry_points  # slow to import: not for --help
+
     if entry_points(group="pytest11", name=PLUGIN_ENTRY_POINT):
         return PLUGIN_ENTRY_POINT
     return PLUGIN_MODULE

@@ -18,16 +18,14 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from balloon_dev.host.precopy import CostModel
 from protocol.errors import UsageError
-from vmsim import report
-from vmsim.scenario import Scenario, load, load_builtin
+
+if TYPE_CHECKING:  # the rest is imported where it is used: --help needs none of it (vmsim.cli)
+    from rich.console import Console
+
+    from vmsim.scenario import Scenario
 
 HELP = "compare simulated migration times and hint savings with the published figures"
 
@@ -53,6 +51,8 @@ def calibrate(console: Console) -> float:
     """Solve total_time(zero_page_s) = published for the calibration point. Every page the
     round sends costs zero_page_s (normal pages add to it), so the time is affine in it with
     slope ~ pages sent; two Newton steps land within a microsecond of simulated time."""
+    from balloon_dev.host.precopy import CostModel
+    from vmsim.scenario import load_builtin
     from vmsim.vm import run_scenario
 
     name, key = CALIBRATION
@@ -77,6 +77,8 @@ PUBLISHED_KEYS = ("without_hints_ms", "with_hints_ms")
 def scenario_for(name: str) -> Scenario:
     """A built-in with published figures, or a scenario file with a [published] table holding
     both; UsageError (exit 2) otherwise."""
+    from vmsim.scenario import load, load_builtin
+
     if name in SCENARIOS:
         return load_builtin(name)
     if not name.endswith(".toml") and "/" not in name:
@@ -115,6 +117,10 @@ def measured_row(scn: Scenario) -> dict[str, Any]:
 
 def measured_table(console: Console) -> list[dict[str, Any]]:
     """The second table: simulated vs measured on this machine (docs/cost-model.md)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vmsim.scenario import load_builtin
     need = {f"{k}_{m}" for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
             for m in ("off", "hints")}
     scns = [load_builtin(n) for n in MEASURED]
@@ -157,6 +163,11 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from vmsim import report
     from vmsim.vm import run_scenario
 
     # the table has nine columns: give it room even when the output is not a terminal

@@ -22,16 +22,22 @@ import signal
 import sys
 import time
 from types import FrameType
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING
 
 from protocol.errors import EnvironmentFailure, UsageError
-from vmsim import report
-from vmsim.qtest.host_migrate import QEMU_FAULTS
-from vmsim.scenario import HINT_MODES, Scenario, ScenarioError, load, load_builtin
-from vmsim.vm import FAULTS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from vmsim import report
+    from vmsim.scenario import Scenario
+
+# The simulator, rich and the report are imported by ``run`` (vmsim.cli: ``--help`` loads only
+# what the parser needs). The parser's choices are therefore spelled here; a test keeps them
+# equal to vmsim.scenario.HINT_MODES, vmsim.vm.FAULTS and vmsim.qtest.host_migrate.QEMU_FAULTS.
+HINT_MODES = ("off", "walk", "capture")
+FAULTS = ("accept-stale-hints",)
+QEMU_FAULTS = ("hint-in-use",)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,8 @@ def _max_work(text: str) -> float:
 
 
 def _load(args: argparse.Namespace) -> tuple[Scenario, bool]:
+    from vmsim.scenario import ScenarioError, load, load_builtin
+
     if args.scenario and args.builtin:
         raise ScenarioError(args.scenario, None, None, "give a scenario file or --builtin, "
                             "not both")
@@ -114,6 +122,8 @@ def _load(args: argparse.Namespace) -> tuple[Scenario, bool]:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Everything that would make the results unwritable, before the run (which can be long)."""
+    from vmsim import report
+
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed {args.seed}: a seed is a whole number >= 0")
     for opt, path in (("--json", args.json), ("--plot", args.plot)):
@@ -141,6 +151,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from vmsim.vm import run_scenario
 
     # With --json - the JSON owns standard output and the table goes to standard error.
@@ -198,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace, scn: Scenario, results: list[report.RunResult],
             interrupted: Interrupted | None, running: str | None, console: Console,
             err: Console) -> int:
+    from rich.markup import escape
+
+    from vmsim import report
+
     title = f"{scn.name}: {scn.description}" if scn.description else scn.name
     if results:
         report.print_table(results, console, title=title)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import textwrap
 from importlib import resources
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.text import Text
-
-from vmsim.scenario import Scenario, ScenarioError, builtin_names, format_size, load_builtin
+if TYPE_CHECKING:  # imported by run: --help needs neither (vmsim.cli)
+    from vmsim.scenario import Scenario
 
 HELP = "list the built-in migration scenarios (or print one with --show NAME)"
 
@@ -27,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fields(name: str, s: Scenario) -> tuple[str, ...]:
+    from vmsim.scenario import format_size
+
     return (name, format_size(s.guest.ram_bytes), s.hinting.mode,
             f"{s.migration.bandwidth_Bps * 8 / 1e9:g} Gbit/s",
             f"{s.migration.downtime_limit_s * 1000:g} ms")
@@ -37,6 +38,11 @@ def _workloads(s: Scenario) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    from vmsim.scenario import Scenario, ScenarioError, builtin_names, load_builtin
+
     # Console() takes the terminal's width, or 80 columns (COLUMNS if set) when piped.
     console = Console(highlight=False)
     if args.show:

@@ -21,20 +21,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import trio
-
-from balloon_dev.control import HostControl
-from balloon_dev.device import DEFAULT_OFFERED_FEATURES, BalloonDevice, DeviceConfig
-from balloon_dev.effects import Effect
-from balloon_dev.transport.control_server import serve_control, wall_clock
-from balloon_dev.transport.core import DeviceCore
-from balloon_dev.transport.vfio_user_server import VfioUserServer
-from balloon_dev.transport.vhost_user_server import VhostUserServer
-from balloon_dev.transport.virtio_pci import VirtioPciFunction
-from guestmem import GuestMemory
-from guestmem.units import PAGE_SIZE
-from protocol.balloon import BALLOON_FEATURE_NAMES
 from protocol.errors import UsageError
 from protocol.virtio import (
     VIRTIO_F_RING_EVENT_IDX,
@@ -43,6 +31,20 @@ from protocol.virtio import (
     VIRTIO_F_VERSION_1,
     feature_mask,
 )
+
+# The device, the transports and trio are imported where they are used: `serve --help` needs
+# none of them (vmsim.cli).
+if TYPE_CHECKING:
+    from balloon_dev.control import HostControl
+    from balloon_dev.device import BalloonDevice
+    from balloon_dev.effects import Effect
+    from balloon_dev.transport.core import DeviceCore
+    from balloon_dev.transport.vfio_user_server import VfioUserServer
+    from balloon_dev.transport.vhost_user_server import VhostUserServer
+    from guestmem import GuestMemory
+
+    #: A device server of either transport.
+    Server = VfioUserServer | VhostUserServer
 
 HELP = ("serve the balloon device to QEMU over vfio-user or vhost-user (prints the QEMU options "
         "to use)")
@@ -54,13 +56,13 @@ _GENERIC = {"VERSION_1": VIRTIO_F_VERSION_1, "RING_EVENT_IDX": VIRTIO_F_RING_EVE
             # Not in the default set (QEMU's packed=off default); offered only when listed.
             "RING_PACKED": VIRTIO_F_RING_PACKED}
 
-#: A device server of either transport.
-Server = VfioUserServer | VhostUserServer
-
 
 def parse_features(text: str | None) -> int:
     """``STATS_VQ,FREE_PAGE_HINT,...`` -> offered feature mask (VERSION_1 always added).
     Raises ``UsageError`` for a name it does not know."""
+    from balloon_dev.device import DEFAULT_OFFERED_FEATURES
+    from protocol.balloon import BALLOON_FEATURE_NAMES
+
     if text is None:
         return DEFAULT_OFFERED_FEATURES
     by_name = {v.split("(")[0]: k for k, v in BALLOON_FEATURE_NAMES.items()}
@@ -116,6 +118,11 @@ def build(args: argparse.Namespace) -> tuple[Server, HostControl, str]:
     check_paths(args)
     if args.vhost_user is not None:
         return build_vhost_user(args)
+    from balloon_dev.device import BalloonDevice, DeviceConfig
+    from balloon_dev.transport.vfio_user_server import VfioUserServer
+    from balloon_dev.transport.virtio_pci import VirtioPciFunction
+    from guestmem import GuestMemory
+
     mem = GuestMemory()
     dev = BalloonDevice(mem, DeviceConfig(offered_features=parse_features(args.features)))
     pci = VirtioPciFunction(dev, msix_vectors=args.msix_vectors)
@@ -131,6 +138,9 @@ def _with_control(dev: BalloonDevice, mem: GuestMemory,
     """The server ``make_server(on_effects)`` builds, and the host control over it. The server
     needs the control's effect handler and the control needs the server's ``host_call``, so
     the handler looks the control up when effects arrive (after both exist)."""
+    from balloon_dev.control import HostControl
+    from balloon_dev.transport.control_server import wall_clock
+
     holder: list[HostControl] = []
 
     def on_effects(effects: list[Effect]) -> None:
@@ -145,6 +155,8 @@ def _with_control(dev: BalloonDevice, mem: GuestMemory,
 
 def mem_pages(mem: GuestMemory) -> int:
     """Pages of guest RAM the peer has mapped for the device (0 before it has)."""
+    from guestmem.units import PAGE_SIZE
+
     return sum(r.size for r in mem.regions) // PAGE_SIZE
 
 
@@ -163,6 +175,10 @@ def vhost_user_qemu_options(path: str, dev: DeviceCore, ram: str = "1G") -> list
 
 
 def build_vhost_user(args: argparse.Namespace) -> tuple[Server, HostControl, str]:
+    from balloon_dev.device import BalloonDevice, DeviceConfig
+    from balloon_dev.transport.vhost_user_server import VhostUserServer
+    from guestmem import GuestMemory
+
     features = parse_features(args.features)
     if features & feature_mask(VIRTIO_F_RING_PACKED):
         # The vhost-user ring base (GET/SET_VRING_BASE) of a packed ring carries wrap counters
@@ -184,6 +200,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 async def _main(server: Server, control: HostControl, ctl_path: str) -> int | None:
     """Serve until a stop signal; returns its number. Both sockets are removed on the way out
     (the servers' own ``finally``)."""
+    import trio
+
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_serve, server, control, ctl_path)
@@ -194,6 +212,11 @@ async def _main(server: Server, control: HostControl, ctl_path: str) -> int | No
 
 
 async def _serve(server: Server, control: HostControl, ctl_path: str) -> None:
+    import trio
+
+    from balloon_dev.transport.control_server import serve_control
+    from balloon_dev.transport.vhost_user_server import VhostUserServer
+
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, ctl_path, control)
         await nursery.start(server.run)
@@ -225,6 +248,8 @@ def _startup_error(e: BaseException) -> OSError | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import trio
+
     try:
         server, control, ctl_path = build(args)
     except ValueError as e:  # the device refuses its configuration: a bad option value

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
-if TYPE_CHECKING:  # Dask only for the types: the module must not import it
+if TYPE_CHECKING:  # Dask only for the types: the module must not import it (nor rich: --help)
     from dask.distributed import Client
+    from rich.console import Console
 
     from vmsim.sweep.run import Outcome
     from vmsim.sweep.spec import Sweep
@@ -57,6 +56,8 @@ def need_sweep_extra() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from protocol.errors import UsageError
     from vmsim.sweep.spec import load_sweep
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-
 HELP = "summarise a sweep's results: savings, time and downtime per axis value, plots"
 
 
@@ -22,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from protocol.errors import UsageError
     from vmsim import report as run_report
     from vmsim.cmd_sweep import need_sweep_extra

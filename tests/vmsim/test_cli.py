@@ -46,6 +46,32 @@ def test_migrate_imports_its_module_only():
         assert unused not in mods, unused
 
 
+#: migrate-check's parser is vmsim.lab_migrate's, and that module imports numpy and the QEMU
+#: lab at its top (it is the lab tool's own module, not a CLI command module).
+HELP_NEEDS_MORE = {"migrate-check"}
+
+
+@pytest.mark.parametrize("name", sorted(set(cli.COMMANDS) - HELP_NEEDS_MORE))
+def test_command_help_imports_only_its_parser(name):
+    """`balloon-hint NAME --help` builds NAME's parser: its module and nothing heavy (the
+    simulator, the device, the transports, numpy, rich, trio load when the command runs)."""
+    mods = modules_after([name])
+    assert sorted(m for m in mods if m.startswith("vmsim.cmd_")) == [cli.COMMANDS[name][0]]
+    assert sorted(HEAVY & mods) == []
+    assert sorted(m for m in mods if m.split(".")[0] in ("balloon_dev", "guest_model",
+                                                          "guestmem")) == []
+    assert "vmsim.vm" not in mods and "vmsim.scenario" not in mods
+
+
+def test_migrate_choices_are_the_engines():
+    from vmsim import cmd_migrate, scenario, vm
+    from vmsim.qtest import host_migrate
+
+    assert cmd_migrate.HINT_MODES == scenario.HINT_MODES
+    assert cmd_migrate.FAULTS == vm.FAULTS
+    assert cmd_migrate.QEMU_FAULTS == host_migrate.QEMU_FAULTS
+
+
 def test_table_help_is_the_modules_help():
     for name, (modname, help_text) in cli.COMMANDS.items():
         assert importlib.import_module(modname).HELP == help_text, name
