@@ -31,9 +31,13 @@ hook exactly as QEMU's precopy notifier raises them, protocol.md 5.4):
 
 1. set-up: SETUP; dirty logging on; every page to send; BEFORE_BITMAP_SYNC, the set-up sync,
    AFTER_BITMAP_SYNC (VM running: the device starts hint round 1 during the bulk pass, 5.6);
-2. rounds: walk ``to_send`` from pfn 0 upwards, sending pages; at the end, BEFORE_BITMAP_SYNC
-   (the device publishes STOP), sync (``to_send |= dirty``), AFTER_BITMAP_SYNC (new command id);
-   converge when the pages left could be sent within the downtime limit, or after ``max_rounds``;
+2. iterations (QEMU's migration_iteration_run): before each, compare the pages left in
+   ``to_send`` (x 4 KiB) with the threshold, the bandwidth measured over the last 100 ms window
+   x the downtime limit; below it, sync: BEFORE_BITMAP_SYNC (the device publishes STOP),
+   ``to_send |= dirty``, AFTER_BITMAP_SYNC (new command id), and compare again. Still below, or
+   nothing left, or ``max_rounds`` syncs done: stop-and-copy. Otherwise send for one iteration
+   (``iteration_s``, QEMU's MAX_WAIT) from the cursor on, wrapping at the end of RAM. A *round*
+   is the span between two syncs; the switchover can come in the middle of a pass;
 3. stop-and-copy: the VM stops (no guest event runs), BEFORE_BITMAP_SYNC, final sync,
    AFTER_BITMAP_SYNC with the VM stopped (the device publishes DONE), send everything left,
    COMPLETE; the verifier runs on the state at switchover; CLEANUP.
@@ -116,7 +120,8 @@ class CostModel:
     host_hint_s: float = 2.0e-6         # host: pop one hint element, clear its bits, push it back
     host_hint_page_s: float = 0.25e-9   # host: per page of a hint (bitmap clear)
     setup_s: float = 0.005              # QEMU set-up: allocate bitmaps, connect
-    check_period_s: float = 0.1         # no switchover before QEMU's first BUFFER_DELAY window
+    check_period_s: float = 0.1         # QEMU's BUFFER_DELAY: the bandwidth measuring window
+    iteration_s: float = 0.05           # QEMU's MAX_WAIT: one ram_save_iterate call at most
     switchover_s: float = 0.03          # stop vCPUs, device states, destination resumes
 
     def page_cost(self, bandwidth_Bps: float) -> tuple[float, float]:
@@ -239,6 +244,12 @@ class PrecopyMigration:
         self.done = False
         self._cursor = 0
         self._round: RoundRecord | None = None
+        # QEMU's migration_dirty_pages: set bits of to_send, kept up to date, not recounted
+        self._dirty_pages = 0
+        self._threshold_bytes = 0.0  # bandwidth x downtime limit; 0 until a window is over
+        self._win_t0 = 0.0           # the current bandwidth window: start, bytes sent by then
+        self._win_bytes0 = 0
+        self._iter_t0 = 0.0          # when the current ram_save_iterate call began
         self._t0 = 0.0
         self._accepting = False      # a hint round is open (between AFTER and BEFORE sync)
         self._cmd_ids_seen: set[int] = set()
@@ -271,7 +282,9 @@ class PrecopyMigration:
         self._sync(vm_running=True)
         t = (self.sched.now + self.cost.setup_s + self.ram_pages * self.cost.log_start_page_s
              + self._sync_cost(0))
-        self._begin_round(t)
+        self._win_t0 = t
+        if self._begin_round(t):
+            self._chunk_event = self.sched.at(t, self._iterate)
 
     def run(self, max_events: int | None = None) -> MigrationStats:
         """Start (if needed) and run the scheduler until the migration is over."""
@@ -286,18 +299,74 @@ class PrecopyMigration:
                 raise MigrationError(f"migration not finished after {max_events} events")
         return self.stats
 
-    # -- rounds --------------------------------------------------------------------------------
-    def _begin_round(self, t: float) -> None:
+    # -- rounds ---------------------------------------------------------------------------------
+    # QEMU's migration thread loops over migration_iteration_run() (migration/migration.c): it
+    # compares what is left in the bitmap (migration_dirty_pages x page size, "pending") with
+    # ``threshold_size`` = measured bandwidth x downtime limit; below it, it syncs the bitmap
+    # (ram_state_pending_exact -> migration_bitmap_sync_precopy, with the precopy notifiers)
+    # and compares again; still below (or nothing pending), it completes (stops the VM);
+    # otherwise it runs one ram_save_iterate() call: send pages from where the last call
+    # stopped, wrapping at the end of RAM, for at most MAX_WAIT (``iteration_s``) or until no
+    # page is left. So a round here is the time between two syncs, and the switchover can
+    # come in the middle of a pass: with hints, once the free memory is gone from the bitmap
+    # the rest of the pass "fits" the threshold and is sent with the VM stopped.
+    def _begin_round(self, t: float) -> bool:
+        """Open the round (sync interval) that starts at ``t``; False if that is past the
+        budget (the migration is then cancelled)."""
         if self._over_budget(t, f"round {len(self.rounds) + 1} would start"):
-            return
+            return False
         self._round = RoundRecord(index=len(self.rounds) + 1, start_s=t - self._t0)
         self.rounds.append(self._round)
-        self._cursor = 0
+        return True
+
+    def _update_counters(self, now: float) -> None:
+        """QEMU's migration_update_counters: once a ``check_period_s`` (BUFFER_DELAY) window
+        is over, the bytes it sent over its length give the bandwidth, and the threshold is
+        that bandwidth x the downtime limit; then a new window starts. Until the first window
+        is over the threshold is 0."""
+        span = now - self._win_t0
+        if span < self.cost.check_period_s or span <= 0:
+            return
+        bw = (self.stats.bytes_sent - self._win_bytes0) / span
+        self._threshold_bytes = bw * self.params.downtime_limit_s
+        self._win_t0 = now
+        self._win_bytes0 = self.stats.bytes_sent
+
+    def _iterate(self) -> None:
+        """One turn of QEMU's migration loop: complete, or send for one more iteration."""
+        self._chunk_event = None
+        now = self.sched.now
+        self._update_counters(now)
+        rnd = self._round
+        assert rnd is not None
+        pending = self._dirty_pages * PAGE_SIZE
+        t = now
+        synced = False
+        if pending < self._threshold_bytes:
+            rnd.end_s = now - self._t0
+            n_dirty = self._sync(vm_running=True)
+            rnd.dirty_at_sync = n_dirty
+            t += self._sync_cost(n_dirty)
+            pending = self._dirty_pages * PAGE_SIZE
+            synced = True
+        converged = pending == 0 or pending < self._threshold_bytes
+        if converged or len(self.rounds) >= self.params.max_rounds:
+            self.stats.converged = converged
+            if not synced:
+                rnd.end_s = now - self._t0
+            self.stats.rounds = len(self.rounds)
+            if not self._over_budget(t, "the stop-and-copy would start"):
+                self._chunk_event = self.sched.at(t, self._stop_and_copy)
+            return
+        if synced and not self._begin_round(t):
+            return
+        self._iter_t0 = t
         self._chunk_event = self.sched.at(t, self._send_chunk)
 
     def _send_chunk(self) -> None:
-        """Send the set bits of the next ``chunk_pages`` positions, then schedule the next chunk
-        after the time that took; at the end of the bitmap, close the round."""
+        """Send the set bits of the next ``chunk_pages`` positions from the cursor (wrapping at
+        the end of RAM, as QEMU's page search does); after ``iteration_s`` of sending, or when
+        no page is left, go back to the loop's check."""
         rnd = self._round
         assert rnd is not None
         # Between two batches the hint thread gets the mutex: queued hints land first.
@@ -306,11 +375,12 @@ class PrecopyMigration:
         hi = min(lo + self.params.chunk_pages, self.ram_pages)
         dt += self._send_range(lo, hi, rnd)
         self._mutex_busy_until = self.sched.now + dt
-        self._cursor = hi
+        self._cursor = 0 if hi >= self.ram_pages else hi
         if self._over_budget(self.sched.now + dt, f"round {rnd.index} would still be sending"):
             return
-        if hi >= self.ram_pages:
-            self._chunk_event = self.sched.after(dt, self._end_round)
+        end = self.sched.now + dt
+        if self._dirty_pages == 0 or end - self._iter_t0 >= self.cost.iteration_s:
+            self._chunk_event = self.sched.after(dt, self._iterate)
         else:
             self._chunk_event = self.sched.after(dt, self._send_chunk)
 
@@ -327,6 +397,7 @@ class PrecopyMigration:
         if nz or nn:
             rnd.pages_sent += nz + nn
             rnd.zero_pages += nz
+            self._dirty_pages -= nz + nn
             self.stats.pages_sent += nz + nn
             self.stats.zero_pages += nz
             self.stats.bytes_sent += nz * ZERO_PAGE_BYTES + nn * NORMAL_PAGE_BYTES
@@ -391,6 +462,7 @@ class PrecopyMigration:
         self._accepting = False
         self._close_hint_queue()
         n = self.dirty_log.merge_into(self.to_send)  # no copy of the log
+        self._dirty_pages = int(np.count_nonzero(self.to_send))
         self._sync_gen += 1
         if vm_running:
             self._accepting = True  # the device opens a new hint round in AFTER_BITMAP_SYNC
@@ -398,30 +470,6 @@ class PrecopyMigration:
         if self.params.accept_stale_hints:
             self._apply_queue_now()  # the fault: what was queued lands on the new bitmap
         return n
-
-    def _end_round(self) -> None:
-        rnd = self._round
-        assert rnd is not None
-        rnd.end_s = self.sched.now - self._t0
-        self.stats.rounds = len(self.rounds)
-        n_dirty = self._sync(vm_running=True)
-        rnd.dirty_at_sync = n_dirty
-        t_sync = self._sync_cost(n_dirty)
-        left = int(np.count_nonzero(self.to_send))
-        # QEMU compares what is left with bandwidth x downtime limit; we price the pages as
-        # normal pages (their zero-ness is unknown until scanned), which errs on the safe side.
-        est = self._batch_cost(0, 0, left) + self.cost.switchover_s + self._sync_cost(left)
-        converged = est <= self.params.downtime_limit_s
-        if converged or len(self.rounds) >= self.params.max_rounds:
-            self.stats.converged = converged
-            # QEMU's threshold for switchover (bandwidth x downtime limit) is 0 until the first
-            # bandwidth measurement, one BUFFER_DELAY window after the start: no switchover
-            # before that.
-            t = max(self.sched.now + t_sync, self._t0 + self.cost.check_period_s)
-            if not self._over_budget(t, "the stop-and-copy would start"):
-                self.sched.at(t, self._stop_and_copy)
-        else:
-            self._begin_round(self.sched.now + t_sync)
 
     def _stop_and_copy(self) -> None:
         """The VM is stopped: no scheduler event runs until the switchover is over."""
@@ -592,6 +640,7 @@ class PrecopyMigration:
         # 4.4 rule 5 / 5.7: only "to send in this round" is cleared, never the dirty log.
         cleared = clear_pages(self.to_send, first, count)
         if cleared:
+            self._dirty_pages -= cleared
             self.stats.pages_skipped_hint += cleared
             if stale:
                 self.stats.stale_pages_skipped += cleared

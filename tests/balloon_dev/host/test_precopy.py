@@ -271,14 +271,63 @@ def test_engine_rejects_mismatched_arrays() -> None:
         PrecopyMigration(PageVersions(8), DirtyLog(16), Scheduler())
 
 
-def test_switchover_waits_for_the_buffer_delay_window() -> None:
+def test_a_pass_over_before_the_first_window_completes_at_once() -> None:
+    """QEMU's threshold is 0 until its first 100 ms bandwidth window is over, and with nothing
+    left in the bitmap it completes without a sync of its own: the pages written during the
+    pass go in the downtime (the stop-and-copy's sync)."""
     cost = CostModel(check_period_s=0.1, switchover_s=1e-3)
-    _, _, _, mig = make(cost=cost)
+    sched, g, hinter, mig = make(cost=cost, hinter_blocks=[])
+    g.churn(1e-3, 4)
     st = mig.run()
-    # the bulk pass is over in ~10 ms, but QEMU decides only at the end of its first 100 ms window
     assert mig.rounds[0].end_s < 0.02
-    assert mig.rounds[-1].start_s == pytest.approx(0.1)
-    assert st.total_time_s == pytest.approx(0.1 + st.downtime_s)
+    assert len(mig.rounds) == 2 and mig.rounds[-1].stop_and_copy
+    assert mig.rounds[-1].start_s == pytest.approx(mig.rounds[0].end_s)
+    assert mig.rounds[-1].pages_sent > 0  # the churn of the pass, sent with the VM stopped
+    assert hinter is not None
+    syncs = [e for e in hinter.events if e[0] == PrecopyEvent.BEFORE_BITMAP_SYNC]
+    assert syncs == [(PrecopyEvent.BEFORE_BITMAP_SYNC, True),   # set-up
+                     (PrecopyEvent.BEFORE_BITMAP_SYNC, False)]  # stop-and-copy
+    assert st.converged
+
+
+def _hinted_pass(downtime_limit_s: float) -> PrecopyMigration:
+    """64 Ki pages, the first 8 Ki data, the rest hinted at once; short iterations."""
+    cost = CostModel(check_period_s=0.0, switchover_s=1e-4, iteration_s=1e-3)
+    params = MigrationParams(chunk_pages=256, downtime_limit_s=downtime_limit_s)
+    _, _, _, mig = make(n=65536, used=8192, params=params, cost=cost,
+                        hinter_blocks=[(8192, 65536 - 8192)])
+    mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+    return mig
+
+
+def test_switchover_in_the_middle_of_a_pass_once_the_rest_fits() -> None:
+    """QEMU checks pending vs bandwidth x downtime limit before every iteration, not at the end
+    of a pass: once hints have taken the free memory out of the bitmap, the rest of the pass
+    fits the threshold and is sent with the VM stopped (migration_iteration_run)."""
+    mig = _hinted_pass(0.3)  # ~2 GB/s x 0.3 s: far more than the 32 MiB of data
+    pre, stop = mig.rounds[0], mig.rounds[-1]
+    assert len(mig.rounds) == 2 and stop.stop_and_copy
+    assert 0 < pre.pages_sent < 8192
+    assert stop.pages_sent == 8192 - pre.pages_sent
+    assert mig.stats.downtime_s > stop.pages_sent * mig.cost.zero_page_s
+    # a limit too small for any iteration's bandwidth: the whole pass runs before the stop
+    tight = _hinted_pass(1e-6)
+    assert tight.rounds[0].pages_sent == 8192
+    assert tight.rounds[-1].pages_sent == 0
+
+
+def test_the_threshold_is_measured_bytes_not_pages() -> None:
+    """QEMU's bandwidth is bytes sent over the window's time: a window of zero pages (9 bytes
+    each) measures a low bandwidth, so a zero-page pass does not switch over early although
+    the pending pages, priced at 4 KiB each, would be few seconds of work."""
+    cost = CostModel(check_period_s=0.0, switchover_s=1e-4, iteration_s=1e-3)
+    params = MigrationParams(chunk_pages=256, downtime_limit_s=0.3)
+    _, _, _, mig = make(n=65536, used=0, params=params, cost=cost)
+    mig.run()
+    # 9 B per ~1.3 us is ~7 MB/s: a threshold of ~2 MB, ~500 pages: the pass runs to its end
+    assert mig.rounds[0].pages_sent > 65536 - 1000
+    assert mig.rounds[-1].pages_sent < 1000
 
 
 def test_a_hint_waits_for_the_batch_holding_bitmap_mutex() -> None:
