@@ -563,7 +563,10 @@ def _migration_figures(st: dict[str, Any]) -> dict[str, Any]:
     return {"status": st.get("status"), "total_time_ms": st.get("total-time"),
             "downtime_ms": st.get("downtime"), "transferred": ram.get("transferred"),
             "normal_pages": ram.get("normal"), "zero_pages": ram.get("duplicate"),
-            "dirty_sync_count": ram.get("dirty-sync-count")}
+            "dirty_sync_count": ram.get("dirty-sync-count"),
+            # where the time and the bytes went: set-up, and what was sent with the VM stopped
+            "setup_time_ms": st.get("setup-time"), "precopy_bytes": ram.get("precopy-bytes"),
+            "downtime_bytes": ram.get("downtime-bytes")}
 
 
 def _capture_figures(cap: CaptureResult) -> dict[str, Any]:
