@@ -159,7 +159,7 @@ class FileRamLab(QemuLab):
         if i is None:
             raise EnvironmentFailure("the lab's machine has no memory-backend-memfd to replace "
                                      f"with a RAM file: {cmd}")
-        size = qemu_lab._ram_bytes(kw.get("ram", "1G"))
+        size = qemu_lab.parse_ram(kw.get("ram", "1G"))
         cmd[i] = f"memory-backend-file,id=mem,size={size},mem-path={self.ram_path},share=on"
         return cmd
 
@@ -299,7 +299,7 @@ class CheckConfig:
 
 
 def run_check(lab: QemuLab, build: QemuBuild, cfg: CheckConfig) -> dict[str, Any]:
-    size = qemu_lab._ram_bytes(cfg.ram)
+    size = qemu_lab.parse_ram(cfg.ram)
     if size >= Q35_LOWMEM_LIMIT:
         raise UsageError(f"--ram {cfg.ram}: keep it below 2.75 GiB (RAM file offsets are "
                          "guest addresses only while q35 puts all RAM below 4 GiB)")
@@ -655,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
     """Every requested run, one table row each; exit 1 if any run lost a page, failed or left
     an unhealthy guest."""
     try:
-        size = qemu_lab._ram_bytes(args.ram)
+        size = qemu_lab.parse_ram(args.ram)
     except ValueError as e:
         raise UsageError(f"--ram: {e}") from e
     if not (256 << 20) <= size <= (2 << 30):

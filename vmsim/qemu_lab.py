@@ -62,7 +62,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import EnvironmentFailure
+from protocol.errors import EnvironmentFailure, UsageError
 from vmsim.qmp import QmpClient, QmpConnectionLost, kill_and_remove
 from vmsim.qmp import QmpError as QmpError  # callers catch vmsim.qemu_lab.QmpError
 
@@ -91,6 +91,11 @@ SETUP_LOCK = ".setup.lock"
 
 class LabMissing(EnvironmentFailure):
     """The lab is not set up (or is broken): the message names the piece and the fix."""
+
+
+class LabUsageError(UsageError, ValueError):
+    """A bad lab argument (a RAM size, a ``--device`` spec): the CLI prints it on one line and
+    exits 2 (a ``ValueError`` too, for callers that catch that)."""
 
 
 class LabVMError(EnvironmentFailure):
@@ -242,10 +247,11 @@ def module_paths(moddir: Path, names: Sequence[str]) -> list[Path]:
     return out
 
 
-def _ram_bytes(ram: str) -> int:
+def parse_ram(ram: str) -> int:
+    """Bytes of a QEMU ``-m`` size such as ``512M`` or ``1G`` (``LabUsageError`` otherwise)."""
     m = re.fullmatch(r"(\d+)([KMGT]?)", ram.strip().upper())
     if not m:
-        raise ValueError(f"ram={ram!r}: expected a size like 512M or 1G")
+        raise LabUsageError(f"ram={ram!r}: expected a size like 512M or 1G")
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
 
 
@@ -319,7 +325,7 @@ class QemuLab:
                      extra_args: Sequence[str] = (), append: str = "",
                      serial: str = "stdio", qmp_path: str | None = None) -> list[str]:
         """QEMU's options for a lab guest (without the launcher prefix)."""
-        size = _ram_bytes(ram)
+        size = parse_ram(ram)
         # -m in KiB when the size is not whole MiB (QEMU takes a K suffix).
         mem = str(size >> 20) if size % (1 << 20) == 0 else f"{size >> 10}K"
         cmd = ["-accel", "tcg", "-M", "q35,memory-backend=mem", "-m", mem,
@@ -382,12 +388,13 @@ def device_args(spec: str, *, control: str | None = None, num_vqs: int | None = 
     QEMU's generic vhost-user front-end must be told the device's queue count and config size.
     They come from ``num_vqs`` / ``config_size`` if given, else from the offered features the
     device's control socket reports (``control``, default ``SOCK.ctl``, as ``balloon-hint serve``
-    makes it). ``ValueError`` names what is missing."""
+    makes it). ``LabUsageError`` names what is missing."""
     kind, sep, path = spec.partition(":")
     if not sep or not path or kind not in ("vfio-user", "vhost-user"):
-        raise ValueError(f"--device {spec!r}: expected vfio-user:SOCKET or vhost-user:SOCKET")
+        raise LabUsageError(f"--device {spec!r}: expected vfio-user:SOCKET or vhost-user:SOCKET")
     if not Path(path).is_socket():
-        raise ValueError(f"--device {spec!r}: {path} is not a socket (is the server running?)")
+        raise LabUsageError(f"--device {spec!r}: {path} is not a socket (is the server "
+                            "running?)")
     if kind == "vfio-user":
         return ["-device", json.dumps({"driver": "vfio-user-pci", "id": "vfu0",
                                        "socket": {"type": "unix", "path": path}})]
@@ -401,9 +408,9 @@ def device_args(spec: str, *, control: str | None = None, num_vqs: int | None = 
             ans = call(ctl, "stats", None)
             features = int(ans["return"]["device_features"])
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"--device {spec!r}: cannot read the offered features from the "
-                             f"control socket {ctl} ({e}); give num_vqs and config_size "
-                             "instead") from None
+            raise LabUsageError(f"--device {spec!r}: cannot read the offered features from the "
+                                f"control socket {ctl} ({e}); give num_vqs and config_size "
+                                "instead") from None
         num_vqs = len(queue_layout(features)) if num_vqs is None else num_vqs
         config_size = config_bytes(features) if config_size is None else config_size
     return ["-chardev", f"socket,id=vb,path={path}",

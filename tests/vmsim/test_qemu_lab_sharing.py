@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.errors import UsageError
 from vmsim import qemu_lab
 from vmsim.conformance.harness import start_server, stop_server
 
@@ -163,7 +164,7 @@ def test_setup_never_deletes_a_tree_in_use(tmp_path):
 
 
 def test_device_args_vfio_user(tmp_path):
-    with pytest.raises(ValueError, match="expected vfio-user:SOCKET or vhost-user:SOCKET"):
+    with pytest.raises(UsageError, match="expected vfio-user:SOCKET or vhost-user:SOCKET"):
         qemu_lab.device_args("vhost-net:/x")
     with pytest.raises(ValueError, match="is not a socket"):
         qemu_lab.device_args(f"vfio-user:{tmp_path}/none")
@@ -231,3 +232,21 @@ def test_serve_names_the_lab_command(kind):
         finally:
             stop_server(proc)  # type: ignore[arg-type]
     assert f"  in the QEMU lab:  scripts/qemu-lab shell --device {kind}:{sock}\n" in lines
+
+
+def test_parse_ram():
+    assert qemu_lab.parse_ram("512M") == 512 << 20 and qemu_lab.parse_ram(" 1g ") == 1 << 30
+    for bad in ("12X", "", "1.5G", "-1G"):
+        with pytest.raises(UsageError, match="expected a size like 512M or 1G"):
+            qemu_lab.parse_ram(bad)
+    assert issubclass(qemu_lab.LabUsageError, ValueError)  # callers that catch ValueError
+
+
+@pytest.mark.parametrize("args, rc, msg", [
+    (["shell", "--ram", "12X"], 2, "qemu-lab shell: ram='12X': expected a size like 512M or 1G"),
+    (["shell"], 1, "qemu-lab shell: no QEMU lab in "),
+])
+def test_shell_reports_a_bad_argument_or_a_missing_lab_on_one_line(tmp_path, args, rc, msg):
+    r = lab_script(tmp_path / "no-lab", *args)
+    assert r.returncode == rc, r.stderr
+    assert r.stderr.startswith(msg) and r.stderr.count("\n") == 1, r.stderr
