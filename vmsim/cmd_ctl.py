@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from protocol.errors import EnvironmentFailure
+
 HELP = "send a host-control command (hint-start, hint-stop, hint-done, set-target, stats)"
 
 #: Each command and what it does (``ctl --help`` lists them).
@@ -93,6 +95,11 @@ def connect(path: str, deadline: float) -> socket.socket:
             raise
 
 
+class ControlSocketError(EnvironmentFailure, RuntimeError):
+    """The peer on the control socket's path is not a balloon-hint control socket, or it
+    closed or answered with something that is not a JSON object."""
+
+
 def call(path: str, command: str, arguments: dict[str, Any] | None = None,
          timeout: float = 10.0) -> dict[str, Any]:
     """One command over the control socket; returns the decoded answer object. ``timeout``
@@ -103,7 +110,7 @@ def call(path: str, command: str, arguments: dict[str, Any] | None = None,
         f = s.makefile("rwb")
         welcome = json.loads(f.readline())
         if not isinstance(welcome, dict) or "QMP" not in welcome:
-            raise RuntimeError(f"{path}: not a balloon-hint control socket ({welcome!r})")
+            raise ControlSocketError(f"{path}: not a balloon-hint control socket ({welcome!r})")
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
@@ -111,10 +118,10 @@ def call(path: str, command: str, arguments: dict[str, Any] | None = None,
         f.flush()
         line = f.readline()
         if not line:
-            raise RuntimeError(f"{path}: connection closed without an answer")
+            raise ControlSocketError(f"{path}: connection closed without an answer")
         ans = json.loads(line)
         if not isinstance(ans, dict):
-            raise RuntimeError(f"{path}: answer is not a JSON object ({ans!r})")
+            raise ControlSocketError(f"{path}: answer is not a JSON object ({ans!r})")
         return ans
 
 

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from protocol.errors import EnvironmentFailure
 from vmsim.cli import main
-from vmsim.cmd_ctl import call
+from vmsim.cmd_ctl import ControlSocketError, call
 
 
 def _serve_once(path: str, lines: list[bytes]) -> threading.Thread:
@@ -33,6 +34,7 @@ def _serve_once(path: str, lines: list[bytes]) -> threading.Thread:
     [b"42\n"],                                        # welcome is not an object
     [b'{"QMP": {}}\n', b"[1, 2]\n"],                  # answer is not an object
     [b'{"hello": 1}\n'],                              # not a QMP-style welcome
+    [b'{"QMP": {}}\n'],                               # closes without an answer
 ])
 def test_peer_that_is_not_a_control_socket(lines: list[bytes],
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,8 +43,15 @@ def test_peer_that_is_not_a_control_socket(lines: list[bytes],
         t = _serve_once(path, lines)
         assert main(["ctl", path, "stats", "--timeout", "5"]) == 1
         t.join(5)
+        # the same peer through the API: an environment failure, not a bare RuntimeError
+        os.unlink(path)
+        t = _serve_once(path, lines)
+        with pytest.raises(ControlSocketError, match=f"^{path}: ") as e:
+            call(path, "stats", timeout=5)
+        assert isinstance(e.value, EnvironmentFailure)
+        t.join(5)
     err = capsys.readouterr().err
-    assert err.startswith(f"ctl: {path}: ")
+    assert err.startswith(f"ctl: {path}: ") and err.count("\n") == 1
 
 
 def test_ctl_waits_while_the_accept_queue_is_full() -> None:
