@@ -393,6 +393,10 @@ class DriverGuest:
         self.pump(lambda: False, seconds)
 
 
+class ServerStartError(EnvironmentFailure, RuntimeError):
+    """A device server started for the checks exited, or did not make its socket in time."""
+
+
 def start_server(argv: list[str], sock: str, ctl: str | None, timeout: float = 20.0,
                  cwd: str | Path | None = None) -> subprocess.Popen[bytes]:
     """Start a device server ``argv`` (in folder ``cwd``: a ``python -m`` of a module outside
@@ -423,12 +427,12 @@ def start_server(argv: list[str], sock: str, ctl: str | None, timeout: float = 2
             log.seek(0)
             err = log.read().decode(errors="replace")
             log.close()
-            raise RuntimeError(f"device server exited with {proc.returncode}: {err[-2000:]}")
+            raise ServerStartError(f"device server exited with {proc.returncode}: {err[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             proc.wait()
             log.close()
-            raise RuntimeError(f"device server did not create {sock} within {timeout} s")
+            raise ServerStartError(f"device server did not create {sock} within {timeout} s")
         time.sleep(0.02)
     log.close()  # the child keeps its own descriptor
     return proc
