@@ -21,6 +21,12 @@ Every figure is the median of 5 runs (p2 at 1024 GiB: 2), each p2 run and each a
 its own process so its peak RSS is its own. ``--quick`` is a smoke test (fewer runs, p2 at 8 and
 64 GiB only); its figures are not the published ones. The other scripts/bench_*.py scripts
 (device, virtqueue, migration, qemu, qtest) still run on their own.
+
+Same-run baselines: p1 runs struct.iter_unpack and numpy over the same descriptor bytes; p2
+measures, in a child like its runs, the start-up every run pays (the interpreter and the
+simulator's imports) and numpy's fill bandwidth, so figures from two machines can be scaled.
+The JSON's ``timing`` gives each benchmark's wall and CPU seconds (its children included) and
+the load average before and after it: on a shared machine wall time is mostly the neighbours'.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,6 +84,13 @@ def machine() -> dict[str, Any]:
             "numpy": np.__version__, "platform": platform.platform()}
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended (every child here is
+    waited for), user and system."""
+    return sum(ru.ru_utime + ru.ru_stime for ru in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_child(cmd: list[str], timeout: float = 1800) -> str:
     """Run ``cmd`` in its own process (so its peak RSS is its own); its stdout."""
     try:
@@ -112,6 +126,32 @@ ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"verified": r.verified, "error": r.error, "wall_s": wall,
                   "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": ru.ru_maxrss / 1024}))
 """
+
+
+#: p2's same-run baseline, in a child as its runs: the start-up every run pays (interpreter and
+#: the simulator's imports, CPU seconds) and numpy's fill bandwidth over 1 GiB (GB/s).
+_P2_BASELINE_CHILD = r"""
+import json, resource, time
+from vmsim.scenario import load
+from vmsim.vm import run_scenario
+ru = resource.getrusage(resource.RUSAGE_SELF)
+import numpy as np
+a = np.empty(1 << 30, np.uint8)
+a.fill(1)
+rates = []
+for v in range(2, 7):
+    t = time.perf_counter()
+    a.fill(v)
+    rates.append(a.nbytes / (time.perf_counter() - t) / 1e9)
+print(json.dumps({"startup_cpu_s": ru.ru_utime + ru.ru_stime,
+                  "fill_GB_per_s": sorted(rates)[len(rates) // 2]}))
+"""
+
+
+def p2_baseline(runs: int) -> dict[str, Any]:
+    res = [json.loads(run_child([sys.executable, "-c", _P2_BASELINE_CHILD]).strip()
+                      .splitlines()[-1]) for _ in range(runs)]
+    return medians(res)
 
 
 def scenario_file(base: str, gib: int, folder: str) -> str:
@@ -168,7 +208,7 @@ def bench_p2(quick: bool) -> dict[str, Any]:
                     "cpu_exponent": float(np.polyfit(x, np.log([r["cpu_s"] for r in pts]), 1)[0]),
                     "rss_exponent": float(np.polyfit(
                         x, np.log([r["peak_rss_mib"] for r in pts]), 1)[0])}
-    return {"rows": rows, "fits": fits}
+    return {"rows": rows, "fits": fits, "baseline": p2_baseline(2 if quick else 5)}
 
 
 # -- allocator and transports ---------------------------------------------------------------------
@@ -218,6 +258,11 @@ def markdown(res: dict[str, Any]) -> str:
         for k, f in res["p2"]["fits"].items():
             lines.append(f"| {k} | {f['wall_exponent']:.2f} | {f['cpu_exponent']:.2f} | "
                          f"{f['rss_exponent']:.2f} |")
+        if "baseline" in res["p2"]:
+            b = res["p2"]["baseline"]
+            lines += ["", f"Same-run baseline (median of {b['runs']}): a run's start-up "
+                      f"(interpreter and imports) {b['startup_cpu_s']:.2f} s CPU, numpy fill "
+                      f"{b['fill_GB_per_s']:.1f} GB/s."]
         lines.append("")
     if "allocator" in res:
         a = res["allocator"]
@@ -233,6 +278,12 @@ def markdown(res: dict[str, Any]) -> str:
             p90 = next((v for k, v in r.items() if "p90" in k), None)
             lines.append(f"- {t}: kick -> interrupt median {med} us, p90 {p90} us "
                          f"(median of {r['runs']} runs)")
+    if "timing" in res:
+        lines += ["", "| benchmark | wall s | CPU s (children included) | load average before |",
+                  "|---|---|---|---|"]
+        for k, t in res["timing"].items():
+            lines.append(f"| {k} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} | "
+                         f"{t['load_avg_before'][0]:.1f} |")
     return "\n".join(lines)
 
 
@@ -275,14 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(folder):
             ap.error(f"--json {args.json}: folder {folder} does not exist")
     names = args.names or list(NAMES)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     res: dict[str, Any] = {"command": "scripts/bench " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
                            "quick": args.quick, "machine": machine(),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     failed = []
     for name in names:
-        t = time.perf_counter()
+        t, cpu, load = time.perf_counter(), cpu_seconds(), os.getloadavg()
         print(f"== {name}", flush=True)
         try:
             if name == "p1":
@@ -297,16 +348,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: failed: {e}", file=sys.stderr, flush=True)
             res.setdefault("errors", {})[name] = str(e)
             failed.append(name)
-        res.setdefault("seconds", {})[name] = time.perf_counter() - t
+        wall = time.perf_counter() - t
+        res.setdefault("seconds", {})[name] = wall
+        res.setdefault("timing", {})[name] = {
+            "wall_s": wall, "cpu_s": cpu_seconds() - cpu, "load_avg_before": load,
+            "load_avg_after": os.getloadavg()}
+        print(f"   {name}: {wall:.0f} s wall, {res['timing'][name]['cpu_s']:.0f} s CPU "
+              f"(load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after)",
+              flush=True)
         if args.json:  # after every benchmark, so a later failure loses nothing
             Path(args.json).write_text(json.dumps(res, indent=2, default=float))
     res["total_s"] = time.perf_counter() - t0
+    res["total_cpu_s"] = cpu_seconds() - cpu0
     res["targets"] = targets(res)
     print()
     print(markdown(res))
     for line in res["targets"]:
         print(line)
-    print(f"total {res['total_s']:.0f} s")
+    print(f"total {res['total_s']:.0f} s wall, {res['total_cpu_s']:.0f} s CPU")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=float))
     if failed:
