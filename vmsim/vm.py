@@ -335,7 +335,7 @@ class SimVM:
             self.background.append(self.guest.add_workload(
                 "dirty", background=True, existing=True, tick=TICK_S, **p))
         else:
-            raise ValueError(f"workload kind {w.kind!r} cannot run during migration")
+            raise UsageError(f"workload kind {w.kind!r} cannot run during migration")
 
     def migrate(self, progress: Progress | None = None) -> None:
         for w in self.scn.during_workloads:

@@ -2,11 +2,13 @@
 engine) migrating small scenarios, verified at switchover."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from vmsim.scenario import load, load_builtin
+from protocol.errors import UsageError
+from vmsim.scenario import WorkloadSpec, load, load_builtin
 from vmsim.vm import run_scenario
 
 HERE = Path(__file__).parent / "scenarios"
@@ -183,3 +185,16 @@ def test_churn_tick_follows_the_lifetime() -> None:
     assert churn_tick(0.03) == TICK_S  # small-churn: as fine as the other workloads
     assert churn_tick(0.5) == 0.01
     assert churn_tick(1.0) == churn_tick(10.0) == CHURN_TICK_MAX_S
+
+
+def test_a_scenario_built_in_code_with_a_bad_workload_is_a_usage_error() -> None:
+    """The scenario loader refuses these in files; a Scenario built in code reaches
+    run_scenario, which must say so as a caller's mistake (the CLI's exit 2), not a
+    ValueError traceback."""
+    scn = load_builtin("small-idle")
+    during_fill = replace(scn, workloads=(*scn.workloads,
+                                          WorkloadSpec("fill", True, {"size": 1 << 20})))
+    with pytest.raises(UsageError, match="workload kind 'fill' cannot run during migration"):
+        run_scenario(during_fill, "capture")
+    with pytest.raises(UsageError, match="hinting mode 'fast'"):
+        run_scenario(scn, "fast")
