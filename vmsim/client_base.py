@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, Self
 
 from guestmem import GuestMemory
-from protocol.errors import PeerFault
+from protocol.errors import PeerFault, UsageError
 from vmsim.guest_ram import create_guest_ram, release_guest_ram
 
 
@@ -36,13 +36,18 @@ class DeviceFault(PeerFault):
         super().__init__(message, errno=err or 0, counter="device_faults")
 
 
+class ClientUsageError(UsageError, ValueError):
+    """A client built with a bad argument (a RAM size, a queue size): the caller's mistake
+    (a ``ValueError`` too, for callers that catch that)."""
+
+
 class QemuRoleClient:
     """Socket, guest RAM and interrupt handlers of a client in QEMU's role (module docstring)."""
 
     def __init__(self, path: str, *, ram_bytes: int, timeout: float) -> None:
         if ram_bytes <= 0 or ram_bytes % mmap.PAGESIZE:
-            raise ValueError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "
-                             f"{mmap.PAGESIZE}")
+            raise ClientUsageError(f"ram_bytes={ram_bytes:#x}: must be a positive multiple of "
+                                   f"{mmap.PAGESIZE}")
         self.path = path
         self.ram_bytes = ram_bytes
         self.timeout = timeout

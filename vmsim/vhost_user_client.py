@@ -45,7 +45,7 @@ from protocol.balloon import queue_layout
 from protocol.errors import PeerFault
 from protocol.virtio import DeviceStatus
 from protocol.virtqueue import VIRTQ_MAX_SIZE
-from vmsim.client_base import DeviceFault, QemuRoleClient
+from vmsim.client_base import ClientUsageError, DeviceFault, QemuRoleClient
 
 R = vu.VhostUserRequest
 PF = vu.VhostUserProtocolFeature
@@ -67,7 +67,8 @@ class VhostUserClient(QemuRoleClient):
                  num_vqs: int | None = None, vq_size: int = DEFAULT_VQ_SIZE) -> None:
         super().__init__(path, ram_bytes=ram_bytes, timeout=timeout)
         if not 0 < vq_size <= VIRTQ_MAX_SIZE or vq_size & (vq_size - 1):
-            raise ValueError(f"vq_size={vq_size}: must be a power of two <= {VIRTQ_MAX_SIZE}")
+            raise ClientUsageError(f"vq_size={vq_size}: must be a power of two <= "
+                                   f"{VIRTQ_MAX_SIZE}")
         self.vq_size = vq_size
         self._num_vqs = num_vqs
         self.channel: socket.socket | None = None

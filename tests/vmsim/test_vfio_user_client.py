@@ -16,6 +16,7 @@ import pytest
 from guest_model.transport import VirtioTransport
 from protocol import vfio_user as vu
 from protocol import virtio_pci as vp
+from protocol.errors import UsageError
 from protocol.virtio import DeviceStatus
 from vmsim.client_base import DeviceFault
 from vmsim.conformance.harness import start_server, stop_server
@@ -97,8 +98,10 @@ def test_interrupts_are_delivered_only_when_polled(client: VfioUserClient):
 
 
 def test_bad_arguments_and_missing_socket(tmp_path):
-    with pytest.raises(ValueError, match="ram_bytes"):
+    with pytest.raises(UsageError, match="ram_bytes"):
         VfioUserClient("x", ram_bytes=1000)
+    with pytest.raises(ValueError, match="ram_bytes"):  # for callers that catch ValueError
+        VfioUserClient("x", ram_bytes=0)
     with pytest.raises(DeviceFault, match="cannot connect"):
         VfioUserClient(str(tmp_path / "none")).connect()
 

@@ -15,6 +15,7 @@ import pytest
 from guest_model.transport import VirtioTransport
 from protocol import vhost_user as vu
 from protocol.balloon import CFG_NUM_PAGES
+from protocol.errors import UsageError
 from protocol.virtio import DeviceStatus
 from vmsim.client_base import DeviceFault
 from vmsim.cmd_ctl import call as ctl_call
@@ -87,8 +88,10 @@ def test_start_at_driver_ok_and_config_change_interrupt(client: VhostUserClient,
 
 
 def test_bad_arguments_and_missing_socket(tmp_path):
-    with pytest.raises(ValueError, match="vq_size"):
+    with pytest.raises(UsageError, match="vq_size"):
         VhostUserClient("x", vq_size=100)
+    with pytest.raises(UsageError, match="ram_bytes"):
+        VhostUserClient("x", ram_bytes=-4096)
     with pytest.raises(DeviceFault, match="cannot connect"):
         VhostUserClient(str(tmp_path / "none")).connect()
 
