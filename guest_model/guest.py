@@ -110,6 +110,7 @@ class SimGuest:
         if background:
             w.start(self.sched, until=until)
         else:
+            self.pages.switch_mm(w)  # a set-up phase is a process of its own
             w.run_phase()
         return w
 

@@ -8,6 +8,8 @@ goes through here so the dirty log sees it.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import numpy as np
 
 from guestmem.dirty import DirtyLog
@@ -41,6 +43,13 @@ class PageVersions:
         if kind == "poison":
             return POISON
         raise ValueError(f"unknown write kind {kind!r}")
+
+    def switch_mm(self, mm: Hashable | None) -> None:
+        """The guest now runs in address space ``mm`` (a process; None: kernel work, which
+        borrows the current one): a dirty log that models the vCPU's TLB needs to know
+        (``guestmem.dirty``)."""
+        if self.dirty_log is not None:
+            self.dirty_log.switch_mm(mm)
 
     def write_range(self, first_pfn: int, count: int, kind: str = "data") -> None:
         """Write ``count`` pages from ``first_pfn``: ``kind`` is data, zero or poison."""

@@ -140,6 +140,8 @@ class Workload:
         dt = now - self._t_last
         self._t_last = now
         self.stats["ticks"] += 1
+        if self.pages is not None:
+            self.pages.switch_mm(self)  # each workload is a process of its own
         more = self.step(now, dt)
         if not more:
             self.finished = True
