@@ -32,6 +32,7 @@ import numpy as np
 
 from guest_model.buddy import PG_ALLOC, PG_BALLOON, PG_RESERVED, BuddyAllocator
 from guest_model.driver import BalloonDriver, BlockWalker, DriverOptions
+from guest_model.kernel_data import KernelDataAllocator
 from guest_model.transport import VirtioTransport
 from guest_model.vring import DriverArea
 from guest_model.workloads import Workload, make_workload
@@ -58,6 +59,9 @@ class GuestOptions:
     #: (gpa, size) of the byte-backed driver area, already a region of the guest memory.
     driver_area: tuple[int, int] = DEFAULT_DRIVER_AREA
     nr_cpus: int = 2
+    #: The kernel's own data (zone, per-CPU counters, memmap) lives in RAM and is written by
+    #: every allocation and free (``guest_model.kernel_data``).
+    kernel_data: bool = False
     #: Extra ``DriverOptions`` fields (costs, batch size, accepted features, ...).
     driver: dict[str, Any] = field(default_factory=dict)
 
@@ -77,10 +81,11 @@ class SimGuest:
         self.sched = sched
         self.options = o
         if allocator is None:
-            allocator = BuddyAllocator(o.ram_bytes, pages=pages, reserved=[o.driver_area],
-                                       seed=o.seed, init_on_alloc=o.init_on_alloc,
-                                       init_on_free=o.init_on_free,
-                                       page_poisoning=o.page_poisoning, nr_cpus=o.nr_cpus)
+            kind = KernelDataAllocator if o.kernel_data else BuddyAllocator
+            allocator = kind(o.ram_bytes, pages=pages, reserved=[o.driver_area],
+                             seed=o.seed, init_on_alloc=o.init_on_alloc,
+                             init_on_free=o.init_on_free,
+                             page_poisoning=o.page_poisoning, nr_cpus=o.nr_cpus)
         elif (allocator.state[gpa_to_pfn(gpa):gpa_to_pfn(gpa + size + PAGE_MASK)]
               != PG_RESERVED).any():
             raise UsageError("the allocator given to SimGuest does not keep the driver area "
