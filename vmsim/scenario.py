@@ -15,6 +15,7 @@ A scenario looks like this (sizes, rates and durations take units)::
     boot_footprint = "96MiB"  # kernel held at boot, besides the memmap
     boot_free_dirty = "9MiB"  # free memory still holding data after boot
     runnable = 4            # threads the workloads keep runnable (make -j4)
+    kernel_data = false     # the allocator's bookkeeping written in RAM (zone, memmap)
 
     [[workload]]            # phases run one after the other before migration starts
     kind = "fill"
@@ -42,6 +43,7 @@ A scenario looks like this (sizes, rates and durations take units)::
 
     [host]
     profile = "xeon-2017"   # per-page costs of the host's QEMU (balloon_dev.host.profiles)
+    dirty_log = "exact"     # or "qemu-7.2-tcg": QEMU 7.2 under TCG, which loses writes
 
 Theory of operation: ``tomllib`` parses the text (a syntax error carries its own line); then a
 schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
@@ -77,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 from balloon_dev.host.profiles import PROFILES
+from guestmem.dirty import DIRTY_LOGS
 from protocol.errors import UsageError
 
 HINT_MODES = ("off", "walk", "capture")
@@ -230,6 +233,9 @@ class GuestSpec:
     #: Threads the workloads keep runnable on the vCPUs (``make -j4``: 4); the balloon
     #: driver's work item shares the vCPUs with them.
     runnable: int = 0
+    #: The kernel's allocator bookkeeping (zone, per-CPU counters, memmap) is written in RAM by
+    #: every allocation and free (``guest_model.kernel_data``).
+    kernel_data: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +253,7 @@ class MigrationSpec:
     max_rounds: int = 30
     time_limit_s: float | None = None  # None: the engine's own budget (MigrationParams)
     rate_limited: bool = False  # bandwidth is QEMU's max-bandwidth throttle (MigrationParams)
+    chunk_pages: int | None = None  # send-cursor step (MigrationParams.chunk_pages); None: its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +272,8 @@ class HintingSpec:
 @dataclass(frozen=True, slots=True)
 class HostSpec:
     profile: str = "xeon-2017"
+    #: How the host's dirty log records the guest's writes (``guestmem.dirty.DIRTY_LOGS``).
+    dirty_log: str = "exact"
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +386,8 @@ def _ram(v: Any) -> int:
 
 _GUEST = {"ram": _ram, "seed": _int(0, 2**64 - 1), "init_on_alloc": _bool,
           "init_on_free": _bool, "page_poison": _bool, "vcpus": _int(1, 64),
-          "boot_footprint": _size, "boot_free_dirty": _size, "runnable": _int(0, 4096)}
+          "boot_footprint": _size, "boot_free_dirty": _size, "runnable": _int(0, 4096),
+          "kernel_data": _bool}
 #: A scenario's first pre-copy round sends every page of guest RAM; at the scenario's bandwidth
 #: that alone takes at least guest RAM / bandwidth of simulated time (all pages as data; zero
 #: pages go faster). The guest's background workloads tick every 5-20 ms of simulated time, so
@@ -394,6 +404,13 @@ MAX_FIRST_ROUND_S = 3600.0
 MAX_TIME_LIMIT_S = 86400.0
 
 
+def _chunk(v: Any) -> int:
+    out = int(_positive(_size)(v))
+    if out % 4096 or not 1 << 12 <= out <= 1 << 30:
+        raise UnitError(f"{v!r}: whole 4 KiB pages, from 4 KiB to 1 GiB")
+    return out >> 12
+
+
 def _time_limit(v: Any) -> float:
     out = float(_positive(_duration)(v))
     if out > MAX_TIME_LIMIT_S:
@@ -403,12 +420,12 @@ def _time_limit(v: Any) -> float:
 
 _MIGRATION = {"bandwidth": _positive(_rate), "downtime_limit": _positive(_duration),
               "max_rounds": _int(1, 10000), "time_limit": _time_limit,
-              "rate_limited": _bool}
+              "rate_limited": _bool, "chunk": _chunk}
 _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
             "block_cost": _positive(_duration), "alloc_cost": _positive(_duration),
             "post_cost": _positive(_duration), "walk_cost": _positive(_duration),
             "memory_bandwidth": _positive(_rate)}
-_HOST = {"profile": _choice(*PROFILES)}
+_HOST = {"profile": _choice(*PROFILES), "dirty_log": _choice(*DIRTY_LOGS)}
 
 
 def _num(v: Any) -> float:
@@ -605,7 +622,8 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                       init_on_free=g.get("init_on_free", False),
                       page_poison=g.get("page_poison", False), vcpus=g.get("vcpus", 2),
                       boot_footprint=g.get("boot_footprint"),
-                      boot_free_dirty=g.get("boot_free_dirty"), runnable=g.get("runnable", 0))
+                      boot_free_dirty=g.get("boot_free_dirty"), runnable=g.get("runnable", 0),
+                      kernel_data=g.get("kernel_data", False))
     for key in ("boot_footprint", "boot_free_dirty"):
         if (g.get(key) or 0) > guest.ram_bytes // 2:
             raise ScenarioError(file, f"guest.{key}", lines.key("guest", 0, key),
@@ -658,7 +676,8 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                         downtime_limit_s=mg.get("downtime_limit", d.downtime_limit_s),
                         max_rounds=mg.get("max_rounds", d.max_rounds),
                         time_limit_s=mg.get("time_limit"),
-                        rate_limited=mg.get("rate_limited", False))
+                        rate_limited=mg.get("rate_limited", False),
+                        chunk_pages=mg.get("chunk"))
     first_round_s = guest.ram_bytes / mig.bandwidth_Bps
     if first_round_s > MAX_FIRST_ROUND_S:
         # Checked here, not in the engine: the run would otherwise simulate hours of guest

@@ -138,12 +138,13 @@ def churn_tick(lifetime: float) -> float:
 
 
 def boot_footprint(alloc: BuddyAllocator, pages: PageVersions, ram_bytes: int,
-                   base_bytes: int | None = None) -> int:
+                   base_bytes: int | None = None, memmap: bool = True) -> int:
     """What a booted kernel holds: its image, slab and the memmap (struct pages), written and
-    unmovable. Returns the pages taken."""
+    unmovable (``memmap=False``: the allocator keeps the memmap itself, as
+    ``guest_model.kernel_data`` does). Returns the pages taken."""
     # A tiny test guest gets a small kernel unless its scenario says otherwise.
     base = min(KERNEL_BASE_BYTES, ram_bytes // 8) if base_bytes is None else base_bytes
-    n = (base + int(ram_bytes * MEMMAP_FRACTION)) >> PAGE_SHIFT
+    n = (base + (int(ram_bytes * MEMMAP_FRACTION) if memmap else 0)) >> PAGE_SHIFT
     pfns = alloc.alloc_pages_bulk(n, MIGRATE_UNMOVABLE)
     pages.write_pfns(pfns, "data")
     return int(pfns.size)
@@ -175,7 +176,7 @@ class SimVM:
         self.opts = opts
         self.ram_pages = g.ram_bytes >> PAGE_SHIFT
         self.sched = Scheduler()
-        self.dirty = DirtyLog(self.ram_pages)
+        self.dirty = DirtyLog(self.ram_pages, scn.host.dirty_log)
         self.pages = PageVersions(self.ram_pages, self.dirty)
         self.mem = GuestMemory()
         self.driver_area = bytearray(DRIVER_AREA_SIZE)
@@ -192,6 +193,8 @@ class SimVM:
                                  max_rounds=scn.migration.max_rounds,
                                  accept_stale_hints=opts.fault == "accept-stale-hints",
                                  rate_limited=scn.migration.rate_limited)
+        if scn.migration.chunk_pages is not None:  # else the engine's default step
+            params = replace(params, chunk_pages=scn.migration.chunk_pages)
         if scn.migration.time_limit_s is not None:  # else the engine's default budget
             params = replace(params, time_budget_s=scn.migration.time_limit_s)
         self.migration = PrecopyMigration(
@@ -216,7 +219,8 @@ class SimVM:
             ram_bytes=g.ram_bytes, seed=opts.seed, init_on_alloc=g.init_on_alloc,
             init_on_free=g.init_on_free, page_poisoning=g.page_poison,
             hint_strategy=opts.mode, min_order=scn.hinting.min_order,
-            driver_area=(DRIVER_AREA_GPA, DRIVER_AREA_SIZE), nr_cpus=g.vcpus, driver=driver))
+            driver_area=(DRIVER_AREA_GPA, DRIVER_AREA_SIZE), nr_cpus=g.vcpus, driver=driver,
+            kernel_data=g.kernel_data))
         self.events = 0  # scheduler events run (the unit of MAX_SIM_COST)
         self.labelled: list[tuple[str, Workload]] = []  # background workloads by scenario label
         self._run_until(self.sched.now + 0.001)  # the probe's queued work
@@ -259,7 +263,8 @@ class SimVM:
     def prepare(self) -> None:
         """Boot footprint, then the set-up phases, in order."""
         g = self.scn.guest
-        boot_footprint(self.alloc, self.pages, g.ram_bytes, g.boot_footprint)
+        boot_footprint(self.alloc, self.pages, g.ram_bytes, g.boot_footprint,
+                       memmap=not g.kernel_data)
         for w in self.scn.setup_workloads:
             phase = self.guest.add_workload(w.kind, **w.params)
             if isinstance(phase, Idle):

@@ -85,6 +85,17 @@ def test_good_file_loads() -> None:
     assert s.migration.downtime_limit_s == pytest.approx(0.3)
     assert s.migration.max_rounds == 12
     assert s.hinting.mode == "walk" and s.hinting.min_order == 9
+    # the keys of a lossy host are off unless asked for
+    assert s.host.dirty_log == "exact" and not s.guest.kernel_data
+    assert s.migration.chunk_pages is None
+
+
+def test_lossy_host_keys_load() -> None:
+    s = loads(GOOD.replace('max_rounds = 12', 'max_rounds = 12\nchunk = "4MiB"')
+              .replace('page_poison = true', 'page_poison = true\nkernel_data = true')
+              + '[host]\ndirty_log = "qemu-7.2-tcg"\n', "lossy.toml")
+    assert s.migration.chunk_pages == 1024 and s.guest.kernel_data
+    assert s.host.dirty_log == "qemu-7.2-tcg"
 
 
 def _err(text: str) -> ScenarioError:
@@ -116,6 +127,13 @@ def _edit(old: str, new: str) -> str:
      "set-up phase"),
     ('downtime_limit = "300ms"', 'downtime_limit = "0ms"', "migration.downtime_limit", 21,
      "more than zero"),
+    ('max_rounds = 12', 'max_rounds = 12\nchunk = "6KiB"', "migration.chunk", 23,
+     "whole 4 KiB pages"),
+    ('max_rounds = 12', 'max_rounds = 12\nchunk = "2GiB"', "migration.chunk", 23, "1 GiB"),
+    ('page_poison = true', 'page_poison = true\nkernel_data = "yes"', "guest.kernel_data", 8,
+     "true or false"),
+    ('min_order = 9', 'min_order = 9\n[host]\ndirty_log = "qemu-7.1"', "host.dirty_log", 28,
+     "not one of"),
 ])
 def test_bad_files_name_file_key_and_line(old, new, key, line, words) -> None:
     e = _err(_edit(old, new))
