@@ -84,7 +84,9 @@ def test_walk_with_page_poisoning_is_a_poison_violation() -> None:
 
 def _builtins_up_to_8g() -> list[str]:
     from vmsim.scenario import builtin_names
-    return [n for n in builtin_names() if load_builtin(n).guest.ram_bytes <= 8 << 30]
+    # A host whose dirty log loses writes fails by design: tests/vmsim/test_lossy_dirty_log.py.
+    return [n for n in builtin_names() if load_builtin(n).guest.ram_bytes <= 8 << 30
+            and load_builtin(n).host.dirty_log == "exact"]
 
 
 @pytest.mark.parametrize("name", _builtins_up_to_8g())
