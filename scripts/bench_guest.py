@@ -32,6 +32,17 @@ sys.path.insert(0, os.path.dirname(HERE))
 GiB = 1 << 30
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (MiB): VmHWM, not ru_maxrss, whose figure in a child process
+    starts at the parent's peak (exec records the forked image's), so that a small run would
+    read as the benchmark script's own peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     import numpy as np
 
@@ -44,7 +55,7 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     pages = PageVersions(ram >> 12) if with_pages else None
     a = BuddyAllocator(ram, pages=pages, reserved=[(1 << 20, 4 << 20)], seed=seed)
     out["setup_s"] = time.perf_counter() - t
-    out["rss_after_setup_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_after_setup_mib"] = peak_rss_mib()
 
     # A walk of the fresh guest: every max-order block once.
     n, dt = _timed_walk(a)
@@ -91,12 +102,13 @@ def one(gib: int, ops: int, with_pages: bool, seed: int) -> dict[str, float]:
     out["bulk_pages"] = int(pf.size)
     out["bulk_alloc_pages_per_s"] = pf.size / dt_a
     out["bulk_free_pages_per_s"] = pf.size / dt_f
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
 _MIGRATE_CHILD = r"""
 import json, resource, sys, time
+from bench_guest import peak_rss_mib
 from vmsim.scenario import load
 from vmsim.vm import MAX_SIM_COST, run_scenario
 path, mode, bounded = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -107,8 +119,8 @@ wall = time.perf_counter() - t
 ru = resource.getrusage(resource.RUSAGE_SELF)
 gib = scn.guest.ram_bytes / (1 << 30)
 print(json.dumps({"scenario": scn.name, "gib": gib, "mode": mode, "wall_s": wall,
-                  "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": ru.ru_maxrss / 1024,
-                  "rss_mib_per_gib": ru.ru_maxrss / 1024 / gib, "verified": r.verified,
+                  "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": peak_rss_mib(),
+                  "rss_mib_per_gib": peak_rss_mib() / gib, "verified": r.verified,
                   "pages_sent": r.pages_sent, "rounds": r.rounds,
                   "total_time_s": r.total_time_s}))
 """
@@ -116,7 +128,7 @@ print(json.dumps({"scenario": scn.name, "gib": gib, "mode": mode, "wall_s": wall
 
 def _child(args: list[str]) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        [os.path.dirname(HERE), HERE, *filter(None, [os.environ.get("PYTHONPATH")])]))
     res = subprocess.run(args, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])}...: failed ({res.returncode})\n"

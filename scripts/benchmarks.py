@@ -123,8 +123,13 @@ from vmsim.vm import run_scenario
 r = run_scenario(load(sys.argv[1]), sys.argv[2], max_cost=math.inf)
 wall = time.perf_counter() - t
 ru = resource.getrusage(resource.RUSAGE_SELF)
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak (the exec records the
+# forked image's), so every run below the benchmark process's own peak read as that peak.
+with open("/proc/self/status") as f:
+    hwm = [int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")]
 print(json.dumps({"verified": r.verified, "error": r.error, "wall_s": wall,
-                  "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mib": ru.ru_maxrss / 1024}))
+                  "cpu_s": ru.ru_utime + ru.ru_stime,
+                  "peak_rss_mib": (hwm[0] if hwm else ru.ru_maxrss) / 1024}))
 """
 
 
