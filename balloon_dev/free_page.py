@@ -124,10 +124,11 @@ class FreePageHinting:
         n = len(batch)
         # Runs of hints end at commands (a readable descriptor) and at malformed chains.
         breaks = []
-        for k in np.flatnonzero(~(batch.plain & batch.writable)).tolist():
-            ch = batch.walked.get(k)
-            if ch is None or ch.error is not None or ch.out:
-                breaks.append(k)
+        if batch.walked or not batch.writable.all():  # else: one run of plain hints
+            for k in np.flatnonzero(~(batch.plain & batch.writable)).tolist():
+                ch = batch.walked.get(k)
+                if ch is None or ch.error is not None or ch.out:
+                    breaks.append(k)
         walked = sorted(batch.walked)
         pend: list[tuple[np.ndarray, np.ndarray]] = []
 

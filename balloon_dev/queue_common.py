@@ -201,7 +201,10 @@ class QueueCommon:
             # a >= start and (a - start) + n <= size, as n <= size and (a - start) <= size - n.
             # The two differences may wrap in uint64, but only where a term beside them in the
             # conjunction is already false.
-            fits = (lens <= sz) & (addrs >= start) & (addrs - start <= sz - lens)
+            if gpa == 0:  # RAM from 0 (the common range): a - 0 needs no check nor subtraction
+                fits = (lens <= sz) & (addrs <= sz - lens)
+            else:
+                fits = (lens <= sz) & (addrs >= start) & (addrs - start <= sz - lens)
             ok = fits if ok is None else ok | fits
             if ok.all():
                 break  # the common case: every buffer in the first range (RAM)

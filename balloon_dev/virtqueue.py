@@ -244,9 +244,8 @@ class DeviceVirtqueue(QueueCommon):
         if n <= 0:
             return _EMPTY_BATCH
         heads = self._read_heads(n)
-        bad = np.flatnonzero(heads >= self.size)
-        if bad.size:
-            k = int(bad[0])
+        if heads.max() >= self.size:
+            k = int(np.argmax(heads >= self.size))
             raise self._head_broken(k, int(heads[k]))
         table = self._table()
         # One copy of just the heads' descriptors: each is read once (the snapshot we use).

@@ -713,7 +713,9 @@ def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
         np.greater(first[1:], reach[:-1], out=new[1:])
         idx = np.flatnonzero(new)
         starts = first[idx]
-        ends = reach[np.append(idx[1:] - 1, n - 1)]
+        ends = reach[idx - 1]  # the end of the run before each run's first range
+        ends[:-1] = ends[1:]
+        ends[-1] = reach[-1]
     if starts.size * _RANGES_PER_SLICE > n:
         c = int(count[0])
         if c > 0 and c & (c - 1) == 0 and (count == c).all() and not (first & (c - 1)).any():
