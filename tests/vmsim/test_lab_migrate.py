@@ -11,7 +11,13 @@ import pytest
 from protocol.errors import EnvironmentFailure
 from vmsim.cli import main as cli_main
 from vmsim.hint_capture import PAGE, VRING_DESC_F_WRITE, Reading, RingAddrs, poll_ring, resolve
-from vmsim.lab_migrate import classify, differing_pages, zero_pages
+from vmsim.lab_migrate import (
+    classify,
+    differing_pages,
+    set_apart_device_rings,
+    used_rings,
+    zero_pages,
+)
 
 MIB4 = 4 << 20
 
@@ -139,6 +145,28 @@ def test_differing_pages_and_classification(ram_pair):
     assert c.lost_runs == [(40 * PAGE, 42 * PAGE)]
     none = classify(pages, [], zero_pages(dst, pages))
     assert none.lost == 4 and none.hinted == 0
+
+
+def test_pages_differing_only_in_a_used_ring_are_set_apart(tmp_path):
+    """The device's write of a used ring's avail_event after the final sync: not a lost guest
+    write. A page differing there and elsewhere stays lost."""
+    src = np.zeros(8 * PAGE, np.uint8)
+    dst = src.copy()
+    used = (2 * PAGE + 0x840, 2 * PAGE + 0x840 + 6 + 8 * 256)   # ends in page 3, at +0x46
+    src[used[1] - 2] = 7          # page 3: avail_event only
+    src[5 * PAGE + 100] = 1       # page 5: elsewhere
+    src[used[1] - 1] = 1          # page 3 again: still inside the ring
+    src[6 * PAGE + 10] = 1        # page 6: not in any ring
+    sp, dp = tmp_path / "s", tmp_path / "d"
+    sp.write_bytes(src.tobytes())
+    dp.write_bytes(dst.tobytes())
+    pages = differing_pages(str(sp), str(dp))
+    c = classify(pages, [], zero_pages(str(dp), pages))
+    assert c.lost == 3
+    set_apart_device_rings(c, str(sp), str(dp), [used])
+    assert c.device_ring == 1 and c.device_ring_pages == [3 * PAGE]
+    assert c.lost == 2 and c.lost_runs == [(5 * PAGE, 7 * PAGE)]
+    assert used_rings([{"vring-used": used[0], "vring-num": 256}]) == [used]
 
 
 def test_differing_pages_refuses_files_of_different_size(tmp_path):
