@@ -22,9 +22,10 @@ it writes is written again through qtest (one 16-byte ``write`` per page, pipeli
 dirty log sees it; the driver's rings are written through the mapping and rewritten through
 qtest by ``WriteThrough``. Interrupts are MSI-X mailboxes polled by the loop.
 
-*Switchover.* When QEMU reaches ``pre-switchover`` (VM stopped, last pass done) the loop stops
-the workloads, flushes the writes the model made before it noticed, takes the masks the
-verifier needs (pages in use, pages the driver holds) and lets QEMU finish
+*Switchover.* When QEMU reaches ``pre-switchover`` (VM stopped; its last bitmap sync and RAM
+pass come after the pause, so what is flushed in the pause is sent) the loop stops the
+workloads, flushes the writes the model made before it noticed, takes the masks the verifier
+needs (pages in use, pages the driver holds) and lets QEMU finish
 (``migrate-continue``). QEMU's downtime and total time then include that pause; the report
 gives them as QEMU says and also without the pause (from the timestamps of QEMU's own
 MIGRATION events).
