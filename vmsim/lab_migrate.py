@@ -622,7 +622,10 @@ def _capture_figures(cap: CaptureResult) -> dict[str, Any]:
     return {"hints": len(cap.hints), "hinted_bytes": cap.hinted_bytes,
             "rounds_started": len(cap.rounds), "entries": len(cap.readings),
             "suspect": cap.suspect, "polls": cap.polls, "max_poll_gap_us": round(cap.max_gap_us),
-            "hints_per_round": _per_round(cap), "round_us_per_hint": _round_pace(cap)}
+            "hints_per_round": _per_round(cap), "round_us_per_hint": _round_pace(cap),
+            # the capture order: [round, ms since the first hint, guest address, bytes]
+            "order": [[h.round, round((h.t_ns - cap.hints[0].t_ns) / 1e6, 1), hex(h.addr),
+                       h.length] for h in cap.hints]}
 
 
 def _round_pace(cap: CaptureResult) -> list[float]:
