@@ -204,6 +204,9 @@ class DriverOptions:
     hint_post_cost: float = 3.5e-6
     hint_walk_cost: float = 1.0e-6
     memory_bandwidth: float = 10e9
+    #: Extra cost of clearing a page never written before: the host backs it on that first
+    #: write (a host page fault; under TCG with file-backed RAM tens of us). 0: no such cost.
+    hint_first_write_cost: float = 0.0
     cpu_share: float = 1.0
     balloon_cost_per_page: float = 5e-7
     #: Linux sleeps 200 ms when it cannot allocate balloon pages ("Out of puff!").

@@ -90,6 +90,8 @@ class Batch:
     nr_pages: np.ndarray
     visited: int
     exhausted: bool
+    #: Pages of the captured blocks init_on_alloc cleared that had never been written.
+    first_write: int = 0
 
 
 class WalkStrategy:
@@ -119,6 +121,8 @@ class CaptureStrategy:
         got: list[int] = []
         dropped = 0
         exhausted = False
+        counters = getattr(d.alloc, "counters", None)
+        first0 = counters.get("zeroed_first_write_pages", 0) if counters is not None else 0
         for _ in range(d.opts.hint_batch):
             pfn = d.alloc.alloc_pages(VIRTIO_BALLOON_HINT_BLOCK_ORDER, MIGRATE_UNMOVABLE,
                                       noretry=True, owner=OWNER_BALLOON)
@@ -136,8 +140,10 @@ class CaptureStrategy:
         d.counters["hint_blocks_dropped_ring_full"] += dropped
         d.s.held_blocks.extend(got)
         pfns = np.array(got, dtype=np.int64)
+        first = (counters.get("zeroed_first_write_pages", 0) - first0
+                 if counters is not None else 0)
         return Batch(pfns, np.full(pfns.size, HINT_BLOCK_PAGES, dtype=np.int64),
-                     len(got) + dropped, exhausted)
+                     len(got) + dropped, exhausted, first)
 
 
 @dataclass(slots=True)
@@ -242,15 +248,16 @@ class FreePageHinting:
         if b.exhausted:
             self._end_round()  # DR-10: out of free blocks -> STOP
             return
-        delay = self.step_cost(b.visited, int(b.pfns.size))
+        delay = self.step_cost(b.visited, int(b.pfns.size), b.first_write)
         if room == 0:
             delay = max(delay, d.opts.ring_full_poll)
         r.event = d.sched.after(delay, self._step)
 
-    def step_cost(self, visited: int, posted: int) -> float:
+    def step_cost(self, visited: int, posted: int, first_write: int = 0) -> float:
         """Guest time of one step that visited (walk) or allocated (capture) ``visited`` blocks
-        and posted ``posted`` of them (docs/cost-model.md). A step that found nothing still
-        costs one visit: the driver looked."""
+        and posted ``posted`` of them, init_on_alloc having cleared ``first_write`` pages never
+        written before (docs/cost-model.md). A step that found nothing still costs one visit:
+        the driver looked."""
         o = self.d.opts
         n = max(visited, 1)
         if o.hint_cost_per_block is not None:
@@ -262,6 +269,7 @@ class FreePageHinting:
             if getattr(self.d.alloc, "init_on_alloc", False):
                 # init_on_alloc clears every block the capture allocates, dropped ones too.
                 t += n * (HINT_BLOCK_PAGES << PAGE_SHIFT) / o.memory_bandwidth
+                t += first_write * o.hint_first_write_cost
         return t / o.cpu_share
 
     def _post_hints(self, vq: Vring, pfns: np.ndarray, nr_pages: np.ndarray) -> None:

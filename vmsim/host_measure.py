@@ -136,3 +136,30 @@ def report(result: dict[str, Any]) -> str:
                  f"{result['residual_ms']})")
     lines.append("  as a profile: " + json.dumps({k: float(f"{v:.4g}") for k, v in p.items()}))
     return "\n".join(lines)
+
+
+def fit_guest_memory(order: list[list[Any]], *, cores: float = 2.0, busy_threads: float = 3.0,
+                     gap_ms: float = 10.0) -> dict[str, float]:
+    """``guest_memory_bandwidth`` and ``guest_first_write_s`` of a host profile from one
+    init_on_alloc hint round's capture order (``migrate-check --json``: ``capture.order``,
+    rows [round, ms since the first hint, guest address, bytes]; docs/cost-model.md, "Host CPU
+    contention"). The intervals between consecutive hints of round 1 fall in two groups: blocks
+    that had held data (resident on the host: clearing only) and blocks never written since
+    boot (every page faulted in on the host), split at ``gap_ms``. Their medians, scaled by the
+    vCPU's share of a CPU during the round (``cores`` / ``busy_threads``, at most 1), give the
+    clearing speed of 4 MiB and the extra cost per first-written page."""
+    rows = [r for r in order if r[0] == 1]
+    if len(rows) < 3:
+        raise ValueError("need at least 3 hints of round 1 to fit")
+    size = int(rows[0][3])
+    gaps = [b[1] - a[1] for a, b in zip(rows[:-1], rows[1:], strict=True)]
+    fast = [g for g in gaps if g < gap_ms]
+    slow = [g for g in gaps if g >= gap_ms]
+    if not fast or not slow:
+        raise ValueError(f"the intervals do not split at {gap_ms} ms into resident and "
+                         "never-written blocks")
+    share = min(1.0, cores / busy_threads)
+    t_clear = statistics.median(fast) / 1000 * share
+    t_first = (statistics.median(slow) - statistics.median(fast)) / 1000 * share
+    return {"guest_memory_bandwidth": size / t_clear,
+            "guest_first_write_s": t_first / (size // PAGE)}

@@ -44,6 +44,9 @@ A scenario looks like this (sizes, rates and durations take units)::
     [host]
     profile = "xeon-2017"   # per-page costs of the host's QEMU (balloon_dev.host.profiles)
     dirty_log = "exact"     # or "qemu-7.2-tcg": QEMU 7.2 under TCG, which loses writes
+    # cores = 2                      # host CPUs the VM's threads share (default: the profile's)
+    # guest_memory_bandwidth = "4GB/s"  # a vCPU's memory clearing speed here (the profile's)
+    # guest_first_write = "30us"     # host fault on a vCPU's first write to a page (the profile's)
 
 Theory of operation: ``tomllib`` parses the text (a syntax error carries its own line); then a
 schema walk checks every table and key: unknown keys, wrong types, bad units and out-of-range
@@ -274,6 +277,12 @@ class HostSpec:
     profile: str = "xeon-2017"
     #: How the host's dirty log records the guest's writes (``guestmem.dirty.DIRTY_LOGS``).
     dirty_log: str = "exact"
+    #: Override the profile's: host CPUs shared by the VM's threads (0: no contention), and
+    #: the speed a vCPU clears memory at on this host. None: the profile's value.
+    cores: int | None = None
+    guest_memory_bandwidth_Bps: float | None = None
+    #: Override the profile's cost of a vCPU's first write to a page the host has not backed.
+    guest_first_write_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +434,9 @@ _HINTING = {"mode": _choice(*HINT_MODES), "min_order": _int(0, 10),
             "block_cost": _positive(_duration), "alloc_cost": _positive(_duration),
             "post_cost": _positive(_duration), "walk_cost": _positive(_duration),
             "memory_bandwidth": _positive(_rate)}
-_HOST = {"profile": _choice(*PROFILES), "dirty_log": _choice(*DIRTY_LOGS)}
+_HOST = {"profile": _choice(*PROFILES), "dirty_log": _choice(*DIRTY_LOGS),
+         "cores": _int(0, 4096), "guest_memory_bandwidth": _positive(_rate),
+         "guest_first_write": _duration}
 
 
 def _num(v: Any) -> float:
@@ -693,7 +704,10 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                        post_cost_s=h.get("post_cost"), walk_cost_s=h.get("walk_cost"),
                        memory_bandwidth_Bps=h.get("memory_bandwidth"))
     hs = _check_table(file, lines, "host", 0, "host", data.get("host", {}), _HOST)
-    host = HostSpec(**{k: v for k, v in hs.items()})
+    host_keys = {"profile": "profile", "dirty_log": "dirty_log", "cores": "cores",
+                 "guest_memory_bandwidth": "guest_memory_bandwidth_Bps",
+                 "guest_first_write": "guest_first_write_s"}
+    host = HostSpec(**{host_keys[k]: v for k, v in hs.items()})
     meas = _check_table(file, lines, "measured", 0, "measured", data.get("measured", {}),
                         _MEASURED)
     pub = _check_table(file, lines, "published", 0, "published", data.get("published", {}),

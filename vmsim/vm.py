@@ -169,6 +169,16 @@ class VMOptions:
     max_cost: float = MAX_SIM_COST
 
 
+def host_share_in_round(cores: float, vcpus: int, runnable: int) -> float:
+    """A busy vCPU thread's share of a host CPU while a hint round runs (1: no contention):
+    the vCPUs the workloads and the driver keep busy, QEMU's iothread polling the free page
+    queue and the migration thread, on ``cores`` host CPUs (0: as many as they need)."""
+    if cores <= 0:
+        return 1.0
+    busy = min(vcpus, runnable + 1) + 2
+    return min(1.0, cores / busy)
+
+
 class SimVM:
     def __init__(self, scn: Scenario, opts: VMOptions) -> None:
         g = scn.guest
@@ -192,29 +202,44 @@ class SimVM:
                                  downtime_limit_s=scn.migration.downtime_limit_s,
                                  max_rounds=scn.migration.max_rounds,
                                  accept_stale_hints=opts.fault == "accept-stale-hints",
-                                 rate_limited=scn.migration.rate_limited)
+                                 rate_limited=scn.migration.rate_limited,
+                                 vcpus=g.vcpus, busy_vcpus=float(min(g.vcpus, g.runnable)))
         if scn.migration.chunk_pages is not None:  # else the engine's default step
             params = replace(params, chunk_pages=scn.migration.chunk_pages)
         if scn.migration.time_limit_s is not None:  # else the engine's default budget
             params = replace(params, time_budget_s=scn.migration.time_limit_s)
+        cost = opts.cost if opts.cost is not None else cost_model(scn.host.profile)
+        if scn.host.cores is not None:
+            cost = replace(cost, host_cores=scn.host.cores)
+        if scn.host.guest_memory_bandwidth_Bps is not None:
+            cost = replace(cost, guest_memory_bandwidth=scn.host.guest_memory_bandwidth_Bps)
+        if scn.host.guest_first_write_s is not None:
+            cost = replace(cost, guest_first_write_s=scn.host.guest_first_write_s)
         self.migration = PrecopyMigration(
-            self.pages, self.dirty, self.sched, params,
-            opts.cost if opts.cost is not None else cost_model(scn.host.profile),
+            self.pages, self.dirty, self.sched, params, cost,
             notify=self._precopy_notify if opts.mode != "off" else None,
             byte_regions=[(DRIVER_AREA_GPA >> PAGE_SHIFT, memoryview(self.driver_area))],
             on_switchover=self._switchover)
         # -- guest --
         driver: dict[str, float] = {}
         h = scn.hinting
+        # The host's memory speed for a vCPU (TCG emulates every store) unless the scenario
+        # gives the guest's own.
+        bandwidth = h.memory_bandwidth_Bps or cost.guest_memory_bandwidth or None
         for key, value in (("hint_cost_per_block", h.block_cost_s),
                            ("hint_alloc_cost", h.alloc_cost_s), ("hint_post_cost", h.post_cost_s),
                            ("hint_walk_cost", h.walk_cost_s),
-                           ("memory_bandwidth", h.memory_bandwidth_Bps)):
+                           ("memory_bandwidth", bandwidth)):
             if value is not None:
                 driver[key] = value
         # The driver's work item is one more runnable thread on the vCPUs: with more runnable
-        # threads than vCPUs the scheduler gives it its fair share of one.
-        driver["cpu_share"] = min(1.0, g.vcpus / (g.runnable + 1))
+        # threads than vCPUs the scheduler gives it its fair share of one. On a host with few
+        # CPUs its vCPU thread also shares them, during the round, with the other busy vCPUs,
+        # QEMU's iothread polling the free page queue and the migration thread.
+        driver["cpu_share"] = min(1.0, g.vcpus / (g.runnable + 1)) * host_share_in_round(
+            cost.host_cores, g.vcpus, g.runnable)
+        if cost.guest_first_write_s:
+            driver["hint_first_write_cost"] = cost.guest_first_write_s
         self.guest = SimGuest(self.mem, self.pages, self.sched, self.transport, GuestOptions(
             ram_bytes=g.ram_bytes, seed=opts.seed, init_on_alloc=g.init_on_alloc,
             init_on_free=g.init_on_free, page_poisoning=g.page_poison,

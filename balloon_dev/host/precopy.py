@@ -123,6 +123,18 @@ class CostModel:
     check_period_s: float = 0.1         # QEMU's BUFFER_DELAY: the bandwidth measuring window
     iteration_s: float = 0.05           # QEMU's MAX_WAIT: one ram_save_iterate call at most
     switchover_s: float = 0.03          # stop vCPUs, device states, destination resumes
+    #: Host CPUs shared by the VM's vCPU threads, QEMU's hint iothread and the migration thread
+    #: (0: more than they need, no contention). A busy thread gets min(1, cores / busy
+    #: threads) of a CPU, so the migration thread's CPU work stretches when the guest's vCPUs
+    #: and the iothread are busy too (docs/cost-model.md, "Host CPU contention").
+    host_cores: float = 0.0
+    #: Bytes/s one vCPU clears memory at on this host when it has a CPU to itself (0: the
+    #: guest's own figure, [hinting] memory_bandwidth). Under TCG the host emulates every
+    #: store, so this is a property of the host, not of the guest.
+    guest_memory_bandwidth: float = 0.0
+    #: Extra cost of a vCPU's first write to a page the host has not backed yet (a host page
+    #: fault: file-backed guest RAM is allocated on first touch); 0: none.
+    guest_first_write_s: float = 0.0
 
     def page_cost(self, bandwidth_Bps: float) -> tuple[float, float]:
         """(zero page, normal page) time: CPU work and wire time happen one after the other in
@@ -154,6 +166,10 @@ class MigrationParams:
     #: overlaps the waiting and a batch costs the larger of its CPU time and its wire time
     #: (False: they add, as for the published runs, whose link was the limit).
     rate_limited: bool = False
+    #: The VM's vCPU threads, and how many of them the guest's workloads keep busy (the host
+    #: sees busy threads; with ``CostModel.host_cores`` they compete with the migration thread).
+    vcpus: int = 1
+    busy_vcpus: float = 0.0
 
 
 @dataclass(slots=True)
@@ -250,6 +266,9 @@ class PrecopyMigration:
         self._win_t0 = 0.0           # the current bandwidth window: start, bytes sent by then
         self._win_bytes0 = 0
         self._iter_t0 = 0.0          # when the current ram_save_iterate call began
+        # QEMU's hint iothread polls the free page queue while a hint round runs (from the
+        # round's start to the driver's STOP or the host's): one more busy host thread.
+        self._polling = False
         self._t0 = 0.0
         self._accepting = False      # a hint round is open (between AFTER and BEFORE sync)
         self._cmd_ids_seen: set[int] = set()
@@ -405,13 +424,39 @@ class PrecopyMigration:
 
     def _batch_cost(self, positions: int, nz: int, nn: int) -> float:
         """Time to walk ``positions`` bitmap bits and send ``nz`` zero and ``nn`` normal pages."""
+        share = self.cpu_share()
         if not self.params.rate_limited:
-            return (positions * self.cost.bitmap_bit_s + nz * self._zero_cost
-                    + nn * self._normal_cost)
+            if share == 1.0:
+                return (positions * self.cost.bitmap_bit_s + nz * self._zero_cost
+                        + nn * self._normal_cost)
+            cpu, wire = self._cpu_and_wire(positions, nz, nn)
+            return cpu / share + wire
+        cpu, wire = self._cpu_and_wire(positions, nz, nn)
+        return max(cpu / share, wire)
+
+    def _cpu_and_wire(self, positions: int, nz: int, nn: int) -> tuple[float, float]:
         cpu = (positions * self.cost.bitmap_bit_s + (nz + nn) * self.cost.zero_page_s
                + nn * self.cost.copy_page_s)
         wire = (nz * ZERO_PAGE_BYTES + nn * NORMAL_PAGE_BYTES) / self.params.bandwidth_Bps
-        return max(cpu, wire)
+        return cpu, wire
+
+    def busy_threads(self) -> float:
+        """Host threads busy besides the migration thread: the vCPUs the guest keeps busy
+        (its workloads, plus the one running the balloon driver while a hint round runs) and
+        QEMU's iothread polling the free page queue during the round. None with the VM
+        stopped."""
+        if self.phase != "precopy":
+            return 0.0
+        if not self._polling:
+            return min(float(self.params.vcpus), self.params.busy_vcpus)
+        return min(float(self.params.vcpus), self.params.busy_vcpus + 1.0) + 1.0
+
+    def cpu_share(self) -> float:
+        """The migration thread's share of a host CPU now (1: no contention)."""
+        cores = self.cost.host_cores
+        if cores <= 0:
+            return 1.0
+        return min(1.0, cores / (1.0 + self.busy_threads()))
 
     def _send_piece(self, lo: int, hi: int) -> tuple[int, int]:
         """Send the marked pages of ``to_send[lo:hi]``: (zero pages, normal pages)."""
@@ -460,12 +505,14 @@ class PrecopyMigration:
         self._notify(PrecopyEvent.BEFORE_BITMAP_SYNC, vm_running)
         # protocol.md 4.4 rule 6: from here on nothing of the old round may touch the bitmap.
         self._accepting = False
+        self._polling = False
         self._close_hint_queue()
         n = self.dirty_log.merge_into(self.to_send)  # no copy of the log
         self._dirty_pages = int(np.count_nonzero(self.to_send))
         self._sync_gen += 1
         if vm_running:
             self._accepting = True  # the device opens a new hint round in AFTER_BITMAP_SYNC
+            self._polling = self.notify_hook is not None
         self._notify(PrecopyEvent.AFTER_BITMAP_SYNC, vm_running)
         if self.params.accept_stale_hints:
             self._apply_queue_now()  # the fault: what was queued lands on the new bitmap
@@ -591,6 +638,9 @@ class PrecopyMigration:
         with it that arrive from now on are stale. Those already queued stay valid until the
         next sync, as in QEMU, where a hint is applied when it arrives."""
         self._stopped_ids.add(cmd_id)
+        # The round the device reports over is the one the last sync opened (the old one's
+        # report comes inside the sync, before the new round starts): the iothread sleeps.
+        self._polling = False
 
     def _kick_hint_thread(self) -> None:
         if self._hint_event is None and self._queue and self.phase == "precopy":

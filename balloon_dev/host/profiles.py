@@ -19,8 +19,17 @@ PROFILE_VALUES: dict[str, dict[str, float]] = {
     # jobs running), QEMU 11.1.3 under qtest, 512 MiB, 9 migrations: medians of 3 per data
     # fraction; single runs varied by 2-3x. A zero page cost more than a normal page there,
     # hence the negative copy cost (docs/cost-model.md, "Host profiles").
+    # Its 2 CPUs are shared by the guest's vCPU thread (TCG), QEMU's hint iothread and the
+    # migration thread. The guest's init_on_alloc hint round (migrate-check's capture order,
+    # 92 blocks): 53 blocks came 1.3 ms apart (median: blocks that had held data), 38 came
+    # 42.75 ms apart (blocks never written since boot), with those 3 threads busy on 2 CPUs (a
+    # share of 2/3): so a vCPU clears resident memory at 4 MiB / (1.3 ms x 2/3) = 4.84 GB/s
+    # and pays (42.75 - 1.3) ms x 2/3 / 1024 = 27.0 us more for each page its host backs on
+    # that first write (docs/cost-model.md, "Host CPU contention";
+    # vmsim.host_measure.fit_guest_memory).
     "lab-qemu-11.1": {"zero_page_s": 19.3e-6, "copy_page_s": -8.47e-6,
-                      "log_start_page_s": 0.0},
+                      "log_start_page_s": 0.0, "host_cores": 2,
+                      "guest_memory_bandwidth": 4.84e9, "guest_first_write_s": 27.0e-6},
 }
 
 

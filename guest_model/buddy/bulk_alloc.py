@@ -34,7 +34,7 @@ from guest_model.buddy.defs import (
     pageblock_order,
 )
 from guest_model.buddy.links import ROW_MASK, ROW_SHIFT
-from guest_model.buddy.pagealloc import ZoneAllocator
+from guest_model.buddy.pagealloc import FIRST_WRITE_COUNT_ORDER, ZoneAllocator
 
 
 class BulkAlloc(ZoneAllocator):
@@ -168,6 +168,8 @@ class BulkAlloc(ZoneAllocator):
                 self.state[pages] = owner
                 self.counters["alloc"] += m
                 if self.init_on_alloc and self.pages is not None:
+                    if order >= FIRST_WRITE_COUNT_ORDER:
+                        self._count_first_writes(self.pages.version[pages])
                     self.pages.write_pfns(pages, "zero")
                 parts.append(firsts)
                 remaining -= m

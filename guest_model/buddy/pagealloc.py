@@ -74,9 +74,12 @@ from guest_model.buddy.defs import (
     pageblock_order,
 )
 from guest_model.buddy.freelists import FreeAreas
+from guestmem.pages import ZERO
 from guestmem.units import Pfn
 
 log = logging.getLogger(__name__)
+#: init_on_alloc counts the never-written pages it clears in blocks of this order or more.
+FIRST_WRITE_COUNT_ORDER = pageblock_order
 
 
 class ZoneAllocator(FreeAreas):
@@ -305,8 +308,21 @@ class ZoneAllocator(FreeAreas):
         self.state[pfn:pfn + n] = owner
         self.counters["alloc"] += 1
         if self.init_on_alloc and self.pages is not None:
+            if order >= FIRST_WRITE_COUNT_ORDER:
+                self._count_first_writes(self.pages.version[pfn:pfn + n])
             self.pages.write_range(pfn, n, "zero")
         return Pfn(pfn)
+
+    def _count_first_writes(self, versions: np.ndarray) -> None:
+        """init_on_alloc is about to clear pages with these versions: count those still zero
+        since boot, never written. Under TCG with file-backed RAM the host backs each on that
+        first write (a host page fault), which costs far more than clearing a resident page
+        (the balloon's capture pays it, docs/cost-model.md). Large blocks only (the hint
+        blocks), off the small allocations' hot path."""
+        k = int(np.count_nonzero(versions == ZERO))
+        if k:
+            c = self.counters
+            c["zeroed_first_write_pages"] = c.get("zeroed_first_write_pages", 0) + k
 
     # ---- freeing ----------------------------------------------------------------------------
     def _buddy_merge_likely(self, pfn: int, order: int, zend: int) -> bool:

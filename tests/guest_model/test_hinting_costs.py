@@ -3,10 +3,12 @@ its allocation, the init_on_alloc zeroing of 4 MiB at the memory bandwidth and p
 walked block the visit and posting; all over the driver's share of a vCPU."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from balloon_dev.effects import HintRoundStopped
 from guest_model.buddy import BuddyAllocator
+from guest_model.buddy.defs import PG_BUDDY
 from protocol.errors import UsageError
 from tests.guest_model.driver_rig import Rig
 
@@ -63,3 +65,34 @@ def test_init_on_alloc_zeroing_makes_a_real_round_longer():
 def test_bad_cost_options_are_usage_errors(bad):
     with pytest.raises(UsageError, match="cpu_share|memory_bandwidth"):
         Rig(**bad)
+
+
+def test_first_writes_cost_more_than_clearing_blocks_that_held_data():
+    """init_on_alloc counts the captured pages that were never written (the host backs them on
+    that first write): a round over untouched memory costs ``hint_first_write_cost`` per such
+    page on top of the clearing; blocks that held data cost the clearing alone."""
+    def round_end(first_write_cost: float, dirty_first: bool) -> tuple[float, int, int]:
+        r = Rig(ram=256 << 20, hint_batch=4, hint_cost_per_block=None,
+                memory_bandwidth=10e9, hint_first_write_cost=first_write_cost).probe()
+        assert r.alloc.init_on_alloc
+        if dirty_first:
+            free = np.flatnonzero(r.alloc.state == PG_BUDDY)
+            r.pages.write_pfns(free)  # every free page held data once
+        c0 = r.alloc.counters.get("zeroed_first_write_pages", 0)
+        t0 = r.sched.now
+        r.host(r.dev.free_page_start)
+        ends = []
+        r.t.add_host_listener(lambda e: ends.append(r.sched.now)
+                              if isinstance(e, HintRoundStopped) else None)
+        r.run(5.0)
+        assert ends, "the round did not end"
+        first = r.alloc.counters.get("zeroed_first_write_pages", 0) - c0
+        return ends[0] - t0, r.drv.counters["hints_sent"], first
+
+    t_free, n, first = round_end(20e-6, dirty_first=False)
+    assert n > 20 and first == n * (BLOCK >> 12)  # every captured page was still untouched
+    t_none, _, first_none = round_end(20e-6, dirty_first=True)
+    assert first_none == 0
+    t_nocost, _, _ = round_end(0.0, dirty_first=False)
+    assert t_none == pytest.approx(t_nocost, rel=0.05)
+    assert t_free - t_nocost == pytest.approx(first * 20e-6, rel=0.1)

@@ -114,3 +114,50 @@ def test_rate_limited_link_overlaps_cpu_and_wire():
            + (limited.pages_sent - limited.zero_pages) * c.copy_page_s)
     assert max(wire, cpu) <= limited.total_time_s
     assert limited.total_time_s < added.total_time_s - 0.5 * min(wire, cpu)
+
+
+def test_host_keys_override_the_profile():
+    base = '[guest]\nram = "256MiB"\n'
+    with pytest.raises(ScenarioError, match="host.cores"):
+        loads(base + '[host]\ncores = -1\n', "x.toml")
+    with pytest.raises(ScenarioError, match="host.guest_memory_bandwidth"):
+        loads(base + '[host]\nguest_memory_bandwidth = "0MB/s"\n', "x.toml")
+    scn = loads(base + '[host]\nprofile = "lab-qemu-11.1"\ncores = 4\n'
+                'guest_memory_bandwidth = "2GB/s"\nguest_first_write = "10us"\n', "x.toml")
+    assert scn.host.cores == 4 and scn.host.guest_memory_bandwidth_Bps == 2e9
+    assert scn.host.guest_first_write_s == pytest.approx(10e-6)
+    assert loads(base, "x.toml").host.cores is None  # the profile's
+    lab = cost_model("lab-qemu-11.1")
+    assert lab.host_cores == 2 and lab.guest_memory_bandwidth > 0 and lab.guest_first_write_s > 0
+    xeon = cost_model("xeon-2017")  # the published set-up: no contention, the guest's own
+    assert xeon.host_cores == 0 and xeon.guest_memory_bandwidth == 0 == xeon.guest_first_write_s
+
+
+def test_first_writes_on_the_lab_host_slow_the_init_on_alloc_round():
+    """With init_on_alloc the lab guest's round pays the host's first-write faults for blocks
+    never written since boot; without that cost (a host that backs RAM up front) the hints
+    land sooner, and the migration ends sooner."""
+    scn = load_builtin("lab-512m-ioa1")
+    fast = dataclasses.replace(scn, host=dataclasses.replace(scn.host, guest_first_write_s=0.0))
+    slow_r, fast_r = run_scenario(scn, "capture"), run_scenario(fast, "capture")
+    assert slow_r.verified and fast_r.verified
+    assert slow_r.total_time_s > fast_r.total_time_s
+
+
+def test_fit_guest_memory_recovers_clearing_speed_and_first_write_cost():
+    """Synthetic capture order: 20 resident blocks cleared at 2 GB/s, then 10 never-written
+    ones paying 25 us per page more, all at a vCPU share of 2/3 (2 CPUs, 3 busy threads)."""
+    from vmsim.host_measure import fit_guest_memory
+
+    size, share = 4 << 20, 2 / 3
+    fast = size / 2e9 / share * 1000                    # ms between two resident blocks
+    slow = fast + 1024 * 25e-6 / share * 1000
+    t, order = 0.0, []
+    for i in range(31):
+        order.append([1, t, hex(i * size), size])
+        t += fast if i < 20 else slow
+    out = fit_guest_memory(order, cores=2, busy_threads=3)
+    assert out["guest_memory_bandwidth"] == pytest.approx(2e9)
+    assert out["guest_first_write_s"] == pytest.approx(25e-6)
+    with pytest.raises(ValueError, match="split"):
+        fit_guest_memory([[1, i * 1.0, "0x0", size] for i in range(5)])

@@ -3,6 +3,8 @@ the shared scheduler, and a fake hint source that behaves like the device + driv
 command id after each sync, hints only while its round is open)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -388,3 +390,30 @@ def test_send_and_verify_pieces_do_not_change_the_result(monkeypatch, piece) -> 
     assert got == one(1 << 22)
     res = got[-1]
     assert res.mismatched_pages >= 1 and res.poison_violations >= 1 and 5 in res.first_mismatches
+
+
+def test_host_cores_shared_with_the_polling_iothread_and_busy_vcpus() -> None:
+    """On a host with few CPUs the migration thread shares them with the vCPUs the guest keeps
+    busy and, while a hint round runs, with the vCPU running the driver and QEMU's iothread
+    polling the free page queue: its CPU work stretches by 1 / share, and not after the
+    round is reported over or with the VM stopped."""
+    cost = dataclasses.replace(TEST_COST, host_cores=2)
+    params = MigrationParams(chunk_pages=256, vcpus=2, busy_vcpus=1.0)
+    sched, g, hinter, mig = make(n=4096, used=512, params=params, cost=cost, hinter_blocks=[])
+    assert mig.cpu_share() == 1.0  # not started: nothing runs
+    mig.start()
+    # the set-up sync opened hint round 1: driver vCPU + busy vCPU + iothread + this thread
+    assert mig.busy_threads() == 3.0 and mig.cpu_share() == pytest.approx(0.5)
+    assert hinter is not None
+    mig.round_stopped(hinter.cmd_id)  # the driver's STOP: the iothread sleeps, its vCPU too
+    assert mig.busy_threads() == 1.0 and mig.cpu_share() == 1.0
+    # the same batch costs twice its CPU time at half a CPU (not rate limited: plus the wire)
+    mig._polling = True
+    cpu, wire = mig._cpu_and_wire(256, 200, 56)
+    assert mig._batch_cost(256, 200, 56) == pytest.approx(cpu / 0.5 + wire)
+    mig.run()
+    assert mig.verify_result is not None and mig.verify_result.verified
+    # dedicated CPUs (the default): no contention whatever runs
+    _, _, _, free = make(params=params, hinter_blocks=[])
+    free.start()
+    assert free.cpu_share() == 1.0
