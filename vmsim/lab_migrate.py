@@ -21,10 +21,11 @@ Theory of operation
    DONE gives it back); one outside every hint is *lost*: a write the migration never carried.
    When ``suspect > 0`` some hints were not read, and lost pages are only *unexplained*.
    A page whose differing bytes all lie in a used ring is counted apart (*device ring*): the
-   balloon's iothread can pop a free page hint after the final bitmap sync, and its write of the
-   used ring's ``avail_event`` then misses the stream (QEMU 7.2 and 11.1 both, once in a few
-   runs). That field is the device's own to rewrite, and the free page queue is polled, not
-   kicked, at the next round: nothing the guest relies on.
+   balloon's free page loop on the iothread re-enables notifications when a round stops, which
+   writes the used ring's ``avail_event``, unsynchronised with the final bitmap sync; that write
+   can miss the stream (QEMU 7.2 and 11.1 both, once in a few runs). The field is the device's
+   own to rewrite, and the free page queue is polled, not kicked, at the next round: nothing
+   the guest relies on.
 6. **Health** on the destination after ``cont``: the keeper's and the writer's md5, a memory test
    (60% of MemFree filled with random data, read twice, compared), and the kernel log.
 
