@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vmsim.cli import main
 
 
@@ -42,3 +44,19 @@ def test_fidelity_only_refuses_what_has_no_published_figures(tmp_path, capsys) -
     assert "needs without_hints_ms" in capsys.readouterr().err
     assert main(["fidelity", "--only", "small-idle"]) == 2
     assert "not one of the published built-ins" in capsys.readouterr().err
+
+
+# The target of issue 11: every simulated cut within 10% relative of the published one, the
+# calibration constant untouched. compile-8g misses it by a hair (+10.0%: the simulated hinted
+# run is 470 ms too fast, docs/cost-model.md): strict, so the day it passes this must change.
+@pytest.mark.parametrize("name", [
+    "idle-128g", "compile-128g",
+    pytest.param("compile-8g", marks=pytest.mark.xfail(
+        strict=True, reason="+10.0% relative: just outside the 10% target (docs/cost-model.md)")),
+])
+def test_published_cut_within_ten_percent(tmp_path, name) -> None:
+    js = tmp_path / "fid.json"
+    assert main(["fidelity", "--only", name, "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["verified"] and not row["calibration_point"]
+    assert abs(row["relative_error"]) <= 0.10, f"{name}: {row['relative_error']:+.2%}"

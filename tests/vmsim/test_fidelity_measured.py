@@ -161,3 +161,23 @@ def test_fit_guest_memory_recovers_clearing_speed_and_first_write_cost():
     assert out["guest_first_write_s"] == pytest.approx(25e-6)
     with pytest.raises(ValueError, match="split"):
         fit_guest_memory([[1, i * 1.0, "0x0", size] for i in range(5)])
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_bytes_cut_within_ten_percent_of_the_measured(name):
+    """Simulated vs measured here (the [measured] means of the real-guest runs): the hint cut of
+    the bytes sent within 10% relative (issue 11's target)."""
+    row = measured_row(load_builtin(name))
+    assert row["hints"]["verified"] and row["off"]["verified"]
+    assert abs(row["bytes_cut_error"]) <= 0.10, f"{name}: {row['bytes_cut_error']:+.1%}"
+
+
+# The time cut misses the target on both set-ups (docs/cost-model.md, "Simulated vs measured
+# here"): the real hinted runs take 1.3-2.2 s (init_on_alloc=0) and 4.1-8.2 s (=1) where the
+# model says 0.94 and 3.2 s, and they vary 2x run to run with the machine's other load. Strict:
+# the day the model meets it this test must be turned into a plain one.
+@pytest.mark.parametrize("name", MEASURED)
+@pytest.mark.xfail(strict=True, reason="time cuts +36% and -113% off the measured ones")
+def test_time_cut_within_ten_percent_of_the_measured(name):
+    row = measured_row(load_builtin(name))
+    assert abs(row["time_cut_error"]) <= 0.10, f"{name}: {row['time_cut_error']:+.1%}"
