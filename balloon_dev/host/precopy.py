@@ -730,46 +730,61 @@ class PrecopyMigration:
         return [r.pages_sent for r in self.rounds]
 
 
-#: ``clear_pages`` clears runs of adjacent ranges as slices when there are at most one run per
-#: this many ranges; more scattered hints of one aligned block size go as rows of a view.
-_RANGES_PER_SLICE = 8
+#: Runs of adjacent blocks are cleared as slices when there are at most one run per this many
+#: blocks; more scattered blocks go as rows of a view (one gather and one scatter).
+_BLOCKS_PER_SLICE = 8
 
 
 def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
     """Clear ``bits[first[i]:first[i] + count[i]]`` for every i; return how many bits were set
     before (each page counted once, however many ranges cover it).
 
-    The ranges are sorted and merged into disjoint runs first. A guest hinting a large free
-    memory hands out blocks in free-list order, which after boot is address order: one batch is
-    then a few long runs (the simulated guest's batches: about 16 hints per run), each cleared
-    with one count and one fill over a slice. Scattered blocks of one order, aligned to their
-    size (what Linux hints), are rows of a (blocks, size) view of ``bits``: one gather and one
-    scatter whatever their number. Other scattered shapes go one run at a time."""
+    Linux hints blocks of one order, aligned to their size: rows of a (blocks, size) view of
+    ``bits`` (``_clear_blocks``). A guest hinting a large free memory hands them out in
+    free-list order, which after boot is address order, so a batch is mostly a few runs of
+    adjacent blocks (the simulated guest's batches: about 16 hints per run), each cleared with
+    one count and one fill over a slice; scattered blocks go as one gather and one scatter.
+    Ranges of any other shape are sorted and merged into disjoint runs, cleared as slices."""
     n = int(count.size)
     if n == 0:
         return 0
+    c = int(count[0])
+    if c > 0 and c & (c - 1) == 0 and (count == c).all() and not (first & (c - 1)).any():
+        return _clear_blocks(bits, first // c, c)
     if n > 1 and not (first[1:] >= first[:-1]).all():
         order = np.argsort(first, kind="stable")
         first, count = first[order], count[order]
-    end = first + count
-    if n == 1:
-        starts, ends = first, end
-    else:
-        # A range extends the run before it when it starts at or before the furthest end so
-        # far (overlapping or adjacent); the furthest end at a run's last range is its end.
-        reach = np.maximum.accumulate(end)
-        new = np.empty(n, np.bool_)
-        new[0] = True
-        np.greater(first[1:], reach[:-1], out=new[1:])
-        idx = np.flatnonzero(new)
-        starts = first[idx]
-        ends = reach[idx - 1]  # the end of the run before each run's first range
-        ends[:-1] = ends[1:]
-        ends[-1] = reach[-1]
-    if starts.size * _RANGES_PER_SLICE > n:
-        c = int(count[0])
-        if c > 0 and c & (c - 1) == 0 and (count == c).all() and not (first & (c - 1)).any():
-            return _clear_rows(bits, first // c, c)
+    # A range extends the run before it when it starts at or before the furthest end so far
+    # (overlapping or adjacent); the furthest end at a run's last range is the run's end.
+    reach = np.maximum.accumulate(first + count)
+    new = np.empty(n, np.bool_)
+    new[0] = True
+    np.greater(first[1:], reach[:-1], out=new[1:])
+    idx = np.flatnonzero(new)
+    ends = np.append(reach[idx[1:] - 1], reach[-1])
+    return _clear_slices(bits, first[idx], ends)
+
+
+def _clear_blocks(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
+    """Clear rows ``rows`` of ``bits`` seen as (blocks, size); the bits that were set."""
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        rows = np.sort(rows)
+        rows = rows[np.append(True, rows[1:] != rows[:-1])]  # a page covered twice counts once
+    # runs of adjacent rows: a new run wherever a row does not follow the one before it
+    brk = np.flatnonzero(rows[1:] != rows[:-1] + 1)
+    if (brk.size + 1) * _BLOCKS_PER_SLICE <= rows.size:
+        starts = rows[np.append(0, brk + 1)] * size
+        ends = (rows[np.append(brk, rows.size - 1)] + 1) * size
+        return _clear_slices(bits, starts, ends)
+    blocks = bits[:bits.size - bits.size % size].reshape(-1, size)
+    k = int(np.count_nonzero(blocks[rows]))
+    if k:
+        blocks[rows] = False
+    return k
+
+
+def _clear_slices(bits: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int:
+    """Clear ``bits[starts[i]:ends[i]]`` (disjoint); the bits that were set."""
     cleared = 0
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         window = bits[a:b]
@@ -778,14 +793,3 @@ def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
             window[:] = False
             cleared += k
     return cleared
-
-
-def _clear_rows(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
-    """Clear rows ``rows`` (sorted) of ``bits`` seen as (blocks, size); the bits that were set."""
-    blocks = bits[:bits.size - bits.size % size].reshape(-1, size)
-    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
-        rows = rows[np.append(True, rows[1:] != rows[:-1])]  # a page covered twice counts once
-    k = int(np.count_nonzero(blocks[rows]))
-    if k:
-        blocks[rows] = False
-    return k

@@ -67,20 +67,20 @@ def test_clear_pages_matches_a_loop_over_the_ranges(seed: int,
 def test_scattered_aligned_blocks_take_the_row_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every other block: more runs than the slice path takes, so the rows of a view clear it
     (and a repeated block still counts once)."""
-    calls = []
-    real = precopy._clear_rows
-    monkeypatch.setattr(precopy, "_clear_rows",
-                        lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(precopy, "_clear_slices", None)  # the slice path would fail
     first = [r * 16 for r in [*range(0, 200, 2), 4, 4]]
     check(7, first, [16] * len(first))
     check(8, first[::-1], [16] * len(first))
-    assert calls == [16, 16]
 
 
 def test_adjacent_blocks_are_cleared_as_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precopy, "_clear_rows", None)  # the row path would fail
+    calls = []
+    real = precopy._clear_slices
+    monkeypatch.setattr(precopy, "_clear_slices",
+                        lambda *a: calls.append(len(a[1])) or real(*a))
     first = [r * 64 for r in [*range(10, 40), *range(50, 20, -1)]]
     check(9, first, [64] * len(first))
+    assert calls == [1]  # blocks 10..49 overlap into one run
 
 
 def test_no_ranges_clear_nothing() -> None:
