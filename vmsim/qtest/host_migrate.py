@@ -721,6 +721,11 @@ def run_qemu_scenario(scn: Scenario, mode: str, *, seed: int | None = None,
                          f"runs guests up to {format_size(MAX_QEMU_RAM)} (scale_scenario)")
     if scn.guest.ram_bytes % (2 << 20):
         raise UsageError(f"{scn.name}: RAM must be a multiple of 2 MiB for QEMU")
+    if scn.host.dirty_log != "exact" or scn.guest.kernel_data:
+        # The host here is a real QEMU with its own dirty log, and the guest model over qtest
+        # keeps the kernel's bookkeeping outside RAM: the scenario would model neither.
+        raise UsageError(f"{scn.name}: [host] dirty_log and [guest] kernel_data model another "
+                         "host and guest than --host qemu runs; use --host sim")
     q = qemu if isinstance(qemu, QemuBinary) else find_qemu(qemu)
     t0 = time.perf_counter()
     run = _Run(scn, mode, scn.guest.seed if seed is None else seed, q, fault, timeout, progress)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
@@ -163,7 +163,7 @@ def test_cli_prints_simulator_beside_qemu(qtest_qemu, tmp_path, capsys, monkeypa
 def test_scaling_keeps_fractions_of_ram():
     scn = load_builtin("memhog-freed-8g")
     ram, why = qemu_ram_for(scn, None)
-    assert ram == 2 << 30 and "scaled from 8.0 GiB to 2.0 GiB" in why
+    assert ram == 2 << 30 and why is not None and "scaled from 8.0 GiB to 2.0 GiB" in why
     small, f = scale_scenario(scn, ram)
     assert f == 0.25
     sizes = {w.kind: w.params for w in small.workloads}
@@ -194,6 +194,12 @@ def test_layout_above_4g_reserves_the_pci_hole():
 def test_bad_host_arguments(argv, msg, capsys):
     assert main(["migrate", "--builtin", "small-idle", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_a_lossy_host_scenario_is_not_run_on_qemu(capsys):
+    assert main(["migrate", "--builtin", "lab-512m-ioa1-qemu72", "--host", "qemu",
+                 "--mode", "capture"]) == 2
+    assert "use --host sim" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("states, outcome, reads", [
