@@ -254,6 +254,9 @@ def _report(args: argparse.Namespace, scn: Scenario, results: list[report.RunRes
             unexplained = r.poison_violations - r.poison_violations_from_hints
             why = (f" ({r.poison_violations_from_hints} on pages the walk hinted: the seed's "
                    f"known loss of poison; {unexplained} otherwise)")
+        if r.mismatched_pages and scn.host.dirty_log != "exact":
+            why += (f" (the scenario's host dirty log, {scn.host.dirty_log}, loses writes by "
+                    "design: docs/qemu-lab.md)")
         err.print(f"[red]verification failed[/] for mode {escape(r.mode)}: "
                   f"{r.mismatched_pages} mismatched pages, {r.poison_violations} poison "
                   f"violations{why}", highlight=False)

@@ -50,6 +50,13 @@ def test_migrate_fault_exits_1(capsys) -> None:
     assert "verification failed" in capsys.readouterr().err
 
 
+def test_a_lossy_host_scenario_fails_and_says_why(capsys) -> None:
+    rc = main(["migrate", "--builtin", "lab-512m-ioa1-qemu72", "--mode", "capture"])
+    assert rc == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "verification failed" in err and "qemu-7.2-tcg, loses writes by design" in err
+
+
 def test_migrate_bad_file_exits_2_naming_file_key_line(tmp_path, capsys) -> None:
     p = tmp_path / "bad.toml"
     p.write_text('[guest]\nram = "1GiB"\n\n[migration]\nbandwidth = "10 furlongs"\n')
