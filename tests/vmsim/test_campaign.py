@@ -28,11 +28,15 @@ def test_a_hundred_scenarios_have_no_unexplained_failure() -> None:
 
 def test_the_faulty_host_is_caught_where_it_can_act() -> None:
     fault = "accept-stale-hints"
-    outcomes = c.run_campaign(20, seed=15, fault=fault, max_cost=MAX_COST)
+    # 40 runs: with QEMU's switchover rule (checked before every iteration, threshold 0 until
+    # the first 100 ms window) many of these small guests switch over with no sync while their
+    # hints are queued: the fault had nothing to act on in 30 of 40 and was caught in 4 (in 2
+    # of the first 20).
+    outcomes = c.run_campaign(40, seed=15, fault=fault, max_cost=MAX_COST)
     counts = Counter(o.outcome for o in outcomes)
     assert not [o for o in outcomes if o.outcome in c.FAILURES], counts
     assert counts[c.CAUGHT] >= 3 and counts[c.NOTHING_TO_ACT] >= 3, counts
-    text = c.summary(outcomes, 20, 15, fault)
+    text = c.summary(outcomes, 40, 15, fault)
     assert "fault had nothing to act on" in text and "fault caught" in text
 
 
