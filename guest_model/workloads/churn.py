@@ -230,26 +230,14 @@ class LiveBlocks:
     def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every live block, soonest expiry first (copies).
 
-        The batches are sorted among themselves, then merged into the run: each batch entry
-        goes after the run entries that do not expire later (``searchsorted``), and the run
-        fills the other places in its order."""
+        The run and the batches are each sorted, so a stable sort of their concatenation is
+        a merge of sorted runs (numpy's stable sort finds them: about linear time)."""
         if not self._batches:
             return tuple(a.copy() for a in self._run)  # type: ignore[return-value]
-        b = [np.concatenate([x[i] for x in self._batches]) for i in range(3)]
-        idx = np.argsort(b[0], kind="stable")
-        b = [x[idx] for x in b]
-        run = self._run
-        nr, nb = int(run[0].size), int(b[0].size)
-        at = np.searchsorted(run[0], b[0], side="right") + np.arange(nb)
-        rest = np.ones(nr + nb, dtype=np.bool_)
-        rest[at] = False
-        out = []
-        for r, x in zip(run, b, strict=True):
-            o = np.empty(nr + nb, dtype=r.dtype)
-            o[at] = x
-            o[rest] = r
-            out.append(o)
-        return out[0], out[1], out[2]
+        parts = [self._run, *self._batches]
+        idx = np.argsort(np.concatenate([x[0] for x in parts]), kind="stable")
+        exp, pfn, order = (np.concatenate([x[i] for x in parts])[idx] for i in range(3))
+        return exp, pfn, order
 
     def clear(self) -> None:
         self._run, self._batches, self._batched = _empty_blocks(), [], 0
