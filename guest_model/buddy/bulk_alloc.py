@@ -44,27 +44,18 @@ class BulkAlloc(ZoneAllocator):
         """Take the first ``k`` blocks off list ``lid`` (``k`` times ``_list_del`` of its first
         block, batched); their first pfns in list order.
 
-        Only the walk along the list is a Python loop (one link read per block). The links
-        left behind are those the one-at-a-time unlinking leaves: ``next`` untouched, ``prev``
-        of every block but the first pointing at the list head (each was first in turn).
+        The walk follows the links (``ListChains.walk``: numpy where the links confirm a run
+        spliced there earlier, one link at a time elsewhere). The links left behind are those
+        the one-at-a-time unlinking leaves: ``next`` untouched, ``prev`` of every block but the
+        first pointing at the list head (each was first in turn).
         """
-        nx, top, mask, shift = self._nx, self._top, ROW_MASK, ROW_SHIFT
-        p = self._first[lid]
-        heads = np.empty(k, dtype=np.int64)
-        # In chunks, so that a long walk never holds millions of Python ints at once.
-        for lo in range(0, k, 1 << 16):
-            got: list[int] = []
-            app = got.append
-            for _ in range(min(k - lo, 1 << 16)):
-                app(p)
-                p = nx[p if p & mask else top + (p >> shift)]
-            heads[lo:lo + len(got)] = got
+        heads, p = self._chains.walk(lid, self._first[lid], k, self._nx)
         s = list_sentinel(lid)
         self._first[lid] = p
         if p < 0:
             self._last[lid] = s
         else:
-            self.prev[p] = s
+            self._pv[p if p & ROW_MASK else self._top + (p >> ROW_SHIFT)] = s
         if k > 1:
             self.prev[heads[1:]] = s
         self.buddy_order[heads] = -1

@@ -347,6 +347,7 @@ class BulkFree(ZoneAllocator):
             self._first[lid] = h0
             k = i1 - i0
             self._count[lid] += k
+            self._chains.spliced(lid, heads[i0:i1], self._count[lid])
             self._zone_free[lid // (MAX_ORDER * MIGRATE_TYPES)] += k << (
                 (lid // MIGRATE_TYPES) % MAX_ORDER)
 

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from guest_model.buddy.chains import ListChains
 from guest_model.buddy.defs import (
     LOWMEM_RESERVE_RATIO,
     MAX_ORDER,
@@ -138,6 +139,8 @@ class FreeAreas:
         # Scalar access through memoryviews is several times faster than numpy item access.
         # (Link memoryviews are indexed by slot: pfn, or top + pfn // 1024 for an aligned pfn.)
         self._nx = self.next.view
+        # Runs recently spliced at list heads: bulk allocations walk them with numpy.
+        self._chains = ListChains(self.next.store, self._top)
         self._pv = self.prev.view
         self._bo = self.buddy_order.data
         self._st = self.state.data
