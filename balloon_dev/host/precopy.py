@@ -762,7 +762,7 @@ def clear_pages(bits: np.ndarray, first: np.ndarray, count: np.ndarray) -> int:
     np.greater(first[1:], reach[:-1], out=new[1:])
     idx = np.flatnonzero(new)
     ends = np.append(reach[idx[1:] - 1], reach[-1])
-    return _clear_slices(bits, first[idx], ends)
+    return _clear_slices(bits, first[idx].tolist(), ends.tolist())
 
 
 def _clear_blocks(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
@@ -772,10 +772,12 @@ def _clear_blocks(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
         rows = rows[np.append(True, rows[1:] != rows[:-1])]  # a page covered twice counts once
     # runs of adjacent rows: a new run wherever a row does not follow the one before it
     brk = np.flatnonzero(rows[1:] != rows[:-1] + 1)
+    if not brk.size:  # one run (a batch of adjacent blocks, the common case)
+        return _clear_slices(bits, [int(rows[0]) * size], [(int(rows[-1]) + 1) * size])
     if (brk.size + 1) * _BLOCKS_PER_SLICE <= rows.size:
         starts = rows[np.append(0, brk + 1)] * size
         ends = (rows[np.append(brk, rows.size - 1)] + 1) * size
-        return _clear_slices(bits, starts, ends)
+        return _clear_slices(bits, starts.tolist(), ends.tolist())
     blocks = bits[:bits.size - bits.size % size].reshape(-1, size)
     k = int(np.count_nonzero(blocks[rows]))
     if k:
@@ -783,10 +785,10 @@ def _clear_blocks(bits: np.ndarray, rows: np.ndarray, size: int) -> int:
     return k
 
 
-def _clear_slices(bits: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> int:
+def _clear_slices(bits: np.ndarray, starts: list[int], ends: list[int]) -> int:
     """Clear ``bits[starts[i]:ends[i]]`` (disjoint); the bits that were set."""
     cleared = 0
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+    for a, b in zip(starts, ends, strict=True):
         window = bits[a:b]
         k = int(np.count_nonzero(window))
         if k:

@@ -80,7 +80,9 @@ def test_adjacent_blocks_are_cleared_as_slices(monkeypatch: pytest.MonkeyPatch) 
                         lambda *a: calls.append(len(a[1])) or real(*a))
     first = [r * 64 for r in [*range(10, 40), *range(50, 20, -1)]]
     check(9, first, [64] * len(first))
-    assert calls == [1]  # blocks 10..49 overlap into one run
+    second = [r * 64 for r in [*range(0, 20), *range(30, 50)]]
+    check(10, second[::-1], [64] * len(second))
+    assert calls == [1, 2]  # blocks 10..49 overlap into one run; 0..19 and 30..49 are two
 
 
 def test_no_ranges_clear_nothing() -> None:
