@@ -29,7 +29,8 @@ def test_layout_is_reserved_and_holds_data() -> None:
     st = a.state
     assert (st[ZONE:ZONE + 3] == PG_RESERVED).all()
     assert (st[kd.memmap_first:] == PG_RESERVED).all()
-    assert (pages.version[ZONE:ZONE + 3] != 0).all() and (pages.version[kd.memmap_first:] != 0).all()
+    assert (pages.version[ZONE:ZONE + 3] != 0).all()
+    assert (pages.version[kd.memmap_first:] != 0).all()
 
 
 def test_an_allocation_and_a_free_write_zone_cpu_and_struct_pages() -> None:
