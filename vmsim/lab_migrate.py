@@ -170,6 +170,17 @@ class FileRamLab(QemuLab):
         return cmd
 
 
+def tcg_dirty_note(version: str, ram_bytes: int) -> str | None:
+    """A warning for a QEMU older than 9.0 with RAM of whole 64-page words: its dirty-bitmap
+    sync under TCG loses writes (QEMU commit 03bfc2188f fixed it; docs/qemu-lab.md)."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m or (int(m.group(1)), int(m.group(2))) >= (9, 0) or ram_bytes % (256 << 10):
+        return None
+    return (f"note: QEMU {version} predates 9.0's fix of its dirty tracking under TCG (commit "
+            "03bfc2188f): a guest running long in the kernel (hints with init_on_alloc=1) loses "
+            "pages; a --ram that is not a multiple of 256K avoids it (docs/qemu-lab.md)")
+
+
 # -- diff and classification -------------------------------------------------------------------
 
 @dataclass
@@ -664,7 +675,8 @@ def _row(r: dict[str, Any]) -> str:
             f"{m['normal_pages']:>7} {m['zero_pages']:>7} {c['hinted_bytes'] / 2**20:8.1f} "
             f"{c['hints']:>5} {c['rounds_started']:>3} {c['suspect']:>4} "
             f"{p.get('differing', '-'):>6} {p.get('hinted', '-'):>6} {p.get('lost', '-'):>5} "
-            f"{p.get('device_ring', '-'):>4}  {health_s}" + (f"  ({r['error'][:80]})" if "error" in r else ""))
+            f"{p.get('device_ring', '-'):>4}  {health_s}"
+            + (f"  ({r['error'][:80]})" if "error" in r else ""))
 
 
 HEADER = ("qemu       ioa  sent MiB  normal    zero  hint MiB hints rnd susp   diff hinted  lost"
@@ -727,7 +739,11 @@ def run(args: argparse.Namespace) -> int:
     if "debian" in args.qemu:
         builds["debian"] = debian_build(lab.cache)
     for b in builds.values():
-        print(f"{b.name}: QEMU {b.version()}", flush=True)
+        v = b.version()
+        print(f"{b.name}: QEMU {v}", flush=True)
+        note = tcg_dirty_note(v, size)
+        if note:
+            print(note, flush=True)
     results = []
     print(HEADER, flush=True)
     try:

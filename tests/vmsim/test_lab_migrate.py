@@ -196,6 +196,18 @@ def test_ram_not_whole_mib_is_given_to_qemu_in_kib(tmp_path):
     assert args[args.index("-m") + 1] == "512"
 
 
+@pytest.mark.parametrize("version, ram, warned", [
+    ("7.2.22", 512 << 20, True), ("8.2.2", 1 << 30, True),
+    ("7.2.22", (512 << 20) + (8 << 10), False), ("9.0.0", 512 << 20, False),
+    ("11.1.3", 512 << 20, False), ("unknown", 512 << 20, False),
+])
+def test_old_qemu_with_whole_word_ram_is_warned_about(version, ram, warned):
+    from vmsim.lab_migrate import tcg_dirty_note
+    note = tcg_dirty_note(version, ram)
+    assert (note is not None) == warned
+    assert note is None or "03bfc2188f" in note
+
+
 def _stream(tmp_path):
     """A tiny stream as QEMU writes it: header, RAM START with the block list, two
     iterations (PART) and the END section, each closed by EOS and a footer."""
