@@ -103,9 +103,11 @@ def measured_row(scn: Scenario) -> dict[str, Any]:
         r = run_scenario(scn, mode)
         row[key] = {
             "sim": {"transferred_bytes": r.bytes_sent, "normal_pages": r.pages_sent - r.zero_pages,
-                    "zero_pages": r.zero_pages, "total_ms": r.total_time_s * 1000},
+                    "zero_pages": r.zero_pages, "total_ms": r.total_time_s * 1000,
+                    "downtime_ms": r.downtime_s * 1000},
             "measured": {k: m[f"{k}_{key}"] for k in ("transferred_bytes", "normal_pages",
-                                                        "zero_pages", "total_ms")},
+                                                        "zero_pages", "total_ms", "downtime_ms")
+                         if f"{k}_{key}" in m},
             "verified": r.verified}
     for what, k in (("time", "total_ms"), ("bytes", "transferred_bytes")):
         for src in ("sim", "measured"):
@@ -133,7 +135,7 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
               "balloon-hint migrate-check; mean of the runs)")
     t.add_column("scenario", no_wrap=True)
     for col in ("mode", "sent MiB sim/meas", "normal sim/meas", "zero sim/meas",
-                "ms sim/meas"):
+                "ms sim/meas", "down ms"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         for key in ("off", "hints"):
@@ -143,7 +145,9 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
                       f"{m_['transferred_bytes'] / 2**20:,.1f}",
                       f"{s_['normal_pages']:,} / {m_['normal_pages']:,.0f}",
                       f"{s_['zero_pages']:,} / {m_['zero_pages']:,.0f}",
-                      f"{s_['total_ms']:,.0f} / {m_['total_ms']:,.0f}")
+                      f"{s_['total_ms']:,.0f} / {m_['total_ms']:,.0f}",
+                      f"{s_['downtime_ms']:,.0f} / "
+                      + (f"{m_['downtime_ms']:,.0f}" if "downtime_ms" in m_ else "-"))
     console.print(t)
     c = Table(title="the hint cut, simulated vs measured here")
     c.add_column("scenario", no_wrap=True)

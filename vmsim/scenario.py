@@ -463,6 +463,8 @@ _MEASURED: dict[str, Conv] = {
     for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
     for m in ("off", "hints")}
 _MEASURED["runs"] = _int(1, 1_000_000)
+# optional: QEMU's downtime (ms), a per-phase figure beside the totals
+_MEASURED.update({f"downtime_ms_{m}": _nonneg_num for m in ("off", "hints")})
 
 
 #: The simulator's work grows with a workload's rate (pages allocated or written per simulated

@@ -21,6 +21,9 @@ def test_measured_row_pairs_simulation_with_the_measured_means():
         sim, meas = row[key]["sim"], row[key]["measured"]
         assert row[key]["verified"]
         assert meas["transferred_bytes"] == scn.measured[f"transferred_bytes_{key}"]
+        # the per-phase figure: QEMU's downtime beside the simulated stop-and-copy
+        assert meas["downtime_ms"] == scn.measured[f"downtime_ms_{key}"]
+        assert sim["downtime_ms"] > 0
         assert sim["normal_pages"] + sim["zero_pages"] > 0 and sim["total_ms"] > 0
     # hints save bytes in both worlds, and the cut is computed from the figures shown
     assert 0 < row["bytes_cut_sim"] < 1 and 0 < row["bytes_cut_measured"] < 1
