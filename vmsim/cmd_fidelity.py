@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibrate", action="store_true",
                         help="re-derive zero_page_s from the calibration point and print it")
     parser.add_argument("--json", metavar="PATH", help="write the comparison as JSON")
+    parser.add_argument("--fit-guest-memory", metavar="MIGRATE_CHECK_JSON",
+                        help="fit a host profile's guest_memory_bandwidth and "
+                        "guest_first_write_s from the capture order of a `migrate-check "
+                        "--init-on-alloc 1 --json` run (docs/cost-model.md, 'Host CPU "
+                        "contention'); prints them and exits")
     parser.add_argument("--measure-host", action="store_true",
                         help="migrate QEMU under qtest here and fit a host profile "
                         "(docs/cost-model.md, 'Host profiles'); prints it and exits")
@@ -166,6 +171,39 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
     return rows
 
 
+def fit_guest_memory_command(path: str, console: Console) -> int:
+    """Fit from the first hinted init_on_alloc=1 run of a migrate-check JSON that recorded
+    its capture order; 2 (usage) if there is none or the file cannot be read."""
+    from rich.markup import escape
+
+    from vmsim.host_measure import fit_guest_memory
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            runs = json.load(f)
+    except (OSError, ValueError) as e:
+        console.print(f"[red]error:[/] --fit-guest-memory {escape(path)}: {e}", highlight=False)
+        return 2
+    usable = [r for r in runs if isinstance(r, dict) and r.get("hints", True)
+              and r.get("init_on_alloc") == 1 and r.get("capture", {}).get("order")] \
+        if isinstance(runs, list) else []
+    if not usable:
+        console.print(f"[red]error:[/] --fit-guest-memory {escape(path)}: no hinted "
+                      "init_on_alloc=1 run with capture.order (migrate-check --hints on "
+                      "--init-on-alloc 1 --json)", highlight=False)
+        return 2
+    try:
+        out = fit_guest_memory(usable[0]["capture"]["order"])
+    except ValueError as e:
+        console.print(f"[red]error:[/] --fit-guest-memory {escape(path)}: {e}", highlight=False)
+        return 2
+    console.print(f"guest_memory_bandwidth = {out['guest_memory_bandwidth']:.4g}  # bytes/s\n"
+                  f"guest_first_write_s = {out['guest_first_write_s']:.4g}  # seconds per page\n"
+                  "(2 host CPUs shared by 3 busy threads during the round; put them in "
+                  "balloon_dev.host.profiles.PROFILE_VALUES)", highlight=False)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -179,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json and (why := report.output_problem(args.json)):
         console.print(f"[red]error:[/] --json {args.json}: {why}", highlight=False)
         return 2
+    if args.fit_guest_memory:
+        return fit_guest_memory_command(args.fit_guest_memory, console)
     if args.measure_host:
         from vmsim.host_measure import measure
         from vmsim.host_measure import report as host_report

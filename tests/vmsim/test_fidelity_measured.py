@@ -3,6 +3,7 @@ scenario keys, and the host-profile fit."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -184,3 +185,25 @@ def test_bytes_cut_within_ten_percent_of_the_measured(name):
 def test_time_cut_within_ten_percent_of_the_measured(name):
     row = measured_row(load_builtin(name))
     assert abs(row["time_cut_error"]) <= 0.10, f"{name}: {row['time_cut_error']:+.1%}"
+
+
+def test_fit_guest_memory_command(tmp_path, capsys):
+    """`fidelity --fit-guest-memory RUNS.json` fits from the first hinted init_on_alloc=1 run
+    with a capture order; anything else is a usage error (exit 2)."""
+    from vmsim.cli import main
+
+    size = 4 << 20
+    order, t = [], 0.0
+    for i in range(12):
+        order.append([1, t, hex(i * size), size])
+        t += 1.5 if i < 6 else 45.0
+    good = [{"hints": False, "init_on_alloc": 1},
+            {"hints": True, "init_on_alloc": 1, "capture": {"order": order}}]
+    p = tmp_path / "runs.json"
+    p.write_text(json.dumps(good))
+    assert main(["fidelity", "--fit-guest-memory", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "guest_memory_bandwidth = 4.194e+09" in out and "guest_first_write_s" in out
+    p.write_text(json.dumps(good[:1]))
+    assert main(["fidelity", "--fit-guest-memory", str(p)]) == 2
+    assert main(["fidelity", "--fit-guest-memory", str(tmp_path / "missing.json")]) == 2
