@@ -2,7 +2,13 @@
 
 * ``free_pages_bulk`` recomputes the (unique) maximal-merge layout of each touched max-order
   block (its runs of free pages cut into maximal aligned blocks) and puts the new blocks at the
-  heads of their lists, in address order.
+  heads of their lists in the order the pages one by one, in the order given, would leave
+  them: Linux puts a block on its list's head when its merging ends (``__free_one_page``), so
+  a block is listed when the last of its pages is freed and the block completed last comes
+  first. (Not modelled: the tail placement ``buddy_merge_likely`` picks for orders up to
+  MAX_ORDER - 3, and per-cpu lists holding pages back.) A file freed in index order, its pages
+  allocated in ascending address order, leaves its max-order blocks highest address first:
+  the order in which the lab's real guest captured them (docs/cost-model.md).
 * ``free_blocks_bulk`` frees many blocks of one order (the balloon's held hint blocks) with
   exactly the result of ``free_pages`` per block.
 
@@ -189,7 +195,8 @@ class BulkFree(ZoneAllocator):
                 self._notify_free(order)
 
     def free_pages_bulk(self, pfns: np.ndarray) -> None:
-        """Free many allocated order-0 pages at once, straight to the buddy lists.
+        """Free many allocated order-0 pages at once, straight to the buddy lists, in the given
+        order (it decides the list order of the new blocks: the module docstring).
 
         The merged layout of free memory is unique (every pair of free buddies of equal order
         is merged), so each touched max-order block is re-laid out from its free-page mask.
@@ -197,8 +204,11 @@ class BulkFree(ZoneAllocator):
         pfns = np.asarray(pfns, dtype=np.int64)
         if pfns.size == 0:
             return
+        # For each pfn in ascending order, its place in the order of the frees (None: the same).
+        freed_at = None
         if pfns.size > 1 and not bool(np.all(pfns[1:] > pfns[:-1])):
-            pfns = np.sort(pfns)
+            freed_at = np.argsort(pfns, kind="stable")
+            pfns = pfns[freed_at]
             if bool(np.any(pfns[1:] == pfns[:-1])):
                 dup = int(pfns[1:][pfns[1:] == pfns[:-1]][0])
                 raise BuddyError(f"free_pages_bulk: pfn {dup:#x} given twice (double free)")
@@ -219,7 +229,7 @@ class BulkFree(ZoneAllocator):
         self.counters["free"] += int(pfns.size)
         # pfns are sorted: the touched max-order blocks are where the block number changes.
         mb = pfns >> (MAX_ORDER - 1)
-        self._relayout(mb[np.r_[True, mb[1:] != mb[:-1]]])
+        self._relayout(mb[np.r_[True, mb[1:] != mb[:-1]]], pfns, freed_at)
 
     def _mblock_rows(self, arr: np.ndarray, mblocks: np.ndarray, fill: int) -> np.ndarray:
         """``arr`` (one value per page) for each max-order block in ``mblocks`` (ascending,
@@ -236,10 +246,14 @@ class BulkFree(ZoneAllocator):
         out[-1, :tail.size] = tail
         return out
 
-    def _relayout(self, mblocks: np.ndarray) -> None:
+    def _relayout(self, mblocks: np.ndarray, freed: np.ndarray,
+                  freed_at: np.ndarray | None) -> None:
         """Rebuild the free blocks inside the given max-order blocks (ascending, unique) from
         ``state``: every old free block there leaves its list, every new one goes to the head
-        of its list, each list's new blocks in ascending order.
+        of its list. ``freed``: the pages just freed (ascending), ``freed_at``: the place of
+        each in the order of the frees (None: ascending). Each list's new blocks go first the
+        one whose last freed page came last (the module docstring), then the blocks holding no
+        freed page (old blocks the re-layout took off their lists) in ascending order.
 
         The new layout comes from the runs of free pages in each max-order block: merging
         buddies as far as they go leaves each run cut into its maximal aligned blocks (a block
@@ -303,8 +317,19 @@ class BulkFree(ZoneAllocator):
                 base, side="right")
             mts = self.pageblock_mt[heads >> pageblock_order].astype(np.int64)
             lids = (zone_of_block[rr] * MAX_ORDER + orders) * MIGRATE_TYPES + mts
-            # Each list's blocks in ascending order: sort by list, then by pfn.
-            idx = np.lexsort((heads, lids))
+            # When each block was completed: the latest place among its freed pages (-1: it
+            # holds none). Blocks are disjoint and every freed page is in one, so with the
+            # blocks by address each one's freed pages run from its first to the next's first.
+            by_pfn = np.argsort(heads)
+            lo = np.searchsorted(freed, heads[by_pfn])
+            hi = np.searchsorted(freed, heads[by_pfn] + (np.int64(1) << orders[by_pfn]))
+            done = np.full(heads.size, -1, dtype=np.int64)
+            has = hi > lo
+            if has.any():
+                at = np.arange(freed.size, dtype=np.int64) if freed_at is None else freed_at
+                done[by_pfn[has]] = np.maximum.reduceat(at, lo[has])
+            # Per list: the last completed first, then the blocks without a freed page.
+            idx = np.lexsort((heads, -done, lids))
             heads, orders, lids = heads[idx], orders[idx], lids[idx]
             self._splice_many_at_head(heads, orders, lids)
         for h, o in zip(rep_heads.tolist(), rep_orders.tolist(), strict=True):

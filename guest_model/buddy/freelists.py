@@ -334,7 +334,8 @@ class FreeAreas:
             self._nr_reported[lid] -= 1
 
     def _splice_heads(self, lid: int, heads: np.ndarray, at_tail: bool) -> None:
-        """Link many blocks of one list's order (ascending ``heads``) into list ``lid`` at once."""
+        """Link many blocks of one list's order (``heads``, in list order) into list ``lid`` at
+        once."""
         k = int(heads.size)
         if k == 0:
             return

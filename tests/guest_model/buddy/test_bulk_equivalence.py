@@ -157,6 +157,7 @@ class ReferenceAllocator(BuddyAllocator):
         pfns = np.asarray(pfns, dtype=np.int64)
         if pfns.size == 0:
             return
+        given = pfns
         if pfns.size > 1 and not bool(np.all(pfns[1:] > pfns[:-1])):
             pfns = np.sort(pfns)
             if bool(np.any(pfns[1:] == pfns[:-1])):
@@ -177,10 +178,15 @@ class ReferenceAllocator(BuddyAllocator):
         self.state[pfns] = PG_BUDDY
         self.counters["bulk_free_pages"] += int(pfns.size)
         self.counters["free"] += int(pfns.size)
+        # The place of each page in the order of the frees (-1: not freed now).
+        self._freed_at = np.full(self.ram_pages, -1, dtype=np.int64)
+        self._freed_at[given] = np.arange(given.size)
         self._relayout(np.unique(pfns >> (MAX_ORDER - 1)))
 
-    def _relayout(self, mblocks: np.ndarray) -> None:
-        """Rebuild the free blocks inside the given max-order blocks from ``state``."""
+    def _relayout(self, mblocks: np.ndarray) -> None:  # type: ignore[override]
+        """Rebuild the free blocks inside the given max-order blocks from ``state``; each
+        list's new blocks go first the one whose last freed page came last, then those
+        holding no freed page, ascending."""
         M = MAX_ORDER_NR_PAGES
         n = self.ram_pages
         idx = (mblocks[:, None] * M + np.arange(M, dtype=np.int64)[None, :])
@@ -232,7 +238,12 @@ class ReferenceAllocator(BuddyAllocator):
             mts = self.pageblock_mt[heads >> pageblock_order].astype(np.int64)
             lids = (zs * MAX_ORDER + o) * MIGRATE_TYPES + mts
             for lid in np.unique(lids).tolist():
-                self._splice_heads(lid, np.sort(heads[lids == lid]), at_tail=False)
+                mine = np.sort(heads[lids == lid])
+                done = [int(self._freed_at[h:h + (1 << o)].max()) for h in mine.tolist()]
+                ranked = sorted(zip(done, mine.tolist(), strict=True),
+                                key=lambda x: (-x[0], x[1]))
+                self._splice_heads(lid, np.array([h for _, h in ranked], dtype=np.int64),
+                                   at_tail=False)
         for h, o in zip(rep_heads.tolist(), rep_orders.tolist(), strict=True):
             if self._bo[h] == o:
                 self._mark_reported(h, self._lid_of_block(h, o))
