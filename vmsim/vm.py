@@ -215,6 +215,15 @@ class SimVM:
             cost = replace(cost, guest_memory_bandwidth=scn.host.guest_memory_bandwidth_Bps)
         if scn.host.guest_first_write_s is not None:
             cost = replace(cost, guest_first_write_s=scn.host.guest_first_write_s)
+        if opts.mode != "off" and scn.host.poller_cpus:
+            # migrate-check's hint poller spins at real-time priority on a CPU of its own for
+            # the whole hinted migration (vmsim/hint_capture.py): the VM's threads share the
+            # rest. (0 cores would mean "no contention", hence at least 1 must be left.)
+            left = cost.host_cores - scn.host.poller_cpus
+            if left < 1:
+                raise UsageError(f"{scn.name}: [host] poller_cpus = {scn.host.poller_cpus} "
+                                 f"needs more host cores than {cost.host_cores:g}")
+            cost = replace(cost, host_cores=left)
         self.migration = PrecopyMigration(
             self.pages, self.dirty, self.sched, params, cost,
             notify=self._precopy_notify if opts.mode != "off" else None,

@@ -22,17 +22,18 @@ PROFILE_VALUES: dict[str, dict[str, float]] = {
     # Its 2 CPUs are shared by the guest's vCPU thread (TCG), QEMU's hint iothread and the
     # migration thread. The guest's init_on_alloc hint round (migrate-check's capture order,
     # 92 blocks): 53 blocks came 1.3 ms apart (median: blocks that had held data), 38 came
-    # 42.75 ms apart (blocks never written since boot), with those 3 threads busy on 2 CPUs (a
-    # share of 2/3): so a vCPU clears resident memory at 4 MiB / (1.3 ms x 2/3) = 4.84 GB/s
-    # and pays (42.75 - 1.3) ms x 2/3 / 1024 = 27.0 us more for each page its host backs on
-    # that first write (docs/cost-model.md, "Host CPU contention";
+    # 42.75 ms apart (blocks never written since boot), with those 3 threads busy on the 1 CPU
+    # migrate-check's real-time hint poller left them (a share of 1/3): so a vCPU clears
+    # resident memory at 4 MiB / (1.3 ms x 1/3) = 9.68 GB/s and pays (42.75 - 1.3) ms x 1/3 /
+    # 1024 = 13.5 us more for each page its host backs on that first write (docs/cost-model.md,
+    # "Host CPU contention";
     # vmsim.host_measure.fit_guest_memory). Switchover: QEMU's `downtime` of the real guest's
     # migrations that did not stop in the middle of a pass (all but the hinted init_on_alloc=0
     # runs and the off run that sent 16.8 MB stopped): 2-32 ms, median 5 ms over 10 runs
     # (docs/cost-model.md, the second table).
     "lab-qemu-11.1": {"zero_page_s": 19.3e-6, "copy_page_s": -8.47e-6,
                       "log_start_page_s": 0.0, "host_cores": 2,
-                      "guest_memory_bandwidth": 4.84e9, "guest_first_write_s": 27.0e-6,
+                      "guest_memory_bandwidth": 9.68e9, "guest_first_write_s": 13.5e-6,
                       "switchover_s": 0.005},
 }
 
