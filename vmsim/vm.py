@@ -26,9 +26,10 @@ returns a ``vmsim.report.RunResult``. A migration the engine cancels because it 
 over within its time budget (``MigrationParams.time_budget_s``, the scenario's
 ``migration.time_limit``) returns a result with ``error`` set ("did not converge within N s
 simulated ...") and ``verified`` false; ``balloon-hint migrate`` reports it as an error.
-A run whose work (scheduler events plus pages touched, in the units of ``MAX_SIM_COST``) passes
-its bound raises ``SimulationTooLong``, a usage error naming the scenario file and the workload
-that did most of the work: every scenario finishes or is refused within about a minute.
+A run whose work (scheduler events, pages touched and the like, each weighted by what it costs,
+in the units of ``MAX_SIM_COST``) passes its bound raises ``SimulationTooLong``, a usage error
+naming the scenario file and the workload that did most of the work: every scenario finishes or
+is refused within about a minute.
 
 Workloads (scenario ``[[workload]]`` kinds, ``vmsim.scenario.WORKLOAD_KINDS``) are
 ``guest_model.workloads`` run through ``SimGuest.add_workload``, set-up phases and background
@@ -97,24 +98,36 @@ CHURN_TICK_MAX_S = 0.02  # a churn tick never exceeds this (hint rounds last ten
 #: The simulation's work bound, in cost units: one scheduler event (a workload tick, a batch
 #: of pre-copy, a driver step) is one unit; an allocator fallback steal and a free page hint
 #: are one each; pages a workload allocates, frees or writes, churn ticks and pages pre-copy
-#: sends add their share (below). Measured in CPU time on the project's 2-core machine, a
-#: unit cost 11-60 us over scenarios as different as compile-128g, idle-128g, a churn at
-#: 25 GiB/s on 256 MiB, a 64 MiB guest rewritten at 6 GiB/s under a 1 ms downtime limit and a
-#: slow walk sending 119,000 hints (campaign seed 1 #148: 14 s of CPU for 358,000 units), so
-#: 1,200,000 units end a run within a minute of CPU there, sooner on a laptop. (The machine is
-#: shared: wall times there were up to 4 times the CPU time.) The largest built-in scenario
-#: (compile-128g, mode off) uses 60% of it. A run that reaches it stops with
-#: ``SimulationTooLong`` naming the workload that did most of the work: scenario limits alone
-#: cannot bound it, since how long pre-copy lasts depends on whether it converges.
+#: sends add their share (``COST_UNITS_PER``). Measured in CPU time on the project's 2-core
+#: machine, a unit cost 11-60 us over scenarios as different as compile-128g, idle-128g, a churn
+#: at 25 GiB/s on 256 MiB, a 64 MiB guest rewritten at 6 GiB/s under a 1 ms downtime limit and
+#: a slow walk sending 119,000 hints (campaign seed 1 #148: 14 s of CPU for 358,000 units), so
+#: 1,200,000 units end a run within a minute of CPU there, sooner on a laptop. A run that
+#: reaches it stops with ``SimulationTooLong`` naming the workload that did most of the work:
+#: scenario limits alone cannot bound it, since how long pre-copy lasts depends on whether it
+#: converges.
 MAX_SIM_COST = 1_200_000
-#: Pages per cost unit by kind of work: allocating or freeing goes through the buddy allocator
-#: (about 1 us a page), writing is a numpy store and a dirty-log mark (12-40 ns a page).
-PAGES_PER_COST_UNIT = {"alloc_pages": 30, "freed_pages": 30, "written_pages": 1000}
-#: A churn tick costs more than its pages: it sorts and splits its live blocks by age (about
-#: 1 ms a tick at 1 MiB/s with thousands of live blocks): 20 units in all, its event included.
-TICK_COST_UNITS = {"churn": 20}
-#: Pre-copy's own work per page sent (bitmap scans, version copies: numpy, about 0.1 us).
-MIGRATION_PAGES_PER_COST_UNIT = 500
+#: The kinds of work a run counts (``SimVM.work()``): scheduler events (a workload tick, a
+#: batch of pre-copy, a driver step), allocator fallback steals (an allocation served from
+#: another migratetype's lists, one block at a time) and reclaim runs (an allocation that
+#: found no free block), free page hints sent (the walk's visit, a descriptor written and
+#: popped, the bitmap cleared), pages the workloads allocate, allocations that failed (a
+#: guest out of memory), pages they free and write, churn ticks (beyond their event: a tick
+#: draws, sorts and splits its live blocks by age), pages pre-copy sends (version copies) and
+#: pages scanned whole-RAM: guest RAM once for set-up and the switchover's verification, and
+#: once per pre-copy round (the dirty bitmap's sync and scan).
+WORK_KINDS = ("events", "fallback_steals", "reclaim_runs", "hints", "alloc_pages",
+              "alloc_failures", "freed_pages", "written_pages", "churn_ticks",
+              "migration_pages", "scanned_pages")
+#: Cost units per item of each kind: allocating or freeing goes through the buddy allocator
+#: (about 1 us a page), writing is a numpy store and a dirty-log mark (12-40 ns a page), a
+#: churn tick sorts and splits its live blocks by age (about 1 ms a tick at 1 MiB/s with
+#: thousands of live blocks), pre-copy's own work per page sent is numpy (about 0.1 us); the
+#: kinds not weighed yet count 0 (scripts/calibrate_work.py measures them all).
+COST_UNITS_PER = {"events": 1.0, "fallback_steals": 1.0, "reclaim_runs": 0.0, "hints": 1.0,
+                  "alloc_pages": 1 / 30, "alloc_failures": 0.0, "freed_pages": 1 / 30,
+                  "written_pages": 1 / 1000, "churn_ticks": 19.0, "migration_pages": 1 / 500,
+                  "scanned_pages": 0.0}
 _BUDGET_CHECK_EVERY = 64  # events between two looks at the cost (it sums a few counters)
 
 
@@ -123,12 +136,17 @@ class SimulationTooLong(UsageError):
     file and the workload (or the migration) that did most of the work."""
 
 
-def workload_cost(w: Workload) -> float:
-    """What a workload's page work cost so far, in the units of ``MAX_SIM_COST`` (its ticks
-    are scheduler events, counted apart)."""
-    extra_per_tick = TICK_COST_UNITS.get(w.name, 1) - 1
-    return (w.stats.get("ticks", 0) * extra_per_tick
-            + sum(w.stats.get(k, 0) / n for k, n in PAGES_PER_COST_UNIT.items()))
+def workload_work(w: Workload) -> dict[str, int]:
+    """A workload's own work so far by kind (``WORK_KINDS``); its ticks are scheduler events."""
+    ticks = w.stats.get("ticks", 0)
+    return {"events": ticks, "churn_ticks": ticks if w.name == "churn" else 0,
+            **{k: w.stats.get(k, 0)
+               for k in ("alloc_pages", "alloc_failures", "freed_pages", "written_pages")}}
+
+
+def work_cost(work: dict[str, int]) -> float:
+    """Work by kind in the units of ``MAX_SIM_COST``."""
+    return sum(COST_UNITS_PER[k] * n for k, n in work.items())
 
 
 def churn_tick(lifetime: float) -> float:
@@ -312,18 +330,26 @@ class SimVM:
         boot_free_dirty(self.alloc, self.pages, free_dirty)
 
     # -- the work bound ------------------------------------------------------------------------
+    def work(self) -> dict[str, int]:
+        """Work done so far by kind (``WORK_KINDS``)."""
+        st = self.migration.stats
+        out = {"events": self.events,
+               "fallback_steals": self.alloc.counters.get("fallback_steal", 0),
+               "reclaim_runs": self.alloc.counters.get("reclaim_runs", 0),
+               "hints": self.guest.driver.counters.get("hints_sent", 0),
+               "alloc_pages": 0, "alloc_failures": 0, "freed_pages": 0, "written_pages": 0,
+               "churn_ticks": 0,
+               "migration_pages": st.pages_sent + st.zero_pages,
+               "scanned_pages": self.pages.ram_pages * (st.rounds + 1)}
+        for w in self.guest.workloads:
+            for k, n in workload_work(w).items():
+                if k != "events":  # a workload's ticks are among the scheduler's events
+                    out[k] += n
+        return out
+
     def cost(self) -> float:
         """Work done so far in cost units (``MAX_SIM_COST``)."""
-        # A fallback steal (an allocation served from another migratetype's free lists, one
-        # block at a time) costs about a unit itself: under memory pressure it, not the pages,
-        # is where a churn spends its time (25 GiB/s on 256 MiB: 2.5 us a page instead of 1).
-        # A free page hint costs about a unit too: the walk's visit, a descriptor written and
-        # popped, the bitmap cleared (a slow walk over fragmented lists sends 100,000s).
-        st = self.migration.stats
-        return (self.events + self.alloc.counters.get("fallback_steal", 0)
-                + self.guest.driver.counters.get("hints_sent", 0)
-                + (st.pages_sent + st.zero_pages) / MIGRATION_PAGES_PER_COST_UNIT
-                + sum(workload_cost(w) for w in self.guest.workloads))
+        return work_cost(self.work())
 
     def _run_next(self) -> bool:
         ran = self.sched.run_next()
@@ -339,14 +365,13 @@ class SimVM:
 
     def _too_long(self) -> str:
         scn = self.scn
-        share = [(w.stats.get("ticks", 0) + workload_cost(w), label, w)
-                 for label, w in self.labelled]
+        share = [(work_cost(workload_work(w)), label, w) for label, w in self.labelled]
         bound = (f"the simulation's work bound ({self.opts.max_cost:,.0f} units of events and "
                  f"pages; the default is about a minute of wall time; `migrate --max-work none` "
                  f"lifts it) at {self.sched.now:.3g} s simulated")
         rnd = self.migration.progress[0] if self.migration.phase != "idle" else 0
         when = f", pre-copy round {rnd}" if rnd else ""
-        if share and max(share, key=lambda x: x[0])[0] >= self.events / 2:
+        if share and max(share, key=lambda x: x[0])[0] >= self.cost() / 2:
             _, label, w = max(share, key=lambda x: x[0])
             spec = scn.workloads[int(label[len("workload["):-1]) - 1]
             rate = spec.params.get("rate")

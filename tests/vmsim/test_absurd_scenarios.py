@@ -17,8 +17,16 @@ import pytest
 
 from protocol.errors import UsageError
 from vmsim.cli import main
-from vmsim.scenario import MAX_RATE_PER_RAM, ScenarioError, loads
-from vmsim.vm import MAX_SIM_COST, SimulationTooLong, run_scenario
+from vmsim.scenario import MAX_RATE_PER_RAM, ScenarioError, load_builtin, loads
+from vmsim.vm import (
+    COST_UNITS_PER,
+    MAX_SIM_COST,
+    WORK_KINDS,
+    SimulationTooLong,
+    SimVM,
+    VMOptions,
+    run_scenario,
+)
 
 ISSUE = """[guest]
 ram = "256MiB"
@@ -95,6 +103,29 @@ def test_a_light_scenario_stays_far_below_the_bound() -> None:
     scn = loads(HEAVY.format(rate="1MiB/s").replace('downtime_limit = "1ms"', ""), "light.toml")
     r = run_scenario(scn, "capture", max_cost=MAX_SIM_COST / 20)
     assert r.error is None and r.verified
+
+
+def test_the_work_is_counted_by_kind() -> None:
+    """The bound's cost is the weighted sum of the work by kind (the kinds
+    scripts/calibrate_work.py fits), and each kind counts what it says: a walk with a churn
+    and a dirty workload does every kind but the memory-pressure ones."""
+    scn = load_builtin("small-churn")
+    vm = SimVM(scn, VMOptions(mode="walk", seed=scn.guest.seed))
+    vm.prepare()
+    vm.migrate()
+    work = vm.work()
+    assert set(work) == set(WORK_KINDS) == set(COST_UNITS_PER)
+    assert vm.cost() == pytest.approx(sum(COST_UNITS_PER[k] * n for k, n in work.items()))
+    churn = [w for w in vm.guest.workloads if w.name == "churn"]
+    assert len(churn) == 1 and work["churn_ticks"] == churn[0].stats["ticks"] > 0
+    assert work["events"] > sum(w.stats.get("ticks", 0) for w in vm.guest.workloads)
+    for k in ("alloc_pages", "freed_pages", "written_pages"):
+        assert work[k] == sum(w.stats[k] for w in vm.guest.workloads) > 0, k
+    st = vm.migration.stats
+    assert work["hints"] == vm.guest.driver.counters["hints_sent"] > 0
+    assert work["migration_pages"] == st.pages_sent + st.zero_pages > 0
+    assert work["scanned_pages"] == vm.pages.ram_pages * (st.rounds + 1)
+    assert work["alloc_failures"] == work["reclaim_runs"] == 0
 
 
 def test_cli_reports_the_bound_on_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
