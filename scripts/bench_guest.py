@@ -12,8 +12,9 @@ fine here: this is a script, not the simulation core.
 Two functions for other scripts (scripts/benchmarks.py): ``measure_allocator(gib, ...)`` and
 ``measure_migration(path, mode, ...)``, each one child process returning a dict. The second
 times ``run_scenario`` as ``balloon-hint migrate FILE --mode MODE`` does, but without the
-simulation's work bound unless ``bounded``: the bound (vmsim.vm.MAX_SIM_COST) refuses a 1 TiB
-compile-128g churn, which is exactly the run whose time issue 10 asks for.
+simulation's work bound (vmsim.vm.MAX_SIM_COST, about a minute of CPU) unless ``bounded``, so
+that the timing of a large guest is never cut short. What the bound's units cost in CPU time is
+measured by scripts/calibrate_work.py.
 """
 from __future__ import annotations
 

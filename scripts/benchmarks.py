@@ -113,8 +113,8 @@ def bench_p1(quick: bool) -> list[dict[str, Any]]:
 
 # -- p2 ------------------------------------------------------------------------------------------
 #: One P2 run: what `balloon-hint migrate FILE --mode M` does (load, run, verify), without the
-#: CLI's work bound (vmsim.vm.MAX_SIM_COST, about a minute of wall time), which a churning
-#: 256 GiB or 1 TiB guest passes with hinting off. Wall time includes the imports.
+#: CLI's work bound (vmsim.vm.MAX_SIM_COST, about a minute of CPU), so that a slower machine's
+#: figures are never cut short. Wall time includes the imports.
 _P2_CHILD = r"""
 import json, math, resource, sys, time
 t = time.perf_counter()

@@ -85,9 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "two real QEMUs under qtest (the lab's QEMU, or PATH to a "
                         "qemu-system-x86_64 >= 8), printed beside the simulator's figures")
     parser.add_argument("--max-work", metavar="UNITS|none", type=_max_work, default=None,
-                        help="the simulation's work bound in units of events and pages "
-                        "(default: vmsim.vm.MAX_SIM_COST, about a minute of wall time); 'none' "
-                        "lifts it, for guests of hundreds of GiB that churn")
+                        help="the simulation's work bound in units of about 1 us of CPU "
+                        "(default: vmsim.vm.MAX_SIM_COST, about a minute of CPU; a 1 TiB "
+                        "guest compiling a kernel fits in every mode); 'none' lifts it")
     parser.add_argument("--ram", metavar="SIZE", default=None,
                         help="with --host qemu: the guest RAM to run (up to 4GiB; workload sizes "
                         "and rates scale with it). Default: the scenario's, scaled down to 2GiB "

@@ -95,18 +95,20 @@ CHURN_LIFETIME_S = 0.5
 CHURN_TICK_MAX_S = 0.02  # a churn tick never exceeds this (hint rounds last tens of ms)
 
 
-#: The simulation's work bound, in cost units: one scheduler event (a workload tick, a batch
-#: of pre-copy, a driver step) is one unit; an allocator fallback steal and a free page hint
-#: are one each; pages a workload allocates, frees or writes, churn ticks and pages pre-copy
-#: sends add their share (``COST_UNITS_PER``). Measured in CPU time on the project's 2-core
-#: machine, a unit cost 11-60 us over scenarios as different as compile-128g, idle-128g, a churn
-#: at 25 GiB/s on 256 MiB, a 64 MiB guest rewritten at 6 GiB/s under a 1 ms downtime limit and
-#: a slow walk sending 119,000 hints (campaign seed 1 #148: 14 s of CPU for 358,000 units), so
-#: 1,200,000 units end a run within a minute of CPU there, sooner on a laptop. A run that
-#: reaches it stops with ``SimulationTooLong`` naming the workload that did most of the work:
-#: scenario limits alone cannot bound it, since how long pre-copy lasts depends on whether it
-#: converges.
-MAX_SIM_COST = 1_200_000
+#: The simulation's work bound, in cost units of about a microsecond of CPU each: every kind of
+#: work a run does (``WORK_KINDS``) is counted and weighted by what one item of it costs
+#: (``COST_UNITS_PER``), so that a run's units track its CPU time, and 60,000,000 units are
+#: about a minute of CPU on the project's 2-core machine (sooner on a faster one). The work
+#: counts, not the clock, so a file and seed always stop at the same point. Calibrated by
+#: scripts/calibrate_work.py over 198 runs (every built-in scenario in every mode, 120 campaign
+#: scenarios, runaway scenarios, compile-128g at 1 TiB in every mode): over the runs of 5 s of
+#: CPU or more, units / CPU us is 0.86-1.09 (docs/reliability.md, "The work bound's
+#: calibration"). A 1 TiB compile-128g uses 82% of the bound with hinting off (47-54 s of CPU),
+#: 31% in mode walk and 21% in mode capture; the largest built-in scenario (compile-128g, mode
+#: off) 10%. A run that reaches the bound stops with ``SimulationTooLong`` naming
+#: the workload that did most of the work: scenario limits alone cannot bound it, since how
+#: long pre-copy lasts depends on whether it converges.
+MAX_SIM_COST = 60_000_000
 #: The kinds of work a run counts (``SimVM.work()``): scheduler events (a workload tick, a
 #: batch of pre-copy, a driver step), allocator fallback steals (an allocation served from
 #: another migratetype's lists, one block at a time) and reclaim runs (an allocation that
@@ -119,15 +121,15 @@ MAX_SIM_COST = 1_200_000
 WORK_KINDS = ("events", "fallback_steals", "reclaim_runs", "hints", "alloc_pages",
               "alloc_failures", "freed_pages", "written_pages", "churn_ticks",
               "migration_pages", "scanned_pages")
-#: Cost units per item of each kind: allocating or freeing goes through the buddy allocator
-#: (about 1 us a page), writing is a numpy store and a dirty-log mark (12-40 ns a page), a
-#: churn tick sorts and splits its live blocks by age (about 1 ms a tick at 1 MiB/s with
-#: thousands of live blocks), pre-copy's own work per page sent is numpy (about 0.1 us); the
-#: kinds not weighed yet count 0 (scripts/calibrate_work.py measures them all).
-COST_UNITS_PER = {"events": 1.0, "fallback_steals": 1.0, "reclaim_runs": 0.0, "hints": 1.0,
-                  "alloc_pages": 1 / 30, "alloc_failures": 0.0, "freed_pages": 1 / 30,
-                  "written_pages": 1 / 1000, "churn_ticks": 19.0, "migration_pages": 1 / 500,
-                  "scanned_pages": 0.0}
+#: Cost units (CPU us) per item of each kind: the non-negative least-squares fit of
+#: scripts/calibrate_work.py (relative error, runs weighted by the square root of their CPU
+#: time), to two figures. A zero is a kind whose cost the fit found covered by the others
+#: (reclaim runs come with failed allocations); allocating and freeing a page are strongly
+#: correlated in every run, so only their sum (0.12 us) is well determined.
+COST_UNITS_PER = {"events": 29.0, "fallback_steals": 7.9, "reclaim_runs": 0.0, "hints": 10.0,
+                  "alloc_pages": 0.006, "alloc_failures": 0.13, "freed_pages": 0.12,
+                  "written_pages": 0.008, "churn_ticks": 1800.0, "migration_pages": 0.0049,
+                  "scanned_pages": 0.0012}
 _BUDGET_CHECK_EVERY = 64  # events between two looks at the cost (it sums a few counters)
 
 
@@ -366,8 +368,8 @@ class SimVM:
     def _too_long(self) -> str:
         scn = self.scn
         share = [(work_cost(workload_work(w)), label, w) for label, w in self.labelled]
-        bound = (f"the simulation's work bound ({self.opts.max_cost:,.0f} units of events and "
-                 f"pages; the default is about a minute of wall time; `migrate --max-work none` "
+        bound = (f"the simulation's work bound ({self.opts.max_cost:,.0f} units of about 1 us "
+                 f"of CPU; the default is about a minute of CPU; `migrate --max-work none` "
                  f"lifts it) at {self.sched.now:.3g} s simulated")
         rnd = self.migration.progress[0] if self.migration.phase != "idle" else 0
         when = f", pre-copy round {rnd}" if rnd else ""

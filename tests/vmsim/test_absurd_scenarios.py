@@ -86,15 +86,15 @@ def test_a_run_past_its_bound_stops_naming_the_workload() -> None:
     scn = loads(HEAVY.format(rate="6GiB/s"), "heavy.toml")
     t0 = time.perf_counter()
     with pytest.raises(SimulationTooLong) as ei:
-        run_scenario(scn, "walk", max_cost=20_000)
+        run_scenario(scn, "walk", max_cost=200_000)
     assert time.perf_counter() - t0 < 30
     msg = str(ei.value)
     assert isinstance(ei.value, UsageError)
     assert msg.startswith("heavy.toml: workload[2] (dirty at 6.0 GiB/s)"), msg
-    assert "20,000 units" in msg and "\n" not in msg
+    assert "200,000 units" in msg and "\n" not in msg
     # deterministic: the same file stops at the same simulated time
     with pytest.raises(SimulationTooLong) as again:
-        run_scenario(scn, "walk", max_cost=20_000)
+        run_scenario(scn, "walk", max_cost=200_000)
     assert str(again.value) == msg
 
 
@@ -144,7 +144,7 @@ def test_cli_reports_the_bound_on_one_line(tmp_path: Path, monkeypatch: pytest.M
 def _small_budget_init(init):  # type: ignore[no-untyped-def]
     def small(self, *args, **kw):  # type: ignore[no-untyped-def]
         init(self, *args, **kw)
-        self.max_cost = 20_000
+        self.max_cost = 200_000
     return small
 
 
