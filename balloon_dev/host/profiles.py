@@ -15,25 +15,26 @@ from protocol.errors import UsageError
 #: Profile name -> the CostModel fields it sets (the rest keep CostModel's defaults).
 PROFILE_VALUES: dict[str, dict[str, float]] = {
     "xeon-2017": {},
-    # ``balloon-hint fidelity --measure-host`` on the project's machine (2 shared cores, other
-    # jobs running), QEMU 11.1.3 under qtest, 512 MiB, 9 migrations: medians of 3 per data
-    # fraction; single runs varied by 2-3x. A zero page cost more than a normal page there,
-    # hence the negative copy cost (docs/cost-model.md, "Host profiles").
+    # Measured at the load of the second table's lab runs (2026-12-07 16:41-16:45 UTC, load
+    # average 1.3-1.5, no other migration running). ``balloon-hint fidelity --measure-host``:
+    # QEMU 11.1.3 under qtest, 512 MiB, 9 migrations, medians of 3 per data fraction (an
+    # earlier fit at load average 6-10 gave 19.3 us a zero page and -8.47 us copy: the machine's
+    # other jobs, not QEMU; docs/cost-model.md, "Host profiles").
     # Its 2 CPUs are shared by the guest's vCPU thread (TCG), QEMU's hint iothread and the
-    # migration thread. The guest's init_on_alloc hint round (migrate-check's capture order,
-    # 92 blocks): 53 blocks came 1.3 ms apart (median: blocks that had held data), 38 came
-    # 42.75 ms apart (blocks never written since boot), with those 3 threads busy on the 1 CPU
-    # migrate-check's real-time hint poller left them (a share of 1/3): so a vCPU clears
-    # resident memory at 4 MiB / (1.3 ms x 1/3) = 9.68 GB/s and pays (42.75 - 1.3) ms x 1/3 /
-    # 1024 = 13.5 us more for each page its host backs on that first write (docs/cost-model.md,
-    # "Host CPU contention";
-    # vmsim.host_measure.fit_guest_memory). Switchover: QEMU's `downtime` of the real guest's
+    # migration thread. The guest's init_on_alloc hint round (`migrate-check --hints on
+    # --init-on-alloc 1`, capture order, 81 blocks in round 1): 59 intervals of median 2.8 ms
+    # (blocks that had held data), 21 of median 21.2 ms (blocks never written since boot), with
+    # those 3 threads busy on the 1 CPU migrate-check's real-time hint poller left them (a share
+    # of 1/3): so a vCPU clears resident memory at 4 MiB / (2.8 ms x 1/3) = 4.49 GB/s and pays
+    # (21.2 - 2.8) ms x 1/3 / 1024 = 5.99 us more for each page its host backs on that first
+    # write (docs/cost-model.md, "Host CPU contention"; vmsim.host_measure.fit_guest_memory).
+    # Switchover: QEMU's `downtime` of the real guest's
     # migrations that did not stop in the middle of a pass (all but the hinted init_on_alloc=0
     # runs and the off run that sent 16.8 MB stopped): 2-32 ms, median 5 ms over 10 runs
     # (docs/cost-model.md, the second table).
-    "lab-qemu-11.1": {"zero_page_s": 19.3e-6, "copy_page_s": -8.47e-6,
+    "lab-qemu-11.1": {"zero_page_s": 4.149e-6, "copy_page_s": 0.725e-6,
                       "log_start_page_s": 0.0, "host_cores": 2,
-                      "guest_memory_bandwidth": 9.68e9, "guest_first_write_s": 13.5e-6,
+                      "guest_memory_bandwidth": 4.49e9, "guest_first_write_s": 5.99e-6,
                       "switchover_s": 0.005},
 }
 
