@@ -34,3 +34,21 @@ def test_real_guest_migration_differs_only_in_hinted_pages(lab):
     h = r["health"]
     assert h["keeper_ok"] and h["memtest_ok"], h
     assert not h["dmesg_bad"], h["dmesg_bad"]
+
+
+def test_hinted_migration_without_the_poller_still_skips_the_freed_data(lab):
+    """``--no-capture`` (CheckConfig.capture False): no poller spins on a CPU, so the run times
+    the guest and QEMU alone. QEMU still skips the hinted blocks (the files differ, fewer pages
+    go), but no hint is known, so no page is classified as hinted or lost."""
+    r = run_check(lab, lab_build(lab), CheckConfig(ram="512M", init_on_alloc=0, fill_mib=128,
+                                                   capture=False))
+    assert "error" not in r, r.get("error")
+    assert r["migration"]["status"] == "completed"
+    assert r["captured"] is False
+    assert r["capture"]["hints"] == 0 and r["capture"]["polls"] == 0, r["capture"]
+    assert r["pages"]["differing"] > 0 and r["pages"]["classified"] is False, r["pages"]
+    assert "lost" not in r["pages"]
+    m = r["migration"]
+    assert m["normal_pages"] + m["zero_pages"] < 512 * 256 * 3 // 4, m
+    h = r["health"]
+    assert h["keeper_ok"] and h["memtest_ok"], h
