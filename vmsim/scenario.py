@@ -302,6 +302,8 @@ class Scenario:
     host: HostSpec = HostSpec()
     published: dict[str, float] = field(default_factory=dict)  # fidelity reference, ms
     measured: dict[str, float] = field(default_factory=dict)   # figures measured here
+    # the same figures from `migrate --host qemu` (two QEMUs under qtest, the simulated guest)
+    measured_qtest: dict[str, float] = field(default_factory=dict)
 
     @property
     def setup_workloads(self) -> tuple[WorkloadSpec, ...]:
@@ -615,12 +617,14 @@ def loads(text: str, file: str = "<string>") -> Scenario:
                             f"not valid TOML: {e}") from None
     lines = _KeyLines(text)
     tables = {"guest": _GUEST, "migration": _MIGRATION, "hinting": _HINTING,
-              "host": _HOST, "published": _PUBLISHED, "measured": _MEASURED}
+              "host": _HOST, "published": _PUBLISHED, "measured": _MEASURED,
+              "measured_qtest": _MEASURED}
     for key in data:
         if key not in tables and key not in _TOP and key != "workload":
             raise ScenarioError(file, key, lines.key("", 0, key) or lines.key(key, 0, ""),
                                 "unknown key (known: name, description, [guest], [[workload]], "
-                                "[migration], [hinting], [host], [published], [measured])")
+                                "[migration], [hinting], [host], [published], [measured], "
+                                "[measured_qtest])")
     top = _check_table(file, lines, "", 0, "", {k: v for k, v in data.items() if k in _TOP},
                        _TOP)
     if "guest" not in data:
@@ -717,12 +721,14 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     host = HostSpec(**{host_keys[k]: v for k, v in hs.items()})
     meas = _check_table(file, lines, "measured", 0, "measured", data.get("measured", {}),
                         _MEASURED)
+    meas_qtest = _check_table(file, lines, "measured_qtest", 0, "measured_qtest",
+                              data.get("measured_qtest", {}), _MEASURED)
     pub = _check_table(file, lines, "published", 0, "published", data.get("published", {}),
                        _PUBLISHED)
     name = top.get("name") or Path(file).stem
     return Scenario(name=name, description=top.get("description", ""), source=file, guest=guest,
                     workloads=tuple(workloads), migration=mig, hinting=hint, host=host,
-                    published=pub, measured=meas)
+                    published=pub, measured=meas, measured_qtest=meas_qtest)
 
 
 def load(path: str | Path) -> Scenario:
