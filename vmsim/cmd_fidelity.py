@@ -97,13 +97,20 @@ def scenario_for(name: str) -> Scenario:
     return scn
 
 
-def measured_row(scn: Scenario) -> dict[str, Any]:
+#: Where a [measured]-style table's figures come from: the real-guest lab runs, or the same
+#: set-up's simulated guest migrated by two QEMUs under qtest (`migrate --host qemu`).
+MEASURED_SOURCES = {"lab": "measured", "qtest": "measured_qtest"}
+MEASURED_NEED = {f"{k}_{m}" for k in ("transferred_bytes", "normal_pages", "zero_pages",
+                                      "total_ms") for m in ("off", "hints")}
+
+
+def measured_row(scn: Scenario, source: str = "lab") -> dict[str, Any]:
     """Simulate a measured set-up without and with hints; pair each figure with the measured
-    mean (the [measured] table)."""
+    mean of ``source`` (the [measured] table for lab, [measured_qtest] for qtest)."""
     from vmsim.vm import run_scenario
 
-    m = scn.measured
-    row: dict[str, Any] = {"scenario": scn.name, "runs": int(m.get("runs", 0))}
+    m = getattr(scn, MEASURED_SOURCES[source])
+    row: dict[str, Any] = {"scenario": scn.name, "source": source, "runs": int(m.get("runs", 0))}
     for mode, key in (("off", "off"), ("capture", "hints")):
         r = run_scenario(scn, mode)
         row[key] = {
@@ -128,24 +135,32 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
     from rich.table import Table
 
     from vmsim.scenario import load_builtin
-    need = {f"{k}_{m}" for k in ("transferred_bytes", "normal_pages", "zero_pages", "total_ms")
-            for m in ("off", "hints")}
     scns = [load_builtin(n) for n in MEASURED]
-    missing = [s.name for s in scns if not need <= set(s.measured)]
+    missing = [s.name for s in scns if not MEASURED_NEED <= set(s.measured)]
     if missing:
         raise UsageError(f"built-in scenarios {', '.join(missing)} lack a complete [measured] "
                          "table")
-    rows = [measured_row(s) for s in scns]
-    t = Table(title="simulated vs measured here (QEMU 11.1 under TCG, real guest, "
-              "balloon-hint migrate-check; mean of the runs)")
+    # the qtest rows where a scenario has them: an incomplete table is a bad built-in
+    partial = [s.name for s in scns if s.measured_qtest
+               and not MEASURED_NEED <= set(s.measured_qtest)]
+    if partial:
+        raise UsageError(f"built-in scenarios {', '.join(partial)} have an incomplete "
+                         "[measured_qtest] table")
+    rows = [measured_row(s, src) for s in scns for src in MEASURED_SOURCES
+            if getattr(s, MEASURED_SOURCES[src])]
+    t = Table(title="simulated vs measured here (QEMU 11.1 under TCG; lab: real guest, "
+              "balloon-hint migrate-check; qtest: the simulated guest, migrate --host qemu; "
+              "mean of the runs)")
     t.add_column("scenario", no_wrap=True)
+    t.add_column("source", no_wrap=True)
     for col in ("mode", "sent MiB sim/meas", "normal sim/meas", "zero sim/meas",
                 "ms sim/meas", "down ms"):
         t.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         for key in ("off", "hints"):
             s_, m_ = r[key]["sim"], r[key]["measured"]
-            t.add_row(escape(r["scenario"]) if key == "off" else "", key,
+            first = key == "off"
+            t.add_row(escape(r["scenario"]) if first else "", r["source"] if first else "", key,
                       f"{s_['transferred_bytes'] / 2**20:,.1f} / "
                       f"{m_['transferred_bytes'] / 2**20:,.1f}",
                       f"{s_['normal_pages']:,} / {m_['normal_pages']:,.0f}",
@@ -156,11 +171,12 @@ def measured_table(console: Console) -> list[dict[str, Any]]:
     console.print(t)
     c = Table(title="the hint cut, simulated vs measured here")
     c.add_column("scenario", no_wrap=True)
+    c.add_column("source", no_wrap=True)
     for col in ("runs", "time cut sim", "meas.", "rel. err", "bytes cut sim", "meas.",
                 "rel. err"):
         c.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        cells = [escape(r["scenario"]), str(r["runs"])]
+        cells = [escape(r["scenario"]), r["source"], str(r["runs"])]
         for what in ("time", "bytes"):
             err = r[f"{what}_cut_error"]
             colour = "green" if abs(err) <= 0.10 else "red"

@@ -9,7 +9,7 @@ import pytest
 
 from balloon_dev.host.profiles import PROFILES, cost_model
 from protocol.errors import UsageError
-from vmsim.cmd_fidelity import MEASURED, measured_row
+from vmsim.cmd_fidelity import MEASURED, MEASURED_SOURCES, measured_row
 from vmsim.host_measure import HostRun, fit
 from vmsim.scenario import ScenarioError, load_builtin, loads
 from vmsim.vm import run_scenario
@@ -103,7 +103,8 @@ def test_measured_rows_validate_against_the_schema():
     schema = json.loads(resources.files("vmsim").joinpath("schemas/fidelity.schema.json")
                         .read_text())
     doc = {"schema_version": 1, "kind": "fidelity", "rows": [],
-           "measured_rows": [measured_row(load_builtin(MEASURED[1]))]}
+           "measured_rows": [measured_row(load_builtin(MEASURED[1]), src)
+                             for src in MEASURED_SOURCES]}
     jsonschema.validate(json.loads(json.dumps(doc)), schema)
 
 
@@ -196,22 +197,55 @@ def test_fit_guest_memory_recovers_clearing_speed_and_first_write_cost():
         fit_guest_memory([[1, i * 1.0, "0x0", size] for i in range(5)])
 
 
-@pytest.mark.parametrize("name", MEASURED)
-def test_bytes_cut_within_ten_percent_of_the_measured(name):
-    """Simulated vs measured here (the [measured] means of the real-guest runs): the hint cut of
-    the bytes sent within 10% relative (issue 11's target)."""
-    row = measured_row(load_builtin(name))
+# Every set-up with each source of measured means: lab (the real guest, [measured]) and qtest
+# (the simulated guest migrated by two QEMUs under qtest, [measured_qtest]).
+ROWS = [(n, src) for n in MEASURED for src in MEASURED_SOURCES]
+
+
+@pytest.mark.parametrize(("name", "source"), ROWS)
+def test_bytes_cut_within_ten_percent_of_the_measured(name, source):
+    """Simulated vs measured here (the recorded means): the hint cut of the bytes sent within
+    10% relative (issue 11's target)."""
+    row = measured_row(load_builtin(name), source)
+    assert row["source"] == source
     assert row["hints"]["verified"] and row["off"]["verified"]
-    assert abs(row["bytes_cut_error"]) <= 0.10, f"{name}: {row['bytes_cut_error']:+.1%}"
+    assert abs(row["bytes_cut_error"]) <= 0.10, f"{name}/{source}: {row['bytes_cut_error']:+.1%}"
 
 
 # The time cut, from runs without the hint poller (migrate-check --no-capture) on both sides,
 # priced with the lab profile measured at the same load (docs/cost-model.md, "Simulated vs
 # measured here").
-@pytest.mark.parametrize("name", MEASURED)
-def test_time_cut_within_ten_percent_of_the_measured(name):
-    row = measured_row(load_builtin(name))
-    assert abs(row["time_cut_error"]) <= 0.10, f"{name}: {row['time_cut_error']:+.1%}"
+_QTEST_IOA1_TIME = pytest.mark.xfail(
+    strict=True, reason="qtest's hinted ioa1 run takes 1,556 ms (means of 2) where the model "
+    "gives 1,314: time cut 56.6% simulated vs 49.8% measured, +13.6% relative")
+
+
+@pytest.mark.parametrize(("name", "source"), [
+    pytest.param(n, s, marks=_QTEST_IOA1_TIME) if (n, s) == ("lab-512m-ioa1", "qtest")
+    else (n, s) for n, s in ROWS])
+def test_time_cut_within_ten_percent_of_the_measured(name, source):
+    row = measured_row(load_builtin(name), source)
+    assert abs(row["time_cut_error"]) <= 0.10, f"{name}/{source}: {row['time_cut_error']:+.1%}"
+
+
+def test_qtest_rows_pair_simulation_with_the_qtest_means():
+    """The qtest source reads [measured_qtest], not [measured]; the simulated side is the same
+    model run as the lab row's."""
+    scn = load_builtin(MEASURED[0])
+    assert scn.measured_qtest and scn.measured_qtest != scn.measured
+    lab, qtest = measured_row(scn, "lab"), measured_row(scn, "qtest")
+    for key in ("off", "hints"):
+        assert qtest[key]["sim"] == lab[key]["sim"]
+        for k, v in qtest[key]["measured"].items():
+            assert v == scn.measured_qtest[f"{k}_{key}"]
+    assert qtest["runs"] == int(scn.measured_qtest["runs"])
+    assert qtest["bytes_cut_measured"] == pytest.approx(
+        1 - scn.measured_qtest["transferred_bytes_hints"]
+        / scn.measured_qtest["transferred_bytes_off"])
+    with pytest.raises(ScenarioError, match="measured_qtest.zero_pages_off"):
+        loads('[guest]\nram = "256MiB"\n[measured_qtest]\nzero_pages_off = -1\n', "x.toml")
+    with pytest.raises(ScenarioError, match="measured_qtest.runs"):
+        loads('[guest]\nram = "256MiB"\n[measured_qtest]\nruns = 1.5\n', "x.toml")
 
 
 def test_fit_guest_memory_command(tmp_path, capsys):
