@@ -24,6 +24,7 @@ from vmsim.qtest.host_migrate import (
     scale_scenario,
     thread_sched,
     wait_thread_asleep,
+    write_pages_qtest,
 )
 from vmsim.scenario import load_builtin, loads
 from vmsim.vm import run_scenario
@@ -255,3 +256,32 @@ def test_byte_mismatches_names_the_differing_bytes():
     assert byte_mismatches(src, dst, base, [0x100, 0x102]) == []
     dst[2 * 4096:2 * 4096 + 20] = 3
     assert byte_mismatches(src, dst, base, [0x102], limit=4) == [0x102000 + i for i in range(4)]
+
+
+class _Recorder:
+    """A machine whose qtest link records the commands it is given."""
+    def __init__(self):
+        self.cmds = []
+        self.qt = self
+
+    def pipeline(self, cmds):
+        self.cmds.extend(cmds)
+        return [["OK"]] * len(cmds)
+
+
+def test_write_pages_qtest_zeroes_runs_with_one_memset():
+    """Pages turning zero go as one memset per run of consecutive pages (at most 1024 pages,
+    4 MiB, per command); pages with data keep one 16-byte header write each."""
+    zero_run = np.arange(2000, 3500)
+    pfns = np.concatenate(([9, 7, 5, 6, 10], zero_run)).astype(np.int64)
+    versions = np.zeros(pfns.size, np.uint32)
+    versions[4] = 3  # pfn 10 holds data
+    m = _Recorder()
+    write_pages_qtest(m, pfns, versions)  # type: ignore[arg-type]
+    memsets = [c.split() for c in m.cmds if c.startswith("memset")]
+    assert [(int(a, 16) >> 12, int(n, 16) >> 12, v) for _, a, n, v in memsets] == [
+        (5, 3, "0x0"), (9, 1, "0x0"), (2000, 1024, "0x0"), (3024, 476, "0x0")]
+    writes = [c.split() for c in m.cmds if c.startswith("write")]
+    assert len(writes) == 1 and int(writes[0][1], 16) == 10 << 12 and writes[0][2] == "0x10"
+    assert len(m.cmds) == 5
+    assert int(writes[0][3][2:10], 16) != 0  # the header (magic first) is not zero
