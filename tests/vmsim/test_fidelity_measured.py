@@ -215,14 +215,7 @@ def test_bytes_cut_within_ten_percent_of_the_measured(name, source):
 # The time cut, from runs without the hint poller (migrate-check --no-capture) on both sides,
 # priced with the lab profile measured at the same load (docs/cost-model.md, "Simulated vs
 # measured here").
-_QTEST_IOA1_TIME = pytest.mark.xfail(
-    strict=True, reason="qtest's hinted ioa1 run takes 1,556 ms (means of 2) where the model "
-    "gives 1,314: time cut 56.6% simulated vs 49.8% measured, +13.6% relative")
-
-
-@pytest.mark.parametrize(("name", "source"), [
-    pytest.param(n, s, marks=_QTEST_IOA1_TIME) if (n, s) == ("lab-512m-ioa1", "qtest")
-    else (n, s) for n, s in ROWS])
+@pytest.mark.parametrize(("name", "source"), ROWS)
 def test_time_cut_within_ten_percent_of_the_measured(name, source):
     row = measured_row(load_builtin(name), source)
     assert abs(row["time_cut_error"]) <= 0.10, f"{name}/{source}: {row['time_cut_error']:+.1%}"
