@@ -19,8 +19,9 @@ its bytes). The set-up phases run as fast as the model can (nothing watches the 
 the migration), then every page is written once through the shared mapping. From the
 migration's start the model runs in wall-clock time (``guestmem.clock.RealTime``) and every page
 it writes is written again through qtest (one 16-byte ``write`` per page, pipelined; a run of
-pages becoming zero is one ``memset``), so QEMU's dirty log sees it; the driver's rings are written through the mapping and rewritten through
-qtest by ``WriteThrough``. Interrupts are MSI-X mailboxes polled by the loop.
+pages becoming zero is one ``memset``), so QEMU's dirty log sees it; the driver's rings are
+written through the mapping and rewritten through qtest by ``WriteThrough``. Interrupts are
+MSI-X mailboxes polled by the loop.
 
 *Switchover.* When QEMU reaches ``pre-switchover`` (VM stopped; its last bitmap sync and RAM
 pass come after the pause, so what is flushed in the pause is sent) the loop stops the
