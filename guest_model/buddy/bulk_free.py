@@ -212,6 +212,15 @@ class BulkFree(ZoneAllocator):
             if bool(np.any(pfns[1:] == pfns[:-1])):
                 dup = int(pfns[1:][pfns[1:] == pfns[:-1]][0])
                 raise BuddyError(f"free_pages_bulk: pfn {dup:#x} given twice (double free)")
+        self._mark_freed(pfns)
+        # pfns are sorted: the touched max-order blocks are where the block number changes.
+        mb = pfns >> (MAX_ORDER - 1)
+        self._relayout(mb[np.r_[True, mb[1:] != mb[:-1]]], pfns, freed_at)
+
+    def _mark_freed(self, pfns: np.ndarray) -> None:
+        """Check that ``pfns`` (ascending, distinct) are allocated pages of RAM, then mark them
+        free: the page contents init_on_free / poisoning give, state and counters. The buddy
+        lists are the caller's to re-lay out."""
         if pfns[0] < 0 or pfns[-1] >= self.ram_pages:
             raise BuddyError(f"free_pages_bulk: pfn outside RAM ({int(pfns[0])}..{int(pfns[-1])})")
         st = self.state[pfns]
@@ -227,9 +236,6 @@ class BulkFree(ZoneAllocator):
         self.state[pfns] = PG_BUDDY
         self.counters["bulk_free_pages"] += int(pfns.size)
         self.counters["free"] += int(pfns.size)
-        # pfns are sorted: the touched max-order blocks are where the block number changes.
-        mb = pfns >> (MAX_ORDER - 1)
-        self._relayout(mb[np.r_[True, mb[1:] != mb[:-1]]], pfns, freed_at)
 
     def _mblock_rows(self, arr: np.ndarray, mblocks: np.ndarray, fill: int) -> np.ndarray:
         """``arr`` (one value per page) for each max-order block in ``mblocks`` (ascending,
